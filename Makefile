@@ -1,0 +1,34 @@
+# One-command set-up and the two commands of the README.
+#   make demo   set-up if needed, then synthetic data -> shards -> training -> LFW evaluation
+#   make test   set-up if needed, then the whole test suite
+# FLAVOR=gpu installs requirements/gpu.txt (CUDA torch + DALI) instead of the CPU stack.
+PYTHON ?= python3
+VENV ?= .venv
+FLAVOR ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(FLAVOR)
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements/$(FLAVOR).txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/$(FLAVOR).txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+demo: setup
+	PY=$(PY) DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,54 @@
+"""The sample format inside a shard: keys, member names and the binary label encoding.
+
+DALI's webdataset reader cannot batch text labels of different lengths, so the label travels as a
+fixed-size little-endian int32 (`.lbl`), which both DALI (dtype INT32) and plain `webdataset`
+(`np.frombuffer`) read the same way.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import PurePosixPath
+
+FORMAT_NAME = "facetrain-shards"
+FORMAT_VERSION = 1
+EXTENSIONS = ("jpg", "lbl", "json")
+
+# The standard 5-point template for a 112x112 crop (x, y): left eye, right eye, nose tip,
+# left mouth corner, right mouth corner, as the image shows them.
+TEMPLATE_112 = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
+
+_LABEL = struct.Struct("<i")
+
+
+def sample_key(relative_path: str) -> str:
+    """Stable, unique key from a source path relative to the image root.
+
+    The extension is dropped, `/` becomes `__` and any other `.` becomes `_`, because webdataset
+    and DALI both split a member name at its first dot after the last slash.
+    """
+    path = PurePosixPath(relative_path.replace("\\", "/"))
+    stem = str(path.with_suffix("")) if path.suffix else str(path)
+    return stem.replace("/", "__").replace(".", "_")
+
+
+def encode_label(label: int) -> bytes:
+    return _LABEL.pack(int(label))
+
+
+def decode_label(data: bytes) -> int:
+    if len(data) != _LABEL.size:
+        raise ValueError(f"label field has {len(data)} bytes, expected {_LABEL.size}")
+    return _LABEL.unpack(data)[0]
+
+
+def scaled_template(image_size: tuple[int, int]) -> list[list[float]]:
+    """The template for an (H, W) output: the 112x112 template scaled by W/112 and H/112."""
+    height, width = image_size
+    return [[x * width / 112.0, y * height / 112.0] for x, y in TEMPLATE_112]
