@@ -1,0 +1,86 @@
+"""Checkpoint files: contract layout, weights_only loading, atomic writes, rotation, resume choice."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from shards.errors import UserError
+from trainer.backbones import build_backbone
+from trainer.checkpoint import (
+    CheckpointDir,
+    capture_rng,
+    load_checkpoint,
+    load_embedding_model,
+    restore_rng,
+    save_embedding_checkpoint,
+)
+
+SPEC = {"backbone": "tiny", "embedding_size": 16, "image_size": [32, 32], "kwargs": {"width": 8}}
+
+
+def _model():
+    return build_backbone("tiny", 16, (32, 32), width=8)
+
+
+def test_embedding_checkpoint_round_trip(tmp_path):
+    model = _model()
+    path = tmp_path / "m.pt"
+    save_embedding_checkpoint(path, SPEC, model.state_dict(), step=7, rng=capture_rng())
+    rebuilt, spec = load_embedding_model(path)
+    assert spec == SPEC
+    assert not rebuilt.training
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), rebuilt(x))
+    raw = torch.load(path, weights_only=True)  # the contract: plain weights_only loading works
+    assert raw["format"] == "facetrain-checkpoint" and raw["version"] == 1 and raw["step"] == 7
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_files_give_user_errors(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="junk.pt"):
+        load_embedding_model(tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_embedding_model(tmp_path / "none.pt")
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a facetrain-checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    wrong = dict(SPEC, embedding_size=32)
+    save_embedding_checkpoint(tmp_path / "w.pt", wrong, _model().state_dict())
+    with pytest.raises(UserError, match="do not fit"):
+        load_embedding_model(tmp_path / "w.pt")
+
+
+def test_rng_state_round_trip():
+    state = capture_rng()
+    first = (random.random(), float(np.random.rand()), torch.rand(3))
+    restore_rng(state)
+    second = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+
+
+def test_rotation_keeps_last_k_and_best(tmp_path):
+    ckdir = CheckpointDir(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        ckpt = {"format": "facetrain-checkpoint", "version": 1, "step": step}
+        ckdir.save(ckpt, step, best=step == 20)
+    assert [s for s, _ in ckdir.step_files()] == [20, 30]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 30
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 20
+
+
+def test_resume_skips_partial_and_corrupt_files(tmp_path):
+    ckdir = CheckpointDir(tmp_path, keep_last=3)
+    ckdir.save({"format": "facetrain-checkpoint", "version": 1, "step": 5}, 5)
+    # What a kill leaves: a temp file, and (on a filesystem without atomic rename) a torn step file.
+    (tmp_path / "step-00000010.pt.tmp").write_bytes(b"PK\x03\x04 half")
+    (tmp_path / "step-00000009.pt").write_bytes(b"PK\x03\x04 torn")
+    path, ckpt = ckdir.newest_complete()
+    assert ckpt["step"] == 5 and path.name == "step-00000005.pt"
+    removed = ckdir.clean_partial()
+    assert [p.name for p in removed] == ["step-00000010.pt.tmp"]
+    assert CheckpointDir(tmp_path / "empty").newest_complete() is None

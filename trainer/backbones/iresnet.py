@@ -1,0 +1,74 @@
+"""ResNet-IR ("improved residual", the iResNet family of face recognition) 18/34/50/100.
+
+Pre-activation-style basic blocks BN-conv-BN-PReLU-conv(stride)-BN with a projection shortcut,
+a stride-1 3x3 stem, four stages of 64/128/256/512 channels each halving the map (112 -> 7),
+then BN, dropout, flatten, a fully connected layer and BN to the embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.backbones import register
+from trainer.backbones.common import downsampled, init_weights
+
+DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
+
+
+class IRBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.PReLU(cout),
+            nn.Conv2d(cout, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+class IResNet(nn.Module):
+    def __init__(self, depth: int, embedding_size: int = 512, image_size: tuple[int, int] = (112, 112),
+                 dropout: float = 0.0, width: int = 64) -> None:
+        super().__init__()
+        if depth not in DEPTHS:
+            raise ValueError(f"ResNet-IR depth must be one of {sorted(DEPTHS)}, not {depth}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.PReLU(width)
+        )
+        stages: list[nn.Module] = []
+        cin = width
+        for i, n in enumerate(DEPTHS[depth]):
+            cout = width * 2**i
+            stages += [IRBlock(cin, cout, 2)] + [IRBlock(cout, cout, 1) for _ in range(n - 1)]
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        h, w = downsampled(image_size[0], 4), downsampled(image_size[1], 4)
+        self.out_bn = nn.BatchNorm2d(cin)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(cin * h * w, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.out_bn(self.stages(self.stem(x)))
+        return self.features(self.fc(self.drop(x.flatten(1))))
+
+
+def _make(depth: int):  # noqa: ANN202 - a registry factory
+    def factory(embedding_size: int = 512, image_size: tuple[int, int] = (112, 112), **kwargs: object):
+        return IResNet(depth, embedding_size, image_size, **kwargs)  # type: ignore[arg-type]
+
+    return factory
+
+
+for _depth in DEPTHS:
+    register(f"ir{_depth}")(_make(_depth))
