@@ -1,0 +1,93 @@
+"""Process group set-up from torchrun's environment: NCCL on GPUs, gloo on the CPU."""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from shards.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(local_rank: int, devices: list[int] | str) -> torch.device:
+    if devices == "cpu" or not torch.cuda.is_available():
+        if isinstance(devices, list) and devices:
+            raise UserError(f"run.devices={devices}: GPUs asked for but CUDA is not available here")
+        return torch.device("cpu")
+    ids = list(range(torch.cuda.device_count())) if devices == "auto" else list(devices)
+    if local_rank >= len(ids):
+        raise UserError(f"run.devices={devices}: local rank {local_rank} has no GPU in that list")
+    if ids[local_rank] >= torch.cuda.device_count():
+        raise UserError(f"run.devices: GPU {ids[local_rank]} does not exist "
+                        f"({torch.cuda.device_count()} visible)")
+    return torch.device("cuda", ids[local_rank])
+
+
+def setup(devices: list[int] | str = "auto") -> DistInfo:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or run as one process; init the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(local, devices)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    info = DistInfo(rank, world, local, device)
+    if world > 1:
+        info.backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=info.backend, device_id=device if device.type == "cuda" else None)
+    return info
+
+
+def teardown(info: DistInfo, *objects: Any) -> None:
+    """Drop the caller's model/optimizer references and collect before destroying the group: gloo
+    teardown aborts now and then while DDP reducer buckets are still alive."""
+    del objects
+    gc.collect()
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_true(flag: bool, info: DistInfo) -> bool:
+    if not info.enabled:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=info.device)
+    dist.all_reduce(t)
+    return t.item() == 0.0
+
+
+def broadcast_float(value: float, info: DistInfo) -> float:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.broadcast(t, 0)
+    return float(t.item())
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

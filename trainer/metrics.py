@@ -1,0 +1,104 @@
+"""Run logging on rank 0: metrics.jsonl, TensorBoard scalars (when installed), and a live display
+(rich when stderr is a TTY, plain periodic lines otherwise)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, display: str = "auto",
+                 tensorboard: str = "auto", enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.total = total_steps
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+        self._progress = None
+        self._task = None
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard != "off":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                if tensorboard == "on":
+                    print("warning: logging.tensorboard=on but tensorboard is not installed", file=sys.stderr)
+        mode = display
+        if mode == "auto":
+            mode = "rich" if sys.stderr.isatty() else "plain"
+        self.mode = mode
+        if mode == "rich":
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(stderr=True), refresh_per_second=4,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self._progress.start()
+
+    def eta_s(self, step: int) -> float:
+        done = step - self.start_step
+        if done <= 0:
+            return float("nan")
+        return (time.perf_counter() - self.t0) / done * (self.total - step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record per log interval (or validation); written to metrics.jsonl and shown."""
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = int(record.get("step", 0))
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self._tb.add_scalar(k, v, step)
+        text = self._format(record)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=text)
+        elif self.mode == "plain":
+            eta = self.eta_s(step)
+            eta_txt = f" eta {eta:.0f}s" if eta == eta else ""
+            print(f"step {step}/{self.total} {text}{eta_txt}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _format(r: dict[str, Any]) -> str:
+        parts = []
+        for key, fmt in (("epoch", "ep {:.2f}"), ("loss", "loss {:.4f}"), ("batch_acc", "acc {:.3f}"),
+                         ("lr", "lr {:.2e}"), ("images_per_s", "{:.0f} img/s"), ("data_wait", "wait {:.0%}"),
+                         ("val_accuracy", "LFW {:.4f}"), ("skipped_total", "skipped {}")):
+            if key in r and r[key] is not None:
+                parts.append(fmt.format(r[key]))
+        return "  ".join(parts)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
