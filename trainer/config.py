@@ -133,7 +133,9 @@ class LoggingConfig:
 class DebugConfig:
     # Test hooks, off by default.
     nonfinite_steps: list[int] = field(default_factory=list)   # make the loss at these steps inf
-    checkpoint_pause_s: float = 0.0    # hold a half-written checkpoint this long (crash test)
+    checkpoint_pause_s: float = 0.0    # hold a half-written checkpoint this long (crash test) ...
+    checkpoint_pause_step: int = 0     # ... when writing this step's checkpoint (0 = every one)
+    dump_params: bool = False          # every rank writes its final parameters (DDP test)
     step_sleep_s: float = 0.0          # slow each step down (crash test)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shards.errors import UserError
+from shards.manifest import load_manifest
 from trainer import distributed as dist_util
 from trainer.backbones import build_backbone
 from trainer.checkpoint import (
@@ -72,12 +73,10 @@ def build_loader(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[Any, int, 
             channels_last=cfg.model.channels_last, noise=cfg.data.synthetic_noise,
         )
         return loader, cfg.data.synthetic_classes, size  # type: ignore[return-value]
+    manifest = load_manifest(cfg.data.train_shards, verify=cfg.data.verify)  # the user's error first
     from shards.augment import AugmentConfig
     from shards.loader import build_train_loader
 
-    from shards.manifest import load_manifest
-
-    manifest = load_manifest(cfg.data.train_shards, verify=cfg.data.verify)
     a = cfg.data.augment
     augment = AugmentConfig(flip=a.flip, crop_scale=tuple(a.crop_scale) if a.crop_scale else None,
                             color_jitter=a.color_jitter, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
@@ -219,7 +218,8 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
 
         ckpt = {"format": FORMAT, "version": VERSION, "model": spec,
                 "backbone_state": {k: v.detach().cpu() for k, v in state.items()}, **extra}
-        ckdir.save(ckpt, step, best=best_now, pause_s=cfg.debug.checkpoint_pause_s)
+        pause_here = cfg.debug.checkpoint_pause_step in (0, step)
+        ckdir.save(ckpt, step, best=best_now, pause_s=cfg.debug.checkpoint_pause_s if pause_here else 0.0)
 
     if cfg.checkpoint.save_untrained and step == 0:
         checkpoint(False, {}, name="untrained.pt")
@@ -340,6 +340,9 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
                 best = last_val["val_accuracy"]
             if step % cfg.checkpoint.every_steps == 0 or step == total or improved:
                 checkpoint(improved, last_val)
+        if cfg.debug.dump_params:
+            flat = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
+            torch.save(flat, run_dir / f"params-rank{info.rank}.pt")
         summary.update({"step": step, "best_accuracy": best, "skipped_total": skipped_total, **last_val})
         if info.is_main:
             print(f"done: {step} steps; checkpoints in {ckdir.root}", file=sys.stderr)

@@ -1,0 +1,48 @@
+"""Shared helpers for the trainer tests: a tiny synthetic run's overrides and a subprocess runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "trainer" / "main.py"
+
+
+def tiny_overrides(run_dir: Path, steps: int = 12, **extra: object) -> list[str]:
+    """A run of a few seconds: 8 synthetic identities at 32x32, tiny backbone of width 8."""
+    base = {
+        "data.source": "synthetic", "data.synthetic_classes": 8, "data.synthetic_per_class": 8,
+        "data.synthetic_image_size": "[32,32]", "model.backbone": "tiny", "model.embedding_size": 32,
+        "model.kwargs.width": 8, "model.channels_last": "false", "loader.batch_size": 16,
+        "schedule.steps": steps, "schedule.warmup_steps": 0, "optim.lr": 0.1, "head.s": 30.0,
+        "head.m": 0.2, "logging.every_steps": 1, "checkpoint.every_steps": 4, "precision.dtype": "fp32",
+        "run.dir": str(run_dir), "run.devices": "cpu",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    return e
+
+
+def run_main(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MAIN), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env(), cwd=ROOT)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def backbone_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["backbone_state"]

@@ -1,0 +1,100 @@
+"""The training loop: a plain `python trainer/main.py` run, overfitting, the divergence guard,
+the optimizer's decay groups and the LR schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests._trainer_util import metrics, run_main, tiny_overrides
+from trainer.backbones import build_backbone
+from trainer.checkpoint import load_checkpoint, load_embedding_model
+from trainer.config import ScheduleConfig, load_config
+from trainer.engine import train
+from trainer.main import main
+from trainer.optim import lr_factor, param_groups
+
+
+def test_python_main_trains_and_writes_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    proc = run_main(tiny_overrides(run, steps=8, **{"checkpoint.save_untrained": "true"}))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 8 and summary["skipped_total"] == 0
+    ck = run / "checkpoints"
+    names = {p.name for p in ck.iterdir()}
+    assert names == {"untrained.pt", "last.pt", "step-00000004.pt", "step-00000008.pt"}
+    assert (run / "config.yaml").is_file()
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in ("loss", "batch_acc", "lr", "images_per_s", "data_wait", "epoch"):
+        assert rows[-1][key] is not None
+    # untrained.pt is the network before any step; last.pt has moved away from it.
+    before, _ = load_embedding_model(ck / "untrained.pt")
+    after, spec = load_embedding_model(ck / "last.pt")
+    assert spec["backbone"] == "tiny" and spec["image_size"] == [32, 32]
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(before(x), after(x))
+    full = load_checkpoint(ck / "last.pt")
+    assert full["step"] == 8 and full["data_position"]["batch"] >= 1 and "optimizer" in full
+
+
+def test_tiny_backbone_overfits_a_few_identities(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=60, **{
+        "logging.every_steps": 10, "checkpoint.every_steps": 100, "schedule.warmup_steps": 5,
+        "data.synthetic_noise": 0.3}))
+    summary = train(cfg)
+    rows = metrics(tmp_path / "run")
+    assert rows[-1]["batch_acc"] >= 0.95, rows[-1]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert summary["step"] == 60
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(run, steps=6, **{"debug.nonfinite_steps": "[2]"}))
+    summary = train(cfg)
+    assert summary["skipped_total"] == 1
+    rows = metrics(run)
+    assert all(r["loss"] is None or r["loss"] == r["loss"] for r in rows)  # no NaN logged as a loss
+    assert [r["skipped_total"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")["backbone_state"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_divergence_stops_with_a_message_and_a_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = tiny_overrides(run, steps=20, **{"debug.nonfinite_steps": "[3,4,5,6]",
+                                           "optim.max_nonfinite_in_row": 3})
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: 3 non-finite steps in a row at step 6"), last
+    ckpt = load_checkpoint(run / "checkpoints" / "step-00000006.pt")
+    assert ckpt["metrics"]["diverged"] is True and ckpt["metrics"]["skipped_total"] == 3
+
+
+def test_no_weight_decay_on_norms_biases_and_prelu():
+    model = build_backbone("tiny", 16, (32, 32), width=8)
+    decay, no_decay = param_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"])
+    n_norm = sum(1 for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.PReLU)))
+    assert len(no_decay["params"]) >= n_norm
+
+
+@pytest.mark.parametrize("decay", ["cosine", "poly", "step", "constant"])
+def test_schedule_warms_up_then_decays(decay):
+    cfg = ScheduleConfig(steps=100, warmup_steps=10, decay=decay, milestones=[0.5], gamma=0.1)
+    f = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a <= b + 1e-12 for a, b in zip(f[:10], f[1:10]))  # rising during warm-up
+    if decay == "constant":
+        assert f[-1] == 1.0
+    else:
+        assert all(a >= b - 1e-12 for a, b in zip(f[10:], f[11:]))  # never rising after
+        assert f[-1] < 0.15
+    if decay == "step":
+        assert f[49] == 1.0 and f[50] == pytest.approx(0.1)
