@@ -1,0 +1,165 @@
+"""The fused Triton head under TRITON_INTERPRET=1, against a float64 reference.
+
+The interpreter must be switched on before triton is first imported, so the pytest test runs
+this file as a script in a fresh interpreter; the script runs every `case_*` and fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_fused_kernel_under_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all fused cases passed" in proc.stdout
+
+
+# ---- the cases (run only in the subprocess) --------------------------------------------------
+
+def _setup():
+    import torch
+    import torch.nn.functional as F
+
+    from heads.core import head_rows
+    from heads.fused import FusedEngine
+    from heads.margins import build_margin
+    from heads.reference import focal, reference_forward
+
+    def data(B, C, D, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(B, D, generator=g, dtype=torch.float64)
+        w = torch.randn(C, D, generator=g, dtype=torch.float64)
+        y = torch.randint(0, C, (B,), generator=g)
+        y[-1] = C - 1
+        return x, w, y
+
+    def ref(x, w, y, margin, s, t, gamma=0.0):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, acc = reference_forward(x, w, y, margin, s, t, gamma)
+        gx, gw = torch.autograd.grad(loss, [x, w])
+        return loss.detach(), gx, gw, acc
+
+    def fused(x, w, y, margin, s, t, gamma=0.0, dtype=torch.float32, **eng):
+        x = x.to(dtype).requires_grad_()
+        w = w.to(dtype).requires_grad_()
+        engine = FusedEngine(**{"block_b": 32, "block_c": 32, "block_d": 32, **eng})
+        rows, correct = head_rows(F.normalize(x.float(), dim=1), w, y, margin, 0, s, t, engine)
+        loss = focal(rows, gamma).mean()
+        gx, gw = torch.autograd.grad(loss, [x, w])
+        return loss.detach(), gx, gw, correct.mean()
+
+    def close(a, b, rel):
+        scale = max(b.abs().max().item(), 1e-12)
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= rel * scale, f"error {err:.3g} > {rel} * {scale:.3g}"
+
+    return torch, build_margin, data, ref, fused, close
+
+
+def case_all_margins_match_float64() -> None:
+    torch, build_margin, data, ref, fused, close = _setup()
+    x, w, y = data(37, 70, 40)  # not multiples of the 32-wide tiles; a label in the last tile
+    cases = [("cosface", None, {}), ("arcface", None, {}), ("combined", None, {})]
+    cases += [("sphereface", m, {"lambda_min": 0.0}) for m in (1, 2, 3, 4)]
+    for name, m, kw in cases:
+        margin = build_margin(name, m, **kw)
+        for t in (1.0, 1.1, 1.2):
+            e = ref(x, w, y, margin, 30.0, t)
+            g = fused(x, w, y, margin, 30.0, t)
+            for a, b in zip(g[:3], e[:3]):
+                close(a, b, 2e-5)
+            assert abs(g[3].item() - e[3].item()) < 1e-9, (name, t)
+
+
+def case_arcface_fallback_and_focal() -> None:
+    torch, build_margin, data, ref, fused, close = _setup()
+    x, w, y = data(20, 33, 24, seed=2)
+    x[:5] = -w[y[:5]]  # c_y = -1: the fallback branch
+    margin = build_margin("arcface", 0.5)
+    for gamma in (0.0, 2.0):
+        e = ref(x, w, y, margin, 64.0, 1.2, gamma)
+        g = fused(x, w, y, margin, 64.0, 1.2, gamma)
+        for a, b in zip(g[:3], e[:3]):
+            close(a, b, 2e-5)
+
+
+def case_no_margin_is_cross_entropy() -> None:
+    torch, build_margin, data, ref, fused, close = _setup()
+    import torch.nn.functional as F
+
+    x, w, y = data(9, 40, 16)
+    loss = fused(x, w, y, build_margin("cosface", 0.0), 1.0, 1.0)[0]
+    cos = F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
+    assert abs(loss.item() - F.cross_entropy(cos, y).item()) < 1e-5
+
+
+def case_tiles_do_not_change_the_result() -> None:
+    torch, build_margin, data, ref, fused, close = _setup()
+    x, w, y = data(41, 150, 48, seed=4)
+    margin = build_margin("arcface", 0.5)
+    a = fused(x, w, y, margin, 64.0, 1.2, block_b=16, block_c=16, block_d=16, programs=3)
+    b = fused(x, w, y, margin, 64.0, 1.2, block_b=64, block_c=64, block_d=64, programs=1)
+    for u, v in zip(a[:3], b[:3]):
+        close(u, v, 1e-5)
+    again = fused(x, w, y, margin, 64.0, 1.2, block_b=16, block_c=16, block_d=16, programs=3)
+    assert all(torch.equal(u, v) for u, v in zip(a[:3], again[:3])), "not deterministic"
+
+
+def case_small_shapes() -> None:
+    torch, build_margin, data, ref, fused, close = _setup()
+    margin = build_margin("cosface", 0.35)
+    for B, C, D in ((1, 5, 8), (3, 1, 8), (2, 31, 33)):  # B = 1; C below one tile; one class only
+        x, w, y = data(B, C, D)
+        e = ref(x, w, y, margin, 30.0, 1.2)
+        g = fused(x, w, y, margin, 30.0, 1.2)
+        for a, b in zip(g[:3], e[:3]):
+            close(a, b, 2e-5)
+
+
+def case_extremes_finite() -> None:
+    torch, build_margin, data, ref, fused, close = _setup()
+    _, w, _ = data(1, 24, 32)
+    y = torch.arange(24)
+    x = torch.cat([w[:12] * 2.0, -w[12:]])  # theta = 0 and theta = pi
+    margin = build_margin("arcface", 0.5)
+    for xx in (x, -w[y]):  # the second: every negative hard, every loss above 100
+        loss, gx, gw, _ = fused(xx, w, y, margin, 64.0, 1.2)
+        assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+        e = ref(xx, w, y, margin, 64.0, 1.2)
+        close(loss, e[0], 1e-5)
+    assert loss.item() > 100
+
+
+def case_low_precision() -> None:
+    torch, build_margin, data, ref, fused, close = _setup()
+    x, w, y = data(40, 90, 64, seed=6)
+    margin = build_margin("cosface", 0.35)
+    exact = ref(x, w, y, margin, 30.0, 1.1)
+    for dtype in (torch.bfloat16, torch.float16):
+        r = ref(x.to(dtype), w.to(dtype), y, margin, 30.0, 1.1)  # the reference at that precision
+        g = fused(x, w, y, margin, 30.0, 1.1, dtype=dtype)
+        assert g[1].dtype == dtype and g[2].dtype == dtype
+        for a, rr, e in zip(g[:3], r[:3], exact[:3]):
+            err_ref = (rr - e).abs().max().item()
+            err_got = (a.double() - e).abs().max().item()
+            assert err_got <= err_ref + 1e-2 * e.abs().max().item(), (dtype, err_got, err_ref)
+
+
+def _main() -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    for name, fn in sorted(globals().items()):
+        if name.startswith("case_"):
+            fn()
+            print("ok", name, flush=True)
+    print("all fused cases passed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
