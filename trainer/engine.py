@@ -341,7 +341,7 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
             if step % cfg.checkpoint.every_steps == 0 or step == total or improved:
                 checkpoint(improved, last_val)
         if cfg.debug.dump_params:
-            flat = {k: v.detach().cpu() for k, v in _unwrap(module).state_dict().items()}
+            flat = {k: v.detach().cpu() for k, v in _unwrap(module).named_parameters()}
             torch.save(flat, run_dir / f"params-rank{info.rank}.pt")
         summary.update({"step": step, "best_accuracy": best, "skipped_total": skipped_total, **last_val})
         if info.is_main:

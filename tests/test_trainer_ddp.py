@@ -1,0 +1,35 @@
+"""Two processes under torchrun on the CPU (gloo): after training, both ranks hold identical
+parameters (DDP averaged the gradients and every rank stepped the same way). BN running statistics
+are buffers, not parameters: DDP broadcasts rank 0's at each forward, and rank 0 alone saves them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests._trainer_util import MAIN, ROOT, env, metrics, tiny_overrides
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_keep_parameters_identical(tmp_path):
+    """Slow: torchrun starts two Python processes and a gloo rendezvous (~10 s on 2 cores)."""
+    run = tmp_path / "run"
+    args = tiny_overrides(run, steps=6, **{"debug.dump_params": "true", "optim.accumulate": 2,
+                                           "optim.clip_grad_norm": 5.0})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*torchrun, str(MAIN), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 alone prints it
+    assert summary["step"] == 6
+    assert "2 process(es)" in proc.stderr and "global batch 64" in proc.stderr
+    a = torch.load(run / "params-rank0.pt", weights_only=True)
+    b = torch.load(run / "params-rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert len(metrics(run)) == 6  # only rank 0 logs
