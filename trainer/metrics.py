@@ -42,7 +42,7 @@ class MetricsLogger:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"), TextColumn("ETA"), TimeRemainingColumn(),
                 console=Console(stderr=True), refresh_per_second=4,
             )
@@ -82,7 +82,7 @@ class MetricsLogger:
         for key, fmt in (("epoch", "ep {:.2f}"), ("loss", "loss {:.4f}"), ("batch_acc", "acc {:.3f}"),
                          ("lr", "lr {:.2e}"), ("images_per_s", "{:.0f} img/s"), ("data_wait", "wait {:.0%}"),
                          ("val_accuracy", "LFW {:.4f}"), ("skipped_total", "skipped {}")):
-            if key in r and r[key] is not None:
+            if key in r and r[key] is not None and not (key == "skipped_total" and r[key] == 0):
                 parts.append(fmt.format(r[key]))
         return "  ".join(parts)
 
