@@ -72,6 +72,11 @@ class MarginHead(nn.Module):
         return self.impl
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False):
+        # the head computes in fp32 even inside the trainer's bf16/fp16 autocast region
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self._forward(embeddings, labels, return_accuracy)
+
+    def _forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool):
         labels = labels.long()
         impl = self.resolved_impl(embeddings.device)
         if impl == "reference":

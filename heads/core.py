@@ -57,7 +57,9 @@ class _HeadFn(torch.autograd.Function):
         s = ctx.s
         p_y = torch.exp(s * psi - lse)
         dcy = g * (p_y - 1.0) * s * ctx.margin.dpsi(c_y, ctx.step)
-        dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
+        # backward may run on a thread with autocast on; the head's contract is fp32
+        with torch.autocast(xn.device.type, enabled=False):
+            dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
         return dxn, dw.to(weight.dtype), None, None, None, None, None, None
 
 

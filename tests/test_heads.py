@@ -206,3 +206,29 @@ def test_bad_arguments() -> None:
         MarginHead(3, 4, impl="gpu")
     with pytest.raises(ValueError, match="positive integer"):
         SphereFace(2.5)
+
+
+def test_autocast_does_not_lower_the_head_precision() -> None:
+    x, w, y = _data(6, 20, 8)
+    plain = _run(_head("arcface", {}, 20, 8, "chunked", torch.float32), x.float(), w, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = _run(_head("arcface", {}, 20, 8, "chunked", torch.float32), x.float(), w, y)
+    for a, b in zip(amp, plain):
+        _close(a, b, 1e-6)
+
+
+def test_bench_runs_and_reports_against_the_reference() -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "heads.py"
+    proc = subprocess.run([sys.executable, str(bench), "--impl", "chunked", "--batch", "8", "--dim", "16",
+                           "--classes", "300", "--block", "64", "--repeats", "1", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["baseline"] == "reference" and out["seconds"] > 0 and out["baseline_seconds"] > 0
+    bad = subprocess.run([sys.executable, str(bench), "--batch", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--batch" in bad.stderr and "Traceback" not in bad.stderr
