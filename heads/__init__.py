@@ -15,6 +15,8 @@ impl: "reference" (plain PyTorch, B x C logits), "chunked" (PyTorch over blocks 
 Margin options go as keyword arguments: sphereface `lambda_base, lambda_min, gamma, power`;
 combined `m1, m2, m3`. `gamma_focal` > 0 adds the focal term. Inputs may be fp32, bf16 or fp16;
 the head computes in fp32 (float64 inputs stay float64 in reference and chunked, for tests).
+`block` (chunked only) is the number of classes per block. The fused kernels use no atomics,
+so they are always deterministic; `deterministic=` is accepted for the API.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def _make_engine(impl: str, device: torch.device, block: int | None, determinist
         return ChunkedEngine(block or 8192)
     from heads.fused import FusedEngine  # imports triton only when asked for
 
-    return FusedEngine(deterministic=deterministic, block_c=block)
+    # `block` sizes the chunked engine's class blocks; the kernels keep their own tiles
+    return FusedEngine(deterministic=deterministic)
 
 
 class MarginHead(nn.Module):
