@@ -1,0 +1,502 @@
+"""Aligned WebDataset shards from VGGFace2 or LFW: parallel, deterministic, resumable.
+
+    python preprocess/build_shards.py vggface2 --root DIR --split train --out OUT
+    python preprocess/build_shards.py lfw --root DIR --out OUT [--landmarks FILE] [--pairs FILE]
+
+The plan (which input goes to which shard, in which order) is a pure function of the inputs and the
+options, so a rerun after a crash recomputes it, skips the shards that were completed, and ends
+with the same bytes as an uninterrupted run. Per-shard state lives in OUT/.build/ until the
+manifest is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocess import _work
+from preprocess.datasets import DatasetInputs, Entry, pairs_by_key, read_lfw, read_vggface2
+from shards.errors import UserError, run_cli
+from shards.format import FORMAT_NAME, FORMAT_VERSION, scaled_template
+from shards.manifest import MANIFEST_NAME, ShardInfo, write_manifest
+from shards.writer import ShardWriter
+
+STATE_DIR = ".build"
+REJECTS_NAME = "rejects.jsonl"
+BATCH = 32  # images per pool task: small enough to balance, large enough to amortize IPC
+CREATED_BY = "facetrain 0.1.0"
+
+
+@dataclass(frozen=True)
+class Options:
+    dataset: str
+    out: Path
+    prefix: str
+    image_size: tuple[int, int]
+    quality: int
+    seed: int
+    samples_per_shard: int
+    workers: int
+    max_reject_fraction: float
+    reduce: bool
+    overwrite: bool
+
+
+@dataclass
+class Plan:
+    shards: list[list[tuple[Entry, int]]]  # per shard: (entry, label) in write order
+    classes: list[str]
+    early_rejects: list[dict[str, str]]  # inputs refused before any image was read
+    num_inputs: int
+    fingerprint: str
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def select(entries: list[Entry], identities: int | None, limit: int | None) -> list[Entry]:
+    """--identities N keeps the first N identities in sorted order; --limit N the first N inputs."""
+    if identities is not None:
+        keep = set(sorted({e.identity for e in entries})[:identities])
+        entries = [e for e in entries if e.identity in keep]
+    if limit is not None:
+        entries = entries[:limit]
+    return entries
+
+
+def make_plan(entries: list[Entry], opts: Options) -> Plan:
+    usable = [e for e in entries if e.reason is None]
+    early = [_reject(e.rel, e.reason or "", e.detail or "") for e in entries if e.reason is not None]
+    classes = sorted({e.identity for e in usable})
+    label_of = {name: i for i, name in enumerate(classes)}
+    order = np.random.default_rng(opts.seed).permutation(len(usable)) if usable else []
+    shuffled = [(usable[i], label_of[usable[i].identity]) for i in order]
+    size = opts.samples_per_shard
+    shards = [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
+    digest = hashlib.sha256()
+    settings = [opts.dataset, opts.prefix, list(opts.image_size), opts.quality, opts.seed, size, opts.reduce]
+    digest.update(json.dumps(settings).encode())
+    for entry, label in shuffled:
+        digest.update(f"{entry.rel}\t{label}\t{entry.landmarks}\n".encode())
+    return Plan(shards, classes, early, len(entries), digest.hexdigest())
+
+
+def _reject(rel: str, reason: str, detail: str) -> dict[str, str]:
+    return {"path": rel, "reason": reason, "detail": detail}
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+
+class BuildState:
+    """OUT/.build/: the plan fingerprint and one small JSON per completed shard (its info and rejects)."""
+
+    def __init__(self, out: Path, prefix: str):
+        self.dir = out / STATE_DIR
+        self.out = out
+        self.prefix = prefix
+
+    def start(self, fingerprint: str) -> None:
+        plan_file = self.dir / "plan.json"
+        if plan_file.is_file():
+            previous = json.loads(plan_file.read_text()).get("fingerprint")
+            if previous != fingerprint:
+                raise UserError(
+                    f"{self.out}: holds an unfinished build of different inputs or options "
+                    "(rerun with the same ones, or pass --overwrite to start again)"
+                )
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(plan_file, json.dumps({"fingerprint": fingerprint}))
+
+    def done(self, index: int) -> dict[str, Any] | None:
+        """The saved state of a completed shard, or None when it must be (re)built."""
+        state = self.dir / f"{index:06d}.json"
+        tar = self.out / shard_name(self.prefix, index)
+        if not (state.is_file() and tar.is_file() and tar.with_suffix(".idx").is_file()):
+            return None
+        data = json.loads(state.read_text())
+        if data["shard"]["bytes"] != tar.stat().st_size:
+            return None
+        return data
+
+    def save(self, index: int, info: ShardInfo, rejects: list[dict[str, str]], reductions: Counter) -> None:
+        data = {"shard": asdict(info), "rejects": rejects, "reductions": dict(reductions)}
+        _atomic_write(self.dir / f"{index:06d}.json", json.dumps(data))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clear_output(out: Path, prefix: str) -> None:
+    """--overwrite: remove this tool's files for this prefix (and nothing else) from OUT."""
+    for path in out.glob(f"{prefix}-*"):
+        if path.suffix in (".tar", ".idx", ".tmp"):
+            path.unlink()
+    for name in (MANIFEST_NAME, REJECTS_NAME):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _progress(total: int):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} img/s")
+
+    progress = Progress(
+        TextColumn("aligning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Speed(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[rejects]} rejects"),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    return progress
+
+
+def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dict[str, Any]:
+    out = opts.out
+    state = BuildState(out, opts.prefix)
+    state.start(plan.fingerprint)
+    infos: dict[int, ShardInfo] = {}
+    rejects = list(plan.early_rejects)
+    reductions: Counter = Counter()
+    pending = []
+    for index in range(len(plan.shards)):
+        saved = state.done(index)
+        if saved is None:
+            pending.append(index)
+        else:
+            infos[index] = ShardInfo(**saved["shard"])
+            rejects.extend(saved["rejects"])
+            reductions.update(saved.get("reductions", {}))
+    if infos:
+        log(f"resuming: {len(infos)} of {len(plan.shards)} shards already complete")
+    allowed = math.floor(opts.max_reject_fraction * plan.num_inputs)
+    _check_rejects(len(rejects), allowed, plan.num_inputs, opts, out, rejects)
+
+    tasks = []  # (shard index, entries with labels, jobs)
+    for index in pending:
+        shard = plan.shards[index]
+        for start in range(0, len(shard), BATCH):
+            part = shard[start : start + BATCH]
+            jobs = [
+                _work.Job(
+                    str(inputs.image_root / e.rel),
+                    e.landmarks or (),
+                    opts.image_size,
+                    opts.quality,
+                    opts.reduce,
+                )
+                for e, _ in part
+            ]
+            tasks.append((index, part, jobs))
+    todo = sum(len(plan.shards[i]) for i in pending)
+    started = time.perf_counter()
+    pool = None
+    if opts.workers > 1 and todo > BATCH:
+        # fork: the workers need nothing but the job function; start-up is milliseconds.
+        pool = multiprocessing.get_context("fork").Pool(opts.workers, initializer=_work.init_pool_worker)
+        results = pool.imap(_work.run_batch, [jobs for _, _, jobs in tasks])
+    else:
+        _work.init_worker()
+        results = (_work.run_batch(jobs) for _, _, jobs in tasks)
+    writer: ShardWriter | None = None
+    current = -1
+    shard_rejects: list[dict[str, str]] = []
+    shard_reductions: Counter = Counter()
+    remaining = {i: len(plan.shards[i]) for i in pending}
+    try:
+        with _progress(todo) as progress:
+            bar = progress.add_task("align", total=todo, rejects=len(rejects))
+            for (index, part, _), outcomes in zip(tasks, results):
+                if index != current:
+                    writer, current = ShardWriter(out / shard_name(opts.prefix, index)), index
+                    shard_rejects, shard_reductions = [], Counter()
+                for (entry, label), outcome in zip(part, outcomes):
+                    if outcome.jpeg is None:
+                        shard_rejects.append(_reject(entry.rel, outcome.reason or "", outcome.detail or ""))
+                    else:
+                        record = {
+                            "identity": entry.identity,
+                            "label": label,
+                            "source": entry.rel,
+                            "landmarks": [list(p) for p in zip(entry.landmarks[0::2], entry.landmarks[1::2])],
+                        }
+                        writer.add(entry.key, outcome.jpeg, label, record)
+                        shard_reductions[str(outcome.reduction)] += 1
+                remaining[index] -= len(part)
+                if remaining[index] == 0:
+                    infos[index] = writer.close()
+                    writer = None
+                    state.save(index, infos[index], shard_rejects, shard_reductions)
+                    rejects.extend(shard_rejects)
+                    reductions.update(shard_reductions)
+                    shard_rejects = []
+                    _check_rejects(len(rejects), allowed, plan.num_inputs, opts, out, rejects)
+                progress.update(bar, advance=len(part), rejects=len(rejects) + len(shard_rejects))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    seconds = time.perf_counter() - started
+
+    shards = [infos[i] for i in range(len(plan.shards)) if infos[i].samples > 0]
+    for i in range(len(plan.shards)):  # a shard whose every input was rejected holds nothing
+        if infos[i].samples == 0:
+            (out / infos[i].file).unlink(missing_ok=True)
+            (out / infos[i].index).unlink(missing_ok=True)
+    rejected = {r["path"] for r in rejects}
+    packed_keys = {e.key for shard in plan.shards for e, _ in shard if e.rel not in rejected}
+    rejects.sort(key=lambda r: r["path"])
+    _write_rejects(out, rejects)
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dataset": inputs.name,
+        "split": inputs.split,
+        "num_samples": sum(s.samples for s in shards),
+        "num_classes": len(plan.classes),
+        "classes": plan.classes,
+        "image_size": list(opts.image_size),
+        "template": scaled_template(opts.image_size),
+        "jpeg_quality": opts.quality,
+        "num_rejects": len(rejects),
+        "num_inputs": plan.num_inputs,
+        "shards": [asdict(s) for s in shards],
+    }
+    extra: dict[str, Any] = {}
+    if inputs.pairs is not None:
+        pairs, dropped = pairs_by_key(inputs.pairs, packed_keys)
+        manifest["pairs"] = [asdict(p) for p in pairs]
+        extra["pairs"] = len(pairs)
+        extra["pairs_unresolved"] = dropped
+        if dropped:
+            log(
+                f"warning: {dropped} of {len(inputs.pairs)} pairs name an image that was not packed; left out"
+            )
+    manifest.update({"seed": opts.seed, "command": command, "created_by": CREATED_BY})
+    write_manifest(out, manifest)
+    state.remove()
+    reasons = Counter(r["reason"] for r in rejects)
+    summary = {
+        "out": str(out),
+        "dataset": inputs.name,
+        "split": inputs.split,
+        "inputs": plan.num_inputs,
+        "samples": manifest["num_samples"],
+        "classes": len(plan.classes),
+        "shards": len(shards),
+        "rejects": len(rejects),
+        "reject_reasons": dict(sorted(reasons.items())),
+        **extra,
+        "decode_reductions": dict(sorted(reductions.items())),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(todo / seconds, 1) if seconds > 0 else None,
+    }
+    return summary
+
+
+def _check_rejects(count: int, allowed: int, total: int, opts: Options, out: Path, rejects: list) -> None:
+    if count > allowed:
+        _write_rejects(out, sorted(rejects, key=lambda r: r["path"]))
+        reasons = ", ".join(f"{k} {v}" for k, v in Counter(r["reason"] for r in rejects).most_common(3))
+        raise UserError(
+            f"{out / REJECTS_NAME}: {count} of {total} inputs rejected ({reasons}), more than "
+            f"--max-reject-fraction {opts.max_reject_fraction}"
+        )
+
+
+def _write_rejects(out: Path, rejects: list[dict[str, str]]) -> None:
+    _atomic_write(out / REJECTS_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, not {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 16:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with sides >= 16, not {text!r}")
+    return values[0], values[1]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through run_cli, not argparse's usage dump
+        raise UserError(f"{self.prog}: {message}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="build_shards.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument("--root", type=Path, required=True, help="dataset root as it ships")
+    common.add_argument("--out", type=Path, required=True, help="shard folder to write")
+    common.add_argument(
+        "--images", type=Path, help="image folder, when not in the standard place under --root"
+    )
+    common.add_argument(
+        "--landmarks", type=Path, help="5-point landmark file, when not in the standard place"
+    )
+    common.add_argument("--prefix", help="shard file name prefix (default: lfw, vggface2-<split>)")
+    common.add_argument("--image-size", type=_size, default=(112, 112), help="output N or HxW (default 112)")
+    common.add_argument("--jpeg-quality", type=int, default=95, choices=range(1, 101), metavar="1..100")
+    common.add_argument("--samples-per-shard", type=_positive, default=5000)
+    common.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    common.add_argument("--workers", type=_positive, default=None, help="processes (default: all cores)")
+    common.add_argument("--max-reject-fraction", type=_fraction, default=0.01)
+    common.add_argument("--limit", type=_positive, help="only the first N inputs (sorted by path)")
+    common.add_argument("--identities", type=_positive, help="only the first N identities (sorted)")
+    common.add_argument(
+        "--no-reduced-decode",
+        dest="reduce",
+        action="store_false",
+        help="always decode at full size (slower; for comparison)",
+    )
+    common.add_argument("--overwrite", action="store_true", help="rebuild even if OUT holds a complete build")
+    vgg = sub.add_parser("vggface2", parents=[common], help="VGGFace2 (<split>/<id>/<file>.jpg)")
+    vgg.add_argument("--split", default="train", help="train or test (default train)")
+    vgg.add_argument("--list", type=Path, help="image list, when not <root>/<split>_list.txt")
+    lfw = sub.add_parser("lfw", parents=[common], help="LFW (lfw/<Name>/<Name>_<NNNN>.jpg)")
+    lfw.add_argument("--pairs", type=Path, help="pairs file, when not <root>/pairs.txt")
+    return p
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.root.is_dir():
+        raise UserError(f"{args.root}: --root is not a folder")
+    if args.dataset == "vggface2":
+        inputs = read_vggface2(args.root, args.split, args.images, args.list, args.landmarks)
+        prefix = args.prefix or f"vggface2-{args.split}"
+    else:
+        inputs = read_lfw(args.root, args.images, args.landmarks, args.pairs)
+        prefix = args.prefix or "lfw"
+    opts = Options(
+        dataset=args.dataset,
+        out=args.out,
+        prefix=prefix,
+        image_size=args.image_size,
+        quality=args.jpeg_quality,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        workers=args.workers or _cpu_count(),
+        max_reject_fraction=args.max_reject_fraction,
+        reduce=args.reduce,
+        overwrite=args.overwrite,
+    )
+    command = shlex.join(["python", "preprocess/build_shards.py", *(sys.argv[1:] if argv is None else argv)])
+    out = opts.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out exists and is not a folder")
+    if (out / MANIFEST_NAME).is_file() and not (out / STATE_DIR).exists():
+        if not opts.overwrite:
+            log(f"{out / MANIFEST_NAME}: a complete build is already there; pass --overwrite to rebuild")
+            return 0
+    if opts.overwrite and out.is_dir():
+        clear_output(out, prefix)
+    for name, path in inputs.files.items():
+        log(f"{name}: {path}")
+    entries = select(inputs.entries, args.identities, args.limit)
+    plan = make_plan(entries, opts)
+    if not plan.shards:
+        raise UserError(
+            f"{args.root}: no usable images ({plan.num_inputs} inputs, all rejected or none found)"
+        )
+    log(
+        f"{plan.num_inputs} inputs, {sum(map(len, plan.shards))} to align into {len(plan.shards)} shards, "
+        f"{len(plan.classes)} identities, {len(plan.early_rejects)} rejected up front; {opts.workers} workers"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    summary = build(inputs, plan, opts, command)
+    log(
+        f"done: {summary['samples']} samples in {summary['shards']} shards, {summary['rejects']} rejects "
+        f"({summary['images_per_s']} img/s)"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,280 @@
+"""Readers for VGGFace2 and LFW exactly as they ship: which images exist, their 5 landmarks, LFW pairs.
+
+A reader never decodes an image. It returns one `Entry` per input (an image on disk, listed, or named
+by the landmark file); an entry that cannot be used (file missing, landmark row missing or bad)
+carries its reject reason instead of landmarks. A wrong or missing *file the user named* is a
+UserError naming that file.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shards.errors import UserError
+from shards.format import sample_key
+from shards.manifest import Pair
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class Entry:
+    rel: str  # path relative to the image root, '/'-separated
+    identity: str
+    landmarks: tuple[float, ...] | None = None  # x1 y1 ... x5 y5
+    reason: str | None = None  # set when the entry is rejected before any image is read
+    detail: str | None = None
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.rel)
+
+
+@dataclass
+class DatasetInputs:
+    name: str  # "vggface2" | "lfw"
+    split: str
+    image_root: Path
+    entries: list[Entry]
+    pairs: list[tuple[str, str, bool, int]] | None = None  # (rel a, rel b, same, fold)
+    files: dict[str, str] = field(default_factory=dict)  # what was read, for the log
+
+
+def parse_landmarks(fields: list[str]) -> tuple[tuple[float, ...] | None, str | None, str | None]:
+    """(landmarks, None, None) or (None, reason, detail) from the 10 number fields of a row."""
+    fields = [f.strip() for f in fields if f.strip() != ""]
+    if len(fields) < 10:
+        return None, "landmarks_short", f"{len(fields)} numbers, expected 10"
+    try:
+        values = tuple(float(f) for f in fields[:10])
+    except ValueError:
+        return None, "landmarks_not_numeric", "a landmark field is not a number"
+    if not all(math.isfinite(v) for v in values):
+        return None, "landmarks_nan", "a landmark is NaN or infinite"
+    return values, None, None
+
+
+def _walk_images(image_root: Path) -> list[str]:
+    """Relative paths of every image under the root, two levels (<identity>/<file>)."""
+    found = []
+    with os.scandir(image_root) as top:
+        for identity in top:
+            if not identity.is_dir():
+                continue
+            with os.scandir(identity.path) as files:
+                for f in files:
+                    if f.name.lower().endswith(IMAGE_EXTENSIONS) and f.is_file():
+                        found.append(f"{identity.name}/{f.name}")
+    return found
+
+
+def _require_file(path: Path, what: str, option: str) -> Path:
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found (point at it with {option})")
+    return path
+
+
+def _require_dir(path: Path, what: str, option: str) -> Path:
+    if not path.is_dir():
+        raise UserError(f"{path}: {what} not found (point at it with {option})")
+    return path
+
+
+def _entries(on_disk: set[str], inputs: set[str], landmarks: dict[str, list[str]]) -> list[Entry]:
+    """One entry per input, sorted by path; missing images and bad landmark rows carry their reason."""
+    entries = []
+    for rel in sorted(inputs):
+        identity = rel.split("/", 1)[0]
+        if rel not in on_disk:
+            entries.append(Entry(rel, identity, reason="image_missing", detail="not on disk"))
+            continue
+        row = landmarks.get(rel)
+        if row is None:
+            entries.append(Entry(rel, identity, reason="landmarks_missing", detail="no landmark row"))
+            continue
+        values, reason, detail = parse_landmarks(row)
+        entries.append(Entry(rel, identity, values, reason, detail))
+    return entries
+
+
+def read_vggface2(
+    root: Path,
+    split: str,
+    images: Path | None = None,
+    image_list: Path | None = None,
+    landmarks: Path | None = None,
+) -> DatasetInputs:
+    """VGGFace2: `<split>/<id>/<file>.jpg`, `<split>_list.txt` (else a directory walk) and
+    `bb_landmark/loose_landmark_<split>.csv`.
+
+    The loose bounding boxes and identity_meta.csv are not needed for 5-point alignment and are not read.
+    """
+    root = Path(root)
+    image_root = _require_dir(
+        images or root / split, f"VGGFace2 image folder for split '{split}'", "--images"
+    )
+    lm_path = _require_file(
+        landmarks or root / "bb_landmark" / f"loose_landmark_{split}.csv",
+        "VGGFace2 landmark CSV",
+        "--landmarks",
+    )
+    on_disk = set(_walk_images(image_root))
+    rows = _read_vggface2_landmarks(lm_path)
+    if image_list is not None:
+        _require_file(image_list, "image list", "--list")
+    list_path = image_list or root / f"{split}_list.txt"
+    if list_path.is_file():  # the list is the authority: listed images missing on disk are rejects
+        inputs = set(_read_list(list_path))
+    else:  # no list: every image on disk, and every landmark row whose image is absent
+        list_path = None
+        inputs = on_disk | set(rows)
+    entries = _entries(on_disk, inputs, rows)
+    return DatasetInputs(
+        "vggface2",
+        split,
+        image_root,
+        entries,
+        files={
+            "images": str(image_root),
+            "list": str(list_path or "(directory walk)"),
+            "landmarks": str(lm_path),
+        },
+    )
+
+
+def _read_list(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable image list ({err})") from None
+    return [line.strip().replace("\\", "/") for line in lines if line.strip()]
+
+
+def _read_vggface2_landmarks(path: Path) -> dict[str, list[str]]:
+    """relative path -> the number fields (unparsed: bad rows become per-image rejects, not a failed run)."""
+    rows: dict[str, list[str]] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or not header or header[0].strip().upper() != "NAME_ID":
+                raise UserError(f"{path}: not a VGGFace2 landmark CSV (first column must be NAME_ID)")
+            for row in reader:
+                if row and row[0].strip():
+                    name = row[0].strip().replace("\\", "/")
+                    # NAME_ID is the relative path without its extension; VGGFace2 images are .jpg.
+                    rows[name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"] = row[1:]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path}: unreadable landmark CSV ({err})") from None
+    return rows
+
+
+def read_lfw(
+    root: Path,
+    images: Path | None = None,
+    landmarks: Path | None = None,
+    pairs: Path | None = None,
+) -> DatasetInputs:
+    """LFW: `lfw/<Name>/<Name>_<NNNN>.jpg`, the 5-point landmark file, `pairs.txt`.
+
+    Landmarks default to `lfw_landmark_150.txt` (the 150x150 copy) when present, else `lfw_landmark.txt`.
+    """
+    root = Path(root)
+    image_root = _require_dir(images or root / "lfw", "LFW image folder", "--images")
+    if landmarks is None:
+        for candidate in ("lfw_landmark_150.txt", "lfw_landmark.txt"):
+            if (root / candidate).is_file():
+                landmarks = root / candidate
+                break
+        else:
+            raise UserError(
+                f"{root}: no lfw_landmark_150.txt or lfw_landmark.txt (point at it with --landmarks)"
+            )
+    lm_path = _require_file(landmarks, "LFW landmark file", "--landmarks")
+    rows = _read_lfw_landmarks(lm_path)
+    on_disk = set(_walk_images(image_root))
+    entries = _entries(on_disk, on_disk | set(rows), rows)
+    pair_path = (
+        pairs if pairs is not None else (root / "pairs.txt" if (root / "pairs.txt").is_file() else None)
+    )
+    pair_list = _read_pairs(_require_file(pair_path, "LFW pairs file", "--pairs")) if pair_path else None
+    return DatasetInputs(
+        "lfw",
+        "test",
+        image_root,
+        entries,
+        pair_list,
+        files={"images": str(image_root), "landmarks": str(lm_path), "pairs": str(pair_path or "(none)")},
+    )
+
+
+def _read_lfw_landmarks(path: Path) -> dict[str, list[str]]:
+    rows: dict[str, list[str]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                name, _, rest = line.rstrip("\n").partition("\t")
+                if not rest:  # no tab: whitespace-separated path and numbers
+                    name, *fields = line.split()
+                else:
+                    fields = rest.split()
+                rows[name.strip().replace("\\", "/")] = fields
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable landmark file ({err})") from None
+    if not rows:
+        raise UserError(f"{path}: the landmark file is empty")
+    return rows
+
+
+def lfw_rel(name: str, number: str) -> str:
+    return f"{name}/{name}_{int(number):04d}.jpg"
+
+
+def _read_pairs(path: Path) -> list[tuple[str, str, bool, int]]:
+    """View 2 pairs: header `folds<TAB>n`, then per fold n same lines (name i j), n different (n1 i n2 j)."""
+    try:
+        lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable pairs file ({err})") from None
+    if not lines:
+        raise UserError(f"{path}: the pairs file is empty")
+    header, body = lines[0], lines[1:]
+    try:
+        folds, per_fold = (int(header[0]), int(header[1])) if len(header) == 2 else (1, len(body) // 2)
+    except ValueError:
+        raise UserError(f"{path}:1: expected a header '<folds> <pairs per fold>'") from None
+    if per_fold <= 0 or len(body) != folds * per_fold * 2:
+        raise UserError(
+            f"{path}: header says {folds} folds x {per_fold} x 2 pairs, file has {len(body)} lines"
+        )
+    out = []
+    for number, fields in enumerate(body):
+        try:
+            if len(fields) == 3:
+                a, b, same = lfw_rel(fields[0], fields[1]), lfw_rel(fields[0], fields[2]), True
+            elif len(fields) == 4:
+                a, b, same = lfw_rel(fields[0], fields[1]), lfw_rel(fields[2], fields[3]), False
+            else:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"{path}:{number + 2}: expected 'name i j' or 'name1 i name2 j'") from None
+        out.append((a, b, same, number // (2 * per_fold)))
+    return out
+
+
+def pairs_by_key(pairs: list[tuple[str, str, bool, int]], packed: set[str]) -> tuple[list[Pair], int]:
+    """The pairs whose both images were packed, by sample key; and how many could not be resolved."""
+    out, dropped = [], 0
+    for a, b, same, fold in pairs:
+        ka, kb = sample_key(a), sample_key(b)
+        if ka in packed and kb in packed:
+            out.append(Pair(ka, kb, same, fold))
+        else:
+            dropped += 1
+    return out, dropped
