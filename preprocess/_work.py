@@ -100,13 +100,13 @@ def run(job: Job) -> Outcome:
         return Outcome(None, "jpeg_corrupt", "no readable frame header")
     if is_jpeg and not jpeg_complete(data):
         return Outcome(None, "jpeg_truncated", "no end-of-image marker")
+    if size is not None and not _inside(pts, size):
+        return Outcome(None, "landmarks_outside_image", f"points outside the {size[0]}x{size[1]} image")
     bad = align.check_geometry(pts, job.image_size)
     if bad is not None:
         return Outcome(None, *bad)
     reduction = 1
     if size is not None:
-        if not _inside(pts, size):
-            return Outcome(None, "landmarks_outside_image", f"points outside the {size[0]}x{size[1]} image")
         matrix = align.similarity_transform(pts, align.template(job.image_size))
         if job.reduce:
             reduction = align.reduction_for(align.transform_scale(matrix))

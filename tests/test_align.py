@@ -1,0 +1,115 @@
+"""Alignment: the similarity fit, marker faces back onto the template, no reflection, reduced decode."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from preprocess import _work, align
+from preprocess._synthface import face_image, marker_centres, random_landmarks, write_jpeg
+
+
+def _similarity(scale: float, degrees: float, tx: float, ty: float) -> np.ndarray:
+    a = math.radians(degrees)
+    return np.array(
+        [[scale * math.cos(a), -scale * math.sin(a), tx], [scale * math.sin(a), scale * math.cos(a), ty]]
+    )
+
+
+def test_fit_recovers_a_known_similarity():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 200, size=(5, 2))
+    known = _similarity(0.37, 23.0, 11.0, -4.0)
+    dst = src @ known[:, :2].T + known[:, 2]
+    np.testing.assert_allclose(align.similarity_transform(src, dst), known, atol=1e-9)
+    assert align.transform_scale(known) == pytest.approx(0.37)
+
+
+def test_fit_never_reflects_even_for_mirrored_points():
+    tpl = align.template()
+    mirrored = tpl.copy()
+    mirrored[:, 0] = 200 - mirrored[:, 0]  # a mirror image: the best unconstrained fit is a reflection
+    matrix = align.similarity_transform(mirrored, tpl)
+    assert np.linalg.det(matrix[:, :2]) > 0
+    assert align.check_geometry(mirrored)[0] == "landmarks_reflected"
+    swapped = tpl[[1, 0, 2, 4, 3]]  # left/right labels swapped
+    assert align.check_geometry(swapped)[0] == "landmarks_reflected"
+    assert align.check_geometry(tpl * 3 + 40) is None
+
+
+def test_degenerate_points_are_refused():
+    line = np.stack([np.linspace(10, 90, 5), np.linspace(20, 60, 5)], axis=1)
+    assert align.check_geometry(line)[0] == "landmarks_collinear"
+    assert align.check_geometry(np.full((5, 2), 50.0))[0] == "landmarks_degenerate"
+
+
+@pytest.mark.parametrize("image_size", [(112, 112), (224, 224), (96, 96)])
+def test_marker_face_lands_on_the_template(image_size):
+    """A face drawn under a known similarity transform comes back onto the template within a pixel."""
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        pts = random_landmarks(320, 280, rng, eye_px=(50, 90), max_angle=35)
+        image = face_image(320, 280, pts, rng)
+        crop = align.warp(image, pts, image_size)
+        assert crop.shape == (*image_size, 3)
+        found = marker_centres(crop)
+        np.testing.assert_array_less(np.abs(found - align.template(image_size)), 1.0)
+
+
+def _marker_job(tmp_path, width, height, eye_px, name="face.jpg", seed=2, reduce=True):
+    rng = np.random.default_rng(seed)
+    pts = random_landmarks(width, height, rng, eye_px=eye_px)
+    path = tmp_path / name
+    write_jpeg(path, face_image(width, height, pts, rng), quality=95)
+    return _work.Job(str(path), tuple(pts.reshape(-1)), (112, 112), 95, reduce), path
+
+
+@pytest.mark.parametrize(
+    ("eye_px", "expected"), [((300, 320), 8), ((150, 160), 4), ((70, 80), 2), ((20, 30), 1)]
+)
+def test_reduced_decode_only_when_nothing_is_lost(tmp_path, eye_px, expected):
+    """Large faces decode at 1/r scale (r*scale <= 1) and still land on the template within a pixel."""
+    job, _ = _marker_job(tmp_path, 1100, 1000, eye_px)
+    reduced, full = (
+        _work.run(job),
+        _work.run(_work.Job(job.path, job.landmarks, (112, 112), 95, reduce=False)),
+    )
+    assert reduced.reduction == expected and full.reduction == 1
+    crops = [cv2.imdecode(np.frombuffer(o.jpeg, np.uint8), cv2.IMREAD_COLOR) for o in (reduced, full)]
+    for crop in crops:
+        np.testing.assert_array_less(np.abs(marker_centres(crop) - align.template()), 1.0)
+    # Same picture either way: the reduced decode only drops detail finer than an output pixel.
+    assert np.abs(crops[0].astype(int) - crops[1].astype(int)).mean() < 6.0
+
+
+def test_jpeg_header_and_truncation(tmp_path):
+    job, path = _marker_job(tmp_path, 333, 217, (40, 50))
+    data = path.read_bytes()
+    assert _work.jpeg_size(data) == (333, 217)
+    assert _work.jpeg_complete(data) and _work.jpeg_complete(data + b"\x00\x00")
+    assert not _work.jpeg_complete(data[: len(data) // 2])
+    assert _work.jpeg_size(b"\x89PNG....") is None
+    assert _work.jpeg_size(data[:20]) is None
+
+
+def test_outcomes_for_bad_files(tmp_path):
+    job, path = _marker_job(tmp_path, 300, 300, (60, 80))
+    data = path.read_bytes()
+    cases = {
+        "missing.jpg": (None, "image_missing"),
+        "truncated.jpg": (data[: len(data) * 2 // 3], "jpeg_truncated"),
+        "garbage.jpg": (bytes(range(256)) * 8, "image_unreadable"),
+        "header.jpg": (b"\xff\xd8\xff\xe0\x00\x02" + b"\x00" * 64, "jpeg_corrupt"),
+        "empty.jpg": (b"", "image_unreadable"),
+    }
+    for name, (content, reason) in cases.items():
+        target = tmp_path / name
+        if content is not None:
+            target.write_bytes(content)
+        out = _work.run(_work.Job(str(target), job.landmarks, (112, 112), 95))
+        assert out.jpeg is None and out.reason == reason, name
+    outside = tuple(v + 1000 for v in job.landmarks)
+    assert _work.run(_work.Job(job.path, outside, (112, 112), 95)).reason == "landmarks_outside_image"
