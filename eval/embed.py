@@ -1,0 +1,116 @@
+"""Embedding every face of a shard folder once, with a PyTorch checkpoint or an ONNX model.
+
+Flip test-time augmentation: each batch goes through the model together with its mirror image
+(one forward of 2B), the two embeddings are added and the sum L2-normalized.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from shards.errors import UserError
+from shards.manifest import Manifest
+
+# float32 NCHW batch (normalized as DESIGN.md says) -> (N, D) float32 embeddings
+EmbedFn = Callable[[torch.Tensor], np.ndarray]
+
+# The input every embedding model takes (DESIGN.md); export_onnx.py records it in the ONNX metadata.
+INPUT_SPEC = {"layout": "NCHW", "color": "RGB", "dtype": "float32",
+              "normalization": "(pixel / 255 - 0.5) / 0.5"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return torch.device(name)
+
+
+def torch_embedder(model: torch.nn.Module, device: torch.device) -> EmbedFn:
+    model = model.to(device).eval()
+
+    @torch.no_grad()
+    def run(images: torch.Tensor) -> np.ndarray:
+        return model(images.to(device, non_blocking=True)).float().cpu().numpy()
+
+    return run
+
+
+def onnx_embedder(path: Path, image_size: tuple[int, int], device: torch.device) -> EmbedFn:
+    """An onnxruntime session checked against the shards' image size; UserError naming the file."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise UserError(f"{path}: ONNX model file not found")
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        sess = ort.InferenceSession(str(path), providers=providers)
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types for bad files
+        raise UserError(f"{path}: not a loadable ONNX model ({type(err).__name__})") from None
+    inputs = sess.get_inputs()
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise UserError(f"{path}: expected one NCHW image input, model has "
+                        f"{[(i.name, i.shape) for i in inputs]}")
+    shape = inputs[0].shape
+    if shape[1] not in (3, None) and not isinstance(shape[1], str):
+        raise UserError(f"{path}: input has {shape[1]} channels, the shards hold RGB (3)")
+    hw = tuple(shape[2:])
+    if all(isinstance(v, int) for v in hw) and hw != tuple(image_size):
+        raise UserError(f"{path}: model input is {hw[0]}x{hw[1]}, the shards hold "
+                        f"{image_size[0]}x{image_size[1]} faces")
+    name = inputs[0].name
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        return np.asarray(sess.run(None, {name: images.numpy().astype(np.float32, copy=False)})[0])
+
+    return run
+
+
+def progress_bar(console: Console | None = None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8} img/s"), TimeRemainingColumn(),
+        console=console or Console(file=sys.stderr), transient=False,
+    )
+
+
+def embed_shards(
+    embed: EmbedFn, manifest: Manifest, *, batch_size: int = 128, flip: bool = True,
+    workers: int = 0, show_progress: bool = True,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """(L2-normalized embeddings [N, D] float32, key -> row) for every sample, in shard order."""
+    from shards.loader import iter_eval_batches  # imported late: it pulls in the reader stack
+
+    feats: list[np.ndarray] = []
+    index_of: dict[str, int] = {}
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("embedding", total=manifest.num_samples, rate="-", visible=show_progress)
+        for keys, images, _ in iter_eval_batches(manifest, batch_size=batch_size, workers=workers):
+            if flip:
+                both = embed(torch.cat([images, torch.flip(images, dims=[3])]))
+                emb = both[: len(keys)] + both[len(keys):]
+            else:
+                emb = embed(images)
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            feats.append(emb.astype(np.float32, copy=False))
+            for k in keys:
+                if k in index_of:
+                    raise UserError(f"{manifest.root}: sample key {k!r} appears twice in the shards")
+                index_of[k] = len(index_of)
+            rate = len(index_of) / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=len(index_of), rate=f"{rate:.0f}")
+    if not feats:
+        raise UserError(f"{manifest.root}: the shards hold no samples")
+    return np.concatenate(feats), index_of

@@ -1,0 +1,127 @@
+"""Export a checkpoint's embedding network to ONNX (dynamic batch) and check it with onnxruntime.
+
+    python eval/export_onnx.py --checkpoint CKPT --out MODEL.onnx
+
+The model's input spec (image size, layout, colour order, normalization) goes into the ONNX
+metadata. The export is run with onnxruntime on random inputs of two batch sizes against PyTorch;
+the max abs difference is printed and above --tolerance (1e-4) the command fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eval.embed import INPUT_SPEC
+from shards.errors import UserError, run_cli
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval/export_onnx.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="facetrain checkpoint (.pt)")
+    p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (1e-4)")
+    p.add_argument("--check-batches", default="1,7", help="batch sizes run through both (default 1,7)")
+    return p
+
+
+def export(model: torch.nn.Module, spec: dict[str, Any], out: Path, opset: int = 18) -> None:
+    """torch.onnx.export (dynamo) with a dynamic batch dimension, then the metadata, atomically."""
+    import onnx
+
+    h, w = (int(v) for v in spec["image_size"])
+    example = torch.zeros(2, 3, h, w)
+    batch = torch.export.Dim("batch", min=1)
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # exporter chatter off stdout
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: batch},), verbose=False)
+    proto = program.model_proto
+    meta = {**INPUT_SPEC, "image_size": f"{h},{w}", "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5",
+            "embedding_size": str(spec["embedding_size"]), "backbone": str(spec["backbone"]),
+            "backbone_kwargs": json.dumps(spec.get("kwargs", {})),
+            "producer": "facetrain eval/export_onnx.py"}
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    except OSError as err:
+        raise UserError(f"{out}: cannot write the ONNX file ({err.strerror})") from None
+
+
+def max_abs_diff(model: torch.nn.Module, onnx_path: Path, image_size: tuple[int, int],
+                 batches: Sequence[int], seed: int = 0) -> tuple[float, float]:
+    """(largest |PyTorch - onnxruntime|, largest |PyTorch output|) over random inputs in [-1, 1]."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    scale = 0.0
+    for b in batches:
+        x = torch.rand(b, 3, *image_size, generator=gen) * 2 - 1
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(None, {INPUT_NAME: x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise UserError(f"{onnx_path}: ONNX output {got.shape} for batch {b}, PyTorch gives {ref.shape}")
+        worst = max(worst, float(np.max(np.abs(got - ref))))
+        scale = max(scale, float(np.max(np.abs(ref))))
+    return worst, scale
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        batches = [int(v) for v in args.check_batches.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--check-batches: expected comma-separated integers, "
+                        f"got {args.check_batches!r}") from None
+    if not batches or min(batches) < 1:
+        raise UserError(f"--check-batches: batch sizes must be positive, got {args.check_batches!r}")
+    from trainer.checkpoint import load_embedding_model
+
+    model, spec = load_embedding_model(args.checkpoint)
+    image_size = (int(spec["image_size"][0]), int(spec["image_size"][1]))
+    print(f"exporting {spec['backbone']} ({spec['embedding_size']}-d, {image_size[0]}x{image_size[1]}) "
+          f"from {args.checkpoint}", file=sys.stderr)
+    export(model, spec, args.out, args.opset)
+    diff, scale = max_abs_diff(model, args.out, image_size, batches)
+    # The output scale says how much the absolute figure means (an untrained net can output ~1e-8).
+    print(json.dumps({"onnx": str(args.out), "max_abs_diff": diff, "max_abs_output": scale,
+                      "batches": batches, "tolerance": args.tolerance}))
+    if not diff <= args.tolerance:  # also catches NaN
+        raise UserError(f"{args.out}: onnxruntime differs from PyTorch by {diff:.3g} "
+                        f"(> {args.tolerance:g}); the export is not faithful")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
