@@ -1,0 +1,102 @@
+"""Training augmentation: the settings both backends share, and the NumPy/OpenCV version the torch
+backend runs per sample in its workers (the DALI backend builds the same steps from DALI operators
+in shards/dali_pipeline.py).
+
+Order: random resized crop -> brightness/contrast/saturation -> grayscale -> blur -> erase -> flip.
+Every step maps uint8 RGB HxW to uint8 RGB HxW, so shape, dtype and range never change. The
+flip is an exact mirror (no resampling). Randomness comes only from the generator passed in, so a
+seed reproduces a batch whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from shards.errors import UserError
+
+# Fixed ranges: kept here so the two backends draw from the same distributions.
+CROP_ASPECT = (0.9, 1.1)  # aligned faces: keep the crop close to square
+BLUR_SIGMA = (0.5, 1.5)  # pixels
+ERASE_AREA = (0.02, 0.2)  # fraction of the image
+ERASE_ASPECT = (0.3, 3.3)
+ERASE_FILL = 128  # mid-gray: ~0 after normalization
+
+
+@dataclass
+class AugmentConfig:
+    """All off except the horizontal flip by default."""
+
+    flip: bool = True
+    crop_scale: tuple[float, float] | None = None  # random resized crop area range, e.g. (0.85, 1.0)
+    color_jitter: float = 0.0  # brightness/contrast/saturation factor in 1 +- this
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    erase_p: float = 0.0
+
+    def validate(self) -> AugmentConfig:
+        """Raise UserError naming the setting when a value is out of range; returns self."""
+        if self.crop_scale is not None:
+            lo, hi = (float(v) for v in self.crop_scale)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise UserError(f"augment.crop_scale={list(self.crop_scale)}: need 0 < low <= high <= 1")
+            self.crop_scale = (lo, hi)
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise UserError(f"augment.color_jitter={self.color_jitter}: need 0 <= value < 1")
+        for name in ("grayscale_p", "blur_p", "erase_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"augment.{name}={getattr(self, name)}: a probability must be in [0, 1]")
+        return self
+
+    @property
+    def needs_pixels(self) -> bool:
+        """True when anything beyond the flip is on."""
+        return bool(self.crop_scale or self.color_jitter or self.grayscale_p or self.blur_p or self.erase_p)
+
+
+def _crop_box(
+    h: int, w: int, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    area = h * w * rng.uniform(*scale)
+    ratio = np.exp(rng.uniform(np.log(CROP_ASPECT[0]), np.log(CROP_ASPECT[1])))
+    cw = int(round(min(w, np.sqrt(area * ratio))))
+    ch = int(round(min(h, np.sqrt(area / ratio))))
+    y = int(rng.integers(0, h - ch + 1))
+    x = int(rng.integers(0, w - cw + 1))
+    return y, x, ch, cw
+
+
+def _color(img: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    b, c, s = rng.uniform(1 - strength, 1 + strength, size=3)
+    x = img.astype(np.float32) * b
+    gray = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = (x - gray.mean()) * c + gray.mean()
+    gray = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    x = gray + (x - gray) * s
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+def augment_image(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 HxWx3 RGB image in, the augmented uint8 HxWx3 RGB image out (same size)."""
+    h, w = img.shape[:2]
+    if cfg.crop_scale:
+        y, x, ch, cw = _crop_box(h, w, cfg.crop_scale, rng)
+        img = cv2.resize(img[y : y + ch, x : x + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+    if cfg.color_jitter:
+        img = _color(img, cfg.color_jitter, rng)
+    if cfg.grayscale_p and rng.random() < cfg.grayscale_p:
+        img = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    if cfg.blur_p and rng.random() < cfg.blur_p:
+        img = cv2.GaussianBlur(img, (0, 0), sigmaX=float(rng.uniform(*BLUR_SIGMA)))
+    if cfg.erase_p and rng.random() < cfg.erase_p:
+        area = h * w * rng.uniform(*ERASE_AREA)
+        ratio = np.exp(rng.uniform(np.log(ERASE_ASPECT[0]), np.log(ERASE_ASPECT[1])))
+        eh, ew = min(h, max(1, int(np.sqrt(area / ratio)))), min(w, max(1, int(np.sqrt(area * ratio))))
+        y, x = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
+        img = img.copy() if not img.flags.writeable else img
+        img[y : y + eh, x : x + ew] = ERASE_FILL
+    if cfg.flip and rng.random() < 0.5:
+        img = img[:, ::-1]
+    return img

@@ -1,0 +1,210 @@
+"""Readers for training and evaluation (the interface of docs/CONTRACTS.md, "Readers").
+
+Training (`build_train_loader`): each rank reads its own slice of one global per-epoch
+permutation (details and the padding rule in shards/sample_index.py):
+
+- every rank yields `batches_per_epoch = ceil(N / (world_size * batch_size))` full batches, so
+  DDP never waits on a rank that ran out;
+- over an epoch every sample is seen exactly once across ranks, except that the last global batch
+  is padded with the first `batches_per_epoch * world_size * batch_size - N` samples of the
+  epoch's permutation (seen twice);
+- the permutation is seeded by (seed, epoch): a different order every epoch, the same on every
+  rank and in every run with that seed;
+- `set_epoch(epoch, start_batch)` then iterating yields batches start_batch .. end of that same
+  order: a run resumed at batch k of an epoch sees exactly the samples the uninterrupted run would
+  have seen from k on. With the torch backend the augmentation is reproduced too (its random draws
+  depend only on (seed, epoch, rank, batch)); DALI reseeds its pipeline from (seed, epoch, rank,
+  start_batch), so a resumed DALI epoch sees the same samples with different random draws.
+
+Backends: "dali" (DALI pipeline, nvJPEG on a GPU, CPU operators otherwise), "torch" (OpenCV in
+DataLoader workers), "auto" (DALI when training on a GPU that DALI can see, else torch, the faster
+one on CPUs). Both prefetch: DALI with its queue depth, torch with workers' prefetch_factor and a
+thread that moves the next batches to the device while the step runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from shards.augment import AugmentConfig
+from shards.errors import UserError
+from shards.manifest import Manifest
+from shards.sample_index import SampleReader, batches_per_epoch, build_sample_table, epoch_order
+from shards.torch_pipeline import BatchDecoder, DevicePrefetcher, iter_uint8_batches, to_model_input
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend "auto" stands for on this machine; UserError for a name or choice that cannot work."""
+    from shards.dali_pipeline import dali_importable, dali_sees_gpu
+
+    if backend not in BACKENDS:
+        raise UserError(f"loader.backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    if backend == "dali":
+        if not dali_importable():
+            raise UserError(
+                "loader.backend=dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, "
+                "or use loader.backend=torch)"
+            )
+        if device.type == "cuda" and not dali_sees_gpu():
+            raise UserError(f"loader.backend=dali: DALI cannot see the GPU of device {device}")
+        return "dali"
+    return "dali" if device.type == "cuda" and dali_importable() and dali_sees_gpu() else "torch"
+
+
+class TrainLoader:
+    """Per-rank training batches; see the module docs for the split, padding and resume rules."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        backend: str,
+        device: torch.device,
+        workers: int,
+        augment: AugmentConfig | None,
+        channels_last: bool,
+        prefetch: int,
+    ):
+        self.manifest = manifest
+        self.table = build_sample_table(manifest)
+        self.image_size = tuple(manifest.image_size)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.backend, self.device = backend, device
+        self.workers, self.prefetch, self.channels_last = workers, prefetch, channels_last
+        self.augment = augment
+        self.batches_per_epoch = batches_per_epoch(len(self.table), batch_size, world_size)
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields batches start_batch .. batches_per_epoch - 1 of this epoch."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def tasks(self) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """(seed words, sample indices) of each remaining batch of the current epoch on this rank."""
+        order = epoch_order(
+            len(self.table),
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
+        b = self.batch_size
+        return [
+            ((self.seed & 0xFFFFFFFF, self.epoch, self.rank, k), order[k * b : (k + 1) * b])
+            for k in range(self.start_batch, self.batches_per_epoch)
+        ]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        tasks = self.tasks()
+        if self.backend == "dali":
+            from shards.dali_pipeline import iter_dali_batches
+
+            return iter_dali_batches(
+                self.table,
+                tasks,
+                image_size=self.image_size,
+                batch_size=self.batch_size,
+                augment=self.augment,
+                device=self.device,
+                channels_last=self.channels_last,
+                threads=max(1, self.workers),
+                prefetch=self.prefetch,
+                seed_words=(self.seed & 0xFFFFFFFF, self.epoch, self.rank, self.start_batch),
+            )
+        decoder = BatchDecoder(self.table, self.image_size, self.augment)  # type: ignore[arg-type]
+        source = iter_uint8_batches(
+            decoder,
+            tasks,
+            workers=self.workers,
+            prefetch=self.prefetch,
+            pin_memory=self.device.type == "cuda",
+        )
+        return iter(DevicePrefetcher(source, self.device, self.channels_last, depth=self.prefetch))
+
+
+def build_train_loader(
+    manifest: Manifest,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+    workers: int = 2,
+    augment: AugmentConfig | None = None,
+    channels_last: bool = False,
+    prefetch: int = 2,
+) -> TrainLoader:
+    """The training reader for one rank (see the module docs)."""
+    if batch_size < 1:
+        raise UserError(f"loader.batch_size={batch_size}: must be at least 1")
+    if workers < 0:
+        raise UserError(f"loader.workers={workers}: must be 0 or more")
+    if prefetch < 1:
+        raise UserError(f"loader.prefetch={prefetch}: must be at least 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    device = torch.device(device)
+    augment = (augment or AugmentConfig()).validate()
+    chosen = resolve_backend(backend, device)
+    return TrainLoader(
+        manifest,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        backend=chosen,
+        device=device,
+        workers=workers,
+        augment=augment,
+        channels_last=channels_last,
+        prefetch=prefetch,
+    )
+
+
+def iter_eval_batches(
+    manifest: Manifest, batch_size: int = 256, workers: int = 0
+) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """(keys, images float32 [b, 3, H, W] normalized, labels int64) CPU batches: every sample once, in
+    shard order, no augmentation, the last batch partial."""
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size}: must be at least 1")
+    table = build_sample_table(manifest, want_keys=True)
+    keys = table.keys or []
+    n = len(table)
+    tasks = [((0,), np.arange(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    decoder = BatchDecoder(table, tuple(manifest.image_size), None)  # type: ignore[arg-type]
+    try:
+        batches = iter_uint8_batches(decoder, tasks, workers=min(workers, len(tasks)), prefetch=2)
+        for (_, indices), (images, labels) in zip(tasks, batches, strict=True):
+            yield [keys[i] for i in indices], to_model_input(images, torch.device("cpu"), False), labels
+    finally:
+        decoder.reader.close()
+
+
+__all__ = [
+    "AugmentConfig",
+    "TrainLoader",
+    "build_train_loader",
+    "iter_eval_batches",
+    "resolve_backend",
+    "SampleReader",
+]

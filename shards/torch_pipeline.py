@@ -1,0 +1,196 @@
+"""The pure PyTorch reader: OpenCV decode and augmentation in DataLoader workers, one whole batch
+per worker task, then a background thread that moves batches to the device and normalizes them.
+
+Why a batch per task: on 2 cores the per-sample overhead of a DataLoader (a pickle and a queue
+message per image, then `default_collate`) costs as much as the decode itself; one task per batch
+writes straight into a preallocated uint8 [B, H, W, 3] array and sends one message. uint8 goes
+over the worker queue and to the GPU (4x less than float32); the float conversion and
+normalization run on the device.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from shards.augment import AugmentConfig, augment_image
+from shards.errors import UserError
+from shards.sample_index import SampleReader, SampleTable
+
+# A batch task: (seed words for its generator, sample indices). The seed words make the
+# augmentation of a batch depend only on (seed, epoch, rank, batch number).
+Task = tuple[tuple[int, ...], np.ndarray]
+
+
+def decode_into(out: np.ndarray, jpg: bytes, where: str) -> None:
+    """Decode one JPEG as RGB into `out` (H, W, 3 uint8); UserError naming `where` if it cannot."""
+    img = cv2.imdecode(np.frombuffer(jpg, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    if img is None:
+        raise UserError(f"{where}: corrupt JPEG (cannot decode)")
+    if img.shape != out.shape:
+        raise UserError(
+            f"{where}: image is {img.shape[1]}x{img.shape[0]}, the manifest says "
+            f"{out.shape[1]}x{out.shape[0]}"
+        )
+    out[...] = img
+
+
+class BatchDecoder(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches: a Task in, (uint8 images, int64 labels) out.
+
+    A user error inside a worker comes back as a string (DataLoader would wrap the exception in a
+    multi-line message with the worker's traceback) and is raised again by `iter_uint8_batches`.
+    """
+
+    def __init__(self, table: SampleTable, image_size: tuple[int, int], augment: AugmentConfig | None):
+        self.reader = SampleReader(table)
+        self.image_size = image_size
+        self.augment = augment
+
+    def __getitem__(self, task: Task):  # type: ignore[override]
+        seed_words, indices = task
+        h, w = self.image_size
+        images = np.empty((len(indices), h, w, 3), dtype=np.uint8)
+        labels = np.empty(len(indices), dtype=np.int64)
+        rng = np.random.default_rng(list(seed_words)) if self.augment else None
+        try:
+            for k, i in enumerate(indices):
+                jpg, labels[k] = self.reader.read(int(i))
+                where = f"{self.reader.table.shard_paths[self.reader.table.shard[i]]} (sample {int(i)})"
+                decode_into(images[k], jpg, where)
+                if rng is not None:
+                    images[k] = augment_image(images[k], self.augment, rng)  # type: ignore[arg-type]
+        except UserError as err:
+            return str(err)
+        return torch.from_numpy(images), torch.from_numpy(labels)
+
+    def __len__(self) -> int:  # not used: tasks come from the sampler
+        raise TypeError("BatchDecoder is indexed by tasks")
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # one decode thread per worker process: the workers are the parallelism
+
+
+def iter_uint8_batches(
+    decoder: BatchDecoder, tasks: Iterable[Task], *, workers: int, prefetch: int, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 [B, H, W, 3], int64 [B]) CPU tensors for each task, in task order."""
+    if workers <= 0:
+        for task in tasks:
+            yield _check(decoder[task])
+        return
+    loader = torch.utils.data.DataLoader(
+        decoder,
+        batch_size=None,
+        sampler=list(tasks),
+        num_workers=workers,
+        prefetch_factor=max(1, prefetch),
+        worker_init_fn=_worker_init,
+        pin_memory=pin_memory,
+    )
+    for item in loader:
+        yield _check(item)
+
+
+def _check(item):
+    if isinstance(item, str):
+        raise UserError(item)
+    return item
+
+
+def to_model_input(
+    images: torch.Tensor, device: torch.device, channels_last: bool, non_blocking: bool = False
+) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] on `device`, (x / 255 - 0.5) / 0.5."""
+    x = images.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()  # channels-last strides
+    if not channels_last:
+        x = x.contiguous()
+    return x.div_(127.5).sub_(1.0)
+
+
+class DevicePrefetcher:
+    """Runs a batch iterator in a background thread, `depth` batches ahead of the consumer, and hands
+    out model-ready (images, labels) on the device. On CUDA the copies run on a side stream and the
+    consumer's stream waits on an event, so the step never blocks on a host-to-device copy.
+    """
+
+    _END = object()
+
+    def __init__(
+        self,
+        source: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+        channels_last: bool,
+        depth: int = 2,
+    ):
+        self.source, self.device, self.channels_last = source, device, channels_last
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.thread = threading.Thread(target=self._run, name="facetrain-prefetch", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for images, labels in self.source:
+                if self.cuda:
+                    with torch.cuda.stream(self.stream):
+                        x = to_model_input(images, self.device, self.channels_last, non_blocking=True)
+                        y = labels.to(self.device, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(self.stream)
+                else:
+                    x, y, event = to_model_input(images, self.device, self.channels_last), labels, None
+                if not self._put((x, y, event)):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # re-raised in the consumer's thread
+            self._put(err)
+        finally:
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                close()  # shuts the DataLoader's workers down from the thread that iterated it
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                x, y, event = item
+                if event is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(event)
+                    x.record_stream(stream)
+                    y.record_stream(stream)
+                yield x, y
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
