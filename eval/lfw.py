@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roc", type=Path, help="draw the ROC curve (log-scale FAR) to this PNG")
     p.add_argument("--failures", type=Path, help="PNG sheet of the hardest failed pairs")
     p.add_argument("--num-failures", type=int, default=12, help="pairs on the failures sheet (default 12)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="faces per forward (x2 with flip); default 32 on cpu, 256 on cuda")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--workers", type=int, default=0, help="decode workers of the shard reader")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
@@ -95,6 +96,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.batch_size is None:
+        # On CPU, small batches are ~2x faster here: big activations cost page faults each forward.
+        args.batch_size = 256 if args.device == "cuda" else 32
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     start = time.perf_counter()
