@@ -104,40 +104,6 @@ def make_checkpoint(path: Path, seed: int = 0, backbone: str = "tiny", size: tup
     return path
 
 
-def _local_eval_batches(manifest, batch_size=256, workers=0):  # noqa: ANN001, ANN202
-    """Stand-in for shards.loader.iter_eval_batches until that module lands (same contract)."""
-    import tarfile
-
-    keys, imgs, labels = [], [], []
-    for path in manifest.shard_paths():
-        with tarfile.open(path) as tar:
-            for m in tar:
-                key, ext = m.name.split(".", 1)
-                data = tar.extractfile(m).read()
-                if ext == "jpg":
-                    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-                    keys.append(key)
-                    imgs.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1)
-                elif ext == "lbl":
-                    labels.append(int(np.frombuffer(data, "<i4")[0]))
-                if len(labels) == batch_size and len(imgs) == batch_size:
-                    yield keys, torch.stack(imgs), torch.tensor(labels)
-                    keys, imgs, labels = [], [], []
-    if keys:
-        yield keys, torch.stack(imgs), torch.tensor(labels)
-
-
-@pytest.fixture(autouse=True)
-def _eval_reader(monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        import shards.loader  # noqa: F401
-    except ImportError:
-        import types
-
-        monkeypatch.setitem(sys.modules, "shards.loader",
-                            types.SimpleNamespace(iter_eval_batches=_local_eval_batches))
-
-
 @pytest.fixture(scope="module")
 def lfw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_lfw_shards(tmp_path_factory.mktemp("lfw") / "shards")

@@ -9,7 +9,6 @@ import pytest
 
 from eval.lfw import main
 from preprocess.build_shards import main as build_main
-from tests.test_eval_lfw import _eval_reader  # noqa: F401  (reader stand-in until shards.loader lands)
 from trainer.backbones import build_backbone
 from trainer.checkpoint import save_embedding_checkpoint
 
@@ -36,7 +35,7 @@ def test_untrained_network_scores_near_chance_on_every_pair(real_lfw_shards: Pat
                               model.state_dict())
     out = tmp_path / "metrics.json"
     code = main(["--checkpoint", str(ckpt), "--shards", str(real_lfw_shards), "--json", str(out),
-                 "--no-flip", "--batch-size", "256", "--quiet"])
+                 "--no-flip", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     m = json.loads(out.read_text())

@@ -13,7 +13,7 @@ import torch
 
 from eval import export_onnx
 from eval.lfw import main as lfw_main
-from tests.test_eval_lfw import _eval_reader, _one_line_error, build_lfw_shards, make_checkpoint  # noqa: F401
+from tests.test_eval_lfw import _one_line_error, build_lfw_shards, make_checkpoint
 from trainer.checkpoint import load_embedding_model
 
 
