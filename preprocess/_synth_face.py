@@ -94,6 +94,7 @@ class Identity:
     base: np.ndarray  # CANVAS x CANVAS x 3 uint8: head, hair and skin texture
     mask: np.ndarray  # CANVAS x CANVAS bool: where `base` is drawn
     face_box: np.ndarray  # 4x2 corners of the face box (template units), for the loose bounding box
+    box: tuple[int, int, int, int]  # y0, y1, x0, x1: where `mask` is set (copying only that is cheaper)
 
 
 def make_identity(rng: np.random.Generator) -> Identity:
@@ -192,8 +193,13 @@ def make_identity(rng: np.random.Generator) -> Identity:
         iris_r=u(1.4, 2.4), brow_gap=u(6.5, 11), brow_len=u(11, 17), brow_thick=int(rng.integers(2, 6)),
         brow_tilt=u(-12, 12), brow_arch=u(0, 3.5), brow_colour=brow_colour, nose_width=u(5, 9),
         nose_len=u(10, 20), lips=(u(1.2, 3.2), u(1.6, 4.2)), lip_colour=lip, skin=tuple(skin),
-        glasses=glasses, base=base, mask=mask_img > 0, face_box=box,
+        glasses=glasses, base=base, mask=mask_img > 0, face_box=box, box=_bounds(mask_img),
     )
+
+
+def _bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
 @dataclass
@@ -210,7 +216,8 @@ class Shot:
 
 def draw_face(canvas: np.ndarray, ident: Identity, shot: Shot) -> np.ndarray:
     """Draw the identity with this shot's pose-like shifts and expression; return the 5 landmarks (units)."""
-    np.copyto(canvas, ident.base, where=ident.mask[..., None])
+    y0, y1, x0, x1 = ident.box
+    np.copyto(canvas[y0:y1, x0:x1], ident.base[y0:y1, x0:x1], where=ident.mask[y0:y1, x0:x1, None])
     yaw, pitch = shot.yaw, shot.pitch
     # Features nearer the camera move more when the head turns: eyes least, nose tip most.
     eyes = ident.eyes + np.array([3.0 * yaw, 2.0 * pitch])
@@ -291,8 +298,8 @@ def random_shot(rng: np.random.Generator) -> Shot:
 
 def background(canvas: np.ndarray, rng: np.random.Generator) -> None:
     """A smooth random backdrop with clutter: rectangles, discs and lines in random colours."""
-    corners = rng.uniform(20, 235, (2, 2, 3)).astype(np.float32)
-    canvas[:] = cv2.resize(corners, (CANVAS, CANVAS), interpolation=cv2.INTER_LINEAR).astype(np.uint8)
+    corners = rng.integers(20, 236, (2, 2, 3), dtype=np.uint8)
+    cv2.resize(corners, (CANVAS, CANVAS), dst=canvas, interpolation=cv2.INTER_LINEAR)
     for _ in range(int(rng.integers(3, 12))):
         colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
         kind = rng.integers(0, 3)
@@ -343,16 +350,18 @@ def occlude(canvas: np.ndarray, rng: np.random.Generator, landmarks_t: np.ndarra
 def lighting(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A directional light gradient times a colour cast, with a random exposure and contrast."""
     angle = rng.uniform(0, 2 * np.pi)
-    strength = rng.uniform(0.0, 0.8)
+    strength = rng.uniform(0.0, 1.0)
     ramp = np.linspace(-1, 1, 5, dtype=np.float32)
     gx, gy = np.meshgrid(ramp, ramp)
     light = 1 + strength * 0.5 * (gx * math.cos(angle) + gy * math.sin(angle))
-    cast = np.exp(rng.normal(0, 0.14, 3)).astype(np.float32) * np.float32(np.exp(rng.normal(0, 0.25)))
+    cast = np.exp(rng.normal(0, 0.2, 3)).astype(np.float32) * np.float32(np.exp(rng.normal(0, 0.3)))
     gain = cv2.resize((light[..., None] * cast).astype(np.float32), (CANVAS, CANVAS),
                       interpolation=cv2.INTER_LINEAR)
-    contrast = np.float32(rng.uniform(0.7, 1.2))
-    out = (canvas.astype(np.float32) - 128) * contrast + 128
-    return np.clip(out * gain, 0, 255).astype(np.uint8)
+    contrast = float(rng.uniform(0.7, 1.2))
+    out = cv2.convertScaleAbs(canvas, alpha=contrast, beta=128 * (1 - contrast))
+    if rng.uniform() < 0.08:  # a black-and-white photograph
+        out = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    return cv2.multiply(out, gain, dtype=cv2.CV_8U)
 
 
 def pose_homography(rng: np.random.Generator, shot: Shot, centre: np.ndarray) -> np.ndarray:
@@ -388,12 +397,16 @@ def placement(rng: np.random.Generator, face_c: np.ndarray, out_size: tuple[int,
     return m
 
 
+_NOISE_SIGMAS = (2.0, 4.0, 7.0, 10.0)
+
+
 class Photographer:
     """Renders photographs; holds a noise bank so per-image noise costs a crop, not a draw."""
 
     def __init__(self, seed: int) -> None:
         bank_rng = np.random.default_rng([seed, 7])
-        self.noise = bank_rng.standard_normal((560, 560, 3)).astype(np.float32)
+        unit = bank_rng.standard_normal((560, 560, 3)).astype(np.float32)
+        self.noise = [np.round(unit * s).astype(np.int16) for s in _NOISE_SIGMAS]
         self.canvas = np.empty((CANVAS, CANVAS, 3), np.uint8)
 
     def photo(self, ident: Identity, rng: np.random.Generator, out_size: tuple[int, int], eye_px: float,
@@ -420,11 +433,10 @@ class Photographer:
             f = rng.uniform(0.3, 0.6)
             small = cv2.resize(img, (max(8, int(w * f)), max(8, int(h * f))), interpolation=cv2.INTER_AREA)
             img = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-        sigma_n = rng.uniform(0, 10)
-        if sigma_n > 1:
+        level = int(rng.integers(0, len(_NOISE_SIGMAS) + 1))
+        if level < len(_NOISE_SIGMAS):  # the last level means no added noise
             y0, x0 = rng.integers(0, 560 - h + 1), rng.integers(0, 560 - w + 1)
-            noisy = img.astype(np.float32) + self.noise[y0:y0 + h, x0:x0 + w] * np.float32(sigma_n)
-            img = np.clip(noisy, 0, 255).astype(np.uint8)
+            img = cv2.add(img, self.noise[level][y0:y0 + h, x0:x0 + w], dtype=cv2.CV_8U)
         quality = int(rng.integers(35, 96))
         ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
         if not ok:  # cv2 only fails here on an empty image, which would be a bug above
