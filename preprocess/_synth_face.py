@@ -40,8 +40,16 @@ def _fx(p: np.ndarray) -> tuple[int, int]:
     return int(round(p[0] * _ONE)), int(round(p[1] * _ONE))
 
 
-def _ellipse(img: np.ndarray, c_t, axes_t, angle: float, colour, thickness: int = -1,
-             start: float = 0, end: float = 360) -> None:
+def _ellipse(
+    img: np.ndarray,
+    c_t,
+    axes_t,
+    angle: float,
+    colour,
+    thickness: int = -1,
+    start: float = 0,
+    end: float = 360,
+) -> None:
     c = to_canvas(c_t)
     axes = (max(1, int(round(axes_t[0] * SCALE * _ONE))), max(1, int(round(axes_t[1] * SCALE * _ONE))))
     cv2.ellipse(img, _fx(c), axes, angle, start, end, colour, thickness, cv2.LINE_AA, _SHIFT)
@@ -62,10 +70,22 @@ def _mix(a, b, t: float) -> tuple[float, float, float]:
 # Skin tones (BGR) from light to dark; an identity picks a point on this line plus a hue jitter.
 _SKIN_LIGHT = np.array([178.0, 200.0, 232.0])
 _SKIN_DARK = np.array([52.0, 74.0, 110.0])
-_HAIR = np.array([[25, 25, 30], [30, 45, 75], [40, 80, 130], [90, 150, 200], [150, 150, 155],
-                  [35, 60, 140], [20, 20, 20], [60, 90, 120]], dtype=np.float64)
-_IRIS = np.array([[30, 50, 80], [140, 110, 60], [90, 120, 70], [120, 120, 120], [20, 30, 40]],
-                 dtype=np.float64)
+_HAIR = np.array(
+    [
+        [25, 25, 30],
+        [30, 45, 75],
+        [40, 80, 130],
+        [90, 150, 200],
+        [150, 150, 155],
+        [35, 60, 140],
+        [20, 20, 20],
+        [60, 90, 120],
+    ],
+    dtype=np.float64,
+)
+_IRIS = np.array(
+    [[30, 50, 80], [140, 110, 60], [90, 120, 70], [120, 120, 120], [20, 30, 40]], dtype=np.float64
+)
 
 
 @dataclass
@@ -127,8 +147,14 @@ def make_identity(rng: np.random.Generator) -> Identity:
 
     long_hair = u() < (0.55 if not male else 0.12)
     if long_hair:  # hair behind the head and down the sides
-        back = np.array([[cx - a - u(4, 12), cy - 10], [cx + a + u(4, 12), cy - 10],
-                         [cx + a + u(2, 16), cy + b * u(0.6, 1.4)], [cx - a - u(2, 16), cy + b * u(0.6, 1.4)]])
+        back = np.array(
+            [
+                [cx - a - u(4, 12), cy - 10],
+                [cx + a + u(4, 12), cy - 10],
+                [cx + a + u(2, 16), cy + b * u(0.6, 1.4)],
+                [cx - a - u(2, 16), cy + b * u(0.6, 1.4)],
+            ]
+        )
         _poly(base, back, tuple(hair))
         _poly(mask_img, back, 255)
     # Ears, then the face.
@@ -160,9 +186,16 @@ def make_identity(rng: np.random.Generator) -> Identity:
             _ellipse(base, (cx + side * u(18, 24), cy + u(6, 12)), (u(6, 10), u(4, 7)), 0, blush)
     if male and u() < 0.45:  # beard or stubble, in the hair colour
         beard = tuple(_mix(skin, hair, u(0.35, 0.9)))
-        region = np.array([[cx - a * jaw * 0.95, cy + b * u(0.1, 0.3)], [cx - 12, mouth[0, 1] - u(3, 6)],
-                           [cx + 12, mouth[0, 1] - u(3, 6)], [cx + a * jaw * 0.95, cy + b * u(0.1, 0.3)],
-                           [cx + a * jaw * 0.5, cy + b + chin], [cx - a * jaw * 0.5, cy + b + chin]])
+        region = np.array(
+            [
+                [cx - a * jaw * 0.95, cy + b * u(0.1, 0.3)],
+                [cx - 12, mouth[0, 1] - u(3, 6)],
+                [cx + 12, mouth[0, 1] - u(3, 6)],
+                [cx + a * jaw * 0.95, cy + b * u(0.1, 0.3)],
+                [cx + a * jaw * 0.5, cy + b + chin],
+                [cx - a * jaw * 0.5, cy + b + chin],
+            ]
+        )
         layer = base.copy()
         _poly(layer, region, beard)
         np.copyto(base, layer, where=face_mask[..., None] > 0)
@@ -171,10 +204,17 @@ def make_identity(rng: np.random.Generator) -> Identity:
     style = int(rng.integers(0, 5)) if not male else int(rng.integers(0, 4))
     if style > 0:
         line = cy - b * u(0.35, 0.65)
-        crown = np.stack([cx + (a + u(1, 5)) * np.cos(np.linspace(np.pi, 2 * np.pi, 24)),
-                          cy - 2 + (b + u(2, 9)) * np.sin(np.linspace(np.pi, 2 * np.pi, 24))], 1)
+        crown = np.stack(
+            [
+                cx + (a + u(1, 5)) * np.cos(np.linspace(np.pi, 2 * np.pi, 24)),
+                cy - 2 + (b + u(2, 9)) * np.sin(np.linspace(np.pi, 2 * np.pi, 24)),
+            ],
+            1,
+        )
         part = u(-0.6, 0.6) * a
-        cut = np.array([[cx + a + 2, line + u(0, 10)], [cx + part, line - u(0, 8)], [cx - a - 2, line + u(0, 10)]])
+        cut = np.array(
+            [[cx + a + 2, line + u(0, 10)], [cx + part, line - u(0, 8)], [cx - a - 2, line + u(0, 10)]]
+        )
         if style == 3:  # fringe: the hairline comes down to the brows
             cut[:, 1] += u(8, 14)
         _poly(base, np.concatenate([crown, cut]), tuple(hair))
@@ -188,12 +228,29 @@ def make_identity(rng: np.random.Generator) -> Identity:
         glasses = (int(rng.integers(0, 2)), tuple(_HAIR[rng.integers(len(_HAIR))] * u(0.3, 1.0)))
     box = np.array([[cx - a, cy - b * 0.75], [cx + a, cy - b * 0.75], [cx + a, cy + b], [cx - a, cy + b]])
     return Identity(
-        eyes=eyes, nose=nose, mouth=mouth,
-        eye_size=(u(4.5, 6.8), u(1.8, 3.2)), eye_tilt=u(-8, 8), iris=tuple(np.clip(iris, 0, 255)),
-        iris_r=u(1.4, 2.4), brow_gap=u(6.5, 11), brow_len=u(11, 17), brow_thick=int(rng.integers(2, 6)),
-        brow_tilt=u(-12, 12), brow_arch=u(0, 3.5), brow_colour=brow_colour, nose_width=u(5, 9),
-        nose_len=u(10, 20), lips=(u(1.2, 3.2), u(1.6, 4.2)), lip_colour=lip, skin=tuple(skin),
-        glasses=glasses, base=base, mask=mask_img > 0, face_box=box, box=_bounds(mask_img),
+        eyes=eyes,
+        nose=nose,
+        mouth=mouth,
+        eye_size=(u(4.5, 6.8), u(1.8, 3.2)),
+        eye_tilt=u(-8, 8),
+        iris=tuple(np.clip(iris, 0, 255)),
+        iris_r=u(1.4, 2.4),
+        brow_gap=u(6.5, 11),
+        brow_len=u(11, 17),
+        brow_thick=int(rng.integers(2, 6)),
+        brow_tilt=u(-12, 12),
+        brow_arch=u(0, 3.5),
+        brow_colour=brow_colour,
+        nose_width=u(5, 9),
+        nose_len=u(10, 20),
+        lips=(u(1.2, 3.2), u(1.6, 4.2)),
+        lip_colour=lip,
+        skin=tuple(skin),
+        glasses=glasses,
+        base=base,
+        mask=mask_img > 0,
+        face_box=box,
+        box=_bounds(mask_img),
     )
 
 
@@ -248,27 +305,44 @@ def draw_face(canvas: np.ndarray, ident: Identity, shot: Shot) -> np.ndarray:
         tilt_b = math.radians(ident.brow_tilt) * side
         xs = np.linspace(-bl / 2, bl / 2, 7)
         ys = -ident.brow_arch * (1 - (2 * xs / bl) ** 2) + xs * math.tan(tilt_b) * side
-        _poly(canvas, np.stack([x + xs + 0.5 * side, by + ys * side * side], 1), ident.brow_colour,
-              closed=False, thickness=ident.brow_thick)
+        _poly(
+            canvas,
+            np.stack([x + xs + 0.5 * side, by + ys * side * side], 1),
+            ident.brow_colour,
+            closed=False,
+            thickness=ident.brow_thick,
+        )
     # Nose: a shaded bridge from between the eyes to the tip, nostrils either side of the tip.
     shade = tuple(skin * 0.72)
     top = eyes.mean(0) + np.array([0.0, ident.nose_len * 0.4])
     _poly(canvas, np.stack([top, nose + np.array([-ident.nose_width * 0.3, -1.0])]), shade, False, 2)
     _ellipse(canvas, nose, (ident.nose_width * 0.55, 3.0), 0, tuple(skin * 0.85))
     for side in (-1, 1):
-        _ellipse(canvas, nose + np.array([side * ident.nose_width * 0.35, 1.5]), (1.6, 1.0), 0,
-                 tuple(skin * 0.3))
+        _ellipse(
+            canvas, nose + np.array([side * ident.nose_width * 0.35, 1.5]), (1.6, 1.0), 0, tuple(skin * 0.3)
+        )
     # Mouth: upper and lower lip as curved bands between the corners; open mouth shows dark inside.
     mid = mouth.mean(0)
     up, low = ident.lips
     bend = 2.0 * shot.smile
-    upper = np.array([mouth[0], mid + [-3, -up - 0.5], mid + [0, -up + 0.4], mid + [3, -up - 0.5], mouth[1],
-                      mid + [0, bend * 0.3]])
+    upper = np.array(
+        [
+            mouth[0],
+            mid + [-3, -up - 0.5],
+            mid + [0, -up + 0.4],
+            mid + [3, -up - 0.5],
+            mouth[1],
+            mid + [0, bend * 0.3],
+        ]
+    )
     opening = shot.mouth_open
     lower = np.array([mouth[1], mid + [0, bend + opening + low], mouth[0], mid + [0, bend * 0.3 + opening]])
     if opening > 0.5:
-        _poly(canvas, np.array([mouth[0], mid + [0, bend * 0.3], mouth[1], mid + [0, bend * 0.3 + opening]]),
-              (40, 30, 60))
+        _poly(
+            canvas,
+            np.array([mouth[0], mid + [0, bend * 0.3], mouth[1], mid + [0, bend * 0.3 + opening]]),
+            (40, 30, 60),
+        )
         _ellipse(canvas, mid + [0, bend * 0.3 + 0.6], (4.5, min(opening, 1.6) * 0.6), 0, (225, 230, 230))
     _poly(canvas, upper, ident.lip_colour)
     _poly(canvas, lower, tuple(np.array(ident.lip_colour) * 1.05))
@@ -279,8 +353,20 @@ def draw_face(canvas: np.ndarray, ident: Identity, shot: Shot) -> np.ndarray:
             if shape == 0:
                 _ellipse(canvas, (x, y), (ex + 3, ey + 3.5), 0, colour, 2)
             else:
-                _poly(canvas, np.array([[x - ex - 3, y - ey - 3], [x + ex + 3, y - ey - 3],
-                                        [x + ex + 3, y + ey + 3], [x - ex - 3, y + ey + 3]]), colour, True, 2)
+                _poly(
+                    canvas,
+                    np.array(
+                        [
+                            [x - ex - 3, y - ey - 3],
+                            [x + ex + 3, y - ey - 3],
+                            [x + ex + 3, y + ey + 3],
+                            [x - ex - 3, y + ey + 3],
+                        ]
+                    ),
+                    colour,
+                    True,
+                    2,
+                )
         _poly(canvas, np.array([eyes[0] + [ex + 3, -1], eyes[1] + [-ex - 3, -1]]), colour, False, 2)
     return np.concatenate([eyes, nose[None], mouth])
 
@@ -311,8 +397,14 @@ def background(canvas: np.ndarray, rng: np.random.Generator) -> None:
             cv2.circle(canvas, tuple(int(v) for v in p), int(rng.uniform(5, 60)), colour, -1, cv2.LINE_AA)
         else:
             q = p + rng.uniform(-200, 200, 2).astype(int)
-            cv2.line(canvas, tuple(int(v) for v in p), tuple(int(v) for v in q), colour,
-                     int(rng.integers(1, 8)), cv2.LINE_AA)
+            cv2.line(
+                canvas,
+                tuple(int(v) for v in p),
+                tuple(int(v) for v in q),
+                colour,
+                int(rng.integers(1, 8)),
+                cv2.LINE_AA,
+            )
 
 
 def body(canvas: np.ndarray, ident: Identity, rng: np.random.Generator) -> None:
@@ -321,8 +413,21 @@ def body(canvas: np.ndarray, ident: Identity, rng: np.random.Generator) -> None:
     skin = np.array(ident.skin) * 0.85
     _poly(canvas, np.array([[40, 110], [72, 110], [74, 150], [38, 150]]), tuple(skin))
     w = rng.uniform(55, 80)
-    _poly(canvas, np.array([[56 - w, 200], [56 - w * 0.8, 148], [40, 140], [56, 146], [72, 140],
-                            [56 + w * 0.8, 148], [56 + w, 200]]), cloth)
+    _poly(
+        canvas,
+        np.array(
+            [
+                [56 - w, 200],
+                [56 - w * 0.8, 148],
+                [40, 140],
+                [56, 146],
+                [72, 140],
+                [56 + w * 0.8, 148],
+                [56 + w, 200],
+            ]
+        ),
+        cloth,
+    )
 
 
 def occlude(canvas: np.ndarray, rng: np.random.Generator, landmarks_t: np.ndarray) -> None:
@@ -330,7 +435,11 @@ def occlude(canvas: np.ndarray, rng: np.random.Generator, landmarks_t: np.ndarra
     r = rng.uniform()
     colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
     if r < 0.12:  # blob over a random part of the lower face or a cheek
-        p = landmarks_t[rng.integers(2, 5)] + rng.normal(0, 8, 2) + [rng.choice([-1, 1]) * rng.uniform(8, 20), 6]
+        p = (
+            landmarks_t[rng.integers(2, 5)]
+            + rng.normal(0, 8, 2)
+            + [rng.choice([-1, 1]) * rng.uniform(8, 20), 6]
+        )
         _ellipse(canvas, p, (rng.uniform(8, 16), rng.uniform(10, 22)), rng.uniform(0, 180), colour)
     elif r < 0.2:  # a bar across the image (a microphone, a railing)
         p = landmarks_t.mean(0) + rng.normal(0, 15, 2)
@@ -355,8 +464,9 @@ def lighting(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     gx, gy = np.meshgrid(ramp, ramp)
     light = 1 + strength * 0.5 * (gx * math.cos(angle) + gy * math.sin(angle))
     cast = np.exp(rng.normal(0, 0.2, 3)).astype(np.float32) * np.float32(np.exp(rng.normal(0, 0.3)))
-    gain = cv2.resize((light[..., None] * cast).astype(np.float32), (CANVAS, CANVAS),
-                      interpolation=cv2.INTER_LINEAR)
+    gain = cv2.resize(
+        (light[..., None] * cast).astype(np.float32), (CANVAS, CANVAS), interpolation=cv2.INTER_LINEAR
+    )
     contrast = float(rng.uniform(0.7, 1.2))
     out = cv2.convertScaleAbs(canvas, alpha=contrast, beta=128 * (1 - contrast))
     if rng.uniform() < 0.08:  # a black-and-white photograph
@@ -383,14 +493,23 @@ def apply_h(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return p[:, :2] / p[:, 2:3]
 
 
-def placement(rng: np.random.Generator, face_c: np.ndarray, out_size: tuple[int, int], eye_px: float,
-              angle_sd: float, shift_sd: tuple[float, float], centre_frac: tuple[float, float]) -> np.ndarray:
+def placement(
+    rng: np.random.Generator,
+    face_c: np.ndarray,
+    out_size: tuple[int, int],
+    eye_px: float,
+    angle_sd: float,
+    shift_sd: tuple[float, float],
+    centre_frac: tuple[float, float],
+) -> np.ndarray:
     """3x3 similarity mapping canvas pixels to output pixels: the face centre lands near a chosen point."""
     w, h = out_size
     scale = eye_px / (35.2 * SCALE)
     angle = math.radians(float(np.clip(rng.normal(0, angle_sd), -30, 30)))
     rot = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    target = np.array([w * centre_frac[0] + rng.normal(0, shift_sd[0]), h * centre_frac[1] + rng.normal(0, shift_sd[1])])
+    target = np.array(
+        [w * centre_frac[0] + rng.normal(0, shift_sd[0]), h * centre_frac[1] + rng.normal(0, shift_sd[1])]
+    )
     m = np.eye(3)
     m[:2, :2] = rot
     m[:2, 2] = target - rot @ face_c
@@ -409,9 +528,16 @@ class Photographer:
         self.noise = [np.round(unit * s).astype(np.int16) for s in _NOISE_SIGMAS]
         self.canvas = np.empty((CANVAS, CANVAS, 3), np.uint8)
 
-    def photo(self, ident: Identity, rng: np.random.Generator, out_size: tuple[int, int], eye_px: float,
-              angle_sd: float, shift_sd: tuple[float, float], centre_frac: tuple[float, float],
-              ) -> tuple[bytes, np.ndarray, np.ndarray]:
+    def photo(
+        self,
+        ident: Identity,
+        rng: np.random.Generator,
+        out_size: tuple[int, int],
+        eye_px: float,
+        angle_sd: float,
+        shift_sd: tuple[float, float],
+        centre_frac: tuple[float, float],
+    ) -> tuple[bytes, np.ndarray, np.ndarray]:
         """(JPEG bytes, 5x2 landmarks in output pixels, face box x,y,w,h)."""
         canvas = self.canvas
         background(canvas, rng)
@@ -436,7 +562,7 @@ class Photographer:
         level = int(rng.integers(0, len(_NOISE_SIGMAS) + 1))
         if level < len(_NOISE_SIGMAS):  # the last level means no added noise
             y0, x0 = rng.integers(0, 560 - h + 1), rng.integers(0, 560 - w + 1)
-            img = cv2.add(img, self.noise[level][y0:y0 + h, x0:x0 + w], dtype=cv2.CV_8U)
+            img = cv2.add(img, self.noise[level][y0 : y0 + h, x0 : x0 + w], dtype=cv2.CV_8U)
         quality = int(rng.integers(35, 96))
         ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
         if not ok:  # cv2 only fails here on an empty image, which would be a bug above

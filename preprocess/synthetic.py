@@ -30,8 +30,38 @@ from shards.errors import UserError, run_cli
 MARKER = ".facetrain-synthetic.json"  # marks a folder this command may overwrite
 FOLDS = 10
 LFW_SIZE = (250, 250)
-_SYLLABLES = ("ka", "lo", "mi", "ra", "ven", "dor", "el", "sa", "tin", "bru", "no", "za", "fe", "lia", "gor",
-              "an", "ti", "mel", "os", "ru", "be", "ca", "dri", "vo", "ni", "ste", "ja", "ha", "ler", "quin")
+_SYLLABLES = (
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ven",
+    "dor",
+    "el",
+    "sa",
+    "tin",
+    "bru",
+    "no",
+    "za",
+    "fe",
+    "lia",
+    "gor",
+    "an",
+    "ti",
+    "mel",
+    "os",
+    "ru",
+    "be",
+    "ca",
+    "dri",
+    "vo",
+    "ni",
+    "ste",
+    "ja",
+    "ha",
+    "ler",
+    "quin",
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +103,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Task], list[Task], list[str]]:
             files.append(f"{ident}/{j + 1:04d}_{face:02d}.jpg")
         vgg.append(Task("vggface2", i, ident, tuple(files)))
     names = make_names(rng, args.lfw_identities + args.identities)
-    lfw_names = sorted(names[args.identities:])
+    lfw_names = sorted(names[args.identities :])
     vgg_names = names[: args.identities]
     lfw = []
     for k, name in enumerate(lfw_names):
@@ -83,25 +113,37 @@ def plan(args: argparse.Namespace) -> tuple[list[Task], list[Task], list[str]]:
     return vgg, lfw, vgg_names
 
 
-def make_pairs(lfw: list[Task], per_fold: int | None, rng: np.random.Generator) -> tuple[int, list[list[str]]]:
+def make_pairs(
+    lfw: list[Task], per_fold: int | None, rng: np.random.Generator
+) -> tuple[int, list[list[str]]]:
     """View 2 style: 10 identity-disjoint folds, each with `per_fold` same and `per_fold` different pairs."""
     groups = [lfw[f::FOLDS] for f in range(FOLDS)]
     same_avail = min(sum(len(t.files) * (len(t.files) - 1) // 2 for t in g) for g in groups)
     n = min(300, same_avail) if per_fold is None else per_fold
     if n > same_avail:
-        raise UserError(f"--pairs-per-fold {n}: the smallest fold has only {same_avail} same-person pairs "
-                        f"(use more --lfw-identities or fewer pairs)")
+        raise UserError(
+            f"--pairs-per-fold {n}: the smallest fold has only {same_avail} same-person pairs "
+            f"(use more --lfw-identities or fewer pairs)"
+        )
     lines: list[list[str]] = []
     for g in groups:
-        same = [(t.name, i + 1, j + 1) for t in g for i in range(len(t.files)) for j in range(i + 1, len(t.files))]
+        same = [
+            (t.name, i + 1, j + 1) for t in g for i in range(len(t.files)) for j in range(i + 1, len(t.files))
+        ]
         picked = [same[k] for k in sorted(rng.choice(len(same), n, replace=False))]
         lines += [[name, str(i), str(j)] for name, i, j in picked]
         diff: set[tuple[str, int, str, int]] = set()
         while len(diff) < n:
             a, b = sorted(rng.choice(len(g), 2, replace=False))
             ta, tb = g[a], g[b]
-            diff.add((ta.name, int(rng.integers(1, len(ta.files) + 1)), tb.name,
-                      int(rng.integers(1, len(tb.files) + 1))))
+            diff.add(
+                (
+                    ta.name,
+                    int(rng.integers(1, len(ta.files) + 1)),
+                    tb.name,
+                    int(rng.integers(1, len(tb.files) + 1)),
+                )
+            )
         lines += [[a, str(i), b, str(j)] for a, i, b, j in sorted(diff)]
     return n, lines
 
@@ -134,10 +176,14 @@ def render(task: Task) -> list[tuple[str, list[float], list[float]]]:
             w = int(rng.integers(180, 401))
             size = (w, int(w * rng.uniform(1.0, 1.3)))
             eye = w * rng.uniform(0.17, 0.27)
-            args = dict(eye_px=eye, angle_sd=13.0, shift_sd=(0.06 * w, 0.05 * size[1]), centre_frac=(0.5, 0.5))
+            args = dict(
+                eye_px=eye, angle_sd=13.0, shift_sd=(0.06 * w, 0.05 * size[1]), centre_frac=(0.5, 0.5)
+            )
         else:  # LFW: 250x250, face roughly centred, a little smaller and less rotated
             size = LFW_SIZE
-            args = dict(eye_px=rng.uniform(34, 48), angle_sd=9.0, shift_sd=(6.0, 6.0), centre_frac=(0.5, 0.48))
+            args = dict(
+                eye_px=rng.uniform(34, 48), angle_sd=9.0, shift_sd=(6.0, 6.0), centre_frac=(0.5, 0.48)
+            )
         jpg, landmarks, box = ph.photo(ident, rng, size, **args)
         (out / task.kind / ("train" if task.kind == "vggface2" else "lfw") / rel).write_bytes(jpg)
         rows.append((rel, landmarks.ravel().tolist(), box.tolist()))
@@ -145,8 +191,14 @@ def render(task: Task) -> list[tuple[str, list[float], list[float]]]:
 
 
 def _progress(total: int):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     class Rate(TextColumn):
         def render(self, task):  # images per second over the whole run
@@ -157,8 +209,16 @@ def _progress(total: int):
 
     from rich.console import Console
 
-    return Progress(TextColumn("synthetic faces"), BarColumn(), MofNCompleteColumn(), Rate(""),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    return Progress(
+        TextColumn("synthetic faces"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(""),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
 
 
 def _prepare(out: Path, sub: str) -> Path:
@@ -168,7 +228,9 @@ def _prepare(out: Path, sub: str) -> Path:
         if not path.is_dir():
             raise UserError(f"{path}: exists and is not a folder")
         if any(path.iterdir()) and not (path / MARKER).is_file():
-            raise UserError(f"{path}: not empty and not made by preprocess/synthetic.py; choose another --out")
+            raise UserError(
+                f"{path}: not empty and not made by preprocess/synthetic.py; choose another --out"
+            )
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
@@ -212,27 +274,45 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
     root = out / "vggface2"
     rows = [r for t in vgg for r in results[("vggface2", t.name)]]
     _write(root / "train_list.txt", [rel for rel, _, _ in rows])
-    _write(root / "bb_landmark" / "loose_landmark_train.csv",
-           ["NAME_ID,P1X,P1Y,P2X,P2Y,P3X,P3Y,P4X,P4Y,P5X,P5Y"]
-           + [rel[:-4] + "," + ",".join(f"{v:.2f}" for v in lm) for rel, lm, _ in rows])
-    _write(root / "bb_landmark" / "loose_bb_train.csv",
-           ["NAME_ID,X,Y,W,H"] + [rel[:-4] + "," + ",".join(str(int(round(v))) for v in box) for rel, _, box in rows])
+    _write(
+        root / "bb_landmark" / "loose_landmark_train.csv",
+        ["NAME_ID,P1X,P1Y,P2X,P2Y,P3X,P3Y,P4X,P4Y,P5X,P5Y"]
+        + [rel[:-4] + "," + ",".join(f"{v:.2f}" for v in lm) for rel, lm, _ in rows],
+    )
+    _write(
+        root / "bb_landmark" / "loose_bb_train.csv",
+        ["NAME_ID,X,Y,W,H"]
+        + [rel[:-4] + "," + ",".join(str(int(round(v))) for v in box) for rel, _, box in rows],
+    )
     gender_rng = np.random.default_rng([args.seed, 5])
-    _write(root / "meta" / "identity_meta.csv",
-           ["Class_ID, Name, Sample_Num, Flag, Gender"]
-           + [f'{t.name}, "{name}", {len(t.files)}, 1, {"m" if gender_rng.uniform() < 0.5 else "f"}'
-              for t, name in zip(vgg, vgg_names)])
+    _write(
+        root / "meta" / "identity_meta.csv",
+        ["Class_ID, Name, Sample_Num, Flag, Gender"]
+        + [
+            f'{t.name}, "{name}", {len(t.files)}, 1, {"m" if gender_rng.uniform() < 0.5 else "f"}'
+            for t, name in zip(vgg, vgg_names)
+        ],
+    )
 
     # LFW: landmarks relative to DIR/lfw/lfw/, pairs in View 2 format.
     lroot = out / "lfw"
     lrows = [r for t in lfw for r in results[("lfw", t.name)]]
-    _write(lroot / "lfw_landmark.txt", [rel + "\t" + " ".join(f"{v:.2f}" for v in lm) for rel, lm, _ in lrows])
+    _write(
+        lroot / "lfw_landmark.txt", [rel + "\t" + " ".join(f"{v:.2f}" for v in lm) for rel, lm, _ in lrows]
+    )
     _write(lroot / "pairs.txt", [f"{FOLDS}\t{n_pairs}"] + ["\t".join(line) for line in pair_lines])
     _write(lroot / "lfw-names.txt", [f"{t.name}\t{len(t.files)}" for t in lfw])
     return {
-        "out": str(out), "vggface2_identities": len(vgg), "vggface2_images": len(rows),
-        "lfw_identities": len(lfw), "lfw_images": len(lrows), "pairs_per_fold": n_pairs, "folds": FOLDS,
-        "seconds": round(seconds, 2), "images_per_second": round(total / seconds, 1), "workers": workers,
+        "out": str(out),
+        "vggface2_identities": len(vgg),
+        "vggface2_images": len(rows),
+        "lfw_identities": len(lfw),
+        "lfw_images": len(lrows),
+        "pairs_per_fold": n_pairs,
+        "folds": FOLDS,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(total / seconds, 1),
+        "workers": workers,
         "seed": args.seed,
     }
 
@@ -255,26 +335,44 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="preprocess/synthetic.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (gets vggface2/ and lfw/)")
-    p.add_argument("--identities", type=_positive, default=500, help="VGGFace2-layout identities (default 500)")
+    p.add_argument(
+        "--identities", type=_positive, default=500, help="VGGFace2-layout identities (default 500)"
+    )
     p.add_argument("--images-per-identity", type=_positive, default=20, help="images per training identity")
-    p.add_argument("--lfw-identities", type=_positive, default=150,
-                   help="LFW-layout identities, disjoint from the training ones (at least 20)")
-    p.add_argument("--pairs-per-fold", type=_positive, default=None,
-                   help="same (and different) pairs per fold; default min(300, what the identities allow)")
+    p.add_argument(
+        "--lfw-identities",
+        type=_positive,
+        default=150,
+        help="LFW-layout identities, disjoint from the training ones (at least 20)",
+    )
+    p.add_argument(
+        "--pairs-per-fold",
+        type=_positive,
+        default=None,
+        help="same (and different) pairs per fold; default min(300, what the identities allow)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)),
-                   help="processes (default: the CPUs this process may use)")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=len(os.sched_getaffinity(0)),
+        help="processes (default: the CPUs this process may use)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.lfw_identities < 2 * FOLDS:
-        raise UserError(f"--lfw-identities {args.lfw_identities}: need at least {2 * FOLDS} "
-                        f"(two per fold for different-person pairs)")
+        raise UserError(
+            f"--lfw-identities {args.lfw_identities}: need at least {2 * FOLDS} "
+            f"(two per fold for different-person pairs)"
+        )
     summary = generate(args)
-    log(f"wrote {summary['vggface2_images']} VGGFace2-layout and {summary['lfw_images']} LFW-layout images "
-        f"to {summary['out']} in {summary['seconds']} s ({summary['images_per_second']} img/s)")
+    log(
+        f"wrote {summary['vggface2_images']} VGGFace2-layout and {summary['lfw_images']} LFW-layout images "
+        f"to {summary['out']} in {summary['seconds']} s ({summary['images_per_second']} img/s)"
+    )
     print(json.dumps(summary))
     return 0
 

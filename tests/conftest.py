@@ -1,0 +1,35 @@
+"""Shared fixtures.
+
+`synthetic_raw`: a small synthetic raw data set (preprocess/synthetic.py), generated once per test
+session: ROOT/vggface2/ and ROOT/lfw/ in the real layouts. Treat it as read-only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Small but complete: every fold gets two LFW identities (the minimum for different-person pairs).
+SYNTHETIC_ARGS = (
+    "--identities",
+    "12",
+    "--images-per-identity",
+    "6",
+    "--lfw-identities",
+    "20",
+    "--seed",
+    "0",
+    "--workers",
+    "1",
+)
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a generated data set: 12 training identities x 6 images, 20 LFW identities, seed 0."""
+    from preprocess import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic_raw")
+    assert synthetic.main(["--out", str(root), *SYNTHETIC_ARGS]) == 0
+    return root
