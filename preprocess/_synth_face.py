@@ -147,14 +147,19 @@ def make_identity(rng: np.random.Generator) -> Identity:
 
     long_hair = u() < (0.55 if not male else 0.12)
     if long_hair:  # hair behind the head and down the sides
-        back = np.array(
+        # A rounded crown over the head, falling to a length of its own with a soft lower edge.
+        wide, length = a + u(4, 12), cy + b * u(0.6, 1.4)
+        arc = np.linspace(np.pi, 2 * np.pi, 16)
+        crown = np.stack([cx + wide * np.cos(arc), cy - 6 + (b + u(4, 10)) * np.sin(arc)], 1)
+        ends = np.array(
             [
-                [cx - a - u(4, 12), cy - 10],
-                [cx + a + u(4, 12), cy - 10],
-                [cx + a + u(2, 16), cy + b * u(0.6, 1.4)],
-                [cx - a - u(2, 16), cy + b * u(0.6, 1.4)],
+                [cx + wide + u(0, 6), length],
+                [cx + a * 0.5, length + u(2, 8)],
+                [cx - a * 0.5, length + u(2, 8)],
+                [cx - wide - u(0, 6), length],
             ]
         )
+        back = np.concatenate([crown, ends])
         _poly(base, back, tuple(hair))
         _poly(mask_img, back, 255)
     # Ears, then the face.

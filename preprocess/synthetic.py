@@ -327,6 +327,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line through run_cli, not argparse's usage block
         raise UserError(message)
@@ -355,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=_positive,
-        default=len(os.sched_getaffinity(0)),
+        default=_cpus(),
         help="processes (default: the CPUs this process may use)",
     )
     return p
