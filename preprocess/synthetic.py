@@ -167,8 +167,8 @@ def render(task: Task) -> list[tuple[str, list[float], list[float]]]:
 
     seed, out, ph = _STATE["seed"], _STATE["out"], _STATE["photographer"]
     ident = make_identity(np.random.default_rng([seed, 2, task.number]))
-    folder = out / task.kind / ("train" if task.kind == "vggface2" else "lfw") / task.name
-    folder.mkdir(parents=True, exist_ok=True)
+    image_root = out / task.kind / ("train" if task.kind == "vggface2" else "lfw")
+    (image_root / task.name).mkdir(parents=True, exist_ok=True)
     rows = []
     for j, rel in enumerate(task.files):
         rng = np.random.default_rng([seed, 3, task.number, j])
@@ -185,7 +185,7 @@ def render(task: Task) -> list[tuple[str, list[float], list[float]]]:
                 eye_px=rng.uniform(34, 48), angle_sd=9.0, shift_sd=(6.0, 6.0), centre_frac=(0.5, 0.48)
             )
         jpg, landmarks, box = ph.photo(ident, rng, size, **args)
-        (out / task.kind / ("train" if task.kind == "vggface2" else "lfw") / rel).write_bytes(jpg)
+        (image_root / rel).write_bytes(jpg)
         rows.append((rel, landmarks.ravel().tolist(), box.tolist()))
     return rows
 
@@ -221,19 +221,26 @@ def _progress(total: int):
     )
 
 
-def _prepare(out: Path, sub: str) -> Path:
-    """A fresh DIR/sub: refuse to clear a folder this command did not make (it may be real data)."""
-    path = out / sub
-    if path.exists():
-        if not path.is_dir():
+def _prepare(out: Path, subs: tuple[str, ...]) -> None:
+    """Fresh DIR/<sub> folders; refuse to clear one this command did not make (it may be real data)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out exists and is not a folder")
+    for sub in subs:  # check them all before clearing any
+        path = out / sub
+        if path.exists() and not path.is_dir():
             raise UserError(f"{path}: exists and is not a folder")
-        if any(path.iterdir()) and not (path / MARKER).is_file():
+        if path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
             raise UserError(
                 f"{path}: not empty and not made by preprocess/synthetic.py; choose another --out"
             )
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
+    for sub in subs:
+        path = out / sub
+        if path.exists():
+            shutil.rmtree(path)
+        try:
+            path.mkdir(parents=True)
+        except OSError as err:
+            raise UserError(f"{path}: cannot create the output folder ({err.strerror})") from None
 
 
 def _write(path: Path, lines: list[str]) -> None:
@@ -246,8 +253,8 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
     vgg, lfw, vgg_names = plan(args)
     n_pairs, pair_lines = make_pairs(lfw, args.pairs_per_fold, np.random.default_rng([args.seed, 4]))
     settings = {k: getattr(args, k) for k in ("identities", "images_per_identity", "lfw_identities", "seed")}
+    _prepare(out, ("vggface2", "lfw"))
     for sub in ("vggface2", "lfw"):
-        _prepare(out, sub)
         (out / sub / MARKER).write_text(json.dumps(settings) + "\n", encoding="utf-8")
 
     tasks = sorted(vgg + lfw, key=lambda t: -len(t.files))  # long tasks first: better load balance

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -237,12 +238,20 @@ def test_bad_arguments_one_line(tmp_path: Path, argv: list[str], message: str) -
 
 
 def test_refuses_to_clear_a_folder_it_did_not_make(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--identities", "1", "--images-per-identity", "1", "--lfw-identities", "20", "--workers", "1"]
+    assert synthetic.main(["--out", str(tmp_path), *argv]) == 0
+    made = _tree(tmp_path / "vggface2")
     real = tmp_path / "lfw"
+    shutil.rmtree(real)
     real.mkdir()
     (real / "pairs.txt").write_text("precious\n")
-    code = run_cli(synthetic.main, ["--out", str(tmp_path), "--identities", "1", "--lfw-identities", "20"])
-    assert code == 2 and str(real) in capsys.readouterr().err
+    assert run_cli(synthetic.main, ["--out", str(tmp_path), *argv]) == 2
+    assert str(real) in capsys.readouterr().err
     assert (real / "pairs.txt").read_text() == "precious\n"
+    assert _tree(tmp_path / "vggface2") == made, "nothing is cleared before every folder is checked"
+    (tmp_path / "afile").write_text("x")
+    assert run_cli(synthetic.main, ["--out", str(tmp_path / "afile"), *argv]) == 2
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_help_runs() -> None:
