@@ -95,7 +95,7 @@ def augment_image(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
         ratio = np.exp(rng.uniform(np.log(ERASE_ASPECT[0]), np.log(ERASE_ASPECT[1])))
         eh, ew = min(h, max(1, int(np.sqrt(area / ratio)))), min(w, max(1, int(np.sqrt(area * ratio))))
         y, x = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
-        img = img.copy() if not img.flags.writeable else img
+        img = img.copy()  # never write into the caller's array
         img[y : y + eh, x : x + ew] = ERASE_FILL
     if cfg.flip and rng.random() < 0.5:
         img = img[:, ::-1]

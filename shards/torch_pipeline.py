@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -73,29 +73,42 @@ class BatchDecoder(torch.utils.data.Dataset):
         raise TypeError("BatchDecoder is indexed by tasks")
 
 
+def _worker_context():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "cv2", "shards.torch_pipeline"])  # import once, not per worker
+    return ctx
+
+
 def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)  # one decode thread per worker process: the workers are the parallelism
 
 
 def iter_uint8_batches(
-    decoder: BatchDecoder, tasks: Iterable[Task], *, workers: int, prefetch: int, pin_memory: bool = False
+    decoder: BatchDecoder, tasks: Sequence[Task], *, workers: int, prefetch: int, pin_memory: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 [B, H, W, 3], int64 [B]) CPU tensors for each task, in task order."""
+    """(uint8 [B, H, W, 3], int64 [B]) CPU tensors for each task, in task order.
+
+    Workers start from a forkserver (a clean single-threaded process that has imported this
+    module), not by forking the caller: a fork of a process whose OpenCV/OpenMP/DALI thread pools
+    are running can leave the child on a lock nobody will release (seen here: a worker hung in
+    futex_wait after OpenCV work in the parent). Started here, in the calling thread.
+    """
     if workers <= 0:
-        for task in tasks:
-            yield _check(decoder[task])
-        return
+        return (_check(decoder[task]) for task in tasks)
     loader = torch.utils.data.DataLoader(
         decoder,
         batch_size=None,
         sampler=list(tasks),
-        num_workers=workers,
+        num_workers=min(workers, len(tasks)) or 1,
         prefetch_factor=max(1, prefetch),
         worker_init_fn=_worker_init,
         pin_memory=pin_memory,
+        multiprocessing_context=_worker_context(),
     )
-    for item in loader:
-        yield _check(item)
+    it = iter(loader)  # starts the workers now
+    return (_check(item) for item in it)
 
 
 def _check(item):
