@@ -26,8 +26,16 @@ def main() -> int:
     manifest = load_manifest(shard_dir)
     seen: dict[str, object] = {"rank": rank}
     for backend in ("torch", "dali"):
-        loader = build_train_loader(manifest, batch_size=8, rank=rank, world_size=world, seed=3, backend=backend,
-                                    workers=1, augment=AugmentConfig(flip=True))
+        loader = build_train_loader(
+            manifest,
+            batch_size=8,
+            rank=rank,
+            world_size=world,
+            seed=3,
+            backend=backend,
+            workers=1,
+            augment=AugmentConfig(flip=True),
+        )
         seen[f"{backend}_len"] = len(loader)
         for epoch in (0, 1):
             loader.set_epoch(epoch)

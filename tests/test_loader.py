@@ -51,7 +51,11 @@ def test_eval_batches_match_the_webdataset_reference(shard_dir, manifest):
     ref = _reference(shard_dir)
     keys = []
     for batch_keys, images, labels in iter_eval_batches(manifest, batch_size=32, workers=2):
-        assert images.dtype == torch.float32 and labels.dtype == torch.int64 and images.shape[1:] == (3, 112, 112)
+        assert (
+            images.dtype == torch.float32
+            and labels.dtype == torch.int64
+            and images.shape[1:] == (3, 112, 112)
+        )
         for k, x, y in zip(batch_keys, images, labels, strict=True):
             label, rgb = ref[k]
             assert int(y) == label
@@ -74,10 +78,14 @@ def test_backends_return_the_same_labels_and_pixels(manifest):
     assert torch.equal(y_t.flatten(), torch.from_numpy(order % 7))
 
 
-@pytest.mark.parametrize(("n", "world", "batch"), [(100, 2, 8), (100, 3, 7), (5, 2, 4), (64, 4, 16), (1, 1, 1)])
+@pytest.mark.parametrize(
+    ("n", "world", "batch"), [(100, 2, 8), (100, 3, 7), (5, 2, 4), (64, 4, 16), (1, 1, 1)]
+)
 def test_epoch_order_is_an_exact_padded_split(n, world, batch):
     nb = batches_per_epoch(n, batch, world)
-    parts = [epoch_order(n, batch_size=batch, rank=r, world_size=world, seed=1, epoch=2) for r in range(world)]
+    parts = [
+        epoch_order(n, batch_size=batch, rank=r, world_size=world, seed=1, epoch=2) for r in range(world)
+    ]
     assert all(len(p) == nb * batch for p in parts)
     flat = np.concatenate(parts)
     assert set(flat.tolist()) == set(range(n))
@@ -110,7 +118,9 @@ def test_augmentation_keeps_shape_dtype_range_and_a_seed_reproduces(manifest, ba
     x1, y1 = _collect(build_train_loader(manifest, seed=7, **common))
     x2, y2 = _collect(build_train_loader(manifest, seed=7, **common))
     x3, _ = _collect(build_train_loader(manifest, seed=8, **common))
-    plain, _ = _collect(build_train_loader(manifest, seed=7, **{**common, "augment": AugmentConfig(flip=False)}))
+    plain, _ = _collect(
+        build_train_loader(manifest, seed=7, **{**common, "augment": AugmentConfig(flip=False)})
+    )
     assert x1.shape == (7, 16, 3, 112, 112) and x1.dtype == torch.float32 and y1.dtype == torch.int64
     assert x1.min() >= -1 and x1.max() <= 1
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -135,9 +145,13 @@ def test_flip_is_an_exact_mirror(manifest, backend):
 def test_augment_image_every_step_keeps_uint8_hwc():
     img = face_like(3)
     off = dict(flip=False)
-    for cfg in [AugmentConfig(crop_scale=(0.5, 0.6), **off), AugmentConfig(color_jitter=0.5, **off),
-                AugmentConfig(grayscale_p=1.0, **off), AugmentConfig(blur_p=1.0, **off),
-                AugmentConfig(erase_p=1.0, **off)]:
+    for cfg in [
+        AugmentConfig(crop_scale=(0.5, 0.6), **off),
+        AugmentConfig(color_jitter=0.5, **off),
+        AugmentConfig(grayscale_p=1.0, **off),
+        AugmentConfig(blur_p=1.0, **off),
+        AugmentConfig(erase_p=1.0, **off),
+    ]:
         out = augment_image(img, cfg, np.random.default_rng(0))
         assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
     flips = [augment_image(img, AugmentConfig(), np.random.default_rng(s)) for s in range(8)]
@@ -212,4 +226,3 @@ def test_dali_gets_no_samples_it_cannot_batch(manifest):
     """Labels come back as int64 [B] from the 4-byte .lbl field (DALI cannot batch text labels)."""
     _, y = next(iter(build_train_loader(manifest, batch_size=5, backend="dali", workers=1)))
     assert y.shape == (5,) and y.dtype == torch.int64
-
