@@ -245,8 +245,12 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
     started = time.perf_counter()
     pool = None
     if opts.workers > 1 and todo > BATCH:
-        # fork: the workers need nothing but the job function; start-up is milliseconds.
-        pool = multiprocessing.get_context("fork").Pool(opts.workers, initializer=_work.init_pool_worker)
+        # forkserver, not fork: a parent that already ran OpenCV has a thread pool that a forked
+        # child inherits broken (workers hang in their first parallel cv2 call). The server
+        # imports the job module once; each worker forks from that clean process in milliseconds.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["preprocess._work"])
+        pool = ctx.Pool(opts.workers, initializer=_work.init_pool_worker)
         results = pool.imap(_work.run_batch, [jobs for _, _, jobs in tasks])
     else:
         _work.init_worker()
