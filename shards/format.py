@@ -49,6 +49,12 @@ def decode_label(data: bytes) -> int:
 
 
 def scaled_template(image_size: tuple[int, int]) -> list[list[float]]:
-    """The template for an (H, W) output: the 112x112 template scaled by W/112 and H/112."""
+    """The template for an (H, W) output: the 112x112 template scaled by H/112, centred across W.
+
+    Scaling both axes alike keeps faces undistorted; a non-square size crops (or pads) the sides,
+    so 112x96 gives the familiar SphereFace/CosFace template (the 112x112 one shifted 8 px left).
+    """
     height, width = image_size
-    return [[x * width / 112.0, y * height / 112.0] for x, y in TEMPLATE_112]
+    scale = height / 112.0
+    shift = (width - 112.0 * scale) / 2.0
+    return [[x * scale + shift, y * scale] for x, y in TEMPLATE_112]

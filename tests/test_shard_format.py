@@ -56,6 +56,9 @@ def test_bad_label_length_is_rejected():
 def test_template_scales_with_image_size():
     assert scaled_template((112, 112))[0] == pytest.approx([38.2946, 51.6963])
     assert scaled_template((224, 224))[4] == pytest.approx([70.7299 * 2, 92.2041 * 2])
+    # Non-square keeps the face's proportions: 112x96 is the 112x112 template shifted 8 px left.
+    assert scaled_template((112, 96))[0] == pytest.approx([38.2946 - 8, 51.6963])
+    assert scaled_template((224, 192))[2] == pytest.approx([56.0252 * 2 - 16, 71.7366 * 2])
 
 
 def test_writer_is_deterministic_and_atomic(tmp_path):
