@@ -35,65 +35,79 @@ def index_path_for(tar_path: Path) -> Path:
     return tar_path.with_suffix(".idx")
 
 
-def write_dali_index(tar_path: Path, out_path: Path) -> int:
-    """Write DALI's webdataset index for a tar: one line per sample, `ext offset size name` per member."""
-    samples: list[list[str]] = []
-    last_key = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            dot = member.name.find(".", len(member.name) - len(base))
-            key, ext = member.name[:dot], member.name[dot + 1 :]
-            entry = f"{ext} {member.offset_data} {member.size} {member.name}"
-            if key != last_key:
-                samples.append([entry])
-                last_key = key
-            else:
-                samples[-1].append(entry)
-    with open(out_path, "w", encoding="ascii") as f:
-        f.write(f"{_INDEX_VERSION} {len(samples)}\n")
-        for entries in samples:
-            f.write(" ".join(entries) + "\n")
-    return len(samples)
+class _HashingFile:
+    """A write-only file that hashes and counts what passes through, so no one re-reads the tar."""
 
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self.digest = hashlib.sha256()
+        self.bytes = 0
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.bytes += len(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
 
 
 class ShardWriter:
-    """Collects samples into `<path>.tmp`; `close()` indexes it and renames both files into place."""
+    """Collects samples into `<path>.tmp`; `close()` writes the index and renames both into place.
+
+    The DALI index (`ext offset size name` per member, one line per sample, format v1.2 of DALI's
+    wds2idx) and the SHA-256 are computed while writing: the tar is never read back.
+    """
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.GNU_FORMAT)
+        self._file = _HashingFile(self.tmp_path)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        self._index_lines: list[str] = []
         self.samples = 0
 
     def add(self, key: str, jpeg: bytes, label: int, record: dict) -> None:
         record_bytes = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        entries = []
         for ext, data in (("jpg", jpeg), ("lbl", encode_label(label)), ("json", record_bytes)):
             info, payload = _member(f"{key}.{ext}", data)
             self._tar.addfile(info, payload)
+            # The data ends the member, padded to whole blocks; headers (long names add blocks) precede it.
+            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            entries.append(f"{ext} {self._tar.offset - padded} {len(data)} {info.name}")
+        self._index_lines.append(" ".join(entries))
         self.samples += 1
 
     def close(self) -> ShardInfo:
-        self._tar.close()
-        _fsync_file(self.tmp_path)
+        self._tar.close()  # writes the end-of-archive blocks through the hashing file
+        self._file.close()
         index = index_path_for(self.path)
         index_tmp = index.with_name(index.name + ".tmp")
-        write_dali_index(self.tmp_path, index_tmp)
-        _fsync_file(index_tmp)
+        with open(index_tmp, "w", encoding="ascii") as f:
+            f.write(f"{_INDEX_VERSION} {self.samples}\n")
+            f.writelines(line + "\n" for line in self._index_lines)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(index_tmp, index)
         os.replace(self.tmp_path, self.path)
-        return describe_shard(self.path, self.samples)
+        return ShardInfo(
+            file=self.path.name,
+            index=index.name,
+            samples=self.samples,
+            bytes=self._file.bytes,
+            sha256=self._file.digest.hexdigest(),
+        )
 
     def abort(self) -> None:
         """Drop a half-written shard (used on errors and interrupts)."""
         self._tar.close()
+        self._file.close()
         self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
@@ -110,14 +124,3 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def describe_shard(tar_path: Path, samples: int) -> ShardInfo:
-    """The manifest entry of a finished shard."""
-    return ShardInfo(
-        file=tar_path.name,
-        index=index_path_for(tar_path).name,
-        samples=samples,
-        bytes=tar_path.stat().st_size,
-        sha256=file_sha256(tar_path),
-    )

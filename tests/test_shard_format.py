@@ -14,12 +14,14 @@ from shards.manifest import load_manifest, write_manifest
 from shards.writer import ShardWriter, file_sha256
 
 
-def _write_shard(path: Path, count: int, first_label: int = 0) -> None:
+def _write_shard(path: Path, count: int, first_label: int = 0):
     with ShardWriter(path) as writer:
         for i in range(count):
             jpeg = bytes([i % 256]) * (100 + i)  # any payload: the writer does not decode
-            writer.add(f"id{i:03d}__img_{i}", jpeg, first_label + i, {"identity": f"id{i:03d}", "label": i})
-        writer.close()
+            # Every third key is over tar's 100-character name field (GNU long-name header blocks).
+            key = f"id{i:03d}__img_{i}" + ("_long" * 25 if i % 3 == 2 else "")
+            writer.add(key, jpeg, first_label + i, {"identity": f"id{i:03d}", "label": i})
+        return writer.close()
 
 
 def _manifest(root: Path, infos: list) -> dict:
@@ -73,7 +75,9 @@ def test_writer_is_deterministic_and_atomic(tmp_path):
 
 def test_index_offsets_point_at_member_data(tmp_path):
     tar_path = tmp_path / "s-000000.tar"
-    _write_shard(tar_path, 5)
+    info = _write_shard(tar_path, 5)
+    # Size and hash are computed while writing; they must be those of the file on disk.
+    assert (info.bytes, info.sha256) == (tar_path.stat().st_size, file_sha256(tar_path))
     lines = (tmp_path / "s-000000.idx").read_text().splitlines()
     assert lines[0] == "v1.2 5"
     raw = tar_path.read_bytes()
