@@ -26,6 +26,14 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.model.kwargs == {"width": 16}
 
 
+def test_on_off_choices_survive_yaml_booleans():
+    # YAML 1.1 reads a bare off/on as False/True; the on/off choice keys take them as meant.
+    assert load_config(None, [*SYNTH, "logging.tensorboard=off"]).logging.tensorboard == "off"
+    assert load_config(None, [*SYNTH, "logging.tensorboard=on"]).logging.tensorboard == "on"
+    with pytest.raises(UserError, match="'logging.display' must be str"):
+        load_config(None, [*SYNTH, "logging.display=off"])  # no on/off choice there: still an error
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
     ("optim.lr=fast", "'optim.lr' must be float"),

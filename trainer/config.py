@@ -244,8 +244,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
     for k, v in data.items():
         if k not in names:
             raise _unknown(f"{prefix}{k}", where, [f"{prefix}{n}" for n in names])
-        value = _coerce(v, hints[k], f"{prefix}{k}", where)
         choices = CHOICES.get(f"{prefix}{k}")
+        if isinstance(v, bool) and choices and {"on", "off"} <= set(choices):
+            v = "on" if v else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        value = _coerce(v, hints[k], f"{prefix}{k}", where)
         if choices and value not in choices:
             raise UserError(f"{where}: '{prefix}{k}' must be one of {', '.join(choices)}, got {value!r}")
         kwargs[k] = value

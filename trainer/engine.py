@@ -197,7 +197,8 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
         log.message(f"resumed from {resumed_from} at step {step}")
     log.message(f"training {cfg.model.backbone} on {num_classes} classes, {info.world_size} process(es) on "
                 f"{info.device}, {dtype or 'fp32'}, {total} steps, {steps_per_epoch} steps/epoch, "
-                f"global batch {cfg.loader.batch_size * info.world_size * cfg.optim.accumulate}")
+                f"global batch {cfg.loader.batch_size * info.world_size * cfg.optim.accumulate}, "
+                f"{getattr(loader, 'backend', cfg.data.source)} loader")
 
     def checkpoint(best_now: bool, metrics: dict[str, Any], name: str | None = None) -> None:
         rngs = dist_util.gather_objects(capture_rng(), info)
@@ -244,7 +245,8 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
     loader.set_epoch(epoch, start_batch=batch_in_epoch)
     batches = iter(loader)
     last_val: dict[str, Any] = {}
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"loader": getattr(loader, "backend", cfg.data.source),
+                               "dtype": str(dtype).removeprefix("torch.") if dtype else "float32"}
     try:
         while step < total:
             t_step = time.perf_counter()
@@ -330,6 +332,8 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
                     "data_wait": window["wait"] / window["time"] if window["time"] else None,
                     "skipped_total": skipped_total, "eta_s": round(log.eta_s(step), 1),
                 }
+                if info.device.type == "cuda":
+                    record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 3)
                 log.log(record)
                 summary.update(record)
                 window = {k: 0 for k in window}
