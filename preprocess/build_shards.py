@@ -31,7 +31,7 @@ import numpy as np
 from preprocess import _work
 from preprocess.datasets import DatasetInputs, Entry, pairs_by_key, read_lfw, read_vggface2
 from shards.errors import UserError, run_cli
-from shards.format import FORMAT_NAME, FORMAT_VERSION, scaled_template
+from shards.format import FORMAT_NAME, FORMAT_VERSION, parse_image_size, scaled_template
 from shards.manifest import MANIFEST_NAME, ShardInfo, write_manifest
 from shards.writer import ShardWriter
 
@@ -392,19 +392,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or HxW, not {text!r}") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 16:
-        raise argparse.ArgumentTypeError(f"expected N or HxW with sides >= 16, not {text!r}")
-    return values[0], values[1]
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line through run_cli, not argparse's usage dump
         raise UserError(f"{self.prog}: {message}")
@@ -423,7 +410,9 @@ def parser() -> argparse.ArgumentParser:
         "--landmarks", type=Path, help="5-point landmark file, when not in the standard place"
     )
     common.add_argument("--prefix", help="shard file name prefix (default: lfw, vggface2-<split>)")
-    common.add_argument("--image-size", type=_size, default=(112, 112), help="output N or HxW (default 112)")
+    common.add_argument(
+        "--image-size", type=parse_image_size, default=(112, 112), help="output N or HxW (default 112)"
+    )
     common.add_argument("--jpeg-quality", type=int, default=95, choices=range(1, 101), metavar="1..100")
     common.add_argument("--samples-per-shard", type=_positive, default=5000)
     common.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")

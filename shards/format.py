@@ -7,6 +7,7 @@ fixed-size little-endian int32 (`.lbl`), which both DALI (dtype INT32) and plain
 
 from __future__ import annotations
 
+import argparse
 import struct
 from pathlib import PurePosixPath
 
@@ -46,6 +47,20 @@ def decode_label(data: bytes) -> int:
     if len(data) != _LABEL.size:
         raise ValueError(f"label field has {len(data)} bytes, expected {_LABEL.size}")
     return _LABEL.unpack(data)[0]
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """`--image-size` of the commands: N (square) or HxW, sides at least 16 (an argparse type)."""
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, not {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 16:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with sides >= 16, not {text!r}")
+    return values[0], values[1]
 
 
 def scaled_template(image_size: tuple[int, int]) -> list[list[float]]:
