@@ -13,6 +13,7 @@ batch tiles, so W streams from memory once per pass.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -26,6 +27,12 @@ except ImportError:  # pragma: no cover - triton ships with the CUDA and CPU sta
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on(device: torch.device):
+    # Triton launches on the *current* CUDA device; tensors on another one (cuda:1 without
+    # torch.cuda.set_device) would be read by a kernel running on the wrong GPU.
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 if triton is not None:
@@ -171,9 +178,10 @@ class FusedEngine:
         m = torch.full((n_prog, B), -1e30, device=xn.device)
         l_ = torch.zeros((n_prog, B), device=xn.device)
         mx = torch.full((n_prog, B), -2.0, device=xn.device)
-        _fwd_kernel[(n_prog,)](xn, weight, rw, labels, thr.float().contiguous(), m, l_, mx, B, C, D,
-                               xn.stride(0), weight.stride(0), per, float(s), float(t), HARD=t != 1.0,
-                               BB=self.bb, BC=self.bc, BD=self.bd, PREC=self.precision)
+        with _on(xn.device):
+            _fwd_kernel[(n_prog,)](xn, weight, rw, labels, thr.float().contiguous(), m, l_, mx, B, C, D,
+                                   xn.stride(0), weight.stride(0), per, float(s), float(t), HARD=t != 1.0,
+                                   BB=self.bb, BC=self.bc, BD=self.bd, PREC=self.precision)
         top = m.amax(0)
         lse = top + torch.log((l_ * torch.exp(m - top)).sum(0))
         return lse, mx.amax(0)
@@ -186,8 +194,10 @@ class FusedEngine:
         n_prog, per = self._grid(C, xn.device)
         dxp = torch.zeros((n_prog, B, D), device=xn.device)
         dw = torch.zeros((C, D), device=xn.device)
-        _bwd_kernel[(n_prog,)](xn, weight, rw, labels, thr.float().contiguous(), lse.float().contiguous(),
-                               g.float().contiguous(), dcy.float().contiguous(), dxp, dw, B, C, D,
-                               xn.stride(0), weight.stride(0), per, float(s), float(t), HARD=t != 1.0,
-                               BB=self.bb, BC=self.bc, BD=self.bd, PREC=self.precision)
+        with _on(xn.device):
+            _bwd_kernel[(n_prog,)](xn, weight, rw, labels, thr.float().contiguous(),
+                                   lse.float().contiguous(), g.float().contiguous(),
+                                   dcy.float().contiguous(), dxp, dw, B, C, D, xn.stride(0),
+                                   weight.stride(0), per, float(s), float(t), HARD=t != 1.0,
+                                   BB=self.bb, BC=self.bc, BD=self.bd, PREC=self.precision)
         return dxp.sum(0), dw
