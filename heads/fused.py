@@ -59,7 +59,8 @@ if triton is not None:
                     PREC: tl.constexpr):
         pid = tl.program_id(0)
         for i in range(0, tiles_per_prog):
-            cols = (pid * tiles_per_prog + i) * BC + tl.arange(0, BC)
+            # int64: row offsets cols * stride_w pass 2^31 (int32 wraps) once C * D >= 2^31
+            cols = ((pid * tiles_per_prog + i) * BC + tl.arange(0, BC)).to(tl.int64)
             cmask = cols < C
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
@@ -89,7 +90,7 @@ if triton is not None:
                     PREC: tl.constexpr):
         pid = tl.program_id(0)
         for i in range(0, tiles_per_prog):
-            cols = (pid * tiles_per_prog + i) * BC + tl.arange(0, BC)
+            cols = ((pid * tiles_per_prog + i) * BC + tl.arange(0, BC)).to(tl.int64)  # as above
             cmask = cols < C
             rw = tl.load(RW + cols, mask=cmask, other=0.0)
             h = tl.zeros((BC,), dtype=tl.float32)
@@ -120,7 +121,7 @@ if triton is not None:
                     wm = cmask[:, None] & dmask[None, :]
                     x = tl.load(X + rows[:, None] * stride_x + ds[None, :], mask=xm, other=0.0).to(tl.float32)
                     w = tl.load(W + cols[:, None] * stride_w + ds[None, :], mask=wm, other=0.0).to(tl.float32)
-                    pdx = DXP + pid * B * D + rows[:, None] * D + ds[None, :]
+                    pdx = DXP + pid.to(tl.int64) * B * D + rows[:, None] * D + ds[None, :]
                     tl.store(pdx, tl.load(pdx, mask=xm, other=0.0) + tl.dot(dcr, w, input_precision=PREC),
                              mask=xm)
                     pdw = DW + cols[:, None] * D + ds[None, :]
