@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 FLAVOR ?= cpu
+# A package index to take torch from first, e.g. https://download.pytorch.org/whl/cpu for the small
+# CPU build where pip's own configuration does not offer it (PyPI's Linux wheel is the CUDA build).
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(FLAVOR)
 DEMO_DIR ?= runs/demo
@@ -17,6 +20,7 @@ setup: $(STAMP)
 $(STAMP): requirements/$(FLAVOR).txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) torch==2.13.0)
 	$(PY) -m pip install --quiet -r requirements/$(FLAVOR).txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@

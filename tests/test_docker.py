@@ -104,3 +104,15 @@ def test_entrypoint_dispatch(tmp_path, args, expected):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_gpu_stage_has_a_c_compiler_for_triton():
+    # Triton builds its CUDA launcher with the system C compiler the first time a kernel runs.
+    stage, current = [], None
+    for keyword, rest in _instructions():
+        if keyword == "FROM":
+            current = rest.split()[-1]
+        elif current == "base-gpu" and keyword == "RUN":
+            stage.append(rest)
+    assert stage, "no RUN in the base-gpu stage"
+    assert re.search(r"\b(gcc|clang|build-essential)\b", " ".join(stage)), "the GPU image has no C compiler"
