@@ -14,7 +14,6 @@ The last stdout line is JSON.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -32,7 +31,7 @@ from preprocess import align
 from preprocess._synthface import write_vggface2
 from preprocess.build_shards import main as build_main
 from preprocess.datasets import read_vggface2
-from shards.errors import UserError, run_cli
+from shards.errors import CliParser, UserError, run_cli
 from shards.format import encode_label, sample_key
 
 
@@ -88,7 +87,7 @@ def _pair(text: str, kind: type = int) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="bench/preprocess.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--size", default="500x600", help="source image WxH (default 500x600)")
     p.add_argument("--eye-px", default="60,200", help="eye distance range in source pixels (default 60,200)")

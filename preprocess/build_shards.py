@@ -30,7 +30,7 @@ import numpy as np
 
 from preprocess import _work
 from preprocess.datasets import DatasetInputs, Entry, pairs_by_key, read_lfw, read_vggface2
-from shards.errors import UserError, run_cli
+from shards.errors import CliParser, UserError, run_cli
 from shards.format import FORMAT_NAME, FORMAT_VERSION, parse_image_size, scaled_template
 from shards.manifest import MANIFEST_NAME, ShardInfo, write_manifest
 from shards.writer import ShardWriter
@@ -392,15 +392,10 @@ def _fraction(text: str) -> float:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through run_cli, not argparse's usage dump
-        raise UserError(f"{self.prog}: {message}")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="build_shards.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
-    common = _Parser(add_help=False)
+    p = CliParser(prog="preprocess/build_shards.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="dataset", required=True, parser_class=CliParser)
+    common = CliParser(add_help=False)
     common.add_argument("--root", type=Path, required=True, help="dataset root as it ships")
     common.add_argument("--out", type=Path, required=True, help="shard folder to write")
     common.add_argument(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.errors import UserError, run_cli
+from shards.errors import CliParser, UserError, run_cli
 
 MARKER = ".facetrain-synthetic.json"  # marks a folder this command may overwrite
 FOLDS = 10
@@ -341,13 +341,8 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through run_cli, not argparse's usage block
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="preprocess/synthetic.py", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="preprocess/synthetic.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (gets vggface2/ and lfw/)")
     p.add_argument(
         "--identities", type=_positive, default=500, help="VGGFace2-layout identities (default 500)"

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 
 
 class UserError(Exception):
     """A mistake in a user's arguments, files or config. The message names the file or key."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError (one line through run_cli), not a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
 
 
 def run_cli(main_fn: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
