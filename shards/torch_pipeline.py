@@ -27,11 +27,18 @@ from shards.sample_index import SampleReader, SampleTable
 Task = tuple[tuple[int, ...], np.ndarray]
 
 
+# OpenCV >= 4.10 decodes straight to RGB; older builds (as on some GPU images) decode BGR.
+_DECODE_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 def decode_into(out: np.ndarray, jpg: bytes, where: str) -> None:
     """Decode one JPEG as RGB into `out` (H, W, 3 uint8); UserError naming `where` if it cannot."""
-    img = cv2.imdecode(np.frombuffer(jpg, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    buf = np.frombuffer(jpg, dtype=np.uint8)
+    img = cv2.imdecode(buf, _DECODE_RGB) if _DECODE_RGB is not None else cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if img is None:
         raise UserError(f"{where}: corrupt JPEG (cannot decode)")
+    if _DECODE_RGB is None:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img.shape != out.shape:
         raise UserError(
             f"{where}: image is {img.shape[1]}x{img.shape[0]}, the manifest says "

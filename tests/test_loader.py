@@ -226,3 +226,19 @@ def test_dali_gets_no_samples_it_cannot_batch(manifest):
     """Labels come back as int64 [B] from the 4-byte .lbl field (DALI cannot batch text labels)."""
     _, y = next(iter(build_train_loader(manifest, batch_size=5, backend="dali", workers=1)))
     assert y.shape == (5,) and y.dtype == torch.int64
+
+
+def test_decode_is_rgb_with_and_without_opencvs_rgb_flag(monkeypatch):
+    import cv2
+
+    from shards import torch_pipeline
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 0] = 250  # pure red, as RGB
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    for flag in (torch_pipeline._DECODE_RGB, None):  # None: an OpenCV older than 4.10
+        monkeypatch.setattr(torch_pipeline, "_DECODE_RGB", flag)
+        out = np.empty_like(rgb)
+        torch_pipeline.decode_into(out, jpg.tobytes(), "x")
+        assert out[..., 0].mean() > 200 and out[..., 2].mean() < 30
