@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from shards.errors import UserError, run_cli
+from shards.errors import CliParser, UserError, run_cli
 
 
 def _child(args: argparse.Namespace) -> dict:
@@ -82,7 +82,7 @@ def _child(args: argparse.Namespace) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = CliParser(prog="bench/heads.py", description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=["reference", "chunked", "fused"], default="chunked")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dim", type=int, default=512)

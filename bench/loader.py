@@ -25,7 +25,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from shards.errors import UserError, run_cli
+from shards.errors import CliParser, UserError, run_cli
 from shards.loader import build_train_loader
 from shards.manifest import load_manifest
 from shards.sample_index import SampleReader, build_sample_table
@@ -97,7 +97,9 @@ def _measure(name: str, batches, batch_size: int, images: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(
+        prog="bench/loader.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shards", required=True, help="shard folder with manifest.json")
     ap.add_argument("--backend", choices=["dali", "torch"], required=True)
     ap.add_argument("--batch-size", type=int, default=128)

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from eval.embed import INPUT_SPEC
-from shards.errors import UserError, run_cli
+from shards.errors import CliParser, UserError, run_cli
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval/export_onnx.py", description=__doc__.split("\n\n")[0])
+    p = CliParser(prog="eval/export_onnx.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="facetrain checkpoint (.pt)")
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     p.add_argument("--opset", type=int, default=18)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from shards.errors import UserError, run_cli
+from shards.errors import CliParser, UserError, run_cli
 from shards.format import parse_image_size
 from trainer.backbones import build_backbone
 from trainer.checkpoint import save_embedding_checkpoint
@@ -64,7 +64,8 @@ def convert(source: dict[str, torch.Tensor], image_size: tuple[int, int], where:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(prog="eval/import_mobilefacenet.py", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, type=Path, help="the MobileFaceNet weights to import")
     ap.add_argument("--out", required=True, type=Path, help="facetrain checkpoint to write")
     ap.add_argument("--image-size", type=parse_image_size, default=(112, 112),

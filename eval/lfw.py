@@ -25,12 +25,12 @@ import numpy as np
 from eval.embed import EmbedFn, embed_shards, onnx_embedder, resolve_device, torch_embedder
 from eval.pairs import manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
 from eval.verification import kfold, pair_scores, verification_metrics
-from shards.errors import UserError, run_cli
+from shards.errors import CliParser, UserError, run_cli
 from shards.manifest import Manifest, Pair, load_manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval/lfw.py", description=__doc__.split("\n\n")[0],
+    p = CliParser(prog="eval/lfw.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", type=Path, help="facetrain checkpoint (.pt)")

@@ -69,7 +69,8 @@ def _load(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint file not found") from None
     except Exception as err:  # truncated zip, pickle refused by weights_only, not a torch file ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a {FORMAT} file")
     if ckpt.get("version") != VERSION:

@@ -14,11 +14,11 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from shards.errors import run_cli
+from shards.errors import CliParser, run_cli
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__,
+    parser = CliParser(prog="trainer/main.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

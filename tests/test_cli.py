@@ -1,0 +1,40 @@
+"""Every command answers a mistake in its arguments, or a file that is not what it should be, with
+one line naming the problem and exit status 2 (no usage dump, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = [
+    "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
+    "eval/export_onnx.py", "eval/import_mobilefacenet.py", "bench/heads.py", "bench/loader.py",
+    "bench/preprocess.py",
+]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_unknown_flag_is_one_line(command):
+    proc = _run(command, "--no-such-flag")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and command in lines[0], proc.stderr
+    # argparse names the first problem it meets: the unknown flag, or a required argument missing.
+    assert "--no-such-flag" in lines[0] or "required" in lines[0], lines[0]
+
+
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path):
+    bogus = tmp_path / "manifest.json"
+    bogus.write_text('{"not": "a checkpoint"}')
+    proc = _run("eval/export_onnx.py", "--checkpoint", str(bogus), "--out", str(tmp_path / "m.onnx"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert str(bogus) in lines[0] and "not a readable checkpoint" in lines[0]
