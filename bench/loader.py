@@ -80,20 +80,23 @@ def _measure(name: str, batches, batch_size: int, images: int) -> float:
         task = bar.add_task(name, total=need, rate="-")
         it = iter(batches)
         next(it)  # start-up (workers, pipeline build) is not throughput
-        start, done = time.perf_counter(), 0
+        start, done, elapsed = time.perf_counter(), 0, 0.0
         for x, _ in it:
             assert x.dtype == torch.float32 and x.shape[1] == 3
             done += 1
             rate = done * batch_size / (time.perf_counter() - start)
             bar.update(task, advance=1, rate=f"{rate:.0f}")
             if done >= need:
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)  # the last batches' GPU work counts too
+                elapsed = time.perf_counter() - start  # before shutting the workers down
                 break
         close = getattr(it, "close", None)
         if close:
             close()
     if done < need:
         raise UserError(f"{name}: the shards ran out after {done} timed batches; use fewer --images")
-    return done * batch_size / (time.perf_counter() - start)
+    return done * batch_size / elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
