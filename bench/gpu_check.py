@@ -375,9 +375,8 @@ def show(env: dict[str, Any], stages: list[Stage]) -> None:
         table.add_column(col)
     for s in stages:
         figures = ", ".join(f"{k} {v}" for k, v in s.figures.items())
-        table.add_row(
-            s.name, "yes" if s.ok else "NO", f"{s.seconds:.0f}", "; ".join(filter(None, [figures, s.note]))
-        )
+        ok = "yes" if s.ok else "skip" if s.note.startswith("skipped") else "NO"
+        table.add_row(s.name, ok, f"{s.seconds:.0f}", "; ".join(filter(None, [figures, s.note])))
     Console(width=200).print(table)
 
 
@@ -413,13 +412,15 @@ def main(argv: list[str] | None = None) -> int:
     show(env, stages)
     total = time.perf_counter() - started
     # A missing DALI is reported, not a failure: the torch loader serves then.
-    failed = [s.name for s in stages if not s.ok and not s.note.startswith("skipped")]
+    skipped = [s.name for s in stages if not s.ok and s.note.startswith("skipped")]
+    failed = [s.name for s in stages if not s.ok and s.name not in skipped]
     result = {
         "check": "gpu_check",
         "smoke": args.smoke,
         "environment": env,
         "seconds": round(total, 1),
         "failed": failed,
+        "skipped": skipped,
         "stages": [
             {
                 "name": s.name,
@@ -433,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"{len(stages) - len(failed)}/{len(stages)} stages passed in {total:.0f} s; "
+        f"{len(stages) - len(failed) - len(skipped)}/{len(stages)} stages passed, {len(skipped)} skipped, "
+        f"in {total:.0f} s; "
         f"JSON: {out / 'gpu_check.json'}, logs: {log_dir}"
     )
     return 1 if failed else 0

@@ -55,9 +55,10 @@ def test_smoke_runs_every_stage_and_writes_the_json(tmp_path):
         assert stages[name]["steps"] == 4 and stages[name]["images_per_s"] > 0
         assert 0.0 <= stages[name]["data_wait"] <= 1.0
     if stages["loader_dali"]["ok"]:
-        assert stages["loader_dali"]["images_per_s"] > 0
+        assert stages["loader_dali"]["images_per_s"] > 0 and result["skipped"] == []
     else:
         assert stages["loader_dali"]["note"].startswith("skipped: nvidia.dali is not importable")
+        assert result["skipped"] == ["loader_dali"] and "| loader_dali         | skip" in proc.stdout
     assert "| train_ir50" in proc.stdout  # the Markdown table
 
 
