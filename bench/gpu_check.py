@@ -130,6 +130,11 @@ def preflight(smoke: bool) -> dict[str, Any]:
     return env
 
 
+def loader_workers() -> int:
+    """Decode workers: all cores but two (the training process and its prefetch thread), at most 12."""
+    return max(1, min(12, (os.cpu_count() or 2) - 2))
+
+
 def run_stage(name: str, cmd: list[str], log_dir: Path, timeout: float) -> tuple[Stage, str]:
     """Run one command; its stdout and stderr go to log_dir/<name>.log. Returns the stage and stdout."""
     env = dict(
@@ -275,7 +280,7 @@ def stage_loader(py: str, log_dir: Path, shards: Path, sizes: Sizes, env: dict[s
             "loader_dali", False, 0.0, note=f"skipped: nvidia.dali is not importable ({env['dali_missing']})"
         )
     device = "cuda" if env["device"] == "cuda" else "cpu"
-    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    workers = loader_workers()
     stage, out = run_stage(
         "loader_dali",
         [
@@ -321,7 +326,7 @@ def stage_train(
 ) -> Stage:
     run_dir = work / f"train_{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    workers = loader_workers()
     overrides = [
         f"data.train_shards={shards}",
         f"run.dir={run_dir}",
