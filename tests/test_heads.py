@@ -15,26 +15,7 @@ from heads.chunked import ChunkedEngine
 from heads.core import head_rows
 from heads.margins import ArcFace, Combined, CosFace, SphereFace, build_margin
 from heads.reference import focal
-
-MARGINS = [
-    ("cosface", {}),
-    ("arcface", {}),
-    ("sphereface", {"m": 1}),
-    ("sphereface", {"m": 2}),
-    ("sphereface", {"m": 3}),
-    ("sphereface", {"m": 4, "lambda_min": 0.0}),
-    ("combined", {"m1": 1.0, "m2": 0.3, "m3": 0.2}),
-    ("combined", {"m1": 0.9, "m2": 0.4, "m3": 0.15}),
-]
-
-
-def _data(B: int, C: int, D: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64)
-    w = torch.randn(C, D, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (B,), generator=g)
-    y[-1] = C - 1  # a label in the last, partial block
-    return x, w, y
+from tests._heads_util import MARGINS, make_data
 
 
 def _run(head: MarginHead, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
@@ -58,7 +39,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
 @pytest.mark.parametrize("margin,kw", MARGINS)
 @pytest.mark.parametrize("t", [1.0, 1.1, 1.2])
 def test_chunked_matches_reference_float64(margin: str, kw: dict, t: float) -> None:
-    x, w, y = _data(9, 37, 12)
+    x, w, y = make_data(9, 37, 12)
     ref = _run(_head(margin, kw, 37, 12, "reference", t=t), x, w, y)
     got = _run(_head(margin, kw, 37, 12, "chunked", t=t, block=16), x, w, y)
     for a, b in zip(got, ref):
@@ -66,7 +47,7 @@ def test_chunked_matches_reference_float64(margin: str, kw: dict, t: float) -> N
 
 
 def test_arcface_fallback_branch_hit_and_matches() -> None:
-    x, w, y = _data(6, 20, 8)
+    x, w, y = make_data(6, 20, 8)
     x[:3] = -w[y[:3]]  # theta = pi for the first rows: c_y = -1 <= cos(pi - m)
     margin = ArcFace(0.5)
     c = torch.tensor([-1.0, -0.95, 0.3], dtype=torch.float64)
@@ -78,7 +59,7 @@ def test_arcface_fallback_branch_hit_and_matches() -> None:
 
 
 def test_focal_term_matches_reference() -> None:
-    x, w, y = _data(8, 25, 10, seed=3)
+    x, w, y = make_data(8, 25, 10, seed=3)
     ref = _run(_head("cosface", {}, 25, 10, "reference", gamma_focal=2.0), x, w, y)
     got = _run(_head("cosface", {}, 25, 10, "chunked", gamma_focal=2.0, block=8), x, w, y)
     plain = _run(_head("cosface", {}, 25, 10, "reference"), x, w, y)
@@ -89,7 +70,7 @@ def test_focal_term_matches_reference() -> None:
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
 def test_no_margin_equals_cross_entropy_on_cosines(impl: str) -> None:
-    x, w, y = _data(7, 30, 9)
+    x, w, y = make_data(7, 30, 9)
     head = MarginHead(30, 9, margin="cosface", s=1.0, m=0.0, t=1.0, impl=impl, block=8).double()
     loss, _, _ = _run(head, x, w, y)
     cos = F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
@@ -99,7 +80,7 @@ def test_no_margin_equals_cross_entropy_on_cosines(impl: str) -> None:
 @pytest.mark.parametrize("margin,kw,t", [("arcface", {}, 1.2), ("sphereface", {"m": 3}, 1.0),
                                          ("combined", {}, 1.1), ("cosface", {}, 1.0)])
 def test_gradcheck_chunked(margin: str, kw: dict, t: float) -> None:
-    x, w, y = _data(3, 7, 5, seed=1)
+    x, w, y = make_data(3, 7, 5, seed=1)
     head = _head(margin, kw, 7, 5, "chunked", t=t, s=4.0, block=3, gamma_focal=0.5)
     x = x.requires_grad_()
     w = w.requires_grad_()
@@ -126,7 +107,7 @@ def test_sphereface_is_monotonic_and_anneals() -> None:
     c = torch.linspace(-1, 1, 1001, dtype=torch.float64)
     assert (torch.diff(m.psi(c, 10**6)) > 0).all()
     assert m.lam(0) == 1000.0 and m.lam(10**6) == 5.0
-    x, w, y = _data(8, 20, 6)
+    x, w, y = make_data(8, 20, 6)
     head = _head("sphereface", {"m": 4}, 20, 6, "chunked")
     early = _run(head, x, w, y)[0]
     head.set_step(10_000)
@@ -151,7 +132,7 @@ def test_extremes_stay_finite(impl: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_no_worse_than_reference(dtype) -> None:
-    x, w, y = _data(32, 300, 64, seed=5)
+    x, w, y = make_data(32, 300, 64, seed=5)
     exact = _run(_head("arcface", {}, 300, 64, "reference", t=1.1), x, w, y)
     ref = _run(_head("arcface", {}, 300, 64, "reference", dtype, t=1.1), x.to(dtype), w, y)
     got = _run(_head("arcface", {}, 300, 64, "chunked", dtype, t=1.1, block=64), x.to(dtype), w, y)
@@ -162,7 +143,7 @@ def test_low_precision_error_no_worse_than_reference(dtype) -> None:
 
 
 def test_block_size_does_not_change_the_result() -> None:
-    x, w, y = _data(10, 50, 16)
+    x, w, y = make_data(10, 50, 16)
     runs = [_run(_head("cosface", {}, 50, 16, "chunked", torch.float32, t=1.2, block=b), x.float(), w, y)
             for b in (7, 16, 1000)]
     for other in runs[1:]:
@@ -171,7 +152,7 @@ def test_block_size_does_not_change_the_result() -> None:
 
 
 def test_batch_of_one_and_classes_below_one_block() -> None:
-    x, w, y = _data(1, 3, 8)
+    x, w, y = make_data(1, 3, 8)
     ref = _run(_head("arcface", {}, 3, 8, "reference", t=1.2), x, w, y)
     got = _run(_head("arcface", {}, 3, 8, "chunked", t=1.2, block=64), x, w, y)
     for a, b in zip(got, ref):
@@ -179,7 +160,7 @@ def test_batch_of_one_and_classes_below_one_block() -> None:
 
 
 def test_accuracy_and_auto_impl() -> None:
-    x, w, y = _data(40, 10, 8)
+    x, w, y = make_data(40, 10, 8)
     x[:20] = w[y[:20]]  # these rows are certainly right
     head = MarginHead(10, 8, impl="auto").double()
     assert head.resolved_impl(torch.device("cpu")) == "chunked"
@@ -209,7 +190,7 @@ def test_bad_arguments() -> None:
 
 
 def test_autocast_does_not_lower_the_head_precision() -> None:
-    x, w, y = _data(6, 20, 8)
+    x, w, y = make_data(6, 20, 8)
     plain = _run(_head("arcface", {}, 20, 8, "chunked", torch.float32), x.float(), w, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         amp = _run(_head("arcface", {}, 20, 8, "chunked", torch.float32), x.float(), w, y)

@@ -10,29 +10,11 @@ import pytest
 import torch
 
 from heads import MarginHead
+from tests._heads_util import MARGINS, make_data
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
 )
-
-MARGINS = [
-    ("cosface", {}),
-    ("arcface", {}),
-    ("sphereface", {"m": 1}),
-    ("sphereface", {"m": 2}),
-    ("sphereface", {"m": 3}),
-    ("sphereface", {"m": 4, "lambda_min": 0.0}),
-    ("combined", {"m1": 0.9, "m2": 0.4, "m3": 0.15}),
-]
-
-
-def _data(B: int, C: int, D: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64)
-    w = torch.randn(C, D, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (B,), generator=g)
-    y[-1] = C - 1  # a label in the last, partial tile
-    return x, w, y
 
 
 def _loss_and_grads(impl: str, margin: str, kw: dict, x, w, y, device: str, dtype, t: float = 1.0):
@@ -54,7 +36,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("margin,kw", MARGINS)
 @pytest.mark.parametrize("t", [1.0, 1.2])
 def test_fused_fp32_matches_float64(margin: str, kw: dict, t: float) -> None:
-    x, w, y = _data(133, 1030, 96)  # not multiples of any tile size
+    x, w, y = make_data(133, 1030, 96)  # not multiples of any tile size
     exact = _loss_and_grads("reference", margin, kw, x, w, y, "cpu", torch.float64, t)
     got = _loss_and_grads("fused", margin, kw, x, w, y, "cuda", torch.float32, t)
     for name, a, e in zip(("loss", "dX", "dW"), got, exact):
@@ -64,7 +46,7 @@ def test_fused_fp32_matches_float64(margin: str, kw: dict, t: float) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("margin,kw", [("cosface", {}), ("arcface", {}), ("sphereface", {"m": 4})])
 def test_fused_low_precision_no_worse_than_reference(dtype, margin: str, kw: dict) -> None:
-    x, w, y = _data(256, 5000, 128, seed=3)
+    x, w, y = make_data(256, 5000, 128, seed=3)
     exact = _loss_and_grads("reference", margin, kw, x, w, y, "cpu", torch.float64, 1.1)
     ref = _loss_and_grads("reference", margin, kw, x, w, y, "cuda", dtype, 1.1)
     got = _loss_and_grads("fused", margin, kw, x, w, y, "cuda", dtype, 1.1)
@@ -74,7 +56,7 @@ def test_fused_low_precision_no_worse_than_reference(dtype, margin: str, kw: dic
 
 
 def test_fused_is_bitwise_deterministic() -> None:
-    x, w, y = _data(512, 20000, 256, seed=4)
+    x, w, y = make_data(512, 20000, 256, seed=4)
     first = _loss_and_grads("fused", "arcface", {}, x, w, y, "cuda", torch.bfloat16, 1.2)
     second = _loss_and_grads("fused", "arcface", {}, x, w, y, "cuda", torch.bfloat16, 1.2)
     for a, b in zip(first, second):
@@ -107,4 +89,8 @@ def test_million_classes_without_a_batch_by_class_tensor() -> None:
     partials_bytes = 2 * torch.cuda.get_device_properties(device).multi_processor_count * B * D * 4
     assert torch.isfinite(loss)
     assert working - grad_w_bytes - partials_bytes < logits_bytes / 8, (
-        working, grad_w_bytes, partials_bytes, logits_bytes)
+        working,
+        grad_w_bytes,
+        partials_bytes,
+        logits_bytes,
+    )
