@@ -1,7 +1,8 @@
 """The fused Triton head under TRITON_INTERPRET=1, against a float64 reference.
 
 The interpreter must be switched on before triton is first imported, so the pytest test runs
-this file as a script in a fresh interpreter; the script runs every `case_*` and fails loudly.
+this file as a module (`python -m tests.test_heads_fused`) in a fresh interpreter; it runs every
+`case_*` and fails loudly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import sys
 
 def test_fused_kernel_under_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "tests.test_heads_fused"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all fused cases passed" in proc.stdout
 
@@ -28,14 +31,7 @@ def _setup():
     from heads.fused import FusedEngine
     from heads.margins import build_margin
     from heads.reference import focal, reference_forward
-
-    def data(B, C, D, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(B, D, generator=g, dtype=torch.float64)
-        w = torch.randn(C, D, generator=g, dtype=torch.float64)
-        y = torch.randint(0, C, (B,), generator=g)
-        y[-1] = C - 1
-        return x, w, y
+    from tests._heads_util import make_data as data
 
     def ref(x, w, y, margin, s, t, gamma=0.0):
         x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
