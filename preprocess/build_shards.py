@@ -206,6 +206,7 @@ def _progress(total: int):
 
 def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dict[str, Any]:
     out = opts.out
+    names = inputs.identity_names
     state = BuildState(out, opts.prefix)
     state.start(plan.fingerprint)
     infos: dict[int, ShardInfo] = {}
@@ -277,6 +278,10 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
                             "source": entry.rel,
                             "landmarks": [list(p) for p in zip(entry.landmarks[0::2], entry.landmarks[1::2])],
                         }
+                        if entry.identity in names:
+                            record["name"] = names[entry.identity]
+                        if entry.bbox is not None:
+                            record["bbox"] = list(entry.bbox)
                         writer.add(entry.key, outcome.jpeg, label, record)
                         shard_reductions[str(outcome.reduction)] += 1
                 remaining[index] -= len(part)

@@ -28,6 +28,7 @@ class Entry:
     landmarks: tuple[float, ...] | None = None  # x1 y1 ... x5 y5
     reason: str | None = None  # set when the entry is rejected before any image is read
     detail: str | None = None
+    bbox: tuple[float, float, float, float] | None = None  # VGGFace2's loose box (x, y, w, h), if shipped
 
     @property
     def key(self) -> str:
@@ -41,6 +42,7 @@ class DatasetInputs:
     image_root: Path
     entries: list[Entry]
     pairs: list[tuple[str, str, bool, int]] | None = None  # (rel a, rel b, same, fold)
+    identity_names: dict[str, str] = field(default_factory=dict)  # VGGFace2 class id -> person's name
     files: dict[str, str] = field(default_factory=dict)  # what was read, for the log
 
 
@@ -84,8 +86,10 @@ def _require_dir(path: Path, what: str, option: str) -> Path:
     return path
 
 
-def _entries(on_disk: set[str], inputs: set[str], landmarks: dict[str, list[str]]) -> list[Entry]:
+def _entries(on_disk: set[str], inputs: set[str], landmarks: dict[str, list[str]],
+             boxes: dict[str, tuple[float, float, float, float]] | None = None) -> list[Entry]:
     """One entry per input, sorted by path; missing images and bad landmark rows carry their reason."""
+    boxes = boxes or {}
     entries = []
     for rel in sorted(inputs):
         identity = rel.split("/", 1)[0]
@@ -97,7 +101,7 @@ def _entries(on_disk: set[str], inputs: set[str], landmarks: dict[str, list[str]
             entries.append(Entry(rel, identity, reason="landmarks_missing", detail="no landmark row"))
             continue
         values, reason, detail = parse_landmarks(row)
-        entries.append(Entry(rel, identity, values, reason, detail))
+        entries.append(Entry(rel, identity, values, reason, detail, boxes.get(rel)))
     return entries
 
 
@@ -109,9 +113,9 @@ def read_vggface2(
     landmarks: Path | None = None,
 ) -> DatasetInputs:
     """VGGFace2: `<split>/<id>/<file>.jpg`, `<split>_list.txt` (else a directory walk) and
-    `bb_landmark/loose_landmark_<split>.csv`.
-
-    The loose bounding boxes and identity_meta.csv are not needed for 5-point alignment and are not read.
+    `bb_landmark/loose_landmark_<split>.csv`; when they ship, `bb_landmark/loose_bb_<split>.csv` and
+    `meta/identity_meta.csv` too. Alignment needs only the landmarks: the loose box and the person's
+    name are carried into each sample's record, for reference.
     """
     root = Path(root)
     image_root = _require_dir(
@@ -132,18 +136,60 @@ def read_vggface2(
     else:  # no list: every image on disk, and every landmark row whose image is absent
         list_path = None
         inputs = on_disk | set(rows)
-    entries = _entries(on_disk, inputs, rows)
+    bb_path = root / "bb_landmark" / f"loose_bb_{split}.csv"
+    meta_path = root / "meta" / "identity_meta.csv"
+    boxes = _read_vggface2_boxes(bb_path) if bb_path.is_file() else {}
+    names = _read_identity_names(meta_path) if meta_path.is_file() else {}
+    entries = _entries(on_disk, inputs, rows, boxes)
     return DatasetInputs(
         "vggface2",
         split,
         image_root,
         entries,
+        identity_names=names,
         files={
             "images": str(image_root),
             "list": str(list_path or "(directory walk)"),
             "landmarks": str(lm_path),
+            "boxes": str(bb_path) if boxes else "(none)",
+            "identity_meta": str(meta_path) if names else "(none)",
         },
     )
+
+
+def _read_vggface2_boxes(path: Path) -> dict[str, tuple[float, float, float, float]]:
+    """relative path -> (x, y, w, h). Informational only: a row that does not parse is left out."""
+    boxes: dict[str, tuple[float, float, float, float]] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or header[0].strip().upper() != "NAME_ID":
+                raise UserError(f"{path}: not a VGGFace2 box CSV (first column must be NAME_ID)")
+            for row in reader:
+                try:
+                    x, y, w, h = (float(v) for v in row[1:5])
+                except ValueError:
+                    continue
+                if all(math.isfinite(v) for v in (x, y, w, h)):
+                    name = row[0].strip().replace("\\", "/")
+                    boxes[name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"] = (x, y, w, h)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path}: unreadable box CSV ({err})") from None
+    return boxes
+
+
+def _read_identity_names(path: Path) -> dict[str, str]:
+    """VGGFace2's `Class_ID, Name, Sample_Num, Flag, Gender` -> {class id: name}."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, skipinitialspace=True)
+            header = [h.strip().lower() for h in next(reader, None) or []]
+            if header[:2] != ["class_id", "name"]:
+                raise UserError(f"{path}: not VGGFace2's identity_meta.csv (columns Class_ID, Name, ...)")
+            return {row[0].strip(): row[1].strip() for row in reader if len(row) >= 2 and row[0].strip()}
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path}: unreadable identity_meta.csv ({err})") from None
 
 
 def _read_list(path: Path) -> list[str]:

@@ -391,3 +391,25 @@ def test_shards_are_plain_tars_with_fixed_metadata(vgg_root, tmp_path, capsys):
     with tarfile.open(load_manifest(out).shard_paths()[0]) as tar:
         for member in tar:
             assert (member.mtime, member.uid, member.gid, member.mode) == (0, 0, 0, 0o644)
+
+
+def test_vggface2_boxes_and_names_are_carried_when_they_ship(tmp_path, capsys):
+    root = tmp_path / "vggface2"
+    truth = write_vggface2(root, identities=2, per_identity=3, size=(180, 230), eye_px=(30, 60))
+    sources = sorted(truth)
+    (root / "meta").mkdir()
+    (root / "meta" / "identity_meta.csv").write_text(
+        'Class_ID, Name, Sample_Num, Flag, Gender\nn000001, "Ada_Lovelace", 3, 1, f\n'
+    )
+    boxes = ["NAME_ID,X,Y,W,H"] + [f"{s[:-4]},10,20,{100 + i},120" for i, s in enumerate(sources)]
+    boxes[-1] = f"{sources[-1][:-4]},oops,20,30,40"  # a bad box row is left out, not a reject
+    (root / "bb_landmark" / "loose_bb_train.csv").write_text("\n".join(boxes) + "\n")
+    out = tmp_path / "shards"
+    code, summary, err = build(["vggface2", "--root", str(root), "--out", str(out)], capsys)
+    assert code == 0 and summary["samples"] == 6 and summary["rejects"] == 0, err
+    parsed = [json.loads(m["json"]) for _, m in read_tar(out / "vggface2-train-000000.tar")]
+    records = {r["source"]: r for r in parsed}
+    for i, source in enumerate(sources):
+        record = records[source]
+        assert record.get("name") == ("Ada_Lovelace" if record["identity"] == "n000001" else None)
+        assert record.get("bbox") == (None if i == len(sources) - 1 else [10.0, 20.0, 100.0 + i, 120.0])
