@@ -349,18 +349,14 @@ def stage_train(
     )
     if not stage.ok:
         return stage
-    summary = last_json(out)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in records if "images_per_s" in r and r["images_per_s"]]
-    steady = windows[1:] or windows  # the first window holds cuDNN autotuning and Triton compilation
-    peaks = [r["peak_mem_gib"] for r in windows if "peak_mem_gib" in r]  # logged on CUDA only
+    summary = last_json(out)  # the trainer's summary: steady_* leave out its start-up window
     stage.figures = {
         "steps": summary["step"],
         "loader": summary.get("loader"),
         "dtype": summary.get("dtype"),
-        "images_per_s": round(sum(r["images_per_s"] for r in steady) / len(steady), 1),
-        "data_wait": round(sum(r["data_wait"] for r in steady) / len(steady), 4),
-        "peak_mem_gib": max(peaks) if peaks else None,
+        "images_per_s": round(summary["steady_images_per_s"], 1),
+        "data_wait": round(summary["steady_data_wait"], 4),
+        "peak_mem_gib": summary.get("peak_mem_gib"),  # logged on CUDA only
         "final_loss": round(summary["loss"], 4) if summary.get("loss") is not None else None,
     }
     return stage

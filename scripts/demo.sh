@@ -31,7 +31,8 @@ stage "3/4 training configs/demo_cpu.yaml"
 [ -f trainer/main.py ] || missing trainer/main.py
 rm -rf "$DEMO_DIR/run"  # the demo trains from scratch; old metrics and checkpoints would mix in
 "$PY" trainer/main.py --config configs/demo_cpu.yaml \
-  "data.train_shards=$SHARDS/train" "validation.lfw_shards=$SHARDS/lfw" "run.dir=$DEMO_DIR/run"
+  "data.train_shards=$SHARDS/train" "validation.lfw_shards=$SHARDS/lfw" "run.dir=$DEMO_DIR/run" \
+  | tee "$DEMO_DIR/train_summary.json"
 
 stage "4/4 LFW 10-fold evaluation on unseen identities"
 [ -f eval/lfw.py ] || missing eval/lfw.py
@@ -44,10 +45,8 @@ import json, sys
 d = sys.argv[1]
 before = json.load(open(f"{d}/lfw_untrained.json"))["accuracy_mean"]
 after = json.load(open(f"{d}/lfw_trained.json"))["accuracy_mean"]
-windows = [r for r in map(json.loads, open(f"{d}/run/metrics.jsonl")) if r.get("images_per_s")]
-steady = windows[1:] or windows  # the first window includes start-up
-rate = sum(r["images_per_s"] for r in steady) / len(steady)
-wait = sum(r["data_wait"] for r in steady) / len(steady)
+train = json.load(open(f"{d}/train_summary.json"))  # steady_*: start-up window left out
+rate, wait = train["steady_images_per_s"], train["steady_data_wait"]
 print(f"training: {rate:.0f} images/s, {wait:.1%} of step time waiting for data")
 print(f"LFW-protocol accuracy on unseen synthetic identities: untrained {before:.4f} -> trained {after:.4f}")
 PYEOF

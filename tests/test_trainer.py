@@ -31,6 +31,10 @@ def test_python_main_trains_and_writes_the_run_folder(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 9))
     for key in ("loss", "batch_acc", "lr", "images_per_s", "data_wait", "epoch"):
         assert rows[-1][key] is not None
+    # The summary's run throughput pools every log window but the first (start-up).
+    rates, waits = [r["images_per_s"] for r in rows[1:]], [r["data_wait"] for r in rows[1:]]
+    assert min(rates) <= summary["steady_images_per_s"] <= max(rates)
+    assert min(waits) <= summary["steady_data_wait"] <= max(waits)
     # untrained.pt is the network before any step; last.pt has moved away from it.
     before, _ = load_embedding_model(ck / "untrained.pt")
     after, spec = load_embedding_model(ck / "last.pt")

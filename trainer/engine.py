@@ -241,6 +241,10 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
     params = [p for p in module.parameters() if p.requires_grad]
     nonfinite_run = 0
     window = {"loss": 0.0, "acc": 0.0, "acc_n": 0, "n": 0, "wait": 0.0, "time": 0.0, "images": 0}
+    # The run's throughput for the summary: every log window but the first, which holds start-up
+    # (worker spawn, cuDNN autotuning, Triton compilation); the first alone in a run that short.
+    steady = {"wait": 0.0, "time": 0.0, "images": 0}
+    first: dict[str, float] | None = None
     model.train()
     loader.set_epoch(epoch, start_batch=batch_in_epoch)
     batches = iter(loader)
@@ -336,6 +340,11 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
                     record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 3)
                 log.log(record)
                 summary.update(record)
+                if first is None:
+                    first = {k: window[k] for k in steady}
+                else:
+                    for k in steady:
+                        steady[k] += window[k]
                 window = {k: 0 for k in window}
             if val_due:
                 log.log({"step": step, **last_val})
@@ -348,6 +357,10 @@ def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
             flat = {k: v.detach().cpu() for k, v in _unwrap(module).named_parameters()}
             torch.save(flat, run_dir / f"params-rank{info.rank}.pt")
         summary.update({"step": step, "best_accuracy": best, "skipped_total": skipped_total, **last_val})
+        run_rate = steady if steady["time"] or first is None else first
+        if run_rate["time"]:
+            summary["steady_images_per_s"] = run_rate["images"] / run_rate["time"]
+            summary["steady_data_wait"] = run_rate["wait"] / run_rate["time"]
         if info.is_main:
             print(f"done: {step} steps; checkpoints in {ckdir.root}", file=sys.stderr)
         return summary
