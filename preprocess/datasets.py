@@ -127,7 +127,7 @@ def read_vggface2(
         "--landmarks",
     )
     on_disk = set(_walk_images(image_root))
-    rows = _read_vggface2_landmarks(lm_path)
+    rows = _read_name_id_csv(lm_path, "landmark")  # unparsed: bad rows become per-image rejects
     if image_list is not None:
         _require_file(image_list, "image list", "--list")
     list_path = image_list or root / f"{split}_list.txt"
@@ -160,22 +160,13 @@ def read_vggface2(
 def _read_vggface2_boxes(path: Path) -> dict[str, tuple[float, float, float, float]]:
     """relative path -> (x, y, w, h). Informational only: a row that does not parse is left out."""
     boxes: dict[str, tuple[float, float, float, float]] = {}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if not header or header[0].strip().upper() != "NAME_ID":
-                raise UserError(f"{path}: not a VGGFace2 box CSV (first column must be NAME_ID)")
-            for row in reader:
-                try:
-                    x, y, w, h = (float(v) for v in row[1:5])
-                except ValueError:
-                    continue
-                if all(math.isfinite(v) for v in (x, y, w, h)):
-                    name = row[0].strip().replace("\\", "/")
-                    boxes[name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"] = (x, y, w, h)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"{path}: unreadable box CSV ({err})") from None
+    for rel, fields in _read_name_id_csv(path, "box").items():
+        try:
+            x, y, w, h = (float(v) for v in fields[:4])
+        except ValueError:
+            continue
+        if all(math.isfinite(v) for v in (x, y, w, h)):
+            boxes[rel] = (x, y, w, h)
     return boxes
 
 
@@ -200,22 +191,22 @@ def _read_list(path: Path) -> list[str]:
     return [line.strip().replace("\\", "/") for line in lines if line.strip()]
 
 
-def _read_vggface2_landmarks(path: Path) -> dict[str, list[str]]:
-    """relative path -> the number fields (unparsed: bad rows become per-image rejects, not a failed run)."""
+def _read_name_id_csv(path: Path, what: str) -> dict[str, list[str]]:
+    """A VGGFace2 `NAME_ID,...` CSV (landmarks or boxes): relative image path -> the other fields."""
     rows: dict[str, list[str]] = {}
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or not header or header[0].strip().upper() != "NAME_ID":
-                raise UserError(f"{path}: not a VGGFace2 landmark CSV (first column must be NAME_ID)")
+                raise UserError(f"{path}: not a VGGFace2 {what} CSV (first column must be NAME_ID)")
             for row in reader:
                 if row and row[0].strip():
                     name = row[0].strip().replace("\\", "/")
                     # NAME_ID is the relative path without its extension; VGGFace2 images are .jpg.
                     rows[name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"] = row[1:]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"{path}: unreadable landmark CSV ({err})") from None
+        raise UserError(f"{path}: unreadable {what} CSV ({err})") from None
     return rows
 
 
