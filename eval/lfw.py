@@ -31,7 +31,7 @@ from shards.manifest import Manifest, Pair, load_manifest
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="eval/lfw.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", type=Path, help="facetrain checkpoint (.pt)")
     model.add_argument("--onnx", type=Path, help="ONNX embedding model (input as DESIGN.md)")

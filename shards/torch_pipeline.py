@@ -34,7 +34,7 @@ _DECODE_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 def decode_into(out: np.ndarray, jpg: bytes, where: str) -> None:
     """Decode one JPEG as RGB into `out` (H, W, 3 uint8); UserError naming `where` if it cannot."""
     buf = np.frombuffer(jpg, dtype=np.uint8)
-    img = cv2.imdecode(buf, _DECODE_RGB) if _DECODE_RGB is not None else cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR if _DECODE_RGB is None else _DECODE_RGB)
     if img is None:
         raise UserError(f"{where}: corrupt JPEG (cannot decode)")
     if _DECODE_RGB is None:

@@ -51,9 +51,10 @@ class _HashingFile:
     def tell(self) -> int:
         return self.bytes
 
-    def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    def close(self, sync: bool = True) -> None:
+        if sync:
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._file.close()
 
 
@@ -105,9 +106,8 @@ class ShardWriter:
         )
 
     def abort(self) -> None:
-        """Drop a half-written shard (used on errors and interrupts)."""
-        self._tar.close()
-        self._file.close()
+        """Drop a half-written shard (used on errors and interrupts): no end blocks, no fsync."""
+        self._file.close(sync=False)
         self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
