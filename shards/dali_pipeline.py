@@ -25,9 +25,7 @@ import torch
 
 from shards.augment import BLUR_SIGMA, CROP_ASPECT, ERASE_AREA, ERASE_FILL, AugmentConfig
 from shards.errors import UserError
-from shards.sample_index import SampleReader, SampleTable
-
-Task = tuple[tuple[int, ...], np.ndarray]
+from shards.sample_index import SampleReader, SampleTable, Task
 
 
 def dali_importable() -> bool:

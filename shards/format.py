@@ -15,6 +15,15 @@ FORMAT_NAME = "facetrain-shards"
 FORMAT_VERSION = 1
 EXTENSIONS = ("jpg", "lbl", "json")
 
+# Files of a shard set: `{prefix}-{index:06d}.tar` with its DALI index `{prefix}-{index:06d}.idx`.
+SHARD_SUFFIX = ".tar"
+INDEX_SUFFIX = ".idx"
+INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx: "v1.2 N", then one line per sample
+TAR_BLOCK = 512  # tar header and padding unit (tarfile.BLOCKSIZE)
+# The per-sample integrity field the writer adds to each `.json` record: CRC32 of the members.
+CRC_FIELD = "crc32"
+CRC_MEMBERS = ("jpg", "lbl")
+
 # The standard 5-point template for a 112x112 crop (x, y): left eye, right eye, nose tip,
 # left mouth corner, right mouth corner, as the image shows them.
 TEMPLATE_112 = (
@@ -37,6 +46,16 @@ def sample_key(relative_path: str) -> str:
     path = PurePosixPath(relative_path.replace("\\", "/"))
     stem = str(path.with_suffix("")) if path.suffix else str(path)
     return stem.replace("/", "__").replace(".", "_")
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}{SHARD_SUFFIX}"
+
+
+def index_name(shard_file: str) -> str:
+    """The DALI index beside a shard: `x-000000.tar` -> `x-000000.idx`."""
+    stem = shard_file[: -len(SHARD_SUFFIX)] if shard_file.endswith(SHARD_SUFFIX) else shard_file
+    return stem + INDEX_SUFFIX
 
 
 def encode_label(label: int) -> bytes:

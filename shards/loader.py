@@ -32,7 +32,7 @@ import torch
 from shards.augment import AugmentConfig
 from shards.errors import UserError
 from shards.manifest import Manifest
-from shards.sample_index import SampleReader, batches_per_epoch, build_sample_table, epoch_order
+from shards.sample_index import SampleReader, Task, batches_per_epoch, build_sample_table, epoch_order
 from shards.torch_pipeline import BatchDecoder, DevicePrefetcher, iter_uint8_batches, to_model_input
 
 BACKENDS = ("auto", "dali", "torch")
@@ -99,7 +99,7 @@ class TrainLoader:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
-    def tasks(self) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    def tasks(self) -> list[Task]:
         """(seed words, sample indices) of each remaining batch of the current epoch on this rank."""
         order = epoch_order(
             len(self.table),

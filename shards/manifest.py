@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shards.errors import UserError
+from shards.fileio import atomic_write_text
 from shards.format import FORMAT_NAME, FORMAT_VERSION
 
 MANIFEST_NAME = "manifest.json"
@@ -52,16 +53,26 @@ class Manifest:
 
 
 def write_manifest(shard_dir: Path | str, data: dict[str, Any]) -> Path:
-    """Write manifest.json atomically (temp file, flush, rename)."""
-    path = Path(shard_dir) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write manifest.json atomically (shards.fileio: temp file, fsync, rename)."""
+    text = json.dumps(data, indent=1, sort_keys=False) + "\n"
+    return atomic_write_text(Path(shard_dir) / MANIFEST_NAME, text, what="shard manifest")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain_name(value: Any, where: str, path: Path) -> str:
+    """A shard or index name must be a file name inside the shard folder: no folder part, no `..`."""
+    if (not isinstance(value, str) or not value or value in (".", "..") or "/" in value
+            or "\\" in value or "\0" in value):
+        raise UserError(f"{path}: {where} must be a plain file name inside the shard folder, "
+                        f"not {str(value)[:80]!r}")
+    return value
 
 
 def _require(data: dict[str, Any], key: str, path: Path) -> Any:
@@ -96,6 +107,9 @@ def load_manifest(shard_dir: Path | str, verify: str = "size") -> Manifest:
         )
     try:
         shards = [ShardInfo(**s) for s in _require(data, "shards", path)]
+        for n, info in enumerate(shards):
+            _plain_name(info.file, f"shards[{n}].file", path)
+            _plain_name(info.index, f"shards[{n}].index", path)
         pairs = data.get("pairs")
         manifest = Manifest(
             root=root,
@@ -119,8 +133,6 @@ def load_manifest(shard_dir: Path | str, verify: str = "size") -> Manifest:
 
 
 def _verify_files(manifest: Manifest, check_sha: bool) -> None:
-    from shards.writer import file_sha256  # the writer owns hashing; imported late to avoid a cycle
-
     for info in manifest.shards:
         tar = manifest.root / info.file
         if not tar.is_file():

@@ -18,64 +18,88 @@ change every epoch with the permutation.
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from shards.errors import UserError
-from shards.format import decode_label
+from shards.format import CRC_FIELD, CRC_MEMBERS, TAR_BLOCK, decode_label
 from shards.manifest import Manifest
 
-_BLOCK = 512  # tar header size
+# A batch task: (seed words for its generator, sample indices). The seed words make the
+# augmentation of a batch depend only on (seed, epoch, rank, batch number). Both pipelines take these.
+Task = tuple[tuple[int, ...], np.ndarray]
+
+_COLUMNS = ("jpg_offset", "jpg_size", "lbl_offset", "json_offset", "json_size")
 
 
 @dataclass
 class SampleTable:
-    """Where each sample's image and label bytes are: one row per sample, in shard order."""
+    """Where each sample's members are: one row per sample, in shard order."""
 
     shard_paths: list[Path]
     shard: np.ndarray  # int32 [N] index into shard_paths
     jpg_offset: np.ndarray  # int64 [N] offset of the JPEG data in the tar
     jpg_size: np.ndarray  # int64 [N]
     lbl_offset: np.ndarray  # int64 [N] offset of the 4-byte label data
+    json_offset: np.ndarray  # int64 [N] offset of the JSON record (it follows the label)
+    json_size: np.ndarray  # int64 [N]
     keys: list[str] | None  # sample keys, kept only when asked (evaluation)
+    num_classes: int | None = None  # labels outside 0..num_classes-1 are refused when read
 
     def __len__(self) -> int:
         return len(self.shard)
 
 
-def _parse_index(idx_path: Path, tar_path: Path, expected: int, want_keys: bool):
+def _index_row(fields: list[str], where: str) -> tuple[tuple[int, ...], str]:
+    """One `.idx` line, groups of `ext offset size name`, as (jpg offset, size, lbl offset, json
+    offset, size) and the sample key."""
+    if not fields or len(fields) % 4:
+        raise UserError(f"{where}: expected groups of 'ext offset size name', got {len(fields)} fields")
+    members = {}
+    for j in range(0, len(fields), 4):
+        ext, offset, size, name = fields[j : j + 4]
+        if not (offset.isdigit() and size.isdigit()):
+            raise UserError(f"{where}: offset and size of the {ext!r} member must be integers")
+        members[ext] = (int(offset), int(size), name)
+    if "jpg" not in members or "lbl" not in members:
+        raise UserError(f"{where}: the sample has no jpg or no lbl member")
+    jpg, lbl = members["jpg"], members["lbl"]
+    record = members.get("json", (lbl[0] + 4, 0, ""))
+    if lbl[1] != 4 or jpg[0] >= lbl[0] or (record[1] and record[0] <= lbl[0]):
+        raise UserError(f"{where}: members are not in the order jpg, lbl (4 bytes), json")
+    key = jpg[2].rsplit("/", 1)[-1][: -len(".jpg")]
+    return (jpg[0], jpg[1], lbl[0], record[0], record[1]), key
+
+
+def parse_index(idx_path: Path, expected: int) -> tuple[np.ndarray, list[str]]:
+    """A DALI `.idx` file as int64 rows [N, 5] (see `_COLUMNS`) and sample keys; the one parser.
+
+    UserError naming the file (and line) for anything that is not the index the writer writes.
+    """
     try:
         lines = idx_path.read_text(encoding="ascii").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{idx_path}: unreadable DALI index ({err})") from None
     head = lines[0].split() if lines else []
     if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
-        raise UserError(f"{idx_path}: not a DALI webdataset index (first line {lines[:1]!r})")
+        raise UserError(f"{idx_path}:1: not a DALI webdataset index (the first line must be 'v1.2 N')")
     body = lines[1:]
     if int(head[1]) != len(body) or len(body) != expected:
         raise UserError(
             f"{idx_path}: index lists {len(body)} samples, header says {head[1]}, "
-            f"the manifest says {expected} for {tar_path.name}"
+            f"the manifest says {expected}"
         )
-    rows = np.zeros((len(body), 3), dtype=np.int64)
+    rows = np.zeros((len(body), len(_COLUMNS)), dtype=np.int64)
     keys: list[str] = []
     for i, line in enumerate(body):
-        parts = line.split()
-        jpg = lbl = None
-        for j in range(0, len(parts) - 3, 4):
-            ext = parts[j]
-            if ext == "jpg":
-                jpg = (int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])
-            elif ext == "lbl":
-                lbl = int(parts[j + 1])
-        if jpg is None or lbl is None:
-            raise UserError(f"{idx_path}: sample {i} has no jpg or no lbl member")
-        rows[i] = (jpg[0], jpg[1], lbl)
-        if want_keys:
-            keys.append(jpg[2].rsplit("/", 1)[-1][: -len(".jpg")])
+        row, key = _index_row(line.split(), f"{idx_path}:{i + 2}")
+        rows[i] = row
+        keys.append(key)
     return rows, keys
 
 
@@ -84,20 +108,21 @@ def build_sample_table(manifest: Manifest, want_keys: bool = False) -> SampleTab
     parts, shard_ids, keys = [], [], []
     paths = manifest.shard_paths()
     for s, (info, tar, idx) in enumerate(zip(manifest.shards, paths, manifest.index_paths(), strict=True)):
-        rows, k = _parse_index(idx, tar, info.samples, want_keys)
-        if len(rows) and int(rows[:, 0].max() + rows[:, 1].max()) > info.bytes:
+        rows, k = parse_index(idx, info.samples)
+        if len(rows) and int((rows[:, 3] + rows[:, 4]).max()) > info.bytes:
             raise UserError(f"{idx}: offsets point past the end of {tar.name} ({info.bytes} bytes)")
         parts.append(rows)
         shard_ids.append(np.full(len(rows), s, dtype=np.int32))
-        keys.extend(k)
-    rows = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
+        if want_keys:
+            keys.extend(k)
+    rows = np.concatenate(parts) if parts else np.zeros((0, len(_COLUMNS)), dtype=np.int64)
+    columns = {name: np.ascontiguousarray(rows[:, c]) for c, name in enumerate(_COLUMNS)}
     return SampleTable(
         shard_paths=paths,
         shard=np.concatenate(shard_ids) if shard_ids else np.zeros(0, dtype=np.int32),
-        jpg_offset=np.ascontiguousarray(rows[:, 0]),
-        jpg_size=np.ascontiguousarray(rows[:, 1]),
-        lbl_offset=np.ascontiguousarray(rows[:, 2]),
         keys=keys if want_keys else None,
+        num_classes=manifest.num_classes,
+        **columns,
     )
 
 
@@ -109,6 +134,19 @@ def _header_ok(header: bytes) -> bool:
     actual = sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as spaces
     name = header[:100].split(b"\0", 1)[0]
     return stored == actual and (name.endswith(b".jpg") or len(name) == 99)  # GNU long names: 99 chars
+
+
+def _check_crcs(record_bytes: bytes, members: dict[str, bytes], where: str) -> None:
+    """Compare the members with the CRC32s in the sample's JSON record (no field: an older shard)."""
+    try:
+        crcs = json.loads(record_bytes).get(CRC_FIELD)
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        raise UserError(f"{where}: corrupt sample record (not a JSON object)") from None
+    if crcs is None:
+        return
+    for ext in CRC_MEMBERS:
+        if not isinstance(crcs, dict) or zlib.crc32(members[ext]) != crcs.get(ext):
+            raise UserError(f"{where}: the {ext} member does not match its CRC32 (corrupt shard)")
 
 
 class SampleReader:
@@ -134,24 +172,28 @@ class SampleReader:
         return fd
 
     def read(self, i: int) -> tuple[bytes, int]:
+        """(JPEG bytes, label) of sample i, checked: its tar header, the label's range and, when
+        the record has one (every shard since the writer added it), the CRC32 of both members."""
         t = self.table
         shard = int(t.shard[i])
-        start = int(t.jpg_offset[i]) - _BLOCK  # from the JPEG's own tar header to the label's last byte
-        end = int(t.lbl_offset[i]) + 4
+        start = int(t.jpg_offset[i]) - TAR_BLOCK  # from the JPEG's own tar header to the record's end
+        end = int(t.json_offset[i]) + int(t.json_size[i])
         data = os.pread(self._fd(shard), end - start, start)
-        path = t.shard_paths[shard]
+        where = f"{t.shard_paths[shard]}: sample {i}"
         if len(data) != end - start:
-            raise UserError(
-                f"{path}: truncated shard (sample {i} ends at byte {end}, file has {start + len(data)})"
-            )
-        if not _header_ok(data[:_BLOCK]):
+            raise UserError(f"{where} ends at byte {end}, the file has {start + len(data)} (truncated shard)")
+        if not _header_ok(data[:TAR_BLOCK]):
             # the tar header just before the data must be intact and name a .jpg member: catches
             # overwritten bytes and an index that does not belong to this tar
-            raise UserError(
-                f"{path}: corrupt shard or stale index (bad tar header for sample {i} at byte {start})"
-            )
-        jpg = data[_BLOCK : _BLOCK + int(t.jpg_size[i])]
-        label = decode_label(data[-4:])
+            raise UserError(f"{where}: corrupt shard or stale index (bad tar header at byte {start})")
+        jpg = data[TAR_BLOCK : TAR_BLOCK + int(t.jpg_size[i])]
+        lbl_at = int(t.lbl_offset[i]) - start
+        label_bytes = data[lbl_at : lbl_at + 4]
+        if t.json_size[i]:
+            _check_crcs(data[int(t.json_offset[i]) - start :], {"jpg": jpg, "lbl": label_bytes}, where)
+        label = decode_label(label_bytes)
+        if t.num_classes is not None and not 0 <= label < t.num_classes:
+            raise UserError(f"{where}: label {label} is outside 0..{t.num_classes - 1} (corrupt shard)")
         return jpg, label
 
     def close(self) -> None:

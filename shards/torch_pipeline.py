@@ -20,12 +20,7 @@ import torch
 
 from shards.augment import AugmentConfig, augment_image
 from shards.errors import UserError
-from shards.sample_index import SampleReader, SampleTable
-
-# A batch task: (seed words for its generator, sample indices). The seed words make the
-# augmentation of a batch depend only on (seed, epoch, rank, batch number).
-Task = tuple[tuple[int, ...], np.ndarray]
-
+from shards.sample_index import SampleReader, SampleTable, Task
 
 # OpenCV >= 4.10 decodes straight to RGB; older builds (as on some GPU images) decode BGR.
 _DECODE_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)

@@ -1,24 +1,26 @@
 """Writes one shard: a deterministic WebDataset tar plus its DALI index, renamed into place when done.
 
 Determinism: member metadata is fixed (mtime 0, root owner, mode 0644, GNU format), so the same
-samples in the same order give byte-identical files. Safety: everything is written under a `.tmp`
-name, flushed to disk, and renamed; a shard whose final `.tar` exists is complete (its `.idx` is
-renamed first).
+samples in the same order give byte-identical files. Safety: both files are written with
+`shards.fileio.atomic_write` (a `.tmp` name, fsync, rename); a shard whose final `.tar` exists is
+complete (its `.idx` is renamed first). Integrity: each sample's `.json` record gets a `crc32`
+field with the CRC32 of its `.jpg` and `.lbl` members, which the readers check on every read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
-import os
 import tarfile
+import zlib
 from pathlib import Path
+from typing import IO
 
-from shards.format import encode_label
+from shards.fileio import atomic_write, atomic_write_text
+from shards.format import CRC_FIELD, INDEX_VERSION, encode_label, index_name
 from shards.manifest import ShardInfo
-
-_INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -32,14 +34,19 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 
 def index_path_for(tar_path: Path) -> Path:
-    return tar_path.with_suffix(".idx")
+    return tar_path.with_name(index_name(tar_path.name))
+
+
+def sample_crcs(jpeg: bytes, label_bytes: bytes) -> dict[str, int]:
+    """The `crc32` field of a sample record (the readers recompute it the same way)."""
+    return {"jpg": zlib.crc32(jpeg), "lbl": zlib.crc32(label_bytes)}
 
 
 class _HashingFile:
     """A write-only file that hashes and counts what passes through, so no one re-reads the tar."""
 
-    def __init__(self, path: Path):
-        self._file = open(path, "wb")
+    def __init__(self, file: IO[bytes]):
+        self._file = file
         self.digest = hashlib.sha256()
         self.bytes = 0
 
@@ -51,11 +58,9 @@ class _HashingFile:
     def tell(self) -> int:
         return self.bytes
 
-    def close(self, sync: bool = True) -> None:
-        if sync:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        self._file.close()
+
+class _Aborted(Exception):
+    """Handed to the atomic write on abort, so it drops the temporary file."""
 
 
 class ShardWriter:
@@ -67,16 +72,18 @@ class ShardWriter:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        self._file = _HashingFile(self.tmp_path)
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        self._stack = contextlib.ExitStack()
+        self._file = _HashingFile(self._stack.enter_context(atomic_write(self.path, "wb", what="shard")))
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)  # type: ignore[call-overload]
         self._index_lines: list[str] = []
         self.samples = 0
 
     def add(self, key: str, jpeg: bytes, label: int, record: dict) -> None:
+        label_bytes = encode_label(label)
+        record = {**record, CRC_FIELD: sample_crcs(jpeg, label_bytes)}
         record_bytes = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
         entries = []
-        for ext, data in (("jpg", jpeg), ("lbl", encode_label(label)), ("json", record_bytes)):
+        for ext, data in (("jpg", jpeg), ("lbl", label_bytes), ("json", record_bytes)):
             info, payload = _member(f"{key}.{ext}", data)
             self._tar.addfile(info, payload)
             # The data ends the member, padded to whole blocks; headers (long names add blocks) precede it.
@@ -87,16 +94,14 @@ class ShardWriter:
 
     def close(self) -> ShardInfo:
         self._tar.close()  # writes the end-of-archive blocks through the hashing file
-        self._file.close()
         index = index_path_for(self.path)
-        index_tmp = index.with_name(index.name + ".tmp")
-        with open(index_tmp, "w", encoding="ascii") as f:
-            f.write(f"{_INDEX_VERSION} {self.samples}\n")
-            f.writelines(line + "\n" for line in self._index_lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(index_tmp, index)
-        os.replace(self.tmp_path, self.path)
+        lines = "".join(line + "\n" for line in self._index_lines)
+        try:
+            atomic_write_text(index, f"{INDEX_VERSION} {self.samples}\n{lines}", what="DALI index")
+        except BaseException:
+            self.abort()
+            raise
+        self._stack.close()  # fsync and rename the tar, after its index
         return ShardInfo(
             file=self.path.name,
             index=index.name,
@@ -107,8 +112,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop a half-written shard (used on errors and interrupts): no end blocks, no fsync."""
-        self._file.close(sync=False)
-        self.tmp_path.unlink(missing_ok=True)
+        self._stack.__exit__(_Aborted, _Aborted(), None)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -116,11 +120,3 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

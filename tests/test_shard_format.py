@@ -10,8 +10,8 @@ import pytest
 
 from shards.errors import UserError, run_cli
 from shards.format import FORMAT_NAME, FORMAT_VERSION, decode_label, encode_label, sample_key, scaled_template
-from shards.manifest import load_manifest, write_manifest
-from shards.writer import ShardWriter, file_sha256
+from shards.manifest import file_sha256, load_manifest, write_manifest
+from shards.writer import ShardWriter
 
 
 def _write_shard(path: Path, count: int, first_label: int = 0):
