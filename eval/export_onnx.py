@@ -13,7 +13,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import torch
 
 from eval.embed import INPUT_SPEC
 from shards.errors import CliParser, UserError, run_cli
+from shards.fileio import atomic_write
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -48,7 +48,6 @@ def export(model: torch.nn.Module, spec: dict[str, Any], out: Path, opset: int =
     h, w = (int(v) for v in spec["image_size"])
     example = torch.zeros(2, 3, h, w)
     batch = torch.export.Dim("batch", min=1)
-    tmp = out.with_name(out.name + ".tmp")
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # exporter chatter off stdout
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
@@ -64,12 +63,8 @@ def export(model: torch.nn.Module, spec: dict[str, Any], out: Path, opset: int =
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, str(v)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    except OSError as err:
-        raise UserError(f"{out}: cannot write the ONNX file ({err.strerror})") from None
+    with atomic_write(out, "wb", what="ONNX file") as f:
+        onnx.save(proto, f)
 
 
 def max_abs_diff(model: torch.nn.Module, onnx_path: Path, image_size: tuple[int, int],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from eval.embed import EmbedFn, embed_shards, onnx_embedder, resolve_device, torch_embedder
-from eval.pairs import manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
-from eval.verification import kfold, pair_scores, verification_metrics
+from eval.pairs import Member, manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
+from eval.verification import KFoldResult, kfold, pair_scores, verification_metrics
 from shards.errors import CliParser, UserError, run_cli
+from shards.fileio import atomic_write_text
 from shards.manifest import Manifest, Pair, load_manifest
 
 
@@ -84,14 +84,18 @@ def hardest_failures(pairs: Sequence[Pair], scores: np.ndarray, folds: np.ndarra
     return [(pairs[i].a, pairs[i].b, bool(same[i]), float(scores[i]), float(thr[i])) for i in order]
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f"{path}: cannot write the metrics JSON ({err.strerror})") from None
+def _save_plots(args: argparse.Namespace, pairs: list[Pair], members: dict[str, Member],
+                scores: np.ndarray, same: np.ndarray, folds: np.ndarray, res: KFoldResult,
+                metrics: dict[str, Any], model_name: str) -> None:
+    from eval import plots  # matplotlib only when a picture is asked for
+
+    if args.roc:
+        plots.save_roc(args.roc, scores, same, f"LFW ROC: {Path(model_name.split()[0]).name}, "
+                       f"acc {metrics['accuracy_mean']:.4f}")
+    if args.failures:
+        rows = hardest_failures(pairs, scores, folds, res.fold_ids, res.thresholds,
+                                res.predicted_same, max(args.num_failures, 0))
+        plots.save_failures(args.failures, rows, lambda key: read_jpeg(members[key]))
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -126,19 +130,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     print(f"folds: {' '.join(f'{a:.3f}' for a in res.accuracies)}; "
           f"{metrics['num_pairs']} pairs in {metrics['seconds']:.1f} s", file=sys.stderr)
     if args.json:
-        _write_json(args.json, {**metrics, "fold_accuracies": res.accuracies.tolist(),
-                                "fold_thresholds": res.thresholds.tolist(), "flip": not args.no_flip,
-                                "model": model_name, "shards": str(manifest.root)})
+        record = {**metrics, "fold_accuracies": res.accuracies.tolist(),
+                  "fold_thresholds": res.thresholds.tolist(), "flip": not args.no_flip,
+                  "model": model_name, "shards": str(manifest.root)}
+        atomic_write_text(args.json, json.dumps(record, indent=1) + "\n", what="metrics JSON")
     if args.roc or args.failures:
-        from eval import plots  # matplotlib only when a picture is asked for
-
-        if args.roc:
-            plots.save_roc(args.roc, scores, same, f"LFW ROC: {Path(model_name.split()[0]).name}, "
-                           f"acc {metrics['accuracy_mean']:.4f}")
-        if args.failures:
-            rows = hardest_failures(pairs, scores, folds, res.fold_ids, res.thresholds,
-                                    res.predicted_same, max(args.num_failures, 0))
-            plots.save_failures(args.failures, rows, lambda key: read_jpeg(members[key]))
+        _save_plots(args, pairs, members, scores, same, folds, res, metrics, model_name)
     return 0
 
 

@@ -3,13 +3,15 @@ against the sample keys the shards actually hold (read from the DALI .idx files,
 
 from __future__ import annotations
 
-import tarfile
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from preprocess.pairs_file import read_pairs
 from shards.errors import UserError
 from shards.format import sample_key
 from shards.manifest import MANIFEST_NAME, Manifest, Pair
+from shards.sample_index import build_sample_table
 
 
 @dataclass(frozen=True)
@@ -21,39 +23,22 @@ class Member:
     size: int
 
 
-def _key_ext(member_name: str) -> tuple[str, str]:
-    base_start = member_name.rfind("/") + 1
-    dot = member_name.find(".", base_start)
-    return member_name[:dot], member_name[dot + 1:]
-
-
 def shard_jpegs(manifest: Manifest) -> dict[str, Member]:
-    """Sample key -> its JPEG member, from the .idx files (falls back to the tar headers)."""
-    out: dict[str, Member] = {}
-    for tar_path, idx_path in zip(manifest.shard_paths(), manifest.index_paths(), strict=True):
+    """Sample key -> its JPEG member, from the .idx files (shards/sample_index.py parses them)."""
+    for tar_path in manifest.shard_paths():
         if not tar_path.is_file():
             raise UserError(f"{tar_path}: shard listed in the manifest is missing")
-        try:
-            lines = idx_path.read_text(encoding="ascii").splitlines()[1:]
-            for line in lines:
-                f = line.split()
-                for i in range(0, len(f) - 3, 4):  # groups of: ext offset size name
-                    if f[i] == "jpg":
-                        key, _ = _key_ext(f[i + 3])
-                        out[key] = Member(tar_path, int(f[i + 1]), int(f[i + 2]))
-        except (OSError, ValueError, UnicodeDecodeError):
-            with tarfile.open(tar_path, "r:") as tar:
-                for m in tar:
-                    key, ext = _key_ext(m.name)
-                    if m.isfile() and ext == "jpg":
-                        out[key] = Member(tar_path, m.offset_data, m.size)
-    return out
+    table = build_sample_table(manifest, want_keys=True)
+    return {
+        key: Member(table.shard_paths[int(s)], int(offset), int(size))
+        for key, s, offset, size in zip(table.keys or [], table.shard, table.jpg_offset, table.jpg_size,
+                                        strict=True)
+    }
 
 
 def read_jpeg(member: Member) -> bytes:
     with open(member.shard, "rb") as f:
-        f.seek(member.offset)
-        return f.read(member.size)
+        return os.pread(f.fileno(), member.size, member.offset)
 
 
 def manifest_pairs(manifest: Manifest, keys: set[str] | dict[str, Member]) -> list[Pair]:
@@ -69,53 +54,13 @@ def manifest_pairs(manifest: Manifest, keys: set[str] | dict[str, Member]) -> li
     return list(manifest.pairs)
 
 
-def _lfw_key(name: str, number: str) -> str:
-    return sample_key(f"{name}/{name}_{int(number):04d}.jpg")
-
-
 def read_pairs_file(path: Path, keys: set[str] | dict[str, Member]) -> list[Pair]:
-    """A pairs.txt in the standard format, resolved to sample keys.
-
-    Header `<folds> <n>` (or a single count: one fold), then per fold n genuine lines `name i j`
-    and n impostor lines `name1 i name2 j`. The impostor's second image is read under the second
-    name (the reference evaluator used the first name for both).
-    """
-    try:
-        raw = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: pairs file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: unreadable pairs file ({err})") from None
-    lines = [(n, line.split()) for n, line in enumerate(raw, start=1) if line.strip()]
-    if not lines:
-        raise UserError(f"{path}: the pairs file is empty")
-    (hline, header), body = lines[0], lines[1:]
-    try:
-        if len(header) == 2:
-            folds, per_fold = int(header[0]), int(header[1])
-        elif len(header) == 1:
-            folds, per_fold = 1, int(header[0])
-        else:
-            raise ValueError
-    except ValueError:
-        raise UserError(f"{path}:{hline}: expected a header '<folds> <pairs per fold>'") from None
-    if folds <= 0 or per_fold <= 0 or len(body) != folds * per_fold * 2:
-        raise UserError(f"{path}:{hline}: header says {folds} folds x {per_fold} genuine + "
-                        f"{per_fold} impostor pairs, the file has {len(body)} pair lines")
+    """A pairs.txt (formats: preprocess/pairs_file.py) resolved to sample keys in the shards."""
     out = []
-    for i, (n, f) in enumerate(body):
-        try:
-            if len(f) == 3:
-                pair = (_lfw_key(f[0], f[1]), _lfw_key(f[0], f[2]), True)
-            elif len(f) == 4:
-                pair = (_lfw_key(f[0], f[1]), _lfw_key(f[2], f[3]), False)
-            else:
-                raise UserError(f"{path}:{n}: {len(f)} fields; expected 'name i j' (same person) "
-                                "or 'name1 i name2 j' (different people)")
-        except ValueError:
-            raise UserError(f"{path}:{n}: image numbers must be integers: {' '.join(f)!r}") from None
-        for key in pair[:2]:
+    for p in read_pairs(path):
+        a, b = sample_key(p.a), sample_key(p.b)
+        for key in (a, b):
             if key not in keys:
-                raise UserError(f"{path}:{n}: image {key!r} is not in the shards")
-        out.append(Pair(pair[0], pair[1], pair[2], i // (2 * per_fold)))
+                raise UserError(f"{path}:{p.line}: image {key!r} is not in the shards")
+        out.append(Pair(a, b, p.same, p.fold))
     return out

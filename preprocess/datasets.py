@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preprocess.pairs_file import read_pairs
 from shards.errors import UserError
 from shards.format import sample_key
 from shards.manifest import Pair
@@ -238,7 +239,10 @@ def read_lfw(
     pair_path = (
         pairs if pairs is not None else (root / "pairs.txt" if (root / "pairs.txt").is_file() else None)
     )
-    pair_list = _read_pairs(_require_file(pair_path, "LFW pairs file", "--pairs")) if pair_path else None
+    pair_list = None
+    if pair_path:
+        pair_lines = read_pairs(_require_file(pair_path, "LFW pairs file", "--pairs"))
+        pair_list = [(p.a, p.b, p.same, p.fold) for p in pair_lines]
     return DatasetInputs(
         "lfw",
         "test",
@@ -267,42 +271,6 @@ def _read_lfw_landmarks(path: Path) -> dict[str, list[str]]:
     if not rows:
         raise UserError(f"{path}: the landmark file is empty")
     return rows
-
-
-def lfw_rel(name: str, number: str) -> str:
-    return f"{name}/{name}_{int(number):04d}.jpg"
-
-
-def _read_pairs(path: Path) -> list[tuple[str, str, bool, int]]:
-    """View 2 pairs: header `folds<TAB>n`, then per fold n same lines (name i j), n different (n1 i n2 j)."""
-    try:
-        lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: unreadable pairs file ({err})") from None
-    if not lines:
-        raise UserError(f"{path}: the pairs file is empty")
-    header, body = lines[0], lines[1:]
-    try:
-        folds, per_fold = (int(header[0]), int(header[1])) if len(header) == 2 else (1, len(body) // 2)
-    except ValueError:
-        raise UserError(f"{path}:1: expected a header '<folds> <pairs per fold>'") from None
-    if per_fold <= 0 or len(body) != folds * per_fold * 2:
-        raise UserError(
-            f"{path}: header says {folds} folds x {per_fold} x 2 pairs, file has {len(body)} lines"
-        )
-    out = []
-    for number, fields in enumerate(body):
-        try:
-            if len(fields) == 3:
-                a, b, same = lfw_rel(fields[0], fields[1]), lfw_rel(fields[0], fields[2]), True
-            elif len(fields) == 4:
-                a, b, same = lfw_rel(fields[0], fields[1]), lfw_rel(fields[2], fields[3]), False
-            else:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"{path}:{number + 2}: expected 'name i j' or 'name1 i name2 j'") from None
-        out.append((a, b, same, number // (2 * per_fold)))
-    return out
 
 
 def pairs_by_key(pairs: list[tuple[str, str, bool, int]], packed: set[str]) -> tuple[list[Pair], int]:
