@@ -13,7 +13,7 @@ import torch
 
 from eval import export_onnx
 from eval.lfw import main as lfw_main
-from tests.test_eval_lfw import _one_line_error, build_lfw_shards, make_checkpoint
+from tests._eval_util import build_lfw_shards, make_checkpoint, one_line_error
 from trainer.checkpoint import load_embedding_model
 
 
@@ -57,7 +57,7 @@ def test_export_reports_and_fails_on_mismatch(exported: tuple[Path, Path], tmp_p
     err = capsys.readouterr()
     report = json.loads(err.out.strip().splitlines()[-1])
     assert report["max_abs_diff"] > 1e-4
-    _one_line_error(code, err.err, str(tmp_path / "bad.onnx"), "differs from PyTorch")
+    one_line_error(code, err.err, str(tmp_path / "bad.onnx"), "differs from PyTorch")
 
 
 def test_lfw_onnx_gives_the_checkpoint_accuracy(exported: tuple[Path, Path], tmp_path: Path,
@@ -80,4 +80,4 @@ def test_export_bad_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.Captur
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"junk")
     code = export_onnx.main(["--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")])
-    _one_line_error(code, capsys.readouterr().err, str(bad))
+    one_line_error(code, capsys.readouterr().err, str(bad))
