@@ -24,8 +24,12 @@ def face_like(i: int, size: int = 112) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_shards(root: Path, sizes: list[int], num_classes: int = 7, size: int = 112) -> Path:
-    """Shards `train-00000k.tar` with `sizes[k]` samples; sample i has label i % num_classes."""
+def make_shards(root: Path, sizes: list[int], num_classes: int = 7, size: int = 112,
+                not_jpeg: frozenset[int] = frozenset()) -> Path:
+    """Shards `train-00000k.tar` with `sizes[k]` samples; sample i has label i % num_classes.
+
+    Samples in `not_jpeg` hold bytes that are no image (written as such: their CRC32 fits).
+    """
     root.mkdir(parents=True, exist_ok=True)
     infos, i = [], 0
     for s, count in enumerate(sizes):
@@ -36,6 +40,8 @@ def make_shards(root: Path, sizes: list[int], num_classes: int = 7, size: int = 
                     ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
                 )
                 assert ok
+                if i in not_jpeg:
+                    jpg = np.frombuffer(b"this is not a JPEG " * 20, np.uint8)
                 label = i % num_classes
                 w.add(
                     f"id{label:03d}__img_{i:05d}",
