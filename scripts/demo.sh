@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on the CPU: synthetic raw data -> aligned shards -> a short
 # training run -> LFW-protocol evaluation of the trained network against the same one untrained.
-# Called by `make demo` (which sets PY to the virtualenv's python). Each stage is skipped with a
-# message when its command does not exist yet, so the demo always runs as far as the project goes.
+# Called by `make demo` (which sets PY to the virtualenv's python). Stops at the first failing stage.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 DEMO_DIR=${DEMO_DIR:-runs/demo}
@@ -11,10 +10,8 @@ SHARDS=$DEMO_DIR/shards
 start=$(date +%s)
 
 stage() { printf '\n== %s ==\n' "$*" >&2; }
-missing() { printf 'demo stops here: %s does not exist yet\n' "$1" >&2; exit 0; }
 
 stage "1/4 synthetic raw data (VGGFace2 and LFW layouts) -> $RAW"
-[ -f preprocess/synthetic.py ] || missing preprocess/synthetic.py
 if [ ! -f "$RAW/.complete" ]; then
   "$PY" preprocess/synthetic.py --out "$RAW" --identities 400 --images-per-identity 20 --lfw-identities 150 --seed 0
   touch "$RAW/.complete"
@@ -23,19 +20,16 @@ else
 fi
 
 stage "2/4 aligned shards -> $SHARDS"
-[ -f preprocess/build_shards.py ] || missing preprocess/build_shards.py
 "$PY" preprocess/build_shards.py vggface2 --root "$RAW/vggface2" --split train --out "$SHARDS/train"
 "$PY" preprocess/build_shards.py lfw --root "$RAW/lfw" --out "$SHARDS/lfw"
 
 stage "3/4 training configs/demo_cpu.yaml"
-[ -f trainer/main.py ] || missing trainer/main.py
 rm -rf "$DEMO_DIR/run"  # the demo trains from scratch; old metrics and checkpoints would mix in
 "$PY" trainer/main.py --config configs/demo_cpu.yaml \
   "data.train_shards=$SHARDS/train" "validation.lfw_shards=$SHARDS/lfw" "run.dir=$DEMO_DIR/run" \
   | tee "$DEMO_DIR/train_summary.json"
 
 stage "4/4 LFW 10-fold evaluation on unseen identities"
-[ -f eval/lfw.py ] || missing eval/lfw.py
 "$PY" eval/lfw.py --checkpoint "$DEMO_DIR/run/checkpoints/untrained.pt" --shards "$SHARDS/lfw" \
   --json "$DEMO_DIR/lfw_untrained.json" > /dev/null
 "$PY" eval/lfw.py --checkpoint "$DEMO_DIR/run/checkpoints/last.pt" --shards "$SHARDS/lfw" \
