@@ -73,6 +73,47 @@ def _seed(words: Sequence[int]) -> int:
     return int(np.random.default_rng(list(words)).integers(0, 2**31 - 1))
 
 
+def _coin(p: float):
+    """1.0 with probability p, else 0.0 (coin_flip itself has no float output)."""
+    from nvidia.dali import fn, types
+
+    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+
+def _augment(images, aug: AugmentConfig, image_size: tuple[int, int]):
+    """The DALI operators of the training augmentation (shards/augment.py's settings), in its order."""
+    from nvidia.dali import fn
+
+    h, w = image_size
+    if aug.crop_scale:
+        images = fn.random_resized_crop(
+            images, size=[h, w], random_area=list(aug.crop_scale), random_aspect_ratio=list(CROP_ASPECT)
+        )
+    if aug.color_jitter or aug.grayscale_p:
+        j = aug.color_jitter
+        sat = fn.random.uniform(range=[1 - j, 1 + j]) if j else 1.0
+        if aug.grayscale_p:
+            sat = sat * (1.0 - _coin(aug.grayscale_p))
+        kw = {"brightness": fn.random.uniform(range=[1 - j, 1 + j]),
+              "contrast": fn.random.uniform(range=[1 - j, 1 + j])} if j else {}
+        images = fn.color_twist(images, saturation=sat, **kw)
+    if aug.blur_p:
+        # sigma ~0 is an exact identity (3-tap window with weights 0, 1, 0): blur without a branch
+        hit = _coin(aug.blur_p)
+        sigma = hit * fn.random.uniform(range=list(BLUR_SIGMA)) + (1.0 - hit) * 1e-3
+        images = fn.gaussian_blur(images, sigma=sigma)
+    if aug.erase_p:
+        hit = _coin(aug.erase_p)
+        side = fn.random.uniform(
+            range=[float(np.sqrt(ERASE_AREA[0])), float(np.sqrt(ERASE_AREA[1]))], shape=[2]
+        )
+        anchor = fn.random.uniform(range=[0.0, 1.0], shape=[2]) * (1.0 - side)
+        images = fn.erase(images, anchor=anchor, shape=side * hit,  # an empty region when not erasing
+                          axis_names="HW", normalized_anchor=True, normalized_shape=True,
+                          fill_value=float(ERASE_FILL))
+    return images
+
+
 def _build(
     source: _Source,
     *,
@@ -88,9 +129,6 @@ def _build(
 ):
     from nvidia.dali import fn, pipeline_def, types
 
-    def _coin(p: float):  # 1.0 with probability p, else 0.0 (coin_flip itself has no float output)
-        return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
-
     @pipeline_def(
         batch_size=batch_size,
         num_threads=max(1, threads),
@@ -105,47 +143,8 @@ def _build(
             source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32]
         )
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        h, w = image_size
         aug = augment or AugmentConfig(flip=False)
-        if aug.crop_scale:
-            images = fn.random_resized_crop(
-                images, size=[h, w], random_area=list(aug.crop_scale), random_aspect_ratio=list(CROP_ASPECT)
-            )
-        if aug.color_jitter or aug.grayscale_p:
-            j = aug.color_jitter
-            sat = fn.random.uniform(range=[1 - j, 1 + j]) if j else 1.0
-            if aug.grayscale_p:
-                sat = sat * (1.0 - _coin(aug.grayscale_p))
-            kw = (
-                {
-                    "brightness": fn.random.uniform(range=[1 - j, 1 + j]),
-                    "contrast": fn.random.uniform(range=[1 - j, 1 + j]),
-                }
-                if j
-                else {}
-            )
-            images = fn.color_twist(images, saturation=sat, **kw)
-        if aug.blur_p:
-            # sigma ~0 is an exact identity (3-tap window with weights 0, 1, 0): blur without a branch
-            hit = _coin(aug.blur_p)
-            sigma = hit * fn.random.uniform(range=list(BLUR_SIGMA)) + (1.0 - hit) * 1e-3
-            images = fn.gaussian_blur(images, sigma=sigma)
-        if aug.erase_p:
-            hit = _coin(aug.erase_p)
-            side = fn.random.uniform(
-                range=[float(np.sqrt(ERASE_AREA[0])), float(np.sqrt(ERASE_AREA[1]))], shape=[2]
-            )
-            shape = side * hit  # an empty region when not erasing
-            anchor = fn.random.uniform(range=[0.0, 1.0], shape=[2]) * (1.0 - side)
-            images = fn.erase(
-                images,
-                anchor=anchor,
-                shape=shape,
-                axis_names="HW",
-                normalized_anchor=True,
-                normalized_shape=True,
-                fill_value=float(ERASE_FILL),
-            )
+        images = _augment(images, aug, image_size)
         mirror = fn.random.coin_flip(probability=0.5) if aug.flip else 0
         images = fn.crop_mirror_normalize(
             images,
