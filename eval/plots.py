@@ -13,15 +13,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eval.verification import roc_curve, tar_at_far  # noqa: E402
-from shards.errors import UserError  # noqa: E402
+from shards.fileio import atomic_write  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    except OSError as err:
-        raise UserError(f"{path}: cannot write the image ({err.strerror})") from None
+        with atomic_write(path, "wb", what="image") as f:
+            fig.savefig(f, format="png", dpi=110)
     finally:
         plt.close(fig)
 
