@@ -48,6 +48,16 @@ def corrupt_tar_header(tar_path: Path, key: str) -> None:
     _write_at(tar_path, member_offset(tar_path, f"{key}.jpg") - TAR_BLOCK + 10, b"\x00" * 64)
 
 
+def garble_crc_field(tar_path: Path, key: str) -> None:
+    """Replace the first digit of the record's `crc32` value with a letter (the record no longer parses)."""
+    offset = member_offset(tar_path, f"{key}.json")
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        record = f.read(TAR_BLOCK)
+    at = record.index(b'"crc32":{"jpg":') + len(b'"crc32":{"jpg":')
+    _write_at(tar_path, offset + at, b"x")
+
+
 def set_manifest_path(root: Path, shard: int, field: str, value: str) -> None:
     """Point `shards[shard].<field>` (`file` or `index`) of the manifest at `value`, e.g. `../x`."""
     path = root / MANIFEST_NAME

@@ -4,6 +4,7 @@ does not decode, and a manifest path that leaves the shard folder. Old shards wi
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,15 @@ def old_format(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_changed_members_fail_their_crc(tmp_path: Path, reader: str) -> None:
     root = make_shards(tmp_path / "s", [4, 5])
     assert len(_read_all(root, reader)) == 3
+    shutil.copyfile(root / "train-000001.tar", tmp_path / "good.tar")
     _damage.set_label(root / "train-000001.tar", KEY, 2)  # within range: only the CRC sees it
     _one_line(root, reader, "sample 6", "lbl member does not match its CRC32")
     _damage.set_label(root / "train-000001.tar", KEY, 6)  # restored
     _damage.flip_jpeg_byte(root / "train-000001.tar", KEY)
     _one_line(root, reader, "sample 6", "jpg member does not match its CRC32")
+    shutil.copyfile(tmp_path / "good.tar", root / "train-000001.tar")
+    _damage.garble_crc_field(root / "train-000001.tar", KEY)
+    _one_line(root, reader, "sample 6", "corrupt sample record")
 
 
 @pytest.mark.parametrize("reader", READERS)
