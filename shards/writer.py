@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from shards.fileio import atomic_write, atomic_write_text
-from shards.format import CRC_FIELD, INDEX_VERSION, encode_label, index_name
+from shards.format import CRC_FIELD, INDEX_VERSION, TAR_BLOCK, encode_label, index_name
 from shards.manifest import ShardInfo
 
 
@@ -87,7 +87,7 @@ class ShardWriter:
             info, payload = _member(f"{key}.{ext}", data)
             self._tar.addfile(info, payload)
             # The data ends the member, padded to whole blocks; headers (long names add blocks) precede it.
-            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            padded = -(-len(data) // TAR_BLOCK) * TAR_BLOCK
             entries.append(f"{ext} {self._tar.offset - padded} {len(data)} {info.name}")
         self._index_lines.append(" ".join(entries))
         self.samples += 1
