@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,15 @@ def test_run_cli_turns_user_errors_into_one_line(capsys):
     assert run_cli(main, []) == 2
     assert capsys.readouterr().err == "error: data/x.tar: broken\n"
     assert run_cli(lambda argv: 0, []) == 0
+
+
+def test_every_record_carries_the_crc32_of_its_members(tmp_path):
+    tar_path = tmp_path / "s-000000.tar"
+    with ShardWriter(tar_path) as writer:
+        writer.add("k0", b"jpeg bytes", 2, {"identity": "a", "crc32": "stale"})  # the writer's own wins
+        writer.close()
+    with tarfile.open(tar_path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    record = json.loads(members["k0.json"])
+    assert record["crc32"] == {"jpg": zlib.crc32(b"jpeg bytes"), "lbl": zlib.crc32(encode_label(2))}
+    assert record["identity"] == "a"
