@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,18 @@ def test_script_runs_as_a_file(lfw_dir: Path) -> None:
                           str(lfw_dir)], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: /nonexistent.pt")
     assert "Traceback" not in bad.stderr
+
+
+def test_garbage_shard_or_index_is_one_line(lfw_dir: Path, ckpt: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(lfw_dir, bad)
+    tar, idx = bad / "lfw-000001.tar", bad / "lfw-000001.idx"
+    good_idx = idx.read_bytes()
+    idx.write_bytes(np.random.default_rng(0).integers(0, 256, len(good_idx), np.uint8).tobytes())
+    code, _, err = _run(capsys, "--checkpoint", str(ckpt), "--shards", str(bad))
+    one_line_error(code, err, str(idx), "DALI index")
+    idx.write_bytes(good_idx)
+    tar.write_bytes(np.random.default_rng(1).integers(0, 256, tar.stat().st_size, np.uint8).tobytes())
+    code, _, err = _run(capsys, "--checkpoint", str(ckpt), "--shards", str(bad), "--quiet")
+    one_line_error(code, err, str(tar), "bad tar header")
