@@ -20,6 +20,10 @@ Backends: "dali" (DALI pipeline, nvJPEG on a GPU, CPU operators otherwise), "tor
 DataLoader workers), "auto" (DALI when it is installed and can run on the device, else torch).
 Both prefetch: DALI with its queue depth, torch with workers' prefetch_factor and a thread that
 moves the next batches to the device while the step runs.
+
+Every sample both backends and `iter_eval_batches` read is checked as it is read (its tar header,
+the CRC32s in its record, its label's range: `SampleReader.read` in shards/sample_index.py); a
+damaged sample stops the reader with one UserError line naming the shard and the sample.
 """
 
 from __future__ import annotations
