@@ -1,4 +1,5 @@
-"""Shared helpers for the trainer tests: a tiny synthetic run's overrides and a subprocess runner."""
+"""Shared helpers for the trainer tests: a tiny synthetic run's overrides and a subprocess runner
+(trainer/main.py, or tests/_trainer_faults.py when faults are injected)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,17 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_main(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MAIN), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env(), cwd=ROOT)
+def main_command(faults: dict | None = None) -> list[str]:
+    """The script (and its first argument) to run: trainer/main.py, or it with these FaultHooks."""
+    if not faults:
+        return [str(MAIN)]
+    return [str(ROOT / "tests" / "_trainer_faults.py"), json.dumps(faults)]
+
+
+def run_main(args: list[str], timeout: float = 120,
+             faults: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *main_command(faults), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env(), cwd=ROOT)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -22,7 +22,7 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.run.devices == [0, 1]
     assert cfg.head.margin == "arcface"
-    assert cfg.data.augment.crop_scale == [0.8, 1.0]
+    assert cfg.data.augment.crop_scale == (0.8, 1.0)  # shards.augment.AugmentConfig holds a tuple
     assert cfg.model.kwargs == {"width": 16}
 
 

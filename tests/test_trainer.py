@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from tests._trainer_faults import FaultHooks
 from tests._trainer_util import metrics, run_main, tiny_overrides
 from trainer.backbones import build_backbone
 from trainer.checkpoint import load_checkpoint, load_embedding_model
@@ -58,8 +59,8 @@ def test_tiny_backbone_overfits_a_few_identities(tmp_path):
 
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides(run, steps=6, **{"debug.nonfinite_steps": "[2]"}))
-    summary = train(cfg)
+    cfg = load_config(None, tiny_overrides(run, steps=6))
+    summary = train(cfg, hooks=FaultHooks(nonfinite_steps=[2]))
     assert summary["skipped_total"] == 1
     rows = metrics(run)
     assert all(r["loss"] is None or r["loss"] == r["loss"] for r in rows)  # no NaN logged as a loss
@@ -70,9 +71,8 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
 
 def test_divergence_stops_with_a_message_and_a_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    args = tiny_overrides(run, steps=20, **{"debug.nonfinite_steps": "[3,4,5,6]",
-                                           "optim.max_nonfinite_in_row": 3})
-    assert main(args) == 3
+    args = tiny_overrides(run, steps=20, **{"optim.max_nonfinite_in_row": 3})
+    assert main(args, hooks=FaultHooks(nonfinite_steps=[3, 4, 5, 6])) == 3
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: training diverged: 3 non-finite steps in a row at step 6"), last

@@ -11,17 +11,16 @@ import sys
 import pytest
 import torch
 
-from tests._trainer_util import MAIN, ROOT, env, metrics, tiny_overrides
+from tests._trainer_util import ROOT, env, main_command, metrics, tiny_overrides
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_keep_parameters_identical(tmp_path):
     """Slow: torchrun starts two Python processes and a gloo rendezvous (~10 s on 2 cores)."""
     run = tmp_path / "run"
-    args = tiny_overrides(run, steps=6, **{"debug.dump_params": "true", "optim.accumulate": 2,
-                                           "optim.clip_grad_norm": 5.0})
+    args = tiny_overrides(run, steps=6, **{"optim.accumulate": 2, "optim.clip_grad_norm": 5.0})
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd = [*torchrun, str(MAIN), *args]
+    cmd = [*torchrun, *main_command({"dump_params": True}), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 alone prints it

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._trainer_util import MAIN, ROOT, backbone_state, env, metrics, run_main, tiny_overrides
+from tests._trainer_util import ROOT, backbone_state, env, main_command, metrics, run_main, tiny_overrides
 
 STEPS = 12
 
@@ -30,8 +30,8 @@ def reference(tmp_path_factory) -> Path:
     return run
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(MAIN), *args], env=env(), cwd=ROOT,
+def _start(args: list[str], faults: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *main_command(faults), *args], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -69,7 +69,7 @@ def _assert_same_end(run: Path, reference: Path) -> None:
 def test_sigkill_mid_training_then_resume(tmp_path, reference):
     run = tmp_path / "run"
     ckdir = run / "checkpoints"
-    proc = _start(tiny_overrides(run, steps=STEPS, **{"debug.step_sleep_s": 0.15}))
+    proc = _start(tiny_overrides(run, steps=STEPS), {"step_sleep_s": 0.15})
     # Kill between checkpoints: after step 4 is saved and at least one more step ran.
     _wait_for(lambda: (ckdir / "step-00000004.pt").is_file() and len(metrics(run)) >= 6, proc)
     _kill(proc)
@@ -80,9 +80,8 @@ def test_sigkill_mid_training_then_resume(tmp_path, reference):
 def test_sigkill_mid_checkpoint_write_then_resume(tmp_path, reference):
     run = tmp_path / "run"
     ckdir = run / "checkpoints"
-    pause = {"debug.checkpoint_pause_s": 60, "debug.checkpoint_pause_step": 8}
-    args = tiny_overrides(run, steps=STEPS, **pause)
-    proc = _start(args)
+    pause = {"checkpoint_pause_s": 60, "checkpoint_pause_step": 8}
+    proc = _start(tiny_overrides(run, steps=STEPS), pause)
     _wait_for(lambda: (ckdir / "step-00000008.pt.tmp").is_file(), proc)
     time.sleep(0.2)  # inside the pause: the temp file holds half a checkpoint
     _kill(proc)

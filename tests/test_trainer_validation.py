@@ -1,44 +1,87 @@
-"""In-training LFW validation: pair scores from embeddings and the k-fold threshold accuracy."""
+"""In-training LFW validation (eval/validation.py, handed to the trainer by trainer/main.py): the
+figure it logs is the one eval/lfw.py prints for the same checkpoint (same pairs, same flip rule,
+same metric code), and validating leaves the training model as it was."""
 
 from __future__ import annotations
 
-import sys
-import types
+import json
 from pathlib import Path
 
-import numpy as np
+import pytest
 import torch
-from torch import nn
 
-from shards.manifest import Manifest, Pair
-from trainer.validation import _simple_metrics, validate
+from eval.lfw import main as lfw_main
+from eval.validation import LfwValidator
+from shards.errors import UserError
+from shards.manifest import MANIFEST_NAME, write_manifest
+from tests._loader_util import make_shards
+from tests._trainer_util import metrics, tiny_overrides
+from trainer.backbones import build_backbone
+from trainer.checkpoint import save_embedding_checkpoint
+from trainer.main import main as train_main
+
+CLASSES, PER_CLASS = 8, 5
 
 
-def test_internal_metric_separable_and_random():
-    same = np.array([True, False] * 50)
-    folds = np.repeat(np.arange(10), 10)
-    assert _simple_metrics(np.where(same, 0.9, 0.1), same, folds)["accuracy_mean"] == 1.0
-    rng = np.random.default_rng(0)
-    assert 0.3 < _simple_metrics(rng.random(100), same, folds)["accuracy_mean"] < 0.7
+def _lfw_shards(root: Path) -> Path:
+    """40 faces of 8 identities at 32x32 (sample i has label i % 8) and 60 pairs in 10 folds."""
+    make_shards(root, [24, 16], num_classes=CLASSES, size=32)
+    data = json.loads((root / MANIFEST_NAME).read_text())
+    key = lambda i: f"id{i % CLASSES:03d}__img_{i:05d}"  # noqa: E731 - make_shards' key scheme
+    pairs = []
+    for f in range(10):
+        for k in range(3):
+            c = (f + k) % CLASSES
+            pairs.append({"a": key(c), "b": key(c + CLASSES * (1 + k % 4)), "same": True, "fold": f})
+            pairs.append({"a": key(c), "b": key((c + 3) % CLASSES + CLASSES * 2), "same": False, "fold": f})
+    data.update(dataset="lfw", split="test", pairs=pairs)
+    write_manifest(root, data)
+    return root
 
 
-def test_validate_embeds_every_sample_and_scores_pairs(monkeypatch):
-    # Four samples: two identities; the "model" maps each image to its identity's direction.
-    keys = ["a1", "a2", "b1", "b2"]
-    images = torch.zeros(4, 3, 8, 8)
-    images[:2, 0] = 1.0
-    images[2:, 1] = 1.0
+@pytest.fixture(scope="module")
+def lfw(tmp_path_factory) -> Path:
+    return _lfw_shards(tmp_path_factory.mktemp("lfw") / "shards")
 
-    def fake_batches(manifest, batch_size=256, workers=0):
-        for i in range(0, 4, batch_size):
-            chunk = keys[i : i + batch_size]
-            yield chunk, images[i : i + batch_size], torch.zeros(len(chunk))
 
-    monkeypatch.setitem(sys.modules, "shards.loader", types.SimpleNamespace(iter_eval_batches=fake_batches))
-    pairs = [Pair("a1", "a2", True, f) for f in range(2)] + [Pair("a1", "b1", False, f) for f in range(2)]
-    pairs += [Pair("b1", "b2", True, f) for f in range(2)] + [Pair("a2", "b2", False, f) for f in range(2)]
-    manifest = Manifest(Path("."), "lfw", "test", 4, 2, ["a", "b"], (8, 8), [], pairs)
-    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    res = validate(model, manifest, batch_size=3, device=torch.device("cpu"), autocast_dtype=None,
-                   channels_last=False)
-    assert res["accuracy_mean"] == 1.0
+def _eval_lfw(checkpoint: Path, shards: Path, out: Path) -> dict:
+    assert lfw_main(["--checkpoint", str(checkpoint), "--shards", str(shards), "--json", str(out),
+                     "--quiet"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_validator_equals_eval_lfw_and_keeps_the_model_mode(lfw, tmp_path):
+    model = build_backbone("tiny", 32, (32, 32), width=8)
+    spec = {"backbone": "tiny", "embedding_size": 32, "image_size": [32, 32], "kwargs": {"width": 8}}
+    save_embedding_checkpoint(tmp_path / "m.pt", spec, model.state_dict())
+    want = _eval_lfw(tmp_path / "m.pt", lfw, tmp_path / "m.json")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = LfwValidator(lfw, batch_size=7)(model)
+    assert model.training  # back in the mode it came in
+    for k, v in model.state_dict().items():  # eval mode while embedding: BN statistics untouched
+        assert torch.equal(v, before[k]), k
+    assert got["accuracy_mean"] == want["accuracy_mean"]
+    assert got["num_pairs"] == want["num_pairs"] == 60
+    for k in ("accuracy_std", "auc", "threshold", "same_accuracy", "diff_accuracy"):
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
+
+
+def test_training_logs_the_figure_eval_lfw_prints(lfw, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = tiny_overrides(run, steps=6, **{"validation.lfw_shards": str(lfw), "validation.every_steps": 3,
+                                           "validation.batch_size": 16})
+    assert train_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    vals = [r for r in metrics(run) if "val_accuracy" in r]
+    assert [r["step"] for r in vals] == [3, 6]
+    assert {"val_accuracy", "auc", "tar_at_far_1e-3", "num_pairs", "val_seconds"} <= set(vals[-1])
+    assert summary["best_accuracy"] == max(r["val_accuracy"] for r in vals)
+    want = _eval_lfw(run / "checkpoints" / "last.pt", lfw, tmp_path / "last.json")
+    assert vals[-1]["val_accuracy"] == want["accuracy_mean"]
+
+
+def test_lfw_shards_without_pairs_fail_before_training(tmp_path):
+    plain = make_shards(tmp_path / "train", [8], size=32)
+    with pytest.raises(UserError, match="has no pairs"):
+        LfwValidator(plain)

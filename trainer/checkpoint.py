@@ -12,55 +12,34 @@ import os
 import random
 import re
 import sys
-import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from shards.errors import UserError
+from shards.fileio import atomic_write, fsync_dir
 from trainer.backbones import build_backbone
 
 FORMAT = "facetrain-checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# Called with the open temp file after the checkpoint is written into it, before fsync and rename
+# (the crash tests hold a half-written file there; see trainer/hooks.py).
+WrittenFn = Callable[[IO[bytes]], None]
 
 
-def atomic_save(obj: Any, path: Path | str, _pause_s: float = 0.0) -> None:
-    """torch.save to `path.tmp`, fsync, rename. `_pause_s` (tests only) widens the window in which a
-    kill leaves a half-written temp file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+def atomic_save(obj: Any, path: Path | str, on_written: WrittenFn | None = None) -> None:
+    """torch.save through `shards.fileio.atomic_write`: `path.tmp`, fsync, rename."""
+    with atomic_write(path, "wb", what="checkpoint") as f:
         torch.save(obj, f)
-        f.flush()
-        if _pause_s > 0:
-            half = max(1, f.tell() // 2)
-            f.truncate(half)  # looks exactly like a write cut short, for the crash test
-            f.flush()
-            time.sleep(_pause_s)
-            f.seek(0)
-            torch.save(obj, f)
-            f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        if on_written is not None:
+            on_written(f)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -83,21 +62,30 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     return _load(Path(path))
 
 
-def save_embedding_checkpoint(
-    path: Path | str, backbone_spec: dict, backbone_state: dict, **extra: Any
-) -> None:
-    """Write a checkpoint that `load_embedding_model` can rebuild; `extra` adds the training state keys."""
-    spec = {
+def model_spec(backbone_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's "model" entry: what `load_embedding_model` rebuilds the backbone from."""
+    return {
         "backbone": str(backbone_spec["backbone"]),
         "embedding_size": int(backbone_spec["embedding_size"]),
         "image_size": [int(v) for v in backbone_spec.get("image_size", (112, 112))],
         "kwargs": dict(backbone_spec.get("kwargs", {})),
     }
-    pause = float(extra.pop("_pause_s", 0.0))
-    ckpt = {"format": FORMAT, "version": VERSION, "model": spec,
+
+
+def checkpoint_dict(backbone_spec: Mapping[str, Any], backbone_state: Mapping[str, torch.Tensor],
+                    **extra: Any) -> dict[str, Any]:
+    """The one place a checkpoint dict is laid out (docs/CONTRACTS.md): header, model, weights, extra."""
+    ckpt = {"format": FORMAT, "version": VERSION, "model": model_spec(backbone_spec),
             "backbone_state": {k: v.detach().cpu() for k, v in backbone_state.items()}}
     ckpt.update(extra)
-    atomic_save(ckpt, path, _pause_s=pause)
+    return ckpt
+
+
+def save_embedding_checkpoint(
+    path: Path | str, backbone_spec: dict, backbone_state: dict, **extra: Any
+) -> None:
+    """Write a checkpoint that `load_embedding_model` can rebuild; `extra` adds the training state keys."""
+    atomic_save(checkpoint_dict(backbone_spec, backbone_state, **extra), path)
 
 
 def load_embedding_model(
@@ -151,6 +139,85 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# --- the training state: to and from the checkpoint dict ------------------------------------------
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class TrainState:
+    """Where a run is: counters that go into the checkpoint next to the weights."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0            # micro-batches of this epoch already consumed (per rank)
+    best_accuracy: float = -1.0
+    skipped_total: int = 0
+
+
+# checkpoint key -> the component whose state_dict it holds
+STATE_KEYS = ("head_state", "optimizer", "scaler", "scheduler")
+
+
+def training_checkpoint(backbone_spec: Mapping[str, Any], backbone: nn.Module,
+                        parts: Mapping[str, Stateful], state: TrainState, rngs: list[dict[str, Any]],
+                        config: dict[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole training checkpoint: `parts` maps each of STATE_KEYS to its component."""
+    extra: dict[str, Any] = {key: parts[key].state_dict() for key in STATE_KEYS}
+    extra.update({
+        "step": state.step, "epoch": state.epoch,
+        "data_position": {"epoch": state.epoch, "batch": state.batch_in_epoch},
+        "rng": {"per_rank": rngs}, "config": config,
+        "metrics": {"best_accuracy": state.best_accuracy, "skipped_total": state.skipped_total, **metrics},
+    })
+    return checkpoint_dict(backbone_spec, backbone.state_dict(), **extra)
+
+
+def restore_training(ckpt: dict[str, Any], backbone: nn.Module, parts: Mapping[str, Stateful]) -> TrainState:
+    """Load weights and component states from a training checkpoint; returns its counters.
+    Call `check_resumable` first: it turns the mismatches a load would trip over into one line."""
+    backbone.load_state_dict(ckpt["backbone_state"])
+    for key in STATE_KEYS:
+        parts[key].load_state_dict(ckpt[key])
+    metrics = ckpt["metrics"]
+    return TrainState(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]),
+                      batch_in_epoch=int(ckpt["data_position"]["batch"]),
+                      best_accuracy=float(metrics.get("best_accuracy", -1.0)),
+                      skipped_total=int(metrics.get("skipped_total", 0)))
+
+
+ABSORBED = ("optim.*, schedule.*, head.s/m/t (not the class count), loader.workers/backend/prefetch, "
+            "optim.accumulate, checkpoint.*, validation.*, logging.*")
+
+
+def check_resumable(path: Path, ckpt: dict[str, Any], backbone_spec: Mapping[str, Any], num_classes: int,
+                    batch_size: int, world_size: int) -> None:
+    """UserError in one line when this run cannot continue `ckpt`: says what differs and what a resume
+    absorbs. The data position counts per-rank batches, so batch size and process count must stay."""
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path}: an embedding-only checkpoint cannot resume training")
+    diffs = []
+    saved, now = ckpt.get("model", {}), model_spec(backbone_spec)
+    for key in ("backbone", "embedding_size", "image_size", "kwargs"):
+        if saved.get(key) != now[key]:
+            diffs.append(f"model {key} {saved.get(key)!r} -> {now[key]!r}")
+    weight = ckpt.get("head_state", {}).get("weight")
+    if weight is not None and int(weight.shape[0]) != num_classes:
+        diffs.append(f"classes {int(weight.shape[0])} -> {num_classes}")
+    saved_batch = ckpt.get("config", {}).get("loader", {}).get("batch_size", batch_size)
+    if int(saved_batch) != batch_size:
+        diffs.append(f"loader.batch_size {saved_batch} -> {batch_size}")
+    saved_world = len(ckpt.get("rng", {}).get("per_rank", [])) or world_size
+    if saved_world != world_size:
+        diffs.append(f"processes {saved_world} -> {world_size}")
+    if diffs:
+        raise UserError(f"{path}: cannot resume: {'; '.join(diffs)}. A resume keeps the model, the class "
+                        f"count, loader.batch_size and the process count; it absorbs changes to {ABSORBED}. "
+                        "Start afresh with checkpoint.resume=never or another run.dir")
+
+
 # --- the run folder: rotation and resume ----------------------------------------------------------
 
 class CheckpointDir:
@@ -166,11 +233,11 @@ class CheckpointDir:
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_RE.match(p.name))]
         return sorted(found)
 
-    def save(self, ckpt: dict[str, Any], step: int, best: bool = False, pause_s: float = 0.0) -> Path:
+    def save(self, ckpt: dict[str, Any], step: int, best: bool = False,
+             on_written: WrittenFn | None = None) -> Path:
         """Write step-XXXXXXXX.pt, then last.pt (and best.pt), then prune old step files."""
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"step-{step:08d}.pt"
-        atomic_save(ckpt, path, _pause_s=pause_s)
+        atomic_save(ckpt, path, on_written)
         # last/best are hard links when possible (no second copy on disk), written atomically too.
         for name, wanted in (("last.pt", True), ("best.pt", best)):
             if wanted:
@@ -190,7 +257,7 @@ class CheckpointDir:
             atomic_save(ckpt, dst)
             return
         os.replace(tmp, dst)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def clean_partial(self) -> list[Path]:
         """Remove temp files a killed writer left behind; returns what was removed."""

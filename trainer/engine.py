@@ -1,34 +1,49 @@
 """The training loop: DDP, autocast, accumulation, clipping, the divergence guard, checkpoints,
-validation and logging. `train(cfg)` is everything `trainer/main.py` runs."""
+validation and logging. `train(cfg, validators, hooks)` is everything `trainer/main.py` runs.
+
+`Trainer` keeps the run's objects and its position (`TrainState`) as attributes; each method does
+one part of a run: `setup` (data, model, optimizer), `resume`, `train_step`, `log_window`,
+`save_checkpoint`, `validate`, and `fit`, the loop that calls them. The checkpoint dict itself is
+built and read by trainer/checkpoint.py.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from heads import MarginHead
 from shards.errors import UserError
 from shards.manifest import load_manifest
 from trainer import distributed as dist_util
 from trainer.backbones import build_backbone
 from trainer.checkpoint import (
     CheckpointDir,
+    TrainState,
+    atomic_save,
     capture_rng,
+    check_resumable,
     load_checkpoint,
     restore_rng,
-    save_embedding_checkpoint,
+    restore_training,
+    training_checkpoint,
 )
-from trainer.config import TrainConfig, save_resolved, to_dict
+from trainer.config import TrainConfig, head_kwargs, save_resolved, to_dict
+from trainer.hooks import TrainerHooks
 from trainer.metrics import MetricsLogger
 from trainer.optim import Schedule, build_optimizer
+from trainer.validation import Validator
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,18 +53,16 @@ class TrainingDiverged(RuntimeError):
 class TrainModule(nn.Module):
     """Backbone + margin head in one module, so one DDP wrapper syncs both."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: MarginHead) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, autocast: Any
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, autocast: Any) -> torch.Tensor:
         with autocast:
             emb = self.backbone(images)
         # The head's softmax runs in fp32 whatever the backbone's precision.
         with torch.autocast(images.device.type, enabled=False):
-            loss = self.head(emb.float(), labels)
-        return loss, emb
+            return self.head(emb.float(), labels)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -63,30 +76,42 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
 
 
+def check_head_impl(impl: str, device: torch.device) -> None:
+    """head.impl=fused needs Triton and a CUDA device (or the Triton interpreter): one line, not a
+    traceback from inside the head at the first step."""
+    if impl != "fused":
+        return
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"head.impl=fused needs a CUDA GPU (this run is on {device}); "
+                        "use head.impl=chunked or auto")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise UserError("head.impl=fused needs triton, which is not installed; "
+                        "use head.impl=chunked") from None
+
+
 def build_loader(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[Any, int, tuple[int, int]]:
     """(loader, num_classes, image_size) for the configured data source."""
     if cfg.data.source == "synthetic":
-        size = tuple(cfg.data.synthetic_image_size)
-        loader = __import__("trainer.synthetic", fromlist=["SyntheticLoader"]).SyntheticLoader(
+        from trainer.synthetic import SyntheticLoader
+
+        size = (int(cfg.data.synthetic_image_size[0]), int(cfg.data.synthetic_image_size[1]))
+        loader = SyntheticLoader(
             cfg.data.synthetic_classes, cfg.data.synthetic_per_class, size, batch_size=cfg.loader.batch_size,
             rank=info.rank, world_size=info.world_size, seed=cfg.run.seed, device=info.device,
             channels_last=cfg.model.channels_last, noise=cfg.data.synthetic_noise,
         )
-        return loader, cfg.data.synthetic_classes, size  # type: ignore[return-value]
+        return loader, cfg.data.synthetic_classes, size
     manifest = load_manifest(cfg.data.train_shards, verify=cfg.data.verify)  # the user's error first
-    from shards.augment import AugmentConfig
     from shards.loader import build_train_loader
 
-    a = cfg.data.augment
-    augment = AugmentConfig(flip=a.flip, crop_scale=tuple(a.crop_scale) if a.crop_scale else None,
-                            color_jitter=a.color_jitter, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
-                            erase_p=a.erase_p)
     loader = build_train_loader(
         manifest, batch_size=cfg.loader.batch_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.run.seed, backend=cfg.loader.backend, device=info.device, workers=cfg.loader.workers,
-        augment=augment, channels_last=cfg.model.channels_last, prefetch=cfg.loader.prefetch,
+        augment=cfg.data.augment, channels_last=cfg.model.channels_last, prefetch=cfg.loader.prefetch,
     )
-    return loader, manifest.num_classes, tuple(manifest.image_size)  # type: ignore[return-value]
+    return loader, manifest.num_classes, (int(manifest.image_size[0]), int(manifest.image_size[1]))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -94,275 +119,323 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)  # torch.compile
 
 
-@torch.no_grad()
-def batch_accuracy(emb: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> float:
-    """Top-1 of the nearest class centre by cosine (what the margin head's logits rank, minus margin)."""
-    w = F.normalize(head.weight.float(), dim=1)
-    pred = (F.normalize(emb.float(), dim=1) @ w.t()).argmax(1)
-    return float((pred == labels).float().mean())
+@dataclass
+class Window:
+    """Sums over a stretch of steps, for a log record's rates (and the run's steady rate)."""
+
+    loss: float = 0.0
+    n: int = 0          # finite steps (the loss average is over these)
+    wait: float = 0.0   # seconds waiting for data
+    time: float = 0.0   # seconds of whole steps
+    images: int = 0
+
+    def add(self, other: Window) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def rates(self) -> tuple[float | None, float | None]:
+        """(images per second, fraction of the time spent waiting for data)."""
+        if not self.time:
+            return None, None
+        return self.images / self.time, self.wait / self.time
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+@dataclass
+class StepResult:
+    finite: bool
+    loss: torch.Tensor  # 0-d, on the device: read only when logged
+    lr: float           # the LR this step ran with
+    wait: float
+    seconds: float
+
+
+class Trainer:
+    """One training run (this process's part of it). `fit()` runs it and returns the summary."""
+
+    def __init__(self, cfg: TrainConfig, info: dist_util.DistInfo, validators: Sequence[Validator] = (),
+                 hooks: TrainerHooks | None = None) -> None:
+        self.cfg, self.info = cfg, info
+        self.validators = list(validators)
+        self.hooks = hooks or TrainerHooks()
+        self.run_dir = Path(cfg.run.dir)
+        self.ckdir = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.state = TrainState()
+        self.last_val: dict[str, Any] = {}
+        self.nonfinite_run = 0
+
+    # ---- set-up ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Seeds, data, model, optimizer, schedule and scaler: everything before the resume."""
+        cfg, info = self.cfg, self.info
+        torch.manual_seed(cfg.run.seed + info.rank)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not cfg.run.deterministic
+            torch.backends.cudnn.deterministic = cfg.run.deterministic
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        check_head_impl(cfg.head.impl, info.device)
+        self.loader, self.num_classes, image_size = build_loader(cfg, info)
+        if self.loader.batches_per_epoch < cfg.optim.accumulate:
+            raise UserError(f"{cfg.data.train_shards or 'data'}: {self.loader.batches_per_epoch} batches "
+                            f"per epoch per process at loader.batch_size={cfg.loader.batch_size}: "
+                            "too few samples")
+        self.steps_per_epoch = self.loader.batches_per_epoch // cfg.optim.accumulate
+        self.total = cfg.schedule.steps or max(1, math.ceil(cfg.schedule.epochs * self.steps_per_epoch))
+        self.spec = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
+                     "image_size": list(image_size), "kwargs": dict(cfg.model.kwargs)}
+        self.backbone = self._build_backbone(image_size)
+        self.head = MarginHead(self.num_classes, cfg.model.embedding_size, **head_kwargs(cfg.head))
+        self.module = TrainModule(self.backbone, self.head).to(info.device)
+        if cfg.model.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.backbone, self.head, cfg.optim)
+        self.schedule = Schedule(self.optimizer, cfg.optim.lr, self.total, cfg.schedule)
+        self.dtype = resolve_dtype(cfg.precision.dtype, info.device)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
+        self.autocast = torch.autocast(info.device.type, dtype=self.dtype or torch.float32,
+                                       enabled=self.dtype is not None)
+
+    def _build_backbone(self, image_size: tuple[int, int]) -> nn.Module:
+        m = self.cfg.model
+        try:
+            return build_backbone(m.backbone, m.embedding_size, image_size, **m.kwargs)
+        except (TypeError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"model.kwargs={m.kwargs}: cannot build backbone {m.backbone!r} "
+                            f"({first})") from None
+
+    @property
+    def parts(self) -> dict[str, Any]:
+        """The components whose states a training checkpoint holds besides the backbone's."""
+        return {"head_state": self.head, "optimizer": self.optimizer, "scaler": self.scaler,
+                "scheduler": self.schedule}
+
+    def resume(self) -> Path | None:
+        """Continue from a checkpoint as `checkpoint.resume` says; returns the file resumed from."""
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            if self.info.is_main:
+                self.ckdir.clean_partial()
+            found = self.ckdir.newest_complete()
+        else:
+            found = (Path(mode), load_checkpoint(mode))
+        if found is None:
+            return None
+        path, ckpt = found
+        check_resumable(path, ckpt, self.spec, self.num_classes, self.cfg.loader.batch_size,
+                        self.info.world_size)
+        self.state = restore_training(ckpt, self.backbone, self.parts)
+        ranks = ckpt["rng"].get("per_rank", [])
+        if ranks:  # one per rank: check_resumable compared the process counts
+            restore_rng(ranks[self.info.rank])
+        else:
+            torch.manual_seed(self.cfg.run.seed + self.info.rank + 7919 * self.state.step)
+        return path
+
+    def _wrap(self) -> nn.Module:
+        """The module the steps call: compiled and DDP-wrapped as configured."""
+        module: nn.Module = self.module
+        if self.cfg.model.compile:
+            module = torch.compile(module)  # type: ignore[assignment]
+        if self.info.enabled:
+            ids = [self.info.device.index] if self.info.device.type == "cuda" else None
+            module = DDP(module, device_ids=ids)
+        return module
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+            self.loader.set_epoch(self.state.epoch)
+            self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(self.loader)
+            return next(self.batches)
+
+    def train_step(self) -> StepResult:
+        """Forward/backward over `optim.accumulate` micro-batches, then the guarded optimizer step."""
+        cfg, st = self.cfg, self.state
+        t_step, wait = time.perf_counter(), 0.0
+        step_loss = torch.zeros((), device=self.info.device)
+        for micro in range(cfg.optim.accumulate):
+            t_wait = time.perf_counter()
+            images, labels = self._next_batch()
+            wait += time.perf_counter() - t_wait
+            st.batch_in_epoch += 1
+            sync = micro == cfg.optim.accumulate - 1 or not self.info.enabled
+            with nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
+                loss = self.hooks.micro_batch_loss(st.step, self.model(images, labels, self.autocast))
+                self.scaler.scale(loss / cfg.optim.accumulate).backward()
+            step_loss += loss.detach().float() / cfg.optim.accumulate
+        self.hooks.after_backward(st.step)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # One host sync per step for the guard; DDP has averaged the gradients, so every rank
+        # sees the same norm, and the loss flag is reduced so all ranks skip together.
+        # (fp16: the scaler itself skips steps with inf gradients while it calibrates.)
+        grads_ok = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+        finite = dist_util.all_true(bool(torch.isfinite(step_loss)) and grads_ok, self.info)
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.nonfinite_run = 0
+        else:
+            st.skipped_total += 1
+            self.nonfinite_run += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        lr = self.schedule.lr
+        self.schedule.advance()
+        self.head.set_step(st.step)
+        return StepResult(finite, step_loss, lr, wait, time.perf_counter() - t_step)
+
+    # ---- logging, validation, checkpoints ---------------------------------------------------------
+
+    def log_window(self, lr: float) -> None:
+        """One metrics.jsonl record for the steps since the last one; the window starts afresh."""
+        st, w = self.state, self.window
+        acc = self.head.last_accuracy
+        images_per_s, data_wait = w.rates()
+        record = {
+            "step": st.step,
+            "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.loader.batches_per_epoch), 4),
+            "loss": w.loss / w.n if w.n else None, "batch_acc": None if acc is None else float(acc), "lr": lr,
+            "images_per_s": images_per_s, "data_wait": data_wait,
+            "skipped_total": st.skipped_total, "eta_s": round(self.log.eta_s(st.step), 1),
+        }
+        if self.info.device.type == "cuda":
+            record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.info.device) / 2**30, 3)
+        self.log.log(record)
+        self.summary.update(record)
+        # The run's throughput for the summary: every log window but the first, which holds start-up
+        # (worker spawn, cuDNN autotuning, Triton compilation); the first alone in a run that short.
+        if self.first_window is None:
+            self.first_window = w
+        else:
+            self.steady.add(w)
+        self.window = Window()
+
+    def validate(self) -> dict[str, Any]:
+        """Every validator on rank 0; the first one's accuracy is broadcast (it picks best.pt)."""
+        res: dict[str, Any] = {}
+        if self.info.is_main:
+            t = time.perf_counter()
+            backbone = _unwrap(self.module).backbone
+            for i, validator in enumerate(self.validators):
+                metrics = validator(backbone, self.dtype)
+                res.update(metrics if i == 0 else {f"{validator.name}_{k}": v for k, v in metrics.items()})
+            res["val_seconds"] = time.perf_counter() - t
+        acc = dist_util.broadcast_float(float(res.get("accuracy_mean", -1.0)), self.info)
+        return {"val_accuracy": acc, **{k: v for k, v in res.items() if k != "accuracy_mean"}}
+
+    def save_checkpoint(self, best_now: bool, metrics: dict[str, Any], name: str | None = None) -> None:
+        """A step checkpoint (with last.pt and, if `best_now`, best.pt), or the file `name`. Every rank
+        calls it: each one's RNG state goes in."""
+        rngs = dist_util.gather_objects(capture_rng(), self.info)
+        if not self.info.is_main:
+            return
+        ckpt = training_checkpoint(self.spec, _unwrap(self.module).backbone, self.parts, self.state, rngs,
+                                   to_dict(self.cfg), metrics)
+        if name is not None:
+            atomic_save(ckpt, self.ckdir.root / name)
+            return
+        step = self.state.step
+        self.ckdir.save(ckpt, step, best=best_now,
+                        on_written=lambda f: self.hooks.checkpoint_written(step, f))
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """After setup and resume: save the config, wrap the model, open the log, start the data."""
+        cfg, info = self.cfg, self.info
+        resumed_from = self.resume()
+        if info.is_main:
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        self.model = self._wrap()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.log = MetricsLogger(self.run_dir, self.total, self.state.step, cfg.logging.display,
+                                 cfg.logging.tensorboard, info.is_main)
+        backend = getattr(self.loader, "backend", cfg.data.source)
+        if resumed_from is not None:
+            self.log.message(f"resumed from {resumed_from} at step {self.state.step}")
+        self.log.message(
+            f"training {cfg.model.backbone} on {self.num_classes} classes, {info.world_size} process(es) on "
+            f"{info.device}, {self.dtype or 'fp32'}, {self.total} steps, {self.steps_per_epoch} steps/epoch, "
+            f"global batch {cfg.loader.batch_size * info.world_size * cfg.optim.accumulate}, "
+            f"{backend} loader")
+        if cfg.checkpoint.save_untrained and self.state.step == 0:
+            self.save_checkpoint(False, {}, name="untrained.pt")
+        self.window, self.steady, self.first_window = Window(), Window(), None
+        self.summary: dict[str, Any] = {
+            "loader": backend, "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else "float32"}
+        self.model.train()
+        self.loader.set_epoch(self.state.epoch, start_batch=self.state.batch_in_epoch)
+        self.batches = iter(self.loader)
+
+    def _after_step(self, res: StepResult) -> None:
+        """Account the step; then the guard, validation, the log record and the checkpoint, as due."""
+        cfg, st = self.cfg, self.state
+        if res.finite:
+            self.window.loss += float(res.loss)
+            self.window.n += 1
+        self.window.add(Window(wait=res.wait, time=res.seconds,
+                               images=cfg.loader.batch_size * cfg.optim.accumulate * self.info.world_size))
+        if self.nonfinite_run >= cfg.optim.max_nonfinite_in_row:
+            self.save_checkpoint(False, {"diverged": True})
+            where = self.ckdir.root / f"step-{st.step:08d}.pt"
+            raise TrainingDiverged(
+                f"training diverged: {self.nonfinite_run} non-finite steps in a row at step {st.step} "
+                f"({st.skipped_total} skipped in total); state saved to {where} "
+                f"(lower optim.lr, raise schedule.warmup_steps or set optim.clip_grad_norm)")
+        last = st.step == self.total
+        val_due = bool(self.validators) and (st.step % cfg.validation.every_steps == 0 or last)
+        if val_due:
+            self.last_val = self.validate()
+        if st.step % cfg.logging.every_steps == 0 or st.step == self.total:
+            self.log_window(res.lr)
+        if val_due:
+            self.log.log({"step": st.step, **self.last_val})
+        improved = val_due and self.last_val.get("val_accuracy", -1.0) > st.best_accuracy
+        if improved:
+            st.best_accuracy = self.last_val["val_accuracy"]
+        if st.step % cfg.checkpoint.every_steps == 0 or st.step == self.total or improved:
+            self.save_checkpoint(improved, self.last_val)
+
+    def fit(self) -> dict[str, Any]:
+        """Set up, resume, run the remaining steps; returns the summary (rank 0's view)."""
+        self.setup()
+        self._start()
+        try:
+            while self.state.step < self.total:
+                self._after_step(self.train_step())
+            self.hooks.finished(self)
+            return self._summary()
+        finally:
+            self.log.close()
+
+    def _summary(self) -> dict[str, Any]:
+        st = self.state
+        self.summary.update({"step": st.step, "best_accuracy": st.best_accuracy,
+                             "skipped_total": st.skipped_total, **self.last_val})
+        run_rate = self.steady if self.steady.time or self.first_window is None else self.first_window
+        if run_rate.time:
+            self.summary["steady_images_per_s"], self.summary["steady_data_wait"] = run_rate.rates()
+        if self.info.is_main:
+            print(f"done: {st.step} steps; checkpoints in {self.ckdir.root}", file=sys.stderr)
+        return self.summary
+
+
+def train(cfg: TrainConfig, validators: Sequence[Validator] = (),
+          hooks: TrainerHooks | None = None) -> dict[str, Any]:
     """Run (or continue) the configured training. Returns the final summary (rank 0's view)."""
     info = dist_util.setup(cfg.run.devices)
     try:
-        return _run(cfg, info)
+        return Trainer(cfg, info, validators, hooks).fit()
     finally:
-        # _run's frame (model, optimizer, DDP buckets) is gone here; collect it before the group dies.
+        # The trainer (model, optimizer, DDP buckets) is gone here; collect it before the group dies.
         dist_util.teardown(info)
-
-
-def _run(cfg: TrainConfig, info: dist_util.DistInfo) -> dict[str, Any]:
-    from heads import MarginHead
-
-    run_dir = Path(cfg.run.dir)
-    ckdir = CheckpointDir(run_dir / "checkpoints", cfg.checkpoint.keep_last)
-    torch.manual_seed(cfg.run.seed + info.rank)
-    if info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.run.deterministic
-        torch.backends.cudnn.deterministic = cfg.run.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    lfw = None
-    if cfg.validation.lfw_shards:
-        from trainer.validation import open_lfw
-
-        lfw = open_lfw(cfg.validation.lfw_shards)  # fail before training, not at the first validation
-    loader, num_classes, image_size = build_loader(cfg, info)
-    if loader.batches_per_epoch < cfg.optim.accumulate:
-        raise UserError(f"{cfg.data.train_shards or 'data'}: {loader.batches_per_epoch} batches per epoch "
-                        f"per process at loader.batch_size={cfg.loader.batch_size}: too few samples")
-    steps_per_epoch = loader.batches_per_epoch // cfg.optim.accumulate
-    total = cfg.schedule.steps or max(1, math.ceil(cfg.schedule.epochs * steps_per_epoch))
-
-    spec = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
-            "image_size": list(image_size), "kwargs": dict(cfg.model.kwargs)}
-    try:
-        backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size, image_size,
-                                  **cfg.model.kwargs)
-    except TypeError as err:
-        raise UserError(f"model.kwargs: {err}") from None
-    head = MarginHead(num_classes, cfg.model.embedding_size, margin=cfg.head.margin, s=cfg.head.s,
-                      m=cfg.head.m, t=cfg.head.t, impl=cfg.head.impl)
-    module = TrainModule(backbone, head).to(info.device)
-    if cfg.model.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(backbone, head, cfg.optim)
-    schedule = Schedule(optimizer, cfg.optim.lr, total, cfg.schedule)
-    dtype = resolve_dtype(cfg.precision.dtype, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16)
-
-    # ---- resume ------------------------------------------------------------------------------
-    step, epoch, batch_in_epoch = 0, 0, 0
-    best, skipped_total = -1.0, 0
-    resumed_from = None
-    if cfg.checkpoint.resume != "never":
-        found = None
-        if cfg.checkpoint.resume == "auto":
-            if info.is_main:
-                ckdir.clean_partial()
-            found = ckdir.newest_complete()
-        else:
-            found = (Path(cfg.checkpoint.resume), load_checkpoint(cfg.checkpoint.resume))
-        if found is not None:
-            resumed_from, ckpt = found
-            if "optimizer" not in ckpt:
-                raise UserError(f"{resumed_from}: an embedding-only checkpoint cannot resume training")
-            backbone.load_state_dict(ckpt["backbone_state"])
-            head.load_state_dict(ckpt["head_state"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            schedule.load_state_dict(ckpt["scheduler"])
-            step, epoch = int(ckpt["step"]), int(ckpt["epoch"])
-            batch_in_epoch = int(ckpt["data_position"]["batch"])
-            best = float(ckpt["metrics"].get("best_accuracy", -1.0))
-            skipped_total = int(ckpt["metrics"].get("skipped_total", 0))
-            ranks = ckpt["rng"].get("per_rank", [])
-            if len(ranks) == info.world_size:
-                restore_rng(ranks[info.rank])
-            else:
-                torch.manual_seed(cfg.run.seed + info.rank + 7919 * step)
-
-    if info.is_main:
-        save_resolved(cfg, run_dir / "config.yaml")
-    if cfg.model.compile:
-        module = torch.compile(module)  # type: ignore[assignment]
-    model: nn.Module = module
-    if info.enabled:
-        model = DDP(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-
-    log = MetricsLogger(run_dir, total, step, cfg.logging.display, cfg.logging.tensorboard, info.is_main)
-    if resumed_from is not None:
-        log.message(f"resumed from {resumed_from} at step {step}")
-    log.message(f"training {cfg.model.backbone} on {num_classes} classes, {info.world_size} process(es) on "
-                f"{info.device}, {dtype or 'fp32'}, {total} steps, {steps_per_epoch} steps/epoch, "
-                f"global batch {cfg.loader.batch_size * info.world_size * cfg.optim.accumulate}, "
-                f"{getattr(loader, 'backend', cfg.data.source)} loader")
-
-    def checkpoint(best_now: bool, metrics: dict[str, Any], name: str | None = None) -> None:
-        rngs = dist_util.gather_objects(capture_rng(), info)
-        if not info.is_main:
-            return
-        extra = {
-            "head_state": _unwrap(module).head.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "scheduler": schedule.state_dict(), "step": step, "epoch": epoch,
-            "data_position": {"epoch": epoch, "batch": batch_in_epoch}, "rng": {"per_rank": rngs},
-            "config": to_dict(cfg),
-            "metrics": {"best_accuracy": best, "skipped_total": skipped_total, **metrics},
-        }
-        state = _unwrap(module).backbone.state_dict()
-        if name is not None:
-            save_embedding_checkpoint(ckdir.root / name, spec, state, **extra)
-            return
-        from trainer.checkpoint import FORMAT, VERSION
-
-        ckpt = {"format": FORMAT, "version": VERSION, "model": spec,
-                "backbone_state": {k: v.detach().cpu() for k, v in state.items()}, **extra}
-        pause_here = cfg.debug.checkpoint_pause_step in (0, step)
-        ckdir.save(ckpt, step, best=best_now, pause_s=cfg.debug.checkpoint_pause_s if pause_here else 0.0)
-
-    if cfg.checkpoint.save_untrained and step == 0:
-        checkpoint(False, {}, name="untrained.pt")
-
-    def run_validation() -> dict[str, Any]:
-        from trainer.validation import validate
-
-        res: dict[str, Any] = {}
-        if info.is_main and lfw is not None:
-            t = time.perf_counter()
-            res = validate(_unwrap(module).backbone, lfw, cfg.validation.batch_size, info.device, dtype,
-                           cfg.model.channels_last)
-            res["val_seconds"] = time.perf_counter() - t
-        acc = dist_util.broadcast_float(float(res.get("accuracy_mean", -1.0)), info)
-        return {"val_accuracy": acc, **{k: v for k, v in res.items() if k != "accuracy_mean"}}
-
-    autocast = torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    params = [p for p in module.parameters() if p.requires_grad]
-    nonfinite_run = 0
-    window = {"loss": 0.0, "acc": 0.0, "acc_n": 0, "n": 0, "wait": 0.0, "time": 0.0, "images": 0}
-    # The run's throughput for the summary: every log window but the first, which holds start-up
-    # (worker spawn, cuDNN autotuning, Triton compilation); the first alone in a run that short.
-    steady = {"wait": 0.0, "time": 0.0, "images": 0}
-    first: dict[str, float] | None = None
-    model.train()
-    loader.set_epoch(epoch, start_batch=batch_in_epoch)
-    batches = iter(loader)
-    last_val: dict[str, Any] = {}
-    summary: dict[str, Any] = {"loader": getattr(loader, "backend", cfg.data.source),
-                               "dtype": str(dtype).removeprefix("torch.") if dtype else "float32"}
-    try:
-        while step < total:
-            t_step = time.perf_counter()
-            wait = 0.0
-            step_loss = 0.0
-            finite = True
-            emb = labels = None
-            for micro in range(cfg.optim.accumulate):
-                t_wait = time.perf_counter()
-                try:
-                    images, labels = next(batches)
-                except StopIteration:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                    loader.set_epoch(epoch)
-                    batches = iter(loader)
-                    images, labels = next(batches)
-                wait += time.perf_counter() - t_wait
-                batch_in_epoch += 1
-                sync = micro == cfg.optim.accumulate - 1 or not info.enabled
-                ctx = nullcontext() if sync else model.no_sync()  # type: ignore[operator]
-                with ctx:
-                    loss, emb = model(images, labels, autocast)
-                    if step in cfg.debug.nonfinite_steps:
-                        loss = loss * float("inf")
-                    scaler.scale(loss / cfg.optim.accumulate).backward()
-                step_loss += loss.detach().float() / cfg.optim.accumulate
-            if cfg.debug.step_sleep_s:
-                time.sleep(cfg.debug.step_sleep_s)
-            scaler.unscale_(optimizer)
-            max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            # One host sync per step for the guard; DDP has averaged the gradients, so every rank
-            # sees the same norm, and the loss flag is reduced so all ranks skip together.
-            # (fp16: the scaler itself skips steps with inf gradients while it calibrates.)
-            grads_ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
-            ok_local = bool(torch.isfinite(step_loss)) and grads_ok
-            finite = dist_util.all_true(ok_local, info)
-            if finite:
-                scaler.step(optimizer)
-                nonfinite_run = 0
-            else:
-                skipped_total += 1
-                nonfinite_run += 1
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            lr = schedule.lr
-            schedule.advance()
-            if hasattr(_unwrap(module).head, "set_step"):
-                _unwrap(module).head.set_step(step)
-
-            dt = time.perf_counter() - t_step
-            if finite:
-                window["loss"] += float(step_loss)
-                window["n"] += 1
-            window["wait"] += wait
-            window["time"] += dt
-            window["images"] += cfg.loader.batch_size * cfg.optim.accumulate * info.world_size
-
-            if nonfinite_run >= cfg.optim.max_nonfinite_in_row:
-                checkpoint(False, {"diverged": True})
-                where = ckdir.root / f"step-{step:08d}.pt"
-                raise TrainingDiverged(
-                    f"training diverged: {nonfinite_run} non-finite steps in a row at step {step} "
-                    f"({skipped_total} skipped in total); state saved to {where} "
-                    f"(lower optim.lr, raise schedule.warmup_steps or set optim.clip_grad_norm)")
-
-            val_due = lfw is not None and (step % cfg.validation.every_steps == 0 or step == total)
-            if val_due:
-                last_val = run_validation()
-            log_due = step % cfg.logging.every_steps == 0 or step == total
-            if log_due:
-                head_now = _unwrap(module).head
-                if getattr(head_now, "last_accuracy", None) is not None:
-                    acc = float(head_now.last_accuracy)
-                else:
-                    acc = batch_accuracy(emb, labels, head_now) if emb is not None else None
-                frac = batch_in_epoch / max(1, loader.batches_per_epoch)
-                record = {
-                    "step": step, "epoch": round(epoch + frac, 4),
-                    "loss": window["loss"] / window["n"] if window["n"] else None, "batch_acc": acc, "lr": lr,
-                    "images_per_s": window["images"] / window["time"] if window["time"] else None,
-                    "data_wait": window["wait"] / window["time"] if window["time"] else None,
-                    "skipped_total": skipped_total, "eta_s": round(log.eta_s(step), 1),
-                }
-                if info.device.type == "cuda":
-                    record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 3)
-                log.log(record)
-                summary.update(record)
-                if first is None:
-                    first = {k: window[k] for k in steady}
-                else:
-                    for k in steady:
-                        steady[k] += window[k]
-                window = {k: 0 for k in window}
-            if val_due:
-                log.log({"step": step, **last_val})
-            improved = val_due and last_val.get("val_accuracy", -1.0) > best
-            if improved:
-                best = last_val["val_accuracy"]
-            if step % cfg.checkpoint.every_steps == 0 or step == total or improved:
-                checkpoint(improved, last_val)
-        if cfg.debug.dump_params:
-            flat = {k: v.detach().cpu() for k, v in _unwrap(module).named_parameters()}
-            torch.save(flat, run_dir / f"params-rank{info.rank}.pt")
-        summary.update({"step": step, "best_accuracy": best, "skipped_total": skipped_total, **last_val})
-        run_rate = steady if steady["time"] or first is None else first
-        if run_rate["time"]:
-            summary["steady_images_per_s"] = run_rate["images"] / run_rate["time"]
-            summary["steady_data_wait"] = run_rate["wait"] / run_rate["time"]
-        if info.is_main:
-            print(f"done: {step} steps; checkpoints in {ckdir.root}", file=sys.stderr)
-        return summary
-    finally:
-        log.close()

@@ -12,14 +12,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from shards.errors import CliParser, run_cli
 
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+    from trainer.hooks import TrainerHooks
+    from trainer.validation import Validator
 
-def _main(argv: Sequence[str] | None = None) -> int:
+
+def build_validators(cfg: TrainConfig) -> list[Validator]:
+    """The evaluators the run validates with (this command module is the one place that joins the
+    trainer to eval/: the engine only knows the trainer.validation.Validator protocol). Imports stay
+    inside the functions so that --help answers without loading torch."""
+    if not cfg.validation.lfw_shards:
+        return []
+    from eval.validation import LfwValidator
+
+    return [LfwValidator(cfg.validation.lfw_shards, batch_size=cfg.validation.batch_size)]
+
+
+def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) -> int:
     parser = CliParser(prog="trainer/main.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -28,22 +47,20 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from trainer.engine import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
+    validators = build_validators(cfg)  # opened now: a bad LFW folder fails before training
     try:
-        summary = train(cfg)
+        summary = train(cfg, validators, hooks)
     except TrainingDiverged as err:
-        import sys
-
         print(f"error: {err}", file=sys.stderr)
         return 3
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_main, argv)
+def main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) -> int:
+    """`hooks`: a trainer.hooks.TrainerHooks (the tests' fault injection); None for none."""
+    return run_cli(lambda a: _main(a, hooks), argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.backbones import register
 from trainer.backbones.common import GDCEmbedding, SqueezeExcite, conv_bn, downsampled, init_weights
+from trainer.backbones.registry import register
 
 
 class Bottleneck(nn.Module):
