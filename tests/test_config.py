@@ -90,3 +90,95 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
         errors.append(err)
     assert "nolfw" in errors[2] and "noshards" in errors[3]  # the missing shard folder is named
+
+
+def test_yaml_1_1_floats_are_floats(tmp_path):
+    # PyYAML reads 1e-3 and 1e6 as strings (YAML 1.1 wants a dot and a signed exponent).
+    cfg = load_config(None, [*SYNTH, "optim.lr=1e-3", "optim.weight_decay=5e-4", "head.s=1e1",
+                             "data.augment.crop_scale=[8e-1,1]"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.head.s) == (1e-3, 5e-4, 10.0)
+    assert cfg.data.augment.crop_scale == (0.8, 1.0)
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: synthetic}\nschedule: {steps: 3}\noptim: {lr: 1e6, weight_decay: 1E-4}\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 1e6 and isinstance(cfg.optim.lr, float) and cfg.optim.weight_decay == 1e-4
+    with pytest.raises(UserError, match="'schedule.steps' must be int"):
+        load_config(None, [*SYNTH, "schedule.steps=1e3"])  # an int stays an int
+
+
+def test_an_override_error_names_the_override_a_file_error_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {source: synthetic}\nschedule: {steps: 3}\nhead: {s: -1.0}\n")
+    with pytest.raises(UserError, match=r"c\.yaml: 'head\.s' must be positive, got -1\.0"):
+        load_config(path)
+    with pytest.raises(UserError, match=r"^override 'head\.s=-30': 'head\.s' must be positive"):
+        load_config(path, ["head.s=-30"])
+    with pytest.raises(UserError, match=r"^override 'optim\.lr=fast': 'optim\.lr' must be float"):
+        load_config(path, ["head.s=30", "optim.lr=fast"])
+    with pytest.raises(UserError, match=r"^override 'optim={lr: x}': 'optim\.lr' must be float"):
+        load_config(path, ["head.s=30", "optim={lr: x}"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("head.impl=gpu", "'head.impl' must be one of auto, reference, chunked, fused, got 'gpu'"),
+    ("head.m=10", "'head.m' for arcface must be in [0, pi/2) radians, got 10.0"),
+    ("head.t=0.5", "'head.t' must be >= 1"),
+    ("optim.momentum=1.5", "'optim.momentum' must be in [0, 1)"),
+    ("head.m1=1.0", "'head.m1' applies to head.margin=combined, not arcface"),
+    ("head.lambda_min=3", "'head.lambda_min' applies to head.margin=sphereface, not arcface"),
+    ("data.augment.blur_p=2", "data.augment.blur_p=2.0: a probability must be in [0, 1]"),
+    ("run.devices=gpu", "'run.devices' must be one of auto, cpu, got 'gpu'"),
+    ("loader.workers=-1", "'loader.workers' must be >= 0, got -1"),
+])
+def test_values_out_of_range_name_the_key(override, fragment):
+    with pytest.raises(UserError) as info:
+        load_config(None, [*SYNTH, "head.margin=arcface", override])
+    assert fragment in str(info.value) and str(info.value).startswith(f"override '{override}'")
+
+
+def test_every_margin_option_reaches_the_head():
+    from heads import MarginHead
+    from trainer.config import head_kwargs
+
+    sphere = load_config(None, [*SYNTH, "head.margin=sphereface", "head.lambda_base=100", "head.gamma=0.5",
+                                "head.gamma_focal=2"]).head
+    head = MarginHead(10, 8, **head_kwargs(sphere))
+    margin = head.margin
+    assert (margin.m, margin.lambda_base, margin.gamma, head.gamma_focal) == (4, 100.0, 0.5, 2.0)
+    combined = load_config(None, [*SYNTH, "head.margin=combined", "head.m1=1.0", "head.m2=0.4",
+                                  "head.m3=0.1"]).head
+    head = MarginHead(10, 8, **head_kwargs(combined))
+    assert (head.margin.m1, head.margin.m2, head.margin.m3) == (1.0, 0.4, 0.1)
+    with pytest.raises(UserError, match="'head.m' does not apply to head.margin=combined"):
+        load_config(None, [*SYNTH, "head.margin=combined", "head.m=0.3"])
+    with pytest.raises(UserError, match="'head.m' for sphereface must be an integer"):
+        load_config(None, [*SYNTH, "head.margin=sphereface", "head.m=2.5"])
+
+
+def test_config_and_run_folder_mistakes_are_one_line(tmp_path, capsys):
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    synth = [*SYNTH, "run.devices=cpu", "data.synthetic_image_size=[32,32]", "model.embedding_size=16",
+             "loader.batch_size=8", "model.channels_last=false", "logging.tensorboard=off"]
+    cases = [
+        (["--config", str(binary)], "not a text file"),
+        ([*synth, f"run.dir={a_file}"], "is a file, not a folder"),
+        ([*synth, f"run.dir={tmp_path / 'r1'}", "model.kwargs.width=0"],
+         "cannot build backbone 'tiny' (width must be positive, got 0)"),
+        ([*synth, f"run.dir={tmp_path / 'r2'}", "head.impl=fused"], "head.impl=fused needs a CUDA GPU"),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+
+
+def test_sphereface_from_the_command_line_trains(tmp_path):
+    from tests._trainer_util import tiny_overrides
+    from trainer.engine import train
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=2, **{"head.margin": "sphereface",
+                                                                         "head.m": "null"}))
+    assert train(cfg)["step"] == 2

@@ -84,3 +84,40 @@ def test_resume_skips_partial_and_corrupt_files(tmp_path):
     removed = ckdir.clean_partial()
     assert [p.name for p in removed] == ["step-00000010.pt.tmp"]
     assert CheckpointDir(tmp_path / "empty").newest_complete() is None
+
+
+def test_resume_with_a_changed_run_says_what_differs(tmp_path, capsys):
+    from tests._trainer_util import tiny_overrides
+    from trainer.main import main
+
+    run = tmp_path / "run"
+    base = tiny_overrides(run, steps=4, **{"logging.tensorboard": "off"})
+    assert main(base) == 0
+    capsys.readouterr()
+    cases = [
+        ({"model.embedding_size": 16}, "model embedding_size 32 -> 16"),
+        ({"model.kwargs.width": 16}, "model kwargs {'width': 8} -> {'width': 16}"),
+        ({"data.synthetic_classes": 4}, "classes 8 -> 4"),
+        ({"loader.batch_size": 8}, "loader.batch_size 16 -> 8"),
+    ]
+    for change, fragment in cases:
+        assert main(tiny_overrides(run, steps=8, **{"logging.tensorboard": "off", **change})) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        assert "step-00000004.pt: cannot resume: " + fragment in err and "it absorbs changes to optim" in err
+    # What a resume absorbs: a new LR and schedule length continue from step 4.
+    assert main(tiny_overrides(run, steps=6, **{"logging.tensorboard": "off", "optim.lr": 0.05})) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6
+
+
+def test_resume_refuses_another_process_count(tmp_path):
+    from trainer.checkpoint import check_resumable
+
+    ckpt = {"optimizer": {}, "model": SPEC, "head_state": {"weight": torch.zeros(5, 16)},
+            "config": {"loader": {"batch_size": 16}}, "rng": {"per_rank": [{}, {}]}}
+    check_resumable(tmp_path / "c.pt", ckpt, SPEC, 5, 16, 2)  # the same run: fine
+    with pytest.raises(UserError, match=r"c\.pt: cannot resume: processes 2 -> 1\. A resume keeps"):
+        check_resumable(tmp_path / "c.pt", ckpt, SPEC, 5, 16, 1)
+    with pytest.raises(UserError, match="embedding-only checkpoint"):
+        check_resumable(tmp_path / "c.pt", {"model": SPEC}, SPEC, 5, 16, 1)

@@ -447,8 +447,9 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
     _check_head(cfg.head, src)
     try:
         dataclasses.replace(cfg.data.augment).validate()  # on a copy: validate() turns lists into tuples
-    except UserError as err:
-        raise UserError(f"{src.where('data.augment')}: data.{err}") from None
+    except UserError as err:  # its message starts "augment.<name>=<value>: ..."
+        key = "data." + str(err).split("=", 1)[0]
+        raise UserError(f"{src.where(key)}: data.{err}") from None
     if cfg.schedule.steps <= 0 and cfg.schedule.epochs <= 0:
         raise UserError(f"{src.where('schedule.steps')}: set 'schedule.steps' or 'schedule.epochs' "
                         "(both are 0)")

@@ -6,6 +6,14 @@ import torch
 from torch import nn
 
 
+def check_positive(**values: float) -> None:
+    """ValueError naming the first size argument that is not positive (before torch warns about
+    zero-element tensors and fails somewhere inside a layer)."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
 def conv_bn(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
     """Conv (no bias: BN follows) + BN [+ PReLU], padding keeps 'same' size at stride 1."""
     layers: list[nn.Module] = [

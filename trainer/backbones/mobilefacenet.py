@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.backbones.common import GDCEmbedding, SqueezeExcite, conv_bn, downsampled, init_weights
+from trainer.backbones.common import (
+    GDCEmbedding,
+    SqueezeExcite,
+    check_positive,
+    conv_bn,
+    downsampled,
+    init_weights,
+)
 from trainer.backbones.registry import register
 
 
@@ -40,6 +47,7 @@ class MobileFaceNet(nn.Module):
     def __init__(self, embedding_size: int = 128, image_size: tuple[int, int] = (112, 112),
                  se: bool = False, width_mult: float = 1.0, dropout: float = 0.0) -> None:
         super().__init__()
+        check_positive(width_mult=width_mult)
         c = lambda v: max(8, int(round(v * width_mult)))  # noqa: E731
         self.stem = nn.Sequential(conv_bn(3, c(64), 3, 2), conv_bn(c(64), c(64), 3, 1, groups=c(64)))
         blocks: list[nn.Module] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.backbones.common import GDCEmbedding, conv_bn, downsampled, init_weights
+from trainer.backbones.common import GDCEmbedding, check_positive, conv_bn, downsampled, init_weights
 from trainer.backbones.registry import register
 
 
@@ -22,6 +22,7 @@ class TinyNet(nn.Module):
     def __init__(self, embedding_size: int = 128, image_size: tuple[int, int] = (112, 112),
                  width: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
+        check_positive(width=width)
         w = int(width)
         self.stem = conv_bn(3, w, 3, 2)
         self.blocks = nn.Sequential(
