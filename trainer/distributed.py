@@ -59,10 +59,9 @@ def setup(devices: list[int] | str = "auto") -> DistInfo:
     return info
 
 
-def teardown(info: DistInfo, *objects: Any) -> None:
-    """Drop the caller's model/optimizer references and collect before destroying the group: gloo
-    teardown aborts now and then while DDP reducer buckets are still alive."""
-    del objects
+def teardown(info: DistInfo) -> None:
+    """Collect garbage before destroying the group (the caller has dropped its model and optimizer):
+    gloo teardown aborts now and then while DDP reducer buckets are still alive."""
     gc.collect()
     if info.enabled and dist.is_initialized():
         dist.barrier()
