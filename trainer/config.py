@@ -1,7 +1,10 @@
 """Training configuration: YAML -> typed dataclasses, `key.sub=value` overrides, one-line errors.
 
-Every section is a dataclass; unknown keys and values of the wrong type raise UserError naming
-the key (and the nearest valid key). The resolved config is written to the run folder as YAML.
+Every section is a dataclass; the allowed values of a choice are its `Literal[...]` type. At load
+every value is checked: its type (floats also as YAML 1.1 leaves them, `1e-3`), its range
+(`_RANGES`), and the rules across keys (`check`). Each error is one UserError line naming the key
+and where the value came from (the file, or the `key=value` override), and an unknown key names
+the nearest valid one. The resolved config is written to the run folder as YAML.
 """
 
 from __future__ import annotations
