@@ -42,10 +42,9 @@ def torch_embedder(model: torch.nn.Module, device: torch.device) -> EmbedFn:
     return module_embedder(model, channels_last=True)
 
 
-def module_embedder(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
-                    channels_last: bool = False) -> EmbedFn:
-    """An embedder for a model used elsewhere too (the trainer's): runs on the model's device, under
-    autocast when a dtype is given, and never changes the model (call it in eval mode)."""
+def module_embedder(model: torch.nn.Module, channels_last: bool = False) -> EmbedFn:
+    """An embedder for a model used elsewhere too (the trainer's): runs on the model's device and
+    never changes the model (call it in eval mode)."""
     device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -53,9 +52,7 @@ def module_embedder(model: torch.nn.Module, autocast_dtype: torch.dtype | None =
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            return model(images).float().cpu().numpy()
+        return model(images).float().cpu().numpy()
 
     return run
 

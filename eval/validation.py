@@ -3,14 +3,13 @@
 The same computation as `eval/lfw.py`: the manifest's pairs checked against the shards, every face
 embedded once by `eval.embed.embed_shards` with the same flip rule (mirror image added), cosine
 pair scores and the k-fold protocol of `eval.verification`. So the figure the trainer logs for a
-checkpoint is the accuracy `eval/lfw.py` prints for it (up to the autocast dtype the run trains in).
+checkpoint is the accuracy `eval/lfw.py` prints for it (the embedding runs in fp32, as there).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from eval.embed import embed_shards, module_embedder
@@ -33,11 +32,11 @@ class LfwValidator:
         self.pairs = manifest_pairs(self.manifest, shard_jpegs(self.manifest))
         self.batch_size, self.flip = batch_size, flip
 
-    def __call__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    def __call__(self, model: nn.Module) -> dict[str, float]:
         was_training = model.training
         model.eval()
         try:
-            embed = module_embedder(model, autocast_dtype)
+            embed = module_embedder(model)
             emb, index_of = embed_shards(embed, self.manifest, batch_size=self.batch_size, flip=self.flip,
                                          show_progress=False)
         finally:

@@ -327,7 +327,7 @@ class Trainer:
             t = time.perf_counter()
             backbone = _unwrap(self.module).backbone
             for i, validator in enumerate(self.validators):
-                metrics = validator(backbone, self.dtype)
+                metrics = validator(backbone)
                 res.update(metrics if i == 0 else {f"{validator.name}_{k}": v for k, v in metrics.items()})
             res["val_seconds"] = time.perf_counter() - t
         acc = dist_util.broadcast_float(float(res.get("accuracy_mean", -1.0)), self.info)

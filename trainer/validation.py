@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-import torch
 from torch import nn
 
 
@@ -19,6 +18,7 @@ class Validator(Protocol):
 
     name: str
 
-    def __call__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """Metrics of `model` (the bare backbone, on its training device); must leave its mode as found."""
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of `model` (the bare backbone, on its training device, in fp32 whatever the run's
+        autocast dtype, as an evaluator would run the checkpoint); must leave its mode as found."""
         ...
