@@ -45,4 +45,7 @@ class LfwValidator:
             scores, same, folds = pair_scores(emb, index_of, self.pairs)
         except KeyError as err:  # the .idx listed it but the reader did not deliver it
             raise UserError(f"{self.manifest.root}: {err.args[0]} (shard and index disagree?)") from None
-        return verification_metrics(scores, same, folds)
+        try:
+            return verification_metrics(scores, same, folds)
+        except ValueError as err:
+            raise UserError(f"{self.manifest.root}: cannot run the k-fold protocol ({err})") from None

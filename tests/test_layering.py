@@ -149,11 +149,6 @@ def test_no_import_cycle_inside_a_package():
     assert not cycles, "; ".join(cycles)
 
 
-# Cycles closed only by a function-level import, whose fix is under way in another branch.
-PENDING = {"shards.manifest -> shards.writer -> shards.manifest"}
-
-
 def test_no_function_level_import_closes_a_cycle():
-    cycles = set(_cycles(import_graph(), {"module", "function"}))
-    assert cycles <= PENDING, "; ".join(sorted(cycles - PENDING))
-    assert cycles == PENDING, f"fixed: drop {sorted(PENDING - cycles)} from PENDING"
+    cycles = _cycles(import_graph(), {"module", "function"})
+    assert not cycles, "; ".join(cycles)
