@@ -1,0 +1,407 @@
+"""A class-sharded margin head (model parallel), with Partial FC sampling of the negative classes.
+
+Rank r of a world of W holds the centres of a contiguous class range (`class_range`; the first
+C % W ranks hold one class more). One forward pass:
+
+1. each rank normalizes its embeddings and all-gathers them and the labels: the global batch, N
+   rows in rank order. The gather's backward sums the ranks' partial dX and hands each rank the
+   gradient of its own rows.
+2. the owner of each label computes the target cosine c_y; an all-reduce gives every rank all N,
+   so every rank has psi(c_y) (SV-Softmax's hard-negative test compares every cosine with it).
+3. each rank runs the engine (chunked, or fused on CUDA) over its own classes: the log-sum-exp of
+   its non-target logits and its best non-target cosine, without a N x C tensor.
+4. the global log-sum-exp is M + log(sum_r exp(lse_r - M) + exp(s psi - M)) with M the all-reduced
+   max: every term is at most 1, so it cannot overflow.
+5. backward: the engine sweeps the local classes again (global lse; the target column on the owner
+   only) for this rank's dW and its partial dX.
+
+Traffic per step is O(W B D) (`step_traffic`), whatever C is; the head is not wrapped in DDP.
+
+Partial FC (`sample_rate` < 1): each forward keeps, per rank, the centres of every label of the
+global batch that the rank owns plus uniformly drawn other classes up to int(sample_rate x C_local)
+(seeded by seed, rank and step: deterministic). `sampled_rows` makes the optimizer step touch only
+those rows: their momentum / Adam moments are gathered, stepped and written back; the other rows'
+weights and state stay exactly as they were (a centre's momentum does not decay while it is not
+sampled, and weight decay skips it too: Partial FC's sparse update). Adam's scalar step count is
+shared by all rows.
+
+Per-class state for checkpoints (`gather_class_state`, `slice_class_state`, `load_class_state`):
+the weight and every row-shaped optimizer state tensor as full C-row tensors, so a run saved on N
+ranks resumes on M.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heads.chunked import ChunkedEngine
+from heads.core import Engine, inv_norms
+from heads.margins import DEFAULT_SCALE, Margin, build_margin
+from heads.reference import focal
+
+SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
+INIT_BLOCK = 1 << 16  # classes per seeded block of the initial centres (any world size draws the same)
+
+
+def _world(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank(group=None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _all_reduce(t: Tensor, op, group) -> Tensor:
+    if _world(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of the classes rank `rank` owns; the first num_classes % world ranks get one more."""
+    base, extra = divmod(num_classes, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def init_centres(num_classes: int, embed_dim: int, start: int, end: int, seed: int = 0) -> Tensor:
+    """Rows [start, end) of N(0, 0.01^2) centres drawn in seeded blocks: equal for every world size."""
+    out = torch.empty(end - start, embed_dim)
+    for b in range(start // INIT_BLOCK, math.ceil(end / INIT_BLOCK)):
+        b0, b1 = b * INIT_BLOCK, min(num_classes, (b + 1) * INIT_BLOCK)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        block = torch.randn(b1 - b0, embed_dim, generator=g) * 0.01
+        lo, hi = max(b0, start), min(b1, end)
+        out[lo - start:hi - start] = block[lo - b0:hi - b0]
+    return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather of equal-sized row blocks; backward sums the ranks' gradients, returns our rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(_world(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        world, rank = _world(ctx.group), _rank(ctx.group)
+        n = g.shape[0] // world
+        g = g.contiguous().clone()
+        if dist.get_backend(ctx.group) == "nccl":
+            out = torch.empty((n, *g.shape[1:]), dtype=g.dtype, device=g.device)
+            dist.reduce_scatter_tensor(out, g, group=ctx.group)
+            return out, None
+        dist.all_reduce(g, group=ctx.group)  # gloo has no reduce-scatter
+        return g[rank * n:(rank + 1) * n], None
+
+
+def gather_rows(x: Tensor, group=None) -> Tensor:
+    """The global batch (rows of every rank, in rank order), differentiable; x itself on one rank."""
+    return _GatherRows.apply(x, group) if _world(group) > 1 else x
+
+
+def gather_labels(labels: Tensor, group=None) -> Tensor:
+    if _world(group) == 1:
+        return labels
+    parts = [torch.empty_like(labels) for _ in range(_world(group))]
+    dist.all_gather(parts, labels.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _global_lse(lse_r: Tensor, tgt: Tensor, max_r: Tensor, group) -> tuple[Tensor, Tensor]:
+    """(log-sum-exp over every rank's non-target logits and the target, global best non-target cosine)."""
+    top = torch.stack([torch.maximum(lse_r, tgt), max_r.to(lse_r.dtype)])
+    _all_reduce(top, MAX, group)  # one collective for both maxima
+    m = top[0]
+    total = _all_reduce(torch.exp(lse_r - m), SUM, group)
+    return m + torch.log(total + torch.exp(tgt - m)), top[1]
+
+
+class _ShardedFn(torch.autograd.Function):
+    """Per-row loss over the global batch; `labels` are local class ids, -1 where another rank owns them."""
+
+    @staticmethod
+    def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, margin: Margin, step: int, s: float,
+                t: float, engine: Engine, group) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        rw = inv_norms(weight)
+        own = labels >= 0
+        y = labels.clamp_min(0)
+        c_own = (xn * weight[y].to(xn.dtype)).sum(1) * rw[y].to(xn.dtype)
+        c_y = _all_reduce(torch.where(own, c_own, torch.zeros_like(c_own)), SUM, group)
+        psi = margin.psi(c_y, step)
+        lse_r, max_r = engine.forward(xn, weight, rw, labels, psi, s, t)
+        tgt = s * psi
+        lse, max_other = _global_lse(lse_r.to(xn.dtype), tgt, max_r, group)
+        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse)
+        ctx.margin, ctx.step, ctx.s, ctx.t, ctx.engine = margin, step, s, t, engine
+        correct = (c_y >= max_other).to(xn.dtype)
+        ctx.mark_non_differentiable(correct)
+        return lse - tgt, correct
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _g_correct: Tensor):  # type: ignore[override]
+        xn, weight, labels, rw, c_y, psi, lse = ctx.saved_tensors
+        s = ctx.s
+        # the target column's gradient; the engine applies it on the owning rank only (label >= 0)
+        dcy = g * (torch.exp(s * psi - lse) - 1.0) * s * ctx.margin.dpsi(c_y, ctx.step)
+        with torch.autocast(xn.device.type, enabled=False):
+            dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
+        return dxn, dw.to(weight.dtype), None, None, None, None, None, None, None
+
+
+def sample_classes(positives: Tensor, num_local: int, rate: float,
+                   generator: torch.Generator) -> Tensor | None:
+    """Sorted local ids: every positive plus uniform others up to int(rate x num_local); None = all."""
+    if rate >= 1.0:
+        return None
+    keep = max(1, int(rate * num_local), int(positives.unique().numel()))
+    score = torch.rand(num_local, generator=generator, device=generator.device)
+    score[positives] = 2.0  # above every uniform draw: positives always win
+    return torch.topk(score, keep).indices.sort().values
+
+
+def _engine(impl: str, device: torch.device, block: int | None) -> Engine:
+    if impl == "fused" or (impl == "auto" and device.type == "cuda"):
+        from heads.fused import FusedEngine  # imports triton only when asked for
+
+        return FusedEngine()
+    return ChunkedEngine(block or 8192)
+
+
+class ShardedMarginHead(nn.Module):
+    """MarginHead's function over classes sharded across the process group (see the module doc).
+
+    `weight` holds this rank's classes [class_start, class_end). `forward(embeddings, labels)` takes
+    this rank's rows and returns the mean loss over the global batch (the same on every rank); the
+    embeddings' gradient is that of the global mean loss for this rank's rows. Every rank must pass
+    the same number of rows. Without a process group it is the whole head on one process.
+    """
+
+    def __init__(self, num_classes: int, embed_dim: int, margin: str = "cosface", s: float | None = None,
+                 m: float | None = None, t: float = 1.0, impl: str = "auto", gamma_focal: float = 0.0,
+                 block: int | None = None, sample_rate: float = 1.0, seed: int = 0, group=None,
+                 **margin_kwargs: float) -> None:
+        super().__init__()
+        if impl not in ("auto", "chunked", "fused"):
+            raise ValueError(f"sharded head impl {impl!r}: expected auto, chunked or fused")
+        if t < 1.0:
+            raise ValueError(f"SV-Softmax t must be >= 1 (1 turns it off), got {t}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.margin: Margin = build_margin(margin, m, **margin_kwargs)
+        self.s = float(DEFAULT_SCALE[margin] if s is None else s)
+        self.t, self.gamma_focal, self.sample_rate = float(t), float(gamma_focal), float(sample_rate)
+        self.impl, self.block, self.seed, self.group = impl, block, int(seed), group
+        self.num_classes = int(num_classes)
+        self.rank, self.world = _rank(group), _world(group)
+        self.class_start, self.class_end = class_range(num_classes, self.rank, self.world)
+        centres = init_centres(num_classes, embed_dim, self.class_start, self.class_end, seed)
+        self.weight = nn.Parameter(centres)
+        self.step, self._draws = 0, 0
+        self.sampled: Tensor | None = None  # local ids of the classes the last forward used (None: all)
+        self.last_accuracy: Tensor | None = None
+        self._engines: dict[str, Engine] = {}
+
+    @property
+    def num_local(self) -> int:
+        return self.class_end - self.class_start
+
+    def set_step(self, step: int) -> None:
+        """The training step: SphereFace's annealing and the seed of the class sample."""
+        self.step, self._draws = int(step), 0
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False):
+        with torch.autocast(embeddings.device.type, enabled=False):
+            dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+            xn = gather_rows(F.normalize(embeddings.to(dtype), dim=1), self.group)
+            local = gather_labels(labels.long(), self.group) - self.class_start
+            owned = (local >= 0) & (local < self.num_local)
+            index = None
+            weight = self.weight
+            if self.sample_rate < 1.0:
+                gen = self._generator(xn.device)
+                index = sample_classes(local[owned], self.num_local, self.sample_rate, gen)
+                weight = self.weight[index]
+                local = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
+            local = torch.where(owned, local, torch.full_like(local, -1))
+            rows, correct = _ShardedFn.apply(xn, weight, local, self.margin, self.step, self.s, self.t,
+                                             self._engine_for(xn.device), self.group)
+            loss = focal(rows, self.gamma_focal).mean()
+        self.sampled = index
+        self.last_accuracy = correct.mean().detach()
+        return (loss, self.last_accuracy) if return_accuracy else loss
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        # a fresh stream per (seed, rank, step, draw within the step): reproducible and resumable
+        self._draws += 1
+        key = ((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.step) * 64 + self._draws
+        return torch.Generator(device=device).manual_seed(key % (1 << 63))
+
+    def _engine_for(self, device: torch.device) -> Engine:
+        if device.type not in self._engines:
+            self._engines[device.type] = _engine(self.impl, device, self.block)
+        return self._engines[device.type]
+
+    def extra_repr(self) -> str:
+        return (f"classes={self.num_classes} [{self.class_start}, {self.class_end}) of rank {self.rank}/"
+                f"{self.world}, dim={self.weight.shape[1]}, margin={self.margin.name}, s={self.s}, "
+                f"t={self.t}, focal={self.gamma_focal}, sample_rate={self.sample_rate}")
+
+
+def _row_state(state: dict, weight: Tensor) -> dict[str, Tensor]:
+    """The optimizer state tensors with one row per class (momentum, Adam's moments)."""
+    return {k: v for k, v in state.items() if isinstance(v, Tensor) and v.shape == weight.shape}
+
+
+@contextmanager
+def sampled_rows(optimizer: torch.optim.Optimizer, weight: Tensor, index: Tensor | None) -> Iterator[None]:
+    """Inside the block `optimizer` steps only rows `index` of `weight` (and those rows of its state).
+
+    The rows and their gradient are copied into a stand-in parameter with that state, the optimizer
+    steps it in the weight's place, and the results are written back; every other row (weight and
+    state) is left exactly as it was. `index` None: the plain step.
+    """
+    if index is None:
+        yield
+        return
+    group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+    pos = next(i for i, p in enumerate(group["params"]) if p is weight)
+    sub = nn.Parameter(weight.detach()[index])
+    sub.grad = None if weight.grad is None else weight.grad[index]
+    full = optimizer.state.pop(weight, {})
+    rows = _row_state(full, weight)
+    optimizer.state[sub] = {k: (v[index] if k in rows else v) for k, v in full.items()}
+    group["params"][pos] = sub
+    try:
+        yield
+    finally:
+        group["params"][pos] = weight
+        stepped = optimizer.state.pop(sub, {})
+        with torch.no_grad():
+            weight[index] = sub.detach()
+            for k, v in stepped.items():
+                if isinstance(v, Tensor) and v.shape == sub.shape:
+                    if k not in full:  # first step: state rows never sampled start at zero
+                        full[k] = torch.zeros(weight.shape, dtype=v.dtype, device=v.device)
+                    full[k][index] = v
+                else:
+                    full[k] = v
+        if full:
+            optimizer.state[weight] = full
+
+
+def shard_state(weight: Tensor, optimizer: torch.optim.Optimizer | None) -> dict[str, dict[str, Tensor]]:
+    """This rank's rows: {"rows": {"weight": ..., "optim.<name>": ...}, "scalars": {<name>: ...}}."""
+    state = optimizer.state.get(weight, {}) if optimizer is not None else {}
+    rows = {"weight": weight.detach(), **{f"optim.{k}": v for k, v in _row_state(state, weight).items()}}
+    scalars = {k: v for k, v in state.items() if k not in _row_state(state, weight)}
+    return {"rows": rows, "scalars": scalars}
+
+
+def gather_class_state(weight: Tensor, optimizer: torch.optim.Optimizer | None, num_classes: int,
+                       group=None, dst: int = 0) -> dict | None:
+    """The whole head as per-class tensors on rank `dst` (None elsewhere): independent of the world size.
+
+    {"num_classes": C, "rows": {"weight": C x D, "optim.momentum_buffer": C x D, ...}, "scalars": {...}}
+    on the CPU. A collective: every rank of the group calls it.
+    """
+    world, rank = _world(group), _rank(group)
+    mine = shard_state(weight, optimizer)
+    if world == 1:
+        return {"num_classes": num_classes, "rows": {k: v.cpu().clone() for k, v in mine["rows"].items()},
+                "scalars": mine["scalars"]}
+    keys: list = [None] * world
+    dist.all_gather_object(keys, sorted(mine["rows"]), group=group)
+    if any(k != keys[0] for k in keys):
+        raise RuntimeError(f"ranks disagree on the head's optimizer state: {keys}")
+    most = class_range(num_classes, 0, world)[1]  # rank 0 holds the most rows
+    out: dict[str, Tensor] = {}
+    for key in keys[0]:
+        t = mine["rows"][key]
+        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+        dist.gather(padded, parts, dst=dst, group=group)
+        if parts is not None:
+            sizes = [class_range(num_classes, r, world) for r in range(world)]
+            out[key] = torch.cat([p[:b - a].cpu() for p, (a, b) in zip(parts, sizes)])
+    if rank != dst:
+        return None
+    return {"num_classes": num_classes, "rows": out, "scalars": mine["scalars"]}
+
+
+def slice_class_state(full: dict, rank: int, world: int) -> dict:
+    """The rows rank `rank` of `world` owns, from a gather_class_state dict."""
+    a, b = class_range(int(full["num_classes"]), rank, world)
+    return {"num_classes": full["num_classes"], "rows": {k: v[a:b] for k, v in full["rows"].items()},
+            "scalars": dict(full["scalars"])}
+
+
+def load_class_state(weight: Tensor, optimizer: torch.optim.Optimizer | None, full: dict, num_classes: int,
+                     rank: int = 0, world: int = 1) -> None:
+    """Put this rank's slice of a per-class state into `weight` and the optimizer's state for it.
+
+    Raises ValueError (one line) when the class count or the embedding size differs."""
+    saved_c, saved_d = int(full["num_classes"]), int(full["rows"]["weight"].shape[1])
+    if (saved_c, saved_d) != (num_classes, weight.shape[1]):
+        raise ValueError(f"the checkpoint's head has {saved_c} classes x {saved_d} dims, this run's "
+                         f"{num_classes} x {weight.shape[1]} (another class count or embedding size)")
+    part = slice_class_state(full, rank, world)
+    saved = part["rows"]["weight"]
+    if saved.shape != weight.shape:
+        raise ValueError(f"rank {rank} of {world} holds {tuple(weight.shape)} head rows, its slice of the "
+                         f"checkpoint is {tuple(saved.shape)}")
+    with torch.no_grad():
+        weight.copy_(saved)
+    if optimizer is None:
+        return
+    state = {k.removeprefix("optim."): v.to(device=weight.device, copy=True)
+             for k, v in part["rows"].items() if k.startswith("optim.")}
+    state.update({k: (v.clone() if isinstance(v, Tensor) else v) for k, v in part["scalars"].items()})
+    if state:
+        optimizer.state[weight] = state
+
+
+def head_bytes(num_classes: int, embed_dim: int, world: int, parallel: str, optimizer_slots: int = 1,
+               sample_rate: float = 1.0, elem: int = 4) -> dict[str, int]:
+    """Bytes per rank of the head's weight, gradient and optimizer state (the largest rank's shard).
+
+    optimizer_slots: row-shaped state tensors (SGD momentum 1, Adam 2). The gradient is dense in both
+    modes; with sampling, `sampled_copies` is the step's copy of the sampled rows, their gradient and
+    state (forward gather and `sampled_rows`)."""
+    rows = num_classes if parallel == "replicate" else class_range(num_classes, 0, world)[1]
+    one = rows * embed_dim * elem
+    out = {"weight": one, "grad": one, "optimizer": optimizer_slots * one}
+    if sample_rate < 1.0:
+        out["sampled_copies"] = int(sample_rate * rows) * embed_dim * elem * (2 + optimizer_slots)
+    out["total"] = sum(out.values())
+    return out
+
+
+def step_traffic(num_classes: int, embed_dim: int, batch_per_rank: int, world: int, parallel: str,
+                 backend: str = "nccl", elem: int = 4) -> int:
+    """Bytes one rank sends per step for the head under ring collectives (the backbone's DDP all-reduce,
+    the same in both modes, excluded). replicate: the all-reduce of the C x D gradient; shard: the
+    all-gather of the embeddings and labels, three all-reduces of N-vectors (c_y, the maxima, the
+    sums) and the reduce-scatter of dX (an all-reduce on gloo, which has no reduce-scatter)."""
+    if world == 1:
+        return 0
+    ring = 2 * (world - 1) / world  # all-reduce: reduce-scatter + all-gather
+    if parallel == "replicate":
+        return int(ring * num_classes * embed_dim * elem)
+    n = batch_per_rank * world
+    gather = (world - 1) * batch_per_rank * (embed_dim * elem + 8)
+    vectors = ring * 4 * n * elem
+    dx = (world - 1) * batch_per_rank * embed_dim * elem * (2 if backend == "gloo" else 1)
+    return int(gather + vectors + dx)

@@ -1,0 +1,147 @@
+"""Run by tests/test_heads_sharded.py under `torchrun --nproc_per_node=W` (gloo, CPU, float64).
+
+Every rank builds the same global data, runs the single-process MarginHead (the float64 reference)
+on the whole batch and the ShardedMarginHead on its own rows and classes, and writes the largest
+relative differences (and what the sampling checks saw) to OUT/rank{r}.json; rank 0 also saves the
+gathered per-class state after one SGD step to OUT/state.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from heads import MarginHead
+from heads.sharded import ShardedMarginHead, class_range, gather_class_state, sampled_rows
+
+C, D, B = 11, 6, 4  # C % 2 and C % 3 != 0; B rows per rank
+CASES = [  # name, MarginHead kwargs
+    ("cosface", {"margin": "cosface"}),
+    ("arcface_fallback", {"margin": "arcface"}),
+    ("sphereface", {"margin": "sphereface", "m": 4, "lambda_min": 0.0}),
+    ("combined", {"margin": "combined", "m1": 0.9, "m2": 0.4, "m3": 0.15}),
+    ("sv_t1.1", {"margin": "arcface", "t": 1.1, "s": 8.0}),
+    ("focal", {"margin": "cosface", "gamma_focal": 2.0}),
+]
+
+
+def global_data(world: int, classes: int = C, per_rank: int = B, seed: int = 0):
+    """x (N x D), w (C x D), y (N): a label in every rank's range, the last class, a fallback row."""
+    g = torch.Generator().manual_seed(seed)
+    n = per_rank * world
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    w = torch.randn(classes, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    for r in range(world):
+        y[r * per_rank] = class_range(classes, r, world)[0]  # each rank's first row: a class it owns
+    y[-1] = classes - 1
+    x[1] = -w[y[1]]  # theta = pi: arcface's fallback branch
+    return x, w, y
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def loss_and_grads(head, x, y):
+    xx = x.clone().requires_grad_()
+    loss = head(xx, y)
+    gx, gw = torch.autograd.grad(loss, [xx, head.weight])
+    return loss.detach(), gx, gw
+
+
+def check_margins(rank: int, world: int) -> dict[str, list[float]]:
+    x, w, y = global_data(world)
+    a, b = class_range(C, rank, world)
+    rows = slice(rank * B, (rank + 1) * B)
+    out = {}
+    for name, kw in CASES:
+        ref = MarginHead(C, D, impl="reference", **kw).double()
+        sh = ShardedMarginHead(C, D, impl="chunked", block=2, **kw).double()
+        with torch.no_grad():
+            ref.weight.copy_(w)
+            sh.weight.copy_(w[a:b])
+        lr, gxr, gwr = loss_and_grads(ref, x, y)
+        ls, gxs, gws = loss_and_grads(sh, x[rows], y[rows])
+        out[name] = [rel(ls, lr), rel(gxs, gxr[rows]), rel(gws, gwr[a:b])]
+    return out
+
+
+def check_sampled_vs_reference(rank: int, world: int) -> dict:
+    """rate 0.1 of 1000 classes: the loss equals MarginHead over exactly the sampled classes."""
+    classes = 1000
+    x, w, y = global_data(world, classes, per_rank=6, seed=1)
+    a, b = class_range(classes, rank, world)
+    sh = ShardedMarginHead(classes, D, impl="chunked", block=16, sample_rate=0.1, seed=7).double()
+    with torch.no_grad():
+        sh.weight.copy_(w[a:b])
+    sh.set_step(3)
+    rows = slice(rank * 6, (rank + 1) * 6)
+    loss = sh(x[rows], y[rows])
+    mine = (sh.sampled + a).tolist()
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    kept = torch.tensor(sorted(c for part in every for c in part))
+    ref = MarginHead(len(kept), D, impl="reference").double()
+    with torch.no_grad():
+        ref.weight.copy_(w[kept])
+    ref_loss = ref(x, torch.searchsorted(kept, y)).detach()
+    again = ShardedMarginHead(classes, D, impl="chunked", sample_rate=0.1, seed=7).double()
+    again.set_step(3)
+    again(x[rows], y[rows])
+    owned = y[(y >= a) & (y < b)] - a
+    return {"loss_rel": rel(loss.detach(), ref_loss), "kept": len(mine), "local": b - a,
+            "positives": sorted(set(owned.tolist())), "sampled": sorted(sh.sampled.tolist()),
+            "same_seed_same_sample": bool(torch.equal(again.sampled, sh.sampled))}
+
+
+def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
+    """One SGD (momentum, weight decay) step of the sharded head equals the full head's; the gathered
+    per-class state equals the full head's weight and momentum. The step runs through `sampled_rows`
+    with a sample that holds every class (positives cover them all), so that path is checked too."""
+    x, w, y = global_data(world, 7, per_rank=8, seed=2)
+    y[: 7] = torch.arange(7)
+    a, b = class_range(7, rank, world)
+    rows = slice(rank * 8, (rank + 1) * 8)
+    res = {}
+    for rate in (1.0, 0.1):
+        ref = MarginHead(7, D, impl="reference").double()
+        sh = ShardedMarginHead(7, D, impl="chunked", sample_rate=rate).double()
+        with torch.no_grad():
+            ref.weight.copy_(w)
+            sh.weight.copy_(w[a:b])
+        opts = [torch.optim.SGD(h.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01) for h in (ref, sh)]
+        for _ in range(2):
+            for h, opt, xx, yy in ((ref, opts[0], x, y), (sh, opts[1], x[rows], y[rows])):
+                opt.zero_grad()
+                h(xx, yy).backward()
+                with sampled_rows(opt, h.weight, getattr(h, "sampled", None)):
+                    opt.step()
+        state = gather_class_state(sh.weight, opts[1], 7)
+        if rank == 0:
+            mom = opts[0].state[ref.weight]["momentum_buffer"]
+            res[f"rate{rate}"] = [rel(state["rows"]["weight"], ref.weight.detach()),
+                                  rel(state["rows"]["optim.momentum_buffer"], mom),
+                                  sh.sampled is None or len(sh.sampled) == b - a]
+            torch.save(state, out / f"state_rate{rate}.pt")
+    return res
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = {"margins": check_margins(rank, world), "sampled": check_sampled_vs_reference(rank, world),
+              "sgd": check_sgd_step_and_state(rank, world, out)}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
