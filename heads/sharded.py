@@ -209,7 +209,8 @@ class ShardedMarginHead(nn.Module):
         centres = init_centres(num_classes, embed_dim, self.class_start, self.class_end, seed)
         self.weight = nn.Parameter(centres)
         self.step, self._draws = 0, 0
-        self.sampled: Tensor | None = None  # local ids of the classes the last forward used (None: all)
+        # local ids of the classes this step's forwards used (None: all); sampled_rows steps only these
+        self.sampled: Tensor | None = None
         self.last_accuracy: Tensor | None = None
         self._engines: dict[str, Engine] = {}
 
@@ -238,6 +239,8 @@ class ShardedMarginHead(nn.Module):
             rows, correct = _ShardedFn.apply(xn, weight, local, self.margin, self.step, self.s, self.t,
                                              self._engine_for(xn.device), self.group)
             loss = focal(rows, self.gamma_focal).mean()
+        if index is not None and self.sampled is not None and self._draws > 1:
+            index = torch.cat([self.sampled, index]).unique()  # accumulation: every row touched this step
         self.sampled = index
         self.last_accuracy = correct.mean().detach()
         return (loss, self.last_accuracy) if return_accuracy else loss
@@ -310,13 +313,14 @@ def shard_state(weight: Tensor, optimizer: torch.optim.Optimizer | None) -> dict
 
 
 def gather_class_state(weight: Tensor, optimizer: torch.optim.Optimizer | None, num_classes: int,
-                       group=None, dst: int = 0) -> dict | None:
+                       group=None, dst: int = 0, replicated: bool = False) -> dict | None:
     """The whole head as per-class tensors on rank `dst` (None elsewhere): independent of the world size.
 
     {"num_classes": C, "rows": {"weight": C x D, "optim.momentum_buffer": C x D, ...}, "scalars": {...}}
-    on the CPU. A collective: every rank of the group calls it.
+    on the CPU. A collective for a sharded head (every rank of the group calls it); `replicated`: every
+    rank holds all C rows, nothing is gathered.
     """
-    world, rank = _world(group), _rank(group)
+    world, rank = (1, 0) if replicated else (_world(group), _rank(group))
     mine = shard_state(weight, optimizer)
     if world == 1:
         return {"num_classes": num_classes, "rows": {k: v.cpu().clone() for k, v in mine["rows"].items()},

@@ -113,6 +113,18 @@ def test_head_sample_is_reproducible_per_seed_and_step() -> None:
     assert not torch.equal(sample(1, 5), sample(2, 5))
 
 
+def test_sample_of_a_step_is_the_union_over_its_micro_batches() -> None:
+    head = ShardedMarginHead(500, 4, sample_rate=0.1, impl="chunked")
+    x, y = torch.randn(8, 4), torch.randint(0, 500, (8,))
+    head(x, y)
+    first = head.sampled
+    head(x, y)  # a second micro-batch of the same step draws other negatives
+    assert set(first.tolist()) < set(head.sampled.tolist())
+    head.set_step(1)
+    head(x, y)
+    assert len(head.sampled) == 50, "a new step starts a new sample"
+
+
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 def test_sampled_step_leaves_unsampled_rows_and_their_state_untouched(opt_name: str) -> None:
     torch.manual_seed(0)
