@@ -1,14 +1,24 @@
-"""Run by tests/test_heads_sharded.py under `torchrun --nproc_per_node=W` (gloo, CPU, float64).
+"""Run by the tests/test_heads_sharded*.py tests under torchrun (gloo, CPU). Two modes:
 
-Every rank builds the same global data, runs the single-process MarginHead (the float64 reference)
-on the whole batch and the ShardedMarginHead on its own rows and classes, and writes the largest
-relative differences (and what the sampling checks saw) to OUT/rank{r}.json; rank 0 also saves the
-gathered per-class state after one SGD step to OUT/state.pt.
+    _heads_sharded_worker.py OUT
+        the head checks: every rank builds the same global data, runs the single-process MarginHead
+        (the float64 reference) on the whole batch and the ShardedMarginHead on its own rows and
+        classes, and writes the largest relative differences (and what the sampling checks saw) to
+        OUT/rank{r}.json; rank 0 also saves the gathered per-class state after two SGD steps.
+    _heads_sharded_worker.py train '{"dump_after_resume": FILE, "record_step": S, "kill_rank": R,
+                                     "kill_at_call": K, "signal": "SIGKILL", "faults": {...}}' [main args]
+        trainer/main.py with tests/_trainer_faults.py's FaultHooks(**faults); dump_after_resume: the
+        head's per-class state, gathered right after set-up and resume, to FILE; record_step: each rank
+        writes (label, pixel sum) of its batch at that 0-based step to RUN/batch-rank{r}.json;
+        kill_rank: that rank sends itself `signal` on its K-th labels gather of the sharded head (the
+        other ranks are then inside the head's collectives).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -131,7 +141,50 @@ def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
     return res
 
 
+def train(opts: dict, argv: list[str]) -> int:
+    from _trainer_faults import FaultHooks  # this file's folder is sys.path[0]
+
+    import heads.sharded as sharded
+    from trainer import engine, head_parallel
+    from trainer.main import main as train_main
+
+    if opts.get("dump_after_resume"):
+        start = engine.Trainer._start
+
+        def start_and_dump(self) -> None:
+            start(self)
+            full = head_parallel.head_checkpoint(self.head, self.optimizer)
+            if full is not None:
+                torch.save(full, opts["dump_after_resume"])
+
+        engine.Trainer._start = start_and_dump
+    if "record_step" in opts:  # the samples this rank trains on at that (0-based) step
+        next_batch = engine.Trainer._next_batch
+
+        def next_and_record(self):
+            images, labels = next_batch(self)
+            if self.state.step == opts["record_step"]:
+                rows = [[int(y), round(float(x.double().sum()), 3)] for x, y in zip(images, labels)]
+                Path(self.run_dir, f"batch-rank{self.info.rank}.json").write_text(json.dumps(rows))
+            return images, labels
+
+        engine.Trainer._next_batch = next_and_record
+    if int(os.environ.get("RANK", "0")) == opts.get("kill_rank", -1):
+        gather, calls = sharded.gather_labels, [0]
+
+        def gather_or_die(labels, group=None):
+            calls[0] += 1
+            if calls[0] >= opts["kill_at_call"]:
+                os.kill(os.getpid(), getattr(signal, opts.get("signal", "SIGKILL")))
+            return gather(labels, group)
+
+        sharded.gather_labels = gather_or_die
+    return train_main(argv, hooks=FaultHooks(**opts.get("faults", {})))
+
+
 def main() -> int:
+    if sys.argv[1] == "train":
+        return train(json.loads(sys.argv[2]), sys.argv[3:])
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

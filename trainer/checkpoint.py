@@ -157,8 +157,9 @@ class TrainState:
     skipped_total: int = 0
 
 
-# checkpoint key -> the component whose state_dict it holds
-STATE_KEYS = ("head_state", "optimizer", "scaler", "scheduler")
+# checkpoint key -> the component whose state_dict it holds; restored in this order (the head after the
+# optimizer: optimizer.load_state_dict replaces the state the head's per-class rows go into)
+STATE_KEYS = ("optimizer", "head_state", "scaler", "scheduler")
 
 
 def training_checkpoint(backbone_spec: Mapping[str, Any], backbone: nn.Module,
@@ -188,14 +189,17 @@ def restore_training(ckpt: dict[str, Any], backbone: nn.Module, parts: Mapping[s
                       skipped_total=int(metrics.get("skipped_total", 0)))
 
 
-ABSORBED = ("optim.*, schedule.*, head.s/m/t (not the class count), loader.workers/backend/prefetch, "
-            "optim.accumulate, checkpoint.*, validation.*, logging.*")
+ABSORBED = ("optim.*, schedule.*, head.s/m/t/parallel/sample_rate (not the class count), the process count "
+            "with loader.batch_size x processes kept, loader.workers/backend/prefetch, optim.accumulate, "
+            "checkpoint.*, validation.*, logging.*")
 
 
 def check_resumable(path: Path, ckpt: dict[str, Any], backbone_spec: Mapping[str, Any], num_classes: int,
                     batch_size: int, world_size: int) -> None:
     """UserError in one line when this run cannot continue `ckpt`: says what differs and what a resume
-    absorbs. The data position counts per-rank batches, so batch size and process count must stay."""
+    absorbs. The head is saved per class, so any process count resumes it; the data position counts
+    batches of batch_size x processes samples (the same samples for every process count, see
+    shards/sample_index.py), so that product must stay."""
     if "optimizer" not in ckpt:
         raise UserError(f"{path}: an embedding-only checkpoint cannot resume training")
     diffs = []
@@ -203,18 +207,20 @@ def check_resumable(path: Path, ckpt: dict[str, Any], backbone_spec: Mapping[str
     for key in ("backbone", "embedding_size", "image_size", "kwargs"):
         if saved.get(key) != now[key]:
             diffs.append(f"model {key} {saved.get(key)!r} -> {now[key]!r}")
-    weight = ckpt.get("head_state", {}).get("weight")
-    if weight is not None and int(weight.shape[0]) != num_classes:
-        diffs.append(f"classes {int(weight.shape[0])} -> {num_classes}")
-    saved_batch = ckpt.get("config", {}).get("loader", {}).get("batch_size", batch_size)
-    if int(saved_batch) != batch_size:
-        diffs.append(f"loader.batch_size {saved_batch} -> {batch_size}")
+    head = ckpt.get("head_state", {})
+    if "rows" not in head:
+        raise UserError(f"{path}: cannot resume: its head was saved whole, before per-class head "
+                        "checkpoints; resume it with the version that wrote it or start afresh")
+    if int(head["num_classes"]) != num_classes:
+        diffs.append(f"classes {int(head['num_classes'])} -> {num_classes}")
     saved_world = len(ckpt.get("rng", {}).get("per_rank", [])) or world_size
-    if saved_world != world_size:
-        diffs.append(f"processes {saved_world} -> {world_size}")
+    saved_batch = int(ckpt.get("config", {}).get("loader", {}).get("batch_size", batch_size))
+    if saved_batch * saved_world != batch_size * world_size:
+        diffs.append(f"loader.batch_size x processes {saved_batch} x {saved_world} -> "
+                     f"{batch_size} x {world_size}")
     if diffs:
         raise UserError(f"{path}: cannot resume: {'; '.join(diffs)}. A resume keeps the model, the class "
-                        f"count, loader.batch_size and the process count; it absorbs changes to {ABSORBED}. "
+                        f"count and loader.batch_size x processes; it absorbs changes to {ABSORBED}. "
                         "Start afresh with checkpoint.resume=never or another run.dir")
 
 

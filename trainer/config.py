@@ -34,6 +34,7 @@ class RunConfig:
     seed: int = 0
     devices: list[int] | Literal["auto", "cpu"] = "auto"  # GPU ids for this node, or all visible / cpu
     deterministic: bool = False        # cuDNN deterministic algorithms (slower)
+    collective_timeout_s: float = 300.0  # a rank stuck this long in a collective ends the job (torchrun)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class HeadConfig:
     lambda_min: float | None = None    #   lambda_base * (1 + gamma * step) ** -power)
     gamma: float | None = None         #   (defaults 1000, 5, 0.12, 1)
     power: float | None = None
+    # several processes: "shard" splits the classes over the ranks (outside DDP), "replicate" keeps the
+    # whole head on every rank (in DDP); auto = shard when there is more than one process
+    parallel: Literal["auto", "replicate", "shard"] = "auto"
+    sample_rate: float = 1.0           # Partial FC (shard): share of each rank's classes per step
 
 
 MARGIN_OPTIONS = {"combined": ("m1", "m2", "m3"),
@@ -386,6 +391,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head.lambda_min": (lambda v: v is None or v >= 0, "must be >= 0"),
     "head.gamma": (lambda v: v is None or v >= 0, "must be >= 0"),
     "head.power": (lambda v: v is None or v >= 0, "must be >= 0"),
+    "head.sample_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "run.collective_timeout_s": (_pos, "must be positive"),
     "optim.lr": (_pos, "must be positive"),
     "optim.momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "optim.weight_decay": (_nonneg, "must be >= 0"),

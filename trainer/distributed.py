@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -44,8 +45,11 @@ def _pick_device(local_rank: int, devices: list[int] | str) -> torch.device:
     return torch.device("cuda", ids[local_rank])
 
 
-def setup(devices: list[int] | str = "auto") -> DistInfo:
-    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or run as one process; init the process group."""
+def setup(devices: list[int] | str = "auto", timeout_s: float = 300.0) -> DistInfo:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or run as one process; init the process group.
+
+    `timeout_s` bounds every collective: a rank that waits that long for a peer (one that hangs;
+    one that died breaks gloo's connections at once) raises, and torchrun then ends the job."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -55,16 +59,36 @@ def setup(devices: list[int] | str = "auto") -> DistInfo:
     info = DistInfo(rank, world, local, device)
     if world > 1:
         info.backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=info.backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=info.backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=timeout_s))
     return info
 
 
-def teardown(info: DistInfo) -> None:
+class PeerLost(RuntimeError):
+    """A collective failed: another process died or stalled past the timeout (one line)."""
+
+
+def peer_lost(err: BaseException, info: DistInfo, timeout_s: float) -> PeerLost | None:
+    """The one-line PeerLost for a failed collective (gloo and NCCL raise RuntimeErrors naming
+    themselves), else None: any other error is a bug and keeps its traceback."""
+    text = str(err)
+    if not info.enabled or not isinstance(err, RuntimeError):
+        return None
+    if not (isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return PeerLost(f"rank {info.rank} stops: a collective failed ({first[:160]}); another process died or "
+                    f"stalled (each waits at most run.collective_timeout_s={timeout_s:g} s)")
+
+
+def teardown(info: DistInfo, sync: bool = True) -> None:
     """Collect garbage before destroying the group (the caller has dropped its model and optimizer):
-    gloo teardown aborts now and then while DDP reducer buckets are still alive."""
+    gloo teardown aborts now and then while DDP reducer buckets are still alive. `sync` False (the run
+    failed): no final barrier, which would wait for peers that may be gone."""
     gc.collect()
     if info.enabled and dist.is_initialized():
-        dist.barrier()
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 

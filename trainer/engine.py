@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from heads import MarginHead
 from shards.errors import UserError
 from shards.manifest import load_manifest
 from trainer import distributed as dist_util
+from trainer import head_parallel
 from trainer.backbones import build_backbone
 from trainer.checkpoint import (
     CheckpointDir,
@@ -51,18 +51,19 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainModule(nn.Module):
-    """Backbone + margin head in one module, so one DDP wrapper syncs both."""
+    """Backbone + margin head in one module: one DDP wrapper syncs both (head.parallel=replicate), or
+    the backbone alone is DDP-wrapped inside it (shard; `grad_scale` = world, see head_parallel)."""
 
-    def __init__(self, backbone: nn.Module, head: MarginHead) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, grad_scale: float = 1.0) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.grad_scale = backbone, head, grad_scale
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, autocast: Any) -> torch.Tensor:
         with autocast:
             emb = self.backbone(images)
         # The head's softmax runs in fp32 whatever the backbone's precision.
         with torch.autocast(images.device.type, enabled=False):
-            return self.head(emb.float(), labels)
+            return self.head(head_parallel.scale_grad(emb.float(), self.grad_scale), labels)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -185,11 +186,14 @@ class Trainer:
         self.spec = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
                      "image_size": list(image_size), "kwargs": dict(cfg.model.kwargs)}
         self.backbone = self._build_backbone(image_size)
-        self.head = MarginHead(self.num_classes, cfg.model.embedding_size, **head_kwargs(cfg.head))
+        self.parallel = head_parallel.resolve_parallel(cfg.head.parallel, info.world_size)
+        self.head = head_parallel.build_head(self.parallel, self.num_classes, cfg.model.embedding_size,
+                                             head_kwargs(cfg.head), cfg.head.sample_rate, cfg.run.seed)
         self.module = TrainModule(self.backbone, self.head).to(info.device)
         if cfg.model.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.backbone, self.head, cfg.optim)
+        self.head_state = head_parallel.HeadState(self.head, self.optimizer)
         self.schedule = Schedule(self.optimizer, cfg.optim.lr, self.total, cfg.schedule)
         self.dtype = resolve_dtype(cfg.precision.dtype, info.device)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
@@ -208,8 +212,9 @@ class Trainer:
     @property
     def parts(self) -> dict[str, Any]:
         """The components whose states a training checkpoint holds besides the backbone's."""
-        return {"head_state": self.head, "optimizer": self.optimizer, "scaler": self.scaler,
-                "scheduler": self.schedule}
+        return {"head_state": self.head_state,
+                "optimizer": head_parallel.OptimizerState(self.optimizer, self.head),
+                "scaler": self.scaler, "scheduler": self.schedule}
 
     def resume(self) -> Path | None:
         """Continue from a checkpoint as `checkpoint.resume` says; returns the file resumed from."""
@@ -229,21 +234,27 @@ class Trainer:
                         self.info.world_size)
         self.state = restore_training(ckpt, self.backbone, self.parts)
         ranks = ckpt["rng"].get("per_rank", [])
-        if ranks:  # one per rank: check_resumable compared the process counts
+        if len(ranks) == self.info.world_size:  # the same process count: each rank's own streams
             restore_rng(ranks[self.info.rank])
         else:
             torch.manual_seed(self.cfg.run.seed + self.info.rank + 7919 * self.state.step)
         return path
 
     def _wrap(self) -> nn.Module:
-        """The module the steps call: compiled and DDP-wrapped as configured."""
-        module: nn.Module = self.module
+        """The module the steps call: compiled and DDP-wrapped as configured. Sets `self.ddp` (the DDP
+        wrapper, for no_sync) when there are several processes: around backbone and head (replicate) or
+        around the backbone alone (shard: the head's gradients are never all-reduced)."""
+        shard = self.parallel == "shard" and self.info.enabled
+        inner: nn.Module = self.backbone if shard else self.module
         if self.cfg.model.compile:
-            module = torch.compile(module)  # type: ignore[assignment]
+            inner = torch.compile(inner)  # type: ignore[assignment]
+        self.ddp: DDP | None = None
         if self.info.enabled:
             ids = [self.info.device.index] if self.info.device.type == "cuda" else None
-            module = DDP(module, device_ids=ids)
-        return module
+            inner = self.ddp = DDP(inner, device_ids=ids, gradient_as_bucket_view=True)
+        if shard:
+            return TrainModule(inner, self.head, grad_scale=float(self.info.world_size))
+        return inner
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -267,21 +278,24 @@ class Trainer:
             wait += time.perf_counter() - t_wait
             st.batch_in_epoch += 1
             sync = micro == cfg.optim.accumulate - 1 or not self.info.enabled
-            with nullcontext() if sync else self.model.no_sync():  # type: ignore[operator]
+            with nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
                 loss = self.hooks.micro_batch_loss(st.step, self.model(images, labels, self.autocast))
                 self.scaler.scale(loss / cfg.optim.accumulate).backward()
             step_loss += loss.detach().float() / cfg.optim.accumulate
         self.hooks.after_backward(st.step)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        # One host sync per step for the guard; DDP has averaged the gradients, so every rank
-        # sees the same norm, and the loss flag is reduced so all ranks skip together.
+        grad_norm = head_parallel.clip_grad_norm(self.backbone_params, self.head_params, max_norm,
+                                                 self.parallel == "shard" and self.info.enabled)
+        # One host sync per step for the guard; DDP has averaged the gradients (and a sharded head's
+        # norm is summed over the ranks), so every rank sees the same norm, and the loss flag is
+        # reduced so all ranks skip together.
         # (fp16: the scaler itself skips steps with inf gradients while it calibrates.)
         grads_ok = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
         finite = dist_util.all_true(bool(torch.isfinite(step_loss)) and grads_ok, self.info)
         if finite:
-            self.scaler.step(self.optimizer)
+            # Partial FC: only the sampled centres (and their optimizer state) step
+            head_parallel.optimizer_step(self.optimizer, self.head, lambda: self.scaler.step(self.optimizer))
             self.nonfinite_run = 0
         else:
             st.skipped_total += 1
@@ -337,6 +351,7 @@ class Trainer:
         """A step checkpoint (with last.pt and, if `best_now`, best.pt), or the file `name`. Every rank
         calls it: each one's RNG state goes in."""
         rngs = dist_util.gather_objects(capture_rng(), self.info)
+        self.head_state.gather()  # a sharded head's rows come to rank 0
         if not self.info.is_main:
             return
         ckpt = training_checkpoint(self.spec, _unwrap(self.module).backbone, self.parts, self.state, rngs,
@@ -357,7 +372,8 @@ class Trainer:
         if info.is_main:
             save_resolved(cfg, self.run_dir / "config.yaml")
         self.model = self._wrap()
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.head_params = [p for p in self.head.parameters() if p.requires_grad]
+        self.backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
         self.log = MetricsLogger(self.run_dir, self.total, self.state.step, cfg.logging.display,
                                  cfg.logging.tensorboard, info.is_main)
         backend = getattr(self.loader, "backend", cfg.data.source)
@@ -368,6 +384,8 @@ class Trainer:
             f"{info.device}, {self.dtype or 'fp32'}, {self.total} steps, {self.steps_per_epoch} steps/epoch, "
             f"global batch {cfg.loader.batch_size * info.world_size * cfg.optim.accumulate}, "
             f"{backend} loader")
+        self.log.message(head_parallel.describe(self.head, self.parallel, self.optimizer,
+                                                cfg.loader.batch_size, info.world_size, info.backend))
         if cfg.checkpoint.save_untrained and self.state.step == 0:
             self.save_checkpoint(False, {}, name="untrained.pt")
         self.window, self.steady, self.first_window = Window(), Window(), None
@@ -433,9 +451,17 @@ class Trainer:
 def train(cfg: TrainConfig, validators: Sequence[Validator] = (),
           hooks: TrainerHooks | None = None) -> dict[str, Any]:
     """Run (or continue) the configured training. Returns the final summary (rank 0's view)."""
-    info = dist_util.setup(cfg.run.devices)
+    info = dist_util.setup(cfg.run.devices, cfg.run.collective_timeout_s)
+    finished = False
     try:
-        return Trainer(cfg, info, validators, hooks).fit()
+        summary = Trainer(cfg, info, validators, hooks).fit()
+        finished = True
+        return summary
+    except RuntimeError as err:
+        lost = dist_util.peer_lost(err, info, cfg.run.collective_timeout_s)
+        if lost is not None:
+            raise lost from None
+        raise
     finally:
         # The trainer (model, optimizer, DDP buckets) is gone here; collect it before the group dies.
-        dist_util.teardown(info)
+        dist_util.teardown(info, sync=finished)

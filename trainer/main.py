@@ -44,6 +44,7 @@ def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) 
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     from trainer.config import load_config
+    from trainer.distributed import PeerLost
     from trainer.engine import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
@@ -53,6 +54,9 @@ def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) 
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except PeerLost as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0

@@ -1,0 +1,186 @@
+"""How the trainer runs the margin head on several processes: `head.parallel`.
+
+- replicate: every rank holds the whole `heads.MarginHead`; it sits in DDP with the backbone,
+  which all-reduces its C x D gradient every step.
+- shard (the default when world size > 1): `heads.sharded.ShardedMarginHead`, C / world classes per
+  rank, outside DDP (its gradient is never all-reduced); only the backbone is in DDP.
+
+This module holds what differs between the two, so the training loop stays one loop: building the
+head, the embedding-gradient scale that DDP's averaging needs, the global gradient norm, the sparse
+optimizer step of Partial FC, the world-size independent head checkpoint (per-class weights and
+optimizer state, for both modes) and the start-up line of memory and traffic figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from heads import MarginHead
+from heads.sharded import (
+    ShardedMarginHead,
+    gather_class_state,
+    head_bytes,
+    init_centres,
+    load_class_state,
+    sampled_rows,
+    step_traffic,
+)
+from shards.errors import UserError
+
+
+def resolve_parallel(parallel: str, world: int) -> str:
+    """"replicate" or "shard"; "auto" shards when there is more than one process."""
+    if parallel == "auto":
+        return "shard" if world > 1 else "replicate"
+    return parallel
+
+
+def build_head(parallel: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any], sample_rate: float,
+               seed: int) -> nn.Module:
+    if parallel == "replicate":
+        if sample_rate < 1.0:
+            raise UserError(f"head.sample_rate={sample_rate}: Partial FC needs head.parallel=shard "
+                            "(it samples each rank's own classes)")
+        head = MarginHead(num_classes, embed_dim, **kwargs)
+        with torch.no_grad():  # the same initial centres as a sharded head of any world size
+            head.weight.copy_(init_centres(num_classes, embed_dim, 0, num_classes, seed))
+        return head
+    if kwargs.get("impl") == "reference":
+        raise UserError("head.impl=reference holds the B x C logits: use chunked, fused or auto with "
+                        "head.parallel=shard, or head.parallel=replicate")
+    return ShardedMarginHead(num_classes, embed_dim, sample_rate=sample_rate, seed=seed, **kwargs)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """Identity forward; the gradient times `scale`. The sharded head's loss is the global batch's
+    mean, so each rank's embeddings get their exact share of its gradient; DDP then averages the
+    backbone's gradients over the ranks, which would divide that by the world size: x world undoes it."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
+def clip_grad_norm(backbone: list[Tensor], head: list[Tensor], max_norm: float, sharded: bool) -> Tensor:
+    """clip_grad_norm_ over backbone + head with the norm of the whole model: the head's shards'
+    squared norms are summed over the ranks, so every rank clips by the same factor."""
+    grads = [p.grad for p in backbone + head if p.grad is not None]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(backbone + head, max_norm)
+    dev = grads[0].device if grads else torch.device("cpu")
+    b = [p.grad for p in backbone if p.grad is not None]
+    h = [p.grad for p in head if p.grad is not None]
+    sq_b = torch.nn.utils.get_total_norm(b).float() ** 2 if b else torch.zeros((), device=dev)
+    sq_h = torch.nn.utils.get_total_norm(h).float() ** 2 if h else torch.zeros((), device=dev)
+    if dist.is_initialized():
+        dist.all_reduce(sq_h)
+    total = torch.sqrt(sq_b + sq_h)
+    torch.nn.utils.clip_grads_with_norm_(backbone + head, max_norm, total)
+    return total
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, head: nn.Module, step_fn) -> None:
+    """`step_fn()` (the scaler's step) with Partial FC's sparse update of the head's sampled rows."""
+    with sampled_rows(optimizer, head.weight, getattr(head, "sampled", None)):
+        step_fn()
+
+
+def _num_classes(head: nn.Module) -> int:
+    return int(head.num_classes if isinstance(head, ShardedMarginHead) else head.weight.shape[0])
+
+
+def head_checkpoint(head: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The head as per-class tensors (weights and optimizer state) on rank 0, None elsewhere. Every
+    rank calls it (a sharded head gathers)."""
+    sharded = isinstance(head, ShardedMarginHead)
+    num_classes = _num_classes(head)
+    full = gather_class_state(head.weight, optimizer, num_classes, replicated=not sharded)
+    if full is None or (not sharded and dist.is_initialized() and dist.get_rank() != 0):
+        return None
+    return full
+
+
+def optimizer_checkpoint(optimizer: torch.optim.Optimizer, head: nn.Module) -> dict:
+    """optimizer.state_dict() without the head weight's entry (that one goes per class, above)."""
+    state = optimizer.state_dict()
+    ids = [i for g, sg in zip(optimizer.param_groups, state["param_groups"])
+           for p, i in zip(g["params"], sg["params"]) if p is head.weight]
+    state["state"] = {k: v for k, v in state["state"].items() if k not in ids}
+    return state
+
+
+def load_head(head: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, where: str) -> None:
+    """This rank's rows of a head checkpoint into the head and its optimizer state."""
+    sharded = isinstance(head, ShardedMarginHead)
+    num_classes = _num_classes(head)
+    rank, world = (head.rank, head.world) if sharded else (0, 1)
+    try:
+        load_class_state(head.weight, optimizer, saved, num_classes, rank, world)
+    except ValueError as err:
+        raise UserError(f"{where}: cannot resume: {err}") from None
+
+
+def describe(head: nn.Module, parallel: str, optimizer: torch.optim.Optimizer, batch_per_rank: int,
+             world: int, backend: str | None) -> str:
+    """One line: the head's bytes per rank (weight, gradient, optimizer state) and its traffic per step."""
+    C, D = _num_classes(head), int(head.weight.shape[1])
+    group = optimizer.param_groups[0]
+    slots = 2 if "betas" in group else (1 if group.get("momentum", 0.0) else 0)
+    rate = getattr(head, "sample_rate", 1.0)
+    b = head_bytes(C, D, world, parallel, slots, rate, elem=head.weight.element_size())
+    sent = step_traffic(C, D, batch_per_rank, world, parallel, backend or "nccl")
+    mib = 2**20
+    extra = f", sampled copies {b['sampled_copies'] / mib:.1f}" if "sampled_copies" in b else ""
+    how = "all-reduce of its gradient" if parallel == "replicate" else "embedding gather + dX reduce"
+    rows = C if parallel == "replicate" else head.weight.shape[0]
+    return (f"head: {parallel}, {rows} of {C} classes on this rank; per rank weight "
+            f"{b['weight'] / mib:.1f} MiB, gradient {b['grad'] / mib:.1f} MiB, "
+            f"optimizer state {b['optimizer'] / mib:.1f} MiB{extra}; "
+            f"sends {sent / mib:.2f} MiB per step ({how})"
+            + (f", sample rate {rate}" if rate < 1.0 else ""))
+
+
+class HeadState:
+    """The checkpoint's "head_state": the head per class (weights and optimizer state), so a run saved
+    on N ranks, sharded or replicated, resumes on M. `gather()` on every rank before rank 0 saves."""
+
+    def __init__(self, head: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.head, self.optimizer = head, optimizer
+        self.gathered: dict | None = None
+
+    def gather(self) -> None:
+        self.gathered = head_checkpoint(self.head, self.optimizer)
+
+    def state_dict(self) -> dict:
+        if self.gathered is None:
+            raise RuntimeError("HeadState.gather() was not called on every rank before saving")
+        return self.gathered
+
+    def load_state_dict(self, state: dict) -> None:
+        load_head(self.head, self.optimizer, state, "checkpoint")
+
+
+class OptimizerState:
+    """The checkpoint's "optimizer": everything but the head weight's state (that is in HeadState).
+    Load it before the head: optimizer.load_state_dict replaces the whole state."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, head: nn.Module) -> None:
+        self.optimizer, self.head = optimizer, head
+
+    def state_dict(self) -> dict:
+        return optimizer_checkpoint(self.optimizer, self.head)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
