@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from heads.sharded import init_centres
 from tests._trainer_util import ROOT, env, metrics, tiny_overrides
+from trainer.checkpoint import load_embedding_model
 from trainer.main import main as train_main
 
 WORKER = ROOT / "tests" / "_heads_sharded_worker.py"
@@ -44,19 +46,22 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
 
 @pytest.mark.slow
 def test_shard_trains_like_replicate(tmp_path: Path) -> None:
-    """Slow: two torchrun launches of 2 ranks (~15 s each on 2 cores). 4 steps, 2 micro-batches
-    each, clipping at 5: the backbone and the per-class head (weights, momentum) of the sharded run
+    """Slow: two torchrun launches of 2 ranks (~20 s each on 2 cores). 4 steps, 2 micro-batches
+    each, clipping at 0.5 (the whole model's norm, the head's summed over its shards): the backbone and the per-class head (weights, momentum) of the sharded run
     equal the replicated run's to 1e-4 of their scale (fp32 round-off; over tens of steps the two
     drift apart chaotically, so the run is short)."""
     last = {}
     for mode in ("replicate", "shard"):
         run = tmp_path / mode
         err = _ok(_train(2, run, {"faults": {"dump_params": True}}, 4, **{
-            "head.parallel": mode, "optim.accumulate": 2, "checkpoint.every_steps": 4}))
+            "head.parallel": mode, "optim.accumulate": 2, "optim.clip_grad_norm": 0.5,
+            "checkpoint.every_steps": 4}))
         last[mode] = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
         assert f"head: {mode}, {11 if mode == 'replicate' else 6} of 11 classes on this rank" in err
-        assert "MiB per step" in err
+        assert " per step (" in err and "optimizer state " in err
     rep, sh = last["replicate"], last["shard"]
+    model, spec = load_embedding_model(tmp_path / "shard" / "checkpoints" / "last.pt")  # what eval/ reads
+    assert spec["backbone"] == "tiny" and model(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
     for key, value in rep["backbone_state"].items():
         if value.is_floating_point():
             assert _close(sh["backbone_state"][key], value, 1e-4), key
@@ -117,6 +122,26 @@ def test_resume_that_cannot_be_honoured_is_one_line(tmp_path: Path, capsys: pyte
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "cannot resume" in err[0], err
         assert says in err[0], err
+
+
+def test_partial_fc_steps_only_the_sampled_centres(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One rank, head.parallel=shard, sample_rate 0.5 of 40 classes, batches of 8: after one step
+    exactly 20 centres moved and have momentum; the other 20 are the initial centres, momentum 0."""
+    run = tmp_path / "run"
+    extra = {**BASE, "data.synthetic_classes": 40, "data.synthetic_per_class": 4, "loader.batch_size": 8,
+             "head.parallel": "shard", "head.sample_rate": 0.5, "checkpoint.every_steps": 1}
+    assert train_main(tiny_overrides(run, steps=1, **extra)) == 0
+    assert "sample rate 0.5" in capsys.readouterr().err
+    rows = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]["rows"]
+    moved = rows["optim.momentum_buffer"].abs().sum(1) > 0
+    assert int(moved.sum()) == 20
+    start = init_centres(40, 32, 0, 40, seed=0)
+    assert torch.equal(rows["weight"][~moved], start[~moved])
+    assert not torch.equal(rows["weight"][moved], start[moved])
+    # replicate cannot sample: one line
+    again = tiny_overrides(tmp_path / "rep", steps=1, **{**extra, "head.parallel": "replicate"})
+    assert train_main(again) == 2
+    assert "head.sample_rate=0.5: Partial FC needs head.parallel=shard" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -76,16 +76,16 @@ def scale_grad(x: Tensor, scale: float) -> Tensor:
 def clip_grad_norm(backbone: list[Tensor], head: list[Tensor], max_norm: float, sharded: bool) -> Tensor:
     """clip_grad_norm_ over backbone + head with the norm of the whole model: the head's shards'
     squared norms are summed over the ranks, so every rank clips by the same factor."""
-    grads = [p.grad for p in backbone + head if p.grad is not None]
     if not sharded:
         return torch.nn.utils.clip_grad_norm_(backbone + head, max_norm)
-    dev = grads[0].device if grads else torch.device("cpu")
-    b = [p.grad for p in backbone if p.grad is not None]
-    h = [p.grad for p in head if p.grad is not None]
-    sq_b = torch.nn.utils.get_total_norm(b).float() ** 2 if b else torch.zeros((), device=dev)
-    sq_h = torch.nn.utils.get_total_norm(h).float() ** 2 if h else torch.zeros((), device=dev)
+    squares = []
+    for params in (backbone, head):
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=head[0].device)
+        squares.append(norm.float() ** 2)
+    sq_b, sq_h = squares
     if dist.is_initialized():
-        dist.all_reduce(sq_h)
+        dist.all_reduce(sq_h)  # the head's rows are split over the ranks; the backbone's are copies
     total = torch.sqrt(sq_b + sq_h)
     torch.nn.utils.clip_grads_with_norm_(backbone + head, max_norm, total)
     return total
@@ -141,15 +141,20 @@ def describe(head: nn.Module, parallel: str, optimizer: torch.optim.Optimizer, b
     rate = getattr(head, "sample_rate", 1.0)
     b = head_bytes(C, D, world, parallel, slots, rate, elem=head.weight.element_size())
     sent = step_traffic(C, D, batch_per_rank, world, parallel, backend or "nccl")
-    mib = 2**20
-    extra = f", sampled copies {b['sampled_copies'] / mib:.1f}" if "sampled_copies" in b else ""
+    extra = f", sampled copies {_size(b['sampled_copies'])}" if "sampled_copies" in b else ""
     how = "all-reduce of its gradient" if parallel == "replicate" else "embedding gather + dX reduce"
     rows = C if parallel == "replicate" else head.weight.shape[0]
-    return (f"head: {parallel}, {rows} of {C} classes on this rank; per rank weight "
-            f"{b['weight'] / mib:.1f} MiB, gradient {b['grad'] / mib:.1f} MiB, "
-            f"optimizer state {b['optimizer'] / mib:.1f} MiB{extra}; "
-            f"sends {sent / mib:.2f} MiB per step ({how})"
-            + (f", sample rate {rate}" if rate < 1.0 else ""))
+    return (f"head: {parallel}, {rows} of {C} classes on this rank; per rank weight {_size(b['weight'])}, "
+            f"gradient {_size(b['grad'])}, optimizer state {_size(b['optimizer'])}{extra}; "
+            f"sends {_size(sent)} per step ({how})" + (f", sample rate {rate}" if rate < 1.0 else ""))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 class HeadState:
