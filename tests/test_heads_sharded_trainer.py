@@ -1,6 +1,7 @@
 """The trainer with head.parallel=shard (torchrun, gloo, CPU): the same training as replicate, head
-checkpoints that resume on another number of ranks, one-line refusals, and a kill -9 of one rank
-during the head's collectives ending the job."""
+checkpoints that resume on another number of ranks, Partial FC's sparse step, and a kill -9 of one
+rank during the head's collectives ending the job. (What a resume refuses, in one line, is
+tests/test_trainer_checkpoint.py's.)"""
 
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
 @pytest.mark.slow
 def test_shard_trains_like_replicate(tmp_path: Path) -> None:
     """Slow: two torchrun launches of 2 ranks (~20 s each on 2 cores). 4 steps, 2 micro-batches
-    each, clipping at 0.5 (the whole model's norm, the head's summed over its shards): the backbone and the per-class head (weights, momentum) of the sharded run
-    equal the replicated run's to 1e-4 of their scale (fp32 round-off; over tens of steps the two
-    drift apart chaotically, so the run is short)."""
+    each, clipping at 0.5 (the whole model's norm, the head's summed over its shards): the backbone
+    and the per-class head (weights, momentum) of the sharded run equal the replicated run's to 1e-4
+    of their scale (fp32 round-off; over tens of steps the two drift apart chaotically, so the run
+    is short)."""
     last = {}
     for mode in ("replicate", "shard"):
         run = tmp_path / mode
@@ -106,22 +108,6 @@ def test_resume_two_ranks_on_one_and_on_three(tmp_path: Path) -> None:
         first = metrics(run)[0]
         assert first["step"] == 31
         assert first["loss"] == pytest.approx(next_loss["loss"], rel=0.25), world
-
-
-def test_resume_that_cannot_be_honoured_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run = tmp_path / "run"
-    args = tiny_overrides(run, steps=2, **{**BASE, "checkpoint.every_steps": 2})
-    assert train_main(args) == 0
-    ckpt = str(run / "checkpoints" / "last.pt")
-    capsys.readouterr()
-    for change, says in (({"data.synthetic_classes": 12}, "classes 11 -> 12"),
-                         ({"model.kwargs.width": 16}, "model kwargs"),
-                         ({"loader.batch_size": 16}, "loader.batch_size x processes 24 x 1 -> 16 x 1")):
-        again = tiny_overrides(tmp_path / "again", steps=3, **{**BASE, **change, "checkpoint.resume": ckpt})
-        assert train_main(again) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and "cannot resume" in err[0], err
-        assert says in err[0], err
 
 
 def test_partial_fc_steps_only_the_sampled_centres(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -98,7 +98,7 @@ def test_resume_with_a_changed_run_says_what_differs(tmp_path, capsys):
         ({"model.embedding_size": 16}, "model embedding_size 32 -> 16"),
         ({"model.kwargs.width": 16}, "model kwargs {'width': 8} -> {'width': 16}"),
         ({"data.synthetic_classes": 4}, "classes 8 -> 4"),
-        ({"loader.batch_size": 8}, "loader.batch_size 16 -> 8"),
+        ({"loader.batch_size": 8}, "loader.batch_size x processes 16 x 1 -> 8 x 1"),
     ]
     for change, fragment in cases:
         assert main(tiny_overrides(run, steps=8, **{"logging.tensorboard": "off", **change})) == 2
@@ -111,13 +111,18 @@ def test_resume_with_a_changed_run_says_what_differs(tmp_path, capsys):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6
 
 
-def test_resume_refuses_another_process_count(tmp_path):
+def test_resume_on_another_process_count_keeps_the_global_batch(tmp_path):
     from trainer.checkpoint import check_resumable
 
-    ckpt = {"optimizer": {}, "model": SPEC, "head_state": {"weight": torch.zeros(5, 16)},
+    head = {"num_classes": 5, "rows": {"weight": torch.zeros(5, 16)}, "scalars": {}}
+    ckpt = {"optimizer": {}, "model": SPEC, "head_state": head,
             "config": {"loader": {"batch_size": 16}}, "rng": {"per_rank": [{}, {}]}}
     check_resumable(tmp_path / "c.pt", ckpt, SPEC, 5, 16, 2)  # the same run: fine
-    with pytest.raises(UserError, match=r"c\.pt: cannot resume: processes 2 -> 1\. A resume keeps"):
+    check_resumable(tmp_path / "c.pt", ckpt, SPEC, 5, 32, 1)  # 2 x 16 = 1 x 32: the same global batches
+    with pytest.raises(UserError, match=r"c\.pt: cannot resume: loader\.batch_size x processes 16 x 2 -> "):
         check_resumable(tmp_path / "c.pt", ckpt, SPEC, 5, 16, 1)
+    whole = {**ckpt, "head_state": {"weight": torch.zeros(5, 16)}}  # written before per-class heads
+    with pytest.raises(UserError, match="its head was saved whole"):
+        check_resumable(tmp_path / "c.pt", whole, SPEC, 5, 16, 2)
     with pytest.raises(UserError, match="embedding-only checkpoint"):
         check_resumable(tmp_path / "c.pt", {"model": SPEC}, SPEC, 5, 16, 1)
