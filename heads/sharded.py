@@ -153,8 +153,10 @@ class _ShardedFn(torch.autograd.Function):
     def backward(ctx, g: Tensor, _g_correct: Tensor):  # type: ignore[override]
         xn, weight, labels, rw, c_y, psi, lse = ctx.saved_tensors
         s = ctx.s
-        # the target column's gradient; the engine applies it on the owning rank only (label >= 0)
+        # the target column's gradient, on the owning rank only (label >= 0): zero elsewhere, so no
+        # engine code that indexes by label (label -1 would read the last class) can pick it up
         dcy = g * (torch.exp(s * psi - lse) - 1.0) * s * ctx.margin.dpsi(c_y, ctx.step)
+        dcy = torch.where(labels >= 0, dcy, torch.zeros_like(dcy))
         with torch.autocast(xn.device.type, enabled=False):
             dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
         return dxn, dw.to(weight.dtype), None, None, None, None, None, None, None
