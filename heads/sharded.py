@@ -207,6 +207,8 @@ class ShardedMarginHead(nn.Module):
         self.impl, self.block, self.seed, self.group = impl, block, int(seed), group
         self.num_classes = int(num_classes)
         self.rank, self.world = _rank(group), _world(group)
+        if num_classes < self.world:
+            raise ValueError(f"{num_classes} classes cannot be sharded over {self.world} ranks (one each)")
         self.class_start, self.class_end = class_range(num_classes, self.rank, self.world)
         centres = init_centres(num_classes, embed_dim, self.class_start, self.class_end, seed)
         self.weight = nn.Parameter(centres)
