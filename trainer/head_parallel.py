@@ -52,7 +52,10 @@ def build_head(parallel: str, num_classes: int, embed_dim: int, kwargs: dict[str
     if kwargs.get("impl") == "reference":
         raise UserError("head.impl=reference holds the B x C logits: use chunked, fused or auto with "
                         "head.parallel=shard, or head.parallel=replicate")
-    return ShardedMarginHead(num_classes, embed_dim, sample_rate=sample_rate, seed=seed, **kwargs)
+    try:
+        return ShardedMarginHead(num_classes, embed_dim, sample_rate=sample_rate, seed=seed, **kwargs)
+    except ValueError as err:
+        raise UserError(f"head.parallel=shard: {err}") from None
 
 
 class _ScaleGrad(torch.autograd.Function):
