@@ -1,19 +1,25 @@
-"""The per-image job run in the worker processes: read, check, decode (reduced when safe), align, encode.
+"""The per-image job run in the worker processes: read, check, decode (reduced when safe), align,
+encode, and pack the sample's tar members, so the parent only appends bytes to the shard.
 
-Everything that can go wrong with one input becomes a (reason, detail) pair, never an exception, so a
-bad file cannot stop a build.
+Modes: `landmarks` (align with the job's 5 points), `detect` (find the face and its 5 points with
+preprocess/detect.py first), `aligned` (the input is already an aligned crop: a JPEG of the output
+size passes through unchanged, anything else is rescaled onto the output template). Everything that
+can go wrong with one input becomes a (reason, detail) pair, never an exception, so a bad file cannot
+stop a build.
 """
 
 from __future__ import annotations
 
 import math
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import cv2
 import numpy as np
 
 from preprocess import align
+from shards.writer import Members, encode_sample
 
 _REDUCED_FLAG = {
     1: cv2.IMREAD_COLOR,
@@ -29,11 +35,17 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 @dataclass(frozen=True)
 class Job:
-    path: str  # absolute path of the source image
-    landmarks: tuple[float, ...]  # x1 y1 ... x5 y5 in source pixels
+    path: str  # absolute path of the source image (or of the RecordIO file holding it)
+    landmarks: tuple[float, ...]  # x1 y1 ... x5 y5 in source pixels (mode "landmarks")
     image_size: tuple[int, int]  # (H, W) of the output
     quality: int
     reduce: bool = True  # decode at reduced scale when the face is large enough
+    mode: str = "landmarks"  # "landmarks" | "detect" | "aligned"
+    span: tuple[int, int] | None = None  # (offset, length) of the image bytes inside `path`
+    single_face_only: bool = False  # mode "detect": several faces -> reject instead of choosing
+    key: str = ""  # the sample: set when run_batch packs it
+    label: int = 0
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,8 @@ class Outcome:
     reason: str | None = None
     detail: str | None = None
     reduction: int = 1
+    found: dict[str, Any] | None = None  # mode "detect": what goes into the record (points, score, box)
+    sample: tuple[bytes, Members] | None = None  # set by run_batch: the packed tar members
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -83,40 +97,68 @@ def jpeg_complete(data: bytes) -> bool:
     return tail.endswith(b"\xff\xd9")
 
 
-def run(job: Job) -> Outcome:
+def _read(job: Job) -> bytes | Outcome:
     try:
         with open(job.path, "rb") as f:
-            data = f.read()
+            if job.span is None:
+                return f.read() or Outcome(None, "image_unreadable", "empty file")
+            f.seek(job.span[0])
+            data = f.read(job.span[1])
     except FileNotFoundError:
         return Outcome(None, "image_missing", "no such file")
     except OSError as err:
         return Outcome(None, "image_unreadable", err.strerror or type(err).__name__)
-    if not data:
-        return Outcome(None, "image_unreadable", "empty file")
-    pts = np.asarray(job.landmarks, dtype=np.float64).reshape(5, 2)
+    if len(data) != job.span[1]:
+        offset, length = job.span
+        return Outcome(None, "record_truncated", f"{len(data)} of {length} bytes at offset {offset}")
+    return data
+
+
+def _decode(data: bytes, flag: int, is_jpeg: bool) -> np.ndarray | Outcome:
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag | _NO_EXIF)
+    except cv2.error as err:
+        return Outcome(None, "jpeg_corrupt" if is_jpeg else "image_unreadable", str(err).strip()[:200])
+    if image is None or image.size == 0:
+        return Outcome(None, "jpeg_corrupt" if is_jpeg else "image_unreadable", "the decoder refused it")
+    return image
+
+
+def _check_jpeg(data: bytes) -> tuple[int, int] | None | Outcome:
+    """The JPEG's (width, height), None for another format, or the reject of a broken JPEG."""
     size = jpeg_size(data)
-    is_jpeg = data[:2] == b"\xff\xd8"
-    if is_jpeg and size is None:
-        return Outcome(None, "jpeg_corrupt", "no readable frame header")
-    if is_jpeg and not jpeg_complete(data):
-        return Outcome(None, "jpeg_truncated", "no end-of-image marker")
+    if data[:2] == b"\xff\xd8":
+        if size is None:
+            return Outcome(None, "jpeg_corrupt", "no readable frame header")
+        if not jpeg_complete(data):
+            return Outcome(None, "jpeg_truncated", "no end-of-image marker")
+    return size
+
+
+def run(job: Job) -> Outcome:
+    data = _read(job)
+    if isinstance(data, Outcome):
+        return data
+    size = _check_jpeg(data)
+    if isinstance(size, Outcome):
+        return size
+    if job.mode == "aligned":
+        return _run_aligned(job, data, size)
+    if job.mode == "detect":
+        return _run_detect(job, data)
+    pts = np.asarray(job.landmarks, dtype=np.float64).reshape(5, 2)
     if size is not None and not _inside(pts, size):
         return Outcome(None, "landmarks_outside_image", f"points outside the {size[0]}x{size[1]} image")
     bad = align.check_geometry(pts, job.image_size)
     if bad is not None:
         return Outcome(None, *bad)
     reduction = 1
-    if size is not None:
-        matrix = align.similarity_transform(pts, align.template(job.image_size))
-        if job.reduce:
-            reduction = align.reduction_for(align.transform_scale(matrix))
-    buf = np.frombuffer(data, dtype=np.uint8)
-    try:
-        image = cv2.imdecode(buf, _REDUCED_FLAG[reduction] | _NO_EXIF)
-    except cv2.error as err:
-        return Outcome(None, "jpeg_corrupt" if is_jpeg else "image_unreadable", str(err).strip()[:200])
-    if image is None or image.size == 0:
-        return Outcome(None, "jpeg_corrupt" if is_jpeg else "image_unreadable", "the decoder refused it")
+    matrix = align.similarity_transform(pts, align.template(job.image_size))
+    if size is not None and job.reduce:
+        reduction = align.reduction_for(align.transform_scale(matrix))
+    image = _decode(data, _REDUCED_FLAG[reduction], size is not None)
+    if isinstance(image, Outcome):
+        return image
     decoded = (image.shape[1], image.shape[0])
     if size is None:  # not a JPEG (PNG etc.): the decoded image is the full one
         size = decoded
@@ -127,11 +169,63 @@ def run(job: Job) -> Outcome:
         if decoded != expected:
             return Outcome(None, "jpeg_corrupt", f"decoded {decoded}, header says {size}")
         pts = align.scale_points(pts, size, decoded)
-    crop = align.warp(image, pts, job.image_size)
+        matrix = align.similarity_transform(pts, align.template(job.image_size))
+    return _encode(align.warp(image, pts, job.image_size, matrix), job, reduction=reduction)
+
+
+def _encode(crop: np.ndarray, job: Job, **fields: Any) -> Outcome:
     ok, encoded = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(job.quality)])
     if not ok:  # cannot happen for a uint8 BGR array; kept as a reject rather than a crash
         return Outcome(None, "encode_failed", "cv2.imencode refused the crop")
-    return Outcome(encoded.tobytes(), reduction=reduction)
+    return Outcome(encoded.tobytes(), **fields)
+
+
+def _run_aligned(job: Job, data: bytes, size: tuple[int, int] | None) -> Outcome:
+    """An aligned crop: unchanged when it is a JPEG of the output size, else rescaled template to template."""
+    height, width = job.image_size
+    if size == (width, height):
+        return Outcome(data)
+    image = _decode(data, cv2.IMREAD_COLOR, size is not None)
+    if isinstance(image, Outcome):
+        return image
+    src = align.template((image.shape[0], image.shape[1]))
+    matrix = align.similarity_transform(src, align.template(job.image_size))
+    return _encode(align.warp(image, src, job.image_size, matrix), job)
+
+
+def _run_detect(job: Job, data: bytes) -> Outcome:
+    image = _decode(data, cv2.IMREAD_COLOR, data[:2] == b"\xff\xd8")
+    if isinstance(image, Outcome):
+        return image
+    detect_faces, pick_face = detector()
+    faces = detect_faces(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    if not faces:
+        return Outcome(None, "no_face", "the detector found no face")
+    if len(faces) > 1 and job.single_face_only:
+        return Outcome(None, "multiple_faces", f"the detector found {len(faces)} faces")
+    face = pick_face(faces, image.shape)
+    pts = np.asarray(face.landmarks, dtype=np.float64).reshape(5, 2)
+    bad = align.check_geometry(pts, job.image_size)
+    if bad is not None:
+        return Outcome(None, *bad)
+    found = {
+        "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in pts],
+        "detector_score": round(float(face.score), 4),
+        "detector_box": [round(float(v), 2) for v in face.box],  # x, y, w, h
+        "faces_found": len(faces),
+    }
+    return _encode(align.warp(image, pts, job.image_size), job, found=found)
+
+
+def detector():
+    """(detect_faces, pick_face) of preprocess/detect.py, imported on first use (only --detect needs it).
+
+    detect_faces(RGB image) -> faces with `.box` (x, y, w, h), `.score`, `.landmarks` (5 points in
+    the template's order); pick_face(faces, image shape) -> the largest face nearest the centre.
+    """
+    from preprocess import detect  # a dictionary lookup after the first call
+
+    return detect.detect_faces, detect.pick_face
 
 
 def _inside(pts: np.ndarray, size: tuple[int, int]) -> bool:
@@ -145,8 +239,19 @@ def _inside(pts: np.ndarray, size: tuple[int, int]) -> bool:
 
 
 def run_batch(jobs: list[Job]) -> list[Outcome]:
-    """One pool task: a run of jobs, so inter-process traffic is per batch, not per image."""
-    return [run(job) for job in jobs]
+    """One pool task: a run of jobs, so inter-process traffic is per batch, not per image.
+
+    Each good outcome comes back as its packed tar members (`sample`), not as the bare JPEG.
+    """
+    outcomes = []
+    for job in jobs:
+        outcome = run(job)
+        if outcome.jpeg is not None:
+            record = job.record if outcome.found is None else {**job.record, **outcome.found}
+            sample = encode_sample(job.key, outcome.jpeg, job.label, record)
+            outcome = replace(outcome, jpeg=None, sample=sample)
+        outcomes.append(outcome)
+    return outcomes
 
 
 def init_worker() -> None:

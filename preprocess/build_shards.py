@@ -54,6 +54,8 @@ class Options:
     max_reject_fraction: float
     reduce: bool
     overwrite: bool
+    mode: str = "landmarks"  # how workers get the face: "landmarks" | "detect" | "aligned" (_work.Job)
+    single_face_only: bool = False
 
 
 @dataclass
@@ -93,6 +95,8 @@ def make_plan(entries: list[Entry], opts: Options) -> Plan:
     shards = [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
     digest = hashlib.sha256()
     settings = [opts.dataset, opts.prefix, list(opts.image_size), opts.quality, opts.seed, size, opts.reduce]
+    if opts.mode != "landmarks":  # (kept out of the list otherwise: fingerprints of existing builds hold)
+        settings += [opts.mode, opts.single_face_only]
     digest.update(json.dumps(settings).encode())
     for entry, label in shuffled:
         digest.update(f"{entry.rel}\t{label}\t{entry.landmarks}\n".encode())
@@ -204,9 +208,32 @@ def _progress(total: int):
     return progress
 
 
+def _job(inputs: DatasetInputs, entry: Entry, label: int, opts: Options) -> _work.Job:
+    """The worker's job for one input, with the sample record it will pack."""
+    record: dict[str, Any] = {"identity": entry.identity, "label": label, "source": entry.rel}
+    if entry.landmarks is not None:
+        record["landmarks"] = [list(p) for p in zip(entry.landmarks[0::2], entry.landmarks[1::2])]
+    if entry.identity in inputs.identity_names:
+        record["name"] = inputs.identity_names[entry.identity]
+    if entry.bbox is not None:
+        record["bbox"] = list(entry.bbox)
+    return _work.Job(
+        entry.source or f"{inputs.image_root}{os.sep}{entry.rel}",
+        entry.landmarks or (),
+        opts.image_size,
+        opts.quality,
+        opts.reduce,
+        mode=opts.mode,
+        span=entry.span,
+        single_face_only=opts.single_face_only,
+        key=entry.key,
+        label=label,
+        record=record,
+    )
+
+
 def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dict[str, Any]:
     out = opts.out
-    names = inputs.identity_names
     state = BuildState(out, opts.prefix)
     state.start(plan.fingerprint)
     infos: dict[int, ShardInfo] = {}
@@ -231,17 +258,7 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
         shard = plan.shards[index]
         for start in range(0, len(shard), BATCH):
             part = shard[start : start + BATCH]
-            jobs = [
-                _work.Job(
-                    str(inputs.image_root / e.rel),
-                    e.landmarks or (),
-                    opts.image_size,
-                    opts.quality,
-                    opts.reduce,
-                )
-                for e, _ in part
-            ]
-            tasks.append((index, part, jobs))
+            tasks.append((index, part, [_job(inputs, e, label, opts) for e, label in part]))
     todo = sum(len(plan.shards[i]) for i in pending)
     started = time.perf_counter()
     pool = None
@@ -268,21 +285,11 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
                 if index != current:
                     writer, current = ShardWriter(out / shard_name(opts.prefix, index)), index
                     shard_rejects, shard_reductions = [], Counter()
-                for (entry, label), outcome in zip(part, outcomes):
-                    if outcome.jpeg is None:
+                for (entry, _), outcome in zip(part, outcomes):
+                    if outcome.sample is None:
                         shard_rejects.append(_reject(entry.rel, outcome.reason or "", outcome.detail or ""))
                     else:
-                        record = {
-                            "identity": entry.identity,
-                            "label": label,
-                            "source": entry.rel,
-                            "landmarks": [list(p) for p in zip(entry.landmarks[0::2], entry.landmarks[1::2])],
-                        }
-                        if entry.identity in names:
-                            record["name"] = names[entry.identity]
-                        if entry.bbox is not None:
-                            record["bbox"] = list(entry.bbox)
-                        writer.add(entry.key, outcome.jpeg, label, record)
+                        writer.add_encoded(*outcome.sample)
                         shard_reductions[str(outcome.reduction)] += 1
                 remaining[index] -= len(part)
                 if remaining[index] == 0:

@@ -30,6 +30,8 @@ class Entry:
     reason: str | None = None  # set when the entry is rejected before any image is read
     detail: str | None = None
     bbox: tuple[float, float, float, float] | None = None  # VGGFace2's loose box (x, y, w, h), if shipped
+    source: str | None = None  # the file to read, when not <image root>/<rel> (RecordIO: the .rec)
+    span: tuple[int, int] | None = None  # (offset, length) of the image bytes inside `source`
 
     @property
     def key(self) -> str:

@@ -41,11 +41,19 @@ def sample_key(relative_path: str) -> str:
     """Stable, unique key from a source path relative to the image root.
 
     The extension is dropped, `/` becomes `__` and any other `.` becomes `_`, because webdataset
-    and DALI both split a member name at its first dot after the last slash.
+    and DALI both split a member name at its first dot after the last slash. Whitespace, `~` and
+    anything outside ASCII become `~` and two hex digits per UTF-8 byte (`my photos/a.jpg` ->
+    `my~20photos__a`): DALI's index separates its fields by spaces and is ASCII.
     """
     path = PurePosixPath(relative_path.replace("\\", "/"))
     stem = str(path.with_suffix("")) if path.suffix else str(path)
-    return stem.replace("/", "__").replace(".", "_")
+    return "".join(_key_char(c) for c in stem.replace("/", "__").replace(".", "_"))
+
+
+def _key_char(c: str) -> str:
+    if c.isascii() and c.isprintable() and not c.isspace() and c != "~":
+        return c
+    return "".join(f"~{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
 
 
 def shard_name(prefix: str, index: int) -> str:

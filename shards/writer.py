@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import tarfile
 import zlib
@@ -22,15 +21,57 @@ from shards.fileio import atomic_write, atomic_write_text
 from shards.format import CRC_FIELD, INDEX_VERSION, TAR_BLOCK, encode_label, index_name
 from shards.manifest import ShardInfo
 
+_RECORD = tarfile.RECORDSIZE  # tar files end padded to a whole record (20 blocks)
+# Every member has the same metadata, so a header is: name, these fixed fields, size, and a checksum.
+_MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # mode 0644, uid 0, gid 0
+_MTIME = b"%011o\0" % 0
+_AFTER_CHKSUM = (
+    b"0" + b"\0" * 100 + tarfile.GNU_MAGIC + b"\0" * 32 * 2 + b"\0" * 16 + b"\0" * 155
+).ljust(TAR_BLOCK - 156, b"\0")  # type, link name, magic, uname, gname, device numbers, prefix, pad
+_CHKSUM_REST = sum(_AFTER_CHKSUM) + 8 * ord(" ")  # the checksum counts its own field as spaces
 
-def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
+
+def _header(name: str, size: int) -> bytes:
+    """The GNU tar header of a member with the fixed metadata, byte for byte what `tarfile` writes.
+
+    Written by hand because `tarfile`'s general path costs more per sample than the rest of the
+    parent's work; long names (GNU long-name blocks) and huge sizes still go through `tarfile`.
+    """
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
+        info.uname = info.gname = ""
+        return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    head = raw.ljust(100, b"\0") + _MODE_IDS + b"%011o\0" % size + _MTIME
+    return head + b"%06o\0 " % (sum(head) + _CHKSUM_REST) + _AFTER_CHKSUM
+
+
+Members = tuple[tuple[str, int, int, str], ...]  # (extension, data offset, data size, member name)
+
+
+def encode_sample(key: str, jpeg: bytes, label: int, record: dict) -> tuple[bytes, Members]:
+    """One sample's three tar members (headers, data, padding) as bytes, and for the DALI index each
+    member's (extension, data offset from the start of these bytes, data size, member name).
+
+    The record gets its `crc32` field here. Pure and cheap, so the build's worker processes run it
+    and the parent only appends bytes.
+    """
+    label_bytes = encode_label(label)
+    record = {**record, CRC_FIELD: sample_crcs(jpeg, label_bytes)}
+    record_bytes = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    parts: list[bytes] = []
+    members = []
+    offset = 0
+    for ext, data in (("jpg", jpeg), ("lbl", label_bytes), ("json", record_bytes)):
+        name = f"{key}.{ext}"
+        header = _header(name, len(data))
+        offset += len(header)
+        members.append((ext, offset, len(data), name))
+        padding = -len(data) % TAR_BLOCK
+        parts += (header, data, b"\0" * padding)
+        offset += len(data) + padding
+    return b"".join(parts), tuple(members)
 
 
 def index_path_for(tar_path: Path) -> Path:
@@ -74,26 +115,23 @@ class ShardWriter:
         self.path = Path(path)
         self._stack = contextlib.ExitStack()
         self._file = _HashingFile(self._stack.enter_context(atomic_write(self.path, "wb", what="shard")))
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)  # type: ignore[call-overload]
         self._index_lines: list[str] = []
         self.samples = 0
 
     def add(self, key: str, jpeg: bytes, label: int, record: dict) -> None:
-        label_bytes = encode_label(label)
-        record = {**record, CRC_FIELD: sample_crcs(jpeg, label_bytes)}
-        record_bytes = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
-        entries = []
-        for ext, data in (("jpg", jpeg), ("lbl", label_bytes), ("json", record_bytes)):
-            info, payload = _member(f"{key}.{ext}", data)
-            self._tar.addfile(info, payload)
-            # The data ends the member, padded to whole blocks; headers (long names add blocks) precede it.
-            padded = -(-len(data) // TAR_BLOCK) * TAR_BLOCK
-            entries.append(f"{ext} {self._tar.offset - padded} {len(data)} {info.name}")
-        self._index_lines.append(" ".join(entries))
+        self.add_encoded(*encode_sample(key, jpeg, label, record))
+
+    def add_encoded(self, data: bytes, members: Members) -> None:
+        """Append a sample made by `encode_sample` (possibly in another process)."""
+        base = self._file.bytes
+        self._file.write(data)
+        line = " ".join(f"{ext} {base + off} {size} {name}" for ext, off, size, name in members)
+        self._index_lines.append(line)
         self.samples += 1
 
     def close(self) -> ShardInfo:
-        self._tar.close()  # writes the end-of-archive blocks through the hashing file
+        end = self._file.bytes + 2 * TAR_BLOCK  # two zero blocks end the archive, then pad the record
+        self._file.write(b"\0" * (2 * TAR_BLOCK + -end % _RECORD))
         index = index_path_for(self.path)
         lines = "".join(line + "\n" for line in self._index_lines)
         try:
