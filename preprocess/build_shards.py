@@ -1,7 +1,10 @@
-"""Aligned WebDataset shards from VGGFace2 or LFW: parallel, deterministic, resumable.
+"""Aligned WebDataset shards from VGGFace2, LFW, InsightFace RecordIO or a folder per identity:
+parallel, deterministic, resumable.
 
-    python preprocess/build_shards.py vggface2 --root DIR --split train --out OUT
-    python preprocess/build_shards.py lfw --root DIR --out OUT [--landmarks FILE] [--pairs FILE]
+    python preprocess/build_shards.py vggface2 --root DIR --split train --out OUT [--detect]
+    python preprocess/build_shards.py lfw --root DIR --out OUT [--landmarks FILE] [--pairs FILE] [--detect]
+    python preprocess/build_shards.py rec --root DIR --out OUT          (train.rec, train.idx, property)
+    python preprocess/build_shards.py folders --root DIR --out OUT (--aligned | --landmarks FILE | --detect)
 
 The plan (which input goes to which shard, in which order) is a pure function of the inputs and the
 options, so a rerun after a crash recomputes it, skips the shards that were completed, and ends
@@ -22,14 +25,17 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from preprocess import _work
+from preprocess.cli import cpu_count, log, positive, progress
 from preprocess.datasets import DatasetInputs, Entry, pairs_by_key, read_lfw, read_vggface2
+from preprocess.folders import read_folders
+from preprocess.recordio import read_rec
 from shards.errors import CliParser, UserError, run_cli
 from shards.format import FORMAT_NAME, FORMAT_VERSION, parse_image_size, scaled_template
 from shards.manifest import MANIFEST_NAME, ShardInfo, write_manifest
@@ -65,10 +71,6 @@ class Plan:
     early_rejects: list[dict[str, str]]  # inputs refused before any image was read
     num_inputs: int
     fingerprint: str
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -176,38 +178,6 @@ def clear_output(out: Path, prefix: str) -> None:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _progress(total: int):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Speed(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} img/s")
-
-    progress = Progress(
-        TextColumn("aligning"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Speed(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[rejects]} rejects"),
-        console=Console(stderr=True),
-        transient=False,
-    )
-    return progress
-
-
 def _job(inputs: DatasetInputs, entry: Entry, label: int, opts: Options) -> _work.Job:
     """The worker's job for one input, with the sample record it will pack."""
     record: dict[str, Any] = {"identity": entry.identity, "label": label, "source": entry.rel}
@@ -279,8 +249,8 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
     shard_reductions: Counter = Counter()
     remaining = {i: len(plan.shards[i]) for i in pending}
     try:
-        with _progress(todo) as progress:
-            bar = progress.add_task("align", total=todo, rejects=len(rejects))
+        with progress("aligning", ("rejects",)) as shown:
+            bar = shown.add_task("align", total=todo, rejects=len(rejects))
             for (index, part, _), outcomes in zip(tasks, results):
                 if index != current:
                     writer, current = ShardWriter(out / shard_name(opts.prefix, index)), index
@@ -300,7 +270,7 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
                     reductions.update(shard_reductions)
                     shard_rejects = []
                     _check_rejects(len(rejects), allowed, plan.num_inputs, opts, out, rejects)
-                progress.update(bar, advance=len(part), rejects=len(rejects) + len(shard_rejects))
+                shown.update(bar, advance=len(part), rejects=len(rejects) + len(shard_rejects))
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -384,16 +354,6 @@ def _write_rejects(out: Path, rejects: list[dict[str, str]]) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -421,12 +381,12 @@ def parser() -> argparse.ArgumentParser:
         "--image-size", type=parse_image_size, default=(112, 112), help="output N or HxW (default 112)"
     )
     common.add_argument("--jpeg-quality", type=int, default=95, choices=range(1, 101), metavar="1..100")
-    common.add_argument("--samples-per-shard", type=_positive, default=5000)
+    common.add_argument("--samples-per-shard", type=positive, default=5000)
     common.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    common.add_argument("--workers", type=_positive, default=None, help="processes (default: all cores)")
+    common.add_argument("--workers", type=positive, default=None, help="processes (default: all cores)")
     common.add_argument("--max-reject-fraction", type=_fraction, default=0.01)
-    common.add_argument("--limit", type=_positive, help="only the first N inputs (sorted by path)")
-    common.add_argument("--identities", type=_positive, help="only the first N identities (sorted)")
+    common.add_argument("--limit", type=positive, help="only the first N inputs (sorted by path)")
+    common.add_argument("--identities", type=positive, help="only the first N identities (sorted)")
     common.add_argument(
         "--no-reduced-decode",
         dest="reduce",
@@ -439,26 +399,69 @@ def parser() -> argparse.ArgumentParser:
     vgg.add_argument("--list", type=Path, help="image list, when not <root>/<split>_list.txt")
     lfw = sub.add_parser("lfw", parents=[common], help="LFW (lfw/<Name>/<Name>_<NNNN>.jpg)")
     lfw.add_argument("--pairs", type=Path, help="pairs file, when not <root>/pairs.txt")
+    rec = sub.add_parser("rec", parents=[common], help="InsightFace RecordIO (train.rec/.idx, property)")
+    rec.add_argument("--rec", type=Path, help="the .rec file, when not <root>/train.rec")
+    folders = sub.add_parser("folders", parents=[common], help="a folder per identity (<id>/*.jpg|png)")
+    folders.add_argument("--aligned", action="store_true", help="the images are already aligned crops")
+    for detecting in (vgg, lfw, folders):
+        detecting.add_argument(
+            "--detect", action="store_true", help="find each face and its 5 points with the detector"
+        )
+        detecting.add_argument(
+            "--single-face-only",
+            action="store_true",
+            help="with --detect: reject a photo with several faces (default: keep the largest, central one)",
+        )
     return p
 
 
-def _cpu_count() -> int:
+def read_inputs(args: argparse.Namespace) -> tuple[DatasetInputs, str, str]:
+    """The inputs, the shard prefix and the job mode (see _work.Job) for the chosen dataset."""
+    detect = getattr(args, "detect", False)
+    if args.dataset == "rec":
+        return read_rec(args.root, args.rec), args.prefix or "rec", "aligned"
+    if args.dataset == "folders":
+        choices = (("--aligned", args.aligned), ("--landmarks", args.landmarks), ("--detect", detect))
+        given = [name for name, on in choices if on]
+        if len(given) != 1:
+            raise UserError(
+                "preprocess/build_shards.py folders: give exactly one of --aligned, --landmarks FILE, "
+                "--detect" + (f" (got {' and '.join(given)})" if given else "")
+            )
+        mode = "aligned" if args.aligned else "detect" if detect else "landmarks"
+        return read_folders(args.root, args.landmarks), args.prefix or "folders", mode
+    if args.dataset == "vggface2":
+        inputs = read_vggface2(args.root, args.split, args.images, args.list, args.landmarks, detect)
+        prefix = args.prefix or f"vggface2-{args.split}"
+    else:
+        inputs = read_lfw(args.root, args.images, args.landmarks, args.pairs, detect)
+        prefix = args.prefix or "lfw"
+    if detect:  # the detector finds the points: a missing or bad landmark row is no reason to reject
+        inputs.entries = [
+            replace(e, landmarks=None, reason=None, detail=None) if e.reason != "image_missing" else e
+            for e in inputs.entries
+        ]
+    return inputs, prefix, "detect" if detect else "landmarks"
+
+
+def _check_detector(mode: str) -> None:
+    if mode != "detect":
+        return
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+        _work.detector()
+    except ImportError as err:
+        raise UserError(
+            f"--detect: the face detector (preprocess/detect.py) cannot be imported ({err}); "
+            "install the project's requirements, or align with --landmarks FILE"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.root.is_dir():
         raise UserError(f"{args.root}: --root is not a folder")
-    if args.dataset == "vggface2":
-        inputs = read_vggface2(args.root, args.split, args.images, args.list, args.landmarks)
-        prefix = args.prefix or f"vggface2-{args.split}"
-    else:
-        inputs = read_lfw(args.root, args.images, args.landmarks, args.pairs)
-        prefix = args.prefix or "lfw"
+    inputs, prefix, mode = read_inputs(args)
+    _check_detector(mode)
     opts = Options(
         dataset=args.dataset,
         out=args.out,
@@ -467,10 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         quality=args.jpeg_quality,
         seed=args.seed,
         samples_per_shard=args.samples_per_shard,
-        workers=args.workers or _cpu_count(),
+        workers=args.workers or cpu_count(),
         max_reject_fraction=args.max_reject_fraction,
         reduce=args.reduce,
         overwrite=args.overwrite,
+        mode=mode,
+        single_face_only=getattr(args, "single_face_only", False),
     )
     command = shlex.join(["python", "preprocess/build_shards.py", *(sys.argv[1:] if argv is None else argv)])
     out = opts.out

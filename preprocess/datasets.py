@@ -54,6 +54,8 @@ def parse_landmarks(fields: list[str]) -> tuple[tuple[float, ...] | None, str | 
     fields = [f.strip() for f in fields if f.strip() != ""]
     if len(fields) < 10:
         return None, "landmarks_short", f"{len(fields)} numbers, expected 10"
+    if len(fields) > 10:  # not 5 points: a shifted or merged row, which no prefix of would fix
+        return None, "landmarks_long", f"{len(fields)} numbers, expected 10"
     try:
         values = tuple(float(f) for f in fields[:10])
     except ValueError:
@@ -89,7 +91,7 @@ def _require_dir(path: Path, what: str, option: str) -> Path:
     return path
 
 
-def _entries(on_disk: set[str], inputs: set[str], landmarks: dict[str, list[str]],
+def entries_for(on_disk: set[str], inputs: set[str], landmarks: dict[str, list[str]],
              boxes: dict[str, tuple[float, float, float, float]] | None = None) -> list[Entry]:
     """One entry per input, sorted by path; missing images and bad landmark rows carry their reason."""
     boxes = boxes or {}
@@ -114,6 +116,7 @@ def read_vggface2(
     images: Path | None = None,
     image_list: Path | None = None,
     landmarks: Path | None = None,
+    detect: bool = False,
 ) -> DatasetInputs:
     """VGGFace2: `<split>/<id>/<file>.jpg`, `<split>_list.txt` (else a directory walk) and
     `bb_landmark/loose_landmark_<split>.csv`; when they ship, `bb_landmark/loose_bb_<split>.csv` and
@@ -124,13 +127,12 @@ def read_vggface2(
     image_root = _require_dir(
         images or root / split, f"VGGFace2 image folder for split '{split}'", "--images"
     )
-    lm_path = _require_file(
-        landmarks or root / "bb_landmark" / f"loose_landmark_{split}.csv",
-        "VGGFace2 landmark CSV",
-        "--landmarks",
-    )
+    lm_path = landmarks or root / "bb_landmark" / f"loose_landmark_{split}.csv"
     on_disk = set(_walk_images(image_root))
-    rows = _read_name_id_csv(lm_path, "landmark")  # unparsed: bad rows become per-image rejects
+    if detect and landmarks is None and not lm_path.is_file():  # the detector finds the points
+        lm_path, rows = "(none: --detect)", {}
+    else:  # unparsed: bad rows become per-image rejects
+        rows = _read_name_id_csv(_require_file(lm_path, "VGGFace2 landmark CSV", "--landmarks"), "landmark")
     if image_list is not None:
         _require_file(image_list, "image list", "--list")
     list_path = image_list or root / f"{split}_list.txt"
@@ -143,7 +145,7 @@ def read_vggface2(
     meta_path = root / "meta" / "identity_meta.csv"
     boxes = _read_vggface2_boxes(bb_path) if bb_path.is_file() else {}
     names = _read_identity_names(meta_path) if meta_path.is_file() else {}
-    entries = _entries(on_disk, inputs, rows, boxes)
+    entries = entries_for(on_disk, inputs, rows, boxes)
     return DatasetInputs(
         "vggface2",
         split,
@@ -207,7 +209,8 @@ def _read_name_id_csv(path: Path, what: str) -> dict[str, list[str]]:
                 if row and row[0].strip():
                     name = row[0].strip().replace("\\", "/")
                     # NAME_ID is the relative path without its extension; VGGFace2 images are .jpg.
-                    rows[name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"] = row[1:]
+                    name = name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"
+                    _add_row(rows, name, [v.strip() for v in row[1:]], path, reader.line_num)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"{path}: unreadable {what} CSV ({err})") from None
     return rows
@@ -218,6 +221,7 @@ def read_lfw(
     images: Path | None = None,
     landmarks: Path | None = None,
     pairs: Path | None = None,
+    detect: bool = False,
 ) -> DatasetInputs:
     """LFW: `lfw/<Name>/<Name>_<NNNN>.jpg`, the 5-point landmark file, `pairs.txt`.
 
@@ -231,13 +235,17 @@ def read_lfw(
                 landmarks = root / candidate
                 break
         else:
-            raise UserError(
-                f"{root}: no lfw_landmark_150.txt or lfw_landmark.txt (point at it with --landmarks)"
-            )
-    lm_path = _require_file(landmarks, "LFW landmark file", "--landmarks")
-    rows = _read_lfw_landmarks(lm_path)
+            if not detect:
+                raise UserError(
+                    f"{root}: no lfw_landmark_150.txt or lfw_landmark.txt (point at it with --landmarks)"
+                )
     on_disk = set(_walk_images(image_root))
-    entries = _entries(on_disk, on_disk | set(rows), rows)
+    if landmarks is None:  # --detect: the detector finds the points
+        lm_path, rows = "(none: --detect)", {}
+    else:
+        lm_path = _require_file(landmarks, "LFW landmark file", "--landmarks")
+        rows = read_lfw_landmarks(lm_path)
+    entries = entries_for(on_disk, on_disk | set(rows), rows)
     pair_path = (
         pairs if pairs is not None else (root / "pairs.txt" if (root / "pairs.txt").is_file() else None)
     )
@@ -255,11 +263,12 @@ def read_lfw(
     )
 
 
-def _read_lfw_landmarks(path: Path) -> dict[str, list[str]]:
+def read_lfw_landmarks(path: Path) -> dict[str, list[str]]:
+    """`relative/path.jpg<TAB>x1 y1 ... x5 y5` lines -> {path: number fields}."""
     rows: dict[str, list[str]] = {}
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 name, _, rest = line.rstrip("\n").partition("\t")
@@ -267,12 +276,19 @@ def _read_lfw_landmarks(path: Path) -> dict[str, list[str]]:
                     name, *fields = line.split()
                 else:
                     fields = rest.split()
-                rows[name.strip().replace("\\", "/")] = fields
+                _add_row(rows, name.strip().replace("\\", "/"), fields, path, number)
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: unreadable landmark file ({err})") from None
     if not rows:
         raise UserError(f"{path}: the landmark file is empty")
     return rows
+
+
+def _add_row(rows: dict[str, list[str]], name: str, fields: list[str], path: Path, number: int) -> None:
+    """A repeated row is fine when it says the same; two different rows for one image are refused."""
+    previous = rows.setdefault(name, fields)
+    if previous is not fields and previous != fields:
+        raise UserError(f"{path}:{number}: a second, different landmark row for {name} (keep one)")
 
 
 def pairs_by_key(pairs: list[tuple[str, str, bool, int]], packed: set[str]) -> tuple[list[Pair], int]:

@@ -6,7 +6,7 @@
 Writes DIR/vggface2/ (train/<id>/<NNNN_NN>.jpg, train_list.txt, meta/identity_meta.csv,
 bb_landmark/loose_landmark_train.csv, bb_landmark/loose_bb_train.csv) and DIR/lfw/
 (lfw/<Name>/<Name>_<NNNN>.jpg at 250x250, pairs.txt in the View 2 format, lfw_landmark.txt), so every
-real-data code path runs on it. The faces come from preprocess/_synth_face.py. The same seed gives
+real-data code path runs on it. The faces come from preprocess/_procedural_faces.py. The same seed gives
 the same bytes, whatever the number of workers.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess.cli import cpu_count, log, positive, progress
 from shards.errors import CliParser, UserError, run_cli
 
 MARKER = ".facetrain-synthetic.json"  # marks a folder this command may overwrite
@@ -72,10 +72,6 @@ class Task:
     number: int  # global identity number: seeds the appearance, disjoint between the two sets
     name: str
     files: tuple[str, ...]  # relative paths under the image root
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def make_names(rng: np.random.Generator, count: int) -> list[str]:
@@ -155,7 +151,7 @@ _STATE: dict[str, object] = {}
 def _init_worker(seed: int, out: str) -> None:
     import cv2
 
-    from preprocess._synth_face import Photographer
+    from preprocess._procedural_faces import Photographer
 
     cv2.setNumThreads(1)
     _STATE.update(photographer=Photographer(seed), seed=seed, out=Path(out))
@@ -163,7 +159,7 @@ def _init_worker(seed: int, out: str) -> None:
 
 def render(task: Task) -> list[tuple[str, list[float], list[float]]]:
     """Draw one identity's photographs, write them; return (relative path, landmarks, box) per image."""
-    from preprocess._synth_face import make_identity
+    from preprocess._procedural_faces import make_identity
 
     seed, out, ph = _STATE["seed"], _STATE["out"], _STATE["photographer"]
     ident = make_identity(np.random.default_rng([seed, 2, task.number]))
@@ -188,37 +184,6 @@ def render(task: Task) -> list[tuple[str, list[float], list[float]]]:
         (image_root / rel).write_bytes(jpg)
         rows.append((rel, landmarks.ravel().tolist(), box.tolist()))
     return rows
-
-
-def _progress(total: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    class Rate(TextColumn):
-        def render(self, task):  # images per second over the whole run
-            from rich.text import Text
-
-            speed = task.completed / task.elapsed if task.elapsed else 0.0
-            return Text(f"{speed:,.0f} img/s")
-
-    from rich.console import Console
-
-    return Progress(
-        TextColumn("synthetic faces"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(""),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
 
 
 def _prepare(out: Path, subs: tuple[str, ...]) -> None:
@@ -263,7 +228,7 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
     start = time.perf_counter()
     workers = max(1, min(args.workers, len(tasks)))
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with _progress(total) as bar:
+    with progress("synthetic faces") as bar:
         job = bar.add_task("render", total=total)
         if workers == 1:
             _init_worker(args.seed, str(out))
@@ -324,47 +289,30 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="preprocess/synthetic.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (gets vggface2/ and lfw/)")
     p.add_argument(
-        "--identities", type=_positive, default=500, help="VGGFace2-layout identities (default 500)"
+        "--identities", type=positive, default=500, help="VGGFace2-layout identities (default 500)"
     )
-    p.add_argument("--images-per-identity", type=_positive, default=20, help="images per training identity")
+    p.add_argument("--images-per-identity", type=positive, default=20, help="images per training identity")
     p.add_argument(
         "--lfw-identities",
-        type=_positive,
+        type=positive,
         default=150,
         help="LFW-layout identities, disjoint from the training ones (at least 20)",
     )
     p.add_argument(
         "--pairs-per-fold",
-        type=_positive,
+        type=positive,
         default=None,
         help="same (and different) pairs per fold; default min(300, what the identities allow)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workers",
-        type=_positive,
-        default=_cpus(),
+        type=positive,
+        default=cpu_count(),
         help="processes (default: the CPUs this process may use)",
     )
     return p

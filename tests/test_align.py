@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from preprocess import _work, align
-from preprocess._synthface import face_image, marker_centres, random_landmarks, write_jpeg
+from preprocess._marker_faces import face_image, marker_centres, random_landmarks, write_jpeg
 
 
 def _similarity(scale: float, degrees: float, tx: float, ty: float) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from preprocess import align
-from preprocess._synthface import marker_centres, write_lfw, write_vggface2
+from preprocess._marker_faces import marker_centres, write_lfw, write_vggface2
 from preprocess.build_shards import main
 from shards.errors import run_cli
 from shards.format import decode_label, sample_key

@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [
     "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
     "eval/export_onnx.py", "eval/import_mobilefacenet.py", "bench/heads.py", "bench/loader.py",
-    "bench/preprocess.py",
+    "-m bench.preprocess",
 ]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    command = args[0].split() if args[0].startswith("-m ") else [args[0]]  # a module runs with -m
+    return subprocess.run([sys.executable, *command, *args[1:]], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -26,7 +28,8 @@ def test_an_unknown_flag_is_one_line(command):
     proc = _run(command, "--no-such-flag")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and command in lines[0], proc.stderr
+    name = command[3:].replace(".", "/") + ".py" if command.startswith("-m ") else command
+    assert len(lines) == 1 and name in lines[0], proc.stderr
     # argparse names the first problem it meets: the unknown flag, or a required argument missing.
     assert "--no-such-flag" in lines[0] or "required" in lines[0], lines[0]
 

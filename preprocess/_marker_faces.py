@@ -1,4 +1,4 @@
-"""Marker faces with known landmarks, for the alignment tests and the preprocessing benchmark.
+"""Marker faces with known landmarks (a coloured disc per point), for the alignment tests and the bench.
 
 Each landmark is drawn as a disc of its own colour, so a test can find where each point landed in an
 aligned crop (and notice a mirror image: the left-eye colour would sit at the right eye). The rest of
