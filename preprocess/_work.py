@@ -147,7 +147,7 @@ def run(job: Job) -> Outcome:
     if job.mode == "detect":
         return _run_detect(job, data)
     pts = np.asarray(job.landmarks, dtype=np.float64).reshape(5, 2)
-    if size is not None and not _inside(pts, size):
+    if size is not None and not _inside(job.landmarks, size):
         return Outcome(None, "landmarks_outside_image", f"points outside the {size[0]}x{size[1]} image")
     bad = align.check_geometry(pts, job.image_size)
     if bad is not None:
@@ -162,7 +162,7 @@ def run(job: Job) -> Outcome:
     decoded = (image.shape[1], image.shape[0])
     if size is None:  # not a JPEG (PNG etc.): the decoded image is the full one
         size = decoded
-        if not _inside(pts, size):
+        if not _inside(job.landmarks, size):
             return Outcome(None, "landmarks_outside_image", f"points outside the {size[0]}x{size[1]} image")
     if decoded != size:
         expected = (math.ceil(size[0] / reduction), math.ceil(size[1] / reduction))
@@ -228,14 +228,10 @@ def detector():
     return detect.detect_faces, detect.pick_face
 
 
-def _inside(pts: np.ndarray, size: tuple[int, int]) -> bool:
+def _inside(landmarks: tuple[float, ...], size: tuple[int, int]) -> bool:
     width, height = size
-    return bool(
-        np.all(pts[:, 0] >= 0)
-        and np.all(pts[:, 0] <= width)
-        and np.all(pts[:, 1] >= 0)
-        and np.all(pts[:, 1] <= height)
-    )
+    xs, ys = landmarks[0::2], landmarks[1::2]
+    return min(xs) >= 0 and max(xs) <= width and min(ys) >= 0 and max(ys) <= height
 
 
 def run_batch(jobs: list[Job]) -> list[Outcome]:

@@ -39,23 +39,35 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     Never a reflection. In 2-D the fit has a closed form: with both point sets centred, the matrix
     [[a, -b], [b, a]] minimizing the squared error has a = sum(x*u + y*v) / sum(x^2 + y^2) and
     b = sum(x*v - y*u) / sum(x^2 + y^2). This is the same optimum as Umeyama's SVD solution with
-    the reflection excluded, at a fraction of the cost (it runs once per image in the offline stage).
+    the reflection excluded, at a fraction of the cost; plain floats, because it runs once per
+    image in the offline stage and NumPy's per-call overhead would dominate on five points.
     """
-    src = np.asarray(src, dtype=np.float64).reshape(-1, 2)
-    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 2)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    sc, dc = src - mu_s, dst - mu_d
-    var = float((sc**2).sum())
+    a, b, tx, ty = _fit(_points(src), _points(dst))
+    return np.array([[a, -b, tx], [b, a, ty]])
+
+
+def _points(points) -> list[tuple[float, float]]:
+    flat = np.asarray(points, dtype=np.float64).reshape(-1).tolist()
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+def _centred(points: list[tuple[float, float]]) -> tuple[float, float, list[tuple[float, float]]]:
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    return mx, my, [(x - mx, y - my) for x, y in points]
+
+
+def _fit(src: list[tuple[float, float]], dst: list[tuple[float, float]]) -> tuple[float, float, float, float]:
+    """(a, b, tx, ty) of the least-squares similarity x' = a x - b y + tx, y' = b x + a y + ty."""
+    sx, sy, sc = _centred(src)
+    dx, dy, dc = _centred(dst)
+    var = sum(x * x + y * y for x, y in sc)
     if var > 0:
-        a = float((sc[:, 0] * dc[:, 0] + sc[:, 1] * dc[:, 1]).sum()) / var
-        b = float((sc[:, 0] * dc[:, 1] - sc[:, 1] * dc[:, 0]).sum()) / var
+        a = sum(x * u + y * v for (x, y), (u, v) in zip(sc, dc)) / var
+        b = sum(x * v - y * u for (x, y), (u, v) in zip(sc, dc)) / var
     else:
         a, b = 1.0, 0.0
-    linear = np.array([[a, -b], [b, a]])
-    matrix = np.empty((2, 3))
-    matrix[:, :2] = linear
-    matrix[:, 2] = mu_d - linear @ mu_s
-    return matrix
+    return a, b, dx - (a * sx - b * sy), dy - (b * sx + a * sy)
 
 
 def transform_scale(matrix: np.ndarray) -> float:
@@ -65,21 +77,24 @@ def transform_scale(matrix: np.ndarray) -> float:
 
 def check_geometry(landmarks: np.ndarray, image_size: tuple[int, int] = (112, 112)) -> tuple[str, str] | None:
     """None when the 5 points can be aligned; else (reason, detail) for rejects.jsonl."""
-    pts = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
-    centred = pts - pts.mean(0)
+    _, _, centred = _centred(_points(landmarks))
     # The points' spread along their two principal axes: the square roots of the eigenvalues of
     # the 2x2 scatter matrix (the singular values of the centred points), in closed form.
-    sxx, syy = float((centred[:, 0] ** 2).sum()), float((centred[:, 1] ** 2).sum())
-    sxy = float((centred[:, 0] * centred[:, 1]).sum())
-    half, root = (sxx + syy) / 2, math.sqrt(max(0.0, ((sxx - syy) / 2) ** 2 + sxy**2))
+    sxx, syy = sum(x * x for x, _ in centred), sum(y * y for _, y in centred)
+    sxy = sum(x * y for x, y in centred)
+    half, root = (sxx + syy) / 2, math.sqrt(((sxx - syy) / 2) ** 2 + sxy**2)
     spread = (math.sqrt(half + root), math.sqrt(max(0.0, half - root)))
     if spread[0] < _MIN_SPREAD_PX:
         return "landmarks_degenerate", "the five points coincide"
     if spread[1] < _COLLINEAR_RATIO * spread[0]:
         return "landmarks_collinear", f"points lie on a line (spread ratio {spread[1] / spread[0]:.4f})"
-    dst = template(image_size)
-    cov = (dst - dst.mean(0)).T @ centred
-    if cov[0, 0] * cov[1, 1] - cov[0, 1] * cov[1, 0] < 0:
+    # A mirror image: the cross-covariance with the template has a negative determinant.
+    _, _, tpl = _centred(_points(template(image_size)))
+    c00 = sum(u * x for (u, _), (x, _) in zip(tpl, centred))
+    c01 = sum(u * y for (u, _), (_, y) in zip(tpl, centred))
+    c10 = sum(v * x for (_, v), (x, _) in zip(tpl, centred))
+    c11 = sum(v * y for (_, v), (_, y) in zip(tpl, centred))
+    if c00 * c11 - c01 * c10 < 0:
         return (
             "landmarks_reflected",
             "the best fit to the template is a mirror image (eyes or mouth swapped?)",

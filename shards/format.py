@@ -8,6 +8,7 @@ fixed-size little-endian int32 (`.lbl`), which both DALI (dtype INT32) and plain
 from __future__ import annotations
 
 import argparse
+import re
 import struct
 from pathlib import PurePosixPath
 
@@ -47,13 +48,14 @@ def sample_key(relative_path: str) -> str:
     """
     path = PurePosixPath(relative_path.replace("\\", "/"))
     stem = str(path.with_suffix("")) if path.suffix else str(path)
-    return "".join(_key_char(c) for c in stem.replace("/", "__").replace(".", "_"))
+    return _UNSAFE.sub(_escape, stem.replace("/", "__").replace(".", "_"))
 
 
-def _key_char(c: str) -> str:
-    if c.isascii() and c.isprintable() and not c.isspace() and c != "~":
-        return c
-    return "".join(f"~{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
+_UNSAFE = re.compile(r"[^\x21-\x7d]")  # all but printable, non-space ASCII, and `~` (0x7e) itself
+
+
+def _escape(match: re.Match) -> str:
+    return "".join(f"~{b:02x}" for b in match.group().encode("utf-8", "surrogateescape"))
 
 
 def shard_name(prefix: str, index: int) -> str:
