@@ -15,6 +15,8 @@ manifest is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -37,6 +39,7 @@ from preprocess.datasets import DatasetInputs, Entry, pairs_by_key, read_lfw, re
 from preprocess.folders import read_folders
 from preprocess.recordio import read_rec
 from shards.errors import CliParser, UserError, run_cli
+from shards.fileio import TMP_SUFFIX, atomic_write_text
 from shards.format import FORMAT_NAME, FORMAT_VERSION, parse_image_size, scaled_template
 from shards.manifest import MANIFEST_NAME, ShardInfo, write_manifest
 from shards.writer import ShardWriter
@@ -135,7 +138,7 @@ class BuildState:
                 )
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(plan_file, json.dumps({"fingerprint": fingerprint}))
+        atomic_write_text(plan_file, json.dumps({"fingerprint": fingerprint}), what="build state")
 
     def done(self, index: int) -> dict[str, Any] | None:
         """The saved state of a completed shard, or None when it must be (re)built."""
@@ -150,19 +153,10 @@ class BuildState:
 
     def save(self, index: int, info: ShardInfo, rejects: list[dict[str, str]], reductions: Counter) -> None:
         data = {"shard": asdict(info), "rejects": rejects, "reductions": dict(reductions)}
-        _atomic_write(self.dir / f"{index:06d}.json", json.dumps(data))
+        atomic_write_text(self.dir / f"{index:06d}.json", json.dumps(data), what="build state")
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def clear_output(out: Path, prefix: str) -> None:
@@ -348,7 +342,8 @@ def _check_rejects(count: int, allowed: int, total: int, opts: Options, out: Pat
 
 
 def _write_rejects(out: Path, rejects: list[dict[str, str]]) -> None:
-    _atomic_write(out / REJECTS_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
+    atomic_write_text(out / REJECTS_NAME, lines, what="reject list")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -481,12 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     out = opts.out
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out exists and is not a folder")
-    if (out / MANIFEST_NAME).is_file() and not (out / STATE_DIR).exists():
-        if not opts.overwrite:
-            log(f"{out / MANIFEST_NAME}: a complete build is already there; pass --overwrite to rebuild")
-            return 0
-    if opts.overwrite and out.is_dir():
-        clear_output(out, prefix)
     for name, path in inputs.files.items():
         log(f"{name}: {path}")
     entries = select(inputs.entries, args.identities, args.limit)
@@ -495,18 +484,62 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             f"{args.root}: no usable images ({plan.num_inputs} inputs, all rejected or none found)"
         )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
+    with output_lock(out):
+        return _build_locked(inputs, plan, opts, command)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """An exclusive lock on the output folder for the whole build: a second build into the same
+    --out is refused with one line instead of both writing (and removing) the same files."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{out}: another build is writing to this folder; wait for it or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _build_locked(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> int:
+    out = opts.out
+    if (out / MANIFEST_NAME).is_file() and not (out / STATE_DIR).exists() and not opts.overwrite:
+        log(f"{out / MANIFEST_NAME}: a complete build is already there; pass --overwrite to rebuild")
+        return 0
+    if opts.overwrite:
+        clear_output(out, opts.prefix)
     log(
         f"{plan.num_inputs} inputs, {sum(map(len, plan.shards))} to align into {len(plan.shards)} shards, "
         f"{len(plan.classes)} identities, {len(plan.early_rejects)} rejected up front; {opts.workers} workers"
     )
-    out.mkdir(parents=True, exist_ok=True)
-    summary = build(inputs, plan, opts, command)
+    try:
+        summary = build(inputs, plan, opts, command)
+    except OSError as err:  # disk full, folder made read-only ...: the completed shards stay for a rerun
+        _remove_temporaries(out, opts.prefix)
+        raise UserError(
+            f"{out}: cannot write the build ({err.strerror or err}); completed shards are kept, "
+            "rerun the same command when it is fixed"
+        ) from None
     log(
         f"done: {summary['samples']} samples in {summary['shards']} shards, {summary['rejects']} rejects "
         f"({summary['images_per_s']} img/s)"
     )
     print(json.dumps(summary))
     return 0
+
+
+def _remove_temporaries(out: Path, prefix: str) -> None:
+    for path in [*out.glob(f"{prefix}-*{TMP_SUFFIX}"), *out.glob(f"*.json*{TMP_SUFFIX}"),
+                 *(out / STATE_DIR).glob(f"*{TMP_SUFFIX}")]:
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

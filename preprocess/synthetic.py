@@ -115,10 +115,17 @@ def make_pairs(
     """View 2 style: 10 identity-disjoint folds, each with `per_fold` same and `per_fold` different pairs."""
     groups = [lfw[f::FOLDS] for f in range(FOLDS)]
     same_avail = min(sum(len(t.files) * (len(t.files) - 1) // 2 for t in g) for g in groups)
-    n = min(300, same_avail) if per_fold is None else per_fold
-    if n > same_avail:
+    # Different-person pairs are drawn until there are n distinct ones: n must not exceed how many
+    # exist, or the drawing never ends (two identities of 3 images each give only 9).
+    diff_avail = min(
+        sum(len(a.files) * len(b.files) for i, a in enumerate(g) for b in g[i + 1 :]) for g in groups
+    )
+    avail = min(same_avail, diff_avail)
+    n = min(300, avail) if per_fold is None else per_fold
+    if n > avail:
+        kind = "same-person" if same_avail <= diff_avail else "different-person"
         raise UserError(
-            f"--pairs-per-fold {n}: the smallest fold has only {same_avail} same-person pairs "
+            f"--pairs-per-fold {n}: the smallest fold has only {avail} {kind} pairs "
             f"(use more --lfw-identities or fewer pairs)"
         )
     lines: list[list[str]] = []

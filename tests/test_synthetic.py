@@ -21,7 +21,7 @@ import pytest
 from preprocess import synthetic
 from preprocess.align import similarity_transform, template
 from preprocess.datasets import read_lfw, read_vggface2
-from shards.errors import run_cli
+from shards.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LANDMARK_BGR = ((0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255))
@@ -266,7 +266,10 @@ def test_help_runs() -> None:
 
 
 def test_contact_sheet(synthetic_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Writes a PNG of generated faces with their landmarks (look at it); checks the markers landed."""
+    """Writes a PNG of generated faces with their landmarks drawn (look at it), and checks what the
+    generator drew under the landmarks: the sheet's faces (both layouts), aligned by their own
+    points and averaged, have their eyes darker than the skin between and below them (landmarks
+    off their features fail this)."""
     cells = []
     vgg = _vgg_landmarks(synthetic_raw / "vggface2")
     for name_id in sorted(vgg)[:24]:
@@ -274,9 +277,12 @@ def test_contact_sheet(synthetic_raw: Path, tmp_path_factory: pytest.TempPathFac
     lfw = _lfw_landmarks(synthetic_raw / "lfw")
     for rel in sorted(lfw)[:24]:
         cells.append((synthetic_raw / "lfw" / "lfw" / rel, lfw[rel]))
-    tiles = []
+    t = template((112, 112))
+    tiles, crops = [], []
     for path, pts in cells:
         image = cv2.imread(str(path))
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        crops.append(cv2.warpAffine(grey, similarity_transform(pts, t), (112, 112)))
         for (x, y), colour in zip(pts, LANDMARK_BGR):
             cv2.circle(
                 image, (int(round(x)), int(round(y))), max(2, image.shape[1] // 90), colour, -1, cv2.LINE_AA
@@ -289,15 +295,18 @@ def test_contact_sheet(synthetic_raw: Path, tmp_path_factory: pytest.TempPathFac
         )
         tiles.append(tile)
     rows = [np.hstack(tiles[i : i + 8]) for i in range(0, len(tiles), 8)]
-    sheet = np.vstack(rows)
     out = tmp_path_factory.getbasetemp() / "synthetic_contact_sheet.png"
-    assert cv2.imwrite(str(out), sheet)
+    assert cv2.imwrite(str(out), np.vstack(rows)) and len(tiles) == 48
     print(f"\ncontact sheet: {out}")
-    back = cv2.imread(str(out))
-    assert back.shape == sheet.shape and len(tiles) == 48
-    # Every landmark colour is present exactly where drawn (the sheet shows what the files say).
-    for colour in LANDMARK_BGR:
-        assert (np.abs(back.astype(int) - colour).sum(2) < 30).sum() > 48
+    mean = np.mean(crops, 0)
+
+    def at(p: np.ndarray) -> float:
+        x, y = int(round(p[0])), int(round(p[1]))
+        return float(mean[y - 1 : y + 2, x - 1 : x + 2].mean())
+
+    eyes = max(at(t[0]), at(t[1]))
+    for probe in ((t[0] + t[1]) / 2, t[0] + [0, 9], t[1] + [0, 9]):
+        assert eyes < at(probe) - 10, (eyes, probe, at(probe))
 
 
 def test_calibration_raw_pixels_and_untrained_net(tmp_path: Path) -> None:
@@ -344,3 +353,40 @@ def test_calibration_raw_pixels_and_untrained_net(tmp_path: Path) -> None:
     with torch.no_grad():
         emb = torch.cat([net(x[i : i + 128]) for i in range(0, len(x), 128)]).numpy()
     assert accuracy(emb) < 0.72
+
+
+def test_every_accepted_size_finishes_or_is_refused_up_front() -> None:
+    """The smallest LFW sets it accepts (2 identities per fold give few different-person pairs) plan
+    their pairs at once; asking for more pairs than exist is one line before anything is drawn."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("make_pairs did not finish")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(30)
+    try:
+        for lfw_identities in (20, 21, 25, 30):
+            args = synthetic.build_parser().parse_args(
+                [
+                    "--out",
+                    "unused",
+                    "--identities",
+                    "20",
+                    "--images-per-identity",
+                    "10",
+                    "--lfw-identities",
+                    str(lfw_identities),
+                ]
+            )
+            _, lfw, _ = synthetic.plan(args)
+            n, lines = synthetic.make_pairs(lfw, None, np.random.default_rng(0))
+            assert n > 0 and len(lines) == 2 * n * synthetic.FOLDS
+            assert len({tuple(line) for line in lines}) == len(lines)
+        with pytest.raises(UserError, match="different-person pairs"):
+            args.lfw_identities = 20
+            _, lfw, _ = synthetic.plan(args)
+            synthetic.make_pairs(lfw, 40, np.random.default_rng(0))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
