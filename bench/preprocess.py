@@ -14,8 +14,9 @@ Contenders, run in alternating rounds so a shared, noisy machine slows them alik
 (1) the naive loop: for each image in order, full-size cv2.imread, similarity warp, cv2.imencode
 q95, append to one tar; (2) build_shards.py with each `--workers` value (0: its default, all cores).
 Reports each contender's range of images/s over the rounds, the range of the per-round ratio to
-the naive loop, the CPU time per image of the in-process contenders, and the machine's limit: the
-per-image decode + warp + encode cost, measured in this process, times the images, over the cores.
+the naive loop, each contender's CPU time per image (build_shards: parent and workers), and the
+machine's limit: the per-image decode + warp + encode cost, measured in this process, times the
+images, over the cores.
 The last stdout line is JSON.
 """
 
@@ -25,7 +26,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import sys
 import tarfile
 import tempfile
@@ -79,7 +79,7 @@ def naive(root: Path, out: Path) -> int:
     return count
 
 
-def ours(root: Path, out: Path, workers: int) -> int:
+def ours(root: Path, out: Path, workers: int) -> dict:
     argv = ["vggface2", "--root", str(root), "--out", str(out), "--overwrite"]
     argv += ["--workers", str(workers)] if workers else []
     stdout = io.StringIO()
@@ -87,21 +87,18 @@ def ours(root: Path, out: Path, workers: int) -> int:
         code = run_cli(build_main, argv)
     if code != 0:
         raise RuntimeError(f"build_shards failed with exit code {code}")
-    return json.loads(stdout.getvalue().strip().splitlines()[-1])["samples"]
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (build_shards' workers)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return json.loads(stdout.getvalue().strip().splitlines()[-1])  # its summary
 
 
 def timed(fn) -> tuple[float, float]:
-    """(images per second, CPU seconds per image) of one run."""
-    cpu, start = _cpu_seconds(), time.perf_counter()
-    count = fn()
+    """(images per second, CPU milliseconds per image) of one run: the naive loop's own process
+    time, or build_shards' figure for its parent and workers (which this process cannot see)."""
+    cpu, start = time.process_time(), time.perf_counter()
+    result = fn()
     wall = time.perf_counter() - start
-    return count / wall, (_cpu_seconds() - cpu) / count
+    if isinstance(result, dict):
+        return result["samples"] / wall, result["cpu_ms_per_image"]
+    return result / wall, 1e3 * (time.process_time() - cpu) / result
 
 
 def core_cost(root: Path, sample: int = 1000) -> float:
@@ -157,9 +154,9 @@ def measure(root: Path, out: Path, workers: list[int], repeat: int) -> dict:
         if round_number % 2:  # alternate who goes first
             order.reverse()
         for name, fn in order:
-            rate, seconds = timed(fn)
+            rate, cpu_ms = timed(fn)
             rates[name].append(rate)
-            cpu[name].append(seconds * 1e3)
+            cpu[name].append(cpu_ms)
             print(f"round {round_number + 1}: {name:24s} {rate:8.0f} images/s", file=sys.stderr, flush=True)
         for name in ratios:
             ratios[name].append(rates[name][-1] / rates["naive"][-1])
@@ -169,8 +166,7 @@ def measure(root: Path, out: Path, workers: list[int], repeat: int) -> dict:
     return {
         "images_per_s": {k: _span(v, 0) for k, v in rates.items()},
         "ratio_to_naive": {k: _span(v, 2) for k, v in ratios.items()},
-        # Pool workers are forkserver children, outside this process's accounting: in-process runs only.
-        "cpu_ms_per_image": {k: _span(v, 3) for k, v in cpu.items() if k in ("naive", "ours_workers_1")},
+        "cpu_ms_per_image": {k: _span(v, 3) for k, v in cpu.items()},
         "core_ms_per_image": round(cost * 1e3, 3),
         "cores": cores,
         "limit_images_per_s": round(cores / cost),

@@ -224,7 +224,7 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
             part = shard[start : start + BATCH]
             tasks.append((index, part, [_job(inputs, e, label, opts) for e, label in part]))
     todo = sum(len(plan.shards[i]) for i in pending)
-    started = time.perf_counter()
+    started, parent_cpu, worker_cpu = time.perf_counter(), time.process_time(), 0.0
     pool = None
     if opts.workers > 1 and todo > BATCH:
         # forkserver, not fork: a parent that already ran OpenCV has a thread pool that a forked
@@ -245,7 +245,8 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
     try:
         with progress("aligning", ("rejects",)) as shown:
             bar = shown.add_task("align", total=todo, rejects=len(rejects))
-            for (index, part, _), outcomes in zip(tasks, results):
+            for (index, part, _), (outcomes, batch_cpu) in zip(tasks, results):
+                worker_cpu += batch_cpu
                 if index != current:
                     writer, current = ShardWriter(out / shard_name(opts.prefix, index)), index
                     shard_rejects, shard_reductions = [], Counter()
@@ -274,6 +275,9 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
             pool.terminate()
             pool.join()
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - parent_cpu  # the parent's (all of it, when there is no pool)
+    if pool is not None:
+        cpu += worker_cpu
 
     shards = [infos[i] for i in range(len(plan.shards)) if infos[i].samples > 0]
     for i in range(len(plan.shards)):  # a shard whose every input was rejected holds nothing
@@ -327,6 +331,7 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
         "decode_reductions": dict(sorted(reductions.items())),
         "seconds": round(seconds, 3),
         "images_per_s": round(todo / seconds, 1) if seconds > 0 else None,
+        "cpu_ms_per_image": round(1e3 * cpu / todo, 3) if todo else None,  # parent and workers
     }
     return summary
 
