@@ -40,7 +40,16 @@ from preprocess.folders import read_folders
 from preprocess.recordio import read_rec
 from shards.errors import CliParser, UserError, run_cli
 from shards.fileio import TMP_SUFFIX, atomic_write_text
-from shards.format import FORMAT_NAME, FORMAT_VERSION, parse_image_size, scaled_template
+from shards.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_SUFFIX,
+    SHARD_SUFFIX,
+    index_name,
+    parse_image_size,
+    scaled_template,
+    shard_name,
+)
 from shards.manifest import MANIFEST_NAME, ShardInfo, write_manifest
 from shards.writer import ShardWriter
 
@@ -112,10 +121,6 @@ def _reject(rel: str, reason: str, detail: str) -> dict[str, str]:
     return {"path": rel, "reason": reason, "detail": detail}
 
 
-def shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}.tar"
-
-
 # ---------------------------------------------------------------------------------------------- state
 
 
@@ -144,7 +149,7 @@ class BuildState:
         """The saved state of a completed shard, or None when it must be (re)built."""
         state = self.dir / f"{index:06d}.json"
         tar = self.out / shard_name(self.prefix, index)
-        if not (state.is_file() and tar.is_file() and tar.with_suffix(".idx").is_file()):
+        if not (state.is_file() and tar.is_file() and (self.out / index_name(tar.name)).is_file()):
             return None
         data = json.loads(state.read_text())
         if data["shard"]["bytes"] != tar.stat().st_size:
@@ -162,7 +167,7 @@ class BuildState:
 def clear_output(out: Path, prefix: str) -> None:
     """--overwrite: remove this tool's files for this prefix (and nothing else) from OUT."""
     for path in out.glob(f"{prefix}-*"):
-        if path.suffix in (".tar", ".idx", ".tmp"):
+        if path.suffix in (SHARD_SUFFIX, INDEX_SUFFIX, TMP_SUFFIX):
             path.unlink()
     for name in (MANIFEST_NAME, REJECTS_NAME):
         (out / name).unlink(missing_ok=True)
