@@ -392,3 +392,26 @@ def test_landmark_rows_of_eleven_numbers_and_conflicting_duplicates(tmp_path, ca
     assert run_cli(build_shards.main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "conflict.txt:5" in err and "different landmark row" in err
+
+
+def test_lfw_detect_needs_no_landmark_file(tmp_path, capsys, monkeypatch):
+    from preprocess._marker_faces import write_lfw
+
+    truth = write_lfw(tmp_path / "lfw", identities=3, per_identity=2)
+    (tmp_path / "lfw" / "lfw_landmark_150.txt").unlink()
+
+    def faces_for(image_rgb):  # the marker faces' own points, found by their colours
+        from preprocess._marker_faces import marker_centres
+
+        pts = marker_centres(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+        return [types.SimpleNamespace(box=(0.0, 0.0, 150.0, 150.0), score=0.9, landmarks=pts)]
+
+    _fake_detector(monkeypatch, faces_for)
+    out = tmp_path / "o"
+    summary = _build(
+        ["lfw", "--root", str(tmp_path / "lfw"), "--out", str(out), "--workers", "1", "--detect"], capsys
+    )
+    assert summary["samples"] == len(truth) and summary["rejects"] == 0 and summary["pairs"] > 0
+    for sample in _samples(out).values():
+        found = np.asarray(sample["json"]["landmarks"])
+        np.testing.assert_allclose(found, truth[sample["json"]["source"]], atol=1.5)
