@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import shlex
 import shutil
@@ -201,6 +202,24 @@ def _job(inputs: DatasetInputs, entry: Entry, label: int, opts: Options) -> _wor
     )
 
 
+def _pool_context():
+    """The forkserver context of the worker pool.
+
+    forkserver, not fork: a parent that already ran OpenCV has a thread pool that a forked child
+    inherits broken (workers hang in their first parallel cv2 call). The server imports the job
+    module once; each worker forks from that clean process in milliseconds.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["preprocess._work"])
+    return ctx
+
+
+def start_pool_server() -> None:
+    """Start the forkserver now, so its imports (OpenCV, NumPy) overlap the reading of the inputs."""
+    _pool_context()
+    multiprocessing.forkserver.ensure_running()
+
+
 def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dict[str, Any]:
     out = opts.out
     state = BuildState(out, opts.prefix)
@@ -232,12 +251,7 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
     started, parent_cpu, worker_cpu = time.perf_counter(), time.process_time(), 0.0
     pool = None
     if opts.workers > 1 and todo > BATCH:
-        # forkserver, not fork: a parent that already ran OpenCV has a thread pool that a forked
-        # child inherits broken (workers hang in their first parallel cv2 call). The server
-        # imports the job module once; each worker forks from that clean process in milliseconds.
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["preprocess._work"])
-        pool = ctx.Pool(opts.workers, initializer=_work.init_pool_worker)
+        pool = _pool_context().Pool(opts.workers, initializer=_work.init_pool_worker)
         results = pool.imap(_work.run_batch, [jobs for _, _, jobs in tasks])
     else:
         _work.init_worker()
@@ -465,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.root.is_dir():
         raise UserError(f"{args.root}: --root is not a folder")
+    if (args.workers or cpu_count()) > 1:
+        start_pool_server()
     inputs, prefix, mode = read_inputs(args)
     _check_detector(mode)
     opts = Options(
