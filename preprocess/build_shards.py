@@ -241,21 +241,23 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
     allowed = math.floor(opts.max_reject_fraction * plan.num_inputs)
     _check_rejects(len(rejects), allowed, plan.num_inputs, opts, out, rejects)
 
-    tasks = []  # (shard index, entries with labels, jobs)
+    tasks = []  # (shard index, entries with labels)
     for index in pending:
         shard = plan.shards[index]
         for start in range(0, len(shard), BATCH):
             part = shard[start : start + BATCH]
-            tasks.append((index, part, [_job(inputs, e, label, opts) for e, label in part]))
+            tasks.append((index, part))
+    # Jobs are made as the pool takes them (imap's feeder thread), not all before the first starts.
+    jobs = ([_job(inputs, e, label, opts) for e, label in part] for _, part in tasks)
     todo = sum(len(plan.shards[i]) for i in pending)
     started, parent_cpu, worker_cpu = time.perf_counter(), time.process_time(), 0.0
     pool = None
     if opts.workers > 1 and todo > BATCH:
         pool = _pool_context().Pool(opts.workers, initializer=_work.init_pool_worker)
-        results = pool.imap(_work.run_batch, [jobs for _, _, jobs in tasks])
+        results = pool.imap(_work.run_batch, jobs)
     else:
         _work.init_worker()
-        results = (_work.run_batch(jobs) for _, _, jobs in tasks)
+        results = (_work.run_batch(batch) for batch in jobs)
     writer: ShardWriter | None = None
     current = -1
     shard_rejects: list[dict[str, str]] = []
@@ -264,7 +266,7 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
     try:
         with progress("aligning", ("rejects",)) as shown:
             bar = shown.add_task("align", total=todo, rejects=len(rejects))
-            for (index, part, _), (outcomes, batch_cpu) in zip(tasks, results):
+            for (index, part), (outcomes, batch_cpu) in zip(tasks, results):
                 worker_cpu += batch_cpu
                 if index != current:
                     writer, current = ShardWriter(out / shard_name(opts.prefix, index)), index
