@@ -1,7 +1,11 @@
 """The blocked algorithm in PyTorch: classes in blocks, memory bounded by the block, not by C.
 
-For CPU training and wherever Triton cannot run. Each block's cosines are recomputed in the
-backward pass instead of being saved.
+For CPU training and wherever Triton cannot run, and the honest GPU baseline for the fused kernels:
+on CUDA its products are cuBLAS bf16 (fp16 for fp16 inputs) with fp32 results (`operand_dtype`).
+Each block's cosines are recomputed in the backward pass instead of being saved.
+
+Memory: beyond W and dW (C x D each), a few B x block fp32 temporaries and one block of W in the
+operand dtype; nothing grows with C.
 """
 
 from __future__ import annotations
@@ -9,10 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from heads.core import mm_f32, operand_dtype
+
 
 class ChunkedEngine:
-    def __init__(self, block: int = 8192) -> None:
+    def __init__(self, block: int = 8192, operands: str = "auto") -> None:
         self.block = int(block)
+        self.operands = operands
 
     def _logits(self, cos: Tensor, thr: Tensor, s: float, t: float) -> tuple[Tensor, Tensor | None]:
         if t == 1.0:
@@ -20,9 +27,9 @@ class ChunkedEngine:
         hard = cos > thr[:, None]
         return torch.where(hard, s * (t * cos + (t - 1.0)), s * cos), hard
 
-    def _block_cos(self, xn: Tensor, weight: Tensor, rw: Tensor, c0: int, c1: int) -> Tensor:
-        w = weight[c0:c1].to(xn.dtype)
-        return (xn @ w.t()) * rw[c0:c1].to(xn.dtype)
+    def _operands(self, xn: Tensor, weight: Tensor, c0: int, c1: int) -> tuple[Tensor, Tensor]:
+        op = operand_dtype(xn.device, xn.dtype, operands=self.operands)
+        return xn.to(op), weight[c0:c1].to(op)
 
     def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
                 s: float, t: float) -> tuple[Tensor, Tensor]:
@@ -31,7 +38,8 @@ class ChunkedEngine:
         rows = torch.arange(B, device=xn.device)
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
-            cos = self._block_cos(xn, weight, rw, c0, c1)
+            xo, wo = self._operands(xn, weight, c0, c1)
+            cos = mm_f32(xo, wo.t()).to(xn.dtype) * rw[c0:c1].to(xn.dtype)
             logits, _ = self._logits(cos, thr, s, t)
             inside = (labels >= c0) & (labels < c1)
             r, col = rows[inside], labels[inside] - c0
@@ -45,11 +53,13 @@ class ChunkedEngine:
                  g: Tensor, dcy: Tensor, s: float, t: float) -> tuple[Tensor, Tensor]:
         B, C = xn.shape[0], weight.shape[0]
         dxn = torch.zeros_like(xn)
-        dw = torch.empty(weight.shape, dtype=xn.dtype, device=weight.device)
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         rows = torch.arange(B, device=xn.device)
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
-            cos = self._block_cos(xn, weight, rw, c0, c1)
+            xo, wo = self._operands(xn, weight, c0, c1)
+            r = rw[c0:c1].to(xn.dtype)
+            cos = mm_f32(xo, wo.t()).to(xn.dtype) * r
             logits, hard = self._logits(cos, thr, s, t)
             dc = torch.exp(logits - lse[:, None])
             dc *= (g * s)[:, None]
@@ -57,13 +67,11 @@ class ChunkedEngine:
                 dc = torch.where(hard, dc * t, dc)
             inside = (labels >= c0) & (labels < c1)
             dc[rows[inside], labels[inside] - c0] = dcy[inside]
-            w = weight[c0:c1].to(xn.dtype)
-            r = rw[c0:c1].to(xn.dtype)
-            dxn += (dc * r) @ w
             # d c_ij / d w_j = r_j (xn_i - c_ij r_j w_j): the projection of the normalization
             h = (dc * cos).sum(0)
-            dwb = dc.t() @ xn
-            dwb *= r[:, None]
-            dwb -= (r * r * h)[:, None] * w
+            gx = (dc * r).to(xo.dtype)
+            mm_f32(gx, wo, out=dxn)
+            dwb = mm_f32(gx.t(), xo).to(xn.dtype)
+            dwb -= (r * r * h)[:, None] * weight[c0:c1].to(xn.dtype)
             dw[c0:c1] = dwb
         return dxn, dw

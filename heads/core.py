@@ -5,6 +5,9 @@ engine sweep the classes for the log-sum-exp over the non-target logits and the 
 non-target cosine. Backward: the engine sweeps the classes again, recomputing each block of
 cosines, and accumulates dX and dW (the target column's gradient enters as a given vector).
 Nothing of size B x C is ever held; the engine decides the block size.
+
+Also here: which dtype the class products take their operands in (`operand_dtype`), one rule for
+both engines, and the product with an fp32 result that they use.
 """
 
 from __future__ import annotations
@@ -25,8 +28,43 @@ class Engine(Protocol):
 
     def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
                  g: Tensor, dcy: Tensor, s: float, t: float) -> tuple[Tensor, Tensor]:
-        """(dL/dxn (B x D), dL/dweight (C x D)) given g = dL/d(row loss) and dcy = dL/dc_y."""
+        """(dL/dxn (B x D), dL/dweight (C x D) in weight's dtype) given g = dL/d(row loss), dcy = dL/dc_y.
+        The dW returned becomes weight.grad as it is (no copy), so engines allocate it once, C x D."""
         ...
+
+
+OPERANDS = ("auto", "fp32", "bf16", "fp16")
+_NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def operand_dtype(device: torch.device, dtype: torch.dtype, interpreting: bool = False,
+                  operands: str = "auto") -> torch.dtype:
+    """The dtype the B x C products read their operands in; they always accumulate in fp32 (or float64).
+
+    float64 stays float64 (the tests' exact path). On CUDA: fp16 inputs give fp16, anything else bf16
+    (the tensor cores: ~10x the FMA rate on Hopper). On the CPU, and in Triton's interpreter (whose
+    bf16 dot returns garbage): fp32. `operands` other than "auto" forces one (fp32 for exact GPU runs).
+    """
+    if operands not in OPERANDS:
+        raise ValueError(f"unknown operands {operands!r}: expected one of {', '.join(OPERANDS)}")
+    if dtype == torch.float64:
+        return torch.float64
+    if operands != "auto":
+        return _NAMED[operands]
+    if device.type != "cuda" or interpreting:
+        return torch.float32
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
+def mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b with an fp32 (or float64) result; low-precision operands accumulate in fp32 in cuBLAS.
+
+    With `out` given, the product is added into it (out += a @ b)."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.mm(a, b) if out is None else out.addmm_(a, b)
+    # bf16/fp16 inputs, fp32 output without a rounded intermediate (torch >= 2.8 on CUDA)
+    prod = torch.mm(a, b, out_dtype=torch.float32)
+    return prod if out is None else out.add_(prod)
 
 
 def inv_norms(weight: Tensor) -> Tensor:
@@ -60,6 +98,8 @@ class _HeadFn(torch.autograd.Function):
         # backward may run on a thread with autocast on; the head's contract is fp32
         with torch.autocast(xn.device.type, enabled=False):
             dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
+        # engines write dW in weight's dtype: handed to autograd as it is, it becomes weight.grad
+        # without a second C x D buffer (with zero_grad(set_to_none=True), PyTorch's default)
         return dxn, dw.to(weight.dtype), None, None, None, None, None, None
 
 

@@ -28,7 +28,7 @@ def _setup():
     import torch.nn.functional as F
 
     from heads.core import head_rows
-    from heads.fused import FusedEngine
+    from heads.fused import COS_CONFIGS, FusedEngine
     from heads.margins import build_margin
     from heads.reference import focal, reference_forward
     from tests._heads_util import make_data as data
@@ -39,10 +39,12 @@ def _setup():
         gx, gw = torch.autograd.grad(loss, [x, w])
         return loss.detach(), gx, gw, acc
 
+    small = {"fwd": COS_CONFIGS[-1], "dlogit": COS_CONFIGS[-1]}  # 64 x 64 tiles: the quickest to interpret
+
     def fused(x, w, y, margin, s, t, gamma=0.0, dtype=torch.float32, **eng):
         x = x.to(dtype).requires_grad_()
         w = w.to(dtype).requires_grad_()
-        engine = FusedEngine(**{"block_b": 32, "block_c": 32, "block_d": 32, **eng})
+        engine = FusedEngine(**{"configs": small, "chunk": 64, **eng})
         rows, correct = head_rows(F.normalize(x.float(), dim=1), w, y, margin, 0, s, t, engine)
         loss = focal(rows, gamma).mean()
         gx, gw = torch.autograd.grad(loss, [x, w])
@@ -58,7 +60,7 @@ def _setup():
 
 def case_all_margins_match_float64() -> None:
     torch, build_margin, data, ref, fused, close = _setup()
-    x, w, y = data(37, 70, 40)  # not multiples of the 32-wide tiles; a label in the last tile
+    x, w, y = data(37, 70, 40)  # not multiples of the 64-wide tiles; a label in the last tile
     cases = [("cosface", None, {}), ("arcface", None, {}), ("combined", None, {})]
     cases += [("sphereface", m, {"lambda_min": 0.0}) for m in (1, 2, 3, 4)]
     for name, m, kw in cases:
@@ -93,16 +95,48 @@ def case_no_margin_is_cross_entropy() -> None:
     assert abs(loss.item() - F.cross_entropy(cos, y).item()) < 1e-5
 
 
+def case_every_config_the_tuner_may_pick() -> None:
+    """Each config of each kernel (the autotuner's whole choice) against float64, over several chunks."""
+    torch, build_margin, data, ref, fused, close = _setup()
+    from heads.fused import COS_CONFIGS, DW_CONFIGS
+
+    x, w, y = data(37, 150, 72, seed=4)  # D = 72: two 64-wide D steps; 150 classes: 3 chunks of 64
+    for name, t in (("arcface", 1.1), ("cosface", 1.0)):
+        margin = build_margin(name, None)
+        e = ref(x, w, y, margin, 64.0, t)
+        n = len(COS_CONFIGS)
+        for i in range(max(n, len(DW_CONFIGS))):
+            configs = {"fwd": COS_CONFIGS[i % n], "dlogit": COS_CONFIGS[(i + 1) % n],
+                       "dw": DW_CONFIGS[i % len(DW_CONFIGS)]}
+            g = fused(x, w, y, margin, 64.0, t, configs=configs, programs=1 + i)
+            for a, b in zip(g[:3], e[:3]):
+                close(a, b, 2e-5)
+            assert abs(g[3].item() - e[3].item()) < 1e-9, (name, configs)
+
+
 def case_tiles_do_not_change_the_result() -> None:
     torch, build_margin, data, ref, fused, close = _setup()
-    x, w, y = data(41, 150, 48, seed=4)
+    from heads.fused import COS_CONFIGS, DW_CONFIGS
+
+    x, w, y = data(41, 300, 48, seed=4)
     margin = build_margin("arcface", 0.5)
-    a = fused(x, w, y, margin, 64.0, 1.2, block_b=16, block_c=16, block_d=16, programs=3)
-    b = fused(x, w, y, margin, 64.0, 1.2, block_b=64, block_c=64, block_d=64, programs=1)
+    a = fused(x, w, y, margin, 64.0, 1.2, programs=3, chunk=64)
+    big = {"fwd": COS_CONFIGS[1], "dlogit": COS_CONFIGS[0], "dw": DW_CONFIGS[0]}
+    b = fused(x, w, y, margin, 64.0, 1.2, configs=big, programs=1, chunk=256)
     for u, v in zip(a[:3], b[:3]):
         close(u, v, 1e-5)
-    again = fused(x, w, y, margin, 64.0, 1.2, block_b=16, block_c=16, block_d=16, programs=3)
+    again = fused(x, w, y, margin, 64.0, 1.2, programs=3, chunk=64)
     assert all(torch.equal(u, v) for u, v in zip(a[:3], again[:3])), "not deterministic"
+
+
+def case_interpreter_uses_fp32_operands() -> None:
+    torch, *_ = _setup()
+    from heads.fused import FusedEngine
+
+    xn = torch.randn(4, 8)
+    assert FusedEngine().operand_dtype(xn) == torch.float32
+    assert FusedEngine().operand_dtype(xn.half()) == torch.float32  # the interpreter's bf16 dot is wrong
+    assert FusedEngine(operands="fp32").operand_dtype(xn) == torch.float32
 
 
 def case_small_shapes() -> None:

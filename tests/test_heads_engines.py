@@ -1,0 +1,118 @@
+"""heads/ on the CPU, around the engines: operand precision by device and dtype, the fused kernels'
+config pruning and chunk sizing, the gradient handed to autograd without a copy, engine reuse, and
+no Dynamo recompiles from the head's training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heads import MarginHead
+from heads.core import operand_dtype
+from heads.fused import COS_CONFIGS, DW_CONFIGS, TileConfig, default_chunk, fitting, shared_bytes
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_operand_dtype_by_device_and_dtype() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert operand_dtype(CPU, dtype) == torch.float32  # no low-precision products on the CPU
+        assert operand_dtype(CUDA, dtype, interpreting=True) == torch.float32  # interpreter: bf16 dot wrong
+    assert operand_dtype(CUDA, torch.float32) == torch.bfloat16  # tensor cores, fp32 accumulation
+    assert operand_dtype(CUDA, torch.bfloat16) == torch.bfloat16
+    assert operand_dtype(CUDA, torch.float16) == torch.float16
+    assert operand_dtype(CUDA, torch.float64) == torch.float64  # the tests' exact path stays exact
+    assert operand_dtype(CUDA, torch.float32, operands="fp32") == torch.float32
+    assert operand_dtype(CPU, torch.float32, operands="bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown operands"):
+        operand_dtype(CPU, torch.float32, operands="tf32")
+    with pytest.raises(ValueError, match="unknown operands"):
+        MarginHead(3, 4, operands="int8")
+
+
+def test_configs_are_pruned_by_shared_memory() -> None:
+    # bf16 X, fp32 W (cast in registers): bytes per stage = BB*BD*2 + BC*BD*4
+    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "cos", 2, 4, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 4)
+    assert shared_bytes(TileConfig(64, 128, 128, 8, 3), "dw", 2, 4, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
+    hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
+    assert fitting(COS_CONFIGS, "cos", hopper, 2, 4, 2) == list(COS_CONFIGS)
+    assert fitting(DW_CONFIGS, "dw", a100, 2, 4, 2) == list(DW_CONFIGS)
+    small = fitting(COS_CONFIGS, "cos", consumer, 2, 4, 2)
+    assert 0 < len(small) < len(COS_CONFIGS)
+    assert all(shared_bytes(c, "cos", 2, 4, 2) <= consumer for c in small)
+    # nothing fits: the smallest config still runs (the compiler may then lower its stages)
+    assert fitting(COS_CONFIGS, "cos", 1024, 2, 4, 2) == [COS_CONFIGS[-1]]
+    # every config has tiles of at least 64 (the interpreter's practical minimum, and wgmma's M)
+    assert all(min(c.bb, c.bc, c.bd) >= 64 for c in COS_CONFIGS + DW_CONFIGS)
+
+
+def test_backward_chunk_keeps_the_gradient_block_in_l2() -> None:
+    assert default_chunk(512, 1_000_000, 2) == 16384  # 512 x 16384 bf16 = 16 MiB
+    assert default_chunk(512, 1_000_000, 4) == 8192
+    assert default_chunk(8, 300, 4) == 1024  # at least 1024 classes
+    assert default_chunk(64, 1_000_000, 2) == 65536  # at most 65536
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_weight_grad_is_the_engines_buffer_and_set_to_none_works(impl: str, monkeypatch) -> None:
+    head = MarginHead(50, 8, impl=impl, block=16)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(6, 8), torch.randint(0, 50, (6,))
+    seen = []
+    if impl == "chunked":
+        engine = head.engine("chunked")
+        backward = engine.backward
+
+        def spy(*args, **kwargs):
+            dx, dw = backward(*args, **kwargs)
+            seen.append(dw.data_ptr())
+            return dx, dw
+
+        monkeypatch.setattr(engine, "backward", spy)
+    before = head.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        assert head.weight.grad is None
+        head(x, y).backward()
+        assert head.weight.grad is not None and head.weight.grad.shape == (50, 8)
+        if seen:  # the C x D buffer the engine wrote is weight.grad itself: no copy
+            assert head.weight.grad.data_ptr() == seen[-1]
+        opt.step()
+    assert not torch.equal(head.weight.detach(), before)
+
+
+def test_engine_is_built_once() -> None:
+    head = MarginHead(20, 8, impl="chunked", block=8)
+    x, y = torch.randn(4, 8), torch.randint(0, 20, (4,))
+    head(x, y)
+    first = head.engine("chunked")
+    head(x, y)
+    assert head.engine("chunked") is first and len(head._engines) == 1
+
+
+def test_compiled_model_does_not_recompile_as_the_step_changes() -> None:
+    """The head's forward is kept out of Dynamo's graphs, so its Python-int step is never a guard
+    (without that, this loop compiles 22 frames: one per step)."""
+    from torch._dynamo.testing import CompileCounter
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torch.nn.Linear(8, 6)
+            self.head = MarginHead(10, 6, margin="sphereface", m=4, impl="chunked", block=4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x), y)
+
+    torch._dynamo.reset()
+    model, counter = Model(), CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x, y = torch.randn(4, 8), torch.randint(0, 10, (4,))
+    losses = []
+    for step in range(20):
+        model.head.set_step(step * 100)
+        loss = compiled(x, y)
+        loss.backward()
+        losses.append(loss.item())
+    assert counter.frame_count <= 2, counter.frame_count
+    assert losses[-1] != losses[0]  # the annealing did reach the head: lambda changed with the step
