@@ -1,17 +1,22 @@
-"""Benchmark one head implementation against the reference: forward+backward time and working memory.
+"""Benchmark the margin heads: reference / chunked / fused, forward and backward, against the
+matrix-multiply floor measured in the same run.
 
-    python bench/heads.py --impl chunked --batch 256 --dim 512 --classes 200000 --margin arcface
+    python -m bench.heads                                   # CUDA: B=512 D=512 C=8631,100000,1000000
+    python -m bench.heads --device cpu --classes 50000      # CPU: chunked vs reference
 
-Each implementation (the one asked for, then "reference") runs in a fresh child process so that
-peaks do not mix. Working memory = peak memory during the timed steps minus the bytes of W, the
-embeddings and their two gradients (those any implementation must hold):
-- CUDA: torch.cuda.max_memory_allocated() after reset, minus the allocation before the step.
-- CPU: the process's peak resident set (getrusage ru_maxrss) minus the resident set just before
-  the first step. Tensors this large are mmap'ed by glibc and returned on free, so RSS follows
-  live tensor bytes; the CPU figure is therefore defensible to within a few MB of allocator noise.
-On a GPU the matrix-multiply floor is also printed: 6*B*C*D flops (2 forward, 4 backward) at the
-rate torch.matmul measures on this card in the same run for the head's compute dtype.
-The last stdout line is JSON with the figures and the reference's, measured in the same run.
+Run from the repository root (as a module, so `heads` is the package, not this file).
+
+CUDA: one process; each (classes, margin, impl) runs warm-up steps (compilation, autotuning), then
+`--repeats` steps timed by CUDA events: forward, backward and their sum, the median of each. Peak =
+torch.cuda.max_memory_allocated during one step beyond what was allocated before it; working = peak
+minus dW and dX (the gradients any implementation returns). The floor: the three bf16 matrix products
+of a B x C x D head (X W^T forward, 2BCD flops; G W and G^T X backward, 4BCD), timed the same way at
+the same shapes, and the fp32 (no TF32) floor beside it; every implementation's time is given as a
+multiple of the bf16 floor.
+CPU: each (classes, margin, impl) in a fresh child process (its working memory is the peak resident
+set minus the resident set before the first step), wall-clock timing, no floor.
+The last stdout line is JSON: every row, the floors, and the headline at the largest C (first margin):
+the fastest non-reference implementation against the reference.
 """
 
 from __future__ import annotations
@@ -23,127 +28,282 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from shards.errors import CliParser, UserError, run_cli
 
+REPO = Path(__file__).resolve().parent.parent
+IMPLS = ("reference", "chunked", "fused")
 
-def _child(args: argparse.Namespace) -> dict:
+
+def _median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples), 3)
+
+
+def _cuda_step_times(head, x, y, warmup: int, repeats: int) -> dict:
+    import torch
+
+    fwd, bwd = [], []
+    for i in range(warmup + repeats):
+        head.weight.grad, x.grad = None, None
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        loss = head(x, y)
+        e1.record()
+        loss.backward()
+        e2.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            fwd.append(e0.elapsed_time(e1))
+            bwd.append(e1.elapsed_time(e2))
+    return {"fwd_ms": _median_ms(fwd), "bwd_ms": _median_ms(bwd),
+            "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)])}
+
+
+def _cuda_memory(head, x, y) -> dict:
+    import torch
+
+    head.weight.grad, x.grad = None, None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    head(x, y).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    grads = (head.weight.numel() + x.numel()) * 4
+    return {"peak_mib": round(peak / 2**20, 1), "working_mib": round(max(0, peak - grads) / 2**20, 1)}
+
+
+def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device: str):
     import torch
 
     from heads import MarginHead
 
-    dev = torch.device(args.device)
     torch.manual_seed(0)
-    head = MarginHead(args.classes, args.dim, margin=args.margin, t=args.t, impl=args.impl,
-                      block=args.block).to(dev)
-    x = torch.randn(args.batch, args.dim, device=dev, requires_grad=True)
-    y = torch.randint(0, args.classes, (args.batch,), device=dev)
-    fixed = 2 * (head.weight.numel() + x.numel()) * 4  # W, x and their gradients (fp32)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    head = MarginHead(classes, args.dim, margin=margin, t=args.t, impl=impl, block=args.block).to(device)
+    x = torch.randn(args.batch, args.dim, device=device, requires_grad=True)
+    y = torch.randint(0, classes, (args.batch,), device=device)
+    return head, x, y
 
-    def step() -> None:
-        head.weight.grad = None
-        x.grad = None
-        head(x, y).backward()
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(args.repeats + 1):  # the first is warm-up (and kernel compilation)
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) - before
-        grads = fixed // 2
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-        grads = fixed // 2
-    out = {"impl": args.impl, "seconds": statistics.median(times[1:]), "working_bytes": max(0, peak - grads)}
-    if dev.type == "cuda":
-        a = torch.randn(args.batch, args.dim, device=dev)
-        b = torch.randn(min(args.classes, 65536), args.dim, device=dev)
-        for _ in range(3):
-            a @ b.t()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ b.t()
-        sync()
-        rate = 10 * 2 * a.shape[0] * b.shape[0] * a.shape[1] / (time.perf_counter() - t0)
-        out["matmul_flops_per_s"] = rate
-        out["floor_seconds"] = 6 * args.batch * args.classes * args.dim / rate
+def _cuda_row(args: argparse.Namespace, impl: str, classes: int, margin: str) -> dict:
+    import torch
+
+    row = {"impl": impl, "classes": classes, "margin": margin}
+    try:
+        head, x, y = _make(args, impl, classes, margin, "cuda")
+        row.update(_cuda_step_times(head, x, y, args.warmup, args.repeats))
+        row.update(_cuda_memory(head, x, y))
+        if impl == "fused":
+            row["kernels"] = head.engine("fused").kernels
+    except torch.cuda.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err).splitlines()[0][:120]}"
+    finally:
+        head = x = y = None
+        torch.cuda.empty_cache()
+    return row
+
+
+def _time_products(products, repeats: int) -> float:
+    """Median ms of running every product once, CUDA events, after one warm-up."""
+    import torch
+
+    samples = []
+    for i in range(repeats + 1):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for f in products:
+            f()
+        e1.record()
+        torch.cuda.synchronize()
+        if i:
+            samples.append(e0.elapsed_time(e1))
+    return _median_ms(samples)
+
+
+def _products_ms(batch: int, classes: int, dim: int, dtype, repeats: int) -> tuple[float, float]:
+    """(forward, backward) ms of the head's matrix products in `dtype`: X W^T; G W and G^T X."""
+    import torch
+
+    x = torch.randn(batch, dim, device="cuda", dtype=dtype)
+    w = torch.randn(classes, dim, device="cuda", dtype=dtype)
+    g = torch.randn(batch, classes, device="cuda", dtype=dtype)
+    return (_time_products([lambda: x @ w.t()], repeats),
+            _time_products([lambda: g @ w, lambda: g.t() @ x], repeats))
+
+
+def cuda_floor(batch: int, classes: int, dim: int, repeats: int) -> dict:
+    """The head's three matrix products at its shapes, bf16 and fp32 (TF32 off), in ms."""
+    import torch
+
+    out = {"classes": classes}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        fwd, bwd = _products_ms(batch, classes, dim, dtype, repeats)
+        torch.cuda.empty_cache()
+        flops = 6 * batch * classes * dim
+        out.update({f"{name}_fwd_ms": fwd, f"{name}_bwd_ms": bwd, f"{name}_total_ms": round(fwd + bwd, 3),
+                    f"{name}_tflops": round(flops / ((fwd + bwd) * 1e-3) / 1e12, 1)})
     return out
 
 
+def _cpu_child(args: argparse.Namespace) -> dict:
+    head, x, y = _make(args, args.impls[0], args.classes[0], args.margins[0], "cpu")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fwd, bwd = [], []
+    for i in range(args.warmup + args.repeats):
+        head.weight.grad, x.grad = None, None
+        t0 = time.perf_counter()
+        loss = head(x, y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            fwd.append((t1 - t0) * 1e3)
+            bwd.append((t2 - t1) * 1e3)
+    # glibc mmaps tensors this large and returns them on free, so RSS follows live tensor bytes
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    grads = (head.weight.numel() + x.numel()) * 4
+    return {"impl": args.impls[0], "classes": args.classes[0], "margin": args.margins[0],
+            "fwd_ms": _median_ms(fwd), "bwd_ms": _median_ms(bwd),
+            "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)]),
+            "peak_mib": round(max(0, peak) / 2**20, 1), "working_mib": round(max(0, peak - grads) / 2**20, 1)}
+
+
+def _cpu_row(args: argparse.Namespace, impl: str, classes: int, margin: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.heads", "--child", "--device", "cpu", "--impls", impl,
+           "--classes", str(classes), "--margins", margin]
+    for key in ("batch", "dim", "t", "repeats", "warmup") + (("block",) if args.block else ()):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise UserError(f"the {impl} run at C={classes} failed (see above)")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]) -> dict:
+    for r in rows:
+        floor = floors.get(r["classes"])
+        if floor and "total_ms" in r:
+            r["x_bf16_floor"] = round(r["total_ms"] / floor["bf16_total_ms"], 2)
+    ok = [r for r in rows if "total_ms" in r]
+    top = max(args.classes)
+    at_top = [r for r in ok if r["classes"] == top and r["margin"] == args.margins[0]]
+    ref = next((r for r in at_top if r["impl"] == "reference"), None)
+    best = min((r for r in at_top if r["impl"] != "reference"), key=lambda r: r["total_ms"], default=None)
+    out = {"bench": "heads", "device": args.device, "batch": args.batch, "dim": args.dim, "t": args.t,
+           "classes": top, "margin": args.margins[0], "baseline": "reference", "rows": rows,
+           "floors": list(floors.values())}
+    if best is not None:
+        out.update(impl=best["impl"], seconds=best["total_ms"] / 1e3,
+                   working_bytes=best["working_mib"] * 2**20)
+    if ref is not None:
+        out.update(baseline_seconds=ref["total_ms"] / 1e3, baseline_working_bytes=ref["working_mib"] * 2**20)
+    if best is not None and ref is not None:
+        out["speedup"] = round(ref["total_ms"] / best["total_ms"], 2)
+        out["memory_ratio"] = round(ref["working_mib"] / max(best["working_mib"], 0.1), 2)
+    if best is not None and top in floors:
+        out["x_bf16_floor"] = best.get("x_bf16_floor")
+    return out
+
+
+def _print_table(rows: list[dict], floors: dict[int, dict]) -> None:
+    print(f"{'impl':>9} {'C':>8} {'margin':>8} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
+          f"{'x bf16 floor':>12} {'peak MiB':>9} {'work MiB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>8}  {r['error']}")
+            continue
+        print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>8} {r['fwd_ms']:9.2f} {r['bwd_ms']:9.2f} "
+              f"{r['total_ms']:9.2f} {r.get('x_bf16_floor', float('nan')):12.2f} {r['peak_mib']:9.1f} "
+              f"{r['working_mib']:9.1f}")
+    for f in floors.values():
+        print(f"floor C={f['classes']}: bf16 {f['bf16_fwd_ms']:.2f} + {f['bf16_bwd_ms']:.2f} = "
+              f"{f['bf16_total_ms']:.2f} ms ({f['bf16_tflops']} TFLOP/s); fp32 {f['fp32_total_ms']:.2f} ms")
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="bench/heads.py", description=__doc__.splitlines()[0])
-    p.add_argument("--impl", choices=["reference", "chunked", "fused"], default="chunked")
-    p.add_argument("--batch", type=int, default=256)
+    p = CliParser(prog="python -m bench.heads", description=__doc__.splitlines()[0])
+    p.add_argument("--impls", type=_csv(str), default=None,
+                   help="comma list (default: reference,chunked,fused on CUDA; reference,chunked on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="default 512 on CUDA, 256 on CPU")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--classes", type=int, default=200_000)
-    p.add_argument("--margin", choices=["cosface", "arcface", "sphereface", "combined"], default="arcface")
-    p.add_argument("--t", type=float, default=1.0, help="SV-Softmax t (1 = off)")
+    p.add_argument("--classes", type=_csv(int), default=None,
+                   help="comma list (default 8631,100000,1000000 on CUDA; 50000 on CPU)")
+    p.add_argument("--margins", type=_csv(str), default=["arcface", "cosface"])
+    p.add_argument("--t", type=float, default=1.1, help="SV-Softmax t (1 = off)")
     p.add_argument("--block", type=int, default=None, help="chunked: classes per block")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3 CUDA, 1 CPU)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    for key in ("batch", "dim", "classes", "repeats"):
-        if getattr(args, key) < 1:
+def _check(args: argparse.Namespace) -> None:
+    """Mistakes in the arguments, before torch is imported (one line each)."""
+    for key in ("batch", "dim", "repeats"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1")
+    if (args.warmup is not None and args.warmup < 0) or (args.classes is not None and (
+            not args.classes or min(args.classes) < 1)):
+        raise UserError("--warmup must be >= 0 and --classes a comma list of positive integers")
+    for impl in args.impls or ():
+        if impl not in IMPLS:
+            raise UserError(f"--impls: unknown implementation {impl!r} (expected {', '.join(IMPLS)})")
+    for margin in args.margins:
+        if margin not in ("cosface", "arcface", "sphereface", "combined"):
+            raise UserError(f"--margins: unknown margin {margin!r}")
+    if args.device == "cpu" and "fused" in (args.impls or ()):
+        raise UserError("--impls fused needs --device cuda (the interpreter is for tests, not timing)")
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    _check(args)
+    import torch
+
     if args.device is None:
-        import torch
-
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.child:
-        print(json.dumps(_child(args)))
-        return 0
-    from rich.progress import Progress
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+    gpu = args.device == "cuda"
+    defaults = {"impls": list(IMPLS) if gpu else ["reference", "chunked"], "batch": 512 if gpu else 256,
+                "classes": [8631, 100_000, 1_000_000] if gpu else [50_000], "repeats": 10 if gpu else 3,
+                "warmup": 3 if gpu else 1}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    _check(args)
+    return args
 
-    results = {}
-    impls = [args.impl] if args.impl == "reference" else [args.impl, "reference"]
-    with Progress(transient=True, console=None) as bar:
-        task = bar.add_task("benchmarking heads", total=len(impls))
-        for impl in impls:
-            # -P: this file is named heads.py; keep its folder off sys.path so `heads` is the package
-            cmd = [sys.executable, "-P", __file__, "--child", "--impl", impl, "--device", args.device]
-            for key in ("batch", "dim", "classes", "margin", "t", "repeats"):
-                cmd += [f"--{key}", str(getattr(args, key))]
-            if args.block:
-                cmd += ["--block", str(args.block)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                raise UserError(f"the {impl} run failed (see above)")
-            results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-            bar.advance(task)
-    ref = results["reference"]
-    for r in results.values():
-        floor = f"  floor {r['floor_seconds'] * 1e3:.1f} ms" if "floor_seconds" in r else ""
-        print(f"{r['impl']:>9}: {r['seconds'] * 1e3:9.1f} ms fwd+bwd  "
-              f"working memory {r['working_bytes'] / 2**20:9.1f} MiB{floor}")
-    got = results[args.impl]
-    summary = {"bench": "heads", "device": args.device, "batch": args.batch, "dim": args.dim,
-               "classes": args.classes, "margin": args.margin, "t": args.t, "impl": args.impl,
-               "seconds": got["seconds"], "working_bytes": got["working_bytes"],
-               "baseline": "reference", "baseline_seconds": ref["seconds"],
-               "baseline_working_bytes": ref["working_bytes"],
-               "time_ratio": got["seconds"] / ref["seconds"],
-               "memory_ratio": ref["working_bytes"] / max(got["working_bytes"], 1)}
-    if "floor_seconds" in got:
-        summary["floor_seconds"] = got["floor_seconds"]
-        summary["floor_ratio"] = got["seconds"] / got["floor_seconds"]
-    print(json.dumps(summary))
+
+def main(argv: list[str] | None = None) -> int:
+    args = _resolve(_parser().parse_args(argv))
+    if args.child:
+        print(json.dumps(_cpu_child(args)))
+        return 0
+    row = _cuda_row if args.device == "cuda" else _cpu_row
+    rows, floors = [], {}
+    for classes in args.classes:
+        if args.device == "cuda":
+            floors[classes] = cuda_floor(args.batch, classes, args.dim, args.repeats)
+        for margin in args.margins:
+            for impl in args.impls:
+                rows.append(row(args, impl, classes, margin))
+                print(f"  {impl} C={classes} {margin}: {rows[-1].get('total_ms', rows[-1].get('error'))}",
+                      file=sys.stderr, flush=True)
+    _print_table(rows, floors)
+    print(json.dumps(_summary(args, rows, floors)))
     return 0
 
 

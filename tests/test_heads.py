@@ -199,17 +199,27 @@ def test_autocast_does_not_lower_the_head_precision() -> None:
 
 
 def test_bench_runs_and_reports_against_the_reference() -> None:
+    """`python -m bench.heads` on the CPU: chunked against the reference, every row and a headline
+    (~20 s on 2 idle cores: three interpreters import torch)."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "heads.py"
-    proc = subprocess.run([sys.executable, str(bench), "--impl", "chunked", "--batch", "8", "--dim", "16",
-                           "--classes", "300", "--block", "64", "--repeats", "1", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "bench.heads", "--device", "cpu", "--batch", "8", "--dim", "16",
+           "--classes", "300", "--margins", "arcface", "--block", "64", "--repeats", "1", "--warmup", "0"]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["baseline"] == "reference" and out["seconds"] > 0 and out["baseline_seconds"] > 0
-    bad = subprocess.run([sys.executable, str(bench), "--batch", "0"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--batch" in bad.stderr and "Traceback" not in bad.stderr
+    assert out["baseline"] == "reference" and out["impl"] == "chunked"
+    assert out["seconds"] > 0 and out["baseline_seconds"] > 0 and out["speedup"] > 0
+    assert {(r["impl"], r["classes"]) for r in out["rows"]} == {("reference", 300), ("chunked", 300)}
+    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in out["rows"])
+    for bad, key in ((["--batch", "0"], "--batch"), (["--impls", "nope"], "--impls"),
+                     (["--device", "cpu", "--impls", "fused"], "fused")):  # refused before torch loads
+        proc = subprocess.run([sys.executable, "-m", "bench.heads", *bad], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and key in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
