@@ -1,25 +1,36 @@
-"""One GPU check: the heads' GPU tests, the heads and loader benchmarks, and 200 bf16 training steps
-of MobileFaceNet and IR-50, as a table on stdout and JSON in --out. Started by bench/gpu_check.sh.
+"""One GPU check: the heads' GPU tests, the heads benchmark, 200 bf16 training steps of MobileFaceNet
+and IR-50 at batch 512, and the DALI loader when DALI is importable. Started by bench/gpu_check.sh
+(`python -m bench.gpu_check` from the repository root).
 
-Everything it needs is built from the repository (synthetic faces -> shards), so it runs on a
-machine with no network. Each stage runs in its own process with a time limit; a stage that fails
-is reported in the table and the others still run. Exit status: 0 all stages passed, 1 a stage
-failed, 2 this machine cannot run the check (the line says what is missing).
+It prints the machine first (GPU, driver, torch, Triton), ends with the table, and leaves at most
+three files in --out, rewritten after every stage so that a run killed midway still returns what it
+measured: gpu_check.json (every stage, its figures or why it failed or was skipped), gpu_check.md
+(the table), logs.tgz (every stage's output, repacked every few seconds while a stage runs).
+Scratch work (synthetic faces, shards, training runs, the raw logs) goes to a temporary folder
+outside --out, removed at the end. --deadline (seconds, from the start) bounds the whole run: a
+stage that cannot finish in the time left (by its estimate) is skipped and says so; one that runs
+over is stopped at the deadline.
 
---smoke runs the same stages at toy sizes on whatever device there is (the CPU included): it checks
-the script itself, not the GPU, and its figures mean nothing.
+Everything it needs is built from the repository, so it runs on a machine with no network. Each
+stage runs in its own process; a stage that fails is reported and the others still run. Exit
+status: 0 every stage that ran passed, 1 a stage failed, 2 this machine cannot run the check.
+--smoke runs the same stages at toy sizes on any device (the CPU included): it checks the script.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,21 +40,35 @@ REPO = Path(__file__).resolve().parent.parent
 # What the stages import. Not webdataset: only tests of the shard format use it, and the lent GPU
 # machines may lack it (nothing can be installed there).
 REQUIRED = ["torch", "triton", "numpy", "cv2", "yaml", "rich", "pytest"]
+OUT_FILES = ("gpu_check.json", "gpu_check.md", "logs.tgz")
+REPACK_SECONDS = 10.0
 
 
 @dataclass
 class Sizes:
-    identities: int = 1000
-    images_per_identity: int = 24
-    head_classes: tuple[int, ...] = (8631, 100_000, 1_000_000)
+    identities: int = 2000
+    images_per_identity: int = 52  # 104,000 images: 200 steps of 512 inside one epoch
+    head_classes: tuple[int, ...] = (1_000_000, 100_000, 8631)  # the headline size first
     head_batch: int = 512
     head_dim: int = 512
+    head_args: tuple[str, ...] = ()
     loader_batch: int = 512
     loader_images: int = 16384
     train_batch: int = 512
     train_steps: int = 200
-    log_every: int = 50
+    log_every: int = 25
     dtype: str = "bf16"
+    # estimated seconds per stage on an H100/H200 class machine, for the deadline
+    estimates: dict[str, float] = field(
+        default_factory=lambda: {
+            "head_tests": 100,
+            "head_bench": 60,  # at the first (largest) size; 35 at each other
+            "head_bench_more": 35,
+            "data": 90,
+            "train": 70,
+            "loader_dali": 40,
+        }
+    )
     backbones: dict[str, str] = field(
         default_factory=lambda: {
             "mobilefacenet": "configs/mobilefacenet_cosface_vggface2.yaml",
@@ -58,12 +83,21 @@ SMOKE = Sizes(
     head_classes=(1000,),
     head_batch=32,
     head_dim=64,
+    head_args=("--margins", "arcface", "--repeats", "1", "--warmup", "0"),
     loader_batch=16,
     loader_images=64,
     train_batch=8,
     train_steps=4,
     log_every=2,
     dtype="fp32",
+    estimates={
+        "head_tests": 15,
+        "head_bench": 20,
+        "head_bench_more": 20,
+        "data": 30,
+        "train": 40,
+        "loader_dali": 20,
+    },
 )
 
 
@@ -75,9 +109,26 @@ class Stage:
     figures: dict[str, Any] = field(default_factory=dict)
     note: str = ""
 
+    @property
+    def skipped(self) -> bool:
+        return not self.ok and self.note.startswith("skipped")
+
 
 class CannotRun(Exception):
     """This machine lacks something the check needs; the message names it."""
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def preflight(smoke: bool) -> dict[str, Any]:
@@ -116,6 +167,8 @@ def preflight(smoke: bool) -> dict[str, Any]:
         env.update(
             device="cuda",
             gpu=props.name,
+            driver=_driver(),
+            sms=props.multi_processor_count,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             gpus_visible=torch.cuda.device_count(),
             bf16=torch.cuda.is_bf16_supported(),
@@ -130,43 +183,168 @@ def preflight(smoke: bool) -> dict[str, Any]:
     return env
 
 
+def machine_line(env: dict[str, Any]) -> str:
+    gpu = (
+        f"{env['gpu']} ({env.get('sms')} SMs, {env['gpu_memory_gib']} GiB), driver {env.get('driver')}"
+        if env["device"] == "cuda"
+        else "no GPU (smoke run on the CPU)"
+    )
+    return (
+        f"machine: {gpu}; torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, "
+        f"python {env['python']}, {env['cpus']} CPUs, DALI {env['dali'] or 'not importable'}"
+    )
+
+
 def loader_workers() -> int:
     """Decode workers: all cores but two (the training process and its prefetch thread), at most 12."""
     return max(1, min(12, (os.cpu_count() or 2) - 2))
-
-
-def run_stage(name: str, cmd: list[str], log_dir: Path, timeout: float) -> tuple[Stage, str]:
-    """Run one command; its stdout and stderr go to log_dir/<name>.log. Returns the stage and stdout."""
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    )
-    start = time.perf_counter()
-    log = log_dir / f"{name}.log"
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        log.write_text(f"$ {' '.join(cmd)}\n{err.stdout or ''}\n{err.stderr or ''}")
-        return Stage(name, False, time.perf_counter() - start, note=f"timed out after {timeout:.0f} s"), ""
-    seconds = time.perf_counter() - start
-    log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or [""]
-        return Stage(
-            name, False, seconds, note=f"exit {proc.returncode}: {tail[0][:160]} (log: {log})"
-        ), proc.stdout
-    return Stage(name, True, seconds), proc.stdout
 
 
 def last_json(stdout: str) -> dict[str, Any]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def stage_head_tests(py: str, log_dir: Path, smoke: bool) -> Stage:
-    stage, out = run_stage(
+class Check:
+    """The run's state: where things go, the deadline, the stages so far; writes --out after each."""
+
+    def __init__(
+        self,
+        out: Path,
+        env: dict[str, Any],
+        sizes: Sizes,
+        smoke: bool,
+        deadline: float,
+        started: float | None = None,
+    ) -> None:
+        self.out, self.env, self.sizes, self.smoke = out, env, sizes, smoke
+        self.started = time.monotonic() if started is None else started  # the deadline counts from here
+        self.deadline = deadline
+        self.scratch = Path(tempfile.mkdtemp(prefix="gpu_check-"))  # outside --out, always
+        self.logs = self.scratch / "logs"
+        self.logs.mkdir()
+        self.stages: list[Stage] = []
+        self.py = sys.executable
+        self._lock = threading.Lock()
+
+    def left(self) -> float:
+        return self.deadline - (time.monotonic() - self.started)
+
+    def run(self, name: str, cmd: list[str], estimate: float, cap: float = 600) -> tuple[Stage, str]:
+        """Run one command as a stage (or skip it if it cannot finish by the deadline); stdout returned."""
+        left = self.left() - 3.0  # time to write the results after it
+        if left < estimate:
+            note = f"skipped: needs ~{estimate:.0f} s, {max(0.0, left):.0f} s left before the --deadline"
+            return Stage(name, False, 0.0, note=note), ""
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        )
+        log, out = self.logs / f"{name}.log", self.logs / f"{name}.stdout"
+        start = time.monotonic()
+        with open(log, "w") as err_f, open(out, "w") as out_f:
+            err_f.write(f"$ {' '.join(cmd)}\n")
+            err_f.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out_f, stderr=err_f, text=True)
+            try:
+                rc = proc.wait(timeout=min(cap, left))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                rc = None
+        seconds = time.monotonic() - start
+        stdout = out.read_text(errors="replace")
+        if rc is None:
+            return Stage(
+                name, False, seconds, note=f"timed out after {seconds:.0f} s (cap or --deadline)"
+            ), stdout
+        if rc != 0:
+            text = log.read_text(errors="replace").strip() or stdout.strip()
+            return Stage(name, False, seconds, note=f"exit {rc}: {text.splitlines()[-1][:160]}"), stdout
+        return Stage(name, True, seconds), stdout
+
+    def add(self, stage: Stage) -> Stage:
+        self.stages.append(stage)
+        print(
+            f"  {stage.name}: {'ok' if stage.ok else stage.note or 'failed'} ({stage.seconds:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.save()
+        return stage
+
+    def result(self) -> dict[str, Any]:
+        skipped = [s.name for s in self.stages if s.skipped]
+        failed = [s.name for s in self.stages if not s.ok and not s.skipped]
+        stages = [
+            {
+                "name": s.name,
+                "ok": s.ok,
+                "seconds": round(s.seconds, 1),
+                **s.figures,
+                **({"note": s.note} if s.note else {}),
+            }
+            for s in self.stages
+        ]
+        return {
+            "check": "gpu_check",
+            "smoke": self.smoke,
+            "environment": self.env,
+            "deadline_s": self.deadline,
+            "seconds": round(time.monotonic() - self.started, 1),
+            "failed": failed,
+            "skipped": skipped,
+            "stages": stages,
+        }
+
+    def save(self) -> None:
+        """Rewrite the JSON, the table and the logs archive (each atomically)."""
+        from shards.fileio import atomic_write_text
+
+        with self._lock:
+            atomic_write_text(self.out / "gpu_check.json", json.dumps(self.result(), indent=2) + "\n")
+            atomic_write_text(self.out / "gpu_check.md", table(self.env, self.stages))
+            self._pack()
+
+    def _pack(self) -> None:
+        from shards.fileio import atomic_write_bytes
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for path in sorted(self.logs.iterdir()):
+                tar.add(path, arcname=f"logs/{path.name}")
+        atomic_write_bytes(self.out / "logs.tgz", buf.getvalue())
+
+    def repack_while(self, stop: threading.Event) -> None:
+        """Stream the logs: repack logs.tgz every few seconds while stages run."""
+        while not stop.wait(REPACK_SECONDS):
+            with self._lock:
+                self._pack()
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+HIDDEN = ("rows", "floors", "kernels")  # in the JSON, too long for the table
+
+
+def table(env: dict[str, Any], stages: list[Stage]) -> str:
+    """The Markdown table (also gpu_check.md), the machine line above it."""
+    lines = [machine_line(env), "", "| stage | ok | s | figures |", "| --- | --- | --- | --- |"]
+    for s in stages:
+        figures = ", ".join(f"{k} {v}" for k, v in s.figures.items() if k not in HIDDEN)
+        ok = "yes" if s.ok else "skip" if s.skipped else "NO"
+        cell = "; ".join(filter(None, [figures, s.note])).replace("|", "/")
+        lines.append(f"| {s.name} | {ok} | {s.seconds:.0f} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def stage_head_tests(check: Check) -> Stage:
+    import ast
+
+    stage, out = check.run(
         "head_tests",
-        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_heads_gpu.py"],
-        log_dir,
-        600,
+        [check.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsP", "tests/test_heads_gpu.py"],
+        check.sizes.estimates["head_tests"],
+        300,
     )
     summary = next(
         (
@@ -177,79 +355,87 @@ def stage_head_tests(py: str, log_dir: Path, smoke: bool) -> Stage:
         "",
     )
     stage.figures["pytest"] = summary.strip("= ")
-    if stage.ok and not smoke and "skipped" in summary:
+    kernels = next((ln.split(":", 1)[1] for ln in out.splitlines() if ln.startswith("kernels:")), None)
+    if kernels:  # the tuned configs, registers and spills (tests/test_heads_gpu.py prints them)
+        stage.figures["kernels"] = ast.literal_eval(kernels.strip())
+        stage.figures["regs/spills"] = " ".join(
+            f"{k} {v['n_regs']}/{v['n_spills']}" for k, v in stage.figures["kernels"].items()
+        )
+    if stage.ok and not check.smoke and "skipped" in summary:
         stage.ok, stage.note = False, "GPU tests were skipped on a machine that has a GPU"
     return stage
 
 
-def stage_head_bench(py: str, log_dir: Path, sizes: Sizes, device: str) -> list[Stage]:
-    stages = []
-    for classes in sizes.head_classes:
-        stage, out = run_stage(
-            f"head_bench_C{classes}",
-            [
-                py,
-                "bench/heads.py",
-                "--impl",
-                "fused" if device == "cuda" else "chunked",
-                "--margin",
-                "arcface",
-                "--batch",
-                str(sizes.head_batch),
-                "--dim",
-                str(sizes.head_dim),
-                "--classes",
-                str(classes),
-                "--device",
-                device,
-            ],
-            log_dir,
-            300,
+def stage_head_bench(check: Check, classes: int) -> Stage:
+    sz = check.sizes
+    cmd = [
+        check.py,
+        "-m",
+        "bench.heads",
+        "--classes",
+        str(classes),
+        "--batch",
+        str(sz.head_batch),
+        "--dim",
+        str(sz.head_dim),
+        "--t",
+        "1.1",
+        "--device",
+        check.env["device"],
+        *sz.head_args,
+    ]
+    estimate = sz.estimates["head_bench" if classes == sz.head_classes[0] else "head_bench_more"]
+    stage, out = check.run(f"head_bench_C{classes}", cmd, estimate, 300)
+    if not stage.ok:
+        return stage
+    r = last_json(out)
+    figures: dict[str, Any] = {"classes": classes}
+    for row in r["rows"]:
+        key = f"{row['margin']}_{row['impl']}"
+        figures[f"{key}_ms"] = row.get("total_ms", row.get("error"))
+        if "x_bf16_floor" in row:
+            figures[f"{key}_x_floor"] = row["x_bf16_floor"]
+    for floor in r["floors"]:
+        figures.update(
+            bf16_floor_ms=floor["bf16_total_ms"],
+            bf16_tflops=floor["bf16_tflops"],
+            fp32_floor_ms=floor["fp32_total_ms"],
         )
-        if stage.ok:
-            r = last_json(out)
-            stage.figures = {
-                "classes": classes,
-                "ms": round(r["seconds"] * 1e3, 2),
-                "reference_ms": round(r["baseline_seconds"] * 1e3, 2),
-                "working_mib": round(r["working_bytes"] / 2**20, 1),
-                "reference_working_mib": round(r["baseline_working_bytes"] / 2**20, 1),
-            }
-            if "floor_seconds" in r:
-                stage.figures.update(
-                    floor_ms=round(r["floor_seconds"] * 1e3, 2), x_floor=round(r["floor_ratio"], 2)
-                )
-        stages.append(stage)
-    return stages
+    if "speedup" in r:
+        figures[f"{r['impl']}_vs_reference"] = r["speedup"]
+    figures.update(rows=r["rows"], floors=r["floors"])
+    stage.figures = figures
+    return stage
 
 
-def stage_data(py: str, log_dir: Path, work: Path, sizes: Sizes) -> tuple[Stage, Path]:
-    raw, shards = work / "raw", work / "shards" / "train"
-    stage, _ = run_stage(
+def stage_data(check: Check) -> tuple[Stage, Path]:
+    sz = check.sizes
+    raw, shards = check.scratch / "raw", check.scratch / "shards" / "train"
+    est = sz.estimates["data"]
+    stage, _ = check.run(
         "synthetic_data",
         [
-            py,
+            check.py,
             "preprocess/synthetic.py",
             "--out",
             str(raw),
             "--identities",
-            str(sizes.identities),
+            str(sz.identities),
             "--images-per-identity",
-            str(sizes.images_per_identity),
+            str(sz.images_per_identity),
             "--lfw-identities",
             "20",
             "--seed",
             "0",
         ],
-        log_dir,
-        600,
+        0.6 * est,
     )
     if not stage.ok:
         return stage, shards
-    built, out = run_stage(
+    built, out = check.run(
         "build_shards",
         [
-            py,
+            check.py,
             "preprocess/build_shards.py",
             "vggface2",
             "--root",
@@ -260,8 +446,7 @@ def stage_data(py: str, log_dir: Path, work: Path, sizes: Sizes) -> tuple[Stage,
             str(shards),
             "--overwrite",
         ],
-        log_dir,
-        600,
+        0.4 * est,
     )
     built.seconds += stage.seconds
     if built.ok:
@@ -271,20 +456,22 @@ def stage_data(py: str, log_dir: Path, work: Path, sizes: Sizes) -> tuple[Stage,
             "classes": r["classes"],
             "build_images_per_s": r["images_per_s"],
         }
+    shutil.rmtree(raw, ignore_errors=True)  # the shards are all the later stages read
     return built, shards
 
 
-def stage_loader(py: str, log_dir: Path, shards: Path, sizes: Sizes, env: dict[str, Any]) -> Stage:
+def stage_loader(check: Check, shards: Path) -> Stage:
+    env, sz = check.env, check.sizes
     if env["dali"] is None:
         return Stage(
             "loader_dali", False, 0.0, note=f"skipped: nvidia.dali is not importable ({env['dali_missing']})"
         )
     device = "cuda" if env["device"] == "cuda" else "cpu"
     workers = loader_workers()
-    stage, out = run_stage(
+    stage, out = check.run(
         "loader_dali",
         [
-            py,
+            check.py,
             "bench/loader.py",
             "--shards",
             str(shards),
@@ -293,13 +480,13 @@ def stage_loader(py: str, log_dir: Path, shards: Path, sizes: Sizes, env: dict[s
             "--device",
             device,
             "--batch-size",
-            str(sizes.loader_batch),
+            str(sz.loader_batch),
             "--workers",
             str(workers),
             "--images",
-            str(sizes.loader_images),
+            str(sz.loader_images),
         ],
-        log_dir,
+        sz.estimates["loader_dali"],
         300,
     )
     if stage.ok:
@@ -314,42 +501,36 @@ def stage_loader(py: str, log_dir: Path, shards: Path, sizes: Sizes, env: dict[s
     return stage
 
 
-def stage_train(
-    py: str,
-    log_dir: Path,
-    work: Path,
-    shards: Path,
-    sizes: Sizes,
-    env: dict[str, Any],
-    name: str,
-    config: str,
-) -> Stage:
-    run_dir = work / f"train_{name}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    workers = loader_workers()
+def stage_train(check: Check, shards: Path, samples: int, name: str, config: str) -> Stage:
+    sz = check.sizes
+    run_dir = check.scratch / f"train_{name}"
     overrides = [
         f"data.train_shards={shards}",
         f"run.dir={run_dir}",
-        "run.devices=" + ("[0]" if env["device"] == "cuda" else "cpu"),
-        f"loader.batch_size={sizes.train_batch}",
-        f"loader.workers={workers}",
-        f"precision.dtype={sizes.dtype}",
-        f"schedule.steps={sizes.train_steps}",
+        "run.devices=" + ("[0]" if check.env["device"] == "cuda" else "cpu"),
+        f"loader.batch_size={sz.train_batch}",
+        f"loader.workers={loader_workers()}",
+        f"precision.dtype={sz.dtype}",
+        f"schedule.steps={sz.train_steps}",
         "schedule.epochs=0",
-        f"schedule.warmup_steps={sizes.train_steps // 10}",
+        f"schedule.warmup_steps={sz.train_steps // 10}",
         "validation.lfw_shards=null",
-        f"checkpoint.every_steps={sizes.train_steps * 10}",
+        f"checkpoint.every_steps={sz.train_steps * 10}",
         "checkpoint.resume=never",
-        f"logging.every_steps={sizes.log_every}",
+        f"logging.every_steps={sz.log_every}",
         "logging.display=plain",
         "logging.tensorboard=off",
     ]
-    stage, out = run_stage(
-        f"train_{name}", [py, "trainer/main.py", "--config", config, *overrides], log_dir, 600
+    stage, out = check.run(
+        f"train_{name}",
+        [check.py, "trainer/main.py", "--config", config, *overrides],
+        sz.estimates["train"],
+        600,
     )
     if not stage.ok:
         return stage
     summary = last_json(out)  # the trainer's summary: steady_* leave out its start-up window
+    epoch_steps = samples // sz.train_batch
     stage.figures = {
         "steps": summary["step"],
         "loader": summary.get("loader"),
@@ -358,88 +539,72 @@ def stage_train(
         "data_wait": round(summary["steady_data_wait"], 4),
         "peak_mem_gib": summary.get("peak_mem_gib"),  # logged on CUDA only
         "final_loss": round(summary["loss"], 4) if summary.get("loss") is not None else None,
+        "steps_per_epoch": epoch_steps,
     }
+    if summary["step"] > epoch_steps:
+        stage.note = f"the steady window crosses an epoch boundary ({epoch_steps} steps per epoch)"
     return stage
 
 
-def show(env: dict[str, Any], stages: list[Stage]) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    title = (
-        f"gpu_check on {env.get('gpu', 'CPU (smoke)')}, torch {env['torch']}, triton {env['triton']}, "
-        f"DALI {env['dali'] or 'not installed'}"
-    )
-    table = Table(title=title, box=box.MARKDOWN)
-    for col in ("stage", "ok", "s", "figures"):
-        table.add_column(col)
-    for s in stages:
-        figures = ", ".join(f"{k} {v}" for k, v in s.figures.items())
-        ok = "yes" if s.ok else "skip" if s.note.startswith("skipped") else "NO"
-        table.add_row(s.name, ok, f"{s.seconds:.0f}", "; ".join(filter(None, [figures, s.note])))
-    Console(width=200).print(table)
+def run_stages(check: Check) -> None:
+    sz = check.sizes
+    check.add(stage_head_tests(check))
+    check.add(stage_head_bench(check, sz.head_classes[0]))
+    data, shards = stage_data(check)
+    check.add(data)
+    for name, config in sz.backbones.items():
+        if data.ok:
+            check.add(stage_train(check, shards, data.figures["samples"], name, config))
+        else:
+            check.add(Stage(f"train_{name}", False, 0.0, note="skipped: no shards (see build_shards)"))
+    for classes in sz.head_classes[1:]:
+        check.add(stage_head_bench(check, classes))
+    if data.ok:
+        check.add(stage_loader(check, shards))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/gpu_check", help="gets gpu_check.json, gpu_check.md, logs.tgz")
     ap.add_argument(
-        "--out", default="runs/gpu_check", help="folder for gpu_check.json, logs and the synthetic data"
+        "--deadline",
+        type=float,
+        default=540.0,
+        help="seconds for the whole run (default 540); stages that cannot finish are skipped",
     )
     ap.add_argument(
         "--smoke", action="store_true", help="toy sizes on any device: checks the script, not the GPU"
     )
+    started = time.monotonic()
     args = ap.parse_args(argv)
+    if args.deadline <= 0:
+        print("gpu_check: --deadline must be positive", file=sys.stderr)
+        return 2
     try:
         env = preflight(args.smoke)
     except CannotRun as err:
         print(f"gpu_check: cannot run here: {err}", file=sys.stderr)
         return 2
-    sizes = SMOKE if args.smoke else Sizes()
+    print(machine_line(env), flush=True)
     out = Path(args.out)
-    log_dir = out / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    started = time.perf_counter()
-
-    stages = [stage_head_tests(py, log_dir, args.smoke)]
-    stages += stage_head_bench(py, log_dir, sizes, env["device"])
-    data, shards = stage_data(py, log_dir, out / "work", sizes)
-    stages.append(data)
-    if data.ok:
-        stages.append(stage_loader(py, log_dir, shards, sizes, env))
-        for name, config in sizes.backbones.items():
-            stages.append(stage_train(py, log_dir, out / "work", shards, sizes, env, name, config))
-    show(env, stages)
-    total = time.perf_counter() - started
-    # A missing DALI is reported, not a failure: the torch loader serves then.
-    skipped = [s.name for s in stages if not s.ok and s.note.startswith("skipped")]
-    failed = [s.name for s in stages if not s.ok and s.name not in skipped]
-    result = {
-        "check": "gpu_check",
-        "smoke": args.smoke,
-        "environment": env,
-        "seconds": round(total, 1),
-        "failed": failed,
-        "skipped": skipped,
-        "stages": [
-            {
-                "name": s.name,
-                "ok": s.ok,
-                "seconds": round(s.seconds, 1),
-                **s.figures,
-                **({"note": s.note} if s.note else {}),
-            }
-            for s in stages
-        ],
-    }
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(out, env, SMOKE if args.smoke else Sizes(), args.smoke, args.deadline, started)
+    stop = threading.Event()
+    threading.Thread(target=check.repack_while, args=(stop,), daemon=True).start()
+    try:
+        run_stages(check)
+    finally:
+        stop.set()
+        check.save()
+        check.close()
+    result = check.result()
+    print(table(env, check.stages), end="")
     print(
-        f"{len(stages) - len(failed) - len(skipped)}/{len(stages)} stages passed, {len(skipped)} skipped, "
-        f"in {total:.0f} s; "
-        f"JSON: {out / 'gpu_check.json'}, logs: {log_dir}"
+        f"{len(check.stages) - len(result['failed']) - len(result['skipped'])}/{len(check.stages)} stages "
+        f"passed, {len(result['skipped'])} skipped, in {result['seconds']:.0f} s; results in {out}/"
+        f"{{{','.join(OUT_FILES)}}}"
     )
-    return 1 if failed else 0
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

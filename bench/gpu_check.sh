@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One GPU check, under 8 minutes on one H100: the fused heads' GPU tests, bench/heads.py at
-# B=512 D=512 C in {8631, 100k, 1M}, bench/loader.py with DALI's mixed (nvJPEG) decode, and 200 bf16
-# training steps of MobileFaceNet and IR-50 at batch 512 on synthetic shards built here.
+# One GPU check in one call, inside its --deadline (default 540 s): the fused heads' GPU tests,
+# python -m bench.heads at B=512 D=512 C in {1M, 100k, 8631} (reference / chunked / fused beside the
+# bf16 and fp32 matrix-product floors), 200 bf16 training steps of MobileFaceNet and IR-50 at batch
+# 512 on synthetic shards built here (one epoch holds all 200 steps), and bench/loader.py with DALI
+# when DALI is importable.
 #
-#   bench/gpu_check.sh [--out runs/gpu_check] [--smoke]
+#   bench/gpu_check.sh [--out runs/gpu_check] [--deadline 540] [--smoke]
 #
-# Prints a table (Markdown, ready for the README) and writes OUT/gpu_check.json and OUT/logs/.
-# Needs PyTorch with CUDA, Triton and the project's requirements (requirements/gpu.txt); no network.
-# Without a GPU it stops at once with exit status 2 and one line naming what is missing.
+# Prints the machine first and the table (Markdown) last; --out gets only gpu_check.json,
+# gpu_check.md and logs.tgz, rewritten after every stage (scratch goes to a temporary folder).
+# Needs PyTorch with CUDA, Triton and the project's requirements (requirements/gpu.txt); no network;
+# the project need not be installed. Without a GPU it stops at once with exit status 2 and one line
+# naming what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=$(command -v python3 || command -v python); fi
 fi
-exec "$PY" bench/gpu_check.py "$@"
+exec "$PY" -m bench.gpu_check "$@"

@@ -4,7 +4,7 @@ matrix-multiply floor measured in the same run.
     python -m bench.heads                                   # CUDA: B=512 D=512 C=8631,100000,1000000
     python -m bench.heads --device cpu --classes 50000      # CPU: chunked vs reference
 
-Run from the repository root (as a module, so `heads` is the package, not this file).
+From the repository root; `python bench/heads.py ...` works the same.
 
 CUDA: one process; each (classes, margin, impl) runs warm-up steps (compilation, autotuning), then
 `--repeats` steps timed by CUDA events: forward, backward and their sum, the median of each. Peak =
@@ -233,7 +233,7 @@ def _csv(kind):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="python -m bench.heads", description=__doc__.splitlines()[0])
+    p = CliParser(prog="bench/heads.py", description=__doc__.splitlines()[0])
     p.add_argument("--impls", type=_csv(str), default=None,
                    help="comma list (default: reference,chunked,fused on CUDA; reference,chunked on CPU)")
     p.add_argument("--batch", type=int, default=None, help="default 512 on CUDA, 256 on CPU")
@@ -308,4 +308,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a file (python bench/heads.py), this file's folder is sys.path[0] and the file itself
+    # would be imported as `heads`; drop that entry so `heads` is the package (python -m bench.heads
+    # puts the working directory there instead, and needs nothing).
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        del sys.path[0]
     raise SystemExit(run_cli(main))

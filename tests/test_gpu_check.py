@@ -1,10 +1,17 @@
-"""bench/gpu_check.sh: its clean no-GPU exit, and every stage at toy sizes (--smoke) on the CPU."""
+"""bench/gpu_check.sh: its clean no-GPU exit, every stage at toy sizes (--smoke) on the CPU, what it
+leaves in --out (at most the three result files, valid after every stage, a run killed midway
+included), and its --deadline."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -12,11 +19,35 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.sh"
+RESULT_FILES = {"gpu_check.json", "gpu_check.md", "logs.tgz"}
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable}
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=900)
+def _env() -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "PY": sys.executable, "HOME": os.environ.get("HOME", "/tmp")}
+
+
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=_env(),
+                          timeout=timeout)
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("_gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules["_gpu_check"] = gpu_check  # its dataclasses look it up there
+    spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def _check_out(out: Path) -> dict:
+    """--out holds only the result files; the JSON parses; the archive opens."""
+    names = {p.name for p in out.iterdir()}
+    assert names <= RESULT_FILES and len(names) <= 4, names
+    result = json.loads((out / "gpu_check.json").read_text())
+    if (out / "logs.tgz").exists():
+        with tarfile.open(out / "logs.tgz") as tar:
+            assert all(n.startswith("logs/") for n in tar.getnames())
+    return result
 
 
 @pytest.mark.skipif(
@@ -32,45 +63,104 @@ def test_without_a_gpu_it_stops_with_one_line_naming_what_is_missing(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_runs_every_stage_and_writes_the_json(tmp_path):
-    """Slow (~1-2 min on 2 cores): it builds synthetic shards and trains MobileFaceNet and IR-50 for
+def test_smoke_runs_every_stage_and_writes_only_the_result_files(tmp_path):
+    """Slow (2-5 min on 2 cores): it builds synthetic shards and trains MobileFaceNet and IR-50 for
     a few steps, the only way to check the script's stages before it meets a GPU."""
     out = tmp_path / "check"
     proc = _run("--smoke", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads((out / "gpu_check.json").read_text())
+    assert proc.stdout.startswith("machine: ")  # the machine first
+    result = _check_out(out)
+    assert {p.name for p in out.iterdir()} == RESULT_FILES
     stages = {s["name"]: s for s in result["stages"]}
     assert result["failed"] == []
-    assert set(stages) >= {
-        "head_tests",
-        "head_bench_C1000",
-        "build_shards",
-        "loader_dali",
-        "train_mobilefacenet",
-        "train_ir50",
-    }
+    assert set(stages) >= {"head_tests", "head_bench_C1000", "build_shards", "train_mobilefacenet",
+                           "train_ir50"}
     assert stages["build_shards"]["samples"] == 20 * 8
-    assert stages["head_bench_C1000"]["ms"] > 0 and stages["head_bench_C1000"]["reference_working_mib"] >= 0
+    bench = stages["head_bench_C1000"]
+    assert bench["arcface_chunked_ms"] > 0 and bench["arcface_reference_ms"] > 0
+    assert {r["impl"] for r in bench["rows"]} == {"reference", "chunked"}
     for name in ("train_mobilefacenet", "train_ir50"):
         assert stages[name]["steps"] == 4 and stages[name]["images_per_s"] > 0
         assert 0.0 <= stages[name]["data_wait"] <= 1.0
-    if stages["loader_dali"]["ok"]:
-        assert stages["loader_dali"]["images_per_s"] > 0 and result["skipped"] == []
-    else:
+        assert stages[name]["steps_per_epoch"] == 20 * 8 // 8
+    if "loader_dali" in result["skipped"]:
         assert stages["loader_dali"]["note"].startswith("skipped: nvidia.dali is not importable")
-        assert result["skipped"] == ["loader_dali"] and "| loader_dali         | skip" in proc.stdout
-    assert "| train_ir50" in proc.stdout  # the Markdown table
+    elif "loader_dali" in stages:
+        assert stages["loader_dali"]["images_per_s"] > 0
+    md = (out / "gpu_check.md").read_text()
+    assert md.startswith("machine: ") and "| train_ir50 |" in md
+    assert proc.stdout.rstrip().splitlines()[-2].startswith("| ")  # ends with the table (then a summary)
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert "logs/train_ir50.log" in tar.getnames() and "logs/head_tests.stdout" in tar.getnames()
+
+
+@pytest.mark.slow
+def test_killed_midway_it_has_written_valid_results(tmp_path):
+    """Slow (~30-60 s on 2 cores): runs the smoke check until its JSON holds two stages, then kills
+    the whole process group with SIGKILL, as a machine's time limit would."""
+    out = tmp_path / "check"
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--smoke", "--out", str(out)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    seen: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "gpu_check.json").exists():
+                seen.append(len(_check_out(out)["stages"]))  # valid at every look, not only at the end
+                if seen[-1] >= 2:
+                    break
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert seen and seen[-1] >= 2, seen
+    result = _check_out(out)
+    assert [s["name"] for s in result["stages"]][:2] == ["head_tests", "head_bench_C1000"]
+    assert result["stages"][0]["ok"]
+
+
+@pytest.mark.slow
+def test_deadline_skips_what_cannot_finish_and_says_so(tmp_path):
+    """Slow (~30-50 s): a 30-second deadline leaves time for the first stage or two, never for a
+    training stage (its smoke estimate is 40 s)."""
+    out = tmp_path / "check"
+    start = time.monotonic()
+    proc = _run("--smoke", "--deadline", "30", "--out", str(out), timeout=300)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = _check_out(out)
+    assert result["skipped"], result
+    skipped = [s for s in result["stages"] if s["name"] in result["skipped"]]
+    assert any("--deadline" in s["note"] for s in skipped)
+    assert {"train_mobilefacenet", "train_ir50"} <= set(result["skipped"])
+    assert took < 30 + 15  # the deadline, plus interpreter start-up and writing the results
+    assert "skip" in proc.stdout
+
+
+def test_deadline_arithmetic_skips_a_stage_that_would_overrun(tmp_path, monkeypatch):
+    gpu_check = _module()
+    env = {"device": "cpu", "torch": "x", "torch_cuda": None, "triton": "y", "python": "3", "cpus": 2,
+           "dali": None}
+    check = gpu_check.Check(tmp_path, env, gpu_check.SMOKE, True, deadline=10.0)
+    try:
+        stage, out = check.run("late", [sys.executable, "-c", "print(1)"], estimate=30.0)
+        assert not stage.ok and stage.skipped and "--deadline" in stage.note and out == ""
+        stage, out = check.run("quick", [sys.executable, "-c", "print('{\"a\": 1}')"], estimate=1.0)
+        assert stage.ok and gpu_check.last_json(out) == {"a": 1}
+        stage, _ = check.run("slow", [sys.executable, "-c", "import time; time.sleep(30)"], estimate=1.0)
+        assert not stage.ok and "timed out" in stage.note and stage.seconds < 12  # stopped at the deadline
+        check.add(stage)
+        assert _check_out(tmp_path)["stages"][0]["name"] == "slow"
+    finally:
+        check.close()
+    assert not check.scratch.exists()
 
 
 def test_preflight_does_not_require_packages_no_stage_uses(monkeypatch):
     """webdataset is used only by shard-format tests, none of which the check runs; a GPU machine
     without it must still run the check."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_gpu_check", REPO / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "_gpu_check", gpu_check)  # its dataclasses look it up there
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _module()
     monkeypatch.setitem(sys.modules, "webdataset", None)  # `import webdataset` now raises ImportError
     env = gpu_check.preflight(smoke=True)
     assert env["device"] in ("cpu", "cuda")
