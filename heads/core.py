@@ -62,9 +62,23 @@ def mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     With `out` given, the product is added into it (out += a @ b)."""
     if a.dtype in (torch.float32, torch.float64):
         return torch.mm(a, b) if out is None else out.addmm_(a, b)
-    # bf16/fp16 inputs, fp32 output without a rounded intermediate (torch >= 2.8 on CUDA)
-    prod = torch.mm(a, b, out_dtype=torch.float32)
+    prod = _low_precision_mm(a, b)
     return prod if out is None else out.add_(prod)
+
+
+# per device type: torch.mm(..., out_dtype=) is there (CUDA, torch >= 2.8) until shown otherwise
+_OUT_DTYPE_MM: dict[str, bool] = {}
+
+
+def _low_precision_mm(a: Tensor, b: Tensor) -> Tensor:
+    """bf16/fp16 operands, fp32 result: without a rounded low-precision intermediate where PyTorch
+    offers `out_dtype`, else (older torch, CPU) the low-precision product widened."""
+    if _OUT_DTYPE_MM.get(a.device.type, True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM[a.device.type] = False
+    return torch.mm(a, b).float()
 
 
 def inv_norms(weight: Tensor) -> Tensor:

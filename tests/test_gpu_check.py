@@ -97,8 +97,8 @@ def test_smoke_runs_every_stage_and_writes_only_the_result_files(tmp_path):
 
 @pytest.mark.slow
 def test_killed_midway_it_has_written_valid_results(tmp_path):
-    """Slow (~30-60 s on 2 cores): runs the smoke check until its JSON holds two stages, then kills
-    the whole process group with SIGKILL, as a machine's time limit would."""
+    """Slow (~20-40 s on 2 cores): runs the smoke check until its JSON holds a finished stage, then
+    kills the whole process group with SIGKILL (the next stage mid-run), as a time limit would."""
     out = tmp_path / "check"
     proc = subprocess.Popen(["bash", str(SCRIPT), "--smoke", "--out", str(out)], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -108,16 +108,18 @@ def test_killed_midway_it_has_written_valid_results(tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "gpu_check.json").exists():
                 seen.append(len(_check_out(out)["stages"]))  # valid at every look, not only at the end
-                if seen[-1] >= 2:
+                if seen[-1] >= 1:
+                    time.sleep(2.0)  # into the next stage
                     break
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert seen and seen[-1] >= 2, seen
+    assert seen and seen[-1] >= 1, seen
     result = _check_out(out)
-    assert [s["name"] for s in result["stages"]][:2] == ["head_tests", "head_bench_C1000"]
-    assert result["stages"][0]["ok"]
+    assert result["stages"][0]["name"] == "head_tests" and result["stages"][0]["ok"]
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert "logs/head_tests.log" in tar.getnames()
 
 
 @pytest.mark.slow

@@ -46,9 +46,9 @@ def test_configs_are_pruned_by_shared_memory() -> None:
     assert all(min(c.bb, c.bc, c.bd) >= 64 for c in COS_CONFIGS + DW_CONFIGS)
 
 
-def test_backward_chunk_keeps_the_gradient_block_in_l2() -> None:
-    assert default_chunk(512, 1_000_000, 2) == 16384  # 512 x 16384 bf16 = 16 MiB
-    assert default_chunk(512, 1_000_000, 4) == 8192
+def test_backward_chunk_sizes_the_gradient_block_for_l2() -> None:
+    assert default_chunk(512, 1_000_000, 2) == 32768  # 512 x 32768 bf16 = 32 MiB
+    assert default_chunk(512, 1_000_000, 4) == 16384
     assert default_chunk(8, 300, 4) == 1024  # at least 1024 classes
     assert default_chunk(64, 1_000_000, 2) == 65536  # at most 65536
 
@@ -116,3 +116,16 @@ def test_compiled_model_does_not_recompile_as_the_step_changes() -> None:
         losses.append(loss.item())
     assert counter.frame_count <= 2, counter.frame_count
     assert losses[-1] != losses[0]  # the annealing did reach the head: lambda changed with the step
+
+
+def test_low_precision_product_has_an_fp32_result() -> None:
+    from heads.core import mm_f32
+
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = mm_f32(a.to(dtype), b.to(dtype))  # the CPU lacks out_dtype: widened product
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, a.to(dtype).float() @ b.to(dtype).float(), rtol=2e-2, atol=2e-2)
+    out = torch.ones(5, 3)
+    mm_f32(a, b, out=out)
+    assert torch.allclose(out, 1 + a @ b, atol=1e-6)
