@@ -16,8 +16,9 @@ Margin options go as keyword arguments: sphereface `lambda_base, lambda_min, gam
 combined `m1, m2, m3`. `gamma_focal` > 0 adds the focal term. Inputs may be fp32, bf16 or fp16;
 the head computes in fp32 (float64 inputs stay float64 in reference and chunked, for tests).
 `block` (chunked only) is the number of classes per block. `operands` ("auto", "fp32", "bf16",
-"fp16"): the dtype the class products read (auto: bf16/fp16 tensor-core operands on CUDA, fp32 on
-the CPU; always fp32 accumulation; see `heads.core.operand_dtype`). `deterministic=True` (fused): no
+"fp16"): the dtype the class products read (auto: fp16 tensor-core operands on CUDA, fp32 on the
+CPU; always fp32 accumulation; `heads.core.operand_dtype` says why fp16 rather than bf16).
+`deterministic=True` (fused): no
 autotuning, fixed kernel configs, so results are bitwise equal across processes; the default picks
 configs by timing (bitwise reproducible within a process). No implementation uses atomics.
 
@@ -26,7 +27,7 @@ buffer the engine writes becomes `weight.grad` without a copy when the optimizer
 `set_to_none=True`, PyTorch's default; otherwise autograd adds it into the existing gradient), and
 the optimizer's state (SGD momentum: 4 D bytes). Working memory does not grow with C: chunked holds
 a few B x block fp32 temporaries, fused 12 x B bytes per program forward and a B x chunk block (2
-bytes each) plus a chunk of W in bf16 backward (see heads/fused.py). The reference holds several
+bytes each) plus a chunk of W in fp16 backward (see heads/fused.py). The reference holds several
 B x C tensors.
 
 The forward is kept out of `torch.compile` graphs (`torch.compiler.disable`): compile the backbone;
@@ -83,7 +84,7 @@ class MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embed_dim))
         nn.init.normal_(self.weight, std=0.01)
         self.last_accuracy: Tensor | None = None
-        self._engines: dict[tuple[str, str], object] = {}  # built once per implementation, on first use
+        self._engines: dict[str, object] = {}  # built once per implementation, on first use
 
     def set_step(self, step: int) -> None:
         """The training step, for margins that anneal with it (SphereFace)."""
@@ -94,18 +95,11 @@ class MarginHead(nn.Module):
             return "fused" if device.type == "cuda" else "chunked"
         return self.impl
 
-    def engine(self, impl: str, operands: str | None = None):
+    def engine(self, impl: str):
         """The chunked or fused engine, made on first use and kept (the fused one records its kernels)."""
-        key = (impl, operands or self.operands)
-        if key not in self._engines:
-            self._engines[key] = _make_engine(impl, self.block, self.deterministic, key[1])
-        return self._engines[key]
-
-    def _operands_for(self, embeddings: Tensor) -> str:
-        # the engines see fp32 unit vectors; fp16 embeddings on CUDA ask for fp16 operands by name
-        if self.operands == "auto" and embeddings.dtype == torch.float16 and embeddings.is_cuda:
-            return "fp16"
-        return self.operands
+        if impl not in self._engines:
+            self._engines[impl] = _make_engine(impl, self.block, self.deterministic, self.operands)
+        return self._engines[impl]
 
     @torch.compiler.disable
     def forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False):
@@ -123,7 +117,7 @@ class MarginHead(nn.Module):
             dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
             xn = F.normalize(embeddings.to(dtype), dim=1)
             rows, correct = head_rows(xn, self.weight, labels, self.margin, self.step, self.s, self.t,
-                                      self.engine(impl, self._operands_for(embeddings)))
+                                      self.engine(impl))
             loss, acc = focal(rows, self.gamma_focal).mean(), correct.mean()
         self.last_accuracy = acc.detach()
         return (loss, self.last_accuracy) if return_accuracy else loss

@@ -1,7 +1,7 @@
 """The blocked algorithm in PyTorch: classes in blocks, memory bounded by the block, not by C.
 
 For CPU training and wherever Triton cannot run, and the honest GPU baseline for the fused kernels:
-on CUDA its products are cuBLAS bf16 (fp16 for fp16 inputs) with fp32 results (`operand_dtype`).
+on CUDA its products are cuBLAS fp16 (tensor cores) with fp32 results (`heads.core.operand_dtype`).
 Each block's cosines are recomputed in the backward pass instead of being saved.
 
 Memory: beyond W and dW (C x D each), a few B x block fp32 temporaries and one block of W in the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from heads.core import mm_f32, operand_dtype
+from heads.core import fix_target_terms, mm_f32, operand_dtype
 
 
 class ChunkedEngine:
@@ -74,4 +74,6 @@ class ChunkedEngine:
             dwb = mm_f32(gx.t(), xo).to(xn.dtype)
             dwb -= (r * r * h)[:, None] * weight[c0:c1].to(xn.dtype)
             dw[c0:c1] = dwb
+        xo = xn.to(operand_dtype(xn.device, xn.dtype, operands=self.operands))
+        fix_target_terms(xn, xo, weight, rw, labels, dcy, dxn, dw)
         return dxn, dw

@@ -1,5 +1,5 @@
-"""Triton kernels for the blocked algorithm, on the tensor cores: the class products read bf16 (or
-fp16) operands, cast while loading from whatever X and the fp32 master W arrive in, and accumulate
+"""Triton kernels for the blocked algorithm, on the tensor cores: the class products read fp16 (or
+bf16) operands, cast while loading from whatever X and the fp32 master W arrive in, and accumulate
 in fp32 (`heads.core.operand_dtype`; fp32 operands in the interpreter, whose bf16 dot is wrong).
 
 Forward (`_fwd_kernel`): program p owns a contiguous range of class tiles and sweeps every batch
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from heads.core import mm_f32, operand_dtype
+from heads.core import fix_target_terms, mm_f32, operand_dtype
 
 try:
     import triton
@@ -371,4 +371,5 @@ class FusedEngine:
                          x.device,
                          gbuf, x, weight, rw, hbuf, dw, B, C, D, c0, ck, gbuf.stride(0), x.stride(0),
                          weight.stride(0), dw.stride(0), OPK=_OPK[op])
+        fix_target_terms(xn, x, weight, rw, labels, dcy, dx, dw)
         return dx.to(xn.dtype), dw

@@ -10,6 +10,7 @@ import torch
 from heads import MarginHead
 from heads.core import operand_dtype
 from heads.fused import COS_CONFIGS, DW_CONFIGS, TileConfig, default_chunk, fitting, shared_bytes
+from tests._heads_util import MARGINS, make_data
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -18,9 +19,9 @@ def test_operand_dtype_by_device_and_dtype() -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert operand_dtype(CPU, dtype) == torch.float32  # no low-precision products on the CPU
         assert operand_dtype(CUDA, dtype, interpreting=True) == torch.float32  # interpreter: bf16 dot wrong
-    assert operand_dtype(CUDA, torch.float32) == torch.bfloat16  # tensor cores, fp32 accumulation
-    assert operand_dtype(CUDA, torch.bfloat16) == torch.bfloat16
-    assert operand_dtype(CUDA, torch.float16) == torch.float16
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # tensor cores, fp32 accumulation
+        assert operand_dtype(CUDA, dtype) == torch.float16
+    assert operand_dtype(CUDA, torch.float32, operands="bf16") == torch.bfloat16
     assert operand_dtype(CUDA, torch.float64) == torch.float64  # the tests' exact path stays exact
     assert operand_dtype(CUDA, torch.float32, operands="fp32") == torch.float32
     assert operand_dtype(CPU, torch.float32, operands="bf16") == torch.bfloat16
@@ -129,3 +130,32 @@ def test_low_precision_product_has_an_fp32_result() -> None:
     out = torch.ones(5, 3)
     mm_f32(a, b, out=out)
     assert torch.allclose(out, 1 + a @ b, atol=1e-6)
+
+
+@pytest.mark.parametrize("margin,kw", MARGINS)
+def test_low_precision_operands_on_the_cpu_no_worse_than_the_reference(margin: str, kw: dict) -> None:
+    """The GPU's numerics emulated on the CPU (chunked with fp16 or bf16 operands, exact products,
+    fp32 sums): error against float64 within the reference's own error on inputs rounded to that
+    dtype (computed in fp32), plus a small tolerance, t = 1.1. bf16 gets a wider one: dL/dcos
+    rounded to bf16 for the backward's products adds up to ~6e-3 to dW at s = 64 (why CUDA's
+    default is fp16)."""
+
+    def run(impl: str, x, w, dtype, **head_kw):
+        head = MarginHead(w.shape[0], w.shape[1], margin=margin, impl=impl, t=1.1, **head_kw, **kw)
+        head = head.to(dtype)
+        with torch.no_grad():
+            head.weight.copy_(w.to(dtype))
+        xx = x.to(dtype).requires_grad_()
+        loss = head(xx, y)
+        return [v.detach().double() for v in (loss, *torch.autograd.grad(loss, [xx, head.weight]))]
+
+    def rel(a, b) -> float:
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    x, w, y = make_data(64, 700, 64, seed=7)
+    exact = run("reference", x, w, torch.float64)
+    for low, name, tol in ((torch.float16, "fp16", 2e-3), (torch.bfloat16, "bf16", 1e-2)):
+        ref = run("reference", x.to(low).double(), w.to(low).double(), torch.float32)
+        got = run("chunked", x, w, torch.float32, operands=name, block=256)
+        for part, a, r, e in zip(("loss", "dX", "dW"), got, ref, exact):
+            assert rel(a, e) <= rel(r, e) + tol, (name, part, rel(a, e), rel(r, e))

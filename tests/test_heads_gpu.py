@@ -50,18 +50,24 @@ def test_fused_fp32_matches_float64(margin: str, kw: dict, t: float) -> None:
 
 
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
+@pytest.mark.parametrize("operands,tol", [("auto", 3e-3), ("bf16", 1e-2)])
 @pytest.mark.parametrize("margin,kw", MARGINS)
-def test_bf16_operands_no_worse_than_the_reference_in_bf16(impl: str, margin: str, kw: dict) -> None:
-    """fp32 embeddings and master weight, the default operands (bf16 into the tensor cores, fp32
-    accumulation): error against float64 within the reference's own error on bf16-rounded inputs
-    (computed in fp32) plus a small tolerance, for every margin at t = 1.1 (SV-Softmax)."""
+def test_low_precision_operands_no_worse_than_the_reference_in_bf16(impl: str, operands: str, tol: float,
+                                                                    margin: str, kw: dict) -> None:
+    """fp32 embeddings and master weight through the tensor cores (auto: fp16 operands; bf16 forced),
+    fp32 accumulation: error against float64 within the reference's own error on bf16-rounded inputs
+    (computed in fp32) plus a tolerance, for every margin at t = 1.1 (SV-Softmax). bf16's is wider:
+    its rounding of dL/dcos for the backward's products adds up to ~6e-3 to dW at s = 64 (measured
+    on the CPU with the same numerics, tests/test_heads_engines.py)."""
     x, w, y = make_data(200, 3000, 128, seed=7)
     exact = _loss_and_grads("reference", margin, kw, x, w, y, "cpu", torch.float64, 1.1)
     xb, wb = x.to(torch.bfloat16).double(), w.to(torch.bfloat16).double()
     ref = _loss_and_grads("reference", margin, kw, xb, wb, y, "cuda", torch.float32, 1.1)
-    got = _loss_and_grads(impl, margin, kw, x, w, y, "cuda", torch.float32, 1.1, block=1024)
+    got = _loss_and_grads(impl, margin, kw, x, w, y, "cuda", torch.float32, 1.1, block=1024,
+                          operands=operands)
     for name, a, r, e in zip(("loss", "dX", "dW"), got, ref, exact):
-        assert _rel_err(a, e) <= _rel_err(r, e) + 3e-3, (impl, margin, name, _rel_err(a, e), _rel_err(r, e))
+        assert _rel_err(a, e) <= _rel_err(r, e) + tol, (impl, operands, margin, name, _rel_err(a, e),
+                                                        _rel_err(r, e))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -72,8 +78,9 @@ def test_fused_low_precision_no_worse_than_reference(dtype, margin: str, kw: dic
     ref = _loss_and_grads("reference", margin, kw, x, w, y, "cuda", dtype, 1.1)
     got = _loss_and_grads("fused", margin, kw, x, w, y, "cuda", dtype, 1.1)
     for name, a, r, e in zip(("loss", "dX", "dW"), got, ref, exact):
-        # Inputs are rounded to `dtype` either way; fp32 accumulation must not add error on top.
-        assert _rel_err(a, e) <= _rel_err(r, e) + 2e-3, (name, _rel_err(a, e), _rel_err(r, e))
+        # Inputs are rounded to `dtype` either way; fp32 accumulation must not add much on top
+        # (bf16 inputs: the operands are fp16, finer than the inputs; fp16: as the CPU emulation)
+        assert _rel_err(a, e) <= _rel_err(r, e) + 3e-3, (name, _rel_err(a, e), _rel_err(r, e))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
