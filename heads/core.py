@@ -93,7 +93,7 @@ def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels:
     The engines' products read G = dL/dcos * r rounded to the operand dtype; the target entry
     G_iy = dcy_i r_y is each row's largest gradient by far, so its rounding (up to 2^-9 in bf16)
     would dominate the error. Add (exact - rounded) for those B entries: rows of dX directly, rows
-    of dW summed per class by a one-hot product (no scatter-add, so still deterministic).
+    of dW summed per class by a same-class product (no scatter-add, so still deterministic).
     """
     if xo.dtype in (torch.float32, torch.float64):
         return
@@ -102,9 +102,10 @@ def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels:
     w_y = weight[labels].float()
     dx += g[:, None] * w_y - g_low[:, None] * w_y.to(xo.dtype).float()
     rows = g[:, None] * xn.float() - g_low[:, None] * xo.float()
-    classes, which = torch.unique(labels, return_inverse=True)
-    onehot = torch.nn.functional.one_hot(which, classes.numel()).to(torch.float32)
-    dw[classes] += (onehot.t() @ rows).to(dw.dtype)
+    # each row gets the sum over the rows of its class, so rows of one class write the same value:
+    # no host sync (torch.unique) and no scatter-add
+    same = (labels[:, None] == labels[None, :]).to(torch.float32)
+    dw[labels] = (dw[labels].float() + same @ rows).to(dw.dtype)
 
 
 def inv_norms(weight: Tensor) -> Tensor:
