@@ -80,7 +80,8 @@ def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device
     from heads import MarginHead
 
     torch.manual_seed(0)
-    head = MarginHead(classes, args.dim, margin=margin, t=args.t, impl=impl, block=args.block).to(device)
+    head = MarginHead(classes, args.dim, margin=margin, t=args.t, impl=impl, block=args.block,
+                      operands=args.operands).to(device)
     x = torch.randn(args.batch, args.dim, device=device, requires_grad=True)
     y = torch.randint(0, classes, (args.batch,), device=device)
     return head, x, y
@@ -173,7 +174,7 @@ def _cpu_child(args: argparse.Namespace) -> dict:
 def _cpu_row(args: argparse.Namespace, impl: str, classes: int, margin: str) -> dict:
     cmd = [sys.executable, "-m", "bench.heads", "--child", "--device", "cpu", "--impls", impl,
            "--classes", str(classes), "--margins", margin]
-    for key in ("batch", "dim", "t", "repeats", "warmup") + (("block",) if args.block else ()):
+    for key in ("batch", "dim", "t", "repeats", "warmup", "operands") + (("block",) if args.block else ()):
         cmd += [f"--{key}", str(getattr(args, key))]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -193,6 +194,7 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
     ref = next((r for r in at_top if r["impl"] == "reference"), None)
     best = min((r for r in at_top if r["impl"] != "reference"), key=lambda r: r["total_ms"], default=None)
     out = {"bench": "heads", "device": args.device, "batch": args.batch, "dim": args.dim, "t": args.t,
+           "operands": args.operands,
            "classes": top, "margin": args.margins[0], "baseline": "reference", "rows": rows,
            "floors": list(floors.values())}
     if best is not None:
@@ -243,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--margins", type=_csv(str), default=["arcface", "cosface"])
     p.add_argument("--t", type=float, default=1.1, help="SV-Softmax t (1 = off)")
     p.add_argument("--block", type=int, default=None, help="chunked: classes per block")
+    p.add_argument("--operands", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="chunked/fused product operands (auto: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3 CUDA, 1 CPU)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
