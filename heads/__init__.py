@@ -18,9 +18,9 @@ the head computes in fp32 (float64 inputs stay float64 in reference and chunked,
 `block` (chunked only) is the number of classes per block. `operands` ("auto", "fp32", "bf16",
 "fp16"): the dtype the class products read (auto: fp16 tensor-core operands on CUDA, fp32 on the
 CPU; always fp32 accumulation; `heads.core.operand_dtype` says why fp16 rather than bf16).
-`deterministic=True` (fused): no
-autotuning, fixed kernel configs, so results are bitwise equal across processes; the default picks
-configs by timing (bitwise reproducible within a process). No implementation uses atomics.
+`deterministic=True` (fused): no autotuning, fixed kernel configs, so results are bitwise equal
+across processes; the default picks configs by timing (bitwise reproducible within a process,
+possibly differing in the last bits between processes). No implementation uses atomics.
 
 Memory per class (C x D weight, fp32 master): the weight (4 D bytes), its gradient (4 D bytes: the
 buffer the engine writes becomes `weight.grad` without a copy when the optimizer zeroes with
