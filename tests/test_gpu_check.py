@@ -22,12 +22,16 @@ SCRIPT = REPO / "bench" / "gpu_check.sh"
 RESULT_FILES = {"gpu_check.json", "gpu_check.md", "logs.tgz"}
 
 
-def _env() -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "PY": sys.executable, "HOME": os.environ.get("HOME", "/tmp")}
+def _env(scratch: Path) -> dict[str, str]:
+    # TMPDIR: the check's scratch folder lands under the test's tmp_path (a killed run cannot remove it)
+    return {"PATH": "/usr/bin:/bin", "PY": sys.executable, "HOME": os.environ.get("HOME", "/tmp"),
+            "TMPDIR": str(scratch)}
 
 
-def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=_env(),
+def _run(tmp_path: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=_env(scratch),
                           timeout=timeout)
 
 
@@ -54,7 +58,7 @@ def _check_out(out: Path) -> dict:
     torch.cuda.is_available(), reason="a CUDA device is present, so there is no no-GPU exit to test"
 )
 def test_without_a_gpu_it_stops_with_one_line_naming_what_is_missing(tmp_path):
-    proc = _run("--out", str(tmp_path / "check"))
+    proc = _run(tmp_path, "--out", str(tmp_path / "check"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -67,7 +71,7 @@ def test_smoke_runs_every_stage_and_writes_only_the_result_files(tmp_path):
     """Slow (2-5 min on 2 cores): it builds synthetic shards and trains MobileFaceNet and IR-50 for
     a few steps, the only way to check the script's stages before it meets a GPU."""
     out = tmp_path / "check"
-    proc = _run("--smoke", "--out", str(out))
+    proc = _run(tmp_path, "--smoke", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("machine: ")  # the machine first
     result = _check_out(out)
@@ -93,6 +97,8 @@ def test_smoke_runs_every_stage_and_writes_only_the_result_files(tmp_path):
     assert proc.stdout.rstrip().splitlines()[-2].startswith("| ")  # ends with the table (then a summary)
     with tarfile.open(out / "logs.tgz") as tar:
         assert "logs/train_ir50.log" in tar.getnames() and "logs/head_tests.stdout" in tar.getnames()
+    # the check's scratch folder (shards, runs) is removed (the stages' own temp files may remain)
+    assert not list((tmp_path / "scratch").glob("gpu_check-*"))
 
 
 @pytest.mark.slow
@@ -100,8 +106,10 @@ def test_killed_midway_it_has_written_valid_results(tmp_path):
     """Slow (~20-40 s on 2 cores): runs the smoke check until its JSON holds a finished stage, then
     kills the whole process group with SIGKILL (the next stage mid-run), as a time limit would."""
     out = tmp_path / "check"
-    proc = subprocess.Popen(["bash", str(SCRIPT), "--smoke", "--out", str(out)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    (tmp_path / "scratch").mkdir()
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--smoke", "--out", str(out)],
+                            env=_env(tmp_path / "scratch"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     seen: list[int] = []
     try:
         deadline = time.monotonic() + 300
@@ -128,7 +136,7 @@ def test_deadline_skips_what_cannot_finish_and_says_so(tmp_path):
     training stage (its smoke estimate is 40 s)."""
     out = tmp_path / "check"
     start = time.monotonic()
-    proc = _run("--smoke", "--deadline", "30", "--out", str(out), timeout=300)
+    proc = _run(tmp_path, "--smoke", "--deadline", "30", "--out", str(out), timeout=300)
     took = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = _check_out(out)
