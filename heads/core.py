@@ -97,7 +97,12 @@ def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels:
     """
     if xo.dtype in (torch.float32, torch.float64):
         return
-    g = dcy.to(torch.float32) * rw[labels].to(torch.float32)
+    # A sharded head passes -1 for rows another rank owns: they get no target terms, and they
+    # write the same value as a row this rank owns (duplicate indices must agree), without a sync.
+    own = labels >= 0
+    first = torch.argmax(own.to(torch.int8))
+    labels = torch.where(own, labels, labels[first])
+    g = dcy.to(torch.float32) * rw[labels].to(torch.float32) * own
     g_low = g.to(xo.dtype).float()
     w_y = weight[labels].float()
     dx += g[:, None] * w_y - g_low[:, None] * w_y.to(xo.dtype).float()

@@ -159,3 +159,29 @@ def test_low_precision_operands_on_the_cpu_no_worse_than_the_reference(margin: s
         got = run("chunked", x, w, torch.float32, operands=name, block=256)
         for part, a, r, e in zip(("loss", "dX", "dW"), got, ref, exact):
             assert rel(a, e) <= rel(r, e) + tol, (name, part, rel(a, e), rel(r, e))
+
+
+def test_target_terms_ignore_rows_another_rank_owns():
+    """Sharded heads pass label -1 for rows owned elsewhere: they must neither add target terms nor
+    clobber the last class's dW row (which duplicate-index writes would do if they disagreed)."""
+    from heads.core import fix_target_terms, inv_norms
+
+    gen = torch.Generator().manual_seed(0)
+    b, c, d = 6, 5, 8
+    xn = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
+    weight = torch.randn(c, d, generator=gen)
+    rw = inv_norms(weight)
+    dcy = torch.randn(b, generator=gen)
+    labels = torch.tensor([4, -1, 2, 4, -1, 0])
+    own = labels >= 0
+
+    def run(xn_, labels_, dcy_):
+        dx = torch.zeros(len(labels_), d)
+        dw = torch.zeros(c, d)
+        fix_target_terms(xn_, xn_.half(), weight, rw, labels_, dcy_, dx, dw)
+        return dx, dw
+
+    dx, dw = run(xn, labels, torch.where(own, dcy, torch.zeros_like(dcy)))
+    dx_own, dw_own = run(xn[own], labels[own], dcy[own])
+    assert torch.equal(dw, dw_own) and dw[4].abs().sum() > 0
+    assert torch.equal(dx[own], dx_own) and torch.equal(dx[~own], torch.zeros_like(dx[~own]))
