@@ -10,6 +10,8 @@ normalization run on the device.
 
 from __future__ import annotations
 
+import functools
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,6 +22,7 @@ import torch
 
 from shards.augment import AugmentConfig, augment_image
 from shards.errors import UserError
+from shards.lifeline import OWNER_ENV, end_with_parent
 from shards.sample_index import SampleReader, SampleTable, Task
 
 # OpenCV >= 4.10 decodes straight to RGB; older builds (as on some GPU images) decode BGR.
@@ -78,12 +81,15 @@ class BatchDecoder(torch.utils.data.Dataset):
 def _worker_context():
     import multiprocessing as mp
 
+    os.environ[OWNER_ENV] = str(os.getpid())  # read by shards.forkserver_guard in the forkserver
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "cv2", "shards.torch_pipeline"])  # import once, not per worker
+    # import once, not per worker; the guard first, so a kill during the slow imports is covered
+    ctx.set_forkserver_preload(["shards.forkserver_guard", "torch", "cv2", "shards.torch_pipeline"])
     return ctx
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(owner: int, _: int) -> None:
+    end_with_parent(os.getppid(), owner)  # no orphan worker after a kill -9 (shards/lifeline.py)
     cv2.setNumThreads(1)  # one decode thread per worker process: the workers are the parallelism
 
 
@@ -105,7 +111,7 @@ def iter_uint8_batches(
         sampler=list(tasks),
         num_workers=min(workers, len(tasks)) or 1,
         prefetch_factor=max(1, prefetch),
-        worker_init_fn=_worker_init,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()),
         pin_memory=pin_memory,
         multiprocessing_context=_worker_context(),
     )
