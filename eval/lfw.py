@@ -23,7 +23,7 @@ import numpy as np
 
 from eval.embed import EmbedFn, embed_shards, onnx_embedder, resolve_device, torch_embedder
 from eval.pairs import Member, manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
-from eval.verification import KFoldResult, kfold, pair_scores, verification_metrics
+from eval.verification import KFoldResult, NonFiniteEmbeddings, kfold, pair_scores, verification_metrics
 from shards.errors import CliParser, UserError, run_cli
 from shards.fileio import atomic_write_text
 from shards.manifest import Manifest, Pair, load_manifest
@@ -119,6 +119,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         scores, same, folds = pair_scores(emb, index_of, pairs)
     except KeyError as err:  # the .idx listed it but the reader did not deliver it
         raise UserError(f"{manifest.root}: {err.args[0]} (shard and index disagree?)") from None
+    except NonFiniteEmbeddings as err:
+        raise UserError(f"{model_name.split()[0]}: {err}; the model's weights are not usable "
+                        "(a diverged training run?)") from None
     try:
         metrics = verification_metrics(scores, same, folds)
         res = kfold(scores, same, folds)

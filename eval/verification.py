@@ -158,13 +158,37 @@ def _field(pair: Any, name: str) -> Any:
     return pair[name] if isinstance(pair, Mapping) else getattr(pair, name)
 
 
+class NonFiniteEmbeddings(ValueError):
+    """Some embeddings hold NaN or infinity (a diverged model): no score of them means anything."""
+
+
+def check_finite(embeddings: np.ndarray, index_of: Mapping[str, int]) -> None:
+    """Raise NonFiniteEmbeddings saying how many rows are bad and naming the first one's key.
+
+    Checked before any score: a NaN embedding would otherwise score NaN, or 0 after a guarded
+    normalization, and the protocol would report chance accuracy as a result.
+    """
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (faces x dims), got shape {emb.shape}")
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if bad.size == 0:
+        return
+    key_of = {row: key for key, row in index_of.items()}
+    first = key_of.get(int(bad[0]), f"row {int(bad[0])}")
+    raise NonFiniteEmbeddings(f"{bad.size} of {emb.shape[0]} embeddings are NaN or infinite "
+                              f"(first: {first!r})")
+
+
 def pair_scores(
     embeddings: np.ndarray, index_of: Mapping[str, int], pairs: Iterable[Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cosine similarity of each pair's two embeddings; pairs have a, b, same, fold (objects or dicts).
 
-    Raises KeyError naming the first pair key that has no embedding.
+    Raises KeyError naming the first pair key that has no embedding, and NonFiniteEmbeddings
+    (check_finite) when any embedding is not finite.
     """
+    check_finite(embeddings, index_of)
     emb = np.asarray(embeddings, dtype=np.float64)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = emb / np.maximum(norms, 1e-12)
