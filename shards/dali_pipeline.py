@@ -10,9 +10,12 @@ Why not `fn.readers.webdataset` with `shard_id/num_shards`: it splits a set by c
 ranges, shuffles only inside a buffer and pads or wraps each rank's part on its own, so the
 exact-once, equal-count split of DESIGN.md (and resuming at a batch) cannot be expressed with it.
 
-One pipeline is built per epoch (tenths of a second) with a seed from (seed, epoch, rank, first
-batch), so DALI's random augmentation draws are reproducible for a given run and resume point; they
-are not the same draws as the torch backend's.
+One pipeline is built per epoch (tenths of a second). It holds no random operator: the
+augmentation's choices (crop box, colour factors, blur, erase box, flip) are drawn on the host per
+batch from the batch's seed words by shards/augment.py, the same draws the torch backend makes, and
+fed in as per-sample operator arguments. So a run resumed at batch k yields the same pixels as the
+uninterrupted run (up to floating-point reduction order, which DALI's CPU operators keep fixed),
+and the two backends apply the same choices with their own implementations.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from shards.augment import BLUR_SIGMA, CROP_ASPECT, ERASE_AREA, ERASE_FILL, AugmentConfig
+from shards.augment import ERASE_FILL, AugmentConfig, AugmentDraw, draw_augment
 from shards.errors import UserError
 from shards.sample_index import SampleReader, SampleTable, Task
 
@@ -51,66 +54,78 @@ def dali_sees_gpu() -> bool:
 
 
 class _Source:
-    """External-source callback: one batch of (JPEG bytes, int32 label) per call, then StopIteration."""
+    """External-source callback: one batch per call, then StopIteration.
 
-    def __init__(self, reader: SampleReader, tasks: Sequence[Task]):
-        self.reader = reader
+    Each call returns the JPEG bytes and int32 labels and, per sample, the augmentation's random
+    choices as operator arguments (those `argument_names(augment)` lists), drawn on the host from
+    the task's seed words by shards/augment.py exactly as the torch backend draws them. The
+    pipeline itself draws nothing, so a batch's output follows from its task alone.
+    """
+
+    def __init__(self, reader: SampleReader, tasks: Sequence[Task], augment: AugmentConfig,
+                 image_size: tuple[int, int]):
+        self.reader, self.augment, self.image_size = reader, augment, image_size
+        self.names = argument_names(augment)
         self.tasks = iter(tasks)
         self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=16)  # to name a bad file
 
     def __call__(self):
-        _, indices = next(self.tasks)
+        seed_words, indices = next(self.tasks)
         self.recent.append(indices)
         jpgs, labels = [], []
         for i in indices:
             jpg, label = self.reader.read(int(i))
             jpgs.append(np.frombuffer(jpg, dtype=np.uint8))
             labels.append(np.array([label], dtype=np.int32))
-        return jpgs, labels
+        h, w = self.image_size
+        rng = np.random.default_rng(list(seed_words))
+        draws = [_arguments(draw_augment(self.augment, h, w, rng), h, w) for _ in indices]
+        return (jpgs, labels, *([d[name] for d in draws] for name in self.names))
 
 
-def _seed(words: Sequence[int]) -> int:
-    return int(np.random.default_rng(list(words)).integers(0, 2**31 - 1))
+def argument_names(aug: AugmentConfig) -> list[str]:
+    """The per-sample operator arguments the steps that are on take, in a fixed order."""
+    steps = [(aug.crop_scale, ["roi_start", "roi_end"]),
+             (aug.color_jitter or aug.grayscale_p, ["brightness", "contrast", "saturation"]),
+             (aug.blur_p, ["sigma"]), (aug.erase_p, ["erase_anchor", "erase_shape"]),
+             (aug.flip, ["mirror"])]
+    return [name for on, names in steps if on for name in names]
 
 
-def _coin(p: float):
-    """1.0 with probability p, else 0.0 (coin_flip itself has no float output)."""
+def _arguments(d: AugmentDraw, h: int, w: int) -> dict[str, np.ndarray]:
+    """One draw as DALI argument values (float32; the mirror flag int32)."""
+    y, x, ch, cw = d.crop if d.crop is not None else (0, 0, h, w)
+    bright, contrast, sat = d.color if d.color is not None else (1.0, 1.0, 1.0)
+    ey, ex, eh, ew = d.erase if d.erase is not None else (0, 0, 0, 0)  # an empty region: no erase
+    f32 = np.float32
+    return {
+        "roi_start": np.array([y, x], f32), "roi_end": np.array([y + ch, x + cw], f32),
+        "brightness": np.array(bright, f32), "contrast": np.array(contrast, f32),
+        "saturation": np.array(0.0 if d.gray else sat, f32),
+        # sigma ~0 is an exact identity (3-tap window with weights 0, 1, 0): blur without a branch
+        "sigma": np.array(d.blur_sigma if d.blur_sigma is not None else 1e-3, f32),
+        "erase_anchor": np.array([ey, ex], f32), "erase_shape": np.array([eh, ew], f32),
+        "mirror": np.array(int(d.flip), np.int32),
+    }
+
+
+def _augment(images, arg: dict, aug: AugmentConfig, image_size: tuple[int, int]):
+    """The DALI operators of the training augmentation, in shards/augment.py's order; the flip is
+    left to crop_mirror_normalize. Operators for steps that are off are left out of the graph."""
     from nvidia.dali import fn, types
-
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
-
-
-def _augment(images, aug: AugmentConfig, image_size: tuple[int, int]):
-    """The DALI operators of the training augmentation (shards/augment.py's settings), in its order."""
-    from nvidia.dali import fn
 
     h, w = image_size
     if aug.crop_scale:
-        images = fn.random_resized_crop(
-            images, size=[h, w], random_area=list(aug.crop_scale), random_aspect_ratio=list(CROP_ASPECT)
-        )
+        images = fn.resize(images, size=[h, w], roi_start=arg["roi_start"], roi_end=arg["roi_end"],
+                           roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=False)
     if aug.color_jitter or aug.grayscale_p:
-        j = aug.color_jitter
-        sat = fn.random.uniform(range=[1 - j, 1 + j]) if j else 1.0
-        if aug.grayscale_p:
-            sat = sat * (1.0 - _coin(aug.grayscale_p))
-        kw = {"brightness": fn.random.uniform(range=[1 - j, 1 + j]),
-              "contrast": fn.random.uniform(range=[1 - j, 1 + j])} if j else {}
-        images = fn.color_twist(images, saturation=sat, **kw)
+        images = fn.color_twist(images, brightness=arg["brightness"], contrast=arg["contrast"],
+                                saturation=arg["saturation"])
     if aug.blur_p:
-        # sigma ~0 is an exact identity (3-tap window with weights 0, 1, 0): blur without a branch
-        hit = _coin(aug.blur_p)
-        sigma = hit * fn.random.uniform(range=list(BLUR_SIGMA)) + (1.0 - hit) * 1e-3
-        images = fn.gaussian_blur(images, sigma=sigma)
+        images = fn.gaussian_blur(images, sigma=arg["sigma"])
     if aug.erase_p:
-        hit = _coin(aug.erase_p)
-        side = fn.random.uniform(
-            range=[float(np.sqrt(ERASE_AREA[0])), float(np.sqrt(ERASE_AREA[1]))], shape=[2]
-        )
-        anchor = fn.random.uniform(range=[0.0, 1.0], shape=[2]) * (1.0 - side)
-        images = fn.erase(images, anchor=anchor, shape=side * hit,  # an empty region when not erasing
-                          axis_names="HW", normalized_anchor=True, normalized_shape=True,
-                          fill_value=float(ERASE_FILL))
+        images = fn.erase(images, anchor=arg["erase_anchor"], shape=arg["erase_shape"],
+                          axis_names="HW", fill_value=float(ERASE_FILL))
     return images
 
 
@@ -118,13 +133,11 @@ def _build(
     source: _Source,
     *,
     image_size: tuple[int, int],
-    augment: AugmentConfig | None,
     batch_size: int,
     gpu: bool,
     device_id: int | None,
     threads: int,
     prefetch: int,
-    seed: int,
     channels_last: bool,
 ):
     from nvidia.dali import fn, pipeline_def, types
@@ -133,19 +146,21 @@ def _build(
         batch_size=batch_size,
         num_threads=max(1, threads),
         device_id=device_id,
-        seed=seed,
+        seed=0,  # unused: no operator draws (the draws come with the batch)
         prefetch_queue_depth=max(1, prefetch),
         exec_async=True,
         exec_pipelined=True,
     )
     def pipe():
-        jpegs, labels = fn.external_source(
-            source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32]
+        names = source.names
+        jpegs, labels, *args = fn.external_source(
+            source=source, num_outputs=2 + len(names), batch=True,
+            dtype=[types.UINT8, types.INT32] + [types.INT32 if n == "mirror" else types.FLOAT for n in names],
         )
+        arg = dict(zip(names, args, strict=True))
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        aug = augment or AugmentConfig(flip=False)
-        images = _augment(images, aug, image_size)
-        mirror = fn.random.coin_flip(probability=0.5) if aug.flip else 0
+        images = _augment(images, arg, source.augment, image_size)
+        mirror = arg.get("mirror", 0)
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,
@@ -193,7 +208,6 @@ def iter_dali_batches(
     channels_last: bool,
     threads: int,
     prefetch: int,
-    seed_words: Sequence[int],
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Model-ready (images, labels) on `device` for each task (each a full batch of `batch_size`)."""
     if not tasks:
@@ -202,18 +216,16 @@ def iter_dali_batches(
 
     gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
-    source = _Source(SampleReader(table), tasks)
+    source = _Source(SampleReader(table), tasks, augment or AugmentConfig(flip=False), image_size)
     try:
         pipe = _build(
             source,
             image_size=image_size,
-            augment=augment,
             batch_size=batch_size,
             gpu=gpu,
             device_id=device_id,
             threads=threads,
             prefetch=prefetch,
-            seed=_seed(seed_words),
             channels_last=channels_last,
         )
         it = None

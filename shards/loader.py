@@ -12,9 +12,9 @@ permutation (details and the padding rule in shards/sample_index.py):
   rank and in every run with that seed;
 - `set_epoch(epoch, start_batch)` then iterating yields batches start_batch .. end of that same
   order: a run resumed at batch k of an epoch sees exactly the samples the uninterrupted run would
-  have seen from k on. With the torch backend the augmentation is reproduced too (its random draws
-  depend only on (seed, epoch, rank, batch)); DALI reseeds its pipeline from (seed, epoch, rank,
-  start_batch), so a resumed DALI epoch sees the same samples with different random draws.
+  have seen from k on, with the same augmentation: both backends draw each batch's random choices
+  from (seed, epoch, rank, batch) alone (shards/augment.py's `draw_augment`; DALI gets them as
+  operator arguments), so a resumed epoch repeats the uninterrupted one with either backend.
 
 Backends: "dali" (DALI pipeline, nvJPEG on a GPU, CPU operators otherwise), "torch" (OpenCV in
 DataLoader workers), "auto" (DALI when it is installed and can run on the device, else torch).
@@ -134,7 +134,6 @@ class TrainLoader:
                 channels_last=self.channels_last,
                 threads=max(1, self.workers),
                 prefetch=self.prefetch,
-                seed_words=(self.seed & 0xFFFFFFFF, self.epoch, self.rank, self.start_batch),
             )
         decoder = BatchDecoder(self.table, self.image_size, self.augment)  # type: ignore[arg-type]
         source = iter_uint8_batches(
