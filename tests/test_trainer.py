@@ -76,8 +76,9 @@ def test_divergence_stops_with_a_message_and_a_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: training diverged: 3 non-finite steps in a row at step 6"), last
-    ckpt = load_checkpoint(run / "checkpoints" / "step-00000006.pt")
+    ckpt = load_checkpoint(run / "checkpoints" / "diverged-step-00000006.pt")  # never a resume candidate
     assert ckpt["metrics"]["diverged"] is True and ckpt["metrics"]["skipped_total"] == 3
+    assert not (run / "checkpoints" / "step-00000006.pt").exists()
 
 
 def test_no_weight_decay_on_norms_biases_and_prelu():

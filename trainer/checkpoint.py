@@ -1,7 +1,10 @@
 """Checkpoints: the dict layout of docs/CONTRACTS.md, atomic writes, rotation and auto-resume.
 
 Files in `<run>/checkpoints/`: `step-XXXXXXXX.pt` (the last K kept), `last.pt` (the newest),
-`best.pt` (best validation accuracy), `untrained.pt` (before the first step, when asked).
+`best.pt` (best validation accuracy), `untrained.pt` (before the first step, when asked),
+`diverged-step-XXXXXXXX.pt` (the divergence guard's state, for inspection: never resumed from).
+Only the state after a finite step with finite weights becomes a step file, and a resume passes over
+any file `unusable_reason` objects to.
 Every write goes to `<name>.tmp`, is fsync'ed and renamed, so a reader (or a resumed run after
 `kill -9`) only ever sees complete files; leftover `.tmp` files are ignored and cleaned up.
 """
@@ -189,6 +192,36 @@ def restore_training(ckpt: dict[str, Any], backbone: nn.Module, parts: Mapping[s
                       skipped_total=int(metrics.get("skipped_total", 0)))
 
 
+def _nonfinite_tensor(tree: Any, where: str) -> str | None:
+    """The path of the first floating-point tensor in a (nested) state dict holding NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        ok = not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+        return None if ok else where
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        return None
+    for key, value in items:
+        found = _nonfinite_tensor(value, f"{where}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
+def unusable_reason(ckpt: Mapping[str, Any]) -> str | None:
+    """Why training must not continue from `ckpt` (saved by the divergence guard, or any weight or
+    optimizer tensor NaN/inf), or None. A resume from such a state only repeats the divergence."""
+    if ckpt.get("metrics", {}).get("diverged"):
+        return "it holds the state of a diverged run"
+    for key in ("backbone_state", *STATE_KEYS):
+        where = _nonfinite_tensor(ckpt.get(key), key)
+        if where is not None:
+            return f"{where} holds NaN or infinity"
+    return None
+
+
 ABSORBED = ("optim.*, schedule.*, head.s/m/t/parallel/sample_rate (not the class count), the process count "
             "with loader.batch_size x processes kept, loader.workers/backend/prefetch, optim.accumulate, "
             "checkpoint.*, validation.*, logging.*")
@@ -275,13 +308,19 @@ class CheckpointDir:
         return removed
 
     def newest_complete(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest checkpoint that loads and checks out, trying step files newest first, then last.pt."""
+        """The newest checkpoint that loads and can be trained on (`unusable_reason`), trying step
+        files newest first, then last.pt; each one passed over is a warning line."""
         candidates = [p for _, p in reversed(self.step_files())] + [self.root / "last.pt"]
         for path in candidates:
             if not path.is_file():
                 continue
             try:
-                return path, _load(path)
+                ckpt = _load(path)
             except UserError as err:
                 print(f"warning: skipping {err}", file=sys.stderr)
+                continue
+            reason = unusable_reason(ckpt)
+            if reason is None:
+                return path, ckpt
+            print(f"warning: not resuming from {path}: {reason}", file=sys.stderr)
         return None

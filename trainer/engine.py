@@ -38,6 +38,7 @@ from trainer.checkpoint import (
     restore_rng,
     restore_training,
     training_checkpoint,
+    unusable_reason,
 )
 from trainer.config import TrainConfig, head_kwargs, save_resolved, to_dict
 from trainer.hooks import TrainerHooks
@@ -227,6 +228,10 @@ class Trainer:
             found = self.ckdir.newest_complete()
         else:
             found = (Path(mode), load_checkpoint(mode))
+            reason = unusable_reason(found[1])
+            if reason is not None:
+                raise UserError(f"checkpoint.resume={mode}: cannot resume: {reason} (pick an earlier "
+                                "checkpoint, or checkpoint.resume=auto for the newest usable one)")
         if found is None:
             return None
         path, ckpt = found
@@ -404,12 +409,7 @@ class Trainer:
         self.window.add(Window(wait=res.wait, time=res.seconds,
                                images=cfg.loader.batch_size * cfg.optim.accumulate * self.info.world_size))
         if self.nonfinite_run >= cfg.optim.max_nonfinite_in_row:
-            self.save_checkpoint(False, {"diverged": True})
-            where = self.ckdir.root / f"step-{st.step:08d}.pt"
-            raise TrainingDiverged(
-                f"training diverged: {self.nonfinite_run} non-finite steps in a row at step {st.step} "
-                f"({st.skipped_total} skipped in total); state saved to {where} "
-                f"(lower optim.lr, raise schedule.warmup_steps or set optim.clip_grad_norm)")
+            self._diverged(f"{self.nonfinite_run} non-finite steps in a row at step {st.step}")
         last = st.step == self.total
         val_due = bool(self.validators) and (st.step % cfg.validation.every_steps == 0 or last)
         if val_due:
@@ -421,8 +421,32 @@ class Trainer:
         improved = val_due and self.last_val.get("val_accuracy", -1.0) > st.best_accuracy
         if improved:
             st.best_accuracy = self.last_val["val_accuracy"]
-        if st.step % cfg.checkpoint.every_steps == 0 or st.step == self.total or improved:
+        # Never after a skipped (non-finite) step: a checkpoint is a state a resume may continue from.
+        due = st.step % cfg.checkpoint.every_steps == 0 or st.step == self.total or improved
+        if due and res.finite:
+            # A finite step can still overflow the weights (a huge LR); all ranks decide together.
+            if not dist_util.all_true(self._state_finite(), self.info):
+                self._diverged(f"weights or optimizer state NaN or infinite after step {st.step}")
             self.save_checkpoint(improved, self.last_val)
+
+    def _state_finite(self) -> bool:
+        """Every parameter, buffer (BN statistics) and optimizer-state tensor finite (one host sync)."""
+        tensors = list(self.module.parameters()) + list(self.module.buffers()) + [
+            v for state in self.optimizer.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
+
+    def _diverged(self, what: str) -> None:
+        """Save the state for inspection under a name no resume picks up, and stop with one line."""
+        st = self.state
+        name = f"diverged-step-{st.step:08d}.pt"
+        self.save_checkpoint(False, {"diverged": True}, name=name)
+        files = self.ckdir.step_files()
+        restart = f"{files[-1][1].name}, the newest checkpoint before it" if files else "step 0"
+        raise TrainingDiverged(
+            f"training diverged: {what} ({st.skipped_total} skipped in total); state saved to "
+            f"{self.ckdir.root / name} (never resumed from: checkpoint.resume=auto restarts from "
+            f"{restart}); lower optim.lr, raise schedule.warmup_steps or set optim.clip_grad_norm")
 
     def fit(self) -> dict[str, Any]:
         """Set up, resume, run the remaining steps; returns the summary (rank 0's view)."""
@@ -431,6 +455,8 @@ class Trainer:
         try:
             while self.state.step < self.total:
                 self._after_step(self.train_step())
+            if self.nonfinite_run:  # the final state is not a trained model: no "done", no exit 0
+                self._diverged(f"the run ended on {self.nonfinite_run} non-finite step(s) in a row")
             self.hooks.finished(self)
             return self._summary()
         finally:
