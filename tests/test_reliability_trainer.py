@@ -1,4 +1,5 @@
-"""Issue 18 in the trainer: a diverged state is never saved or resumed as if good (item 2)."""
+"""Issue 18 in the trainer: a diverged state is never saved or resumed as if good (item 2); the
+metrics log holds each step once after a resume (item 8)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from tests._trainer_faults import FaultHooks
-from tests._trainer_util import tiny_overrides
+from tests._trainer_util import metrics, tiny_overrides
 from trainer.checkpoint import atomic_save, load_checkpoint
 from trainer.main import main
 
@@ -69,3 +70,19 @@ def test_a_run_ending_on_nonfinite_steps_is_not_done(tmp_path, capsys, faulty):
     (line,) = _error_lines(err)
     assert f"the run ended on {len(faulty)} non-finite step(s) in a row" in line and "done:" not in err
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4  # the last finite checkpoint
+
+
+def test_metrics_log_each_step_once_after_a_resume(tmp_path, capsys):
+    """Item 8: the steps a resume repeats are logged once (49 records for 40 steps before)."""
+    run = tmp_path / "run"
+    assert main(tiny_overrides(run, steps=6)) == 0  # checkpoints at 4 and 6
+    ck = run / "checkpoints"
+    (ck / "step-00000006.pt").unlink()
+    (ck / "last.pt").unlink()  # as if killed between the step-6 log record and its checkpoint
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"time": 1.0, "step": 7, "lo')  # and a record cut short by the kill
+    capsys.readouterr()
+    assert main(tiny_overrides(run, steps=8)) == 0
+    assert "dropped 3 record(s) of steps after 4" in capsys.readouterr().err
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))

@@ -384,6 +384,9 @@ class Trainer:
         backend = getattr(self.loader, "backend", cfg.data.source)
         if resumed_from is not None:
             self.log.message(f"resumed from {resumed_from} at step {self.state.step}")
+        if self.log.dropped:
+            self.log.message(f"metrics.jsonl: dropped {self.log.dropped} record(s) of steps after "
+                             f"{self.state.step}, which this run repeats")
         self.log.message(
             f"training {cfg.model.backbone} on {self.num_classes} classes, {info.world_size} process(es) on "
             f"{info.device}, {self.dtype or 'fp32'}, {self.total} steps, {self.steps_per_epoch} steps/epoch, "

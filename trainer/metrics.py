@@ -9,6 +9,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shards.fileio import atomic_write_text
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def drop_superseded(path: Path, start_step: int) -> int:
+    """Keep only the records of steps up to `start_step` in metrics.jsonl; returns how many went.
+
+    A run resumed from step S repeats the steps after S and logs them again: the records an earlier
+    attempt wrote for them (and a line a kill cut short) describe a state that no longer exists.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= start_step
+        except (ValueError, TypeError, KeyError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += line.strip() != ""
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept), what="metrics log")
+    return dropped
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, display: str = "auto",
@@ -24,7 +52,8 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.dropped = drop_superseded(run_dir / METRICS_NAME, start_step)
+        self._file = open(run_dir / METRICS_NAME, "a", encoding="utf-8")
         if tensorboard != "off":
             try:
                 from torch.utils.tensorboard import SummaryWriter
