@@ -10,6 +10,7 @@ tests run this file in place of trainer/main.py (also under torchrun):
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class FaultHooks(TrainerHooks):
     checkpoint_pause_s: float = 0.0     # hold a half-written checkpoint this long (crash test) ...
     checkpoint_pause_step: int = 0      # ... when writing this step's checkpoint (0 = every one)
     dump_params: bool = False           # every rank writes its final parameters (DDP test)
+    hang_rank: int = -1                 # this rank (RANK) stops answering ...
+    hang_step: int = -1                 # ... after the backward of this step (hang test)
 
     def micro_batch_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         return loss * float("inf") if step in self.nonfinite_steps else loss
@@ -37,6 +40,8 @@ class FaultHooks(TrainerHooks):
     def after_backward(self, step: int) -> None:
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)
+        if step == self.hang_step and int(os.environ.get("RANK", "0")) == self.hang_rank:
+            time.sleep(3600)
 
     def checkpoint_written(self, step: int, file: IO[bytes]) -> None:
         if self.checkpoint_pause_s <= 0 or self.checkpoint_pause_step not in (0, step):

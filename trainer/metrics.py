@@ -49,6 +49,7 @@ class MetricsLogger:
         self._task = None
         self._tb = None
         self._file = None
+        self.dropped = 0  # superseded records removed from metrics.jsonl (rank 0)
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
