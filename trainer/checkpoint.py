@@ -40,7 +40,15 @@ WrittenFn = Callable[[IO[bytes]], None]
 def atomic_save(obj: Any, path: Path | str, on_written: WrittenFn | None = None) -> None:
     """torch.save through `shards.fileio.atomic_write`: `path.tmp`, fsync, rename."""
     with atomic_write(path, "wb", what="checkpoint") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            # A failed write (disk full) surfaces from torch's zip writer as a RuntimeError chained
+            # to the OSError: hand atomic_write the OSError, which it turns into one line.
+            cause = err.__cause__ or err.__context__
+            if isinstance(cause, OSError):
+                raise cause from None
+            raise
         if on_written is not None:
             on_written(f)
 

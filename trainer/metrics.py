@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shards.errors import UserError
 from shards.fileio import atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
@@ -53,8 +54,12 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.dropped = drop_superseded(run_dir / METRICS_NAME, start_step)
-        self._file = open(run_dir / METRICS_NAME, "a", encoding="utf-8")
+        self.path = run_dir / METRICS_NAME
+        self.dropped = drop_superseded(self.path, start_step)
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot write the metrics log ({err.strerror or err})") from None
         if tensorboard != "off":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -91,8 +96,11 @@ class MetricsLogger:
             return
         record = {"time": round(time.time(), 3), **record}
         assert self._file is not None
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:  # disk full or quota in run.dir
+            raise UserError(f"{self.path}: cannot write the metrics log ({err.strerror or err})") from None
         step = int(record.get("step", 0))
         if self._tb is not None:
             for k, v in record.items():
@@ -130,5 +138,8 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # the unwritten tail after a failed write: log() has said so
+                pass
