@@ -15,7 +15,7 @@ from trainer.main import main
 def _finite(path) -> bool:
     ckpt = load_checkpoint(path)
     return all(bool(torch.isfinite(v).all()) for part in ("backbone_state", "head_state")
-               for v in ckpt[part].values() if v.is_floating_point())
+               for v in ckpt[part].values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
 def _error_lines(err: str) -> list[str]:
