@@ -60,3 +60,25 @@ def test_a_stalled_rank_times_out_the_others(tmp_path):
     lines = _rank_errors(proc.stderr)
     assert any(line.startswith("error: rank 0 stops: a collective failed") for line in lines), \
         proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_checkpoint_write_failing_on_rank_0_stops_the_job(tmp_path):
+    """Slow: one torchrun launch (~10 s on 2 cores). Rank 0 alone writes checkpoints; its disk is
+    "full" (RLIMIT_FSIZE, SIGXFSZ ignored), so rank 0 stops with its line while rank 1 is already in
+    the next step's collectives."""
+    import resource
+    import signal
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))
+
+    args = tiny_overrides(tmp_path / "run", steps=8, **{"checkpoint.every_steps": 2})
+    start = time.monotonic()
+    proc = subprocess.run([*TORCHRUN, *main_command(), *args], capture_output=True, text=True, timeout=120,
+                          env=env(), cwd=ROOT, preexec_fn=limit_files)
+    seconds = time.monotonic() - start
+    assert proc.returncode != 0 and seconds < 60, (seconds, proc.stderr[-3000:])
+    lines = _rank_errors(proc.stderr)
+    assert any("cannot write the checkpoint" in line for line in lines), proc.stderr[-3000:]
