@@ -137,16 +137,25 @@ class _HeadFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor, _g_correct: Tensor):  # type: ignore[override]
-        xn, weight, labels, rw, c_y, psi, lse = ctx.saved_tensors
-        s = ctx.s
-        p_y = torch.exp(s * psi - lse)
-        dcy = g * (p_y - 1.0) * s * ctx.margin.dpsi(c_y, ctx.step)
-        # backward may run on a thread with autocast on; the head's contract is fp32
-        with torch.autocast(xn.device.type, enabled=False):
-            dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
-        # engines write dW in weight's dtype: handed to autograd as it is, it becomes weight.grad
-        # without a second C x D buffer (with zero_grad(set_to_none=True), PyTorch's default)
-        return dxn, dw.to(weight.dtype), None, None, None, None, None, None
+        return (*backward_through_engine(ctx, g), None, None, None, None, None, None)
+
+
+def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor]:
+    """(dL/dxn, dL/dW) of the per-row loss from what a head's forward saved on `ctx`.
+
+    Rows with label -1 (a sharded head's rows whose class another rank owns) get no target-column
+    gradient, so no engine code that indexes by label can pick one up.
+    """
+    xn, weight, labels, rw, c_y, psi, lse = ctx.saved_tensors
+    s = ctx.s
+    dcy = g * (torch.exp(s * psi - lse) - 1.0) * s * ctx.margin.dpsi(c_y, ctx.step)
+    dcy = torch.where(labels >= 0, dcy, torch.zeros_like(dcy))
+    # backward may run on a thread with autocast on; the head's contract is fp32
+    with torch.autocast(xn.device.type, enabled=False):
+        dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
+    # engines write dW in weight's dtype: handed to autograd as it is, it becomes weight.grad
+    # without a second C x D buffer (with zero_grad(set_to_none=True), PyTorch's default)
+    return dxn, dw.to(weight.dtype)
 
 
 def head_rows(xn: Tensor, weight: Tensor, labels: Tensor, margin: Margin, step: int, s: float, t: float,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heads.chunked import ChunkedEngine
-from heads.core import Engine, inv_norms
+from heads.core import Engine, backward_through_engine, inv_norms
 from heads.margins import DEFAULT_SCALE, Margin, build_margin
 from heads.reference import focal
 
@@ -151,15 +151,7 @@ class _ShardedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor, _g_correct: Tensor):  # type: ignore[override]
-        xn, weight, labels, rw, c_y, psi, lse = ctx.saved_tensors
-        s = ctx.s
-        # the target column's gradient, on the owning rank only (label >= 0): zero elsewhere, so no
-        # engine code that indexes by label (label -1 would read the last class) can pick it up
-        dcy = g * (torch.exp(s * psi - lse) - 1.0) * s * ctx.margin.dpsi(c_y, ctx.step)
-        dcy = torch.where(labels >= 0, dcy, torch.zeros_like(dcy))
-        with torch.autocast(xn.device.type, enabled=False):
-            dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
-        return dxn, dw.to(weight.dtype), None, None, None, None, None, None, None
+        return (*backward_through_engine(ctx, g), None, None, None, None, None, None, None)
 
 
 def sample_classes(positives: Tensor, num_local: int, rate: float,
