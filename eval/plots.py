@@ -66,3 +66,23 @@ def save_failures(path: Path, rows: Sequence[tuple[str, str, bool, float, float]
         axes[0][0].set_title("no failed pairs", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def save_rocs(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
+    """One ROC figure (log-scale FAR) with a curve per named set of (scores, same)."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.8))
+    floor = 1.0
+    for name, (scores, same) in curves.items():
+        far, tar, _ = roc_curve(scores, same)
+        keep = far > 0  # log axis: FAR 0 cannot be drawn
+        floor = min(floor, 1.0 / max(int((~np.asarray(same, bool)).sum()), 1))
+        ax.plot(far[keep], tar[keep], lw=1.4, label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)

@@ -1,0 +1,271 @@
+"""IJB-B / IJB-C 1:1 template verification, on the data as InsightFace ships it.
+
+    python eval/ijb.py --checkpoint CKPT --ijb IJB_release/IJBC [--batch-size 256 --device cuda]
+        [--json ijbc.json] [--roc ijbc_roc.png]
+
+Layout (`ijbc` or `ijbb` prefix): `loose_crop/<image>`, `meta/ijbc_face_tid_mid.txt` (`image
+template media` per face), `meta/ijbc_name_5pts_score.txt` (`image x1 y1 ... x5 y5 score`, the
+5 points in the image's pixels) and `meta/ijbc_template_pair_label.txt` (`template1 template2
+label`). Each face is aligned with its 5 points to the standard template (preprocess/align.py),
+embedded with its mirror image added and L2-normalized (the flip rule of eval/verify.py); a template's
+feature is the mean over its media of each media's mean face feature, L2-normalized; a pair's score
+is the cosine of its two templates. Reported: TAR at FAR 1e-6 ... 1e-1 (at most floor(FAR x
+impostors) impostor pairs above the threshold, as eval/verification.py) and AUC; --roc draws the
+curve. Only faces of templates that some pair uses are read. Faces are read and aligned by
+--workers threads, a few batches ahead of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from eval.embed import EmbedFn, onnx_embedder, progress_bar, resolve_device, torch_embedder
+from eval.embed_keys import flip_embed
+from eval.verification import auc_score, tar_at_far
+from preprocess.align import warp
+from shards.errors import CliParser, UserError, run_cli
+from shards.fileio import atomic_write_text
+from shards.format import parse_image_size
+from shards.torch_pipeline import to_model_input
+
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass
+class IJBData:
+    name: str                 # "IJBC" / "IJBB", from the meta file prefix
+    images: list[Path]        # per face
+    landmarks: np.ndarray     # [faces, 5, 2]
+    templates: np.ndarray     # [faces] template id
+    media: np.ndarray         # [faces] media id
+    pairs: np.ndarray         # [pairs, 2] template ids
+    labels: np.ndarray        # [pairs] bool, genuine
+
+
+def _rows(path: Path, fields: int | None) -> Iterator[tuple[int, list[str]]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if fields is not None and len(parts) != fields:
+                    raise UserError(f"{path}:{n}: {len(parts)} fields, expected {fields}")
+                yield n, parts
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (expected InsightFace's layout: meta/, loose_crop/)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from None
+
+
+def _ints(path: Path, n: int, values: Sequence[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise UserError(f"{path}:{n}: expected integers, got {' '.join(values)!r}") from None
+
+
+def read_ijb(root: Path) -> IJBData:
+    """The meta files of an IJB-B or IJB-C release folder, checked against each other."""
+    meta = root / "meta"
+    prefix = next((p for p in ("ijbc", "ijbb") if (meta / f"{p}_face_tid_mid.txt").is_file()), None)
+    if prefix is None:
+        raise UserError(f"{meta}: no ijbc_face_tid_mid.txt or ijbb_face_tid_mid.txt (an IJB release folder?)")
+    faces = meta / f"{prefix}_face_tid_mid.txt"
+    names, tids, mids = [], [], []
+    for n, (name, t, m) in _rows(faces, 3):
+        names.append(name)
+        tid, mid = _ints(faces, n, (t, m))
+        tids.append(tid)
+        mids.append(mid)
+    pts_file = meta / f"{prefix}_name_5pts_score.txt"
+    points: dict[str, np.ndarray] = {}
+    for n, parts in _rows(pts_file, 12):
+        try:
+            points[parts[0]] = np.array(parts[1:11], dtype=np.float64).reshape(5, 2)
+        except ValueError:
+            raise UserError(f"{pts_file}:{n}: landmarks must be numbers") from None
+    missing = next((nm for nm in names if nm not in points), None)
+    if missing is not None:
+        raise UserError(f"{pts_file}: no 5 points for face {missing!r} of {faces.name}")
+    pair_file = meta / f"{prefix}_template_pair_label.txt"
+    pairs, labels = [], []
+    for n, parts in _rows(pair_file, 3):
+        t1, t2, label = _ints(pair_file, n, parts)
+        if label not in (0, 1):
+            raise UserError(f"{pair_file}:{n}: label must be 0 or 1, got {label}")
+        pairs.append((t1, t2))
+        labels.append(bool(label))
+    if not pairs:
+        raise UserError(f"{pair_file}: no template pairs")
+    return IJBData(prefix.upper(), [root / "loose_crop" / nm for nm in names],
+                   np.stack([points[nm] for nm in names]), np.array(tids, np.int64),
+                   np.array(mids, np.int64), np.array(pairs, np.int64), np.array(labels, bool))
+
+
+def _aligned_batch(paths: Sequence[Path], points: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    out = np.empty((len(paths), size[0], size[1], 3), np.uint8)
+    for k, path in enumerate(paths):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise UserError(f"{path}: missing or not a decodable image")
+        out[k] = cv2.cvtColor(warp(image, points[k], size), cv2.COLOR_BGR2RGB)
+    return to_model_input(torch.from_numpy(out), torch.device("cpu"), False)
+
+
+def embed_faces(embed: EmbedFn, data: IJBData, rows: np.ndarray, image_size: tuple[int, int], *,
+                batch_size: int = 128, flip: bool = True, workers: int = 2,
+                show_progress: bool = True) -> np.ndarray:
+    """L2-normalized embeddings of faces `rows` (aligned on the fly), in that order."""
+    chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+    feats: list[np.ndarray] = []
+    start, done = time.perf_counter(), 0
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, progress_bar() as bar:
+        task = bar.add_task(data.name, total=len(rows), rate="-", visible=show_progress)
+        ahead = max(workers, 1) + 1
+        jobs = [pool.submit(_aligned_batch, [data.images[i] for i in c], data.landmarks[c], image_size)
+                for c in chunks[:ahead]]
+        for i, chunk in enumerate(chunks):
+            images = jobs[i].result()
+            jobs[i] = None  # type: ignore[call-overload]
+            if i + ahead < len(chunks):
+                c = chunks[i + ahead]
+                jobs.append(pool.submit(_aligned_batch, [data.images[j] for j in c], data.landmarks[c],
+                                        image_size))
+            feats.append(flip_embed(embed, images, flip))
+            done += len(chunk)
+            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
+    return np.concatenate(feats)
+
+
+def template_features(emb: np.ndarray, templates: np.ndarray,
+                      media: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted template ids, L2-normalized features): per template the mean over its media of each
+    media's mean face embedding, so a video with 100 frames weighs as much as one still photo."""
+    pairs = np.stack([templates, media], axis=1)
+    keys, media_of_face = np.unique(pairs, axis=0, return_inverse=True)
+    media_of_face = media_of_face.reshape(-1)
+    media_feat = np.zeros((len(keys), emb.shape[1]), np.float64)
+    np.add.at(media_feat, media_of_face, emb)
+    media_feat /= np.bincount(media_of_face, minlength=len(keys))[:, None]
+    tids, template_of_media = np.unique(keys[:, 0], return_inverse=True)
+    feat = np.zeros((len(tids), emb.shape[1]), np.float64)
+    np.add.at(feat, template_of_media, media_feat)
+    feat /= np.bincount(template_of_media, minlength=len(tids))[:, None]
+    feat /= np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
+    return tids, feat
+
+
+def far_key(far: float) -> str:
+    """tar_at_far_1e-3 style, as the Metrics JSON of DESIGN.md."""
+    return f"tar_at_far_{far:.0e}".replace("e-0", "e-")
+
+
+def pair_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    out: dict[str, Any] = {far_key(far): tar_at_far(scores, labels, far)[0] for far in FARS}
+    out.update({"auc": auc_score(scores, labels), "num_pairs": int(labels.size),
+                "num_genuine": int(labels.sum()), "num_impostor": int((~labels).sum())})
+    return out
+
+
+def evaluate_ijb(embed: EmbedFn, root: Path, image_size: tuple[int, int], *, batch_size: int = 128,
+                 flip: bool = True, workers: int = 2,
+                 show_progress: bool = True) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """(metrics, pair scores, pair labels) of the 1:1 protocol."""
+    start = time.perf_counter()
+    data = read_ijb(root)
+    used = np.isin(data.templates, data.pairs)
+    rows = np.flatnonzero(used)
+    emb = embed_faces(embed, data, rows, image_size, batch_size=batch_size, flip=flip, workers=workers,
+                      show_progress=show_progress)
+    tids, feat = template_features(emb, data.templates[rows], data.media[rows])
+    where = np.searchsorted(tids, data.pairs)
+    where = np.minimum(where, len(tids) - 1)
+    absent = tids[where] != data.pairs
+    if absent.any():
+        t = int(data.pairs[absent][0])
+        raise UserError(f"{root / 'meta'}: template {t} of the pair list has no faces in face_tid_mid")
+    scores = np.einsum("ij,ij->i", feat[where[:, 0]], feat[where[:, 1]])
+    metrics = pair_metrics(scores, data.labels)
+    metrics.update({"set": data.name, "num_faces": int(rows.size), "num_templates": int(tids.size),
+                    "flip": flip, "seconds": round(time.perf_counter() - start, 3)})
+    return metrics, scores, data.labels
+
+
+def load_model(args: argparse.Namespace) -> tuple[EmbedFn, str, tuple[int, int]]:
+    device = resolve_device(args.device)
+    if args.onnx is not None:
+        size = args.image_size or (112, 112)
+        return onnx_embedder(args.onnx, size, device), str(args.onnx), size
+    from trainer.checkpoint import load_embedding_model
+
+    model, spec = load_embedding_model(args.checkpoint, map_location=device)
+    size = tuple(int(v) for v in spec["image_size"])
+    if args.image_size and tuple(args.image_size) != size:
+        raise UserError(f"--image-size {args.image_size}: {args.checkpoint} takes {size} faces")
+    return torch_embedder(model, device), f"{args.checkpoint} ({spec['backbone']})", size  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CliParser(prog="eval/ijb.py", description=__doc__.split("\n\n")[0],
+                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="facetrain checkpoint (.pt)")
+    model.add_argument("--onnx", type=Path, help="ONNX embedding model (input as DESIGN.md)")
+    p.add_argument("--ijb", type=Path, required=True, help="IJB release folder (meta/, loose_crop/)")
+    p.add_argument("--image-size", type=parse_image_size, help="aligned size for an ONNX model (default 112)")
+    p.add_argument("--batch-size", type=int, default=None, help="faces per forward (default 8 cpu, 256 cuda)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="threads reading and aligning faces")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
+    p.add_argument("--json", type=Path, help="write the metrics JSON here")
+    p.add_argument("--roc", type=Path, help="draw the ROC curve into this PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    batch = args.batch_size or (256 if args.device == "cuda" else 8)
+    if batch < 1 or args.workers < 1:
+        raise UserError("--batch-size and --workers must be at least 1")
+    embed, model_name, size = load_model(args)
+    metrics, scores, labels = evaluate_ijb(embed, args.ijb, size, batch_size=batch, flip=not args.no_flip,
+                                           workers=args.workers, show_progress=not args.quiet)
+    metrics["model"] = model_name
+    tars = "  ".join(f"{far:.0e}: {metrics[far_key(far)]:.4f}" for far in FARS)
+    print(f"{metrics['set']} 1:1 TAR@FAR  {tars}  AUC {metrics['auc']:.4f}  "
+          f"({metrics['num_pairs']} pairs, {metrics['num_templates']} templates, "
+          f"{metrics['num_faces']} faces)")
+    if args.json:
+        import json
+
+        atomic_write_text(args.json, json.dumps(metrics, indent=1) + "\n", what="metrics JSON")
+    if args.roc:
+        from eval import plots
+
+        title = f"{metrics['set']} 1:1: {Path(model_name.split()[0]).name}"
+        plots.save_rocs(args.roc, {metrics["set"]: (scores, labels)}, title)
+    print(f"{metrics['num_faces']} faces in {metrics['seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
