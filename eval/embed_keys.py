@@ -9,13 +9,15 @@ embeddings added, the sum L2-normalized.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from eval.embed import EmbedFn, progress_bar
+from eval.embed import EmbedFn, onnx_embedder, progress_bar
 from eval.pairs import Member
 from shards.torch_pipeline import decode_into, to_model_input
 
@@ -61,18 +63,56 @@ def _batches(where: dict[str, Member], keys: list[str], size: tuple[int, int],
 
 
 def embed_keys(embed: EmbedFn, where: dict[str, Member], keys: Iterable[str], image_size: tuple[int, int],
-               *, batch_size: int = 32, flip: bool = True, show_progress: bool = True,
+               *, batch_size: int = 32, flip: bool = True, parallel: int = 1, show_progress: bool = True,
                label: str = "embedding") -> tuple[np.ndarray, dict[str, int]]:
-    """(L2-normalized embeddings [N, D], key -> row) for each distinct key, read in shard order."""
+    """(L2-normalized embeddings [N, D], key -> row) for each distinct key, read in shard order.
+
+    parallel > 1 runs that many batches through `embed` at once from threads: for a model that
+    releases the GIL and uses one thread itself (onnxruntime with one intra-op thread), which on a
+    busy small CPU beats one model spreading each small batch over the cores (bench/verify.py).
+    """
     order = sorted(set(keys), key=lambda k: (str(where[k].shard), where[k].offset))
     feats: list[np.ndarray] = []
     start = time.perf_counter()
     done = 0
-    with progress_bar() as bar:
+    batches = _batches(where, order, tuple(image_size), batch_size)  # type: ignore[arg-type]
+    with progress_bar() as bar, ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
         task = bar.add_task(label, total=len(order), rate="-", visible=show_progress)
-        for chunk, images in _batches(where, order, tuple(image_size), batch_size):  # type: ignore[arg-type]
-            feats.append(flip_embed(embed, images, flip))
-            done += len(chunk)
+        running: deque = deque()  # (faces, future) in batch order
+
+        def collect() -> None:
+            nonlocal done
+            n, fut = running.popleft()
+            feats.append(fut.result())
+            done += n
             bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
+
+        for chunk, images in batches:
+            running.append((len(chunk), pool.submit(flip_embed, embed, images, flip)))
+            while len(running) >= max(parallel, 1):
+                collect()
+        while running:
+            collect()
     index_of = {k: i for i, k in enumerate(order)}
     return (np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)), index_of
+
+
+def onnx_cpu_embedder(path: Path, image_size: tuple[int, int], threads: int = 1) -> EmbedFn:
+    """eval/embed.py's onnx_embedder (its checks run first, on the same file) with `threads` intra-op
+    threads. Temporary: eval/embed.py's session takes onnxruntime's default thread pool and no
+    options; this goes once it takes a thread count.
+    """
+    import onnxruntime as ort
+
+    check = onnx_embedder(path, image_size, torch.device("cpu"))  # validates the file and its input
+    del check
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        return np.asarray(sess.run(None, {name: images.numpy().astype(np.float32, copy=False)})[0])
+
+    return run

@@ -16,6 +16,7 @@ curves of all sets in one PNG. `eval/lfw.py` stays as the LFW shorthand.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from eval.embed import EmbedFn
-from eval.embed_keys import embed_keys
-from eval.pairs import shard_jpegs
-from eval.pairsets import set_pairs
+from eval.embed_keys import embed_keys, onnx_cpu_embedder
+from eval.pairs import Member, shard_jpegs
+from eval.pairsets import PairSet, set_pairs
 from eval.verification import kfold, pair_scores, verification_metrics
 from shards.errors import CliParser, UserError, run_cli
 from shards.fileio import atomic_write_text
@@ -57,27 +58,42 @@ def _name_value(items: Sequence[str], option: str) -> dict[str, str]:
     return out
 
 
-def evaluate_set(embed: EmbedFn, name: str, manifest: Manifest, *, pairs_file: Path | None = None,
-                 folds: int | None = None, skip_missing: bool = False, batch_size: int = 32,
-                 flip: bool = True, show_progress: bool = True) -> SetResult:
+@dataclass
+class PreparedSet:
+    """A set checked and ready to embed: its shards, where each face is, the pairs to score."""
+
+    name: str
+    manifest: Manifest
+    where: dict[str, Member]
+    pairs: PairSet
+
+
+def prepare_set(name: str, manifest: Manifest, *, pairs_file: Path | None = None, folds: int | None = None,
+                skip_missing: bool = False) -> PreparedSet:
+    """Resolve a set's pairs against its shards; every mistake surfaces here, before any embedding."""
+    where = shard_jpegs(manifest)
+    return PreparedSet(name, manifest, where, set_pairs(manifest, where, pairs_file, folds, skip_missing))
+
+
+def evaluate_set(embed: EmbedFn, ps: PreparedSet, *, batch_size: int = 32, flip: bool = True,
+                 parallel: int = 1, show_progress: bool = True) -> SetResult:
     """Embed the faces this set's pairs use and score them by the k-fold protocol."""
     start = time.perf_counter()
-    where = shard_jpegs(manifest)
-    ps = set_pairs(manifest, where, pairs_file, folds, skip_missing)
-    keys = [k for p in ps.pairs for k in (p.a, p.b)]
-    emb, index_of = embed_keys(embed, where, keys, manifest.image_size, batch_size=batch_size,
-                               flip=flip, show_progress=show_progress, label=name)
-    scores, same, fold_of = pair_scores(emb, index_of, ps.pairs)
+    pairs = ps.pairs.pairs
+    keys = [k for p in pairs for k in (p.a, p.b)]
+    emb, index_of = embed_keys(embed, ps.where, keys, ps.manifest.image_size, batch_size=batch_size,
+                               flip=flip, parallel=parallel, show_progress=show_progress, label=ps.name)
+    scores, same, fold_of = pair_scores(emb, index_of, pairs)
     try:
         metrics = verification_metrics(scores, same, fold_of)
         res = kfold(scores, same, fold_of)
     except ValueError as err:
-        raise UserError(f"{ps.source}: cannot run the k-fold protocol ({err})") from None
+        raise UserError(f"{ps.pairs.source}: cannot run the k-fold protocol ({err})") from None
     metrics.update({"seconds": round(time.perf_counter() - start, 3), "num_faces": len(index_of),
-                    "skipped_pairs": ps.skipped, "fold_accuracies": res.accuracies.tolist(),
-                    "fold_thresholds": res.thresholds.tolist(), "shards": str(manifest.root),
-                    "pairs_source": ps.source})
-    return SetResult(name, metrics, scores, same)
+                    "skipped_pairs": ps.pairs.skipped, "fold_accuracies": res.accuracies.tolist(),
+                    "fold_thresholds": res.thresholds.tolist(), "shards": str(ps.manifest.root),
+                    "pairs_source": ps.pairs.source})
+    return SetResult(ps.name, metrics, scores, same)
 
 
 def format_table(results: Sequence[SetResult]) -> str:
@@ -109,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="faces per forward (x2 with flip); default 8 on cpu, 256 on cuda")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="ONNX on cpu: batches run at once, one thread each (default: the cores)")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -119,6 +137,20 @@ def _check_sizes(manifests: dict[str, Manifest]) -> None:
     if len(sizes) > 1:
         listing = ", ".join(f"{n}: {m.image_size[0]}x{m.image_size[1]}" for n, m in manifests.items())
         raise UserError(f"--sets: one model takes one face size, the sets hold {listing}")
+
+
+def _embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn, str, int]:
+    """(model, its name, batches to run at once): ONNX on the CPU runs one single-threaded batch per
+    core, which on 2 busy cores is faster than one session spreading each small batch over both."""
+    parallel = args.parallel if args.parallel is not None else (os.cpu_count() or 1)
+    if parallel < 1:
+        raise UserError(f"--parallel must be at least 1, got {parallel}")
+    if args.onnx is not None and args.device == "cpu" and parallel > 1:
+        return onnx_cpu_embedder(args.onnx, manifest.image_size, threads=1), str(args.onnx), parallel
+    from eval.lfw import load_embedder  # the one checkpoint/ONNX loader, with its size checks
+
+    embed, name = load_embedder(args, manifest)
+    return embed, name, 1
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -135,21 +167,19 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--pairs {name}=...: no set named {name!r} in --sets")
     manifests = {name: load_manifest(Path(d)) for name, d in sets.items()}
     _check_sizes(manifests)
-    from eval.lfw import load_embedder  # the one checkpoint/ONNX loader, with its size checks
-
-    embed, model_name = load_embedder(args, next(iter(manifests.values())))
+    prepared = [prepare_set(name, m, pairs_file=Path(pairs_files[name]) if name in pairs_files else None,
+                            folds=args.folds, skip_missing=args.skip_missing)
+                for name, m in manifests.items()]
+    embed, model_name, parallel = _embedder(args, next(iter(manifests.values())))
     flip = not args.no_flip
     print(f"evaluating {model_name} on {len(sets)} sets (flip {'on' if flip else 'off'})", file=sys.stderr)
     results = []
-    for name, manifest in manifests.items():
-        pf = Path(pairs_files[name]) if name in pairs_files else None
-        r = evaluate_set(embed, name, manifest, pairs_file=pf, folds=args.folds,
-                         skip_missing=args.skip_missing, batch_size=args.batch_size, flip=flip,
-                         show_progress=not args.quiet)
-        if r.metrics["skipped_pairs"]:
-            print(f"{name}: skipped {r.metrics['skipped_pairs']} pairs naming images not in "
-                  f"{manifest.root}", file=sys.stderr)
-        results.append(r)
+    for ps in prepared:
+        if ps.pairs.skipped:
+            print(f"{ps.name}: skipped {ps.pairs.skipped} pairs naming images not in {ps.manifest.root}",
+                  file=sys.stderr)
+        results.append(evaluate_set(embed, ps, batch_size=args.batch_size, flip=flip, parallel=parallel,
+                                    show_progress=not args.quiet))
     print(format_table(results))
     if args.json:
         import json
