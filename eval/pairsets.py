@@ -1,8 +1,8 @@
 """One verification set's pairs: from its manifest or any pairs file, resolved against its shards.
 
-Pairs files come in three forms, told apart by their first line:
+Pairs files come in these forms, told apart by their first line:
 - View 2: header `<folds> <n>` (`10 300`), then per fold n `name i j` and n `name1 i name2 j` lines;
-- View 1: header `<n>` (`500`): one fold;
+- View 1: header `<n>` (`500`), or no header: one fold (these three: preprocess/pairs_file.py);
 - a plain list for private data: `path_a path_b same` lines (`same` is 1/0 or true/false; paths are
   relative to the image root the shards were built from, or sample keys; `#` starts a comment).
 One-fold sources need `--folds K`: fold k then takes the k-th of K contiguous blocks of the genuine
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess.pairs_file import read_pairs
 from shards.errors import UserError
 from shards.format import sample_key
 from shards.manifest import MANIFEST_NAME, Manifest, Pair
@@ -42,14 +43,9 @@ class PairSet:
     skipped: int = 0
 
 
-class _AnyKey:
-    """A key container that holds everything: lets the standard parser run before the shard check."""
-
-    def __contains__(self, key: object) -> bool:
-        return True
-
-
-def _header_kind(path: Path) -> str:
+def _is_plain_list(path: Path) -> bool:
+    """A plain list's first line is `path_a path_b same`; pairs.txt forms start with a header or
+    `name i j` / `name1 i name2 j` (image numbers), which preprocess/pairs_file.py reads."""
     try:
         with open(path, encoding="utf-8") as f:
             first = next((line.split() for line in f if line.strip() and not line.startswith("#")), [])
@@ -59,12 +55,12 @@ def _header_kind(path: Path) -> str:
         raise UserError(f"{path}: unreadable pairs file ({err})") from None
     if not first:
         raise UserError(f"{path}: the pairs file is empty")
-    return "lfw" if len(first) <= 2 and all(v.isdigit() for v in first) else "plain"
+    return len(first) == 3 and not first[1].isdigit()
 
 
-def read_plain_list(path: Path) -> list[Pair]:
-    """`path_a path_b same` lines, all in fold 0."""
-    out = []
+def read_plain_list(path: Path) -> tuple[list[Pair], list[int]]:
+    """`path_a path_b same` lines, all in fold 0; and their line numbers."""
+    out, lines = [], []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         f = line.split("#", 1)[0].split()
         if not f:
@@ -73,18 +69,20 @@ def read_plain_list(path: Path) -> list[Pair]:
             raise UserError(f"{path}:{n}: expected 'path_a path_b same' with same 1/0 or true/false, "
                             f"got {line.strip()!r}")
         out.append(Pair(sample_key(f[0]), sample_key(f[1]), f[2].lower() in _TRUE, 0))
+        lines.append(n)
     if not out:
         raise UserError(f"{path}: the pairs file holds no pairs")
-    return out
+    return out, lines
 
 
-def read_any_pairs(path: Path) -> list[Pair]:
-    """Pairs with their folds from a View 2, View 1 or plain pairs file (not checked against shards)."""
-    if _header_kind(path) == "plain":
+def read_any_pairs(path: Path) -> tuple[list[Pair], list[int]]:
+    """Pairs (sample keys, folds) of a View 2, View 1, headerless or plain pairs file, not yet checked
+    against any shards; and each pair's line number."""
+    if _is_plain_list(path):
         return read_plain_list(path)
-    from eval.pairs import read_pairs_file
-
-    return read_pairs_file(path, _AnyKey())
+    lines = read_pairs(path)  # the one pairs.txt reader
+    return ([Pair(sample_key(p.a), sample_key(p.b), p.same, p.fold) for p in lines],
+            [p.line for p in lines])
 
 
 def split_folds(pairs: list[Pair], k: int) -> list[Pair]:
@@ -97,14 +95,16 @@ def split_folds(pairs: list[Pair], k: int) -> list[Pair]:
     return [replace(p, fold=int(f)) for p, f in zip(pairs, fold, strict=True)]
 
 
-def resolve(pairs: list[Pair], keys: set[str] | dict, source: str, skip_missing: bool) -> PairSet:
+def resolve(pairs: list[Pair], keys: set[str] | dict, source: str, skip_missing: bool,
+            lines: list[int] | None = None) -> PairSet:
     """Pairs whose two faces are in the shards; a missing face is an error unless skip_missing."""
     kept = [p for p in pairs if p.a in keys and p.b in keys]
     if len(kept) != len(pairs) and not skip_missing:
-        first = next(p for p in pairs if p.a not in keys or p.b not in keys)
-        key = first.a if first.a not in keys else first.b
-        raise UserError(f"{source}: {len(pairs) - len(kept)} pairs name images that are not in the shards "
-                        f"(first: {key!r}); pass --skip-missing to score the others")
+        i = next(i for i, p in enumerate(pairs) if p.a not in keys or p.b not in keys)
+        key = pairs[i].a if pairs[i].a not in keys else pairs[i].b
+        where = f"{source}:{lines[i]}" if lines else f"{source}: pairs[{i}]"
+        raise UserError(f"{where}: image {key!r} is not in the shards ({len(pairs) - len(kept)} pairs "
+                        "name absent images; --skip-missing scores the others)")
     if not kept:
         raise UserError(f"{source}: none of the {len(pairs)} pairs have both images in the shards")
     return PairSet(kept, source, len(pairs) - len(kept))
@@ -113,15 +113,16 @@ def resolve(pairs: list[Pair], keys: set[str] | dict, source: str, skip_missing:
 def set_pairs(manifest: Manifest, keys: set[str] | dict, pairs_file: Path | None = None,
               folds: int | None = None, skip_missing: bool = False) -> PairSet:
     """The pairs a set is scored on: the manifest's, or a pairs file's; one fold split by `folds`."""
+    lines = None
     if pairs_file is not None:
-        raw, source = read_any_pairs(pairs_file), str(pairs_file)
+        (raw, lines), source = read_any_pairs(pairs_file), str(pairs_file)
     else:
         source = str(manifest.root / MANIFEST_NAME)
         if not manifest.pairs:
             raise UserError(f"{source}: these shards hold no pairs (import a .bin, build them with "
                             "`build_shards.py lfw`, or name a pairs file)")
         raw = list(manifest.pairs)
-    result = resolve(raw, keys, source, skip_missing)
+    result = resolve(raw, keys, source, skip_missing, lines)
     same = np.array([p.same for p in result.pairs], dtype=bool)
     if same.all() or not same.any():
         kind = "same-person" if same.all() else "different-person"

@@ -204,7 +204,7 @@ def test_absent_image_one_line_or_skipped_and_counted(shards: Path, ckpt: Path, 
     base = ["--checkpoint", str(ckpt), "--sets", f"lfw={shards}", "--pairs", f"lfw={pf}", "--quiet"]
     code, _, err = _run(base, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "Person_A__Person_A_0007" in err and "--skip-missing" in err and str(pf) in err
+    assert "Person_A__Person_A_0007" in err and "--skip-missing" in err and f"{pf}:2:" in err
     code, _, err = _run(base + ["--skip-missing", "--json", str(tmp_path / "m.json")], capsys)
     assert code == 0, err
     assert "lfw: skipped 1 pairs" in err
@@ -236,3 +236,22 @@ def test_argument_mistakes_are_one_line(shards: Path, ckpt: Path, tmp_path: Path
         assert code == 2 and len(err.strip().splitlines()) == 1 and text in err, (argv, err)
     with pytest.raises(UserError, match="pairs file not found"):
         verify.run(["--checkpoint", str(ckpt), "--sets", f"a={shards}", "--pairs", f"a={tmp_path / 'x.txt'}"])
+
+
+def test_headerless_lfw_lines_and_plain_lists_are_told_apart(tmp_path: Path) -> None:
+    from eval.pairsets import read_any_pairs
+
+    lfw = tmp_path / "headerless.txt"
+    lfw.write_text("Person_A 1 2\nPerson_A 1 Person_B 3\n")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("Person_A/Person_A_0001.jpg Person_A/Person_A_0002.jpg true\n"
+                     "Person_A__Person_A_0001 Person_B__Person_B_0003 0\n")  # sample keys work too
+    for path in (lfw, plain):
+        pairs, lines = read_any_pairs(path)
+        assert [(p.a, p.b, p.same, p.fold) for p in pairs] == [
+            (_key("Person_A", 1), _key("Person_A", 2), True, 0),
+            (_key("Person_A", 1), _key("Person_B", 3), False, 0)], path
+        assert lines == [1, 2]
+    plain.write_text("a.jpg b.jpg maybe\n")
+    with pytest.raises(UserError, match=r"plain.txt:1: expected 'path_a path_b same'"):
+        read_any_pairs(plain)
