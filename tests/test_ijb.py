@@ -165,3 +165,32 @@ def test_layout_mistakes_are_one_line(mini_ijb: tuple[Path, dict], tmp_path: Pat
     pts.write_text(pts.read_text().replace(" 0.99\n", "\n", 1))
     with pytest.raises(UserError, match=r"ijbc_name_5pts_score.txt:1: 11 fields, expected 12"):
         read_ijb(broken)
+
+
+def test_pair_list_mistakes_name_the_line(mini_ijb: tuple[Path, dict], tmp_path: Path) -> None:
+    root, _ = mini_ijb
+    broken = tmp_path / "IJBC"
+    (broken / "meta").mkdir(parents=True)
+    for f in (root / "meta").iterdir():
+        (broken / "meta" / f.name).write_text(f.read_text())
+    pairs = broken / "meta" / "ijbc_template_pair_label.txt"
+    good = pairs.read_text()
+    pairs.write_text(good.replace("3 4 1", "3 x 1"))
+    with pytest.raises(UserError, match=r"ijbc_template_pair_label.txt:2: expected integers"):
+        read_ijb(broken)
+    pairs.write_text(good.replace("3 4 1", "3 4"))
+    with pytest.raises(UserError, match=r"ijbc_template_pair_label.txt:2: 2 fields, expected 3"):
+        read_ijb(broken)
+    pairs.write_text(good.replace("3 4 1", "3 4 2"))
+    with pytest.raises(UserError, match=r"pair 2: label must be 0 or 1, got 2"):
+        read_ijb(broken)
+
+
+def test_pair_cosines_in_chunks_equal_one_gather() -> None:
+    from eval.ijb import pair_cosines
+
+    rng = np.random.default_rng(0)
+    feat = rng.normal(size=(20, 8))
+    rows = rng.integers(0, 20, size=(101, 2))
+    np.testing.assert_allclose(pair_cosines(feat, rows, chunk=7),
+                               np.einsum("ij,ij->i", feat[rows[:, 0]], feat[rows[:, 1]]), atol=1e-12)
