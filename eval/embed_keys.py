@@ -1,7 +1,8 @@
-"""Embedding only the faces a set's pairs use, read straight from their shard offsets.
+"""Embedding only the faces a set's pairs use, through the shards' own reader.
 
-The JPEGs are located through the DALI .idx files (eval/pairs.py `shard_jpegs`), read in shard
-order and decoded one batch ahead in a thread (OpenCV releases the GIL) while the model runs the
+The faces are picked by row from the sample table (the DALI .idx files) and read by
+`shards.torch_pipeline.BatchDecoder` (every read checked: tar header, label range, CRC32), in shard
+order, one batch ahead in a thread (pread and OpenCV release the GIL) while the model runs the
 current batch. Flip rule as eval/embed.py: the batch and its mirror image in one forward, the two
 embeddings added, the sum L2-normalized.
 """
@@ -18,8 +19,10 @@ import numpy as np
 import torch
 
 from eval.embed import EmbedFn, onnx_embedder, progress_bar
-from eval.pairs import Member
-from shards.torch_pipeline import decode_into, to_model_input
+from shards.errors import UserError
+from shards.manifest import Manifest
+from shards.sample_index import SampleTable
+from shards.torch_pipeline import BatchDecoder, to_model_input
 
 
 def flip_embed(embed: EmbedFn, images: torch.Tensor, flip: bool = True) -> np.ndarray:
@@ -33,50 +36,61 @@ def flip_embed(embed: EmbedFn, images: torch.Tensor, flip: bool = True) -> np.nd
     return emb.astype(np.float32, copy=False)
 
 
-def _decode_batch(members: list[Member], keys: list[str], size: tuple[int, int]) -> torch.Tensor:
-    images = np.empty((len(keys), size[0], size[1], 3), dtype=np.uint8)
-    handles: dict = {}
-    try:
-        for k, key in enumerate(keys):
-            m = members[k]
-            f = handles.get(m.shard) or handles.setdefault(m.shard, open(m.shard, "rb"))  # noqa: SIM115
-            f.seek(m.offset)
-            decode_into(images[k], f.read(m.size), f"{m.shard} (sample {key})")
-    finally:
-        for f in handles.values():
-            f.close()
-    return to_model_input(torch.from_numpy(images), torch.device("cpu"), False)
+def _decode(decoder: BatchDecoder, rows: np.ndarray) -> torch.Tensor:
+    item = decoder[((0,), rows)]
+    if isinstance(item, str):  # the decoder's one-line error
+        raise UserError(item)
+    return to_model_input(item[0], torch.device("cpu"), False)
 
 
-def _batches(where: dict[str, Member], keys: list[str], size: tuple[int, int],
-             batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    chunks = [keys[s:s + batch_size] for s in range(0, len(keys), batch_size)]
+def _batches(decoder: BatchDecoder, rows: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+    chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [pool.submit(_decode_batch, [where[k] for k in c], c, size) for c in chunks[:2]]
-        for i, chunk in enumerate(chunks):
-            images = pending[i].result()
-            if i + 2 < len(chunks):
-                nxt = chunks[i + 2]
-                pending.append(pool.submit(_decode_batch, [where[k] for k in nxt], nxt, size))
-            pending[i] = None  # type: ignore[call-overload]  # free the batch once handed out
-            yield chunk, images
+        pending = deque(pool.submit(_decode, decoder, c) for c in chunks[:2])
+        for c in chunks[2:]:
+            images = pending.popleft().result()
+            pending.append(pool.submit(_decode, decoder, c))
+            yield images
+        while pending:
+            yield pending.popleft().result()
 
 
-def embed_keys(embed: EmbedFn, where: dict[str, Member], keys: Iterable[str], image_size: tuple[int, int],
-               *, batch_size: int = 32, flip: bool = True, parallel: int = 1, show_progress: bool = True,
+class _NoBar:
+    """Stands in for the progress bar when it is off (rich would still print an empty line)."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: object, **kwargs: object) -> int:
+        return 0
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def embed_keys(embed: EmbedFn, manifest: Manifest, table: SampleTable, keys: Iterable[str], *,
+               batch_size: int = 32, flip: bool = True, parallel: int = 1, show_progress: bool = True,
                label: str = "embedding") -> tuple[np.ndarray, dict[str, int]]:
-    """(L2-normalized embeddings [N, D], key -> row) for each distinct key, read in shard order.
+    """(L2-normalized embeddings [N, D], key -> row) for each distinct key (all in `table`, built
+    with keys), read in shard order.
 
     parallel > 1 runs that many batches through `embed` at once from threads: for a model that
     releases the GIL and uses one thread itself (onnxruntime with one intra-op thread), which on a
     busy small CPU beats one model spreading each small batch over the cores (bench/verify.py).
     """
-    order = sorted(set(keys), key=lambda k: (str(where[k].shard), where[k].offset))
+    row_of = {k: i for i, k in enumerate(table.keys or [])}
+    rows = np.array(sorted({row_of[k] for k in keys}), dtype=np.int64)
+    order = [table.keys[i] for i in rows]  # type: ignore[index]
+    decoder = BatchDecoder(table, tuple(manifest.image_size), None)  # type: ignore[arg-type]
     feats: list[np.ndarray] = []
     start = time.perf_counter()
     done = 0
-    batches = _batches(where, order, tuple(image_size), batch_size)  # type: ignore[arg-type]
-    with progress_bar() as bar, ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+    batches = _batches(decoder, rows, batch_size)
+    bar_cm = progress_bar() if show_progress else _NoBar()
+    with bar_cm as bar, ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
         task = bar.add_task(label, total=len(order), rate="-", visible=show_progress)
         running: deque = deque()  # (faces, future) in batch order
 
@@ -87,12 +101,13 @@ def embed_keys(embed: EmbedFn, where: dict[str, Member], keys: Iterable[str], im
             done += n
             bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
 
-        for chunk, images in batches:
-            running.append((len(chunk), pool.submit(flip_embed, embed, images, flip)))
+        for images in batches:
+            running.append((len(images), pool.submit(flip_embed, embed, images, flip)))
             while len(running) >= max(parallel, 1):
                 collect()
         while running:
             collect()
+    decoder.reader.close()
     index_of = {k: i for i, k in enumerate(order)}
     return (np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)), index_of
 

@@ -28,12 +28,12 @@ import numpy as np
 
 from eval.embed import EmbedFn
 from eval.embed_keys import embed_keys, onnx_cpu_embedder
-from eval.pairs import Member, shard_jpegs
 from eval.pairsets import PairSet, set_pairs
 from eval.verification import kfold, pair_scores, verification_metrics
 from shards.errors import CliParser, UserError, run_cli
 from shards.fileio import atomic_write_text
 from shards.manifest import Manifest, load_manifest
+from shards.sample_index import SampleTable, build_sample_table
 
 
 @dataclass
@@ -64,15 +64,16 @@ class PreparedSet:
 
     name: str
     manifest: Manifest
-    where: dict[str, Member]
+    table: SampleTable  # where each face is (with the keys)
     pairs: PairSet
 
 
 def prepare_set(name: str, manifest: Manifest, *, pairs_file: Path | None = None, folds: int | None = None,
                 skip_missing: bool = False) -> PreparedSet:
     """Resolve a set's pairs against its shards; every mistake surfaces here, before any embedding."""
-    where = shard_jpegs(manifest)
-    return PreparedSet(name, manifest, where, set_pairs(manifest, where, pairs_file, folds, skip_missing))
+    table = build_sample_table(manifest, want_keys=True)
+    keys = set(table.keys or [])
+    return PreparedSet(name, manifest, table, set_pairs(manifest, keys, pairs_file, folds, skip_missing))
 
 
 def evaluate_set(embed: EmbedFn, ps: PreparedSet, *, batch_size: int = 32, flip: bool = True,
@@ -81,8 +82,8 @@ def evaluate_set(embed: EmbedFn, ps: PreparedSet, *, batch_size: int = 32, flip:
     start = time.perf_counter()
     pairs = ps.pairs.pairs
     keys = [k for p in pairs for k in (p.a, p.b)]
-    emb, index_of = embed_keys(embed, ps.where, keys, ps.manifest.image_size, batch_size=batch_size,
-                               flip=flip, parallel=parallel, show_progress=show_progress, label=ps.name)
+    emb, index_of = embed_keys(embed, ps.manifest, ps.table, keys, batch_size=batch_size, flip=flip,
+                               parallel=parallel, show_progress=show_progress, label=ps.name)
     scores, same, fold_of = pair_scores(emb, index_of, pairs)
     try:
         metrics = verification_metrics(scores, same, fold_of)

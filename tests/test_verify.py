@@ -255,3 +255,14 @@ def test_headerless_lfw_lines_and_plain_lists_are_told_apart(tmp_path: Path) -> 
     plain.write_text("a.jpg b.jpg maybe\n")
     with pytest.raises(UserError, match=r"plain.txt:1: expected 'path_a path_b same'"):
         read_any_pairs(plain)
+
+
+def test_a_damaged_face_is_one_line_through_the_shards_reader(ckpt: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from tests._damage import flip_jpeg_byte
+
+    shards = make_shards(tmp_path / "lfw")
+    key = _key("Person_A", 1)
+    flip_jpeg_byte(shard_jpegs(load_manifest(shards))[key].shard, key)
+    code, _, err = _run(["--checkpoint", str(ckpt), "--sets", f"lfw={shards}", "--quiet"], capsys)
+    assert code == 2 and "crc32" in err.lower() and len(err.strip().splitlines()) == 2  # log + error
