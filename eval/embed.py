@@ -1,7 +1,8 @@
 """Embedding every face of a shard folder once, with a PyTorch checkpoint or an ONNX model.
 
-Flip test-time augmentation: each batch goes through the model together with its mirror image
-(one forward of 2B), the two embeddings are added and the sum L2-normalized.
+Flip test-time augmentation (`flip_embed`, the one flip rule; eval/embed_keys.py and eval/ijb.py use
+it too): each batch goes through the model together with its mirror image (one forward of 2B), the
+two embeddings are added and the sum L2-normalized.
 """
 
 from __future__ import annotations
@@ -57,8 +58,13 @@ def module_embedder(model: torch.nn.Module, channels_last: bool = False) -> Embe
     return run
 
 
-def onnx_embedder(path: Path, image_size: tuple[int, int], device: torch.device) -> EmbedFn:
-    """An onnxruntime session checked against the shards' image size; UserError naming the file."""
+def onnx_embedder(path: Path, image_size: tuple[int, int], device: torch.device,
+                  threads: int | None = None) -> EmbedFn:
+    """An onnxruntime session checked against the shards' image size; UserError naming the file.
+
+    threads: intra-op threads (default: onnxruntime's, one per core); eval/verify.py runs one
+    single-threaded batch per core at once, faster on a small busy CPU.
+    """
     import onnxruntime as ort
 
     if not path.is_file():
@@ -66,8 +72,11 @@ def onnx_embedder(path: Path, image_size: tuple[int, int], device: torch.device)
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         providers.insert(0, "CUDAExecutionProvider")
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     try:
-        sess = ort.InferenceSession(str(path), providers=providers)
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types for bad files
         raise UserError(f"{path}: not a loadable ONNX model ({type(err).__name__})") from None
     inputs = sess.get_inputs()
@@ -97,6 +106,18 @@ def progress_bar(console: Console | None = None) -> Progress:
     )
 
 
+def flip_embed(embed: EmbedFn, images: torch.Tensor, flip: bool = True) -> np.ndarray:
+    """The flip rule of every evaluator: the batch and its mirror image in one forward, the two
+    embeddings added, the sum L2-normalized (float32 [B, D])."""
+    if flip:
+        both = embed(torch.cat([images, torch.flip(images, dims=[3])]))
+        emb = both[: len(images)] + both[len(images):]
+    else:
+        emb = embed(images)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb.astype(np.float32, copy=False)
+
+
 def embed_shards(
     embed: EmbedFn, manifest: Manifest, *, batch_size: int = 128, flip: bool = True,
     workers: int = 0, show_progress: bool = True,
@@ -110,13 +131,7 @@ def embed_shards(
     with progress_bar() as bar:
         task = bar.add_task("embedding", total=manifest.num_samples, rate="-", visible=show_progress)
         for keys, images, _ in iter_eval_batches(manifest, batch_size=batch_size, workers=workers):
-            if flip:
-                both = embed(torch.cat([images, torch.flip(images, dims=[3])]))
-                emb = both[: len(keys)] + both[len(keys):]
-            else:
-                emb = embed(images)
-            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-            feats.append(emb.astype(np.float32, copy=False))
+            feats.append(flip_embed(embed, images, flip))
             for k in keys:
                 if k in index_of:
                     raise UserError(f"{manifest.root}: sample key {k!r} appears twice in the shards")

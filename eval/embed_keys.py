@@ -3,8 +3,7 @@
 The faces are picked by row from the sample table (the DALI .idx files) and read by
 `shards.torch_pipeline.BatchDecoder` (every read checked: tar header, label range, CRC32), in shard
 order, one batch ahead in a thread (pread and OpenCV release the GIL) while the model runs the
-current batch. Flip rule as eval/embed.py: the batch and its mirror image in one forward, the two
-embeddings added, the sum L2-normalized.
+current batch. The flip rule is eval/embed.py's `flip_embed`.
 """
 
 from __future__ import annotations
@@ -13,27 +12,15 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from eval.embed import EmbedFn, onnx_embedder, progress_bar
+from eval.embed import EmbedFn, flip_embed, progress_bar
 from shards.errors import UserError
 from shards.manifest import Manifest
 from shards.sample_index import SampleTable
 from shards.torch_pipeline import BatchDecoder, to_model_input
-
-
-def flip_embed(embed: EmbedFn, images: torch.Tensor, flip: bool = True) -> np.ndarray:
-    """L2-normalized embeddings of a model-input batch, with the mirror image added when flip."""
-    if flip:
-        both = embed(torch.cat([images, torch.flip(images, dims=[3])]))
-        emb = both[: len(images)] + both[len(images):]
-    else:
-        emb = embed(images)
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return emb.astype(np.float32, copy=False)
 
 
 def _decode(decoder: BatchDecoder, rows: np.ndarray) -> torch.Tensor:
@@ -111,23 +98,3 @@ def embed_keys(embed: EmbedFn, manifest: Manifest, table: SampleTable, keys: Ite
     index_of = {k: i for i, k in enumerate(order)}
     return (np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)), index_of
 
-
-def onnx_cpu_embedder(path: Path, image_size: tuple[int, int], threads: int = 1) -> EmbedFn:
-    """eval/embed.py's onnx_embedder (its checks run first, on the same file) with `threads` intra-op
-    threads. Temporary: eval/embed.py's session takes onnxruntime's default thread pool and no
-    options; this goes once it takes a thread count.
-    """
-    import onnxruntime as ort
-
-    check = onnx_embedder(path, image_size, torch.device("cpu"))  # validates the file and its input
-    del check
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-
-    def run(images: torch.Tensor) -> np.ndarray:
-        return np.asarray(sess.run(None, {name: images.numpy().astype(np.float32, copy=False)})[0])
-
-    return run

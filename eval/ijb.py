@@ -32,8 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from eval.embed import EmbedFn, onnx_embedder, progress_bar, resolve_device, torch_embedder
-from eval.embed_keys import flip_embed
+from eval.embed import EmbedFn, flip_embed, onnx_embedder, progress_bar, resolve_device, torch_embedder
 from eval.verification import auc_score, tar_at_far
 from preprocess.align import warp
 from shards.errors import CliParser, UserError, run_cli

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from eval.embed import EmbedFn
-from eval.embed_keys import embed_keys, onnx_cpu_embedder
+from eval.embed import EmbedFn, onnx_embedder
+from eval.embed_keys import embed_keys
 from eval.pairsets import PairSet, set_pairs
 from eval.verification import kfold, pair_scores, verification_metrics
 from shards.errors import CliParser, UserError, run_cli
@@ -147,7 +148,8 @@ def _embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn, st
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
     if args.onnx is not None and args.device == "cpu" and parallel > 1:
-        return onnx_cpu_embedder(args.onnx, manifest.image_size, threads=1), str(args.onnx), parallel
+        embed = onnx_embedder(args.onnx, manifest.image_size, torch.device("cpu"), threads=1)
+        return embed, str(args.onnx), parallel
     from eval.lfw import load_embedder  # the one checkpoint/ONNX loader, with its size checks
 
     embed, name = load_embedder(args, manifest)
