@@ -266,3 +266,23 @@ def test_a_damaged_face_is_one_line_through_the_shards_reader(ckpt: Path, tmp_pa
     flip_jpeg_byte(shard_jpegs(load_manifest(shards))[key].shard, key)
     code, _, err = _run(["--checkpoint", str(ckpt), "--sets", f"lfw={shards}", "--quiet"], capsys)
     assert code == 2 and "crc32" in err.lower() and len(err.strip().splitlines()) == 2  # log + error
+
+
+@pytest.mark.slow
+def test_onnx_in_parallel_batches_scores_what_the_checkpoint_scores(
+        shards: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Slow: a dynamo ONNX export (tens of seconds on 2 busy cores) and three evaluations."""
+    from eval.export_onnx import main as export_main
+
+    onnx = tmp_path / "tiny.onnx"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(onnx)]) == 0
+    figures = []
+    for model in (["--checkpoint", str(ckpt)], ["--onnx", str(onnx), "--parallel", "2", "--batch-size", "3"],
+                  ["--onnx", str(onnx), "--parallel", "1"]):
+        argv = [*model, "--sets", f"lfw={shards}", "--json", str(tmp_path / "m.json"), "--quiet"]
+        code, _, err = _run(argv, capsys)
+        assert code == 0, err
+        figures.append(json.loads((tmp_path / "m.json").read_text())["sets"]["lfw"])
+    for m in figures[1:]:
+        for k in ("accuracy_mean", "auc", "threshold"):
+            assert m[k] == pytest.approx(figures[0][k], abs=1e-5), k
