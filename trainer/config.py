@@ -146,6 +146,8 @@ class CheckpointConfig:
 @dataclass
 class ValidationConfig:
     lfw_shards: str | None = None      # LFW shard folder with pairs; None = no validation
+    sets: dict[str, str] = field(default_factory=dict)  # name -> shard folder with pairs (eval/verify.py)
+    best: str = "mean"                 # with sets, what picks best.pt: "mean" (of the accuracies) or a set
     every_steps: int = 500
     batch_size: int = 256
 
@@ -355,7 +357,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     valid = _all_keys(TrainConfig)
     for text in overrides:
         key, value = parse_override(text)
-        free = key.startswith("model.kwargs.")  # backbone kwargs are the backbone's to check
+        # backbone kwargs are the backbone's to check; set names are the user's
+        free = key.startswith(("model.kwargs.", "validation.sets."))
         if key not in valid and not free:
             raise _unknown(key, f"override '{text}'", valid)
         _set_dotted(tree, key, value, f"override '{text}'")
@@ -447,6 +450,24 @@ def _check_head(head: HeadConfig, src: Sources) -> None:
                                 f"head.margin={margin}, not {head.margin}")
 
 
+def _check_validation(val: ValidationConfig, src: Sources) -> None:
+    for name, folder in val.sets.items():
+        key = f"validation.sets.{name}"
+        if not (isinstance(name, str) and name and all(c.isalnum() or c in "_-." for c in name)):
+            raise UserError(f"{src.where(key)}: '{key}': a set name is letters, digits, '_', '-' or '.'")
+        if _is_number(folder):
+            val.sets[name] = folder = str(folder)  # a folder named "2024" is still a path
+        if not isinstance(folder, str) or not folder:
+            raise UserError(f"{src.where(key)}: '{key}' must be a shard folder, got {folder!r}")
+    names = sorted(set(val.sets) | ({"lfw"} if val.lfw_shards and val.sets else set()))
+    if val.sets and val.best != "mean" and val.best not in names:
+        raise UserError(f"{src.where('validation.best')}: 'validation.best' must be mean or one of "
+                        f"{', '.join(names)}, got {val.best!r}")
+    if val.lfw_shards and val.sets.get("lfw", val.lfw_shards) != val.lfw_shards:
+        raise UserError(f"{src.where('validation.sets.lfw')}: 'validation.sets.lfw' and "
+                        "'validation.lfw_shards' name different folders")
+
+
 def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
     """Every value in its range and the sections consistent; UserError naming the key otherwise."""
     src = _single(src)
@@ -455,6 +476,7 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
         if not test(value):
             raise UserError(f"{src.where(key)}: '{key}' {says}, got {value}")
     _check_head(cfg.head, src)
+    _check_validation(cfg.validation, src)
     try:
         dataclasses.replace(cfg.data.augment).validate()  # on a copy: validate() turns lists into tuples
     except UserError as err:  # its message starts "augment.<name>=<value>: ..."

@@ -29,11 +29,17 @@ def build_validators(cfg: TrainConfig) -> list[Validator]:
     """The evaluators the run validates with (this command module is the one place that joins the
     trainer to eval/: the engine only knows the trainer.validation.Validator protocol). Imports stay
     inside the functions so that --help answers without loading torch."""
-    if not cfg.validation.lfw_shards:
+    val = cfg.validation
+    if val.sets:  # several sets, as eval/verify.py scores them; lfw_shards joins them as "lfw"
+        from eval.validation import SetsValidator
+
+        sets = {"lfw": val.lfw_shards, **val.sets} if val.lfw_shards else dict(val.sets)
+        return [SetsValidator(sets, best=val.best, batch_size=val.batch_size)]
+    if not val.lfw_shards:
         return []
     from eval.validation import LfwValidator
 
-    return [LfwValidator(cfg.validation.lfw_shards, batch_size=cfg.validation.batch_size)]
+    return [LfwValidator(val.lfw_shards, batch_size=val.batch_size)]
 
 
 def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) -> int:
