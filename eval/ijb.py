@@ -18,6 +18,7 @@ curve. Only faces of templates that some pair uses are read. Faces are read and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -282,8 +283,6 @@ def run(argv: Sequence[str] | None = None) -> int:
           f"({metrics['num_pairs']} pairs, {metrics['num_templates']} templates, "
           f"{metrics['num_faces']} faces)")
     if args.json:
-        import json
-
         atomic_write_text(args.json, json.dumps(metrics, indent=1) + "\n", what="metrics JSON")
     if args.roc:
         from eval import plots

@@ -16,6 +16,7 @@ curves of all sets in one PNG. `eval/lfw.py` stays as the LFW shorthand.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -185,8 +186,6 @@ def run(argv: Sequence[str] | None = None) -> int:
                                     show_progress=not args.quiet))
     print(format_table(results))
     if args.json:
-        import json
-
         doc = {"model": model_name, "flip": flip, "sets": {r.name: r.metrics for r in results}}
         atomic_write_text(args.json, json.dumps(doc, indent=1) + "\n", what="metrics JSON")
     if args.roc:
