@@ -1,6 +1,6 @@
 """eval/verify.py against a plain onnxruntime loop, on the same pairs, in the same run.
 
-    python bench/verify.py --onnx MODEL.onnx --shards LFW_SHARDS [--repeats 2] [--batch-size 8]
+    python -m bench.verify --onnx MODEL.onnx --shards LFW_SHARDS [--repeats 2] [--batch-size 8]
 
 The baseline is what one writes by hand: read the JPEGs of the faces the pairs use out of the tar
 shards (tarfile), decode them with OpenCV, run them through an onnxruntime session 8 faces at a
