@@ -1,0 +1,177 @@
+"""Photos to embeddings for identification: read, detect, align, embed (with flip).
+
+Also loads the embedding model (checkpoint or ONNX) with what a gallery must record about it: its
+architecture, image size and a fingerprint of its weights, and the verification threshold its LFW
+evaluation chose when the checkpoint carries one. Model loading goes through eval/embed.py's and
+trainer/checkpoint.py's public functions; the flip-and-normalize step is written here for single
+batches of crops because eval/embed.py only offers it inside `embed_shards`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from eval.embed import EmbedFn, onnx_embedder, resolve_device, torch_embedder
+from eval.gallery import ModelInfo, normalize
+from preprocess.align import check_geometry, warp
+from preprocess.detect import Face, detect_faces
+from shards.errors import UserError
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+@dataclass
+class FaceModel:
+    info: ModelInfo
+    embed: EmbedFn
+    threshold: float | None  # the LFW evaluation's threshold, when the checkpoint carries one
+    where: str
+
+
+@dataclass
+class FoundFace:
+    face: Face
+    crop: np.ndarray  # aligned RGB uint8 (H, W, 3)
+
+
+def _fingerprint_tensors(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_model(path: Path, device_name: str = "cpu") -> FaceModel:
+    """A checkpoint (.pt) or an ONNX model, with its ModelInfo; UserError naming the file."""
+    device = resolve_device(device_name)
+    if path.suffix.lower() == ".onnx":
+        return _load_onnx(path, device)
+    from trainer.checkpoint import load_checkpoint, load_embedding_model
+
+    model, spec = load_embedding_model(path, map_location=device)
+    info = ModelInfo(f"{spec['backbone']}/{spec['embedding_size']}", _fingerprint_tensors(model.state_dict()),
+                     tuple(int(v) for v in spec["image_size"]))  # type: ignore[arg-type]
+    metrics = load_checkpoint(path).get("metrics") or {}
+    threshold = metrics.get("threshold") if isinstance(metrics, dict) else None
+    where = f"{path} ({spec['backbone']})"
+    return FaceModel(info, torch_embedder(model, device), _as_threshold(threshold), where)
+
+
+def _load_onnx(path: Path, device: torch.device) -> FaceModel:
+    import onnx
+
+    if not path.is_file():
+        raise UserError(f"{path}: ONNX model file not found")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError and friends for a file that is not a model
+        raise UserError(f"{path}: not a loadable ONNX model ({type(err).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    dims = _dims(proto.graph.input)
+    if "image_size" in meta:
+        size = tuple(int(v) for v in meta["image_size"].split(","))
+    elif len(dims) == 4 and dims[2] > 0 and dims[3] > 0:
+        size = (dims[2], dims[3])
+    else:
+        raise UserError(f"{path}: the model records no input size (export it with eval/export_onnx.py)")
+    out_dims = _dims(proto.graph.output)
+    embedding = meta.get("embedding_size") or (str(out_dims[-1]) if out_dims and out_dims[-1] else "?")
+    architecture = f"{meta.get('backbone', 'onnx')}/{embedding}"
+    fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()
+    embed = onnx_embedder(path, size, device)  # type: ignore[arg-type]
+    return FaceModel(ModelInfo(architecture, fingerprint, size), embed, None, str(path))  # type: ignore[arg-type]
+
+
+def _dims(values) -> list[int]:  # noqa: ANN001 - onnx's repeated ValueInfoProto
+    """The first value's shape, 0 for a dynamic dimension."""
+    return [d.dim_value for d in values[0].type.tensor_type.shape.dim] if len(values) else []
+
+
+def _as_threshold(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and -1.0 <= float(value) <= 1.0 else None
+
+
+def threshold_from_metrics(path: Path) -> float:
+    """The `threshold` of an eval/lfw.py metrics JSON."""
+    try:
+        value = json.loads(path.read_text()).get("threshold")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{path}: not a readable metrics JSON ({type(err).__name__})") from None
+    threshold = _as_threshold(value)
+    if threshold is None:
+        raise UserError(f"{path}: no numeric 'threshold' in [-1, 1] (an eval/lfw.py --json file?)")
+    return threshold
+
+
+def read_rgb(path: Path) -> np.ndarray | None:
+    """The photo as RGB uint8, or None when it cannot be read or decoded."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    return None if image is None else np.ascontiguousarray(image[:, :, ::-1])
+
+
+def find_faces(rgb: np.ndarray, image_size: tuple[int, int]) -> list[FoundFace]:
+    """Every detected face whose landmarks can be aligned, with its aligned crop; best score first."""
+    found = []
+    for face in detect_faces(rgb):
+        if check_geometry(face.landmarks, image_size) is None:
+            found.append(FoundFace(face, warp(rgb, face.landmarks, image_size)))
+    return found
+
+
+def embed_crops(embed: EmbedFn, crops: list[np.ndarray], flip: bool = True, batch: int = 64) -> np.ndarray:
+    """(N, D) L2-normalized embeddings of aligned RGB uint8 crops; with flip, of the crop plus its mirror."""
+    out = []
+    for start in range(0, len(crops), batch):
+        x = torch.from_numpy(np.stack(crops[start:start + batch])).permute(0, 3, 1, 2).float()
+        x = (x / 255.0 - 0.5) / 0.5
+        if flip:
+            both = embed(torch.cat([x, torch.flip(x, dims=[3])]))
+            emb = both[: len(x)] + both[len(x):]
+        else:
+            emb = embed(x)
+        out.append(normalize(emb))
+    return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
+
+
+# ------------------------------------------------------------------ many photos, in parallel
+
+_worker_size: tuple[int, int] = (112, 112)
+
+
+def _init_worker(image_size: tuple[int, int]) -> None:
+    global _worker_size
+    _worker_size = image_size
+    torch.set_num_threads(1)
+
+
+def _analyse(path: Path) -> tuple[Path, list[FoundFace] | None]:
+    rgb = read_rgb(path)
+    return path, None if rgb is None else find_faces(rgb, _worker_size)
+
+
+def analyse_photos(paths: list[Path], image_size: tuple[int, int],
+                   workers: int = 0) -> Iterator[tuple[Path, list[FoundFace] | None]]:
+    """(path, faces or None when unreadable) for each photo, in order; workers > 0: that many
+    processes (detection dominates the time and runs in one thread per process)."""
+    if workers <= 0 or len(paths) < 2:
+        for path in paths:
+            rgb = read_rgb(path)
+            yield path, None if rgb is None else find_faces(rgb, image_size)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a parent that holds torch threads
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(image_size,)) as pool:
+        yield from pool.imap(_analyse, paths, chunksize=8)

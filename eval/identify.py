@@ -1,0 +1,345 @@
+"""Face identification: enrol a gallery of people, then find who is in photos, folders, videos or a camera.
+
+    python eval/identify.py enrol --gallery DIR --model CKPT|M.onnx --out GALLERY.npz
+    python eval/identify.py search --gallery GALLERY.npz --model CKPT|M.onnx INPUT... [--out DIR]
+    python eval/identify.py search --gallery GALLERY.npz --model ... --camera 0 --max-frames 300 --out DIR
+
+Enrol: DIR holds one folder per person (DIR/<person>/*.jpg, any number of photos each) and/or flat
+files named after the person (DIR/<person>.jpg; a trailing _N, -N or " (N)" is dropped, so
+alice_1.jpg and alice_2.jpg are both "alice"). Each photo is detected (preprocess/detect.py),
+aligned to the template at the model's image size and embedded with its mirror image; a person's
+template is the L2-normalized mean of their photos' embeddings. Photos that cannot be read, show
+no face or several faces (unless --use-largest) are listed and left out.
+
+Search: every face found in the inputs is compared with every template (cosine similarity, one
+matrix product, or FAISS when installed) and labelled with the best person, or "unknown" below the
+threshold. Threshold: --threshold, else the `threshold` of --metrics (an eval/lfw.py --json file),
+else the one the checkpoint's LFW validation stored, else DEFAULT_THRESHOLD (0.3, a cosine
+similarity: typical of margin-softmax models on aligned faces; calibrate with eval/lfw.py). Outputs
+under --out: annotated images, an annotated .mp4 per video or camera, detections.jsonl (one line per
+face: source, frame, box, identity, score, top), and report.html. A model with another
+architecture, image size or weights than the gallery's is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from eval.faces import (
+    IMAGE_EXTS,
+    FaceModel,
+    FoundFace,
+    analyse_photos,
+    embed_crops,
+    find_faces,
+    load_model,
+    threshold_from_metrics,
+)
+from eval.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
+from eval.identify_outputs import Outputs
+from preprocess.detect import pick_face
+from shards.errors import CliParser, UserError, run_cli
+
+DEFAULT_THRESHOLD = 0.3
+VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
+_COPY_SUFFIX = re.compile(r"(?:[_-]\d+| \(\d+\))$")
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def default_workers() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+# ----------------------------------------------------------------------------------------- enrol
+
+
+def gallery_photos(root: Path) -> list[tuple[str, Path]]:
+    """(person, photo) for every photo of a gallery folder, sorted; UserError when there are none."""
+    if not root.is_dir():
+        raise UserError(f"{root}: gallery folder not found")
+    photos = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            photos += [(entry.name, p) for p in sorted(entry.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+        elif entry.suffix.lower() in IMAGE_EXTS:
+            photos.append((_COPY_SUFFIX.sub("", entry.stem) or entry.stem, entry))
+    if not photos:
+        raise UserError(f"{root}: no photos (.jpg, .png, ...) in the gallery folder or its person folders")
+    return photos
+
+
+def enrol(args: argparse.Namespace) -> int:
+    photos = gallery_photos(args.gallery)
+    model = load_model(args.model, args.device)
+    people: dict[str, int] = {}
+    crops, person_of, paths, skipped = [], [], [], []
+    found = analyse_photos([p for _, p in photos], model.info.image_size, args.workers)
+    for (person, path), (_, faces) in zip(photos, found):
+        rel = path.relative_to(args.gallery).as_posix()
+        reason = _unusable(faces, args.use_largest)
+        if reason:
+            warn(f"{path}: {reason}, not enrolled")
+            skipped.append((rel, reason))
+            continue
+        face = _chosen(faces, path)
+        crops.append(face.crop)
+        person_of.append(people.setdefault(person, len(people)))
+        paths.append(rel)
+    for person in sorted({p for p, _ in photos} - set(people)):
+        warn(f"{person}: no usable photo, not in the gallery")
+    if not crops:
+        raise UserError(f"{args.gallery}: no face could be enrolled from {len(photos)} photos")
+    embeddings = embed_crops(model.embed, crops, flip=not args.no_flip)
+    person = np.asarray(person_of, dtype=np.int64)
+    gallery = Gallery(list(people), person_templates(embeddings, person, len(people)), embeddings, person,
+                      paths, str(args.gallery.resolve()), model.info, skipped)
+    save_gallery(args.out, gallery)
+    summary = {"gallery": str(args.out), "people": len(people), "photos": len(paths),
+               "skipped": [{"path": p, "reason": r} for p, r in skipped], "model": model.where,
+               "image_size": list(model.info.image_size)}
+    print(json.dumps(summary))
+    print(f"enrolled {len(people)} people from {len(paths)} photos; {len(skipped)} photos left out",
+          file=sys.stderr)
+    return 0
+
+
+def _unusable(faces: list[FoundFace] | None, use_largest: bool) -> str | None:
+    if faces is None:
+        return "unreadable image"
+    if not faces:
+        return "no face found"
+    if len(faces) > 1 and not use_largest:
+        return f"{len(faces)} faces (use --use-largest to take the largest near the centre)"
+    return None
+
+
+def _chosen(faces: list[FoundFace], path: Path) -> FoundFace:
+    if len(faces) == 1:
+        return faces[0]
+    shape = cv2.imread(str(path)).shape  # only for several faces: pick_face needs the image size
+    best = pick_face([f.face for f in faces], shape)
+    return next(f for f in faces if f.face is best)
+
+
+# ---------------------------------------------------------------------------------------- search
+
+
+@dataclass
+class Matcher:
+    gallery: Gallery
+    model: FaceModel
+    index: TemplateIndex
+    threshold: float
+    top_k: int
+    flip: bool
+
+    def label(self, faces: list[FoundFace]) -> list[dict]:
+        """For each face: identity (or "unknown"), score, top-k, and the best gallery photo."""
+        if not faces:
+            return []
+        queries = embed_crops(self.model.embed, [f.crop for f in faces], flip=self.flip)
+        idx, scores = self.index.search(queries, self.top_k)
+        results = []
+        for q, row, row_scores in zip(queries, idx, scores):
+            best, score = int(row[0]), float(row_scores[0])
+            photos = np.flatnonzero(self.gallery.photo_person == best)
+            photo = int(photos[np.argmax(self.gallery.embeddings[photos] @ q)])
+            results.append({
+                "identity": self.gallery.names[best] if score >= self.threshold else "unknown",
+                "nearest": self.gallery.names[best], "score": round(score, 4), "photo": photo,
+                "top": [[self.gallery.names[int(i)], round(float(s), 4)] for i, s in zip(row, row_scores)],
+            })
+        return results
+
+
+def check_compatible(gallery: Gallery, model: FaceModel, gallery_path: Path) -> None:
+    g, m = gallery.model, model.info
+    if g.architecture != m.architecture or tuple(g.image_size) != tuple(m.image_size):
+        raise UserError(f"{gallery_path}: enrolled with a {g.architecture} model at {g.image_size[0]}x"
+                        f"{g.image_size[1]}; {model.where} is {m.architecture} at {m.image_size[0]}x"
+                        f"{m.image_size[1]}: enrol again with this model")
+    if g.fingerprint != m.fingerprint:
+        raise UserError(f"{gallery_path}: enrolled with other weights (fingerprint {g.fingerprint[:12]}, "
+                        f"{model.where} has {m.fingerprint[:12]}): enrol again with this model")
+
+
+def resolve_threshold(args: argparse.Namespace, model: FaceModel) -> tuple[float, str]:
+    if args.threshold is not None:
+        return args.threshold, "--threshold"
+    if args.metrics is not None:
+        return threshold_from_metrics(args.metrics), str(args.metrics)
+    if model.threshold is not None:
+        return model.threshold, "the checkpoint's LFW validation"
+    return DEFAULT_THRESHOLD, "the default"
+
+
+def search(args: argparse.Namespace) -> int:
+    if not args.inputs and args.camera is None:
+        raise UserError("search: give INPUT files or folders, or --camera N")
+    gallery = load_gallery(args.gallery)
+    model = load_model(args.model, args.device)
+    check_compatible(gallery, model, args.gallery)
+    threshold, origin = resolve_threshold(args, model)
+    camera = _open_camera(args.camera) if args.camera is not None else None
+    index = TemplateIndex(gallery.templates, backend=args.index)
+    print(f"{len(gallery.names)} people in {args.gallery}; threshold {threshold:.3f} ({origin}); "
+          f"{index.backend} search", file=sys.stderr)
+    matcher = Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
+    outputs = Outputs(args.out, gallery, report_limit=args.report_limit)
+    done = 0
+    try:
+        images, videos = _expand_inputs(args.inputs)
+        done += _search_images(images, matcher, outputs, args.workers)
+        for video in videos:
+            done += _search_video(video, matcher, outputs, args)
+        if camera is not None:
+            done += _search_stream(camera, f"camera{args.camera}", matcher, outputs, args)
+    finally:
+        outputs.close()
+    print(f"{outputs.faces} faces in {done} images/frames" + (f"; outputs in {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 0 if done else 1
+
+
+def _expand_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    images, videos = [], []
+    for path in inputs:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            images += [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+            videos += [p for p in files if p.suffix.lower() in VIDEO_EXTS]
+        elif not path.is_file():
+            warn(f"{path}: no such file or folder, skipped")
+        elif path.suffix.lower() in VIDEO_EXTS:
+            videos.append(path)
+        else:
+            images.append(path)  # any other file is tried as an image; unreadable ones are reported
+    return images, videos
+
+
+def _search_images(images: list[Path], matcher: Matcher, outputs: Outputs, workers: int) -> int:
+    done = 0
+    for path, faces in analyse_photos(images, matcher.model.info.image_size, workers):
+        if faces is None:
+            warn(f"{path}: unreadable image, skipped")
+            continue
+        done += 1
+        labels = matcher.label(faces)
+        if not faces:
+            warn(f"{path}: no face found")
+        outputs.add_image(path, faces, labels)
+    return done
+
+
+def _frames(capture: cv2.VideoCapture, max_frames: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    n = 0
+    while max_frames is None or n < max_frames:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        yield n, frame
+        n += 1
+
+
+def _search_stream(capture: cv2.VideoCapture, source: str, matcher: Matcher, outputs: Outputs,
+                   args: argparse.Namespace) -> int:
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    writer = outputs.video_writer(source, fps)
+    faces: list[FoundFace] = []
+    labels: list[dict] = []
+    done = 0
+    try:
+        for n, frame in _frames(capture, args.max_frames):
+            if n % args.every == 0:  # frames in between show the last frame's boxes
+                faces = find_faces(np.ascontiguousarray(frame[:, :, ::-1]), matcher.model.info.image_size)
+                labels = matcher.label(faces)
+                outputs.add_frame(source, n, frame, faces, labels)
+                done += 1
+            writer.write(frame, faces, labels)
+    except KeyboardInterrupt:
+        print(f"{source}: stopped at Ctrl-C", file=sys.stderr)
+    finally:
+        writer.close()
+        capture.release()
+    return done
+
+
+def _search_video(path: Path, matcher: Matcher, outputs: Outputs, args: argparse.Namespace) -> int:
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        warn(f"{path}: cannot be opened as a video, skipped")
+        return 0
+    return _search_stream(capture, str(path), matcher, outputs, args)
+
+
+def _open_camera(index: int) -> cv2.VideoCapture:
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # no backend-by-backend warnings
+    capture = cv2.VideoCapture(index)
+    if not capture.isOpened():
+        raise UserError(f"--camera {index}: no camera {index} can be opened here")
+    return capture
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CliParser(prog="identify.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CliParser)
+    e = sub.add_parser("enrol", help="build GALLERY.npz from a folder of people's photos")
+    e.add_argument("--gallery", type=Path, required=True,
+                   help="folder: DIR/<person>/*.jpg or DIR/<person>.jpg")
+    e.add_argument("--out", type=Path, required=True, help="the gallery file to write (.npz)")
+    e.add_argument("--use-largest", action="store_true",
+                   help="photos with several faces: enrol the largest face nearest the centre")
+    s = sub.add_parser("search", help="label the faces in photos, folders, videos or a camera")
+    s.add_argument("inputs", nargs="*", type=Path, help="photos, folders (recursively), video files")
+    s.add_argument("--gallery", type=Path, required=True, help="GALLERY.npz from enrol")
+    s.add_argument("--camera", type=int, help="read camera N (stop with Ctrl-C or --max-frames)")
+    s.add_argument("--out", type=Path,
+                   help="folder for annotated images/videos, detections.jsonl, report.html")
+    s.add_argument("--threshold", type=float, help="cosine similarity below which a face is unknown")
+    s.add_argument("--metrics", type=Path, help="eval/lfw.py --json file whose threshold to use")
+    s.add_argument("--top-k", type=_positive, default=5, help="candidates listed per face (default 5)")
+    s.add_argument("--index", choices=("auto", "numpy", "faiss"), default="auto",
+                   help="search backend (auto: FAISS when installed, else one numpy matrix product)")
+    s.add_argument("--every", type=_positive, default=1, help="video: search every Nth frame (default 1)")
+    s.add_argument("--max-frames", type=_positive, help="video/camera: stop after this many frames")
+    s.add_argument("--report-limit", type=_positive, default=500, help="faces shown in report.html")
+    for p in (e, s):
+        p.add_argument("--model", type=Path, required=True, help="checkpoint (.pt) or ONNX model (.onnx)")
+        p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        p.add_argument("--workers", type=int, default=default_workers(),
+                       help="processes detecting faces in photos (0: in this process)")
+        p.add_argument("--no-flip", action="store_true", help="embed without the mirror image")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return enrol(args) if args.command == "enrol" else search(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
