@@ -122,14 +122,15 @@ class TemplateIndex:
     backend: "numpy", "faiss" (exact IndexFlatIP; needs faiss-cpu), or "auto" (FAISS when installed).
     """
 
-    def __init__(self, templates: np.ndarray, backend: str = "auto", chunk: int = 256) -> None:
+    def __init__(self, templates: np.ndarray, backend: str = "auto", chunk: int | None = None) -> None:
         if backend not in ("auto", "numpy", "faiss"):
             raise ValueError(f"backend must be auto, numpy or faiss, got {backend!r}")
         if backend == "auto":
             backend = "faiss" if faiss_available() else "numpy"
         self.backend = backend
         self.templates = np.ascontiguousarray(templates, dtype=np.float32)
-        self.chunk = chunk  # queries per product: bounds the (chunk x P) score matrix
+        # Queries per product: the (chunk x P) float32 score matrix stays under 256 MB.
+        self.chunk = chunk or max(1, min(1024, (1 << 26) // max(len(self.templates), 1)))
         self._faiss = None
         if backend == "faiss":
             import faiss
