@@ -43,6 +43,7 @@ from eval.faces import (
     embed_crops,
     find_faces,
     load_model,
+    read_rgb,
     threshold_from_metrics,
 )
 from eval.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
@@ -129,8 +130,8 @@ def _unusable(faces: list[FoundFace] | None, use_largest: bool) -> str | None:
 def _chosen(faces: list[FoundFace], path: Path) -> FoundFace:
     if len(faces) == 1:
         return faces[0]
-    shape = cv2.imread(str(path)).shape  # only for several faces: pick_face needs the image size
-    best = pick_face([f.face for f in faces], shape)
+    rgb = read_rgb(path)  # only for several faces: pick_face needs the image size
+    best = pick_face([f.face for f in faces], rgb.shape if rgb is not None else (0, 0))
     return next(f for f in faces if f.face is best)
 
 
