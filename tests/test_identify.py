@@ -99,6 +99,22 @@ def test_enrol_lists_bad_photos_and_stores_templates(enrolled: dict[str, Path], 
         assert data["names"].dtype.kind == "U"
 
 
+def test_a_photo_with_several_faces_is_listed_unless_use_largest(enrolled: dict[str, Path], people,
+                                                                tmp_path: Path, capsys) -> None:
+    duo = np.hstack([cv2.imread(str(people["bo"][1]))] * 2)  # the same face twice
+    (tmp_path / "gallery").mkdir()
+    cv2.imwrite(str(tmp_path / "gallery" / "duo.png"), duo)
+    model = str(enrolled["model"])
+    argv = ["enrol", "--gallery", str(tmp_path / "gallery"), "--model", model, "--workers", "0"]
+    assert run_cli(main, [*argv, "--out", str(tmp_path / "a.npz")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert "duo.png: 2 faces (use --use-largest" in lines[0]  # listed ...
+    assert lines[-1].endswith("no face could be enrolled from 1 photos")  # ... and not used
+    assert main([*argv, "--out", str(tmp_path / "b.npz"), "--use-largest"]) == 0
+    g = load_gallery(tmp_path / "b.npz")
+    assert g.names == ["duo"] and g.photo_paths == ["duo.png"] and g.skipped == []
+
+
 def test_search_labels_photos_and_writes_every_output(enrolled: dict[str, Path], people, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     garbage = tmp_path / "garbage.jpg"
