@@ -12,8 +12,8 @@ template is the L2-normalized mean of their photos' embeddings. Photos that cann
 no face or several faces (unless --use-largest) are listed and left out.
 
 Search: every face found in the inputs is compared with every template (cosine similarity, one
-matrix product, or FAISS when installed) and labelled with the best person, or "unknown" below the
-threshold. Threshold: --threshold, else the `threshold` of --metrics (an eval/lfw.py --json file),
+matrix product; or FAISS with --index faiss) and labelled with the best person, or "unknown" below
+the threshold. Threshold: --threshold, else the `threshold` of --metrics (an eval/lfw.py --json file),
 else the one the checkpoint's LFW validation stored, else DEFAULT_THRESHOLD (0.3, a cosine
 similarity: typical of margin-softmax models on aligned faces; calibrate with eval/lfw.py). Outputs
 under --out: annotated images, an annotated .mp4 per video or camera, detections.jsonl (one line per
@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, help="cosine similarity below which a face is unknown")
     s.add_argument("--metrics", type=Path, help="eval/lfw.py --json file whose threshold to use")
     s.add_argument("--top-k", type=_positive, default=5, help="candidates listed per face (default 5)")
-    s.add_argument("--index", choices=("auto", "numpy", "faiss"), default="auto",
-                   help="search backend (auto: FAISS when installed, else one numpy matrix product)")
+    s.add_argument("--index", choices=("numpy", "faiss"), default="numpy",
+                   help="search backend: one numpy matrix product (default) or FAISS (faiss-cpu installed)")
     s.add_argument("--every", type=_positive, default=1, help="video: search every Nth frame (default 1)")
     s.add_argument("--max-frames", type=_positive, help="video/camera: stop after this many frames")
     s.add_argument("--report-limit", type=_positive, default=500, help="faces shown in report.html")
