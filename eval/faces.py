@@ -62,7 +62,8 @@ def load_model(path: Path, device_name: str = "cpu") -> FaceModel:
     info = ModelInfo(f"{spec['backbone']}/{spec['embedding_size']}", _fingerprint_tensors(model.state_dict()),
                      tuple(int(v) for v in spec["image_size"]))  # type: ignore[arg-type]
     metrics = load_checkpoint(path).get("metrics") or {}
-    threshold = metrics.get("threshold") if isinstance(metrics, dict) else None
+    # The trainer stores its first validator's metrics unprefixed, the others' as "<name>_<key>".
+    threshold = metrics.get("threshold", metrics.get("lfw_threshold")) if isinstance(metrics, dict) else None
     where = f"{path} ({spec['backbone']})"
     return FaceModel(info, torch_embedder(model, device), _as_threshold(threshold), where)
 
