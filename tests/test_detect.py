@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing
 import random
 from pathlib import Path
 
@@ -134,43 +133,22 @@ def test_finds_lfw_faces_and_agrees_with_their_landmarks_on_a_fixed_subset() -> 
     assert np.median(err) <= 0.04 and np.percentile(err, 95) <= 0.08, np.percentile(err, [50, 95])
 
 
-def _detect_row(name: str) -> str | None:
-    image = _rgb(name)
-    face = pick_face(detect_faces(image), image.shape)
-    if face is None:
-        return None
-    return name + "\t" + " ".join(f"{v:.2f}" for v in face.landmarks.reshape(-1))
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 @pytest.mark.slow
 @needs_lfw
 @pytest.mark.skipif(not REFERENCE.is_file(), reason=f"the reference MobileFaceNet is not at {REFERENCE}")
 def test_reference_model_on_detector_aligned_lfw(tmp_path: Path) -> None:
-    """The reference MobileFaceNet on LFW aligned with the detector's landmarks instead of the file's.
-
-    Slow: detection of all 13,232 photos (~5 min on 2 free cores), a 112x96 build, and 13,232
-    MobileFaceNet forwards. Until `build_shards.py --detect` lands, the detected points go through
-    the LFW builder as a landmark file (same alignment, writer and manifest)."""
+    """The reference MobileFaceNet on LFW shards built with `build_shards.py lfw --detect` (the
+    detector's points, not the landmark file's). Slow: detection of all 13,232 photos (~5 min on 2
+    free cores), a 112x96 build, and 13,232 MobileFaceNet forwards."""
     from eval.import_mobilefacenet import main as import_main
     from eval.lfw import main as lfw_main
     from preprocess.build_shards import main as build_main
 
-    names = [name for name, _ in _reference_rows()]
-    with multiprocessing.get_context("fork").Pool(2, initializer=_init_worker) as pool:
-        rows = pool.map(_detect_row, names, chunksize=64)
-    found = [row for row in rows if row is not None]
-    assert len(found) >= 0.99 * len(names)
-    landmarks = tmp_path / "detected_landmarks.txt"
-    landmarks.write_text("\n".join(found) + "\n")
     shards = tmp_path / "lfw-detected"
-    assert build_main(["lfw", "--root", str(LFW), "--out", str(shards), "--image-size", "112x96",
-                       "--landmarks", str(landmarks)]) == 0
+    argv = ["lfw", "--root", str(LFW), "--out", str(shards), "--image-size", "112x96", "--detect"]
+    assert build_main(argv) == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["num_rejects"] <= 0.01 * manifest["num_inputs"]
     ckpt = tmp_path / "reference.pt"
     assert import_main(["--source", str(REFERENCE), "--out", str(ckpt), "--image-size", "112x96"]) == 0
     out = tmp_path / "metrics.json"

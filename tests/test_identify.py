@@ -39,7 +39,7 @@ def _model(path: Path, image_size: tuple[int, int] = (112, 112), seed: int = 0, 
 
 def _detected_photos(identity: int, wanted: int) -> list[bytes]:
     """JPEGs of one generated identity in which the detector finds exactly one face (fixed seeds)."""
-    from preprocess._synth_face import Photographer, make_identity
+    from preprocess._procedural_faces import Photographer, make_identity
 
     ph, ident, out = Photographer(0), make_identity(np.random.default_rng([0, 2, identity])), []
     for j in range(40):
