@@ -330,6 +330,7 @@ def test_detect_without_the_detector_is_one_line(tmp_path, capsys, monkeypatch):
     root = tmp_path / "p"
     _folders(root)
     monkeypatch.setitem(sys.modules, "preprocess.detect", None)  # makes the import fail
+    monkeypatch.delattr("preprocess.detect", raising=False)  # also once another test imported it
     assert (
         run_cli(build_shards.main, ["folders", "--root", str(root), "--out", str(tmp_path / "o"), "--detect"])
         == 2
