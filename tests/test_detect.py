@@ -14,6 +14,7 @@ import pytest
 from preprocess import detect
 from preprocess.detect import Face, detect_faces, landmark_error, nms, pick_face, pyramid_scales
 from shards.errors import UserError
+from tests._long import long_real_lfw
 
 LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
 LANDMARKS = LFW / "lfw_landmark_150.txt"
@@ -136,6 +137,7 @@ def test_finds_lfw_faces_and_agrees_with_their_landmarks_on_a_fixed_subset() -> 
 @pytest.mark.slow
 @needs_lfw
 @pytest.mark.skipif(not REFERENCE.is_file(), reason=f"the reference MobileFaceNet is not at {REFERENCE}")
+@long_real_lfw
 def test_reference_model_on_detector_aligned_lfw(tmp_path: Path) -> None:
     """The reference MobileFaceNet on LFW shards built with `build_shards.py lfw --detect` (the
     detector's points, not the landmark file's). Slow: detection of all 13,232 photos (~5 min on 2

@@ -22,6 +22,7 @@ from eval.gallery import (
 from eval.identify import main
 from preprocess.detect import detect_faces
 from shards.errors import run_cli
+from tests._long import long_real_lfw
 from trainer.backbones import build_backbone
 from trainer.checkpoint import save_embedding_checkpoint
 
@@ -255,6 +256,7 @@ def test_rank_and_open_set_figures() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not (LFW / "lfw").is_dir() or not REFERENCE.is_file(),
                     reason=f"real LFW ({LFW}/lfw) or the reference model ({REFERENCE}) not found")
+@long_real_lfw
 def test_lfw_identification_with_the_reference_model(tmp_path: Path) -> None:
     """Gallery: one photo of each of the 1,680 LFW people with two or more; probes: their other
     7,484 photos; impostors: the 4,069 people with one photo. Slow: detection and embedding of all
