@@ -36,6 +36,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def model_embedder(checkpoint: Path | None, onnx: Path | None, device_name: str,
+                   onnx_size: tuple[int, int]) -> tuple[EmbedFn, str, tuple[int, int]]:
+    """A checkpoint or an ONNX model as an embedding function, its name for reports, and the face
+    size it takes: a checkpoint's own, `onnx_size` for an ONNX model. Callers check the size."""
+    device = resolve_device(device_name)
+    if onnx is not None:
+        return onnx_embedder(onnx, onnx_size, device), str(onnx), tuple(onnx_size)  # type: ignore[return-value]
+    from trainer.checkpoint import load_embedding_model  # torch model stack only when asked for
+
+    model, spec = load_embedding_model(checkpoint, map_location=device)
+    size = tuple(int(v) for v in spec.get("image_size", ()))
+    return torch_embedder(model, device), f"{checkpoint} ({spec['backbone']})", size  # type: ignore[return-value]
+
+
 def torch_embedder(model: torch.nn.Module, device: torch.device) -> EmbedFn:
     """An embedder for a model of its own: moved to `device`, channels-last (1.3-1.5x faster
     depthwise/1x1 convolutions on the CPU (MobileFaceNet) and on GPUs), eval mode."""

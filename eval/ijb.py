@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from eval.embed import EmbedFn, flip_embed, onnx_embedder, progress_bar, resolve_device, torch_embedder
+from eval.embed import EmbedFn, flip_embed, model_embedder, progress_bar
 from eval.verification import auc_score, tar_at_far
 from preprocess.align import warp
 from shards.errors import CliParser, UserError, run_cli
@@ -237,17 +237,10 @@ def evaluate_ijb(embed: EmbedFn, root: Path, image_size: tuple[int, int], *, bat
 
 
 def load_model(args: argparse.Namespace) -> tuple[EmbedFn, str, tuple[int, int]]:
-    device = resolve_device(args.device)
-    if args.onnx is not None:
-        size = args.image_size or (112, 112)
-        return onnx_embedder(args.onnx, size, device), str(args.onnx), size
-    from trainer.checkpoint import load_embedding_model
-
-    model, spec = load_embedding_model(args.checkpoint, map_location=device)
-    size = tuple(int(v) for v in spec["image_size"])
+    embed, name, size = model_embedder(args.checkpoint, args.onnx, args.device, args.image_size or (112, 112))
     if args.image_size and tuple(args.image_size) != size:
         raise UserError(f"--image-size {args.image_size}: {args.checkpoint} takes {size} faces")
-    return torch_embedder(model, device), f"{args.checkpoint} ({spec['backbone']})", size  # type: ignore[return-value]
+    return embed, name, size
 
 
 def build_parser() -> argparse.ArgumentParser:

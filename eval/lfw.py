@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.embed import EmbedFn, embed_shards, onnx_embedder, resolve_device, torch_embedder
+from eval.embed import EmbedFn, embed_shards, model_embedder
 from eval.pairs import Member, manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
 from eval.verification import KFoldResult, NonFiniteEmbeddings, kfold, pair_scores, verification_metrics
 from shards.errors import CliParser, UserError, run_cli
@@ -52,17 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn, str]:
-    device = resolve_device(args.device)
-    if args.onnx is not None:
-        return onnx_embedder(args.onnx, manifest.image_size, device), str(args.onnx)
-    from trainer.checkpoint import load_embedding_model  # torch model stack only when asked for
-
-    model, spec = load_embedding_model(args.checkpoint, map_location=device)
-    size = tuple(int(v) for v in spec.get("image_size", ()))
+    embed, name, size = model_embedder(args.checkpoint, args.onnx, args.device, tuple(manifest.image_size))
     if size != tuple(manifest.image_size):
         raise UserError(f"{args.checkpoint}: model takes {size} faces, the shards in {manifest.root} "
                         f"hold {tuple(manifest.image_size)}")
-    return torch_embedder(model, device), f"{args.checkpoint} ({spec['backbone']})"
+    return embed, name
 
 
 def format_metrics(m: dict[str, Any]) -> str:
