@@ -55,3 +55,27 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def backbone_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["backbone_state"]
+
+
+VAL_CLASSES = 8
+
+
+def pair_shards(root: Path, shift: int = 0, dataset: str = "lfw") -> Path:
+    """Validation shards: 40 faces of 8 identities at 32x32 (sample i has label i % 8) and 60 pairs in
+    10 folds; `shift` changes which faces pair up, so two sets score differently."""
+    from shards.manifest import MANIFEST_NAME, write_manifest
+    from tests._loader_util import make_shards
+
+    make_shards(root, [24, 16], num_classes=VAL_CLASSES, size=32)
+    data = json.loads((root / MANIFEST_NAME).read_text())
+    key = lambda i: f"id{i % VAL_CLASSES:03d}__img_{i:05d}"  # noqa: E731 - make_shards' key scheme
+    pairs = []
+    for f in range(10):
+        for k in range(3):
+            c = (f + k + shift) % VAL_CLASSES
+            pairs.append({"a": key(c), "b": key(c + VAL_CLASSES * (1 + k % 4)), "same": True, "fold": f})
+            pairs.append({"a": key(c), "b": key((c + 3) % VAL_CLASSES + VAL_CLASSES * 2), "same": False,
+                          "fold": f})
+    data.update(dataset=dataset, split="test", pairs=pairs)
+    write_manifest(root, data)
+    return root

@@ -13,35 +13,16 @@ import torch
 from eval.lfw import main as lfw_main
 from eval.validation import LfwValidator
 from shards.errors import UserError
-from shards.manifest import MANIFEST_NAME, write_manifest
 from tests._loader_util import make_shards
-from tests._trainer_util import metrics, tiny_overrides
+from tests._trainer_util import metrics, pair_shards, tiny_overrides
 from trainer.backbones import build_backbone
 from trainer.checkpoint import save_embedding_checkpoint
 from trainer.main import main as train_main
 
-CLASSES, PER_CLASS = 8, 5
-
-
-def _lfw_shards(root: Path) -> Path:
-    """40 faces of 8 identities at 32x32 (sample i has label i % 8) and 60 pairs in 10 folds."""
-    make_shards(root, [24, 16], num_classes=CLASSES, size=32)
-    data = json.loads((root / MANIFEST_NAME).read_text())
-    key = lambda i: f"id{i % CLASSES:03d}__img_{i:05d}"  # noqa: E731 - make_shards' key scheme
-    pairs = []
-    for f in range(10):
-        for k in range(3):
-            c = (f + k) % CLASSES
-            pairs.append({"a": key(c), "b": key(c + CLASSES * (1 + k % 4)), "same": True, "fold": f})
-            pairs.append({"a": key(c), "b": key((c + 3) % CLASSES + CLASSES * 2), "same": False, "fold": f})
-    data.update(dataset="lfw", split="test", pairs=pairs)
-    write_manifest(root, data)
-    return root
-
 
 @pytest.fixture(scope="module")
 def lfw(tmp_path_factory) -> Path:
-    return _lfw_shards(tmp_path_factory.mktemp("lfw") / "shards")
+    return pair_shards(tmp_path_factory.mktemp("lfw") / "shards")
 
 
 def _eval_lfw(checkpoint: Path, shards: Path, out: Path) -> dict:

@@ -14,36 +14,17 @@ from eval.pairs import read_jpeg, shard_jpegs
 from eval.validation import SetsValidator
 from eval.verify import main as verify_main
 from shards.errors import UserError
-from shards.manifest import MANIFEST_NAME, load_manifest, write_manifest
+from shards.manifest import load_manifest
 from tests._loader_util import make_shards
-from tests._trainer_util import metrics, tiny_overrides
+from tests._trainer_util import metrics, pair_shards, tiny_overrides
 from trainer.config import load_config
 from trainer.main import main as train_main
-
-CLASSES = 8
-
-
-def _pair_shards(root: Path, shift: int) -> Path:
-    """40 faces of 8 identities at 32x32 (sample i has label i % 8), 60 pairs in 10 folds; `shift`
-    changes which faces pair up, so two sets score differently."""
-    make_shards(root, [24, 16], num_classes=CLASSES, size=32)
-    data = json.loads((root / MANIFEST_NAME).read_text())
-    key = lambda i: f"id{i % CLASSES:03d}__img_{i:05d}"  # noqa: E731 - make_shards' key scheme
-    pairs = []
-    for f in range(10):
-        for k in range(3):
-            c = (f + k + shift) % CLASSES
-            pairs.append({"a": key(c), "b": key(c + CLASSES * (1 + k % 4)), "same": True, "fold": f})
-            pairs.append({"a": key(c), "b": key((c + 3) % CLASSES + CLASSES * 2), "same": False, "fold": f})
-    data.update(dataset="pairs", split="test", pairs=pairs)
-    write_manifest(root, data)
-    return root
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sets")
-    a = _pair_shards(root / "a", 0)
+    a = pair_shards(root / "a", 0, dataset="pairs")
     # The second set is the first's pairs as an imported InsightFace pack: the .bin path end to end.
     m = load_manifest(a)
     where = shard_jpegs(m)
@@ -51,7 +32,7 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pack.write_bytes(pickle.dumps(([read_jpeg(where[k]) for p in m.pairs for k in (p.a, p.b)],
                                    [p.same for p in m.pairs]), protocol=2))
     assert import_main(["--bin", str(pack), "--out", str(root / "b")]) == 0
-    return {"a": a, "b": root / "b", "c": _pair_shards(root / "c", 3)}
+    return {"a": a, "b": root / "b", "c": pair_shards(root / "c", 3, dataset="pairs")}
 
 
 def test_config_reads_sets_and_checks_best(sets: dict[str, Path], tmp_path: Path) -> None:
