@@ -7,7 +7,15 @@ faces written out as individual JPEG files in class folders, decoded with PIL, p
 `ToTensor`-style conversion and normalization, random flip, default collate; same batch size and
 workers. Prints both, the ratio, and one JSON line last.
 
+With `--epochs K` it measures instead what the training loop sees across epoch boundaries: K whole
+epochs of the shards (use a small set), timed from the first batch, with the readers kept up across
+epochs (today's default: torch workers and the DALI pipeline persist; the DALI source reads in
+`--source-workers` processes) against the same loader re-created every epoch with the source
+read in the training process (what the trainer did before). It reports images/s over the K epochs
+and the mean wait for the first batch of each new epoch.
+
     python bench/loader.py --shards OUT/train --backend torch [--batch-size 128 --workers 2 --images 4096]
+    python bench/loader.py --shards OUT/small --backend dali --epochs 4 [--source-workers 2]
 """
 
 from __future__ import annotations
@@ -99,6 +107,50 @@ def _measure(name: str, batches, batch_size: int, images: int) -> float:
     return done * batch_size / elapsed
 
 
+def _measure_epochs(loader, epochs: int) -> tuple[float, float]:
+    """(images/s over `epochs` whole epochs after the first batch, mean seconds waited for the first
+    batch of each later epoch), iterating as the trainer does: set_epoch, then a pass."""
+    images, waits, start = 0, [], None
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        asked = time.perf_counter()
+        for k, (x, _) in enumerate(loader):
+            if start is None:  # start-up (first workers, pipeline build) is not throughput
+                start = time.perf_counter()
+                continue
+            if k == 0:
+                waits.append(time.perf_counter() - asked)
+            images += x.shape[0]
+    elapsed = time.perf_counter() - start
+    loader.close()
+    return images / elapsed, sum(waits) / max(1, len(waits))
+
+
+def _epochs_main(args, manifest) -> int:
+    common = dict(batch_size=args.batch_size, backend=args.backend, workers=args.workers, device=args.device)
+    runs = {}
+    for name, kwargs in [("persistent", dict(persistent_workers=True, source_workers=args.source_workers)),
+                         ("per-epoch", dict(persistent_workers=False, source_workers=0))]:
+        loader = build_train_loader(manifest, **common, **kwargs)
+        console.print(f"{name}: {args.epochs} epochs of {loader.batches_per_epoch} batches")
+        runs[name] = _measure_epochs(loader, args.epochs)
+    (ours, ours_wait), (base, base_wait) = runs["persistent"], runs["per-epoch"]
+    print(f"{args.backend}, readers kept across epochs: {ours:.0f} images/s, first batch of an epoch "
+          f"after {ours_wait * 1000:.0f} ms")
+    print(f"baseline, loader re-created per epoch, source in-process: {base:.0f} images/s, first batch "
+          f"after {base_wait * 1000:.0f} ms")
+    print(f"ratio: {ours / base:.2f}x")
+    print(json.dumps({
+        "bench": "loader_epochs", "backend": args.backend, "device": str(args.device),
+        "batch_size": args.batch_size, "workers": args.workers, "source_workers": args.source_workers,
+        "epochs": args.epochs, "samples": manifest.num_samples,
+        "images_per_s": round(ours, 1), "epoch_start_wait_s": round(ours_wait, 4),
+        "baseline": "loader re-created every epoch, DALI source in the training process",
+        "baseline_images_per_s": round(base, 1), "baseline_epoch_start_wait_s": round(base_wait, 4),
+        "ratio": round(ours / base, 3)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = CliParser(
         prog="bench/loader.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,17 +163,25 @@ def main(argv: list[str] | None = None) -> int:
         "--images", type=int, default=4096, help="images timed per reader (after the first batch)"
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--epochs", type=int, default=0,
+                    help="measure K whole epochs, readers kept up vs re-created (see above)")
+    ap.add_argument("--source-workers", type=int, default=None,
+                    help="DALI: processes reading for the pipeline's source (default: the loader's)")
     args = ap.parse_args(argv)
     manifest = load_manifest(args.shards)
+    torch.set_num_threads(1)  # the readers' workers are the parallelism, in both runs
+    if args.epochs:
+        if args.epochs < 2:
+            raise UserError(f"--epochs {args.epochs}: needs at least 2 (the boundaries are the point)")
+        return _epochs_main(args, manifest)
     needed = args.images + 2 * args.batch_size
     if manifest.num_samples < needed:
         raise UserError(
             f"{args.shards}: {manifest.num_samples} samples, the run needs {needed} (lower --images)"
         )
-    torch.set_num_threads(1)  # the readers' workers are the parallelism, in both runs
-
     loader = build_train_loader(
-        manifest, batch_size=args.batch_size, backend=args.backend, workers=args.workers, device=args.device
+        manifest, batch_size=args.batch_size, backend=args.backend, workers=args.workers, device=args.device,
+        source_workers=args.source_workers,
     )
     ours = _measure(f"{args.backend}", loader, args.batch_size, args.images)
 

@@ -10,7 +10,11 @@ Why not `fn.readers.webdataset` with `shard_id/num_shards`: it splits a set by c
 ranges, shuffles only inside a buffer and pads or wraps each rank's part on its own, so the
 exact-once, equal-count split of DESIGN.md (and resuming at a batch) cannot be expressed with it.
 
-One pipeline is built per epoch (tenths of a second). It holds no random operator: the
+One pipeline serves consecutive epochs (`DaliBatches`: a pass per epoch, DALI's reset between
+them); a resume at another position builds a new one (tenths of a second). The external source
+runs in the training process or, with `source_workers`, in DALI's parallel-source processes
+(spawned), which compute their batches from (epoch, batch number) themselves
+(shards/dali_source.py). The pipeline holds no random operator: the
 augmentation's choices (crop box, colour factors, blur, erase box, flip) are drawn on the host per
 batch from the batch's seed words by shards/augment.py, the same draws the torch backend makes, and
 fed in as per-sample operator arguments. So a run resumed at batch k yields the same pixels as the
@@ -20,15 +24,15 @@ and the two backends apply the same choices with their own implementations.
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from shards.augment import ERASE_FILL, AugmentConfig, AugmentDraw, draw_augment
+from shards.augment import ERASE_FILL, AugmentConfig
+from shards.dali_source import BatchSource
 from shards.errors import UserError
-from shards.sample_index import SampleReader, SampleTable, Task
+from shards.sample_index import RankPlan, SampleReader, SampleTable
 
 
 def dali_importable() -> bool:
@@ -53,62 +57,6 @@ def dali_sees_gpu() -> bool:
         return False
 
 
-class _Source:
-    """External-source callback: one batch per call, then StopIteration.
-
-    Each call returns the JPEG bytes and int32 labels and, per sample, the augmentation's random
-    choices as operator arguments (those `argument_names(augment)` lists), drawn on the host from
-    the task's seed words by shards/augment.py exactly as the torch backend draws them. The
-    pipeline itself draws nothing, so a batch's output follows from its task alone.
-    """
-
-    def __init__(self, reader: SampleReader, tasks: Sequence[Task], augment: AugmentConfig,
-                 image_size: tuple[int, int]):
-        self.reader, self.augment, self.image_size = reader, augment, image_size
-        self.names = argument_names(augment)
-        self.tasks = iter(tasks)
-        self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=16)  # to name a bad file
-
-    def __call__(self):
-        seed_words, indices = next(self.tasks)
-        self.recent.append(indices)
-        jpgs, labels = [], []
-        for i in indices:
-            jpg, label = self.reader.read(int(i))
-            jpgs.append(np.frombuffer(jpg, dtype=np.uint8))
-            labels.append(np.array([label], dtype=np.int32))
-        h, w = self.image_size
-        rng = np.random.default_rng(list(seed_words))
-        draws = [_arguments(draw_augment(self.augment, h, w, rng), h, w) for _ in indices]
-        return (jpgs, labels, *([d[name] for d in draws] for name in self.names))
-
-
-def argument_names(aug: AugmentConfig) -> list[str]:
-    """The per-sample operator arguments the steps that are on take, in a fixed order."""
-    steps = [(aug.crop_scale, ["roi_start", "roi_end"]),
-             (aug.color_jitter or aug.grayscale_p, ["brightness", "contrast", "saturation"]),
-             (aug.blur_p, ["sigma"]), (aug.erase_p, ["erase_anchor", "erase_shape"]),
-             (aug.flip, ["mirror"])]
-    return [name for on, names in steps if on for name in names]
-
-
-def _arguments(d: AugmentDraw, h: int, w: int) -> dict[str, np.ndarray]:
-    """One draw as DALI argument values (float32; the mirror flag int32)."""
-    y, x, ch, cw = d.crop if d.crop is not None else (0, 0, h, w)
-    bright, contrast, sat = d.color if d.color is not None else (1.0, 1.0, 1.0)
-    ey, ex, eh, ew = d.erase if d.erase is not None else (0, 0, 0, 0)  # an empty region: no erase
-    f32 = np.float32
-    return {
-        "roi_start": np.array([y, x], f32), "roi_end": np.array([y + ch, x + cw], f32),
-        "brightness": np.array(bright, f32), "contrast": np.array(contrast, f32),
-        "saturation": np.array(0.0 if d.gray else sat, f32),
-        # sigma ~0 is an exact identity (3-tap window with weights 0, 1, 0): blur without a branch
-        "sigma": np.array(d.blur_sigma if d.blur_sigma is not None else 1e-3, f32),
-        "erase_anchor": np.array([ey, ex], f32), "erase_shape": np.array([eh, ew], f32),
-        "mirror": np.array(int(d.flip), np.int32),
-    }
-
-
 def _augment(images, arg: dict, aug: AugmentConfig, image_size: tuple[int, int]):
     """The DALI operators of the training augmentation, in shards/augment.py's order; the flip is
     left to crop_mirror_normalize. Operators for steps that are off are left out of the graph."""
@@ -130,17 +78,25 @@ def _augment(images, arg: dict, aug: AugmentConfig, image_size: tuple[int, int])
 
 
 def _build(
-    source: _Source,
+    source: BatchSource,
     *,
     image_size: tuple[int, int],
     batch_size: int,
     gpu: bool,
     device_id: int | None,
     threads: int,
+    source_workers: int,
     prefetch: int,
     channels_last: bool,
 ):
     from nvidia.dali import fn, pipeline_def, types
+
+    parallel = source_workers > 0
+    # The source's workers are spawned, not forked: a fork after CUDA (or any thread pool) started
+    # is unsafe; spawn re-imports the main module (guarded by `if __name__ == "__main__"`).
+    pool = {"py_num_workers": source_workers, "py_start_method": "spawn"} if parallel else {}
+    # each worker builds whole batches: keep every worker busy `prefetch` batches ahead
+    ahead = {"prefetch_queue_depth": max(1, prefetch) * source_workers} if parallel else {}
 
     @pipeline_def(
         batch_size=batch_size,
@@ -150,12 +106,14 @@ def _build(
         prefetch_queue_depth=max(1, prefetch),
         exec_async=True,
         exec_pipelined=True,
+        **pool,
     )
     def pipe():
         names = source.names
         jpegs, labels, *args = fn.external_source(
-            source=source, num_outputs=2 + len(names), batch=True,
+            source=source, num_outputs=2 + len(names), batch=True, batch_info=True, parallel=parallel,
             dtype=[types.UINT8, types.INT32] + [types.INT32 if n == "mirror" else types.FLOAT for n in names],
+            **ahead,
         )
         arg = dict(zip(names, args, strict=True))
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -178,77 +136,102 @@ def _build(
     return p
 
 
-def _name_bad_sample(source: _Source, image_size: tuple[int, int]) -> str | None:
-    """After DALI failed: decode the recently fed samples with OpenCV to name the bad file."""
+def _name_bad_sample(source: BatchSource, epoch: int, first: int, count: int) -> str | None:
+    """After DALI failed: read and decode batches first .. first + count - 1 of the epoch with
+    OpenCV (the batch being delivered and those the pipeline was preparing) to name the bad file."""
     from shards.torch_pipeline import decode_into
 
-    out = np.empty((*image_size, 3), dtype=np.uint8)
-    for indices in source.recent:
-        for i in indices:
-            jpg, _ = source.reader.read(int(i))
+    out = np.empty((*source.image_size, 3), dtype=np.uint8)
+    table = source.reader.table
+    for k in range(first, min(first + count, source.plan.batches_per_epoch)):
+        for i in source.task(epoch, k)[1]:
             try:
-                decode_into(
-                    out,
-                    jpg,
-                    f"{source.reader.table.shard_paths[source.reader.table.shard[i]]} (sample {int(i)})",
-                )
+                jpg, _ = source.reader.read(int(i))
+                decode_into(out, jpg, f"{table.shard_paths[table.shard[i]]} (sample {int(i)})")
             except UserError as err:
                 return str(err)
     return None
 
 
-def iter_dali_batches(
-    table: SampleTable,
-    tasks: Sequence[Task],
-    *,
-    image_size: tuple[int, int],
-    batch_size: int,
-    augment: AugmentConfig | None,
-    device: torch.device,
-    channels_last: bool,
-    threads: int,
-    prefetch: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Model-ready (images, labels) on `device` for each task (each a full batch of `batch_size`)."""
-    if not tasks:
-        return
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+def _user_error_in(err: BaseException) -> UserError | None:
+    """The UserError somewhere in an exception's chain of causes, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return None
 
-    gpu = device.type == "cuda"
-    device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
-    source = _Source(SampleReader(table), tasks, augment or AugmentConfig(flip=False), image_size)
-    try:
-        pipe = _build(
-            source,
-            image_size=image_size,
-            batch_size=batch_size,
-            gpu=gpu,
-            device_id=device_id,
-            threads=threads,
-            prefetch=prefetch,
-            channels_last=channels_last,
-        )
-        it = None
+
+class DaliBatches:
+    """A DALI pipeline over this rank's batches, one pass per epoch from `first_epoch` on (the first
+    from `start_batch`). The pipeline and its source workers stay up between passes: the next pass
+    is the next epoch (`continues` says whether a wanted position is that one)."""
+
+    def __init__(self, table: SampleTable, plan: RankPlan, *, first_epoch: int, start_batch: int,
+                 image_size: tuple[int, int], augment: AugmentConfig | None, device: torch.device,
+                 channels_last: bool, threads: int, source_workers: int, prefetch: int) -> None:
+        self.gpu = device.type == "cuda"
+        device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if self.gpu else None
+        self.source = BatchSource(SampleReader(table), plan, first_epoch, start_batch,
+                              augment or AugmentConfig(flip=False), image_size)
+        self.channels_last = channels_last
+        # batches the pipeline may be preparing beyond the one delivered, where a failure may lie
+        self.in_flight = 2 + max(1, prefetch) * (1 + source_workers)
+        self.pipe = _build(self.source, image_size=image_size, batch_size=plan.batch_size, gpu=self.gpu,
+                           device_id=device_id, threads=threads, source_workers=source_workers,
+                           prefetch=prefetch, channels_last=channels_last)
+        self.iterator = None
+        self.passes = 0        # passes run to their end
+        self.between = True    # no pass is half-read (the pipeline can start the next one)
+
+    def continues(self, epoch: int, start_batch: int) -> bool:
+        """Whether the next pass yields exactly (epoch, start_batch ..): the following whole epoch."""
+        return self.between and (epoch, start_batch) == self.source.position(self.passes, 0)
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Model-ready (images, labels) on the device for each batch of the next pass."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        epoch, first = self.source.position(self.passes, 0)
+        if first >= self.source.plan.batches_per_epoch:
+            return
+        self.between = False
+        k = first
         while True:
             try:
-                if it is None:  # the iterator runs the first batch in its constructor
-                    it = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False)
-                out = next(it)[0]
+                if self.iterator is None:  # the iterator runs the first batch in its constructor
+                    self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], auto_reset=False)
+                out = next(self.iterator)[0]
             except StopIteration:
+                self.iterator.reset()  # type: ignore[union-attr]
+                self.passes, self.between = self.passes + 1, True
                 return
             except UserError:
                 raise
-            except RuntimeError as err:
-                cause = err.__cause__ or err.__context__
-                if isinstance(cause, UserError):
+            except Exception as err:  # DALI wraps what the source raised (a worker's in an Exception)
+                cause = _user_error_in(err)
+                if cause is not None:
                     raise cause from None
-                named = _name_bad_sample(source, image_size)
+                named = _name_bad_sample(self.source, epoch, k, self.in_flight)
                 if named is not None:
                     raise UserError(named) from None
                 raise
             images = out["images"]
-            if channels_last:
+            if self.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NCHW view with channels-last strides
+            k += 1
             yield images, out["labels"].view(-1).long()
-    finally:
-        source.reader.close()
+
+    def close(self) -> None:
+        """Stops the pipeline and its source workers."""
+        self.iterator = None
+        pipe, self.pipe = self.pipe, None
+        if pipe is not None:  # DALI has no public close: what its finalizers call, now
+            pool = getattr(pipe, "_py_pool", None)
+            pipe._shutdown()
+            if pool is not None:
+                pool.close()
+        self.source.reader.close()

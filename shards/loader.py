@@ -19,7 +19,11 @@ permutation (details and the padding rule in shards/sample_index.py):
 Backends: "dali" (DALI pipeline, nvJPEG on a GPU, CPU operators otherwise), "torch" (OpenCV in
 DataLoader workers), "auto" (DALI when it is installed and can run on the device, else torch).
 Both prefetch: DALI with its queue depth, torch with workers' prefetch_factor and a thread that
-moves the next batches to the device while the step runs.
+moves the next batches to the device while the step runs. With persistent_workers (the default)
+the readers stay up across epochs: each epoch's pass reuses the torch workers, or the DALI pipeline
+and its source workers; without it every epoch starts them again (a data wait of ~0.4-0.6 s at each
+epoch boundary on 2 cores, against 0.05-0.2 s kept up: bench/loader.py --epochs). `close()` stops
+them; a pass must end (or its iterator be closed) before the next begins.
 
 Every sample both backends and `iter_eval_batches` read is checked as it is read (its tar header,
 the CRC32s in its record, its label's range: `SampleReader.read` in shards/sample_index.py); a
@@ -36,8 +40,14 @@ import torch
 from shards.augment import AugmentConfig
 from shards.errors import UserError
 from shards.manifest import Manifest
-from shards.sample_index import SampleReader, Task, batches_per_epoch, build_sample_table, epoch_order
-from shards.torch_pipeline import BatchDecoder, DevicePrefetcher, iter_uint8_batches, to_model_input
+from shards.sample_index import RankPlan, SampleReader, Task, build_sample_table
+from shards.torch_pipeline import (
+    BatchDecoder,
+    BatchWorkers,
+    DevicePrefetcher,
+    iter_uint8_batches,
+    to_model_input,
+)
 
 BACKENDS = ("auto", "dali", "torch")
 
@@ -83,6 +93,8 @@ class TrainLoader:
         augment: AugmentConfig | None,
         channels_last: bool,
         prefetch: int,
+        persistent_workers: bool = True,
+        source_workers: int | None = None,
     ):
         self.manifest = manifest
         self.table = build_sample_table(manifest)
@@ -91,8 +103,12 @@ class TrainLoader:
         self.backend, self.device = backend, device
         self.workers, self.prefetch, self.channels_last = workers, prefetch, channels_last
         self.augment = augment
-        self.batches_per_epoch = batches_per_epoch(len(self.table), batch_size, world_size)
+        self.plan = RankPlan(len(self.table), batch_size, rank, world_size, seed)
+        self.batches_per_epoch = self.plan.batches_per_epoch
+        self.persistent_workers, self.source_workers = persistent_workers, source_workers
         self.epoch, self.start_batch = 0, 0
+        self._torch: BatchWorkers | None = None
+        self._dali = None  # shards.dali_pipeline.DaliBatches, built at the first DALI pass
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -105,45 +121,56 @@ class TrainLoader:
 
     def tasks(self) -> list[Task]:
         """(seed words, sample indices) of each remaining batch of the current epoch on this rank."""
-        order = epoch_order(
-            len(self.table),
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.seed,
-            epoch=self.epoch,
-        )
-        b = self.batch_size
-        return [
-            ((self.seed & 0xFFFFFFFF, self.epoch, self.rank, k), order[k * b : (k + 1) * b])
-            for k in range(self.start_batch, self.batches_per_epoch)
-        ]
+        return self.plan.tasks(self.epoch, self.start_batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        tasks = self.tasks()
+        """One pass: the rest of the current epoch. With persistent_workers the readers (torch
+        workers, the DALI pipeline and its source workers) stay up for the next epoch's pass."""
         if self.backend == "dali":
-            from shards.dali_pipeline import iter_dali_batches
-
-            return iter_dali_batches(
-                self.table,
-                tasks,
-                image_size=self.image_size,
-                batch_size=self.batch_size,
-                augment=self.augment,
-                device=self.device,
-                channels_last=self.channels_last,
-                threads=max(1, self.workers),
-                prefetch=self.prefetch,
-            )
-        decoder = BatchDecoder(self.table, self.image_size, self.augment)  # type: ignore[arg-type]
-        source = iter_uint8_batches(
-            decoder,
-            tasks,
-            workers=self.workers,
-            prefetch=self.prefetch,
-            pin_memory=self.device.type == "cuda",
-        )
+            return self._dali_pass()
+        if self._torch is None:
+            decoder = BatchDecoder(self.table, self.image_size, self.augment)  # type: ignore[arg-type]
+            self._torch = BatchWorkers(decoder, workers=min(self.workers, self.batches_per_epoch),
+                                       prefetch=self.prefetch, pin_memory=self.device.type == "cuda",
+                                       persistent=self.persistent_workers)
+        source = self._torch.run(self.tasks())
         return iter(DevicePrefetcher(source, self.device, self.channels_last, depth=self.prefetch))
+
+    def _dali_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from shards.dali_pipeline import DaliBatches
+
+        if self._dali is not None and not (self.persistent_workers and self._dali.continues(self.epoch,
+                                                                                            self.start_batch)):
+            self._dali.close()
+            self._dali = None
+        if self._dali is None:
+            self._dali = DaliBatches(
+                self.table, self.plan, first_epoch=self.epoch, start_batch=self.start_batch,
+                image_size=self.image_size, augment=self.augment, device=self.device,
+                channels_last=self.channels_last, threads=max(1, self.workers),
+                source_workers=self._source_workers(),
+                prefetch=self.prefetch)
+        return self._dali.epoch()
+
+    def _source_workers(self) -> int:
+        """DALI source processes. The default, loader.workers on a GPU: there nvJPEG decodes, and
+        reading + checking + drawing the augmentation is the CPU work left, which in the training
+        process would compete with the step for the GIL. 0 on the CPU: the decode threads are the
+        work, and on 2 cores two source processes beside them cost ~15% of the images/s (LFW
+        shards, bench/loader.py --epochs 3)."""
+        if self.source_workers is not None:
+            return self.source_workers
+        return self.workers if self.device.type == "cuda" else 0
+
+    def close(self) -> None:
+        """Stops the readers' workers (otherwise they end with this object or the process)."""
+        if self._torch is not None:
+            self._torch.close()
+            self._torch.decoder.reader.close()
+            self._torch = None
+        if self._dali is not None:
+            self._dali.close()
+            self._dali = None
 
 
 def build_train_loader(
@@ -159,14 +186,20 @@ def build_train_loader(
     augment: AugmentConfig | None = None,
     channels_last: bool = False,
     prefetch: int = 2,
+    persistent_workers: bool = True,
+    source_workers: int | None = None,
 ) -> TrainLoader:
-    """The training reader for one rank (see the module docs)."""
+    """The training reader for one rank (see the module docs). persistent_workers: keep the readers
+    up across epochs. source_workers (DALI): processes reading the shards for the pipeline's Python
+    source; None = `workers`, 0 = in this process."""
     if batch_size < 1:
         raise UserError(f"loader.batch_size={batch_size}: must be at least 1")
     if workers < 0:
         raise UserError(f"loader.workers={workers}: must be 0 or more")
     if prefetch < 1:
         raise UserError(f"loader.prefetch={prefetch}: must be at least 1")
+    if source_workers is not None and source_workers < 0:
+        raise UserError(f"loader.source_workers={source_workers}: must be 0 or more")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     device = torch.device(device)
@@ -184,6 +217,8 @@ def build_train_loader(
         augment=augment,
         channels_last=channels_last,
         prefetch=prefetch,
+        persistent_workers=persistent_workers,
+        source_workers=source_workers,
     )
 
 

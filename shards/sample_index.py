@@ -242,3 +242,32 @@ def epoch_order(
     if total > num_samples:  # wrap around: the first `total - N` samples fill the last global batch
         perm = np.concatenate([perm, np.resize(perm, total - num_samples)])
     return perm[rank::world_size].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's batches of every epoch: which samples batch k holds and its seed words. Small and
+    picklable, so reader processes (DALI's parallel source) work out their own tasks."""
+
+    num_samples: int
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return batches_per_epoch(self.num_samples, self.batch_size, self.world_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.num_samples, batch_size=self.batch_size, rank=self.rank,
+                           world_size=self.world_size, seed=self.seed, epoch=epoch)
+
+    def task(self, epoch: int, k: int, order: np.ndarray) -> Task:
+        """Batch k of the epoch whose `order` is given (computing the order is the costly part)."""
+        b = self.batch_size
+        return (self.seed & 0xFFFFFFFF, int(epoch), self.rank, int(k)), order[k * b : (k + 1) * b]
+
+    def tasks(self, epoch: int, start_batch: int = 0) -> list[Task]:
+        order = self.order(epoch)
+        return [self.task(epoch, k, order) for k in range(start_batch, self.batches_per_epoch)]

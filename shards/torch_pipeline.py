@@ -49,7 +49,7 @@ class BatchDecoder(torch.utils.data.Dataset):
     """Map-style dataset whose items are whole batches: a Task in, (uint8 images, int64 labels) out.
 
     A user error inside a worker comes back as a string (DataLoader would wrap the exception in a
-    multi-line message with the worker's traceback) and is raised again by `iter_uint8_batches`.
+    multi-line message with the worker's traceback) and is raised again by `BatchWorkers.run`.
     """
 
     def __init__(self, table: SampleTable, image_size: tuple[int, int], augment: AugmentConfig | None):
@@ -93,30 +93,89 @@ def _worker_init(owner: int, _: int) -> None:
     cv2.setNumThreads(1)  # one decode thread per worker process: the workers are the parallelism
 
 
-def iter_uint8_batches(
-    decoder: BatchDecoder, tasks: Sequence[Task], *, workers: int, prefetch: int, pin_memory: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 [B, H, W, 3], int64 [B]) CPU tensors for each task, in task order.
+class _TaskSampler(torch.utils.data.Sampler):
+    """The current pass's tasks, replaced between passes: one DataLoader serves every epoch."""
+
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+class BatchWorkers:
+    """Decodes batch tasks in DataLoader worker processes, `run(tasks)` once per pass (epoch).
+
+    persistent=True keeps the same workers for every pass (started at the first): without it each
+    epoch starts its workers again (imports, forkserver start, the first decodes), a data wait the
+    training step sees at every epoch boundary. A pass must be finished or closed before the next.
 
     Workers start from a forkserver (a clean single-threaded process that has imported this
     module), not by forking the caller: a fork of a process whose OpenCV/OpenMP/DALI thread pools
     are running can leave the child on a lock nobody will release (seen here: a worker hung in
-    futex_wait after OpenCV work in the parent). Started here, in the calling thread.
+    futex_wait after OpenCV work in the parent). Started in the thread that calls `run`.
     """
-    if workers <= 0:
-        return (_check(decoder[task]) for task in tasks)
-    loader = torch.utils.data.DataLoader(
-        decoder,
-        batch_size=None,
-        sampler=list(tasks),
-        num_workers=min(workers, len(tasks)) or 1,
-        prefetch_factor=max(1, prefetch),
-        worker_init_fn=functools.partial(_worker_init, os.getpid()),
-        pin_memory=pin_memory,
-        multiprocessing_context=_worker_context(),
-    )
-    it = iter(loader)  # starts the workers now
-    return (_check(item) for item in it)
+
+    def __init__(self, decoder: BatchDecoder, *, workers: int, prefetch: int, pin_memory: bool = False,
+                 persistent: bool = True) -> None:
+        self.decoder, self.workers, self.prefetch = decoder, workers, prefetch
+        self.pin_memory, self.persistent = pin_memory, persistent
+        self.sampler = _TaskSampler()
+        self.loader: torch.utils.data.DataLoader | None = None
+        self.active = False  # a pass is being iterated
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.decoder,
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=self.workers,
+            prefetch_factor=max(1, self.prefetch),
+            worker_init_fn=functools.partial(_worker_init, os.getpid()),
+            pin_memory=self.pin_memory,
+            multiprocessing_context=_worker_context(),
+            persistent_workers=self.persistent,
+        )
+
+    def run(self, tasks: Sequence[Task]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 [B, H, W, 3], int64 [B]) CPU tensors for each task, in task order."""
+        if self.workers <= 0:
+            return (_check(self.decoder[task]) for task in tasks)
+        if not tasks:
+            return iter(())
+        if self.active:  # the previous pass was abandoned unclosed: its workers may still send
+            self.close()
+        self.sampler.tasks = list(tasks)
+        if self.loader is None:
+            self.loader = self._dataloader()
+        it = iter(self.loader)  # starts the workers (the first time, or every time if not persistent)
+        self.active = True
+        return self._checked(it)
+
+    def _checked(self, it) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            for item in it:
+                yield _check(item)
+        finally:
+            self.active = False
+
+    def close(self) -> None:
+        """Stops the workers now (persistent ones otherwise live as long as this object)."""
+        it = getattr(self.loader, "_iterator", None)  # where DataLoader keeps persistent workers
+        if it is not None:
+            it._shutdown_workers()
+        self.loader, self.active = None, False
+
+
+def iter_uint8_batches(
+    decoder: BatchDecoder, tasks: Sequence[Task], *, workers: int, prefetch: int, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over `tasks` with workers of its own (see BatchWorkers), for one-off reads."""
+    return BatchWorkers(decoder, workers=min(workers, len(tasks)), prefetch=prefetch, pin_memory=pin_memory,
+                        persistent=False).run(tasks)
 
 
 def _check(item):

@@ -112,6 +112,63 @@ def test_resume_continues_with_the_following_samples(manifest, backend):
     assert torch.equal(x_res, x_full[5:])  # the augmentation draws too, with either backend (issue 18)
 
 
+def _epochs(loader, plan):
+    """(images, labels) of each pass in `plan`, a list of (epoch, start_batch), in one loader."""
+    out = []
+    for epoch, start in plan:
+        loader.set_epoch(epoch, start)
+        out.append(_collect(loader))
+    loader.close()
+    return out
+
+
+# epochs in a row, then a jump back (a resume in the middle), then the epoch after it
+PASSES = [(0, 0), (1, 0), (2, 0), (1, 3), (2, 0)]
+
+
+@pytest.mark.parametrize("backend, source_workers", [("torch", None), ("dali", 0), ("dali", 2)])
+def test_readers_kept_across_epochs_yield_what_fresh_ones_do(manifest, backend, source_workers):
+    """Persistent readers (and DALI's source in worker processes) give every epoch's pass, a
+    resume included, exactly the batches a loader re-created for each pass gives."""
+    common = dict(batch_size=8, seed=3, backend=backend, workers=2, augment=ALL_AUG)
+    kept = build_train_loader(manifest, persistent_workers=True, source_workers=source_workers, **common)
+    got = _epochs(kept, PASSES)
+    for (epoch, start), (x, y) in zip(PASSES, got, strict=True):
+        fresh = build_train_loader(manifest, persistent_workers=False, source_workers=0, **common)
+        fresh.set_epoch(epoch, start)
+        x_ref, y_ref = _collect(fresh)
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref), (epoch, start)
+    assert not torch.equal(got[0][1], got[1][1])  # the epochs differ
+
+
+def test_torch_workers_are_the_same_processes_every_epoch(manifest):
+    loader = build_train_loader(manifest, batch_size=8, backend="torch", workers=2)
+    pids = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == len(loader)
+        pids.append(sorted(w.pid for w in loader._torch.loader._iterator._workers))
+    assert pids[0] == pids[1] == pids[2]
+    workers = loader._torch.loader._iterator._workers
+    loader.close()
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)
+
+
+def test_dali_keeps_its_pipeline_for_the_next_epoch_only(manifest):
+    loader = build_train_loader(manifest, batch_size=8, backend="dali", workers=1)
+    list(loader)
+    pipe = loader._dali.pipe
+    loader.set_epoch(1)
+    list(loader)
+    assert loader._dali.pipe is pipe  # the next epoch: the same pipeline, reset
+    loader.set_epoch(1, 2)
+    list(loader)
+    assert loader._dali.pipe is not pipe  # another position: a new one
+    loader.close()
+
+
 def test_backends_make_the_same_augmentation_choices(manifest):
     """Both draw from shards/augment.py per batch seed: the same flips, crop and erase boxes."""
     common = dict(batch_size=20, seed=2, workers=1)
@@ -191,7 +248,7 @@ def test_bad_settings_name_the_key(manifest):
         build_train_loader(manifest, batch_size=4, augment=AugmentConfig(crop_scale=(0.9, 0.2)))
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali", "eval"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "dali-source-workers", "eval"])
 @pytest.mark.parametrize("damage", ["truncated", "jpeg_bytes", "tar_header"])
 def test_a_damaged_shard_gives_an_error_naming_it(tmp_path, backend, damage):
     root = make_shards(tmp_path / "s", [10, 12, 9])
@@ -209,7 +266,9 @@ def test_a_damaged_shard_gives_an_error_naming_it(tmp_path, backend, damage):
         if backend == "eval":
             list(iter_eval_batches(manifest, batch_size=8, workers=1))
         else:
-            list(build_train_loader(manifest, batch_size=4, backend=backend, workers=1))
+            kind, _, parallel = backend.partition("-")
+            list(build_train_loader(manifest, batch_size=4, backend=kind, workers=1,
+                                    source_workers=2 if parallel else None))
     assert "\n" not in str(err.value)
 
 

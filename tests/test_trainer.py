@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from shards.errors import UserError
 from tests._trainer_faults import FaultHooks
 from tests._trainer_util import metrics, run_main, tiny_overrides
 from trainer.backbones import build_backbone
@@ -55,6 +56,42 @@ def test_tiny_backbone_overfits_a_few_identities(tmp_path):
     assert rows[-1]["batch_acc"] >= 0.95, rows[-1]
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     assert summary["step"] == 60
+
+
+def test_compiled_run_compiles_the_backbone_a_bounded_number_of_times(tmp_path):
+    """model.compile=true compiles the backbone alone: 20 steps over 5 epochs with a head whose
+    margin changes every step (sphereface annealing) compile a few graphs, not one per step, and the
+    checkpoint's backbone keys are the plain ones."""
+    from torch._dynamo import register_backend
+
+    graphs = []
+
+    @register_backend
+    def facetrain_counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(run, steps=20, **{
+        "model.compile": "true", "model.compile_backend": "facetrain_counting_backend",
+        "head.margin": "sphereface", "head.m": 4, "head.s": 30.0, "head.impl": "chunked"}))
+    summary = train(cfg)
+    assert summary["step"] == 20 and summary["skipped_total"] == 0
+    assert 1 <= len(graphs) <= 4, len(graphs)  # forward graph(s) of the backbone; not 20
+    for gm in graphs:  # each one the backbone's forward (its image input), none the margin head's
+        inputs = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+        assert "L_x_" in inputs and not any(name.startswith("L_labels") for name in inputs)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")["backbone_state"]
+    assert state and not any("_orig_mod" in k for k in state)
+    assert len({r["loss"] for r in metrics(run)}) > 1
+
+
+def test_unknown_compile_backend_is_one_line(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=2, **{
+        "model.compile": "true", "model.compile_backend": "no_such_backend"}))
+    with pytest.raises(UserError, match="model.compile_backend='no_such_backend'"):
+        train(cfg)
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path):

@@ -55,7 +55,8 @@ class ModelConfig:
     embedding_size: int = 128
     kwargs: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False              # torch.compile the backbone (the head stays eager)
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor, cudagraphs, aot_eager, ...
 
 
 @dataclass
@@ -133,6 +134,9 @@ class LoaderConfig:
     backend: Literal["auto", "dali", "torch"] = "auto"
     workers: int = 2
     prefetch: int = 2
+    persistent_workers: bool = True    # keep the readers (torch workers, DALI pipeline) across epochs
+    source_workers: int | None = None  # DALI: processes reading for its source; None = workers on a
+                                       # GPU, 0 (in the training process) on the CPU; see shards/loader.py
 
 
 @dataclass

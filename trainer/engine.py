@@ -112,13 +112,9 @@ def build_loader(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[Any, int, 
         manifest, batch_size=cfg.loader.batch_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.run.seed, backend=cfg.loader.backend, device=info.device, workers=cfg.loader.workers,
         augment=cfg.data.augment, channels_last=cfg.model.channels_last, prefetch=cfg.loader.prefetch,
+        persistent_workers=cfg.loader.persistent_workers, source_workers=cfg.loader.source_workers,
     )
     return loader, manifest.num_classes, (int(manifest.image_size[0]), int(manifest.image_size[1]))
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    module = getattr(module, "module", module)  # DDP
-    return getattr(module, "_orig_mod", module)  # torch.compile
 
 
 @dataclass
@@ -246,13 +242,20 @@ class Trainer:
         return path
 
     def _wrap(self) -> nn.Module:
-        """The module the steps call: compiled and DDP-wrapped as configured. Sets `self.ddp` (the DDP
-        wrapper, for no_sync) when there are several processes: around backbone and head (replicate) or
-        around the backbone alone (shard: the head's gradients are never all-reduced)."""
+        """The module the steps call: the backbone compiled and DDP-wrapped as configured. Sets
+        `self.ddp` (the DDP wrapper, for no_sync) when there are several processes: around backbone
+        and head (replicate) or around the backbone alone (shard: the head's gradients are never
+        all-reduced)."""
         shard = self.parallel == "shard" and self.info.enabled
-        inner: nn.Module = self.backbone if shard else self.module
         if self.cfg.model.compile:
-            inner = torch.compile(inner)  # type: ignore[assignment]
+            # The backbone alone, in place (its state_dict keys stay as they are). The head stays
+            # eager: its autograd Function and Python-int step would be graph breaks and guards.
+            backend = self.cfg.model.compile_backend
+            if backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise UserError(f"model.compile_backend={backend!r}: not a torch.compile backend here "
+                                f"(inductor, cudagraphs, aot_eager, eager, ...)")
+            self.backbone.compile(backend=backend)
+        inner: nn.Module = self.backbone if shard else self.module
         self.ddp: DDP | None = None
         if self.info.enabled:
             ids = [self.info.device.index] if self.info.device.type == "cuda" else None
@@ -344,7 +347,7 @@ class Trainer:
         res: dict[str, Any] = {}
         if self.info.is_main:
             t = time.perf_counter()
-            backbone = _unwrap(self.module).backbone
+            backbone = self.backbone
             for i, validator in enumerate(self.validators):
                 metrics = validator(backbone)
                 res.update(metrics if i == 0 else {f"{validator.name}_{k}": v for k, v in metrics.items()})
@@ -359,7 +362,7 @@ class Trainer:
         self.head_state.gather()  # a sharded head's rows come to rank 0
         if not self.info.is_main:
             return
-        ckpt = training_checkpoint(self.spec, _unwrap(self.module).backbone, self.parts, self.state, rngs,
+        ckpt = training_checkpoint(self.spec, self.backbone, self.parts, self.state, rngs,
                                    to_dict(self.cfg), metrics)
         if name is not None:
             atomic_save(ckpt, self.ckdir.root / name)
@@ -464,6 +467,7 @@ class Trainer:
             return self._summary()
         finally:
             self.log.close()
+            getattr(self.loader, "close", lambda: None)()  # persistent reader workers end with the run
 
     def _summary(self) -> dict[str, Any]:
         st = self.state
