@@ -1,5 +1,7 @@
 """The per-image job run in the worker processes: read, check, decode (reduced when safe), align,
-encode, and pack the sample's tar members, so the parent only appends bytes to the shard.
+encode, and pack the sample's tar members. A pool task is a part of a shard (`run_part`): its
+samples go to a part file the worker writes itself, and only their member offsets and the rejects
+travel back, so the parent appends whole parts to the shard and touches no image bytes per sample.
 
 Modes: `landmarks` (align with the job's 5 points), `detect` (find the face and its 5 points with
 preprocess/detect.py first), `aligned` (the input is already an aligned crop: a JPEG of the output
@@ -11,15 +13,18 @@ stop a build.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
 
 from preprocess import align
+from shards.format import sample_key
 from shards.writer import Members, encode_sample
 
 _REDUCED_FLAG = {
@@ -44,9 +49,6 @@ class Job:
     mode: str = "landmarks"  # "landmarks" | "detect" | "aligned"
     span: tuple[int, int] | None = None  # (offset, length) of the image bytes inside `path`
     single_face_only: bool = False  # mode "detect": several faces -> reject instead of choosing
-    key: str = ""  # the sample: set when run_batch packs it
-    label: int = 0
-    record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,6 @@ class Outcome:
     detail: str | None = None
     reduction: int = 1
     found: dict[str, Any] | None = None  # mode "detect": what goes into the record (points, score, box)
-    sample: tuple[bytes, Members] | None = None  # set by run_batch: the packed tar members
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -235,22 +236,74 @@ def _inside(landmarks: tuple[float, ...], size: tuple[int, int]) -> bool:
     return min(xs) >= 0 and max(xs) <= width and min(ys) >= 0 and max(ys) <= height
 
 
-def run_batch(jobs: list[Job]) -> tuple[list[Outcome], float]:
-    """One pool task: a run of jobs, so inter-process traffic is per batch, not per image.
+@dataclass(frozen=True)
+class Settings:
+    """What every job of a build shares: sent once per task, not once per image."""
 
-    Each good outcome comes back as its packed tar members (`sample`), not as the bare JPEG; with
-    the CPU seconds the batch took (the build reports its total CPU cost per image).
-    """
+    image_root: str
+    image_size: tuple[int, int]
+    quality: int
+    reduce: bool = True
+    mode: str = "landmarks"
+    single_face_only: bool = False
+
+
+# One input as the parent sends it, plain values (cheap to make and to pickle): relative path,
+# identity, label, landmarks, VGGFace2 box, person's name, source file (when not under the image
+# root: RecordIO) and the (offset, length) of its bytes there.
+Row = tuple[str, str, int, "tuple[float, ...] | None", "tuple[float, ...] | None", "str | None",
+            "str | None", "tuple[int, int] | None"]
+
+
+@dataclass
+class PartResult:
+    samples: list[tuple[int, Members]]  # (row number, its tar members at offsets in the part file)
+    rejects: list[tuple[int, str, str]]  # (row number, reason, detail)
+    reductions: Counter = field(default_factory=Counter)  # decode reduction -> samples
+    cpu: float = 0.0  # CPU seconds the task took (the build reports its CPU cost per image)
+
+
+def _job(settings: Settings, row: Row) -> Job:
+    rel, _, _, landmarks, _, _, source, span = row
+    return Job(source or f"{settings.image_root}{os.sep}{rel}", landmarks or (), settings.image_size,
+               settings.quality, settings.reduce, mode=settings.mode, span=span,
+               single_face_only=settings.single_face_only)
+
+
+def _record(row: Row, found: dict[str, Any] | None) -> dict[str, Any]:
+    """The sample's JSON record: where it came from, and what the detector found."""
+    rel, identity, label, landmarks, bbox, name, _, _ = row
+    record: dict[str, Any] = {"identity": identity, "label": label, "source": rel}
+    if landmarks:
+        record["landmarks"] = [list(p) for p in zip(landmarks[0::2], landmarks[1::2])]
+    if name is not None:
+        record["name"] = name
+    if bbox is not None:
+        record["bbox"] = list(bbox)
+    return record if found is None else {**record, **found}
+
+
+def run_part(task: tuple[Settings, list[Row], str]) -> PartResult:
+    """One pool task: align the rows and write their packed samples, in row order, to the part file
+    (one write); return where each sample's members lie in it, and the rejects."""
     started = time.process_time()
-    outcomes = []
-    for job in jobs:
-        outcome = run(job)
-        if outcome.jpeg is not None:
-            record = job.record if outcome.found is None else {**job.record, **outcome.found}
-            sample = encode_sample(job.key, outcome.jpeg, job.label, record)
-            outcome = replace(outcome, jpeg=None, sample=sample)
-        outcomes.append(outcome)
-    return outcomes, time.process_time() - started
+    settings, rows, path = task
+    result = PartResult([], [])
+    chunks, offset = [], 0
+    for i, row in enumerate(rows):
+        outcome = run(_job(settings, row))
+        if outcome.jpeg is None:
+            result.rejects.append((i, outcome.reason or "", outcome.detail or ""))
+            continue
+        data, members = encode_sample(sample_key(row[0]), outcome.jpeg, row[2], _record(row, outcome.found))
+        result.samples.append((i, tuple((ext, offset + at, size, name) for ext, at, size, name in members)))
+        result.reductions[outcome.reduction] += 1
+        chunks.append(data)
+        offset += len(data)
+    with open(path, "wb") as f:  # no fsync: the shard it goes into is synced when complete
+        f.write(b"".join(chunks))
+    result.cpu = time.process_time() - started
+    return result
 
 
 def init_worker() -> None:

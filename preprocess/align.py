@@ -70,6 +70,11 @@ def _fit(src: list[tuple[float, float]], dst: list[tuple[float, float]]) -> tupl
     return a, b, dx - (a * sx - b * sy), dy - (b * sx + a * sy)
 
 
+@functools.lru_cache(maxsize=8)
+def _centred_template(image_size: tuple[int, int]) -> list[tuple[float, float]]:
+    return _centred(_points(template(image_size)))[2]
+
+
 def transform_scale(matrix: np.ndarray) -> float:
     """Output pixels per source pixel of a similarity matrix."""
     return float(math.hypot(matrix[0, 0], matrix[1, 0]))
@@ -89,7 +94,7 @@ def check_geometry(landmarks: np.ndarray, image_size: tuple[int, int] = (112, 11
     if spread[1] < _COLLINEAR_RATIO * spread[0]:
         return "landmarks_collinear", f"points lie on a line (spread ratio {spread[1] / spread[0]:.4f})"
     # A mirror image: the cross-covariance with the template has a negative determinant.
-    _, _, tpl = _centred(_points(template(image_size)))
+    tpl = _centred_template(tuple(image_size))
     c00 = sum(u * x for (u, _), (x, _) in zip(tpl, centred))
     c01 = sum(u * y for (u, _), (_, y) in zip(tpl, centred))
     c10 = sum(v * x for (_, v), (x, _) in zip(tpl, centred))

@@ -178,28 +178,16 @@ def clear_output(out: Path, prefix: str) -> None:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _job(inputs: DatasetInputs, entry: Entry, label: int, opts: Options) -> _work.Job:
-    """The worker's job for one input, with the sample record it will pack."""
-    record: dict[str, Any] = {"identity": entry.identity, "label": label, "source": entry.rel}
-    if entry.landmarks is not None:
-        record["landmarks"] = [list(p) for p in zip(entry.landmarks[0::2], entry.landmarks[1::2])]
-    if entry.identity in inputs.identity_names:
-        record["name"] = inputs.identity_names[entry.identity]
-    if entry.bbox is not None:
-        record["bbox"] = list(entry.bbox)
-    return _work.Job(
-        entry.source or f"{inputs.image_root}{os.sep}{entry.rel}",
-        entry.landmarks or (),
-        opts.image_size,
-        opts.quality,
-        opts.reduce,
-        mode=opts.mode,
-        span=entry.span,
-        single_face_only=opts.single_face_only,
-        key=entry.key,
-        label=label,
-        record=record,
-    )
+def _settings(inputs: DatasetInputs, opts: Options) -> _work.Settings:
+    return _work.Settings(str(inputs.image_root), opts.image_size, opts.quality, opts.reduce, opts.mode,
+                          opts.single_face_only)
+
+
+def _rows(inputs: DatasetInputs, part: list[tuple[Entry, int]]) -> list[_work.Row]:
+    """The worker's rows for a part of a shard (see _work.Row)."""
+    names = inputs.identity_names
+    return [(e.rel, e.identity, label, e.landmarks, e.bbox, names.get(e.identity), e.source, e.span)
+            for e, label in part]
 
 
 def _pool_context():
@@ -220,73 +208,97 @@ def start_pool_server() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dict[str, Any]:
-    out = opts.out
-    state = BuildState(out, opts.prefix)
-    state.start(plan.fingerprint)
-    infos: dict[int, ShardInfo] = {}
-    rejects = list(plan.early_rejects)
-    reductions: Counter = Counter()
-    pending = []
+@dataclass
+class Done:
+    """What the build has so far: per completed shard its info, and the rejects and decode reductions."""
+
+    infos: dict[int, ShardInfo]
+    rejects: list[dict[str, str]]
+    reductions: Counter
+
+
+def _completed(state: BuildState, plan: Plan) -> tuple[Done, list[int]]:
+    """The shards a previous run completed (kept) and the indices still to build."""
+    done, pending = Done({}, list(plan.early_rejects), Counter()), []
     for index in range(len(plan.shards)):
         saved = state.done(index)
         if saved is None:
             pending.append(index)
-        else:
-            infos[index] = ShardInfo(**saved["shard"])
-            rejects.extend(saved["rejects"])
-            reductions.update(saved.get("reductions", {}))
-    if infos:
-        log(f"resuming: {len(infos)} of {len(plan.shards)} shards already complete")
-    allowed = math.floor(opts.max_reject_fraction * plan.num_inputs)
-    _check_rejects(len(rejects), allowed, plan.num_inputs, opts, out, rejects)
+            continue
+        done.infos[index] = ShardInfo(**saved["shard"])
+        done.rejects.extend(saved["rejects"])
+        done.reductions.update(saved.get("reductions", {}))
+    return done, pending
 
-    tasks = []  # (shard index, entries with labels)
-    for index in pending:
-        shard = plan.shards[index]
-        for start in range(0, len(shard), BATCH):
-            part = shard[start : start + BATCH]
-            tasks.append((index, part))
-    # Jobs are made as the pool takes them (imap's feeder thread), not all before the first starts.
-    jobs = ([_job(inputs, e, label, opts) for e, label in part] for _, part in tasks)
+
+def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dict[str, Any]:
+    state = BuildState(opts.out, opts.prefix)
+    state.start(plan.fingerprint)
+    done, pending = _completed(state, plan)
+    if done.infos:
+        log(f"resuming: {len(done.infos)} of {len(plan.shards)} shards already complete")
+    allowed = math.floor(opts.max_reject_fraction * plan.num_inputs)
+    _check_rejects(len(done.rejects), allowed, plan.num_inputs, opts, opts.out, done.rejects)
     todo = sum(len(plan.shards[i]) for i in pending)
+    seconds, cpu = _align(inputs, plan, opts, state, done, pending, allowed)
+    summary = _finish(inputs, plan, opts, command, done)
+    state.remove()
+    summary.update({
+        "seconds": round(seconds, 3),
+        "images_per_s": round(todo / seconds, 1) if seconds > 0 else None,
+        "cpu_ms_per_image": round(1e3 * cpu / todo, 3) if todo else None,  # parent and workers
+    })
+    return summary
+
+
+def _align(inputs: DatasetInputs, plan: Plan, opts: Options, state: BuildState, done: Done,
+           pending: list[int], allowed: int) -> tuple[float, float]:
+    """Align and pack the pending shards, in parts of BATCH inputs: the workers write each part's
+    samples to a part file in OUT/.build/parts, the parent appends the parts to their shard in plan
+    order. Returns (seconds, CPU seconds of the parent and the workers)."""
+    parts_dir = state.dir / "parts"
+    shutil.rmtree(parts_dir, ignore_errors=True)  # what a killed run left
+    parts_dir.mkdir(parents=True)
+    tasks = [(index, start, plan.shards[index][start : start + BATCH])
+             for index in pending for start in range(0, len(plan.shards[index]), BATCH)]
+    settings = _settings(inputs, opts)
+    # Rows are made as the pool takes them (imap's feeder thread), not all before the first starts.
+    work = ((settings, _rows(inputs, part), str(parts_dir / f"{index:06d}-{start:09d}"))
+            for index, start, part in tasks)
+    todo = sum(len(part) for _, _, part in tasks)
     started, parent_cpu, worker_cpu = time.perf_counter(), time.process_time(), 0.0
     pool = None
     if opts.workers > 1 and todo > BATCH:
         pool = _pool_context().Pool(opts.workers, initializer=_work.init_pool_worker)
-        results = pool.imap(_work.run_batch, jobs)
+        results = pool.imap(_work.run_part, work)
     else:
         _work.init_worker()
-        results = (_work.run_batch(batch) for batch in jobs)
+        results = map(_work.run_part, work)
     writer: ShardWriter | None = None
-    current = -1
     shard_rejects: list[dict[str, str]] = []
     shard_reductions: Counter = Counter()
-    remaining = {i: len(plan.shards[i]) for i in pending}
     try:
         with progress("aligning", ("rejects",)) as shown:
-            bar = shown.add_task("align", total=todo, rejects=len(rejects))
-            for (index, part), (outcomes, batch_cpu) in zip(tasks, results):
-                worker_cpu += batch_cpu
-                if index != current:
-                    writer, current = ShardWriter(out / shard_name(opts.prefix, index)), index
+            bar = shown.add_task("align", total=todo, rejects=len(done.rejects))
+            for (index, start, part), result in zip(tasks, results):
+                worker_cpu += result.cpu
+                if start == 0:
+                    writer = ShardWriter(opts.out / shard_name(opts.prefix, index))
                     shard_rejects, shard_reductions = [], Counter()
-                for (entry, _), outcome in zip(part, outcomes):
-                    if outcome.sample is None:
-                        shard_rejects.append(_reject(entry.rel, outcome.reason or "", outcome.detail or ""))
-                    else:
-                        writer.add_encoded(*outcome.sample)
-                        shard_reductions[str(outcome.reduction)] += 1
-                remaining[index] -= len(part)
-                if remaining[index] == 0:
-                    infos[index] = writer.close()
+                part_file = parts_dir / f"{index:06d}-{start:09d}"
+                writer.add_part(part_file.read_bytes(), [members for _, members in result.samples])
+                part_file.unlink()
+                shard_rejects += [_reject(part[i][0].rel, why, detail) for i, why, detail in result.rejects]
+                shard_reductions.update({str(r): n for r, n in result.reductions.items()})
+                if start + len(part) == len(plan.shards[index]):  # the shard's last part
+                    done.infos[index] = writer.close()
                     writer = None
-                    state.save(index, infos[index], shard_rejects, shard_reductions)
-                    rejects.extend(shard_rejects)
-                    reductions.update(shard_reductions)
+                    state.save(index, done.infos[index], shard_rejects, shard_reductions)
+                    done.rejects.extend(shard_rejects)
+                    done.reductions.update(shard_reductions)
                     shard_rejects = []
-                    _check_rejects(len(rejects), allowed, plan.num_inputs, opts, out, rejects)
-                shown.update(bar, advance=len(part), rejects=len(rejects) + len(shard_rejects))
+                    _check_rejects(len(done.rejects), allowed, plan.num_inputs, opts, opts.out, done.rejects)
+                shown.update(bar, advance=len(part), rejects=len(done.rejects) + len(shard_rejects))
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -297,16 +309,17 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
             pool.join()
     seconds = time.perf_counter() - started
     cpu = time.process_time() - parent_cpu  # the parent's (all of it, when there is no pool)
-    if pool is not None:
-        cpu += worker_cpu
+    return seconds, cpu + worker_cpu if pool is not None else cpu
 
+
+def _finish(inputs: DatasetInputs, plan: Plan, opts: Options, command: str, done: Done) -> dict[str, Any]:
+    """Drop empty shards, write rejects.jsonl and the manifest; the build's summary."""
+    out, infos, rejects = opts.out, done.infos, done.rejects
     shards = [infos[i] for i in range(len(plan.shards)) if infos[i].samples > 0]
     for i in range(len(plan.shards)):  # a shard whose every input was rejected holds nothing
         if infos[i].samples == 0:
             (out / infos[i].file).unlink(missing_ok=True)
             (out / infos[i].index).unlink(missing_ok=True)
-    rejected = {r["path"] for r in rejects}
-    packed_keys = {e.key for shard in plan.shards for e, _ in shard if e.rel not in rejected}
     rejects.sort(key=lambda r: r["path"])
     _write_rejects(out, rejects)
     manifest: dict[str, Any] = {
@@ -326,6 +339,8 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
     }
     extra: dict[str, Any] = {}
     if inputs.pairs is not None:
+        rejected = {r["path"] for r in rejects}
+        packed_keys = {e.key for shard in plan.shards for e, _ in shard if e.rel not in rejected}
         pairs, dropped = pairs_by_key(inputs.pairs, packed_keys)
         manifest["pairs"] = [asdict(p) for p in pairs]
         extra["pairs"] = len(pairs)
@@ -336,9 +351,8 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
             )
     manifest.update({"seed": opts.seed, "command": command, "created_by": CREATED_BY})
     write_manifest(out, manifest)
-    state.remove()
     reasons = Counter(r["reason"] for r in rejects)
-    summary = {
+    return {
         "out": str(out),
         "dataset": inputs.name,
         "split": inputs.split,
@@ -349,12 +363,8 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
         "rejects": len(rejects),
         "reject_reasons": dict(sorted(reasons.items())),
         **extra,
-        "decode_reductions": dict(sorted(reductions.items())),
-        "seconds": round(seconds, 3),
-        "images_per_s": round(todo / seconds, 1) if seconds > 0 else None,
-        "cpu_ms_per_image": round(1e3 * cpu / todo, 3) if todo else None,  # parent and workers
+        "decode_reductions": dict(sorted(done.reductions.items())),
     }
-    return summary
 
 
 def _check_rejects(count: int, allowed: int, total: int, opts: Options, out: Path, rejects: list) -> None:

@@ -51,6 +51,13 @@ class DatasetInputs:
 
 def parse_landmarks(fields: list[str]) -> tuple[tuple[float, ...] | None, str | None, str | None]:
     """(landmarks, None, None) or (None, reason, detail) from the 10 number fields of a row."""
+    if len(fields) == 10:  # the common, well-formed row: no per-field clean-up needed (once per input)
+        try:
+            values = tuple(map(float, fields))
+        except ValueError:
+            values = ()
+        if values and all(map(math.isfinite, values)):
+            return values, None, None
     fields = [f.strip() for f in fields if f.strip() != ""]
     if len(fields) < 10:
         return None, "landmarks_short", f"{len(fields)} numbers, expected 10"

@@ -46,9 +46,17 @@ def sample_key(relative_path: str) -> str:
     anything outside ASCII become `~` and two hex digits per UTF-8 byte (`my photos/a.jpg` ->
     `my~20photos__a`): DALI's index separates its fields by spaces and is ASCII.
     """
-    path = PurePosixPath(relative_path.replace("\\", "/"))
-    stem = str(path.with_suffix("")) if path.suffix else str(path)
+    rel = relative_path.replace("\\", "/")
+    if _UNUSUAL.search(rel):  # empty, `.` or repeated separators: pathlib's normal form decides
+        path = PurePosixPath(rel)
+        stem = str(path.with_suffix("")) if path.suffix else str(path)
+    else:  # the common case, as pathlib would have it, without its cost (it is per sample)
+        name_at, dot = rel.rfind("/") + 1, rel.rfind(".")
+        stem = rel[:dot] if name_at < dot < len(rel) - 1 else rel  # pathlib's rule for a suffix
     return _UNSAFE.sub(_escape, stem.replace("/", "__").replace(".", "_"))
+
+
+_UNUSUAL = re.compile(r"(^|/)\.{0,2}(/|$)|//")  # "", "./", "/../", "a//b", "a/" ...
 
 
 _UNSAFE = re.compile(r"[^\x21-\x7d]")  # all but printable, non-space ASCII, and `~` (0x7e) itself

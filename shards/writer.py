@@ -119,15 +119,18 @@ class ShardWriter:
         self.samples = 0
 
     def add(self, key: str, jpeg: bytes, label: int, record: dict) -> None:
-        self.add_encoded(*encode_sample(key, jpeg, label, record))
+        data, members = encode_sample(key, jpeg, label, record)
+        self.add_part(data, [members])
 
-    def add_encoded(self, data: bytes, members: Members) -> None:
-        """Append a sample made by `encode_sample` (possibly in another process)."""
+    def add_part(self, data: bytes, samples: list[Members]) -> None:
+        """Append consecutive samples made by `encode_sample` (possibly in another process): their
+        bytes, and each one's members at offsets inside `data`."""
         base = self._file.bytes
         self._file.write(data)
-        line = " ".join(f"{ext} {base + off} {size} {name}" for ext, off, size, name in members)
-        self._index_lines.append(line)
-        self.samples += 1
+        for members in samples:
+            line = " ".join(f"{ext} {base + off} {size} {name}" for ext, off, size, name in members)
+            self._index_lines.append(line)
+        self.samples += len(samples)
 
     def close(self) -> ShardInfo:
         end = self._file.bytes + 2 * TAR_BLOCK  # two zero blocks end the archive, then pad the record
