@@ -64,7 +64,9 @@ def naive(root: Path, out: Path) -> int:
                 continue
             image = cv2.imread(str(inputs.image_root / entry.rel), cv2.IMREAD_COLOR)
             pts = np.asarray(entry.landmarks).reshape(5, 2)
-            ok, jpeg = cv2.imencode(".jpg", align.warp(image, pts), [cv2.IMWRITE_JPEG_QUALITY, 95])
+            matrix = align.similarity_transform(pts, align.template((112, 112)))
+            crop = cv2.warpAffine(image, matrix, (112, 112), flags=cv2.INTER_LINEAR)  # as users write it
+            ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
             record = json.dumps({"identity": entry.identity, "source": entry.rel}).encode()
             key = sample_key(entry.rel)
             for ext, data in (

@@ -136,6 +136,29 @@ def warp(
     if matrix is None:
         matrix = similarity_transform(landmarks, template(image_size))
     height, width = image_size
+    if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+        return _warp_via_4_channels(image, matrix, (width, height))
     return cv2.warpAffine(
         image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
+
+
+def _warp_via_4_channels(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2.warpAffine's bilinear result for a 3-channel uint8 image, about twice as fast: OpenCV
+    vectorizes the 4-channel case and not the 3-channel one, so the part of the image the output
+    reads (every pixel the inverse-mapped output touches, plus a margin) is warped as BGRA and the
+    alpha dropped. The same source coordinates: the crop's offset is taken off the inverse map."""
+    width, height = size
+    inverse = cv2.invertAffineTransform(matrix)
+    corners = np.array([[0, 0, 1], [width - 1, 0, 1], [0, height - 1, 1], [width - 1, height - 1, 1]], float)
+    xs, ys = (corners @ inverse.T).T
+    h, w = image.shape[:2]
+    x0, y0 = max(0, int(math.floor(xs.min())) - 2), max(0, int(math.floor(ys.min())) - 2)
+    x1, y1 = min(w, int(math.ceil(xs.max())) + 3), min(h, int(math.ceil(ys.max())) + 3)
+    if x0 >= x1 or y0 >= y1:  # the output lies wholly outside the image
+        return np.zeros((height, width, 3), np.uint8)
+    inverse[:, 2] -= (x0, y0)
+    part = cv2.cvtColor(image[y0:y1, x0:x1], cv2.COLOR_BGR2BGRA)
+    out = cv2.warpAffine(part, inverse, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.cvtColor(out, cv2.COLOR_BGRA2BGR)

@@ -46,6 +46,30 @@ def test_degenerate_points_are_refused():
     assert align.check_geometry(np.full((5, 2), 50.0))[0] == "landmarks_degenerate"
 
 
+@pytest.mark.parametrize("image_size", [(112, 112), (112, 96), (56, 48)])
+def test_warp_is_opencvs_bilinear_warp(image_size):
+    """The 4-channel fast path gives cv2.warpAffine's pixels (the crop's offset may move a sample
+    point across a 1/32-pixel rounding step: at most 1 level, rarely), faces at the border, partly or
+    wholly outside the image, and small and large sources included."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+    rare = 0
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(30, 500, 2))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        pts = align.template(image_size) * rng.uniform(0.2, 4) + rng.uniform(-200, max(h, w), 2)
+        matrix = align.similarity_transform(pts, align.template(image_size))
+        expected = cv2.warpAffine(image, matrix, image_size[::-1], flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        got = align.warp(image, pts, image_size, matrix)
+        assert got.shape == expected.shape and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - expected)
+        assert diff.max() <= 1
+        rare += int((diff > 0).sum())
+    assert rare <= 1e-3 * 60 * image_size[0] * image_size[1] * 3
+
+
 @pytest.mark.parametrize("image_size", [(112, 112), (224, 224), (96, 96)])
 def test_marker_face_lands_on_the_template(image_size):
     """A face drawn under a known similarity transform comes back onto the template within a pixel."""
