@@ -150,11 +150,12 @@ def _warp_via_4_channels(image: np.ndarray, matrix: np.ndarray, size: tuple[int,
     alpha dropped. The same source coordinates: the crop's offset is taken off the inverse map."""
     width, height = size
     inverse = cv2.invertAffineTransform(matrix)
-    corners = np.array([[0, 0, 1], [width - 1, 0, 1], [0, height - 1, 1], [width - 1, height - 1, 1]], float)
-    xs, ys = (corners @ inverse.T).T
+    (a, b, c), (d, e, f) = inverse.tolist()  # plain floats: NumPy's per-call cost would dominate
+    xs = [a * x + b * y + c for x in (0, width - 1) for y in (0, height - 1)]
+    ys = [d * x + e * y + f for x in (0, width - 1) for y in (0, height - 1)]
     h, w = image.shape[:2]
-    x0, y0 = max(0, int(math.floor(xs.min())) - 2), max(0, int(math.floor(ys.min())) - 2)
-    x1, y1 = min(w, int(math.ceil(xs.max())) + 3), min(h, int(math.ceil(ys.max())) + 3)
+    x0, y0 = max(0, math.floor(min(xs)) - 2), max(0, math.floor(min(ys)) - 2)
+    x1, y1 = min(w, math.ceil(max(xs)) + 3), min(h, math.ceil(max(ys)) + 3)
     if x0 >= x1 or y0 >= y1:  # the output lies wholly outside the image
         return np.zeros((height, width, 3), np.uint8)
     inverse[:, 2] -= (x0, y0)
