@@ -328,9 +328,10 @@ class Detector:
         mirrored, through the mirror point's branch, the two answers averaged as the O-Net pass
         does: alone the net is not mirror-symmetric (a photo and its mirror disagree by 0.6 px in
         x at 150x150; averaged, by 0.14 px). An answer more than 0.35 of the patch from its centre
-        keeps the O-Net point (MTCNN's "no large movement"). On real LFW this stage takes the share
-        of faces within 5% of the inter-ocular distance of the reference landmarks from 0.87 to
-        0.98: evidently they were made by MTCNNv2, L-Net included."""
+        keeps the O-Net point (MTCNN's "no large movement"). On all 13,232 LFW photos this stage takes
+        the share of faces within 5% of the inter-ocular distance of the reference landmarks from
+        0.86 to 0.985 (median error 0.033 -> 0.019): evidently they were made by MTCNNv2, L-Net
+        included."""
         marks = np.stack([f.landmarks for f in faces])  # (N, 5, 2)
         side = np.floor(0.25 * np.array([max(f.box[2], f.box[3]) for f in faces]))
         patch = np.maximum(side + side % 2, 2)[:, None, None]  # P per face, even
@@ -407,7 +408,7 @@ def detect_faces(
 
     min_size: smallest face side looked for (pixels; smaller is slower). thresholds: the face
     probability each stage needs (P-Net, R-Net, O-Net). refine_landmarks: the landmark stages after
-    the cascade (Detector._refine_landmarks, then the L-Net of Detector._locate_points), about 1.5x
+    the cascade (Detector._refine_landmarks, then the L-Net of Detector._locate_points), about 1.6x
     the time on 150x150 photos."""
     faces = default_detector()(image_rgb, min_size, thresholds, refine_landmarks)
     return sorted(faces, key=lambda f: -f.score)
