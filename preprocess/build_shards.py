@@ -259,13 +259,12 @@ def _align(inputs: DatasetInputs, plan: Plan, opts: Options, state: BuildState, 
     parts_dir = state.dir / "parts"
     shutil.rmtree(parts_dir, ignore_errors=True)  # what a killed run left
     parts_dir.mkdir(parents=True)
-    tasks = [(index, start, plan.shards[index][start : start + BATCH])
+    tasks = [(index, start, plan.shards[index][start : start + BATCH], parts_dir / f"{index:06d}-{start:09d}")
              for index in pending for start in range(0, len(plan.shards[index]), BATCH)]
     settings = _settings(inputs, opts)
     # Rows are made as the pool takes them (imap's feeder thread), not all before the first starts.
-    work = ((settings, _rows(inputs, part), str(parts_dir / f"{index:06d}-{start:09d}"))
-            for index, start, part in tasks)
-    todo = sum(len(part) for _, _, part in tasks)
+    work = ((settings, _rows(inputs, part), str(part_file)) for _, _, part, part_file in tasks)
+    todo = sum(len(part) for _, _, part, _ in tasks)
     started, parent_cpu, worker_cpu = time.perf_counter(), time.process_time(), 0.0
     pool = None
     if opts.workers > 1 and todo > BATCH:
@@ -280,12 +279,11 @@ def _align(inputs: DatasetInputs, plan: Plan, opts: Options, state: BuildState, 
     try:
         with progress("aligning", ("rejects",)) as shown:
             bar = shown.add_task("align", total=todo, rejects=len(done.rejects))
-            for (index, start, part), result in zip(tasks, results):
+            for (index, start, part, part_file), result in zip(tasks, results):
                 worker_cpu += result.cpu
                 if start == 0:
                     writer = ShardWriter(opts.out / shard_name(opts.prefix, index))
                     shard_rejects, shard_reductions = [], Counter()
-                part_file = parts_dir / f"{index:06d}-{start:09d}"
                 writer.add_part(part_file.read_bytes(), [members for _, members in result.samples])
                 part_file.unlink()
                 shard_rejects += [_reject(part[i][0].rel, why, detail) for i, why, detail in result.rejects]
