@@ -176,7 +176,7 @@ class DaliBatches:
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
         self.source = BatchSource(SampleReader(table), plan, first_epoch, start_batch,
-                              augment or AugmentConfig(flip=False), image_size)
+                                  augment or AugmentConfig(flip=False), image_size)
         self.channels_last = channels_last
         # batches the pipeline may be preparing beyond the one delivered, where a failure may lie
         self.in_flight = 2 + max(1, prefetch) * (1 + source_workers)

@@ -139,8 +139,9 @@ class TrainLoader:
     def _dali_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from shards.dali_pipeline import DaliBatches
 
-        if self._dali is not None and not (self.persistent_workers and self._dali.continues(self.epoch,
-                                                                                            self.start_batch)):
+        reusable = self.persistent_workers and self._dali is not None and self._dali.continues(
+            self.epoch, self.start_batch)
+        if self._dali is not None and not reusable:
             self._dali.close()
             self._dali = None
         if self._dali is None:
@@ -156,7 +157,7 @@ class TrainLoader:
         """DALI source processes. The default, loader.workers on a GPU: there nvJPEG decodes, and
         reading + checking + drawing the augmentation is the CPU work left, which in the training
         process would compete with the step for the GIL. 0 on the CPU: the decode threads are the
-        work, and on 2 cores two source processes beside them cost ~15% of the images/s (LFW
+        work, and on 2 cores two source processes beside them cost ~13% of the images/s (LFW
         shards, bench/loader.py --epochs 3)."""
         if self.source_workers is not None:
             return self.source_workers
@@ -191,7 +192,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """The training reader for one rank (see the module docs). persistent_workers: keep the readers
     up across epochs. source_workers (DALI): processes reading the shards for the pipeline's Python
-    source; None = `workers`, 0 = in this process."""
+    source; None = `workers` on a GPU and 0 (this process) on the CPU (TrainLoader._source_workers)."""
     if batch_size < 1:
         raise UserError(f"loader.batch_size={batch_size}: must be at least 1")
     if workers < 0:
