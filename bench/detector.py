@@ -17,30 +17,24 @@ correction of the reference (-0.6 or -0.8 px at 150x150) lowers the agreement fr
 mirror averaging removes it; in y no mirror shows it). The reference's rounding to whole pixels at
 250x250 accounts for 0.01 of the inter-ocular distance of error on average.
 
-    python bench/detector.py [--root ../shared/data/lfw] [--limit N --seed 0]
+    python -m bench.detector [--root ../shared/data/lfw] [--limit N --seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
 from pathlib import Path
 
-# Run as a script, bench/ comes first on the import path and bench/preprocess.py would shadow the
-# `preprocess` package: start again with -P (no script folder on the path).
-if __name__ == "__main__" and not sys.flags.safe_path:
-    os.execv(sys.executable, [sys.executable, "-P", __file__, *sys.argv[1:]])
+import cv2
+import numpy as np
+import torch
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from preprocess.detect import default_detector, landmark_error, pick_face  # noqa: E402
-from shards.errors import CliParser, UserError, run_cli  # noqa: E402
+from common.cli import CliParser, UserError, run_cli
+from preprocess.detect import default_detector, landmark_error, pick_face
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lfw"
 
@@ -86,7 +80,7 @@ def measure(root: Path, rows: list[tuple[str, np.ndarray]], refine: bool) -> dic
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="LFW (lfw/, lfw_landmark_150.txt)")
     parser.add_argument("--limit", type=int, help="a random subset of this many images (default: all)")
@@ -110,5 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

@@ -297,7 +297,7 @@ class Check:
 
     def save(self) -> None:
         """Rewrite the JSON, the table and the logs archive (each atomically)."""
-        from shards.fileio import atomic_write_text
+        from common.fileio import atomic_write_text
 
         with self._lock:
             atomic_write_text(self.out / "gpu_check.json", json.dumps(self.result(), indent=2) + "\n")
@@ -305,7 +305,7 @@ class Check:
             self._pack()
 
     def _pack(self) -> None:
-        from shards.fileio import atomic_write_bytes
+        from common.fileio import atomic_write_bytes
 
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:

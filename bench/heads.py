@@ -4,8 +4,6 @@ matrix-multiply floor measured in the same run.
     python -m bench.heads                                   # CUDA: B=512 D=512 C=8631,100000,1000000
     python -m bench.heads --device cpu --classes 50000      # CPU: chunked vs reference
 
-From the repository root; `python bench/heads.py ...` works the same.
-
 CUDA: one process; each (classes, margin, impl) runs warm-up steps (compilation, autotuning), then
 `--repeats` steps timed by CUDA events: forward, backward and their sum, the median of each. Peak =
 torch.cuda.max_memory_allocated during one step beyond what was allocated before it; working = peak
@@ -30,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from shards.errors import CliParser, UserError, run_cli
+from common.cli import CliParser, UserError, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("reference", "chunked", "fused")
@@ -235,7 +233,7 @@ def _csv(kind):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="bench/heads.py", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m bench.heads", description=__doc__.splitlines()[0])
     p.add_argument("--impls", type=_csv(str), default=None,
                    help="comma list (default: reference,chunked,fused on CUDA; reference,chunked on CPU)")
     p.add_argument("--batch", type=int, default=None, help="default 512 on CUDA, 256 on CPU")
@@ -291,7 +289,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     args = _resolve(_parser().parse_args(argv))
     if args.child:
         print(json.dumps(_cpu_child(args)))
@@ -311,10 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    # Run as a file (python bench/heads.py), this file's folder is sys.path[0] and the file itself
-    # would be imported as `heads`; drop that entry so `heads` is the package (python -m bench.heads
-    # puts the working directory there instead, and needs nothing).
-    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-        del sys.path[0]
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

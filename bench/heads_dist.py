@@ -1,6 +1,6 @@
 """Benchmark the class-sharded head against the replicated one under torchrun: time and memory per rank.
 
-    python bench/heads_dist.py --world 2 --classes 200000 --dim 512 --batch 128 [--sample-rate 0.1]
+    python -m bench.heads_dist --world 2 --classes 200000 --dim 512 --batch 128 [--sample-rate 0.1]
 
 Each mode runs in its own `torchrun --standalone` launch (gloo on the CPU, NCCL on GPUs), so the
 peaks do not mix. One step = forward, backward and an SGD (momentum 0.9) step of the head alone, on
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shards.errors import CliParser, UserError, run_cli
+from common.cli import CliParser, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,6 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _launch(args: argparse.Namespace, mode: str, rate: float, out: Path) -> dict:
-    # `-m bench.heads_dist` from the repository root: bench/heads.py must not shadow the heads package
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world}",
            "-m", "bench.heads_dist", "--worker", "--mode", mode, "--sample-rate", str(rate),
            "--out", str(out)]
@@ -120,7 +119,7 @@ def _launch(args: argparse.Namespace, mode: str, rate: float, out: Path) -> dict
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="bench/heads_dist.py", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m bench.heads_dist", description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2, help="ranks (processes)")
     p.add_argument("--classes", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=512)
@@ -134,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
         _worker(args)
@@ -144,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{key} must be at least 1")
     if not 0.0 < args.sample_rate <= 1.0:
         raise UserError(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
-    # (this file's folder is sys.path[0] here, where heads.py shadows the heads package: import it in
-    # the workers only)
     runs = [("replicate", 1.0), ("shard", 1.0)]
     if args.sample_rate < 1:
         runs.append(("pfc", args.sample_rate))
@@ -173,5 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Identification: search time over a large gallery, and the figures on real LFW.
 
-    python bench/identify.py speed [--identities 1000000 --dim 512 --queries 1,64]
-    python bench/identify.py lfw --model CKPT|M.onnx [--root ../shared/data/lfw --workers 2]
+    python -m bench.identify speed [--identities 1000000 --dim 512 --queries 1,64]
+    python -m bench.identify lfw --model CKPT|M.onnx [--root ../shared/data/lfw --workers 2]
 
 speed: random L2-normalized templates (the search cost does not depend on their values), the time
 of TemplateIndex.search (one numpy matrix product + partial sort; FAISS's exact inner-product index
@@ -19,20 +19,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-# Run as a script, bench/ comes first on the import path and bench/preprocess.py would shadow the
-# `preprocess` package: start again with -P (no script folder on the path).
-if __name__ == "__main__" and not sys.flags.safe_path:
-    os.execv(sys.executable, [sys.executable, "-P", __file__, *sys.argv[1:]])
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from eval.gallery import TemplateIndex, faiss_available, normalize  # noqa: E402
-from shards.errors import CliParser, UserError, run_cli  # noqa: E402
+from common.cli import CliParser, UserError, cpu_count, run_cli
+from eval.gallery import TemplateIndex, faiss_available, normalize
 
 NAIVE_SLICE = 20_000
 DEFAULT_LFW = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lfw"
@@ -61,7 +55,7 @@ def speed(args: argparse.Namespace) -> dict:
     queries = normalize(rng.standard_normal((max(args.queries), args.dim), dtype=np.float32))
     naive_s = _best_time(lambda: naive_search(templates[:NAIVE_SLICE], queries[0], 5), 2)
     naive_s *= args.identities / NAIVE_SLICE
-    results: dict = {"identities": args.identities, "dim": args.dim, "cores": len(os.sched_getaffinity(0)),
+    results: dict = {"identities": args.identities, "dim": args.dim, "cores": cpu_count(),
                      "naive_loop_s_per_query": round(naive_s, 3)}
     backends = ["numpy"] + (["faiss"] if faiss_available() else [])
     for backend in backends:
@@ -106,7 +100,7 @@ def _sizes(text: str) -> list[int]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("speed", "lfw"))
     parser.add_argument("--identities", type=int, default=1_000_000, help="speed: gallery size")
@@ -125,5 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

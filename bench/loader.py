@@ -14,8 +14,8 @@ epochs (today's default: torch workers and the DALI pipeline persist; the DALI s
 read in the training process (what the trainer did before). It reports images/s over the K epochs
 and the mean wait for the first batch of each new epoch.
 
-    python bench/loader.py --shards OUT/train --backend torch [--batch-size 128 --workers 2 --images 4096]
-    python bench/loader.py --shards OUT/small --backend dali --epochs 4 [--source-workers 2]
+    python -m bench.loader --shards OUT/train --backend torch [--batch-size 128 --workers 2 --images 4096]
+    python -m bench.loader --shards OUT/small --backend dali --epochs 4 [--source-workers 2]
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from shards.errors import CliParser, UserError, run_cli
+from common.cli import CliParser, UserError, progress, run_cli
 from shards.loader import build_train_loader
 from shards.manifest import load_manifest
 from shards.sample_index import SampleReader, build_sample_table
@@ -78,22 +77,15 @@ def _export_folders(manifest, out: Path, limit: int) -> list[tuple[str, int]]:
 def _measure(name: str, batches, batch_size: int, images: int) -> float:
     """Images/s from the end of the first batch until `images` more images have arrived."""
     need = max(1, images // batch_size)
-    with Progress(
-        TextColumn(f"[bold]{name}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>7} img/s"),
-        console=console,
-    ) as bar:
-        task = bar.add_task(name, total=need, rate="-")
+    with progress(f"[bold]{name}", unit="batch") as bar:
+        task = bar.add_task(name, total=need)
         it = iter(batches)
         next(it)  # start-up (workers, pipeline build) is not throughput
         start, done, elapsed = time.perf_counter(), 0, 0.0
         for x, _ in it:
             assert x.dtype == torch.float32 and x.shape[1] == 3
             done += 1
-            rate = done * batch_size / (time.perf_counter() - start)
-            bar.update(task, advance=1, rate=f"{rate:.0f}")
+            bar.update(task, advance=1)
             if done >= need:
                 if x.is_cuda:
                     torch.cuda.synchronize(x.device)  # the last batches' GPU work counts too
@@ -151,9 +143,10 @@ def _epochs_main(args, manifest) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     ap = CliParser(
-        prog="bench/loader.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.loader", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--shards", required=True, help="shard folder with manifest.json")
     ap.add_argument("--backend", choices=["dali", "torch"], required=True)
@@ -220,5 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

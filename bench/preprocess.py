@@ -3,9 +3,6 @@
     python -m bench.preprocess [--root DIR] [--images 1000] [--size 500x600] [--eye-px 60,200]
                                [--workers 1,0] [--repeat 3]
 
-Run from the repository root as a module (`-m`): as a plain script, this file's name would shadow
-the `preprocess` package it measures.
-
 Input: `--root DIR`, any VGGFace2-layout folder (`train/<id>/<file>.jpg`, `train_list.txt`,
 `bb_landmark/loose_landmark_train.csv`), e.g. real photos; else a synthetic set of marker faces
 (sizes and face scales as given) written to a temporary folder.
@@ -32,24 +29,20 @@ import tempfile
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:  # started as a script: `import preprocess` finds this file
-    print(
-        "error: bench/preprocess.py: run it as `python -m bench.preprocess ...` from the repository "
-        "root (as a script, its name would shadow the preprocess package)",
-        file=sys.stderr,
-    )
-    raise SystemExit(2)
+import cv2
+import numpy as np
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from preprocess import align  # noqa: E402
-from preprocess._marker_faces import write_vggface2  # noqa: E402
-from preprocess.build_shards import main as build_main  # noqa: E402
-from preprocess.cli import cpu_count  # noqa: E402
-from preprocess.datasets import read_vggface2  # noqa: E402
-from shards.errors import CliParser, UserError, run_cli  # noqa: E402
-from shards.format import encode_label, sample_key  # noqa: E402
+from common.cli import (
+    CliParser,
+    UserError,
+    cpu_count,
+    run_cli,
+)
+from preprocess import align
+from preprocess._marker_faces import write_vggface2
+from preprocess.build_shards import main as build_main
+from preprocess.datasets import read_vggface2
+from shards.format import encode_label, sample_key
 
 
 def naive(root: Path, out: Path) -> int:
@@ -177,8 +170,8 @@ def measure(root: Path, out: Path, workers: list[int], repeat: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = CliParser(prog="bench/preprocess.py", description=__doc__.split("\n\n")[0])
+def run(argv: list[str] | None = None) -> int:
+    p = CliParser(prog="python -m bench.preprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, help="a VGGFace2-layout folder (default: generate marker faces)")
     p.add_argument("--images", type=int, default=1000, help="synthetic images (without --root)")
     p.add_argument("--size", default="500x600", help="synthetic image WxH (default 500x600)")
@@ -208,5 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

@@ -22,8 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.cli import CliParser, cpu_count, run_cli
 from eval.verification import pair_scores, verification_metrics
-from shards.errors import CliParser, run_cli
 from shards.manifest import load_manifest
 
 
@@ -71,8 +71,8 @@ def timed(fn, *args) -> tuple[float, float]:  # noqa: ANN001
     return time.perf_counter() - start, acc
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = CliParser(prog="bench/verify.py", description=__doc__.split("\n\n")[0])
+def run(argv: Sequence[str] | None = None) -> int:
+    p = CliParser(prog="python -m bench.verify", description=__doc__.split("\n\n")[0])
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--shards", type=Path, required=True, help="LFW shards (pairs in the manifest)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each; 2 or more alternate ABBA")
@@ -100,9 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "verify_runs_s": [round(t, 1) for t in times["verify"]],
                       "plain_runs_s": [round(t, 1) for t in times["plain"]],
                       "accuracy_verify": round(accs["verify"], 4), "accuracy_plain": round(accs["plain"], 4),
-                      "cpus": os.cpu_count()}))
+                      "cpus": cpu_count()}))
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

@@ -7,17 +7,13 @@ two embeddings are added and the sum L2-normalized.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shards.errors import UserError
+from common.cli import UserError, progress
 from shards.manifest import Manifest
 
 # float32 NCHW batch (normalized as DESIGN.md says) -> (N, D) float32 embeddings
@@ -112,14 +108,6 @@ def onnx_embedder(path: Path, image_size: tuple[int, int], device: torch.device,
     return run
 
 
-def progress_bar(console: Console | None = None) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>8} img/s"), TimeRemainingColumn(),
-        console=console or Console(file=sys.stderr), transient=False,
-    )
-
-
 def flip_embed(embed: EmbedFn, images: torch.Tensor, flip: bool = True) -> np.ndarray:
     """The flip rule of every evaluator: the batch and its mirror image in one forward, the two
     embeddings added, the sum L2-normalized (float32 [B, D])."""
@@ -141,17 +129,15 @@ def embed_shards(
 
     feats: list[np.ndarray] = []
     index_of: dict[str, int] = {}
-    start = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("embedding", total=manifest.num_samples, rate="-", visible=show_progress)
+    with progress("[bold]{task.description}") as bar:
+        task = bar.add_task("embedding", total=manifest.num_samples, visible=show_progress)
         for keys, images, _ in iter_eval_batches(manifest, batch_size=batch_size, workers=workers):
             feats.append(flip_embed(embed, images, flip))
             for k in keys:
                 if k in index_of:
                     raise UserError(f"{manifest.root}: sample key {k!r} appears twice in the shards")
                 index_of[k] = len(index_of)
-            rate = len(index_of) / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, completed=len(index_of), rate=f"{rate:.0f}")
+            bar.update(task, completed=len(index_of))
     if not feats:
         raise UserError(f"{manifest.root}: the shards hold no samples")
     return np.concatenate(feats), index_of

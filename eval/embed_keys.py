@@ -8,7 +8,6 @@ current batch. The flip rule is eval/embed.py's `flip_embed`.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from eval.embed import EmbedFn, flip_embed, progress_bar
-from shards.errors import UserError
+from common.cli import UserError, progress
+from eval.embed import EmbedFn, flip_embed
 from shards.manifest import Manifest
 from shards.sample_index import SampleTable
 from shards.torch_pipeline import BatchDecoder, to_model_input
@@ -73,12 +72,11 @@ def embed_keys(embed: EmbedFn, manifest: Manifest, table: SampleTable, keys: Ite
     order = [table.keys[i] for i in rows]  # type: ignore[index]
     decoder = BatchDecoder(table, tuple(manifest.image_size), None)  # type: ignore[arg-type]
     feats: list[np.ndarray] = []
-    start = time.perf_counter()
     done = 0
     batches = _batches(decoder, rows, batch_size)
-    bar_cm = progress_bar() if show_progress else _NoBar()
+    bar_cm = progress("[bold]{task.description}") if show_progress else _NoBar()
     with bar_cm as bar, ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-        task = bar.add_task(label, total=len(order), rate="-", visible=show_progress)
+        task = bar.add_task(label, total=len(order), visible=show_progress)
         running: deque = deque()  # (faces, future) in batch order
 
         def collect() -> None:
@@ -86,7 +84,7 @@ def embed_keys(embed: EmbedFn, manifest: Manifest, table: SampleTable, keys: Ite
             n, fut = running.popleft()
             feats.append(fut.result())
             done += n
-            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
+            bar.update(task, completed=done)
 
         for images in batches:
             running.append((len(images), pool.submit(flip_embed, embed, images, flip)))

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.cli import CliParser, UserError, run_cli
+from common.fileio import atomic_write
 from eval.embed import INPUT_SPEC
-from shards.errors import CliParser, UserError, run_cli
-from shards.fileio import atomic_write
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"

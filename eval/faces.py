@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 import torch
 
+from common.cli import UserError
 from eval.embed import EmbedFn, onnx_embedder, resolve_device, torch_embedder
 from eval.gallery import ModelInfo, normalize
 from preprocess.align import check_geometry, warp
 from preprocess.detect import Face, detect_faces
-from shards.errors import UserError
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 

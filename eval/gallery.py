@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.errors import UserError
-from shards.fileio import atomic_write_bytes
+from common.cli import UserError
+from common.fileio import atomic_write_bytes
 
 FORMAT, VERSION = "facetrain-gallery", 1
 _KEYS = ("format", "version", "names", "templates", "embeddings", "photo_person", "photo_paths", "root",

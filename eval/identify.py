@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.cli import CliParser, UserError, cpu_count, run_cli
 from eval.faces import (
     IMAGE_EXTS,
     FaceModel,
@@ -49,7 +49,6 @@ from eval.faces import (
 from eval.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
 from eval.identify_outputs import Outputs
 from preprocess.detect import pick_face
-from shards.errors import CliParser, UserError, run_cli
 
 DEFAULT_THRESHOLD = 0.3
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
@@ -61,7 +60,7 @@ def warn(msg: str) -> None:
 
 
 def default_workers() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+    return max(1, min(cpu_count(), 8))
 
 
 # ----------------------------------------------------------------------------------------- enrol
@@ -337,10 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return enrol(args) if args.command == "enrol" else search(args)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

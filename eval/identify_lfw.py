@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import UserError
 from eval.faces import analyse_photos, embed_crops, load_model
 from eval.gallery import TemplateIndex, open_set_rate, rank_k_accuracy
 from preprocess.detect import pick_face
-from shards.errors import UserError
 
 
 def lfw_split(images: Path) -> tuple[list[tuple[int, Path]], list[tuple[int, Path]], list[Path], list[str]]:

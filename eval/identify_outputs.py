@@ -18,10 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.cli import UserError
+from common.fileio import atomic_write_text
 from eval.faces import FoundFace, read_rgb
 from eval.gallery import Gallery
-from shards.errors import UserError
-from shards.fileio import atomic_write_text
 
 THUMB_HEIGHT = 112
 _KNOWN, _UNKNOWN = (60, 200, 60), (40, 40, 230)  # BGR box colours

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -33,11 +32,11 @@ import cv2
 import numpy as np
 import torch
 
-from eval.embed import EmbedFn, flip_embed, model_embedder, progress_bar
+from common.cli import CliParser, UserError, cpu_count, progress, run_cli
+from common.fileio import atomic_write_text
+from eval.embed import EmbedFn, flip_embed, model_embedder
 from eval.verification import auc_score, tar_at_far
 from preprocess.align import warp
-from shards.errors import CliParser, UserError, run_cli
-from shards.fileio import atomic_write_text
 from shards.format import parse_image_size
 from shards.torch_pipeline import to_model_input
 
@@ -153,9 +152,9 @@ def embed_faces(embed: EmbedFn, data: IJBData, rows: np.ndarray, image_size: tup
     """L2-normalized embeddings of faces `rows` (aligned on the fly), in that order."""
     chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
     feats: list[np.ndarray] = []
-    start, done = time.perf_counter(), 0
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, progress_bar() as bar:
-        task = bar.add_task(data.name, total=len(rows), rate="-", visible=show_progress)
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, progress("[bold]{task.description}") as bar:
+        task = bar.add_task(data.name, total=len(rows), visible=show_progress)
         ahead = max(workers, 1) + 1
         jobs = [pool.submit(_aligned_batch, [data.images[i] for i in c], data.landmarks[c], image_size)
                 for c in chunks[:ahead]]
@@ -168,7 +167,7 @@ def embed_faces(embed: EmbedFn, data: IJBData, rows: np.ndarray, image_size: tup
                                         image_size))
             feats.append(flip_embed(embed, images, flip))
             done += len(chunk)
-            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
+            bar.update(task, completed=done)
     return np.concatenate(feats)
 
 
@@ -252,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ijb", type=Path, required=True, help="IJB release folder (meta/, loose_crop/)")
     p.add_argument("--image-size", type=parse_image_size, help="aligned size for an ONNX model (default 112)")
     p.add_argument("--batch-size", type=int, default=None, help="faces per forward (default 8 cpu, 256 cuda)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int, default=min(8, cpu_count()),
                    help="threads reading and aligning faces")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")

@@ -31,8 +31,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.cli import CliParser, UserError, run_cli
 from eval.pairsets import contiguous_folds
-from shards.errors import CliParser, UserError, run_cli
 from shards.format import FORMAT_NAME, FORMAT_VERSION, scaled_template
 from shards.manifest import MANIFEST_NAME, Pair, ShardInfo, write_manifest
 from shards.writer import ShardWriter
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.name or args.bin.stem
     if not name or not all(c.isalnum() or c in "_-" for c in name):
@@ -276,5 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

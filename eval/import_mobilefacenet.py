@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from shards.errors import CliParser, UserError, run_cli
+from common.cli import CliParser, UserError, run_cli
 from shards.format import parse_image_size
 from trainer.backbones import build_backbone
 from trainer.checkpoint import save_embedding_checkpoint
@@ -63,7 +63,7 @@ def convert(source: dict[str, torch.Tensor], image_size: tuple[int, int], where:
     return out, embedding
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     ap = CliParser(prog="eval/import_mobilefacenet.py", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, type=Path, help="the MobileFaceNet weights to import")
@@ -79,5 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

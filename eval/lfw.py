@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from common.cli import CliParser, UserError, run_cli
+from common.fileio import atomic_write_text
 from eval.embed import EmbedFn, embed_shards, model_embedder
 from eval.pairs import Member, manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
 from eval.verification import KFoldResult, NonFiniteEmbeddings, kfold, pair_scores, verification_metrics
-from shards.errors import CliParser, UserError, run_cli
-from shards.fileio import atomic_write_text
 from shards.manifest import Manifest, Pair, load_manifest
 
 

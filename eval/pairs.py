@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import UserError
 from preprocess.pairs_file import read_pairs
-from shards.errors import UserError
 from shards.format import sample_key
 from shards.manifest import MANIFEST_NAME, Manifest, Pair
 from shards.sample_index import build_sample_table

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import UserError
 from preprocess.pairs_file import read_pairs
-from shards.errors import UserError
 from shards.format import sample_key
 from shards.manifest import MANIFEST_NAME, Manifest, Pair
 

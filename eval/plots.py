@@ -12,8 +12,8 @@ import cv2  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.fileio import atomic_write  # noqa: E402
 from eval.verification import roc_curve, tar_at_far  # noqa: E402
-from shards.fileio import atomic_write  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
+from common.cli import UserError
 from eval.embed import embed_shards, module_embedder
 from eval.pairs import manifest_pairs, shard_jpegs
 from eval.verification import pair_scores, verification_metrics
-from shards.errors import UserError
 from shards.manifest import load_manifest
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.cli import CliParser, UserError, cpu_count, run_cli
+from common.fileio import atomic_write_text
 from eval.embed import EmbedFn, onnx_embedder
 from eval.embed_keys import embed_keys
 from eval.pairsets import PairSet, set_pairs
 from eval.verification import kfold, pair_scores, verification_metrics
-from shards.errors import CliParser, UserError, run_cli
-from shards.fileio import atomic_write_text
 from shards.manifest import Manifest, load_manifest
 from shards.sample_index import SampleTable, build_sample_table
 
@@ -145,7 +144,7 @@ def _check_sizes(manifests: dict[str, Manifest]) -> None:
 def _embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn, str, int]:
     """(model, its name, batches to run at once): ONNX on the CPU runs one single-threaded batch per
     core, which on 2 busy cores is faster than one session spreading each small batch over both."""
-    parallel = args.parallel if args.parallel is not None else (os.cpu_count() or 1)
+    parallel = args.parallel if args.parallel is not None else cpu_count()
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
     if args.onnx is not None and args.device == "cpu" and parallel > 1:

@@ -34,13 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from common.cli import CliParser, UserError, cpu_count, log, positive, progress, run_cli
+from common.fileio import TMP_SUFFIX, atomic_write_text
 from preprocess import _work
-from preprocess.cli import cpu_count, log, positive, progress
 from preprocess.datasets import DatasetInputs, Entry, pairs_by_key, read_lfw, read_vggface2
 from preprocess.folders import read_folders
 from preprocess.recordio import read_rec
-from shards.errors import CliParser, UserError, run_cli
-from shards.fileio import TMP_SUFFIX, atomic_write_text
 from shards.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -485,7 +484,7 @@ def _check_detector(mode: str) -> None:
         ) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.root.is_dir():
         raise UserError(f"{args.root}: --root is not a folder")
@@ -578,5 +577,9 @@ def _remove_temporaries(out: Path, prefix: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

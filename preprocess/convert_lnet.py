@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import CliParser, UserError, run_cli
 from preprocess.detect import _LNet
-from shards.errors import CliParser, UserError, run_cli
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:
@@ -124,7 +124,7 @@ def convert(layers: dict[str, list[np.ndarray]]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     parser = CliParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--caffemodel", type=Path, required=True, help="MTCNNv2's det4.caffemodel")
     parser.add_argument("--out", type=Path, required=True, help="the state dict to write (lnet.pt)")
@@ -139,5 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cli import UserError
 from preprocess.pairs_file import read_pairs
-from shards.errors import UserError
 from shards.format import sample_key
 from shards.manifest import Pair
 

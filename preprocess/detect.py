@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.errors import UserError
+from common.cli import UserError
 
 WEIGHTS_PACKAGE = "facenet-pytorch==2.6.0"
 DEFAULT_MIN_SIZE = 20  # smallest face side (pixels) the pyramid looks for

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from common.cli import UserError
 from preprocess.datasets import IMAGE_EXTENSIONS, DatasetInputs, Entry, entries_for, read_lfw_landmarks
-from shards.errors import UserError
 
 
 def walk(root: Path) -> tuple[list[str], list[str], int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.errors import UserError
+from common.cli import UserError
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from common.cli import UserError
 from preprocess.datasets import DatasetInputs, Entry
-from shards.errors import UserError
 
 MAGIC = 0xCED7230A
 _LENGTH_BITS = (1 << 29) - 1

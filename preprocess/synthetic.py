@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.cli import cpu_count, log, positive, progress
-from shards.errors import CliParser, UserError, run_cli
+from common.cli import CliParser, UserError, cpu_count, log, positive, progress, run_cli
 
 MARKER = ".facetrain-synthetic.json"  # marks a folder this command may overwrite
 FOLDS = 10
@@ -325,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.lfw_identities < 2 * FOLDS:
         raise UserError(
@@ -341,5 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())

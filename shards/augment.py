@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from shards.errors import UserError
+from common.cli import UserError
 
 # Fixed ranges: kept here so the two backends draw from the same distributions.
 CROP_ASPECT = (0.9, 1.1)  # aligned faces: keep the crop close to square

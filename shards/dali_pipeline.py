@@ -29,9 +29,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from common.cli import UserError
 from shards.augment import ERASE_FILL, AugmentConfig
 from shards.dali_source import BatchSource
-from shards.errors import UserError
 from shards.sample_index import RankPlan, SampleReader, SampleTable
 
 

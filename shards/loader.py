@@ -37,8 +37,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from common.cli import UserError
 from shards.augment import AugmentConfig
-from shards.errors import UserError
 from shards.manifest import Manifest
 from shards.sample_index import RankPlan, SampleReader, Task, build_sample_table
 from shards.torch_pipeline import (

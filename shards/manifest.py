@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shards.errors import UserError
-from shards.fileio import atomic_write_text
+from common.cli import UserError
+from common.fileio import atomic_write_text
 from shards.format import FORMAT_NAME, FORMAT_VERSION
 
 MANIFEST_NAME = "manifest.json"
@@ -53,7 +53,7 @@ class Manifest:
 
 
 def write_manifest(shard_dir: Path | str, data: dict[str, Any]) -> Path:
-    """Write manifest.json atomically (shards.fileio: temp file, fsync, rename)."""
+    """Write manifest.json atomically (common.fileio: temp file, fsync, rename)."""
     text = json.dumps(data, indent=1, sort_keys=False) + "\n"
     return atomic_write_text(Path(shard_dir) / MANIFEST_NAME, text, what="shard manifest")
 

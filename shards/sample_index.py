@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.errors import UserError
+from common.cli import UserError
 from shards.format import CRC_FIELD, CRC_MEMBERS, TAR_BLOCK, decode_label
 from shards.manifest import Manifest
 

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import torch
 
+from common.cli import UserError
 from shards.augment import AugmentConfig, augment_image
-from shards.errors import UserError
 from shards.lifeline import OWNER_ENV, end_with_parent
 from shards.sample_index import SampleReader, SampleTable, Task
 

@@ -2,7 +2,7 @@
 
 Determinism: member metadata is fixed (mtime 0, root owner, mode 0644, GNU format), so the same
 samples in the same order give byte-identical files. Safety: both files are written with
-`shards.fileio.atomic_write` (a `.tmp` name, fsync, rename); a shard whose final `.tar` exists is
+`common.fileio.atomic_write` (a `.tmp` name, fsync, rename); a shard whose final `.tar` exists is
 complete (its `.idx` is renamed first). Integrity: each sample's `.json` record gets a `crc32`
 field with the CRC32 of its `.jpg` and `.lbl` members, which the readers check on every read.
 """
@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 from typing import IO
 
-from shards.fileio import atomic_write, atomic_write_text
+from common.fileio import atomic_write, atomic_write_text
 from shards.format import CRC_FIELD, INDEX_VERSION, TAR_BLOCK, encode_label, index_name
 from shards.manifest import ShardInfo
 

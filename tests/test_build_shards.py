@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
+from common.cli import run_cli
 from preprocess import align
 from preprocess._marker_faces import marker_centres, write_lfw, write_vggface2
 from preprocess.build_shards import main
-from shards.errors import run_cli
 from shards.format import decode_label, sample_key
 from shards.manifest import load_manifest
 

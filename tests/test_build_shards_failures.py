@@ -7,10 +7,10 @@ import fcntl
 import json
 import os
 
+from common.cli import run_cli
 from preprocess import build_shards
 from preprocess._marker_faces import write_vggface2
 from shards import writer
-from shards.errors import run_cli
 
 
 def test_disk_full_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):

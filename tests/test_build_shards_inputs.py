@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
+from common.cli import UserError, run_cli
 from preprocess import build_shards
 from preprocess._marker_faces import face_image, random_landmarks, write_jpeg
 from preprocess.recordio import MAGIC, read_rec
-from shards.errors import UserError, run_cli
 from shards.format import decode_label
 
 

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
+from common.cli import run_cli
 from preprocess import align
 from preprocess.build_shards import main
-from shards.errors import run_cli
 from shards.manifest import load_manifest
 
 LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [
     "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
-    "eval/export_onnx.py", "eval/import_mobilefacenet.py", "bench/heads.py", "bench/loader.py",
+    "eval/export_onnx.py", "eval/import_mobilefacenet.py", "-m bench.heads", "-m bench.loader",
     "-m bench.preprocess",
 ]
 
@@ -28,7 +28,7 @@ def test_an_unknown_flag_is_one_line(command):
     proc = _run(command, "--no-such-flag")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
-    name = command[3:].replace(".", "/") + ".py" if command.startswith("-m ") else command
+    name = f"python {command}" if command.startswith("-m ") else command
     assert len(lines) == 1 and name in lines[0], proc.stderr
     # argparse names the first problem it meets: the unknown flag, or a required argument missing.
     assert "--no-such-flag" in lines[0] or "required" in lines[0], lines[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shards.errors import UserError
+from common.cli import UserError
 from trainer.config import TrainConfig, from_dict, load_config, save_resolved, to_dict
 from trainer.main import main
 

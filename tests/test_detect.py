@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import UserError
 from preprocess import convert_lnet, detect
 from preprocess.detect import Face, detect_faces, landmark_error, nms, pick_face, pyramid_scales
-from shards.errors import UserError
 from tests._long import long_real_lfw
 
 LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import run_cli
 from eval.lfw import main as lfw_main
 from preprocess import synthetic
 from preprocess.build_shards import main as build_main
-from shards.errors import run_cli
 from trainer.main import main as train_main
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"

@@ -77,8 +77,8 @@ def test_independently_trained_model_reaches_its_known_accuracy(tmp_path: Path,
 
 @pytest.mark.skipif(not REFERENCE.is_file(), reason=f"the reference MobileFaceNet is not at {REFERENCE}")
 def test_import_rejects_a_size_that_does_not_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from common.cli import run_cli
     from eval.import_mobilefacenet import main as import_main
-    from shards.errors import run_cli
 
     argv = ["--source", str(REFERENCE), "--out", str(tmp_path / "x.pt"), "--image-size", "112"]
     code = run_cli(import_main, argv)

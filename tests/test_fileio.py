@@ -1,9 +1,9 @@
-"""shards.fileio.atomic_write: the one temp-file-and-rename mechanism."""
+"""common.fileio.atomic_write: the one temp-file-and-rename mechanism."""
 
 import pytest
 
-from shards.errors import UserError
-from shards.fileio import atomic_write, atomic_write_text, tmp_path_for
+from common.cli import UserError
+from common.fileio import atomic_write, atomic_write_text, tmp_path_for
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import run_cli
 from eval.gallery import (
     TemplateIndex,
     faiss_available,
@@ -21,7 +22,6 @@ from eval.gallery import (
 )
 from eval.identify import main
 from preprocess.detect import detect_faces
-from shards.errors import run_cli
 from tests._long import long_real_lfw
 from trainer.backbones import build_backbone
 from trainer.checkpoint import save_embedding_checkpoint

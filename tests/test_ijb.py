@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import UserError, run_cli
 from eval.ijb import evaluate_ijb, main, read_ijb, template_features
 from preprocess.align import similarity_transform, template
-from shards.errors import UserError, run_cli
 from trainer.backbones import build_backbone
 from trainer.checkpoint import save_embedding_checkpoint
 

@@ -13,9 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
+from common.cli import UserError, run_cli
+from eval import import_bin
 from eval.import_bin import identity_labels, main, read_pack
 from eval.pairs import read_jpeg, shard_jpegs
-from shards.errors import UserError, run_cli
 from shards.manifest import load_manifest
 
 N_PAIRS = 25  # 10 folds of 2 or 3 pairs: checks the uneven split too
@@ -142,6 +143,6 @@ def test_out_must_be_empty_unless_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "s"
     assert main(["--bin", str(pack), "--out", str(out)]) == 0
     with pytest.raises(UserError, match="not empty"):
-        main(["--bin", str(pack), "--out", str(out)])
+        import_bin.run(["--bin", str(pack), "--out", str(out)])
     assert main(["--bin", str(pack), "--out", str(out), "--overwrite"]) == 0
     assert load_manifest(out, verify="sha256").num_samples == 2 * N_PAIRS

@@ -11,8 +11,8 @@ import pytest
 import torch
 import webdataset as wds
 
+from common.cli import UserError
 from shards.augment import ERASE_FILL, AugmentConfig, augment_image
-from shards.errors import UserError
 from shards.loader import build_train_loader, iter_eval_batches
 from shards.manifest import load_manifest
 from shards.sample_index import batches_per_epoch, epoch_order

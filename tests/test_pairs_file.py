@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import UserError
 from preprocess.pairs_file import read_pairs
-from shards.errors import UserError
 
 SAME, DIFF = "A\t1\t2", "A\t1\tB\t3"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.errors import UserError, run_cli
+from common.cli import UserError, run_cli
 from shards.format import FORMAT_NAME, FORMAT_VERSION, decode_label, encode_label, sample_key, scaled_template
 from shards.manifest import file_sha256, load_manifest, write_manifest
 from shards.writer import ShardWriter

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import UserError
 from shards import writer as shard_writer
-from shards.errors import UserError
 from shards.loader import build_train_loader, iter_eval_batches
 from shards.manifest import load_manifest
 from tests import _damage

@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import pytest
 
+from common.cli import UserError, run_cli
 from preprocess import synthetic
 from preprocess.align import similarity_transform, template
 from preprocess.datasets import read_lfw, read_vggface2
-from shards.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 LANDMARK_BGR = ((0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255))

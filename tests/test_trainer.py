@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from shards.errors import UserError
+from common.cli import UserError
 from tests._trainer_faults import FaultHooks
 from tests._trainer_util import metrics, run_main, tiny_overrides
 from trainer.backbones import build_backbone

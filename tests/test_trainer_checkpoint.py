@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards.errors import UserError
+from common.cli import UserError
 from trainer.backbones import build_backbone
 from trainer.checkpoint import (
     CheckpointDir,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.cli import UserError
 from eval.lfw import main as lfw_main
 from eval.validation import LfwValidator
-from shards.errors import UserError
 from tests._loader_util import make_shards
 from tests._trainer_util import metrics, pair_shards, tiny_overrides
 from trainer.backbones import build_backbone

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import UserError, run_cli
 from eval import verify
 from eval.import_bin import main as import_main
 from eval.lfw import main as lfw_main
 from eval.pairs import read_jpeg, shard_jpegs
 from eval.pairsets import split_folds
-from shards.errors import UserError, run_cli
 from shards.format import FORMAT_NAME, FORMAT_VERSION, sample_key, scaled_template
 from shards.manifest import Pair, load_manifest, write_manifest
 from shards.writer import ShardWriter

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import UserError
 from eval.import_bin import main as import_main
 from eval.pairs import read_jpeg, shard_jpegs
 from eval.validation import SetsValidator
 from eval.verify import main as verify_main
-from shards.errors import UserError
 from shards.manifest import load_manifest
 from tests._loader_util import make_shards
 from tests._trainer_util import metrics, pair_shards, tiny_overrides

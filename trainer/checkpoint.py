@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.errors import UserError
-from shards.fileio import atomic_write, fsync_dir
+from common.cli import UserError
+from common.fileio import atomic_write, fsync_dir
 from trainer.backbones import build_backbone
 
 FORMAT = "facetrain-checkpoint"
@@ -38,7 +38,7 @@ WrittenFn = Callable[[IO[bytes]], None]
 
 
 def atomic_save(obj: Any, path: Path | str, on_written: WrittenFn | None = None) -> None:
-    """torch.save through `shards.fileio.atomic_write`: `path.tmp`, fsync, rename."""
+    """torch.save through `common.fileio.atomic_write`: `path.tmp`, fsync, rename."""
     with atomic_write(path, "wb", what="checkpoint") as f:
         try:
             torch.save(obj, f)

@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
+from common.cli import UserError
+from common.fileio import atomic_write_text
 from shards.augment import AugmentConfig
-from shards.errors import UserError
-from shards.fileio import atomic_write_text
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shards.errors import UserError
+from common.cli import UserError
 
 
 @dataclass

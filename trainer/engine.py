@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shards.errors import UserError
+from common.cli import UserError
 from shards.manifest import load_manifest
 from trainer import distributed as dist_util
 from trainer import head_parallel

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from common.cli import UserError
 from heads import MarginHead
 from heads.sharded import (
     ShardedMarginHead,
@@ -29,7 +30,6 @@ from heads.sharded import (
     sampled_rows,
     step_traffic,
 )
-from shards.errors import UserError
 
 
 def resolve_parallel(parallel: str, world: int) -> str:

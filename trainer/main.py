@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from shards.errors import CliParser, run_cli
+from common.cli import CliParser, run_cli
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig

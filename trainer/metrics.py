@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shards.errors import UserError
-from shards.fileio import atomic_write_text
+from common.cli import UserError, progress
+from common.fileio import atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -73,14 +73,7 @@ class MetricsLogger:
             mode = "rich" if sys.stderr.isatty() else "plain"
         self.mode = mode
         if mode == "rich":
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(bar_width=12), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), refresh_per_second=4,
-            )
+            self._progress = progress("[bold]train", unit="step", text_field="info")
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
             self._progress.start()
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from shards.errors import UserError
+from common.cli import UserError
 
 TMP_SUFFIX = ".tmp"
 
