@@ -41,6 +41,7 @@ def test_on_off_choices_survive_yaml_booleans():
 
 @pytest.mark.parametrize("override, fragment", [
     ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    ("head.lambda_bse=1", "unknown config key 'head.lambda_bse' (did you mean 'head.sphereface.lambda_base"),
     ("optim.lr=fast", "'optim.lr' must be float"),
     ("schedule.steps=1.5", "'schedule.steps' must be int"),
     ("head.margin=cosine", "'head.margin' must be one of"),
@@ -61,6 +62,9 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     expected = r"c\.yaml: unknown config key 'model\.backbnoe' \(did you mean 'model\.backbone'"
     with pytest.raises(UserError, match=expected):
         load_config(path)
+    path.write_text("data: {source: synthetic, synthetic_clases: 3}\nschedule: {steps: 3}\n")
+    with pytest.raises(UserError, match=r"'data\.synthetic_clases' \(did you mean 'data\.synthetic\.classes"):
+        load_config(path)  # a misspelt old flat name: the nearest key inside the section's sections
 
 
 @pytest.mark.parametrize("name", ["demo_cpu", "mobilefacenet_cosface_vggface2", "ir50_arcface_vggface2"])

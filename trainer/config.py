@@ -376,7 +376,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, src: Sources | str) -> 
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise _unknown(key, src.where(key), [f"{prefix}{n}" for n in names])
+            raise _unknown(key, src.where(key), [f"{prefix}{k}" for k in all_keys(cls)])
         tp = types_[k]
         if is_section(tp) and isinstance(v, dict):
             kwargs[k] = _build(tp, v, key + ".", src)
