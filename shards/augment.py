@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from common.cli import UserError
+from common.settings import PROBABILITY, Range, range_error, setting
 
 # Fixed ranges: kept here so the two backends draw from the same distributions.
 CROP_ASPECT = (0.9, 1.1)  # aligned faces: keep the crop close to square
@@ -29,25 +30,27 @@ ERASE_FILL = 128  # mid-gray: ~0 after normalization
 class AugmentConfig:
     """All off except the horizontal flip by default."""
 
-    flip: bool = True
-    crop_scale: tuple[float, float] | None = None  # random resized crop area range, e.g. (0.85, 1.0)
-    color_jitter: float = 0.0  # brightness/contrast/saturation factor in 1 +- this
-    grayscale_p: float = 0.0
-    blur_p: float = 0.0
-    erase_p: float = 0.0
+    flip: bool = setting(True, "horizontal flip, half of the images")
+    crop_scale: tuple[float, float] | None = setting(
+        None, "random resized crop: [low, high] share of the area, e.g. [0.85, 1.0]; null = off",
+        range=Range(0, 1, "(]"))
+    color_jitter: float = setting(0.0, "brightness/contrast/saturation factor in 1 +- this",
+                                  range=Range(0, 1, "[)"))
+    grayscale_p: float = setting(0.0, "probability of a grayscale image", range=PROBABILITY)
+    blur_p: float = setting(0.0, "probability of a Gaussian blur", range=PROBABILITY)
+    erase_p: float = setting(0.0, "probability of erasing a box (random erasing)", range=PROBABILITY)
 
     def validate(self) -> AugmentConfig:
         """Raise UserError naming the setting when a value is out of range; returns self."""
+        outside = range_error(self)
+        if outside is not None:
+            name, value, allowed = outside
+            raise UserError(f"augment.{name}={value}: must be {allowed}")
         if self.crop_scale is not None:
             lo, hi = (float(v) for v in self.crop_scale)
-            if not 0.0 < lo <= hi <= 1.0:
-                raise UserError(f"augment.crop_scale={list(self.crop_scale)}: need 0 < low <= high <= 1")
+            if lo > hi:
+                raise UserError(f"augment.crop_scale={list(self.crop_scale)}: need low <= high")
             self.crop_scale = (lo, hi)
-        if not 0.0 <= self.color_jitter < 1.0:
-            raise UserError(f"augment.color_jitter={self.color_jitter}: need 0 <= value < 1")
-        for name in ("grayscale_p", "blur_p", "erase_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"augment.{name}={getattr(self, name)}: a probability must be in [0, 1]")
         return self
 
     @property

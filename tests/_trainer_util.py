@@ -18,8 +18,8 @@ MAIN = ROOT / "trainer" / "main.py"
 def tiny_overrides(run_dir: Path, steps: int = 12, **extra: object) -> list[str]:
     """A run of a few seconds: 8 synthetic identities at 32x32, tiny backbone of width 8."""
     base = {
-        "data.source": "synthetic", "data.synthetic_classes": 8, "data.synthetic_per_class": 8,
-        "data.synthetic_image_size": "[32,32]", "model.backbone": "tiny", "model.embedding_size": 32,
+        "data.source": "synthetic", "data.synthetic.classes": 8, "data.synthetic.per_class": 8,
+        "data.synthetic.image_size": "[32,32]", "model.backbone": "tiny", "model.embedding_size": 32,
         "model.kwargs.width": 8, "model.channels_last": "false", "loader.batch_size": 16,
         "schedule.steps": steps, "schedule.warmup_steps": 0, "optim.lr": 0.1, "head.s": 30.0,
         "head.m": 0.2, "logging.every_steps": 1, "checkpoint.every_steps": 4, "precision.dtype": "fp32",

@@ -71,7 +71,7 @@ def test_ir_small_is_a_small_residual_net_that_trains(tmp_path):
 
     cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=12, **{
         "model.backbone": "ir_small", "model.kwargs.width": 64, "logging.every_steps": 4,
-        "checkpoint.every_steps": 100, "data.synthetic_noise": 0.3, "logging.tensorboard": "off"}))
+        "checkpoint.every_steps": 100, "data.synthetic.noise": 0.3, "logging.tensorboard": "off"}))
     assert train(cfg)["step"] == 12
     rows = metrics(tmp_path / "run")
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], rows

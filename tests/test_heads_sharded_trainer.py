@@ -22,7 +22,7 @@ from trainer.main import main as train_main
 WORKER = ROOT / "tests" / "_heads_sharded_worker.py"
 # 11 classes (not divisible by 2 or 3), 264 samples: a global batch of 48 gives 5 steps per epoch on
 # 1, 2 or 3 ranks; a low LR and noisy images keep the loss away from 0 (where ratios are meaningless)
-BASE = {"data.synthetic_classes": 11, "data.synthetic_per_class": 24, "data.synthetic_noise": 1.5,
+BASE = {"data.synthetic.classes": 11, "data.synthetic.per_class": 24, "data.synthetic.noise": 1.5,
         "loader.batch_size": 24, "optim.lr": 0.01, "optim.clip_grad_norm": 5.0, "checkpoint.every_steps": 10}
 
 
@@ -114,7 +114,7 @@ def test_partial_fc_steps_only_the_sampled_centres(tmp_path: Path, capsys: pytes
     """One rank, head.parallel=shard, sample_rate 0.5 of 40 classes, batches of 8: after one step
     exactly 20 centres moved and have momentum; the other 20 are the initial centres, momentum 0."""
     run = tmp_path / "run"
-    extra = {**BASE, "data.synthetic_classes": 40, "data.synthetic_per_class": 4, "loader.batch_size": 8,
+    extra = {**BASE, "data.synthetic.classes": 40, "data.synthetic.per_class": 4, "loader.batch_size": 8,
              "head.parallel": "shard", "head.sample_rate": 0.5, "checkpoint.every_steps": 1}
     assert train_main(tiny_overrides(run, steps=1, **extra)) == 0
     assert "sample rate 0.5" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def test_python_main_trains_and_writes_the_run_folder(tmp_path):
 def test_tiny_backbone_overfits_a_few_identities(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=60, **{
         "logging.every_steps": 10, "checkpoint.every_steps": 100, "schedule.warmup_steps": 5,
-        "data.synthetic_noise": 0.3}))
+        "data.synthetic.noise": 0.3}))
     summary = train(cfg)
     rows = metrics(tmp_path / "run")
     assert rows[-1]["batch_acc"] >= 0.95, rows[-1]

@@ -97,7 +97,7 @@ def test_resume_with_a_changed_run_says_what_differs(tmp_path, capsys):
     cases = [
         ({"model.embedding_size": 16}, "model embedding_size 32 -> 16"),
         ({"model.kwargs.width": 16}, "model kwargs {'width': 8} -> {'width': 16}"),
-        ({"data.synthetic_classes": 4}, "classes 8 -> 4"),
+        ({"data.synthetic.classes": 4}, "classes 8 -> 4"),
         ({"loader.batch_size": 8}, "loader.batch_size x processes 16 x 1 -> 8 x 1"),
     ]
     for change, fragment in cases:

@@ -1,10 +1,13 @@
 """Training configuration: YAML -> typed dataclasses, `key.sub=value` overrides, one-line errors.
 
-Every section is a dataclass; the allowed values of a choice are its `Literal[...]` type. At load
-every value is checked: its type (floats also as YAML 1.1 leaves them, `1e-3`), its range
-(`_RANGES`), and the rules across keys (`check`). Each error is one UserError line naming the key
-and where the value came from (the file, or the `key=value` override), and an unknown key names
-the nearest valid one. The resolved config is written to the run folder as YAML.
+Every key is declared once, on its dataclass, with `common.settings.setting`: type, default, range
+and help; the allowed values of a choice are its `Literal[...]` type. At load every value is checked:
+its type (floats also as YAML 1.1 leaves them, `1e-3`), its range (from the field), and the rules
+across keys (`check`). Each error is one UserError line naming the key and where the value came
+from (the file, or the `key=value` override), and an unknown key names the nearest valid one. The
+names from before the margin and synthetic sections (`head.m1`, `data.synthetic_classes`) are read
+as their nested keys (`RENAMED`). `describe_config` is the table `trainer/main.py --help-config`
+prints. The resolved config is written to the run folder as YAML, with the nested names.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,172 +27,226 @@ import yaml
 
 from common.cli import UserError
 from common.fileio import atomic_write_text
+from common.settings import (
+    AT_LEAST_0,
+    FRACTION,
+    POSITIVE,
+    Range,
+    all_keys,
+    describe,
+    format_table,
+    hints,
+    is_section,
+    range_error,
+    section,
+    setting,
+    type_name,
+)
 from shards.augment import AugmentConfig
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    dir: str = "runs/run"              # run folder: checkpoints/, metrics.jsonl, config.yaml
-    seed: int = 0
-    devices: list[int] | Literal["auto", "cpu"] = "auto"  # GPU ids for this node, or all visible / cpu
-    deterministic: bool = False        # cuDNN deterministic algorithms (slower)
-    collective_timeout_s: float = 300.0  # a rank stuck this long in a collective ends the job (torchrun)
+    name: str = setting("run", "the run's name (logs, TensorBoard)")
+    dir: str = setting("runs/run", "run folder: checkpoints/, metrics.jsonl, config.yaml")
+    seed: int = setting(0, "seeds the weights, the data order and the augmentation", range=AT_LEAST_0)
+    devices: list[int] | Literal["auto", "cpu"] = setting(
+        "auto", "GPU ids for this node, or auto (all visible) or cpu")
+    deterministic: bool = setting(False, "cuDNN deterministic algorithms (slower)")
+    collective_timeout_s: float = setting(
+        300.0, "a rank stuck this long in a collective ends the job (torchrun)", range=POSITIVE)
+
+
+@dataclass
+class SyntheticConfig:
+    """data.source=synthetic: in-memory patterns, one per class, plus noise (trainer/synthetic.py)."""
+
+    classes: int = setting(16, "identities", range=POSITIVE)
+    per_class: int = setting(8, "images per identity (an epoch: classes * per_class)", range=POSITIVE)
+    image_size: tuple[int, int] = setting((112, 112), "[H, W] in pixels", range=Range(8))
+    noise: float = setting(0.5, "noise added to each pattern (higher: harder)", range=AT_LEAST_0)
 
 
 @dataclass
 class DataConfig:
-    source: Literal["shards", "synthetic"] = "shards"   # synthetic: in-memory patterns (tests, GPU benches)
-    train_shards: str | None = None    # folder with manifest.json (preprocess/build_shards.py)
-    verify: Literal["none", "size", "sha256"] = "size"  # manifest check
-    augment: AugmentConfig = field(default_factory=AugmentConfig)   # the loader's own type
-    synthetic_classes: int = 16
-    synthetic_per_class: int = 8
-    synthetic_image_size: list[int] = field(default_factory=lambda: [112, 112])
-    synthetic_noise: float = 0.5
+    source: Literal["shards", "synthetic"] = setting(
+        "shards", "shards: data.train_shards; synthetic: in-memory patterns (tests, GPU benches)")
+    train_shards: str | None = setting(None, "folder with manifest.json (preprocess/build_shards.py)")
+    verify: Literal["none", "size", "sha256"] = setting("size", "how the manifest's shards are checked")
+    augment: AugmentConfig = section(AugmentConfig, "training augmentation (shards/augment.py)")
+    synthetic: SyntheticConfig = section(SyntheticConfig, "the synthetic source (data.source=synthetic)")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "tiny"             # a name of trainer.backbones.available_backbones()
-    embedding_size: int = 128
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    channels_last: bool = True
-    compile: bool = False              # torch.compile the backbone (the head stays eager)
-    compile_backend: str = "inductor"  # torch.compile's backend: inductor, cudagraphs, aot_eager, ...
+    backbone: str = setting("tiny", "a name of trainer.backbones.available_backbones()")
+    embedding_size: int = setting(128, "embedding dimension", range=POSITIVE)
+    kwargs: dict[str, Any] = setting({}, "the backbone's own options (width, width_mult, depths, ...)")
+    channels_last: bool = setting(True, "channels-last memory format (faster convolutions on GPUs)")
+    compile: bool = setting(False, "torch.compile the backbone (the head stays eager)")
+    compile_backend: str = setting("inductor", "torch.compile's backend: inductor, cudagraphs, ...")
+
+
+# A margin's own options: a section of HeadConfig named after the margin (head.<margin>.<key>), None
+# leaving the margin's default. Adding a margin's options = its dataclass + its line in HeadConfig.
+@dataclass
+class SphereFaceConfig:
+    """lambda = max(lambda_min, lambda_base * (1 + gamma * step) ** -power), the paper's annealing."""
+
+    lambda_base: float | None = setting(None, "annealing start (default 1000)", range=AT_LEAST_0)
+    lambda_min: float | None = setting(None, "annealing floor (default 5)", range=AT_LEAST_0)
+    gamma: float | None = setting(None, "annealing speed (default 0.12)", range=AT_LEAST_0)
+    power: float | None = setting(None, "annealing power (default 1)", range=AT_LEAST_0)
+
+
+@dataclass
+class CombinedConfig:
+    """cos(m1 theta + m2) - m3."""
+
+    m1: float | None = setting(None, "angle factor (default 1.0)", range=POSITIVE)
+    m2: float | None = setting(None, "additive angular margin (default 0.3)",
+                               range=Range(0, math.pi / 2, "[)"))
+    m3: float | None = setting(None, "additive cosine margin (default 0.2)", range=FRACTION)
 
 
 @dataclass
 class HeadConfig:
-    """The margin head (heads.MarginHead). A None leaves the margin's own default; margin options of
-    another margin than the chosen one are refused."""
+    """The margin head (heads.MarginHead). Options of another margin than the chosen one are refused."""
 
-    margin: Literal["cosface", "arcface", "sphereface", "combined"] = "cosface"
-    s: float = 64.0
-    m: float | None = None             # cosface 0.35, arcface 0.5, sphereface 4 (an integer); not combined
-    t: float = 1.0                     # SV-softmax t (1.0 = off)
-    impl: Literal["auto", "reference", "chunked", "fused"] = "auto"   # fused: CUDA + Triton
-    gamma_focal: float = 0.0           # > 0 adds the focal term
-    m1: float | None = None            # combined: cos(m1 theta + m2) - m3 (defaults 1.0, 0.3, 0.2)
-    m2: float | None = None
-    m3: float | None = None
-    lambda_base: float | None = None   # sphereface annealing: lambda = max(lambda_min,
-    lambda_min: float | None = None    #   lambda_base * (1 + gamma * step) ** -power)
-    gamma: float | None = None         #   (defaults 1000, 5, 0.12, 1)
-    power: float | None = None
-    # several processes: "shard" splits the classes over the ranks (outside DDP), "replicate" keeps the
-    # whole head on every rank (in DDP); auto = shard when there is more than one process
-    parallel: Literal["auto", "replicate", "shard"] = "auto"
-    sample_rate: float = 1.0           # Partial FC (shard): share of each rank's classes per step
+    margin: Literal["cosface", "arcface", "sphereface", "combined"] = setting("cosface", "the margin")
+    s: float = setting(64.0, "logit scale", range=POSITIVE)
+    m: float | None = setting(None, "margin: cosface 0.35, arcface 0.5, sphereface 4 (an integer) when "
+                                    "null; not for combined")
+    t: float = setting(1.0, "SV-Softmax t (1 turns it off)", range=Range(1))
+    impl: Literal["auto", "reference", "chunked", "fused"] = setting(
+        "auto", "the head's engine (heads/); fused: CUDA + Triton")
+    gamma_focal: float = setting(0.0, "> 0 adds the focal term", range=AT_LEAST_0)
+    parallel: Literal["auto", "replicate", "shard"] = setting(
+        "auto", "several processes: shard splits the classes over the ranks (outside DDP), replicate "
+                "keeps the whole head on every rank (in DDP); auto = shard with more than one process")
+    sample_rate: float = setting(1.0, "Partial FC (shard): share of each rank's classes per step",
+                                 range=Range(0, 1, "(]"))
+    sphereface: SphereFaceConfig = section(SphereFaceConfig, "head.margin=sphereface: the annealing")
+    combined: CombinedConfig = section(CombinedConfig, "head.margin=combined: cos(m1 theta + m2) - m3")
 
 
-MARGIN_OPTIONS = {"combined": ("m1", "m2", "m3"),
-                  "sphereface": ("lambda_base", "lambda_min", "gamma", "power")}
+def margin_options(head: HeadConfig) -> dict[str, Any]:
+    """Each margin that has a section -> its section in `head`."""
+    return {f.name: getattr(head, f.name) for f in dataclasses.fields(head)
+            if dataclasses.is_dataclass(getattr(head, f.name))}
 
 
 def head_kwargs(head: HeadConfig) -> dict[str, Any]:
     """The keyword arguments of heads.MarginHead for this section (None: the head's default)."""
     kwargs: dict[str, Any] = {"margin": head.margin, "s": head.s, "m": head.m, "t": head.t,
                               "impl": head.impl, "gamma_focal": head.gamma_focal}
-    for name in MARGIN_OPTIONS.get(head.margin, ()):
-        if getattr(head, name) is not None:
-            kwargs[name] = getattr(head, name)
+    options = margin_options(head).get(head.margin)
+    if options is not None:
+        kwargs.update({k: v for k, v in dataclasses.asdict(options).items() if v is not None})
     return kwargs
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1                    # for the global batch of the config (no implicit scaling)
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4         # not applied to norms and biases
-    head_weight_decay: float | None = None   # default: weight_decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    clip_grad_norm: float = 0.0        # 0 = off
-    accumulate: int = 1                # micro-batches per optimizer step
-    max_nonfinite_in_row: int = 20     # divergence guard: stop after this many skipped steps in a row
+    name: Literal["sgd", "adamw"] = setting("sgd", "the optimizer")
+    lr: float = setting(0.1, "for the global batch of the config (no implicit scaling)", range=POSITIVE)
+    momentum: float = setting(0.9, "sgd momentum", range=FRACTION)
+    nesterov: bool = setting(False, "sgd Nesterov momentum")
+    weight_decay: float = setting(5e-4, "not applied to norms and biases", range=AT_LEAST_0)
+    head_weight_decay: float | None = setting(None, "the head's weight decay; null: weight_decay",
+                                              range=AT_LEAST_0)
+    betas: tuple[float, float] = setting((0.9, 0.999), "adamw betas", range=FRACTION)
+    clip_grad_norm: float = setting(0.0, "gradient norm clip (0 = off)", range=AT_LEAST_0)
+    accumulate: int = setting(1, "micro-batches per optimizer step", range=POSITIVE)
+    max_nonfinite_in_row: int = setting(20, "divergence guard: stop after this many skipped steps in a row",
+                                        range=POSITIVE)
 
 
 @dataclass
 class ScheduleConfig:
-    steps: int = 0                     # optimizer steps in total; 0 = from epochs
-    epochs: float = 0.0
-    warmup_steps: int = 0
-    decay: Literal["cosine", "poly", "step", "constant"] = "cosine"
-    min_lr_ratio: float = 0.0
-    power: float = 2.0                 # poly
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])   # step: fractions of steps
-    gamma: float = 0.1                 # step
+    steps: int = setting(0, "optimizer steps in total; 0 = from epochs", range=AT_LEAST_0)
+    epochs: float = setting(0.0, "epochs, when steps is 0", range=AT_LEAST_0)
+    warmup_steps: int = setting(0, "linear warmup from 0", range=AT_LEAST_0)
+    decay: Literal["cosine", "poly", "step", "constant"] = setting("cosine", "the learning-rate decay")
+    min_lr_ratio: float = setting(0.0, "the lowest learning rate, as a share of optim.lr",
+                                  range=Range(0, 1))
+    power: float = setting(2.0, "poly: the power", range=POSITIVE)
+    milestones: list[float] = setting([0.5, 0.75], "step: where the rate drops, as fractions of the "
+                                                   "steps (or steps)", range=POSITIVE)
+    gamma: float = setting(0.1, "step: the factor at each milestone", range=POSITIVE)
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # auto: bf16 on a GPU that has it, else fp32
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", "auto: bf16 on a GPU that has it, else fp32")
 
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = 128              # per process (rank); global = batch_size * world * accumulate
-    backend: Literal["auto", "dali", "torch"] = "auto"
-    workers: int = 2
-    prefetch: int = 2
-    persistent_workers: bool = True    # keep the readers (torch workers, DALI pipeline) across epochs
-    source_workers: int | None = None  # DALI: processes reading for its source; None = workers on a
-                                       # GPU, 0 (in the training process) on the CPU; see shards/loader.py
+    batch_size: int = setting(128, "per process (rank); global = batch_size * world * accumulate",
+                              range=POSITIVE)
+    backend: Literal["auto", "dali", "torch"] = setting(
+        "auto", "auto: dali when installed and it can run on the device, else torch")
+    workers: int = setting(2, "reader processes", range=AT_LEAST_0)
+    prefetch: int = setting(2, "batches read ahead (DALI queue depth, torch prefetch_factor)",
+                           range=POSITIVE)
+    persistent_workers: bool = setting(True, "keep the readers (torch workers, DALI pipeline) across epochs")
+    source_workers: int | None = setting(
+        None, "DALI: processes reading for its source; null = workers on a GPU, 0 (in the training "
+              "process) on the CPU; see shards/loader.py")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500
-    keep_last: int = 3
-    resume: str = "auto"               # auto | never | path to a checkpoint
-    save_untrained: bool = False       # write checkpoints/untrained.pt before the first step
+    every_steps: int = setting(500, "a checkpoint every this many steps", range=POSITIVE)
+    keep_last: int = setting(3, "step checkpoints kept (last.pt and best.pt besides)", range=POSITIVE)
+    resume: str = setting("auto", "auto | never | path to a checkpoint")
+    save_untrained: bool = setting(False, "write checkpoints/untrained.pt before the first step")
 
 
 @dataclass
 class ValidationConfig:
-    lfw_shards: str | None = None      # LFW shard folder with pairs; None = no validation
-    sets: dict[str, str] = field(default_factory=dict)  # name -> shard folder with pairs (eval/verify.py)
-    best: str = "mean"                 # with sets, what picks best.pt: "mean" (of the accuracies) or a set
-    every_steps: int = 500
-    batch_size: int = 256
+    lfw_shards: str | None = setting(None, "LFW shard folder with pairs; null = no validation")
+    sets: dict[str, str] = setting({}, "name -> shard folder with pairs (eval/verify.py)")
+    best: str = setting("mean", "with sets, what picks best.pt: mean (of the accuracies) or a set name")
+    every_steps: int = setting(500, "validate every this many steps", range=POSITIVE)
+    batch_size: int = setting(256, "images per forward pass", range=POSITIVE)
 
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 20
-    display: Literal["auto", "rich", "plain", "none"] = "auto"   # auto: rich when stderr is a TTY
-    tensorboard: Literal["auto", "on", "off"] = "auto"            # auto: when installed
+    every_steps: int = setting(20, "a metrics line every this many steps", range=POSITIVE)
+    display: Literal["auto", "rich", "plain", "none"] = setting("auto", "auto: rich when stderr is a TTY")
+    tensorboard: Literal["auto", "on", "off"] = setting("auto", "auto: when installed")
 
 
 @dataclass
 class TrainConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = section(RunConfig, "the run: name, folder, seed, devices")
+    data: DataConfig = section(DataConfig, "training data")
+    model: ModelConfig = section(ModelConfig, "the backbone")
+    head: HeadConfig = section(HeadConfig, "the margin head")
+    optim: OptimConfig = section(OptimConfig, "the optimizer")
+    schedule: ScheduleConfig = section(ScheduleConfig, "length and learning-rate schedule")
+    precision: PrecisionConfig = section(PrecisionConfig, "mixed precision")
+    loader: LoaderConfig = section(LoaderConfig, "the shard loader")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints in the run folder")
+    validation: ValidationConfig = section(ValidationConfig, "validation during training")
+    logging: LoggingConfig = section(LoggingConfig, "progress, metrics.jsonl, TensorBoard")
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+# The names from before the margin and synthetic sections: still read (old configs, old run folders).
+RENAMED = {
+    **{f"head.{k}": f"head.combined.{k}" for k in ("m1", "m2", "m3")},
+    **{f"head.{k}": f"head.sphereface.{k}" for k in ("lambda_base", "lambda_min", "gamma", "power")},
+    **{f"data.synthetic_{k}": f"data.synthetic.{k}" for k in ("classes", "per_class", "image_size", "noise")},
+}
 
 
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    for name, tp in _hints(cls).items():
-        key = f"{prefix}{name}"
-        keys.append(key)
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, key + ".")
-    return keys
+def describe_config() -> str:
+    """Every key: type, default, range, help (plain aligned text)."""
+    return format_table(describe(TrainConfig), ("key", "type", "default", "range", "help"))
 
 
 class Sources:
@@ -212,12 +269,6 @@ def _unknown(key: str, where: str, valid: list[str]) -> UserError:
     return UserError(f"{where}: unknown config key '{key}'{hint}")
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 # YAML 1.1 (PyYAML) reads `1e-3` and `1e6` as strings (it wants a dot and a signed exponent).
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -231,10 +282,10 @@ def _coerce_literal(value: Any, tp: Any, key: str, where: str) -> Any:
     if isinstance(value, bool) and {"on", "off"} <= set(choices):
         value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     if not isinstance(value, str):
-        raise UserError(f"{where}: '{key}' must be str ({_type_name(tp)}), got {value!r} "
+        raise UserError(f"{where}: '{key}' must be str ({type_name(tp)}), got {value!r} "
                         f"({type(value).__name__})")
     if value not in choices:
-        raise UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be {type_name(tp)}, got {value!r}")
     return value
 
 
@@ -249,7 +300,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             except UserError as err:
                 if typing.get_origin(arm) is Literal and isinstance(value, str):
                     raise err from None  # a string meant for the choices: name them
-        raise UserError(f"{where}: '{key}' must be {' or '.join(_type_name(a) for a in arms)}, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be {type_name(tp)}, got {value!r}")
     if origin is Literal:
         return _coerce_literal(value, tp, key, where)
     if tp is type(None):
@@ -286,7 +337,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if isinstance(value, dict):
             return _build(tp, value, key + ".", _single(where))
         raise UserError(f"{where}: '{key}' is a section; give it as a mapping of keys, not {value!r}")
-    raise UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise UserError(f"{where}: '{key}' must be {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _single(where: str | Sources) -> Sources:
@@ -295,17 +346,39 @@ def _single(where: str | Sources) -> Sources:
     return Sources(where)
 
 
+def _nest_renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A section's mapping with the old flat names (RENAMED) moved to their nested keys; where the
+    nested key is given too, it wins (so an override in either spelling beats the file's)."""
+    out = dict(data)
+    for old, new in RENAMED.items():
+        name = old[len(prefix):]
+        if not old.startswith(prefix) or "." in name or name not in out:
+            continue
+        value = out.pop(name)
+        *parents, leaf = new[len(prefix):].split(".")
+        node = out
+        for part in parents:
+            sub = node.get(part, {})
+            if not isinstance(sub, dict):
+                break  # not a mapping: building the section names the mistake
+            node[part] = node = dict(sub)
+        else:
+            node.setdefault(leaf, value)
+    return out
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str, src: Sources | str) -> Any:
     src = _single(src)
-    hints = _hints(cls)
+    data = _nest_renamed(data, prefix)
+    types_ = hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise _unknown(key, src.where(key), [f"{prefix}{n}" for n in names])
-        tp = hints[k]
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            raise _unknown(key, src.where(key), [f"{prefix}{k}" for k in all_keys(cls)])
+        tp = types_[k]
+        if is_section(tp) and isinstance(v, dict):
             kwargs[k] = _build(tp, v, key + ".", src)
         else:
             kwargs[k] = _coerce(v, tp, key, src.where(key))
@@ -319,7 +392,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, where: str) -> No
         sub = node.setdefault(part, {})
         if not isinstance(sub, dict):
             # The prefix is a leaf: the full key cannot exist.
-            raise _unknown(dotted, where, _all_keys(TrainConfig))
+            raise _unknown(dotted, where, all_keys(TrainConfig))
         node = sub
     node[parts[-1]] = value
 
@@ -358,9 +431,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML config (or only defaults when path is None), apply overrides, check everything."""
     tree = _read_yaml(Path(path)) if path is not None else {}
     src = Sources(str(path) if path is not None else "config")
-    valid = _all_keys(TrainConfig)
+    valid = all_keys(TrainConfig)
     for text in overrides:
         key, value = parse_override(text)
+        key = RENAMED.get(key, key)
         # backbone kwargs are the backbone's to check; set names are the user's
         free = key.startswith(("model.kwargs.", "validation.sets."))
         if key not in valid and not free:
@@ -372,59 +446,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-# Ranges: key -> (test, what the test says). Checked after the types, so values are typed.
-def _pos(v: Any) -> bool:
-    return v > 0
-
-
-def _nonneg(v: Any) -> bool:
-    return v >= 0
-
-
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "run.seed": (_nonneg, "must be >= 0"),
-    "data.synthetic_classes": (_pos, "must be positive"),
-    "data.synthetic_per_class": (_pos, "must be positive"),
-    "data.synthetic_image_size": (lambda v: len(v) == 2 and min(v) >= 8, "must be [H, W], each >= 8"),
-    "data.synthetic_noise": (_nonneg, "must be >= 0"),
-    "model.embedding_size": (_pos, "must be positive"),
-    "head.s": (_pos, "must be positive"),
-    "head.t": (lambda v: v >= 1.0, "must be >= 1 (1 turns SV-Softmax off)"),
-    "head.gamma_focal": (_nonneg, "must be >= 0"),
-    "head.m1": (lambda v: v is None or v > 0, "must be positive"),
-    "head.m2": (lambda v: v is None or 0 <= v < math.pi / 2, "must be in [0, pi/2)"),
-    "head.m3": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
-    "head.lambda_base": (lambda v: v is None or v >= 0, "must be >= 0"),
-    "head.lambda_min": (lambda v: v is None or v >= 0, "must be >= 0"),
-    "head.gamma": (lambda v: v is None or v >= 0, "must be >= 0"),
-    "head.power": (lambda v: v is None or v >= 0, "must be >= 0"),
-    "head.sample_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "run.collective_timeout_s": (_pos, "must be positive"),
-    "optim.lr": (_pos, "must be positive"),
-    "optim.momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "optim.weight_decay": (_nonneg, "must be >= 0"),
-    "optim.head_weight_decay": (lambda v: v is None or v >= 0, "must be >= 0"),
-    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two values in [0, 1)"),
-    "optim.clip_grad_norm": (_nonneg, "must be >= 0 (0 = off)"),
-    "optim.accumulate": (_pos, "must be positive"),
-    "optim.max_nonfinite_in_row": (_pos, "must be positive"),
-    "schedule.steps": (_nonneg, "must be >= 0"),
-    "schedule.epochs": (_nonneg, "must be >= 0"),
-    "schedule.warmup_steps": (_nonneg, "must be >= 0"),
-    "schedule.min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "schedule.power": (_pos, "must be positive"),
-    "schedule.milestones": (lambda v: all(m > 0 for m in v), "must be positive (fractions or steps)"),
-    "schedule.gamma": (_pos, "must be positive"),
-    "loader.batch_size": (_pos, "must be positive"),
-    "loader.workers": (_nonneg, "must be >= 0"),
-    "loader.prefetch": (_pos, "must be positive"),
-    "checkpoint.every_steps": (_pos, "must be positive"),
-    "checkpoint.keep_last": (_pos, "must be positive"),
-    "validation.every_steps": (_pos, "must be positive"),
-    "validation.batch_size": (_pos, "must be positive"),
-    "logging.every_steps": (_pos, "must be positive"),
-}
-
 # head.m per margin: (test, what the test says)
 _MARGIN_M: dict[str, tuple[Callable[[float], bool], str]] = {
     "cosface": (lambda m: 0 <= m < 1, "in [0, 1)"),
@@ -433,25 +454,19 @@ _MARGIN_M: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def _get(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def _check_head(head: HeadConfig, src: Sources) -> None:
     if head.m is not None:
         if head.margin == "combined":
             raise UserError(f"{src.where('head.m')}: 'head.m' does not apply to head.margin=combined "
-                            "(set head.m1, head.m2, head.m3)")
+                            "(set head.combined.m1, head.combined.m2, head.combined.m3)")
         test, says = _MARGIN_M[head.margin]
         if not test(head.m):
             raise UserError(f"{src.where('head.m')}: 'head.m' for {head.margin} must be {says}, got {head.m}")
-    for margin, names in MARGIN_OPTIONS.items():
-        for name in names:
-            if getattr(head, name) is not None and head.margin != margin:
-                raise UserError(f"{src.where('head.' + name)}: 'head.{name}' applies to "
-                                f"head.margin={margin}, not {head.margin}")
+    for margin, options in margin_options(head).items():
+        given = [name for name, value in dataclasses.asdict(options).items() if value is not None]
+        if given and margin != head.margin:
+            key = f"head.{margin}.{given[0]}"
+            raise UserError(f"{src.where(key)}: '{key}' applies to head.margin={margin}, not {head.margin}")
 
 
 def _check_validation(val: ValidationConfig, src: Sources) -> None:
@@ -475,14 +490,14 @@ def _check_validation(val: ValidationConfig, src: Sources) -> None:
 def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
     """Every value in its range and the sections consistent; UserError naming the key otherwise."""
     src = _single(src)
-    for key, (test, says) in _RANGES.items():
-        value = _get(cfg, key)
-        if not test(value):
-            raise UserError(f"{src.where(key)}: '{key}' {says}, got {value}")
+    outside = range_error(cfg)
+    if outside is not None:
+        key, value, allowed = outside
+        raise UserError(f"{src.where(key)}: '{key}' must be {allowed}, got {_plain(value)}")
     _check_head(cfg.head, src)
     _check_validation(cfg.validation, src)
     try:
-        dataclasses.replace(cfg.data.augment).validate()  # on a copy: validate() turns lists into tuples
+        dataclasses.replace(cfg.data.augment).validate()  # its rules across keys; on a copy: it edits
     except UserError as err:  # its message starts "augment.<name>=<value>: ..."
         key = "data." + str(err).split("=", 1)[0]
         raise UserError(f"{src.where(key)}: data.{err}") from None

@@ -98,13 +98,13 @@ def build_loader(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[Any, int, 
     if cfg.data.source == "synthetic":
         from trainer.synthetic import SyntheticLoader
 
-        size = (int(cfg.data.synthetic_image_size[0]), int(cfg.data.synthetic_image_size[1]))
+        size = (int(cfg.data.synthetic.image_size[0]), int(cfg.data.synthetic.image_size[1]))
         loader = SyntheticLoader(
-            cfg.data.synthetic_classes, cfg.data.synthetic_per_class, size, batch_size=cfg.loader.batch_size,
+            cfg.data.synthetic.classes, cfg.data.synthetic.per_class, size, batch_size=cfg.loader.batch_size,
             rank=info.rank, world_size=info.world_size, seed=cfg.run.seed, device=info.device,
-            channels_last=cfg.model.channels_last, noise=cfg.data.synthetic_noise,
+            channels_last=cfg.model.channels_last, noise=cfg.data.synthetic.noise,
         )
-        return loader, cfg.data.synthetic_classes, size
+        return loader, cfg.data.synthetic.classes, size
     manifest = load_manifest(cfg.data.train_shards, verify=cfg.data.verify)  # the user's error first
     from shards.loader import build_train_loader
 

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=N trainer/main.py --config configs/X.yaml [key.sub=value ...]
     python trainer/main.py --config configs/X.yaml [key.sub=value ...]      (one process)
+    python trainer/main.py --help-config      (every key: type, default, range, help)
 
 Overrides are YAML scalars (`optim.lr=0.05`, `run.devices=[0,1]`). The summary is printed to stdout
 as one JSON line; progress and logs go to stderr; the run folder gets config.yaml, metrics.jsonl and
@@ -46,8 +47,15 @@ def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) 
     parser = CliParser(prog="trainer/main.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
+    parser.add_argument("--help-config", action="store_true",
+                        help="print every config key (type, default, range, help) and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.help_config:
+        from trainer.config import describe_config
+
+        print(describe_config())
+        return 0
 
     from trainer.config import load_config
     from trainer.distributed import PeerLost
