@@ -153,7 +153,7 @@ def train(opts: dict, argv: list[str]) -> int:
 
         def start_and_dump(self) -> None:
             start(self)
-            full = head_parallel.head_checkpoint(self.head, self.optimizer)
+            full = head_parallel.head_checkpoint(self.parts.head, self.parts.optimizer)
             if full is not None:
                 torch.save(full, opts["dump_after_resume"])
 

@@ -19,7 +19,7 @@ from typing import IO
 
 import torch
 
-from trainer.hooks import TrainerHooks
+from trainer.hooks import FinishedRun, TrainerHooks
 
 SCRIPT = Path(__file__).resolve()
 
@@ -54,11 +54,10 @@ class FaultHooks(TrainerHooks):
         file.seek(0)
         file.write(data)
 
-    def finished(self, trainer) -> None:  # noqa: ANN001 - a trainer.engine.Trainer
+    def finished(self, run: FinishedRun) -> None:
         if self.dump_params:
-            module = trainer.module
-            flat = {k: v.detach().cpu() for k, v in module.named_parameters()}
-            torch.save(flat, trainer.run_dir / f"params-rank{trainer.info.rank}.pt")
+            flat = {k: v.detach().cpu() for k, v in run.backbone_and_head.named_parameters()}
+            torch.save(flat, run.run_dir / f"params-rank{run.rank}.pt")
 
 
 if __name__ == "__main__":

@@ -158,3 +158,9 @@ def test_no_import_cycle_inside_a_package():
 def test_no_function_level_import_closes_a_cycle():
     cycles = _cycles(import_graph(), {"module", "function"})
     assert not cycles, "; ".join(cycles)
+
+
+def test_no_annotation_only_import_closes_a_cycle():
+    """Not even through `if TYPE_CHECKING:` (trainer.hooks once named the engine's Trainer so)."""
+    cycles = _cycles(import_graph(), {"module", "function", "typing"})
+    assert not cycles, "; ".join(cycles)

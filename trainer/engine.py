@@ -1,10 +1,12 @@
 """The training loop: DDP, autocast, accumulation, clipping, the divergence guard, checkpoints,
 validation and logging. `train(cfg, validators, hooks)` is everything `trainer/main.py` runs.
 
-`Trainer` keeps the run's objects and its position (`TrainState`) as attributes; each method does
-one part of a run: `setup` (data, model, optimizer), `resume`, `train_step`, `log_window`,
-`save_checkpoint`, `validate`, and `fit`, the loop that calls them. The checkpoint dict itself is
-built and read by trainer/checkpoint.py.
+A `Trainer` is built in one go, in `__init__`: `build_parts` makes what the run trains with
+(`RunParts`: data, backbone, head, optimizer, schedule, scaler, precision), `resume` brings them to a
+checkpoint's state and returns the run's position (`TrainState`, what changes each step), and
+`wrap_for_training` makes the module the steps call (compiled and DDP-wrapped as configured). The
+methods then each do one part of a run: `train_step`, `log_window`, `validate`, `save_checkpoint`, and
+`fit`, the loop that calls them. The checkpoint dict itself is built and read by trainer/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from trainer.checkpoint import (
     unusable_reason,
 )
 from trainer.config import TrainConfig, head_kwargs, save_resolved, to_dict
-from trainer.hooks import TrainerHooks
+from trainer.hooks import FinishedRun, TrainerHooks
 from trainer.metrics import MetricsLogger
 from trainer.optim import Schedule, build_optimizer
 from trainer.validation import Validator
@@ -51,9 +53,10 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message says where the checkpoint is."""
 
 
-class TrainModule(nn.Module):
-    """Backbone + margin head in one module: one DDP wrapper syncs both (head.parallel=replicate), or
-    the backbone alone is DDP-wrapped inside it (shard; `grad_scale` = world, see head_parallel)."""
+class BackboneAndHead(nn.Module):
+    """Backbone + margin head in one module, its forward the loss: one DDP wrapper syncs both
+    (head.parallel=replicate), or the backbone alone is DDP-wrapped inside it (shard; `grad_scale` =
+    world, see head_parallel)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, grad_scale: float = 1.0) -> None:
         super().__init__()
@@ -117,6 +120,111 @@ def build_loader(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[Any, int, 
     return loader, manifest.num_classes, (int(manifest.image_size[0]), int(manifest.image_size[1]))
 
 
+def build_configured_backbone(cfg: TrainConfig, image_size: tuple[int, int]) -> nn.Module:
+    """The backbone `model.*` names; a constructor's refusal of `model.kwargs` as one line."""
+    m = cfg.model
+    try:
+        return build_backbone(m.backbone, m.embedding_size, image_size, **m.kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model.kwargs={m.kwargs}: cannot build backbone {m.backbone!r} "
+                        f"({first})") from None
+
+
+@dataclass
+class RunParts:
+    """What one run trains with, built by `build_parts` before the resume loads a checkpoint into it.
+    The compiled / DDP-wrapped module the steps call is made afterwards (`wrap_for_training`)."""
+
+    loader: Any                     # this rank's batches (batches_per_epoch, set_epoch, iter, close)
+    num_classes: int
+    steps_per_epoch: int            # optimizer steps of optim.accumulate micro-batches each
+    total_steps: int
+    backbone_spec: dict[str, Any]   # the checkpoint's "model" entry
+    backbone: nn.Module             # the bare backbone: what checkpoints hold and validators embed with
+    head: nn.Module                 # the margin head (this rank's rows of it when sharded)
+    parallel: str                   # how the head spans the processes: "replicate" or "shard"
+    backbone_and_head: BackboneAndHead  # both, on the device, unwrapped: every trained tensor
+    backbone_params: list[nn.Parameter]  # the trainable ones, for clipping
+    head_params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    head_state: head_parallel.HeadState
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None       # the autocast dtype; None for plain fp32
+    autocast: torch.autocast
+
+    def checkpointed(self) -> dict[str, Any]:
+        """The components whose states a training checkpoint holds besides the backbone's."""
+        return {"head_state": self.head_state,
+                "optimizer": head_parallel.OptimizerState(self.optimizer, self.head),
+                "scaler": self.scaler, "scheduler": self.schedule}
+
+
+def build_parts(cfg: TrainConfig, info: dist_util.DistInfo) -> RunParts:
+    """Seeds, data, model, optimizer, schedule and scaler: everything before the resume."""
+    torch.manual_seed(cfg.run.seed + info.rank)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.run.deterministic
+        torch.backends.cudnn.deterministic = cfg.run.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    check_head_impl(cfg.head.impl, info.device)
+    loader, num_classes, image_size = build_loader(cfg, info)
+    if loader.batches_per_epoch < cfg.optim.accumulate:
+        raise UserError(f"{cfg.data.train_shards or 'data'}: {loader.batches_per_epoch} batches "
+                        f"per epoch per process at loader.batch_size={cfg.loader.batch_size}: "
+                        "too few samples")
+    steps_per_epoch = loader.batches_per_epoch // cfg.optim.accumulate
+    spec = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
+            "image_size": list(image_size), "kwargs": dict(cfg.model.kwargs)}
+    backbone = build_configured_backbone(cfg, image_size)
+    parallel = head_parallel.resolve_parallel(cfg.head.parallel, info.world_size)
+    head = head_parallel.build_head(parallel, num_classes, cfg.model.embedding_size,
+                                    head_kwargs(cfg.head), cfg.head.sample_rate, cfg.run.seed)
+    both = BackboneAndHead(backbone, head).to(info.device)
+    if cfg.model.channels_last:
+        both = both.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(backbone, head, cfg.optim)
+    total = cfg.schedule.steps or max(1, math.ceil(cfg.schedule.epochs * steps_per_epoch))
+    dtype = resolve_dtype(cfg.precision.dtype, info.device)
+    return RunParts(
+        loader=loader, num_classes=num_classes, steps_per_epoch=steps_per_epoch, total_steps=total,
+        backbone_spec=spec, backbone=backbone, head=head, parallel=parallel, backbone_and_head=both,
+        backbone_params=[p for p in backbone.parameters() if p.requires_grad],
+        head_params=[p for p in head.parameters() if p.requires_grad],
+        optimizer=optimizer, head_state=head_parallel.HeadState(head, optimizer),
+        schedule=Schedule(optimizer, cfg.optim.lr, total, cfg.schedule),
+        scaler=torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16), dtype=dtype,
+        autocast=torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+    )
+
+
+def wrap_for_training(parts: RunParts, cfg: TrainConfig,
+                      info: dist_util.DistInfo) -> tuple[nn.Module, DDP | None]:
+    """(the module the steps call, the DDP wrapper inside it or None): the backbone compiled and
+    DDP-wrapped as configured. With several processes DDP goes around backbone and head (replicate)
+    or around the backbone alone (shard: the head's gradients are never all-reduced). After the
+    resume: DDP starts every rank from rank 0's weights."""
+    shard = parts.parallel == "shard" and info.enabled
+    if cfg.model.compile:
+        # The backbone alone, in place (its state_dict keys stay as they are). The head stays
+        # eager: its autograd Function and Python-int step would be graph breaks and guards.
+        backend = cfg.model.compile_backend
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise UserError(f"model.compile_backend={backend!r}: not a torch.compile backend here "
+                            f"(inductor, cudagraphs, aot_eager, eager, ...)")
+        parts.backbone.compile(backend=backend)
+    inner: nn.Module = parts.backbone if shard else parts.backbone_and_head
+    ddp = None
+    if info.enabled:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        inner = ddp = DDP(inner, device_ids=ids, gradient_as_bucket_view=True)
+    if shard:
+        return BackboneAndHead(inner, parts.head, grad_scale=float(info.world_size)), ddp
+    return inner, ddp
+
+
 @dataclass
 class Window:
     """Sums over a stretch of steps, for a log record's rates (and the run's steady rate)."""
@@ -139,6 +247,28 @@ class Window:
 
 
 @dataclass
+class Throughput:
+    """The open log window, and the run's steady rate: every closed window but the first, which
+    holds start-up (worker spawn, cuDNN autotuning, Triton compilation)."""
+
+    window: Window = field(default_factory=Window)
+    first: Window | None = None
+    steady: Window = field(default_factory=Window)
+
+    def close_window(self) -> None:
+        if self.first is None:
+            self.first = self.window
+        else:
+            self.steady.add(self.window)
+        self.window = Window()
+
+    def run_rate(self) -> Window | None:
+        """The steady windows; the first alone in a run that short; None before any step."""
+        rate = self.steady if self.steady.time or self.first is None else self.first
+        return rate if rate.time else None
+
+
+@dataclass
 class StepResult:
     finite: bool
     loss: torch.Tensor  # 0-d, on the device: read only when logged
@@ -148,7 +278,8 @@ class StepResult:
 
 
 class Trainer:
-    """One training run (this process's part of it). `fit()` runs it and returns the summary."""
+    """One training run (this process's part of it), built whole here. `fit()` runs it and returns
+    the summary."""
 
     def __init__(self, cfg: TrainConfig, info: dist_util.DistInfo, validators: Sequence[Validator] = (),
                  hooks: TrainerHooks | None = None) -> None:
@@ -157,67 +288,32 @@ class Trainer:
         self.hooks = hooks or TrainerHooks()
         self.run_dir = Path(cfg.run.dir)
         self.ckdir = CheckpointDir(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
-        self.state = TrainState()
-        self.last_val: dict[str, Any] = {}
-        self.nonfinite_run = 0
+        self.parts = build_parts(cfg, info)
+        self.state, self.resumed_from = self.resume()  # the position, which every step moves on
+        if info.is_main:
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        self.train_module, self.ddp = wrap_for_training(self.parts, cfg, info)
+        self.log = MetricsLogger(self.run_dir, self.parts.total_steps, self.state.step, cfg.logging.display,
+                                 cfg.logging.tensorboard, info.is_main)
+        # What the run has seen so far, not checkpointed:
+        self.nonfinite_run = 0                    # non-finite steps in a row (the divergence guard)
+        self.last_val: dict[str, Any] = {}        # the latest validation's figures
+        self.throughput = Throughput()
+        self.summary: dict[str, Any] = {
+            "loader": self._loader_name(),
+            "dtype": str(self.parts.dtype).removeprefix("torch.") if self.parts.dtype else "float32"}
+        # The loader's iterator, started by `_start` (after the untrained checkpoint); ends each epoch.
+        self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    # ---- set-up ----------------------------------------------------------------------------------
+    def _loader_name(self) -> str:
+        return getattr(self.parts.loader, "backend", self.cfg.data.source)
 
-    def setup(self) -> None:
-        """Seeds, data, model, optimizer, schedule and scaler: everything before the resume."""
-        cfg, info = self.cfg, self.info
-        torch.manual_seed(cfg.run.seed + info.rank)
-        if info.device.type == "cuda":
-            torch.backends.cudnn.benchmark = not cfg.run.deterministic
-            torch.backends.cudnn.deterministic = cfg.run.deterministic
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        check_head_impl(cfg.head.impl, info.device)
-        self.loader, self.num_classes, image_size = build_loader(cfg, info)
-        if self.loader.batches_per_epoch < cfg.optim.accumulate:
-            raise UserError(f"{cfg.data.train_shards or 'data'}: {self.loader.batches_per_epoch} batches "
-                            f"per epoch per process at loader.batch_size={cfg.loader.batch_size}: "
-                            "too few samples")
-        self.steps_per_epoch = self.loader.batches_per_epoch // cfg.optim.accumulate
-        self.total = cfg.schedule.steps or max(1, math.ceil(cfg.schedule.epochs * self.steps_per_epoch))
-        self.spec = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
-                     "image_size": list(image_size), "kwargs": dict(cfg.model.kwargs)}
-        self.backbone = self._build_backbone(image_size)
-        self.parallel = head_parallel.resolve_parallel(cfg.head.parallel, info.world_size)
-        self.head = head_parallel.build_head(self.parallel, self.num_classes, cfg.model.embedding_size,
-                                             head_kwargs(cfg.head), cfg.head.sample_rate, cfg.run.seed)
-        self.module = TrainModule(self.backbone, self.head).to(info.device)
-        if cfg.model.channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.backbone, self.head, cfg.optim)
-        self.head_state = head_parallel.HeadState(self.head, self.optimizer)
-        self.schedule = Schedule(self.optimizer, cfg.optim.lr, self.total, cfg.schedule)
-        self.dtype = resolve_dtype(cfg.precision.dtype, info.device)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
-        self.autocast = torch.autocast(info.device.type, dtype=self.dtype or torch.float32,
-                                       enabled=self.dtype is not None)
-
-    def _build_backbone(self, image_size: tuple[int, int]) -> nn.Module:
-        m = self.cfg.model
-        try:
-            return build_backbone(m.backbone, m.embedding_size, image_size, **m.kwargs)
-        except (TypeError, ValueError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"model.kwargs={m.kwargs}: cannot build backbone {m.backbone!r} "
-                            f"({first})") from None
-
-    @property
-    def parts(self) -> dict[str, Any]:
-        """The components whose states a training checkpoint holds besides the backbone's."""
-        return {"head_state": self.head_state,
-                "optimizer": head_parallel.OptimizerState(self.optimizer, self.head),
-                "scaler": self.scaler, "scheduler": self.schedule}
-
-    def resume(self) -> Path | None:
-        """Continue from a checkpoint as `checkpoint.resume` says; returns the file resumed from."""
+    def resume(self) -> tuple[TrainState, Path | None]:
+        """Continue from a checkpoint as `checkpoint.resume` says: (the position to start from, the
+        file resumed from or None for a fresh start)."""
         mode = self.cfg.checkpoint.resume
         if mode == "never":
-            return None
+            return TrainState(), None
         if mode == "auto":
             if self.info.is_main:
                 self.ckdir.clean_partial()
@@ -229,40 +325,18 @@ class Trainer:
                 raise UserError(f"checkpoint.resume={mode}: cannot resume: {reason} (pick an earlier "
                                 "checkpoint, or checkpoint.resume=auto for the newest usable one)")
         if found is None:
-            return None
+            return TrainState(), None
         path, ckpt = found
-        check_resumable(path, ckpt, self.spec, self.num_classes, self.cfg.loader.batch_size,
+        parts = self.parts
+        check_resumable(path, ckpt, parts.backbone_spec, parts.num_classes, self.cfg.loader.batch_size,
                         self.info.world_size)
-        self.state = restore_training(ckpt, self.backbone, self.parts)
+        state = restore_training(ckpt, parts.backbone, parts.checkpointed())
         ranks = ckpt["rng"].get("per_rank", [])
         if len(ranks) == self.info.world_size:  # the same process count: each rank's own streams
             restore_rng(ranks[self.info.rank])
         else:
-            torch.manual_seed(self.cfg.run.seed + self.info.rank + 7919 * self.state.step)
-        return path
-
-    def _wrap(self) -> nn.Module:
-        """The module the steps call: the backbone compiled and DDP-wrapped as configured. Sets
-        `self.ddp` (the DDP wrapper, for no_sync) when there are several processes: around backbone
-        and head (replicate) or around the backbone alone (shard: the head's gradients are never
-        all-reduced)."""
-        shard = self.parallel == "shard" and self.info.enabled
-        if self.cfg.model.compile:
-            # The backbone alone, in place (its state_dict keys stay as they are). The head stays
-            # eager: its autograd Function and Python-int step would be graph breaks and guards.
-            backend = self.cfg.model.compile_backend
-            if backend not in torch._dynamo.list_backends(exclude_tags=()):
-                raise UserError(f"model.compile_backend={backend!r}: not a torch.compile backend here "
-                                f"(inductor, cudagraphs, aot_eager, eager, ...)")
-            self.backbone.compile(backend=backend)
-        inner: nn.Module = self.backbone if shard else self.module
-        self.ddp: DDP | None = None
-        if self.info.enabled:
-            ids = [self.info.device.index] if self.info.device.type == "cuda" else None
-            inner = self.ddp = DDP(inner, device_ids=ids, gradient_as_bucket_view=True)
-        if shard:
-            return TrainModule(inner, self.head, grad_scale=float(self.info.world_size))
-        return inner
+            torch.manual_seed(self.cfg.run.seed + self.info.rank + 7919 * state.step)
+        return state, path
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -271,13 +345,13 @@ class Trainer:
             return next(self.batches)
         except StopIteration:
             self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
-            self.loader.set_epoch(self.state.epoch)
-            self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(self.loader)
+            self.parts.loader.set_epoch(self.state.epoch)
+            self.batches = iter(self.parts.loader)
             return next(self.batches)
 
     def train_step(self) -> StepResult:
         """Forward/backward over `optim.accumulate` micro-batches, then the guarded optimizer step."""
-        cfg, st = self.cfg, self.state
+        cfg, st, p = self.cfg, self.state, self.parts
         t_step, wait = time.perf_counter(), 0.0
         step_loss = torch.zeros((), device=self.info.device)
         for micro in range(cfg.optim.accumulate):
@@ -287,45 +361,45 @@ class Trainer:
             st.batch_in_epoch += 1
             sync = micro == cfg.optim.accumulate - 1 or not self.info.enabled
             with nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
-                loss = self.hooks.micro_batch_loss(st.step, self.model(images, labels, self.autocast))
-                self.scaler.scale(loss / cfg.optim.accumulate).backward()
+                loss = self.hooks.micro_batch_loss(st.step, self.train_module(images, labels, p.autocast))
+                p.scaler.scale(loss / cfg.optim.accumulate).backward()
             step_loss += loss.detach().float() / cfg.optim.accumulate
         self.hooks.after_backward(st.step)
-        self.scaler.unscale_(self.optimizer)
+        p.scaler.unscale_(p.optimizer)
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-        grad_norm = head_parallel.clip_grad_norm(self.backbone_params, self.head_params, max_norm,
-                                                 self.parallel == "shard" and self.info.enabled)
+        grad_norm = head_parallel.clip_grad_norm(p.backbone_params, p.head_params, max_norm,
+                                                 p.parallel == "shard" and self.info.enabled)
         # One host sync per step for the guard; DDP has averaged the gradients (and a sharded head's
         # norm is summed over the ranks), so every rank sees the same norm, and the loss flag is
         # reduced so all ranks skip together.
         # (fp16: the scaler itself skips steps with inf gradients while it calibrates.)
-        grads_ok = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+        grads_ok = p.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
         finite = dist_util.all_true(bool(torch.isfinite(step_loss)) and grads_ok, self.info)
         if finite:
             # Partial FC: only the sampled centres (and their optimizer state) step
-            head_parallel.optimizer_step(self.optimizer, self.head, lambda: self.scaler.step(self.optimizer))
+            head_parallel.optimizer_step(p.optimizer, p.head, lambda: p.scaler.step(p.optimizer))
             self.nonfinite_run = 0
         else:
             st.skipped_total += 1
             self.nonfinite_run += 1
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        p.scaler.update()
+        p.optimizer.zero_grad(set_to_none=True)
         st.step += 1
-        lr = self.schedule.lr
-        self.schedule.advance()
-        self.head.set_step(st.step)
+        lr = p.schedule.lr
+        p.schedule.advance()
+        p.head.set_step(st.step)
         return StepResult(finite, step_loss, lr, wait, time.perf_counter() - t_step)
 
     # ---- logging, validation, checkpoints ---------------------------------------------------------
 
     def log_window(self, lr: float) -> None:
         """One metrics.jsonl record for the steps since the last one; the window starts afresh."""
-        st, w = self.state, self.window
-        acc = self.head.last_accuracy
+        st, w = self.state, self.throughput.window
+        acc = self.parts.head.last_accuracy
         images_per_s, data_wait = w.rates()
         record = {
             "step": st.step,
-            "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.loader.batches_per_epoch), 4),
+            "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.parts.loader.batches_per_epoch), 4),
             "loss": w.loss / w.n if w.n else None, "batch_acc": None if acc is None else float(acc), "lr": lr,
             "images_per_s": images_per_s, "data_wait": data_wait,
             "skipped_total": st.skipped_total, "eta_s": round(self.log.eta_s(st.step), 1),
@@ -334,20 +408,14 @@ class Trainer:
             record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.info.device) / 2**30, 3)
         self.log.log(record)
         self.summary.update(record)
-        # The run's throughput for the summary: every log window but the first, which holds start-up
-        # (worker spawn, cuDNN autotuning, Triton compilation); the first alone in a run that short.
-        if self.first_window is None:
-            self.first_window = w
-        else:
-            self.steady.add(w)
-        self.window = Window()
+        self.throughput.close_window()
 
     def validate(self) -> dict[str, Any]:
         """Every validator on rank 0; the first one's accuracy is broadcast (it picks best.pt)."""
         res: dict[str, Any] = {}
         if self.info.is_main:
             t = time.perf_counter()
-            backbone = self.backbone
+            backbone = self.parts.backbone
             for i, validator in enumerate(self.validators):
                 metrics = validator(backbone)
                 res.update(metrics if i == 0 else {f"{validator.name}_{k}": v for k, v in metrics.items()})
@@ -358,11 +426,12 @@ class Trainer:
     def save_checkpoint(self, best_now: bool, metrics: dict[str, Any], name: str | None = None) -> None:
         """A step checkpoint (with last.pt and, if `best_now`, best.pt), or the file `name`. Every rank
         calls it: each one's RNG state goes in."""
+        p = self.parts
         rngs = dist_util.gather_objects(capture_rng(), self.info)
-        self.head_state.gather()  # a sharded head's rows come to rank 0
+        p.head_state.gather()  # a sharded head's rows come to rank 0
         if not self.info.is_main:
             return
-        ckpt = training_checkpoint(self.spec, self.backbone, self.parts, self.state, rngs,
+        ckpt = training_checkpoint(p.backbone_spec, p.backbone, p.checkpointed(), self.state, rngs,
                                    to_dict(self.cfg), metrics)
         if name is not None:
             atomic_save(ckpt, self.ckdir.root / name)
@@ -374,53 +443,41 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        """After setup and resume: save the config, wrap the model, open the log, start the data."""
-        cfg, info = self.cfg, self.info
-        resumed_from = self.resume()
-        if info.is_main:
-            save_resolved(cfg, self.run_dir / "config.yaml")
-        self.model = self._wrap()
-        self.head_params = [p for p in self.head.parameters() if p.requires_grad]
-        self.backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
-        self.log = MetricsLogger(self.run_dir, self.total, self.state.step, cfg.logging.display,
-                                 cfg.logging.tensorboard, info.is_main)
-        backend = getattr(self.loader, "backend", cfg.data.source)
-        if resumed_from is not None:
-            self.log.message(f"resumed from {resumed_from} at step {self.state.step}")
+        """Say what runs, write the untrained checkpoint if asked, start the data."""
+        cfg, info, p = self.cfg, self.info, self.parts
+        if self.resumed_from is not None:
+            self.log.message(f"resumed from {self.resumed_from} at step {self.state.step}")
         if self.log.dropped:
             self.log.message(f"metrics.jsonl: dropped {self.log.dropped} record(s) of steps after "
                              f"{self.state.step}, which this run repeats")
         self.log.message(
-            f"training {cfg.model.backbone} on {self.num_classes} classes, {info.world_size} process(es) on "
-            f"{info.device}, {self.dtype or 'fp32'}, {self.total} steps, {self.steps_per_epoch} steps/epoch, "
+            f"training {cfg.model.backbone} on {p.num_classes} classes, {info.world_size} process(es) on "
+            f"{info.device}, {p.dtype or 'fp32'}, {p.total_steps} steps, {p.steps_per_epoch} steps/epoch, "
             f"global batch {cfg.loader.batch_size * info.world_size * cfg.optim.accumulate}, "
-            f"{backend} loader")
-        self.log.message(head_parallel.describe(self.head, self.parallel, self.optimizer,
+            f"{self._loader_name()} loader")
+        self.log.message(head_parallel.describe(p.head, p.parallel, p.optimizer,
                                                 cfg.loader.batch_size, info.world_size, info.backend))
         if cfg.checkpoint.save_untrained and self.state.step == 0:
             self.save_checkpoint(False, {}, name="untrained.pt")
-        self.window, self.steady, self.first_window = Window(), Window(), None
-        self.summary: dict[str, Any] = {
-            "loader": backend, "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else "float32"}
-        self.model.train()
-        self.loader.set_epoch(self.state.epoch, start_batch=self.state.batch_in_epoch)
-        self.batches = iter(self.loader)
+        self.train_module.train()
+        p.loader.set_epoch(self.state.epoch, start_batch=self.state.batch_in_epoch)
+        self.batches = iter(p.loader)
 
     def _after_step(self, res: StepResult) -> None:
         """Account the step; then the guard, validation, the log record and the checkpoint, as due."""
-        cfg, st = self.cfg, self.state
+        cfg, st, window = self.cfg, self.state, self.throughput.window
         if res.finite:
-            self.window.loss += float(res.loss)
-            self.window.n += 1
-        self.window.add(Window(wait=res.wait, time=res.seconds,
-                               images=cfg.loader.batch_size * cfg.optim.accumulate * self.info.world_size))
+            window.loss += float(res.loss)
+            window.n += 1
+        window.add(Window(wait=res.wait, time=res.seconds,
+                          images=cfg.loader.batch_size * cfg.optim.accumulate * self.info.world_size))
         if self.nonfinite_run >= cfg.optim.max_nonfinite_in_row:
             self._diverged(f"{self.nonfinite_run} non-finite steps in a row at step {st.step}")
-        last = st.step == self.total
+        last = st.step == self.parts.total_steps
         val_due = bool(self.validators) and (st.step % cfg.validation.every_steps == 0 or last)
         if val_due:
             self.last_val = self.validate()
-        if st.step % cfg.logging.every_steps == 0 or st.step == self.total:
+        if st.step % cfg.logging.every_steps == 0 or last:
             self.log_window(res.lr)
         if val_due:
             self.log.log({"step": st.step, **self.last_val})
@@ -428,7 +485,7 @@ class Trainer:
         if improved:
             st.best_accuracy = self.last_val["val_accuracy"]
         # Never after a skipped (non-finite) step: a checkpoint is a state a resume may continue from.
-        due = st.step % cfg.checkpoint.every_steps == 0 or st.step == self.total or improved
+        due = st.step % cfg.checkpoint.every_steps == 0 or last or improved
         if due and res.finite:
             # A finite step can still overflow the weights (a huge LR); all ranks decide together.
             if not dist_util.all_true(self._state_finite(), self.info):
@@ -437,8 +494,9 @@ class Trainer:
 
     def _state_finite(self) -> bool:
         """Every parameter, buffer (BN statistics) and optimizer-state tensor finite (one host sync)."""
-        tensors = list(self.module.parameters()) + list(self.module.buffers()) + [
-            v for state in self.optimizer.state.values() for v in state.values()
+        both, optimizer = self.parts.backbone_and_head, self.parts.optimizer
+        tensors = list(both.parameters()) + list(both.buffers()) + [
+            v for state in optimizer.state.values() for v in state.values()
             if isinstance(v, torch.Tensor) and v.is_floating_point()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
 
@@ -455,26 +513,26 @@ class Trainer:
             f"{restart}); lower optim.lr, raise schedule.warmup_steps or set optim.clip_grad_norm")
 
     def fit(self) -> dict[str, Any]:
-        """Set up, resume, run the remaining steps; returns the summary (rank 0's view)."""
-        self.setup()
-        self._start()
+        """Run the remaining steps; returns the summary (rank 0's view)."""
         try:
-            while self.state.step < self.total:
+            self._start()
+            while self.state.step < self.parts.total_steps:
                 self._after_step(self.train_step())
             if self.nonfinite_run:  # the final state is not a trained model: no "done", no exit 0
                 self._diverged(f"the run ended on {self.nonfinite_run} non-finite step(s) in a row")
-            self.hooks.finished(self)
+            self.hooks.finished(FinishedRun(self.run_dir, self.info.rank, self.state.step,
+                                            self.parts.backbone_and_head))
             return self._summary()
         finally:
             self.log.close()
-            getattr(self.loader, "close", lambda: None)()  # persistent reader workers end with the run
+            getattr(self.parts.loader, "close", lambda: None)()  # persistent reader workers end with the run
 
     def _summary(self) -> dict[str, Any]:
         st = self.state
         self.summary.update({"step": st.step, "best_accuracy": st.best_accuracy,
                              "skipped_total": st.skipped_total, **self.last_val})
-        run_rate = self.steady if self.steady.time or self.first_window is None else self.first_window
-        if run_rate.time:
+        run_rate = self.throughput.run_rate()
+        if run_rate is not None:
             self.summary["steady_images_per_s"], self.summary["steady_data_wait"] = run_rate.rates()
         if self.info.is_main:
             print(f"done: {st.step} steps; checkpoints in {self.ckdir.root}", file=sys.stderr)

@@ -4,12 +4,23 @@ write that is cut short, so none of that lives in the loop itself."""
 
 from __future__ import annotations
 
-from typing import IO, TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:  # annotations only: the engine imports this module
-    from trainer.engine import Trainer
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """What `TrainerHooks.finished` is given: this process's part of a run whose steps have all run."""
+
+    run_dir: Path
+    rank: int
+    step: int                       # the last step run (the total)
+    backbone_and_head: nn.Module    # the trained module, unwrapped: parameters named backbone.* and
+                                    # head.* (this rank's rows of a sharded head)
 
 
 class TrainerHooks:
@@ -25,5 +36,5 @@ class TrainerHooks:
     def checkpoint_written(self, step: int, file: IO[bytes]) -> None:
         """The step checkpoint is in its temp file (open, not yet fsync'ed or renamed)."""
 
-    def finished(self, trainer: Trainer) -> None:
+    def finished(self, run: FinishedRun) -> None:
         """Every step has run; the model is still alive (on every rank)."""
