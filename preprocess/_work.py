@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import cv2
 import numpy as np
 
 from preprocess import align
+from preprocess.recordio import read_ranges
 from shards.format import sample_key
 from shards.writer import Members, encode_sample
 
@@ -47,7 +49,7 @@ class Job:
     quality: int
     reduce: bool = True  # decode at reduced scale when the face is large enough
     mode: str = "landmarks"  # "landmarks" | "detect" | "aligned"
-    span: tuple[int, int] | None = None  # (offset, length) of the image bytes inside `path`
+    span: tuple[tuple[int, int], ...] | None = None  # (offset, length) ranges of the image in `path`
     single_face_only: bool = False  # mode "detect": several faces -> reject instead of choosing
 
 
@@ -100,19 +102,25 @@ def jpeg_complete(data: bytes) -> bool:
 
 
 def _read(job: Job) -> bytes | Outcome:
+    """The image's bytes; only a regular file is read (opening a FIFO or a device could block)."""
     try:
-        with open(job.path, "rb") as f:
-            if job.span is None:
-                return f.read() or Outcome(None, "image_unreadable", "empty file")
-            f.seek(job.span[0])
-            data = f.read(job.span[1])
+        fd = os.open(job.path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return Outcome(None, "image_missing", "no such file")
     except OSError as err:
         return Outcome(None, "image_unreadable", err.strerror or type(err).__name__)
-    if len(data) != job.span[1]:
-        offset, length = job.span
-        return Outcome(None, "record_truncated", f"{len(data)} of {length} bytes at offset {offset}")
+    try:
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return Outcome(None, "not_a_file", "not a regular file (a FIFO, socket or device)")
+            if job.span is None:
+                return f.read() or Outcome(None, "image_unreadable", "empty file")
+            data = read_ranges(f, job.span)
+    except OSError as err:
+        return Outcome(None, "image_unreadable", err.strerror or type(err).__name__)
+    length = sum(n for _, n in job.span)
+    if len(data) != length:
+        return Outcome(None, "record_truncated", f"{len(data)} of {length} bytes at offset {job.span[0][0]}")
     return data
 
 
@@ -250,9 +258,9 @@ class Settings:
 
 # One input as the parent sends it, plain values (cheap to make and to pickle): relative path,
 # identity, label, landmarks, VGGFace2 box, person's name, source file (when not under the image
-# root: RecordIO) and the (offset, length) of its bytes there.
+# root: RecordIO) and the (offset, length) ranges of its bytes there.
 Row = tuple[str, str, int, "tuple[float, ...] | None", "tuple[float, ...] | None", "str | None",
-            "str | None", "tuple[int, int] | None"]
+            "str | None", "tuple[tuple[int, int], ...] | None"]
 
 
 @dataclass

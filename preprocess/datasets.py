@@ -31,7 +31,7 @@ class Entry:
     detail: str | None = None
     bbox: tuple[float, float, float, float] | None = None  # VGGFace2's loose box (x, y, w, h), if shipped
     source: str | None = None  # the file to read, when not <image root>/<rel> (RecordIO: the .rec)
-    span: tuple[int, int] | None = None  # (offset, length) of the image bytes inside `source`
+    span: tuple[tuple[int, int], ...] | None = None  # (offset, length) ranges of the image inside `source`
 
     @property
     def key(self) -> str:
