@@ -26,7 +26,7 @@ import numpy as np
 
 from preprocess import align
 from preprocess.recordio import read_ranges
-from shards.format import sample_key
+from shards.format import MIN_IMAGE_SIDE, sample_key
 from shards.writer import Members, encode_sample
 
 _REDUCED_FLAG = {
@@ -131,7 +131,17 @@ def _decode(data: bytes, flag: int, is_jpeg: bool) -> np.ndarray | Outcome:
         return Outcome(None, "jpeg_corrupt" if is_jpeg else "image_unreadable", str(err).strip()[:200])
     if image is None or image.size == 0:
         return Outcome(None, "jpeg_corrupt" if is_jpeg else "image_unreadable", "the decoder refused it")
+    if flag == cv2.IMREAD_COLOR:  # full size (a JPEG's size was checked from its header already)
+        return _too_small((image.shape[1], image.shape[0])) or image
     return image
+
+
+def _too_small(size: tuple[int, int]) -> Outcome | None:
+    """The reject of an image too small to hold a face: a side under MIN_IMAGE_SIDE (the smallest
+    output side), e.g. a 1x1 tracking pixel that would otherwise be stretched into a "face"."""
+    if min(size) < MIN_IMAGE_SIDE:
+        return Outcome(None, "image_too_small", f"{size[0]}x{size[1]} pixels, a face needs {MIN_IMAGE_SIDE}")
+    return None
 
 
 def _check_jpeg(data: bytes) -> tuple[int, int] | None | Outcome:
@@ -152,6 +162,9 @@ def run(job: Job) -> Outcome:
     size = _check_jpeg(data)
     if isinstance(size, Outcome):
         return size
+    small = _too_small(size) if size is not None else None
+    if small:
+        return small
     if job.mode == "aligned":
         return _run_aligned(job, data, size)
     if job.mode == "detect":

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from common.cli import UserError
+from common.fileio import TEXT_ENCODING
 from preprocess.datasets import DatasetInputs, Entry
 
 MAGIC = 0xCED7230A
@@ -45,7 +46,7 @@ _IRHEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
 def read_property(path: Path) -> tuple[int, int, int]:
     """(num_classes, height, width) from `property`."""
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding=TEXT_ENCODING).strip()
         classes, height, width = (int(v) for v in text.split(","))
         if min(classes, height, width) < 1:
             raise ValueError
@@ -60,7 +61,7 @@ def read_idx(path: Path) -> dict[int, int]:
     """index -> byte offset, from `train.idx`."""
     offsets: dict[int, int] = {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=TEXT_ENCODING) as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise UserError(f"{path}: no index file (RecordIO needs the .idx beside the .rec)") from None
