@@ -10,6 +10,7 @@ that holds it. A name that is not UTF-8 is left out and shown with its bytes esc
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from common.cli import UserError
 
 class Skipped(NamedTuple):
     rel: str  # '/'-separated path relative to the root, printable (bytes that are not UTF-8 escaped)
-    reason: str  # not_a_file | name_not_utf8 | link_loop | unreadable | hidden | too_deep
+    reason: str  # not_a_file | name_not_utf8 | link_loop | link_broken | unreadable | hidden | too_deep
     detail: str
 
 
@@ -48,6 +49,14 @@ def _utf8(name: str) -> bool:
     except UnicodeEncodeError:  # os.fsdecode made its undecodable bytes into lone surrogates
         return False
     return True
+
+
+def _unreadable(name: str, err: OSError) -> Skipped:
+    if err.errno == errno.ELOOP:
+        return Skipped(name, "link_loop", f"a link that loops ({err.strerror})")
+    if err.errno == errno.ENOENT:
+        return Skipped(name, "link_broken", f"a link to nothing ({err.strerror})")
+    return Skipped(name, "unreadable", err.strerror or type(err).__name__)
 
 
 def regular_files(root: Path | str, depth: int | None = None, hidden: bool = True) -> Tree:
@@ -85,8 +94,7 @@ def regular_files(root: Path | str, depth: int | None = None, hidden: bool = Tru
                     continue
                 info = entry.stat()
             except OSError as err:
-                tree.skipped.append(Skipped(name, "link_loop" if entry.is_symlink() else "unreadable",
-                                            f"a link that loops or leads nowhere ({err.strerror})"))
+                tree.skipped.append(_unreadable(name, err))
                 continue
             if not stat.S_ISDIR(info.st_mode):
                 tree.skipped.append(Skipped(name, "not_a_file", "not a regular file (a FIFO or device)"))
