@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from common.cli import CliParser, UserError, cpu_count, run_cli
+from common.walk import regular_files
 from eval.faces import (
     IMAGE_EXTS,
     FaceModel,
@@ -70,10 +71,13 @@ def gallery_photos(root: Path) -> list[tuple[str, Path]]:
     """(person, photo) for every photo of a gallery folder, sorted; UserError when there are none."""
     if not root.is_dir():
         raise UserError(f"{root}: gallery folder not found")
+    tree = regular_files(root)  # common/walk.py: no FIFO, no link loop, no name that is not UTF-8
+    for skipped in tree.skipped:
+        warn(f"{root / skipped.rel}: {skipped.detail}, not enrolled")
     photos = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir():
-            photos += [(entry.name, p) for p in sorted(entry.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+    for entry in tree.paths(root):
+        if entry.parent != root and entry.suffix.lower() in IMAGE_EXTS:
+            photos.append((entry.relative_to(root).parts[0], entry))
         elif entry.suffix.lower() in IMAGE_EXTS:
             photos.append((_COPY_SUFFIX.sub("", entry.stem) or entry.stem, entry))
     if not photos:
