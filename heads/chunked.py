@@ -2,7 +2,8 @@
 
 For CPU training and wherever Triton cannot run, and the honest GPU baseline for the fused kernels:
 on CUDA its products are cuBLAS fp16 (tensor cores) with fp32 results (`heads.core.operand_dtype`).
-Each block's cosines are recomputed in the backward pass instead of being saved.
+Each block's cosines are recomputed in the backward pass instead of being saved. No shape depends
+on the labels, so a step makes no host sync (the target column is written by gather/scatter).
 
 Memory: beyond W and dW (C x D each), a few B x block fp32 temporaries and one block of W in the
 operand dtype; nothing grows with C.

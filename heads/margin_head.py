@@ -70,6 +70,8 @@ class HeadBase(nn.Module):
 
 
 class MarginHead(HeadBase):
+    """The whole head on one process (the API is in heads/__init__.py's docstring)."""
+
     def __init__(self, num_classes: int, embed_dim: int, margin: str = "cosface", *, seed: int = 0,
                  **options) -> None:
         super().__init__(num_classes, embed_dim, HeadOptions.from_kwargs(margin=margin, **options), seed,
