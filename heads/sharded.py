@@ -179,7 +179,8 @@ class ShardedMarginHead(HeadBase):
     the global batch (the same on every rank); the embeddings' gradient is that of the global mean
     loss for this rank's rows. Every rank must pass the same number of rows. Without a process group
     it is the whole head on one process. Options as MarginHead's (heads.options.HeadOptions), but
-    not impl="reference" (it holds the B x C logits).
+    not impl="reference" (it holds the B x C logits). With sampling, call `set_step` every step (the
+    trainer does): `sampled` collects the draws of every forward until the next step begins.
     """
 
     def __init__(self, num_classes: int, embed_dim: int, margin: str = "cosface", *, sample_rate: float = 1.0,
