@@ -14,7 +14,12 @@ from eval import export_onnx
 from eval.ijb import main as ijb_main
 from models.backbones import build_backbone
 from models.load import add_model_arguments, load_model
-from models.model_file import load_checkpoint, load_embedding_model, read_model_file, save_embedding_checkpoint
+from models.model_file import (
+    load_checkpoint,
+    load_embedding_model,
+    read_model_file,
+    save_embedding_checkpoint,
+)
 from tests._eval_util import make_checkpoint, one_line_error
 from trainer.checkpoint import capture_rng
 
@@ -96,7 +101,8 @@ print(model_only, rss() - start)
 
 def test_loading_for_evaluation_leaves_the_optimizer_state_on_disk(tmp_path):
     path = tmp_path / "big.pt"
-    save_embedding_checkpoint(path, SPEC, _model().state_dict(), optimizer={"momentum": torch.ones(16, 2**20)})
+    momentum = torch.ones(16, 2**20)  # 64 MiB
+    save_embedding_checkpoint(path, SPEC, _model().state_dict(), optimizer={"momentum": momentum})
     proc = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
