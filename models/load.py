@@ -78,7 +78,7 @@ class LoadedModel:
 
 
 def model_kind(path: Path) -> str:
-    """"checkpoint" or "onnx", by suffix, else by the file's first bytes; UserError for neither."""
+    """The file's kind, "checkpoint" or "onnx": by suffix, else by its first bytes; UserError for neither."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return "onnx"

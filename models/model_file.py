@@ -4,7 +4,10 @@ A checkpoint (docs/CONTRACTS.md) is one torch.save'd dict: the header (`format`,
 model (`model`: backbone name, kwargs, image size, embedding size; `backbone_state`: its weights)
 and `metrics`; a training checkpoint adds the resume state (trainer/checkpoint.py). What eval/,
 the ONNX export and identification read is the model part: `read_model_file` loads the file with
-`mmap=True`, so the optimizer and head states stay on disk (never read, never in memory).
+`mmap=True`, so the optimizer and head states stay on disk (never read, never in memory). Measured
+on an ir50 checkpoint with SGD momentum and an 8,631-class head (367 MiB, warm page cache, 2 busy
+cores): the model rebuilt in 2.1-2.5 s and +338 MiB resident, against 2.6-3.1 s and +539 MiB
+through a full load.
 Every write goes to `<name>.tmp`, is fsync'ed and renamed (`atomic_save`).
 """
 
