@@ -171,14 +171,14 @@ def _load_onnx(path: Path, device: torch.device, image_size: tuple[int, int] | N
         raise UserError(f"{path}: model input is {fixed[0]}x{fixed[1]}, its metadata says "
                         f"{size[0]}x{size[1]}")
     out_dim = sess.get_outputs()[0].shape[-1] if sess.get_outputs() else None
-    embedding = meta.get("embedding_size") or (out_dim if isinstance(out_dim, int) and out_dim > 0 else None)
+    recorded = meta.get("embedding_size", "")
+    embedding = int(recorded) if recorded.isdigit() else out_dim if isinstance(out_dim, int) else None
     name = inputs[0].name
 
     def run(images: torch.Tensor) -> np.ndarray:
         return np.asarray(sess.run(None, {name: images.numpy().astype(np.float32, copy=False)})[0])
 
-    return LoadedModel(path, "onnx", run, meta.get("backbone", "onnx"),
-                       int(embedding) if embedding else None, size, None, None)
+    return LoadedModel(path, "onnx", run, meta.get("backbone", "onnx"), embedding or None, size, None, None)
 
 
 def _recorded_size(path: Path, text: str | None) -> tuple[int, int] | None:
