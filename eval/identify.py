@@ -43,12 +43,13 @@ from eval.faces import (
     analyse_photos,
     embed_crops,
     find_faces,
-    load_model,
+    load_face_model,
     read_rgb,
     threshold_from_metrics,
 )
 from eval.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
 from eval.identify_outputs import Outputs
+from models.load import add_model_arguments
 from preprocess.detect import pick_face
 
 DEFAULT_THRESHOLD = 0.3
@@ -87,7 +88,7 @@ def gallery_photos(root: Path) -> list[tuple[str, Path]]:
 
 def enrol(args: argparse.Namespace) -> int:
     photos = gallery_photos(args.gallery)
-    model = load_model(args.model, args.device)
+    model = load_face_model(args.model, args.device)
     people: dict[str, int] = {}
     crops, person_of, paths, skipped = [], [], [], []
     found = analyse_photos([p for _, p in photos], model.info.image_size, args.workers)
@@ -194,7 +195,7 @@ def search(args: argparse.Namespace) -> int:
     if not args.inputs and args.camera is None:
         raise UserError("search: give INPUT files or folders, or --camera N")
     gallery = load_gallery(args.gallery)
-    model = load_model(args.model, args.device)
+    model = load_face_model(args.model, args.device)
     check_compatible(gallery, model, args.gallery)
     threshold, origin = resolve_threshold(args, model)
     camera = _open_camera(args.camera) if args.camera is not None else None
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-frames", type=_positive, help="video/camera: stop after this many frames")
     s.add_argument("--report-limit", type=_positive, default=500, help="faces shown in report.html")
     for p in (e, s):
-        p.add_argument("--model", type=Path, required=True, help="checkpoint (.pt) or ONNX model (.onnx)")
+        add_model_arguments(p)
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         p.add_argument("--workers", type=int, default=default_workers(),
                        help="processes detecting faces in photos (0: in this process)")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from heads.sharded import init_centres
+from models.model_file import load_embedding_model
 from tests._trainer_util import ROOT, env, metrics, tiny_overrides
-from trainer.checkpoint import load_embedding_model
 from trainer.main import main as train_main
 
 WORKER = ROOT / "tests" / "_heads_sharded_worker.py"

@@ -26,10 +26,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.cli import UserError
+from models.backbones import build_backbone
 from shards.manifest import load_manifest
 from trainer import distributed as dist_util
 from trainer import head_parallel
-from trainer.backbones import build_backbone
 from trainer.checkpoint import (
     CheckpointDir,
     TrainState,
