@@ -118,17 +118,32 @@ class Work:
 
 @dataclass(frozen=True)
 class Config:
-    """The tile sizes and launch shape of one kernel config (from the kernel's triton.Config)."""
+    """One kernel config as its triton.Config holds it: the constexpr tile sizes by name, and the
+    launch shape. The descriptions read the fused kernels' tiles as bb, bc, bd (BB, BC, BD)."""
 
-    bb: int
-    bc: int
-    bd: int
+    tiles: tuple[tuple[str, int], ...]
     warps: int
     stages: int
 
     @property
+    def kwargs(self) -> dict[str, int]:
+        return dict(self.tiles)
+
+    @property
+    def bb(self) -> int:
+        return self.kwargs["BB"]
+
+    @property
+    def bc(self) -> int:
+        return self.kwargs["BC"]
+
+    @property
+    def bd(self) -> int:
+        return self.kwargs["BD"]
+
+    @property
     def tag(self) -> str:
-        return f"{self.bb}x{self.bc}x{self.bd}w{self.warps}s{self.stages}"
+        return "x".join(str(v) for _, v in self.tiles) + f"w{self.warps}s{self.stages}"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -153,8 +168,10 @@ def _cos_streams(s: Shape, classes: int, cfg: Config, op: str, resident: int) ->
 
 
 def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
-    # FusedEngine._programs: 2 programs per SM, at most one per smallest class tile (min BC is 64)
-    n_prog = max(1, min(2 * arch.sms, _cdiv(s.C, 64)))
+    from heads.fused import COS_CONFIGS
+
+    # FusedEngine._programs: 2 programs per SM, at most one per smallest class tile
+    n_prog = max(1, min(2 * arch.sms, _cdiv(s.C, min(c.bc for c in COS_CONFIGS))))
     per = _cdiv(_cdiv(s.C, cfg.bc), n_prog)
     rows = n_prog * per * _cdiv(s.B, cfg.bb) * cfg.bb  # (class tile, batch tile) trips x rows
     f32 = Buf("fp32", (n_prog, s.B))
@@ -211,11 +228,12 @@ def dx_product(s: Shape, op: str) -> Work:
     ck = _chunk(s, op)
     launches = _cdiv(s.C, ck)
     w_op = s.C * s.D * BYTES[op]
+    both = (ck * s.D + s.B * ck) * BYTES[op]  # the chunk's cast copy and G, in L2 together
     streams = [
         Stream("W (cast)", s.C * s.D * 4),
-        Stream("W chunk (op)", w_op, write=True, stays=True, live=ck * s.D * BYTES[op]),
-        Stream("W chunk (op) read", w_op, fresh=True, live=ck * s.D * BYTES[op]),
-        Stream("G", s.B * s.C * BYTES[op], fresh=True, live=s.B * ck * BYTES[op]),  # _dlogit wrote it
+        Stream("W chunk (op)", w_op, write=True, stays=True, live=both),
+        Stream("W chunk (op) read", w_op, fresh=True, live=both),
+        Stream("G", s.B * s.C * BYTES[op], fresh=True, live=both),  # _dlogit wrote it
         Stream("dX", s.B * s.D * 4, reads=2 * launches, live=s.B * s.D * 4),
     ]
     return Work((1,), 2 * launches, 2.0 * s.B * s.C * s.D, streams)

@@ -31,6 +31,7 @@ Files: DIR/kernels.md (the tables, also printed) and DIR/kernels.json; the last 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import re
@@ -105,8 +106,8 @@ def kernels() -> dict[str, tuple[object, list[Config]]]:
         if isinstance(obj, Autotuner):
             fn = obj.fn
             name = fn.__name__.strip("_").removesuffix("_kernel")
-            found[name] = (fn, [Config(c.kwargs["BB"], c.kwargs["BC"], c.kwargs["BD"], c.num_warps,
-                                       c.num_stages) for c in obj.configs])
+            found[name] = (fn, [Config(tuple(c.kwargs.items()), c.num_warps, c.num_stages)
+                                for c in obj.configs])
     missing = sorted(set(found) - set(WORK))
     if missing:
         raise UserError(f"heads/fused.py has kernels with no description in bench/kernel_model.py WORK: "
@@ -117,7 +118,7 @@ def kernels() -> dict[str, tuple[object, list[Config]]]:
 def _signature(fn, args: dict, cfg: Config) -> tuple[dict, dict, dict]:
     """Triton's signature, constexprs and attributes for these argument values, specialized as its
     launcher would at run time: pointers and integers divisible by 16 carry tt.divisibility=16."""
-    values = dict(args, BB=cfg.bb, BC=cfg.bc, BD=cfg.bd)
+    values = dict(args, **cfg.kwargs)
     sig, const, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         v = values[name]
@@ -301,12 +302,14 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
     return "\n".join(lines) + "\n", summary
 
 
-def time_variants(rows: list[Variant], found: dict, shape: Shape, repeats: int = 5) -> None:
-    """Launch each variant of the local GPU's arch at the shape; its median time x launches per step."""
+def time_variants(rows: list[Variant], found: dict, shape: Shape, device: str = "cuda",
+                  arch: Arch | None = None, repeats: int = 5) -> None:
+    """Launch each variant of `arch` (default: the local GPU's) at the shape; its median time x launches
+    per step into measured_ms. On the CPU (under TRITON_INTERPRET=1: tests) wall-clock time."""
     import torch
 
-    cap = torch.cuda.get_device_capability()
-    arch = ARCHS.get(f"sm_{cap[0]}{cap[1]}")
+    if arch is None:
+        arch = ARCHS.get("sm_{}{}".format(*torch.cuda.get_device_capability()))
     for name, (fn, configs) in found.items():
         buffers: dict = {}  # one kernel's tensors, shared by its variants
         for v in rows:
@@ -314,37 +317,45 @@ def time_variants(rows: list[Variant], found: dict, shape: Shape, repeats: int =
                 continue
             cfg = next(c for c in configs if c.tag == v.config)
             work = WORK[name](shape, cfg, v.dtype, arch, arch.sms)
-            values = {n: _tensor(buffers, n, a) if isinstance(a, Buf) else a for n, a in work.args.items()}
-            constexpr = {n for n, prm in zip(fn.arg_names, fn.params) if prm.is_constexpr}
-            args = [values[n] for n in fn.arg_names if n in values and n not in constexpr]
-            const = {n: values[n] for n in constexpr if n in values}
-            samples = []
-            for i in range(repeats + 1):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn[work.grid](*args, **const, BB=cfg.bb, BC=cfg.bc, BD=cfg.bd, num_warps=cfg.warps,
-                              num_stages=cfg.stages)
-                end.record()
-                torch.cuda.synchronize()
-                if i:  # the first launch compiles
-                    samples.append(start.elapsed_time(end))
-            v.measured_ms = round(sorted(samples)[len(samples) // 2] * work.launches, 4)
+            values = {n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a
+                      for n, a in work.args.items()}
+            launch = functools.partial(fn[work.grid], **values, **cfg.kwargs, num_warps=cfg.warps,
+                                       num_stages=cfg.stages)
+            launch()  # compiles
+            samples = sorted(_elapsed_ms(launch, device) for _ in range(repeats))
+            v.measured_ms = round(samples[len(samples) // 2] * work.launches, 4)
         del buffers
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
-def _tensor(cache: dict, name: str, buf: Buf):
-    """A CUDA tensor for a Buf: unit-scale values (W rows normalized), labels in range."""
+def _elapsed_ms(launch, device: str) -> float:
+    import torch
+
+    if device != "cuda":
+        start = time.perf_counter()
+        launch()
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    launch()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def _tensor(cache: dict, name: str, buf: Buf, device: str):
+    """A tensor for a Buf: small values (|x| ~ 0.03), integers (labels) in [0, 64)."""
     import torch
 
     key = (name, buf)
-    if key not in cache:  # labels only index rows of W (C >= 1000 at any shape this runs)
+    if key not in cache:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "i64": torch.int64}[buf.dtype]
         if dtype == torch.int64:
-            t = torch.randint(0, 1000, buf.shape, device="cuda")
+            t = torch.randint(0, 64, buf.shape, device=device)
         else:
-            t = torch.randn(buf.shape, device="cuda").mul_(0.03).to(dtype)
+            t = torch.randn(buf.shape, device=device).mul_(0.03).to(dtype)
         cache[key] = t
     return cache[key]
 

@@ -11,8 +11,13 @@ goes. Also unit tests of the tool's own arithmetic: SASS loop spans, blocks per 
 
 from __future__ import annotations
 
+import ast
 import functools
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +25,7 @@ from bench.kernel_model import ARCHS, HEADLINE, WORK, Buf, Config, Shape, Stream
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
+REPO = Path(__file__).resolve().parent.parent
 ISSUE = "issue 23: kernels being redesigned"
 # (kernel, arch, criterion) -> the defect measured with Triton 3.9 on these CPUs
 KNOWN = {
@@ -134,10 +140,31 @@ def test_model_reads_the_description():
 
 def test_descriptions_follow_the_launch_structure():
     s, arch = Shape(512, 512, 1_000_000), ARCHS["sm_90"]
-    cfg = Config(64, 128, 64, 4, 3)
+    cfg = Config((("BB", 64), ("BC", 128), ("BD", 64)), 4, 3)
     f = WORK["fwd"](s, cfg, "bf16", arch, 264)
     assert f.grid == (264,) and f.flops == 2 * 512 * 512 * 1_000_000
     w = next(st for st in f.streams if st.name == "W")
     assert w.reads == 512 // 64 and w.bytes == 1_000_000 * 512 * 4  # fp32 master W, once per batch tile
     d = WORK["dlogit"](s, cfg, "bf16", arch, 264)
     assert d.launches * d.args["ck"] >= s.C and isinstance(d.args["G"], Buf)
+
+
+def test_the_descriptions_launch_the_kernels_they_describe():
+    """Each kernel launched with its description's arguments and grid (bench/kernels.py --time's
+    path) at a toy shape under TRITON_INTERPRET=1, in a subprocess (the variable must be set before
+    triton is imported): a description that no longer matches its kernel's signature fails here."""
+    code = (
+        "from bench.kernels import Variant, kernels, time_variants\n"
+        "from bench.kernel_model import ARCHS, Shape\n"
+        "found = kernels()\n"
+        "rows = [Variant(n, 'fp16', c[0].tag, 'sm_90', True, 0, 0, 0, 0, 1, [], [], None, 0.0, '')\n"
+        "        for n, (fn, c) in found.items()]\n"
+        "time_variants(rows, found, Shape(64, 64, 256), device='cpu', arch=ARCHS['sm_90'], repeats=1)\n"
+        "print({v.kernel: v.measured_ms for v in rows})\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert set(measured) == set(WORK) and all(ms > 0 for ms in measured.values()), measured
