@@ -384,7 +384,7 @@ def run(out: Path | None, archs: list[Arch], dtypes: list[str], all_configs: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = CliParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
+    p = CliParser(prog="bench/kernels.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the .ptx/.cubin files, kernels.md, kernels.json")
     p.add_argument("--arch", default="sm_90,sm_80", help=f"comma-separated, of {', '.join(ARCHS)}")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="operand dtypes, of fp16, bf16")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [
     "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
     "eval/export_onnx.py", "eval/import_mobilefacenet.py", "bench/heads.py", "bench/loader.py",
-    "-m bench.preprocess",
+    "-m bench.preprocess", "-m bench.kernels",
 ]
 
 
