@@ -88,7 +88,7 @@ class Variant:
 
     @property
     def mma_16bit(self) -> bool:
-        return bool(self.mma) and all(_operand_types(m) <= {"bf16", "f16"} for m in self.mma)
+        return bool(self.mma) and all({"bf16", "f16"} >= _operand_types(m) != set() for m in self.mma)
 
     @property
     def in_flight(self) -> bool:
@@ -239,8 +239,10 @@ def inspect(name: str, fn, cfg: Config, first: bool, dtype: str, arch: Arch, sha
         stem = out / f"{name}_{dtype}_{cfg.tag}_{arch.name}"
         stem.with_suffix(".ptx").write_text(ptx)
         stem.with_suffix(".cubin").write_bytes(cubin)
-    spills = _SPILL.search(log)
-    regs = int(_REGS.search(log).group(1))
+    spills, regs = _SPILL.search(log), _REGS.search(log)
+    if spills is None or regs is None:
+        raise RuntimeError(f"{name} {cfg.tag} {arch.name}: no ptxas -v report in its output: {log[-300:]!r}")
+    regs = int(regs.group(1))
     shared = compiled.metadata.shared
     bps = blocks_per_sm(arch, regs, shared, cfg.warps)
     waits = sorted({int(n) for n in _PTX_WAIT.findall(ptx)})

@@ -168,3 +168,11 @@ def test_the_descriptions_launch_the_kernels_they_describe():
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     assert set(measured) == set(WORK) and all(ms > 0 for ms in measured.values()), measured
+
+
+def test_the_mma_check_reads_the_operand_types():
+    from bench.kernels import _operand_types
+
+    assert _operand_types("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == {"bf16"}
+    assert _operand_types("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == {"f16"}
+    assert _operand_types("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32") == {"tf32"}  # not 16-bit
