@@ -87,13 +87,15 @@ def _low_precision_mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, dcy: Tensor,
-                     dx: Tensor, dw: Tensor) -> None:
+                     dx: Tensor, dw: Tensor, normalized: bool = False) -> None:
     """Make the target column's share of dX and dW exact after low-precision products.
 
     The engines' products read G = dL/dcos * r rounded to the operand dtype; the target entry
     G_iy = dcy_i r_y is each row's largest gradient by far, so its rounding (up to 2^-9 in bf16)
     would dominate the error. Add (exact - rounded) for those B entries: rows of dX directly, rows
     of dW summed per class by a same-class product (no scatter-add, so still deterministic).
+    `normalized=True` (the fused engine): the products read G = dL/dcos and the rows w r, both
+    rounded, and dW's rows are scaled by r after the product.
     """
     if xo.dtype in (torch.float32, torch.float64):
         return
@@ -102,10 +104,16 @@ def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels:
     own = labels >= 0
     first = torch.argmax(own.to(torch.int8))
     labels = torch.where(own, labels, labels[first])
-    g = dcy.to(torch.float32) * rw[labels].to(torch.float32) * own
-    g_low = g.to(xo.dtype).float()
+    r_y = rw[labels].to(torch.float32)
+    g = dcy.to(torch.float32) * r_y * own
     w_y = weight[labels].float()
-    dx += g[:, None] * w_y - g_low[:, None] * w_y.to(xo.dtype).float()
+    if normalized:
+        g_low = (dcy.to(torch.float32) * own).to(xo.dtype).float()
+        dx += g[:, None] * w_y - g_low[:, None] * (w_y * r_y[:, None]).to(xo.dtype).float()
+        g_low = g_low * r_y
+    else:
+        g_low = g.to(xo.dtype).float()
+        dx += g[:, None] * w_y - g_low[:, None] * w_y.to(xo.dtype).float()
     rows = g[:, None] * xn.float() - g_low[:, None] * xo.float()
     # each row gets the sum over the rows of its class, so rows of one class write the same value:
     # no host sync (torch.unique) and no scatter-add

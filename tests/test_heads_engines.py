@@ -9,7 +9,7 @@ import torch
 
 from heads import MarginHead
 from heads.core import operand_dtype
-from heads.fused import COS_CONFIGS, DW_CONFIGS, TileConfig, default_chunk, fitting, shared_bytes
+from heads.fused import BWD_CONFIGS, FWD_CONFIGS, TileConfig, default_chunk, fitting, shared_bytes
 from tests._heads_util import MARGINS, make_data
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -32,19 +32,22 @@ def test_operand_dtype_by_device_and_dtype() -> None:
 
 
 def test_configs_are_pruned_by_shared_memory() -> None:
-    # bf16 X, fp32 W (cast in registers): bytes per stage = BB*BD*2 + BC*BD*4
-    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "cos", 2, 4, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 4)
-    assert shared_bytes(TileConfig(64, 128, 128, 8, 3), "dw", 2, 4, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
+    # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G and X
+    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "fwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
+    assert shared_bytes(TileConfig(64, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 64 * 2)
+    assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
     hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
-    assert fitting(COS_CONFIGS, "cos", hopper, 2, 4, 2) == list(COS_CONFIGS)
-    assert fitting(DW_CONFIGS, "dw", a100, 2, 4, 2) == list(DW_CONFIGS)
-    small = fitting(COS_CONFIGS, "cos", consumer, 2, 4, 2)
-    assert 0 < len(small) < len(COS_CONFIGS)
-    assert all(shared_bytes(c, "cos", 2, 4, 2) <= consumer for c in small)
+    assert fitting(FWD_CONFIGS, "fwd", hopper, 2, 2, 2) == list(FWD_CONFIGS)
+    assert fitting(FWD_CONFIGS, "fwd", a100, 2, 2, 2) == list(FWD_CONFIGS)
+    assert fitting(BWD_CONFIGS, "bwd", a100, 2, 2, 2) == list(BWD_CONFIGS)
+    small = fitting(FWD_CONFIGS, "fwd", 64 * 1024, 2, 2, 2)
+    assert 0 < len(small) < len(FWD_CONFIGS)
+    assert all(shared_bytes(c, "fwd", 2, 2, 2) <= 64 * 1024 for c in small)
+    assert fitting(FWD_CONFIGS, "fwd", consumer, 2, 2, 2) == list(FWD_CONFIGS)
     # nothing fits: the smallest config still runs (the compiler may then lower its stages)
-    assert fitting(COS_CONFIGS, "cos", 1024, 2, 4, 2) == [COS_CONFIGS[-1]]
+    assert fitting(FWD_CONFIGS, "fwd", 1024, 2, 2, 2) == [FWD_CONFIGS[-1]]
     # every config has tiles of at least 64 (the interpreter's practical minimum, and wgmma's M)
-    assert all(min(c.bb, c.bc, c.bd) >= 64 for c in COS_CONFIGS + DW_CONFIGS)
+    assert all(min(c.bb, c.bc, c.bd) >= 64 for c in FWD_CONFIGS + BWD_CONFIGS)
 
 
 def test_backward_chunk_sizes_the_gradient_block_for_l2() -> None:
