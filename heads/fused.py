@@ -11,14 +11,15 @@ master W is read only to make it. Cost: C x D x 2 bytes (1 GB at C = 1M, D = 512
 the next one is made.
 
 Forward (`_fwd_kernel`): program p owns a contiguous range of class tiles and sweeps every batch
-tile for each (its W tile is re-read from L2, not memory: 2 programs per SM keep at most
-264 x BC x D x 2 bytes of Wn in flight, 34 MB for the first config at D = 512, inside the 50 MB
-L2), keeping an online log-sum-exp in base 2 (log2 e folded into the scale, exp2) and the best
-non-target cosine per row. Its partials (3 floats per row per program) are combined on the host
-in a fixed order. Wn streams from memory once. With `save_logits=True` it also writes the B x C
-cosines in the operand dtype (B x C x 2 bytes, kept until the backward) so the backward skips
-the recompute; their rounding (2^-12 relative in fp16) moves dL/dcos by up to s * 2^-12 * |cos|
-relative (0.8% at s = 64, cos = 0.5), against ~1e-4 for the recomputed cosines.
+tile for each (its Wn tile is re-read from L2, not memory: 2 programs per SM keep
+264 x BC x D x 2 bytes of Wn in flight, 17 MB for the first config at D = 512, 34 MB for the
+largest, inside the 50 MB L2), keeping an online log-sum-exp in base 2 (log2 e folded into the
+scale, exp2) and the best non-target cosine per row. Its partials (3 floats per row per program)
+are combined on the host in a fixed order. Wn streams from memory once. With `save_logits=True`
+it also writes the B x C cosines in the operand dtype (B x C x 2 bytes, kept until the backward)
+so the backward skips the recompute; their rounding (2^-12 relative in fp16) moves dL/dcos by up
+to s * 2^-12 * |cos| relative (0.8% at s = 64, cos = 0.5), where recomputed cosines are off by
+~1e-4.
 
 Backward (`_bwd_kernel`), per chunk of `chunk` classes (sized so its B x chunk block of dL/dcos
 mostly stays in L2), one program per class tile, two phases:
@@ -85,20 +86,22 @@ class TileConfig:
 
 
 # Tiles for Hopper (227 KB shared memory per block) that stay valid on an A100 (163 KB); configs that
-# do not fit a smaller card are pruned. The first of each list is the deterministic mode's choice.
-# BD is 64 everywhere, so whether D needs masking is known before the tuner picks.
+# do not fit a smaller card are pruned. The first of each list is the deterministic mode's choice:
+# compiled for sm_90 and sm_80 at B = D = 512, it spills nothing and needs at most half the registers
+# and shared memory of an SM, so two programs share each SM and one's softmax epilogue runs while
+# the other's products do. BD is 64 everywhere, so whether D needs masking is known before tuning.
 # forward: (BB x BD) X tiles and (BC x BD) Wn tiles per stage
 FWD_CONFIGS = (
+    TileConfig(128, 64, 64, 8, 3),
     TileConfig(128, 128, 64, 8, 3),
-    TileConfig(64, 128, 64, 4, 3),
-    TileConfig(128, 64, 64, 4, 3),
+    TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
 # backward: phase 1 as the forward; phase 2 a (BC x BD) dW tile, stepping BB batch rows per stage
 BWD_CONFIGS = (
+    TileConfig(128, 64, 64, 4, 3),
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 3),
-    TileConfig(128, 64, 64, 4, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
 _BD = 64
@@ -157,21 +160,21 @@ if triton is not None:
     def _cos_tile(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w,
                   BB: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, OPK: tl.constexpr,
                   EVEN_D: tl.constexpr):
-        # int64 row offsets: cols * stride_w passes 2^31 once C * D >= 2^31
-        xp = X + rows[:, None] * stride_x + tl.arange(0, BD)[None, :]
-        wp = WN + cols.to(tl.int64)[:, None] * stride_w + tl.arange(0, BD)[None, :]
+        # int64 row offsets: cols * stride_w passes 2^31 once C * D >= 2^31. The tile pointers are
+        # rebuilt from the scalar d0 each step: carried across steps, 2 pointer tensors cost
+        # ~2 registers per element and spill.
+        xrow = X + rows[:, None] * stride_x
+        wrow = WN + cols.to(tl.int64)[:, None] * stride_w
         acc = tl.zeros((BB, BC), dtype=tl.float32)
         for d0 in range(0, D, BD):
+            ds = d0 + tl.arange(0, BD)
             if EVEN_D:
-                x = tl.load(xp, mask=rmask[:, None], other=0.0)
-                w = tl.load(wp, mask=cmask[:, None], other=0.0)
+                x = tl.load(xrow + ds[None, :], mask=rmask[:, None], other=0.0)
+                w = tl.load(wrow + ds[None, :], mask=cmask[:, None], other=0.0)
             else:
-                dmask = (d0 + tl.arange(0, BD)) < D
-                x = tl.load(xp, mask=rmask[:, None] & dmask[None, :], other=0.0)
-                w = tl.load(wp, mask=cmask[:, None] & dmask[None, :], other=0.0)
+                x = tl.load(xrow + ds[None, :], mask=rmask[:, None] & (ds < D)[None, :], other=0.0)
+                w = tl.load(wrow + ds[None, :], mask=cmask[:, None] & (ds < D)[None, :], other=0.0)
             acc = _mma(x, tl.trans(w), acc, OPK)
-            xp += BD
-            wp += BD
         return acc
 
     @triton.jit
@@ -203,6 +206,8 @@ if triton is not None:
                 lab = tl.load(LAB + rows, mask=rmask, other=-1)  # int32
                 valid = cmask[None, :] & (cols[None, :] != lab[:, None])
                 thr = tl.load(THR + rows, mask=rmask, other=0.0)
+                # the best non-target cosine first: cos is then dead unless the logit needs it
+                mx_tile = tl.max(tl.where(valid, cos, -2.0), axis=1)
                 logit = tl.where(valid, _logit2(cos, thr, s2, t, HARD), float("-inf"))
                 off = pid * B + rows
                 # the partials start at i = 0: the kernel never reads what it did not write (so the
@@ -213,7 +218,7 @@ if triton is not None:
                 mx_old = tl.load(MX + off, mask=seen, other=-2.0)
                 m_new = tl.maximum(m_old, tl.max(logit, axis=1))
                 l_new = l_old * tl.exp2(m_old - m_new) + tl.sum(tl.exp2(logit - m_new[:, None]), axis=1)
-                mx_new = tl.maximum(mx_old, tl.max(tl.where(valid, cos, -2.0), axis=1))
+                mx_new = tl.maximum(mx_old, mx_tile)
                 tl.store(M + off, m_new, mask=rmask)
                 tl.store(L + off, l_new, mask=rmask)
                 tl.store(MX + off, mx_new, mask=rmask)
@@ -277,6 +282,21 @@ if triton is not None:
             tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
             wp += BD
             dwp += BD
+
+    @triton.jit
+    def _normalize_kernel(W, RW, WN, C, D, stride_w, stride_n, BR: tl.constexpr, BD: tl.constexpr):
+        # Wn = W * r in the operand dtype, one pass over W (no fp32 temporary of C x D)
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        rmask = rows < C
+        r = tl.load(RW + rows, mask=rmask, other=0.0)
+        wp = W + rows.to(tl.int64)[:, None] * stride_w + tl.arange(0, BD)[None, :]
+        np_ = WN + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BD)[None, :]
+        for d0 in range(0, D, BD):
+            m = rmask[:, None] & ((d0 + tl.arange(0, BD)) < D)[None, :]
+            w = tl.load(wp, mask=m, other=0.0).to(tl.float32)
+            tl.store(np_, (w * r[:, None]).to(WN.dtype.element_ty), mask=m)
+            wp += BD
+            np_ += BD
 
     def _autotuned(kernel, configs: tuple[TileConfig, ...], kind: str):
         prune = {"early_config_prune": _pruner(kind, configs)}
@@ -345,8 +365,12 @@ class FusedEngine:
         key = _weight_key(weight, op)
         if self._wn is None or self._wn[0] != key:
             self._wn = None  # the old copy goes before the new one is made: one C x D copy at a time
-            with torch.no_grad():
-                wn = (weight.to(torch.float32) * rw.to(torch.float32)[:, None]).to(op).contiguous()
+            weight = weight.contiguous()
+            C, D = weight.shape
+            wn = torch.empty((C, D), dtype=op, device=weight.device)
+            with _on(weight.device):
+                _normalize_kernel[(triton.cdiv(C, 32),)](weight, rw.float().contiguous(), wn, C, D,
+                                                         weight.stride(0), wn.stride(0), BR=32, BD=128)
             self._wn = (key, wn)
         return self._wn[1]
 
