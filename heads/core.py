@@ -131,7 +131,8 @@ class _HeadFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, margin: Margin, step: int, s: float,
                 t: float, engine: Engine) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        rw = inv_norms(weight)
+        # an engine that makes its own copy of W supplies the norms from the same pass (W read once)
+        rw = getattr(engine, "inv_norms", inv_norms)(weight)
         c_y = (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype)
         psi = margin.psi(c_y, step)
         lse_other, max_other = engine.forward(xn, weight, rw, labels, psi, s, t)

@@ -5,10 +5,11 @@ whose bf16 dot is wrong).
 Normalized weight: once per weight version the engine makes Wn = W * r (r the inverse row norms) in
 the operand dtype and keeps it (keyed on the weight's storage, `_version`, shape and dtypes: an
 optimizer step or any in-place write makes a new one; writes through `weight.data` are not seen).
-Every kernel reads Wn, 16-bit on the GPU: the products take it from shared memory as it arrives
-(no cast in registers), its elements lie in [-1, 1] (fp16's range is never at risk), and the fp32
-master W is read only to make it. Cost: C x D x 2 bytes (1 GB at C = 1M, D = 512), freed before
-the next one is made.
+One Triton pass (`_normalize_kernel`) makes r and Wn together when the head asks the engine for the
+norms (`inv_norms`), so the fp32 master W is read from memory once per step. Every kernel reads
+Wn, 16-bit on the GPU: the products take it from shared memory as it arrives (no cast in
+registers), and its elements lie in [-1, 1] (fp16's range is never at risk). Cost: C x D x 2
+bytes (1 GB at C = 1M, D = 512), freed before the next one is made.
 
 Forward (`_fwd_kernel`): program p owns a contiguous range of class tiles and sweeps every batch
 tile for each (its Wn tile is re-read from L2, not memory: 2 programs per SM keep
@@ -284,19 +285,30 @@ if triton is not None:
             dwp += BD
 
     @triton.jit
-    def _normalize_kernel(W, RW, WN, C, D, stride_w, stride_n, BR: tl.constexpr, BD: tl.constexpr):
-        # Wn = W * r in the operand dtype, one pass over W (no fp32 temporary of C x D)
+    def _normalize_kernel(W, RW, WN, C, D, stride_w, stride_n, NORMS: tl.constexpr, BR: tl.constexpr,
+                          BD: tl.constexpr):
+        # Wn = W * r in the operand dtype, no fp32 temporary of C x D. NORMS: also r = 1 / max(|w|, 1e-12)
+        # into RW, from a first pass over the block's rows (the second finds them in L1/L2: W is read
+        # from memory once); else r is read from RW.
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = rows < C
-        r = tl.load(RW + rows, mask=rmask, other=0.0)
-        wp = W + rows.to(tl.int64)[:, None] * stride_w + tl.arange(0, BD)[None, :]
-        np_ = WN + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BD)[None, :]
+        wrow = W + rows.to(tl.int64)[:, None] * stride_w
+        nrow = WN + rows.to(tl.int64)[:, None] * stride_n
+        if NORMS:
+            ss = tl.zeros((BR,), dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                ds = d0 + tl.arange(0, BD)
+                w = tl.load(wrow + ds[None, :], mask=rmask[:, None] & (ds < D)[None, :], other=0.0)
+                ss += tl.sum(w.to(tl.float32) * w.to(tl.float32), axis=1)
+            r = tl.div_rn(tl.full((BR,), 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
+            tl.store(RW + rows, r, mask=rmask)
+        else:
+            r = tl.load(RW + rows, mask=rmask, other=0.0)
         for d0 in range(0, D, BD):
-            m = rmask[:, None] & ((d0 + tl.arange(0, BD)) < D)[None, :]
-            w = tl.load(wp, mask=m, other=0.0).to(tl.float32)
-            tl.store(np_, (w * r[:, None]).to(WN.dtype.element_ty), mask=m)
-            wp += BD
-            np_ += BD
+            ds = d0 + tl.arange(0, BD)
+            m = rmask[:, None] & (ds < D)[None, :]
+            w = tl.load(wrow + ds[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(nrow + ds[None, :], (w * r[:, None]).to(WN.dtype.element_ty), mask=m)
 
     def _autotuned(kernel, configs: tuple[TileConfig, ...], kind: str):
         prune = {"early_config_prune": _pruner(kind, configs)}
@@ -323,6 +335,11 @@ def default_chunk(B: int, C: int, g_bytes: int) -> int:
     return max(1024, min(65536, chunk, triton.next_power_of_2(C) if triton else C))
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same tensor data: storage and version (a saved tensor comes back as another object)."""
+    return a.data_ptr() == b.data_ptr() and a._version == b._version and a.dtype == b.dtype
+
+
 def _weight_key(weight: Tensor, op: torch.dtype) -> tuple:
     return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, op, weight.device)
 
@@ -347,7 +364,7 @@ class FusedEngine:
         self.programs = programs
         self.save_logits = save_logits
         self.kernels: dict[str, dict] = {}
-        self._wn: tuple[tuple, Tensor] | None = None  # (weight key, Wn)
+        self._wn: tuple[tuple, Tensor, Tensor] | None = None  # (weight key, rw, Wn)
         self._saved: tuple[tuple, Tensor] | None = None  # (key of the forward's inputs, cosines)
 
     def _check(self, t: Tensor) -> None:
@@ -360,19 +377,32 @@ class FusedEngine:
     def operand_dtype(self, xn: Tensor) -> torch.dtype:
         return operand_dtype(xn.device, xn.dtype, _interpreting(), self.operands)
 
+    def inv_norms(self, weight: Tensor) -> Tensor:
+        """1 / |w_j| (fp32), made with Wn in the same pass over W (the head's forward asks here, so the
+        fp32 master W is read once per weight version)."""
+        self._check(weight)
+        return self._normalize(weight, None, self.operand_dtype(weight))[0]
+
     def normalized_weight(self, weight: Tensor, rw: Tensor, op: torch.dtype) -> Tensor:
-        """Wn = W * r in `op`, made once per weight version (the forward and backward of a step share it)."""
+        """Wn = W * rw in `op`, made once per weight version (the forward and backward of a step share it)."""
+        return self._normalize(weight, rw, op)[1]
+
+    def _normalize(self, weight: Tensor, rw: Tensor | None, op: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(rw, Wn), kept while the weight's version and rw (when given) are the same."""
         key = _weight_key(weight, op)
-        if self._wn is None or self._wn[0] != key:
-            self._wn = None  # the old copy goes before the new one is made: one C x D copy at a time
-            weight = weight.contiguous()
-            C, D = weight.shape
-            wn = torch.empty((C, D), dtype=op, device=weight.device)
-            with _on(weight.device):
-                _normalize_kernel[(triton.cdiv(C, 32),)](weight, rw.float().contiguous(), wn, C, D,
-                                                         weight.stride(0), wn.stride(0), BR=32, BD=128)
-            self._wn = (key, wn)
-        return self._wn[1]
+        if self._wn is not None and self._wn[0] == key and (rw is None or _same(rw, self._wn[1])):
+            return self._wn[1], self._wn[2]
+        self._wn = None  # the old copy goes before the new one is made: one C x D copy at a time
+        weight = weight.contiguous()
+        C, D = weight.shape
+        wn = torch.empty((C, D), dtype=op, device=weight.device)
+        norms = rw is None
+        rw = torch.empty(C, device=weight.device) if norms else rw.float().contiguous()
+        with _on(weight.device):
+            _normalize_kernel[(triton.cdiv(C, 32),)](weight, rw, wn, C, D, weight.stride(0), wn.stride(0),
+                                                     NORMS=norms, BR=32, BD=128)
+        self._wn = (key, rw, wn)
+        return rw, wn
 
     def _launch(self, name: str, plain, tuned, configs: tuple[TileConfig, ...], grid, device: torch.device,
                 *args, **const) -> None:
