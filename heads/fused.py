@@ -18,9 +18,9 @@ largest, inside the 50 MB L2), keeping an online log-sum-exp in base 2 (log2 e f
 scale, exp2) and the best non-target cosine per row. Its partials (3 floats per row per program)
 are combined on the host in a fixed order. Wn streams from memory once. With `save_logits=True`
 it also writes the B x C cosines in the operand dtype (B x C x 2 bytes, kept until the backward)
-so the backward skips the recompute; their rounding (2^-12 relative in fp16) moves dL/dcos by up
-to s * 2^-12 * |cos| relative (0.8% at s = 64, cos = 0.5), where recomputed cosines are off by
-~1e-4.
+so the backward skips the recompute; their rounding (up to 2^-11 relative in fp16) moves dL/dcos
+by up to s * 2^-11 * |cos| relative (1.6% at s = 64, cos = 0.5), where a recomputed cosine is off
+by ~5e-5 (fp16 operands' roundings, random over D = 512 terms).
 
 Backward (`_bwd_kernel`), per chunk of `chunk` classes (sized so its B x chunk block of dL/dcos
 mostly stays in L2), one program per class tile, two phases:
@@ -30,8 +30,9 @@ mostly stays in L2), one program per class tile, two phases:
    batch reading back the G block the program just wrote (from L2), written straight into the
    C x D gradient in W's dtype; that buffer is handed to autograd as weight.grad.
 Then dX += G @ Wn_chunk: one cuBLAS product with an fp32 result (the sum over classes, which a
-class-parallel kernel would have to pass through memory per tile). No atomics anywhere: for a
-fixed set of kernel configs the result is bitwise reproducible.
+class-parallel kernel would have to pass through memory per tile). The target column's entries,
+rounded in G, are made exact afterwards (`heads.core.fix_target_terms(normalized=True)`). No
+atomics anywhere: for a fixed set of kernel configs the result is bitwise reproducible.
 
 Configs: a few per kernel (below), pruned by the device's shared memory, autotuned on CUDA by Triton
 keyed on (B, D) and the tensors' dtypes. `deterministic=True` skips the tuner and uses each kernel's
