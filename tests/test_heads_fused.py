@@ -211,6 +211,25 @@ def case_low_precision() -> None:
             assert err_got <= err_ref + 1e-2 * e.abs().max().item(), (dtype, err_got, err_ref)
 
 
+def case_fp16_operands_as_on_the_gpu() -> None:
+    """The GPU's operands (fp16 X and Wn, fp16 G; the interpreter's fp16 dot is right, its bf16 one is
+    not): error against float64 within the reference's own on fp16-rounded inputs plus 1e-3
+    (measured: +2e-4); with the saved fp16 cosines the wider 5e-3 (measured: +1.9e-3 on dW at
+    s = 30: the cosines' rounding moves dL/dcos, the price of skipping the recompute)."""
+    torch, build_margin, data, ref, fused, close = _setup()
+    x, w, y = data(40, 90, 64, seed=6)
+    margin = build_margin("cosface", 0.35)
+    exact = ref(x, w, y, margin, 30.0, 1.1)
+    rounded = ref(x.half().double(), w.half().double(), y, margin, 30.0, 1.1)
+    for save, tol in ((False, 1e-3), (True, 5e-3)):
+        got = fused(x, w, y, margin, 30.0, 1.1, operands="fp16", save_logits=save)
+        for part, a, r, e in zip(("loss", "dX", "dW"), got[:3], rounded[:3], exact[:3]):
+            scale = e.abs().max().item()
+            err_got = (a.double() - e).abs().max().item() / scale
+            err_ref = (r - e).abs().max().item() / scale
+            assert err_got <= err_ref + tol, (save, part, err_got, err_ref)
+
+
 def _main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1", file=sys.stderr)
