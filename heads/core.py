@@ -4,7 +4,8 @@ Forward: gather the B target cosines, apply the margin to them (any margin), the
 engine sweep the classes for the log-sum-exp over the non-target logits and the best
 non-target cosine. Backward: the engine sweeps the classes again, recomputing each block of
 cosines, and accumulates dX and dW (the target column's gradient enters as a given vector).
-Nothing of size B x C is ever held; the engine decides the block size.
+Nothing of size B x C is ever held (unless the fused engine is asked to save its cosines
+for the backward); the engine decides the block size.
 
 Also here: which dtype the class products take their operands in (`operand_dtype`), one rule for
 both engines, and the product with an fp32 result that they use.
