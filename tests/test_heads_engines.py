@@ -188,3 +188,27 @@ def test_target_terms_ignore_rows_another_rank_owns():
     dx_own, dw_own = run(xn[own], labels[own], dcy[own])
     assert torch.equal(dw, dw_own) and dw[4].abs().sum() > 0
     assert torch.equal(dx[own], dx_own) and torch.equal(dx[~own], torch.zeros_like(dx[~own]))
+
+
+def test_target_terms_exact_after_the_normalized_products() -> None:
+    """fix_target_terms(normalized=True): after products that read G = dL/dcos and Wn = w r, both
+    rounded to fp16, and scale dW's rows by r afterwards (the fused engine), the target column's
+    share of dX and dW is exact (the target column alone here: the rest is the products' own)."""
+    from heads.core import fix_target_terms, inv_norms
+
+    gen = torch.Generator().manual_seed(1)
+    b, c, d = 6, 5, 16
+    xn = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
+    weight = 3 * torch.randn(c, d, generator=gen)
+    rw = inv_norms(weight)
+    labels = torch.tensor([0, 3, 3, 1, 4, 0])
+    dcy = 10 * torch.randn(b, generator=gen)
+    xo, wn = xn.half(), (weight * rw[:, None]).half()
+    target = torch.nn.functional.one_hot(labels, c).float()
+    g_low = target * dcy.half().float()[:, None]
+    dx = g_low @ wn.float()
+    dw = rw[:, None] * (g_low.t() @ xo.float())
+    fix_target_terms(xn, xo, weight, rw, labels, dcy, dx, dw, normalized=True)
+    exact = target * dcy[:, None]
+    for got, want in ((dx, (exact * rw) @ weight), (dw, rw[:, None] * (exact.t() @ xn))):
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), (got - want).abs().max()
