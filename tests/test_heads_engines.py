@@ -9,7 +9,7 @@ import torch
 
 from heads import MarginHead
 from heads.core import operand_dtype
-from heads.fused import COS_CONFIGS, DW_CONFIGS, TileConfig, default_chunk, fitting, shared_bytes
+from heads.fused import BWD_CONFIGS, FWD_CONFIGS, TileConfig, default_chunk, fitting, shared_bytes
 from tests._heads_util import MARGINS, make_data
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -32,19 +32,22 @@ def test_operand_dtype_by_device_and_dtype() -> None:
 
 
 def test_configs_are_pruned_by_shared_memory() -> None:
-    # bf16 X, fp32 W (cast in registers): bytes per stage = BB*BD*2 + BC*BD*4
-    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "cos", 2, 4, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 4)
-    assert shared_bytes(TileConfig(64, 128, 128, 8, 3), "dw", 2, 4, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
+    # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G and X
+    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "fwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
+    assert shared_bytes(TileConfig(64, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 64 * 2)
+    assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
     hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
-    assert fitting(COS_CONFIGS, "cos", hopper, 2, 4, 2) == list(COS_CONFIGS)
-    assert fitting(DW_CONFIGS, "dw", a100, 2, 4, 2) == list(DW_CONFIGS)
-    small = fitting(COS_CONFIGS, "cos", consumer, 2, 4, 2)
-    assert 0 < len(small) < len(COS_CONFIGS)
-    assert all(shared_bytes(c, "cos", 2, 4, 2) <= consumer for c in small)
+    assert fitting(FWD_CONFIGS, "fwd", hopper, 2, 2, 2) == list(FWD_CONFIGS)
+    assert fitting(FWD_CONFIGS, "fwd", a100, 2, 2, 2) == list(FWD_CONFIGS)
+    assert fitting(BWD_CONFIGS, "bwd", a100, 2, 2, 2) == list(BWD_CONFIGS)
+    small = fitting(FWD_CONFIGS, "fwd", 64 * 1024, 2, 2, 2)
+    assert 0 < len(small) < len(FWD_CONFIGS)
+    assert all(shared_bytes(c, "fwd", 2, 2, 2) <= 64 * 1024 for c in small)
+    assert fitting(FWD_CONFIGS, "fwd", consumer, 2, 2, 2) == list(FWD_CONFIGS)
     # nothing fits: the smallest config still runs (the compiler may then lower its stages)
-    assert fitting(COS_CONFIGS, "cos", 1024, 2, 4, 2) == [COS_CONFIGS[-1]]
+    assert fitting(FWD_CONFIGS, "fwd", 1024, 2, 2, 2) == [FWD_CONFIGS[-1]]
     # every config has tiles of at least 64 (the interpreter's practical minimum, and wgmma's M)
-    assert all(min(c.bb, c.bc, c.bd) >= 64 for c in COS_CONFIGS + DW_CONFIGS)
+    assert all(min(c.bb, c.bc, c.bd) >= 64 for c in FWD_CONFIGS + BWD_CONFIGS)
 
 
 def test_backward_chunk_sizes_the_gradient_block_for_l2() -> None:
@@ -227,3 +230,27 @@ def test_target_terms_ignore_rows_another_rank_owns():
     dx_own, dw_own = run(xn[own], labels[own], dcy[own])
     assert torch.equal(dw, dw_own) and dw[4].abs().sum() > 0
     assert torch.equal(dx[own], dx_own) and torch.equal(dx[~own], torch.zeros_like(dx[~own]))
+
+
+def test_target_terms_exact_after_the_normalized_products() -> None:
+    """fix_target_terms(normalized=True): after products that read G = dL/dcos and Wn = w r, both
+    rounded to fp16, and scale dW's rows by r afterwards (the fused engine), the target column's
+    share of dX and dW is exact (the target column alone here: the rest is the products' own)."""
+    from heads.core import fix_target_terms, inv_norms
+
+    gen = torch.Generator().manual_seed(1)
+    b, c, d = 6, 5, 16
+    xn = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
+    weight = 3 * torch.randn(c, d, generator=gen)
+    rw = inv_norms(weight)
+    labels = torch.tensor([0, 3, 3, 1, 4, 0])
+    dcy = 10 * torch.randn(b, generator=gen)
+    xo, wn = xn.half(), (weight * rw[:, None]).half()
+    target = torch.nn.functional.one_hot(labels, c).float()
+    g_low = target * dcy.half().float()[:, None]
+    dx = g_low @ wn.float()
+    dw = rw[:, None] * (g_low.t() @ xo.float())
+    fix_target_terms(xn, xo, weight, rw, labels, dcy, dx, dw, normalized=True)
+    exact = target * dcy[:, None]
+    for got, want in ((dx, (exact * rw) @ weight), (dw, rw[:, None] * (exact.t() @ xn))):
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), (got - want).abs().max()

@@ -28,7 +28,7 @@ def _setup():
     import torch.nn.functional as F
 
     from heads.core import head_rows
-    from heads.fused import COS_CONFIGS, FusedEngine
+    from heads.fused import BWD_CONFIGS, FWD_CONFIGS, FusedEngine
     from heads.margins import build_margin
     from heads.reference import focal, reference_forward
     from tests._heads_util import make_data as data
@@ -39,7 +39,7 @@ def _setup():
         gx, gw = torch.autograd.grad(loss, [x, w])
         return loss.detach(), gx, gw, acc
 
-    small = {"fwd": COS_CONFIGS[-1], "dlogit": COS_CONFIGS[-1]}  # 64 x 64 tiles: the quickest to interpret
+    small = {"fwd": FWD_CONFIGS[-1], "bwd": BWD_CONFIGS[-1]}  # 64 x 64 tiles: the quickest to interpret
 
     def fused(x, w, y, margin, s, t, gamma=0.0, dtype=torch.float32, **eng):
         x = x.to(dtype).requires_grad_()
@@ -96,19 +96,18 @@ def case_no_margin_is_cross_entropy() -> None:
 
 
 def case_every_config_the_tuner_may_pick() -> None:
-    """Each config of each kernel (the autotuner's whole choice) against float64, over several chunks."""
+    """Each config of each kernel (the autotuner's whole choice) against float64, over several chunks,
+    recomputing the cosines in the backward and reading the saved ones."""
     torch, build_margin, data, ref, fused, close = _setup()
-    from heads.fused import COS_CONFIGS, DW_CONFIGS
+    from heads.fused import BWD_CONFIGS, FWD_CONFIGS
 
     x, w, y = data(37, 150, 72, seed=4)  # D = 72: two 64-wide D steps; 150 classes: 3 chunks of 64
     for name, t in (("arcface", 1.1), ("cosface", 1.0)):
         margin = build_margin(name, None)
         e = ref(x, w, y, margin, 64.0, t)
-        n = len(COS_CONFIGS)
-        for i in range(max(n, len(DW_CONFIGS))):
-            configs = {"fwd": COS_CONFIGS[i % n], "dlogit": COS_CONFIGS[(i + 1) % n],
-                       "dw": DW_CONFIGS[i % len(DW_CONFIGS)]}
-            g = fused(x, w, y, margin, 64.0, t, configs=configs, programs=1 + i)
+        for i in range(max(len(FWD_CONFIGS), len(BWD_CONFIGS))):
+            configs = {"fwd": FWD_CONFIGS[i % len(FWD_CONFIGS)], "bwd": BWD_CONFIGS[i % len(BWD_CONFIGS)]}
+            g = fused(x, w, y, margin, 64.0, t, configs=configs, programs=1 + i, save_logits=i % 2 == 1)
             for a, b in zip(g[:3], e[:3]):
                 close(a, b, 2e-5)
             assert abs(g[3].item() - e[3].item()) < 1e-9, (name, configs)
@@ -116,17 +115,50 @@ def case_every_config_the_tuner_may_pick() -> None:
 
 def case_tiles_do_not_change_the_result() -> None:
     torch, build_margin, data, ref, fused, close = _setup()
-    from heads.fused import COS_CONFIGS, DW_CONFIGS
+    from heads.fused import BWD_CONFIGS, FWD_CONFIGS
 
     x, w, y = data(41, 300, 48, seed=4)
     margin = build_margin("arcface", 0.5)
     a = fused(x, w, y, margin, 64.0, 1.2, programs=3, chunk=64)
-    big = {"fwd": COS_CONFIGS[1], "dlogit": COS_CONFIGS[0], "dw": DW_CONFIGS[0]}
+    big = {"fwd": FWD_CONFIGS[0], "bwd": BWD_CONFIGS[0]}
     b = fused(x, w, y, margin, 64.0, 1.2, configs=big, programs=1, chunk=256)
     for u, v in zip(a[:3], b[:3]):
         close(u, v, 1e-5)
     again = fused(x, w, y, margin, 64.0, 1.2, programs=3, chunk=64)
     assert all(torch.equal(u, v) for u, v in zip(a[:3], again[:3])), "not deterministic"
+    saved = fused(x, w, y, margin, 64.0, 1.2, programs=3, chunk=64, save_logits=True)
+    # fp32 operands: the saved cosines are the recomputed ones, bit for bit
+    assert all(torch.equal(u, v) for u, v in zip(a[:3], saved[:3])), "saved logits differ"
+
+
+def case_normalized_weight_follows_the_weight() -> None:
+    """The engine's normalized copy of W is made once per weight version: the forward and backward
+    of a step share it, and an in-place update (an optimizer step) makes a new one."""
+    torch, build_margin, data, ref, fused, close = _setup()
+    import torch.nn.functional as F
+
+    from heads.core import head_rows
+    from heads.fused import BWD_CONFIGS, FWD_CONFIGS, FusedEngine
+
+    x, w, y = data(9, 40, 16)
+    x, w = F.normalize(x.float(), dim=1), w.float().requires_grad_()
+    margin = build_margin("cosface", 0.35)
+
+    def engine():
+        return FusedEngine(configs={"fwd": FWD_CONFIGS[-1], "bwd": BWD_CONFIGS[-1]}, chunk=64)
+
+    def loss(eng):
+        return head_rows(x, w, y, margin, 0, 30.0, 1.0, eng)[0].mean()
+
+    kept = engine()
+    loss(kept).backward()
+    first = kept._wn[2]
+    loss(kept)
+    assert kept._wn[2] is first, "remade without a weight update"
+    with torch.no_grad():
+        w.mul_(1.5).add_(0.1)
+    got, fresh = loss(kept), loss(engine())
+    assert kept._wn[2] is not first and torch.equal(got, fresh), "stale normalized weight"
 
 
 def case_interpreter_uses_fp32_operands() -> None:
@@ -177,6 +209,25 @@ def case_low_precision() -> None:
             err_ref = (rr - e).abs().max().item()
             err_got = (a.double() - e).abs().max().item()
             assert err_got <= err_ref + 1e-2 * e.abs().max().item(), (dtype, err_got, err_ref)
+
+
+def case_fp16_operands_as_on_the_gpu() -> None:
+    """The GPU's operands (fp16 X and Wn, fp16 G; the interpreter's fp16 dot is right, its bf16 one is
+    not): error against float64 within the reference's own on fp16-rounded inputs plus 1e-3
+    (measured: +2e-4); with the saved fp16 cosines the wider 5e-3 (measured: +1.9e-3 on dW at
+    s = 30: the cosines' rounding moves dL/dcos, the price of skipping the recompute)."""
+    torch, build_margin, data, ref, fused, close = _setup()
+    x, w, y = data(40, 90, 64, seed=6)
+    margin = build_margin("cosface", 0.35)
+    exact = ref(x, w, y, margin, 30.0, 1.1)
+    rounded = ref(x.half().double(), w.half().double(), y, margin, 30.0, 1.1)
+    for save, tol in ((False, 1e-3), (True, 5e-3)):
+        got = fused(x, w, y, margin, 30.0, 1.1, operands="fp16", save_logits=save)
+        for part, a, r, e in zip(("loss", "dX", "dW"), got[:3], rounded[:3], exact[:3]):
+            scale = e.abs().max().item()
+            err_got = (a.double() - e).abs().max().item() / scale
+            err_ref = (r - e).abs().max().item() / scale
+            assert err_got <= err_ref + tol, (save, part, err_got, err_ref)
 
 
 def _main() -> int:

@@ -121,6 +121,8 @@ class HeadConfig:
     impl: Literal["auto", "reference", "chunked", "fused"] = setting(
         "auto", "the head's engine (heads/); fused: CUDA + Triton")
     gamma_focal: float = setting(0.0, "> 0 adds the focal term", range=AT_LEAST_0)
+    save_logits: bool = setting(False, "fused: keep the forward's B x C cosines (2 bytes each) so the "
+                                       "backward skips recomputing them (about 1.2x faster backward)")
     parallel: Literal["auto", "replicate", "shard"] = setting(
         "auto", "several processes: shard splits the classes over the ranks (outside DDP), replicate "
                 "keeps the whole head on every rank (in DDP); auto = shard with more than one process")
@@ -139,7 +141,8 @@ def margin_options(head: HeadConfig) -> dict[str, Any]:
 def head_kwargs(head: HeadConfig) -> dict[str, Any]:
     """The keyword arguments of heads.MarginHead for this section (None: the head's default)."""
     kwargs: dict[str, Any] = {"margin": head.margin, "s": head.s, "m": head.m, "t": head.t,
-                              "impl": head.impl, "gamma_focal": head.gamma_focal}
+                              "impl": head.impl, "gamma_focal": head.gamma_focal,
+                              "save_logits": head.save_logits}
     options = margin_options(head).get(head.margin)
     if options is not None:
         kwargs.update({k: v for k, v in dataclasses.asdict(options).items() if v is not None})
