@@ -419,7 +419,7 @@ def stage_head_tests(check: Check) -> Stage:
 
     stage, out = check.run(
         "head_tests",
-        [check.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsP", "tests/test_heads_gpu.py"],
+        [check.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsP", "tests/heads/test_gpu.py"],
         check.sizes.estimates["head_tests"],
         300,
     )
@@ -433,7 +433,7 @@ def stage_head_tests(check: Check) -> Stage:
     )
     stage.figures["pytest"] = summary.strip("= ")
     kernels = next((ln.split(":", 1)[1] for ln in out.splitlines() if ln.startswith("kernels:")), None)
-    if kernels:  # the tuned configs, registers and spills (tests/test_heads_gpu.py prints them)
+    if kernels:  # the tuned configs, registers and spills (tests/heads/test_gpu.py prints them)
         stage.figures["kernels"] = ast.literal_eval(kernels.strip())
         stage.figures["regs/spills"] = " ".join(
             f"{k} {v['n_regs']}/{v['n_spills']}" for k, v in stage.figures["kernels"].items()

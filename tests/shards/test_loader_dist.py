@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tests._loader_util import make_shards
 
-WORKER = Path(__file__).with_name("_loader_dist_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ["-m", "tests._loader_dist_worker"]  # a module run from the repository root (see tests/__init__.py)
 
 
 def test_two_ranks_split_every_sample_once_with_equal_batches(tmp_path):
@@ -27,11 +28,11 @@ def test_two_ranks_split_every_sample_once_with_equal_batches(tmp_path):
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(WORKER),
+        *WORKER,
         str(shards),
         str(out),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for backend in ("torch", "dali"):

@@ -24,7 +24,7 @@ from preprocess.build_shards import main
 from shards.format import decode_label, sample_key
 from shards.manifest import load_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def build(args: list[str], capsys) -> tuple[int, dict | None, str]:

@@ -1,5 +1,5 @@
-"""Issue 18 item 6 in the trainer: a run folder that cannot take more bytes (disk full, quota) is
-one error line, whichever file hits it, and leaves no temporary file.
+"""The trainer's writes (metrics, checkpoints, config): a run folder that cannot take more bytes
+(disk full, quota) is one error line, whichever file hits it, and leaves no temporary file.
 
 The limit is RLIMIT_FSIZE with SIGXFSZ ignored: a write past it fails with an OSError (EFBIG),
 as a full disk fails with ENOSPC, without needing a small filesystem.

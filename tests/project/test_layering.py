@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RANK = {"common": -1, "shards": 0, "heads": 0, "preprocess": 1, "models": 1, "eval": 2, "trainer": 3,
         "bench": 4}
 # packages that import nothing else of the project

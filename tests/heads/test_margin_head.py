@@ -1,6 +1,6 @@
 """heads/: reference and chunked against a float64 reference, margins, extremes, precision, API.
 
-The fused kernel's checks live in tests/test_heads_fused.py (they need TRITON_INTERPRET=1)."""
+The fused kernel's checks live in tests/heads/test_fused.py (they need TRITON_INTERPRET=1)."""
 
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ def test_bench_runs_and_reports_against_the_reference() -> None:
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "bench.heads", "--device", "cpu", "--batch", "8", "--dim", "16",
            "--classes", "300", "--margins", "arcface", "--block", "64", "--repeats", "1", "--warmup", "0"]

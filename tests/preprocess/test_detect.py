@@ -17,7 +17,7 @@ from preprocess import convert_lnet, detect
 from preprocess.detect import Face, detect_faces, landmark_error, nms, pick_face, pyramid_scales
 from tests._long import long_real_lfw
 
-LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
+LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 LANDMARKS = LFW / "lfw_landmark_150.txt"
 REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
 needs_lfw = pytest.mark.skipif(not LANDMARKS.is_file() or not (LFW / "lfw").is_dir(),

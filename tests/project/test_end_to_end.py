@@ -14,7 +14,7 @@ from preprocess import synthetic
 from preprocess.build_shards import main as build_main
 from trainer.main import main as train_main
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
 
 
 def _accuracy(checkpoint: Path, shards: Path, out: Path) -> float:

@@ -26,14 +26,16 @@ from heads.sharded import (
     step_traffic,
 )
 
-WORKER = Path(__file__).with_name("_heads_sharded_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
+# run as a module from ROOT: as a script, tests/ would come first on the path and tests/heads/
+# would shadow the heads package
+WORKER = ["-m", "tests._heads_sharded_worker"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _torchrun(world: int, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           str(WORKER), str(out)]
+           *WORKER, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]

@@ -16,7 +16,7 @@ from common.settings import Range
 from trainer.config import TrainConfig, from_dict, load_config, save_resolved, to_dict
 from trainer.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYNTH = ["data.source=synthetic", "schedule.steps=5"]
 
 

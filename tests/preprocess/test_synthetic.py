@@ -23,7 +23,7 @@ from preprocess import synthetic
 from preprocess.align import similarity_transform, template
 from preprocess.datasets import read_lfw, read_vggface2
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LANDMARK_BGR = ((0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255))
 
 

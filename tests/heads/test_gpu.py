@@ -4,7 +4,7 @@ cuBLAS bf16 path, determinism, the kernels' registers and spills, and no B x C a
 classes.
 
 Run by bench/gpu_check.sh; skipped on machines without CUDA (the CPU path of the same kernels is
-tested under TRITON_INTERPRET=1 in tests/test_heads_fused.py)."""
+tested under TRITON_INTERPRET=1 in tests/heads/test_fused.py)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_low_precision_operands_no_worse_than_the_reference_in_bf16(impl: str, o
     fp32 accumulation: error against float64 within the reference's own error on bf16-rounded inputs
     (computed in fp32) plus a tolerance, for every margin at t = 1.1 (SV-Softmax). bf16's is wider:
     its rounding of dL/dcos for the backward's products adds up to ~6e-3 to dW at s = 64 (measured
-    on the CPU with the same numerics, tests/test_heads_engines.py)."""
+    on the CPU with the same numerics, tests/heads/test_engines.py)."""
     x, w, y = make_data(200, 3000, 128, seed=7)
     exact = _loss_and_grads("reference", margin, kw, x, w, y, "cpu", torch.float64, 1.1)
     xb, wb = x.to(torch.bfloat16).double(), w.to(torch.bfloat16).double()

@@ -1,5 +1,5 @@
-"""Issue 18 in the trainer: a diverged state is never saved or resumed as if good (item 2); the
-metrics log holds each step once after a resume (item 8)."""
+"""trainer/engine.py under faults: a diverged state is never saved or resumed as if good; the
+metrics log holds each step once after a resume."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The trainer with head.parallel=shard (torchrun, gloo, CPU): the same training as replicate, head
 checkpoints that resume on another number of ranks, Partial FC's sparse step, and a kill -9 of one
 rank during the head's collectives ending the job. (What a resume refuses, in one line, is
-tests/test_trainer_checkpoint.py's.)"""
+tests/trainer/test_checkpoint.py's.)"""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from models.model_file import load_embedding_model
 from tests._trainer_util import ROOT, env, metrics, tiny_overrides
 from trainer.main import main as train_main
 
-WORKER = ROOT / "tests" / "_heads_sharded_worker.py"
+WORKER = ["-m", "tests._heads_sharded_worker"]  # a module: see tests/heads/test_sharded.py
 # 11 classes (not divisible by 2 or 3), 264 samples: a global batch of 48 gives 5 steps per epoch on
 # 1, 2 or 3 ranks; a low LR and noisy images keep the loss away from 0 (where ratios are meaningless)
 BASE = {"data.synthetic.classes": 11, "data.synthetic.per_class": 24, "data.synthetic.noise": 1.5,
@@ -31,7 +31,7 @@ def _train(world: int, run: Path, opts: dict, steps: int, **extra: object) -> su
     if world > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     args = tiny_overrides(run, steps=steps, **{**BASE, **extra})
-    cmd = [*launcher, str(WORKER), "train", json.dumps(opts), *args]
+    cmd = [*launcher, *WORKER, "train", json.dumps(opts), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env(), cwd=ROOT)
 
 
@@ -90,7 +90,7 @@ def test_resume_two_ranks_on_one_and_on_three(tmp_path: Path) -> None:
     which differs): checked on the recorded step-31 batches. The per-class weights and momentum after
     loading equal the saved ones exactly. The next loss agrees only to 25%: BatchNorm normalizes
     each rank's own batch, and 2 x 24 samples give other statistics than 1 x 48 (SyncBatchNorm
-    does not run on the CPU); with the same ranks a resume is exact (tests/test_trainer_resume.py)."""
+    does not run on the CPU); with the same ranks a resume is exact (tests/trainer/test_resume.py)."""
     base = tmp_path / "two"
     _ok(_train(2, base, {"record_step": 30}, 31))  # step-00000030.pt, then the uninterrupted step 31
     saved_path = base / "checkpoints" / "step-00000030.pt"

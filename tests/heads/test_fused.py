@@ -1,7 +1,7 @@
 """The fused Triton head under TRITON_INTERPRET=1, against a float64 reference.
 
 The interpreter must be switched on before triton is first imported, so the pytest test runs
-this file as a module (`python -m tests.test_heads_fused`) in a fresh interpreter; it runs every
+this file as a module (`python -m tests.heads.test_fused`) in a fresh interpreter; it runs every
 `case_*` and fails loudly.
 """
 
@@ -14,8 +14,8 @@ import sys
 
 def test_fused_kernel_under_interpreter() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "tests.test_heads_fused"], cwd=root, env=env,
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tests.heads.test_fused"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all fused cases passed" in proc.stdout

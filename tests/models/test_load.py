@@ -23,7 +23,7 @@ from models.model_file import (
 from tests._eval_util import make_checkpoint, one_line_error
 from trainer.checkpoint import capture_rng
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = {"backbone": "tiny", "embedding_size": 16, "image_size": [32, 32], "kwargs": {"width": 8}}
 
 

@@ -1,4 +1,4 @@
-"""Issue 18 item 5: a kill -9 of the process that reads shards leaves no helper process behind.
+"""shards/lifeline.py: a kill -9 of the process that reads shards leaves no helper process behind.
 
 The reader runs in its own session, so every process it started (forkserver, resource tracker,
 DataLoader workers) carries that session id, whoever its parent is after the kill.
@@ -18,7 +18,7 @@ import pytest
 
 from tests._loader_util import make_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
 
@@ -61,7 +61,7 @@ def shard_dir(tmp_path_factory):
 
 
 def test_workers_reading_end_with_the_reader(shard_dir):
-    proc = _start(["tests/_orphan_child.py", str(shard_dir), "2"])
+    proc = _start(["-m", "tests._orphan_child", str(shard_dir), "2"])
     assert proc.stdout.readline().strip() == "ready"
     helpers = [cmd for pid, cmd in _session(proc.pid) if pid != proc.pid]
     assert sum("forkserver" in c for c in helpers) == 3  # the server and its two workers
@@ -70,7 +70,7 @@ def test_workers_reading_end_with_the_reader(shard_dir):
 
 def test_kill_while_the_forkserver_starts(shard_dir):
     """The kill lands while the forkserver imports torch, before any worker exists."""
-    proc = _start(["tests/_orphan_child.py", str(shard_dir), "2"])
+    proc = _start(["-m", "tests._orphan_child", str(shard_dir), "2"])
     deadline = time.monotonic() + 60
     while not any("forkserver" in cmd for _, cmd in _session(proc.pid)):
         assert time.monotonic() < deadline and proc.poll() is None

@@ -25,7 +25,7 @@ from bench.kernel_model import ARCHS, HEADLINE, WORK, Buf, Config, Shape, Stream
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ISSUE = "issue 23: kernels being redesigned"
 # (kernel, arch, criterion) -> the defect measured with Triton 3.9 on these CPUs
 KNOWN = {

@@ -1,4 +1,4 @@
-"""Issue 18 item 1: a two-rank torchrun job on the CPU never hangs when one rank fails or stalls.
+"""trainer/distributed.py: a two-rank torchrun job on the CPU never hangs when one rank fails or stalls.
 
 Before: the failing rank sat in the teardown's barrier while the other waited in DDP's all-reduce,
 silently, until gloo's 30-minute timeout.

@@ -1,4 +1,4 @@
-"""Training checkpoints: RNG state, rotation, resume choice (the model part: tests/test_models.py)."""
+"""Training checkpoints: RNG state, rotation, resume choice (the model part: tests/models/test_load.py)."""
 
 from __future__ import annotations
 

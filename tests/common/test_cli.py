@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
     "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
     "eval/export_onnx.py", "eval/import_mobilefacenet.py", "-m bench.heads", "-m bench.loader",
