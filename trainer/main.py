@@ -70,10 +70,11 @@ def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) 
         return 0
 
     from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch loads: a mistake answers at once
     from trainer.distributed import PeerLost
     from trainer.engine import TrainingDiverged, train
 
-    cfg = load_config(args.config, args.overrides)
     validators = build_validators(cfg)  # opened now: a bad LFW folder fails before training
     try:
         with run_folder_lock(cfg.run.dir):
