@@ -40,7 +40,7 @@ def _describe(pid: int | None) -> str:
         return "another process"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            command = " ".join(f.read().decode(errors="replace").replace("\0", " ").split())  # one line
     except OSError:
         command = ""
     if len(command) > 100:
