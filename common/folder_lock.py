@@ -4,7 +4,8 @@
 process asking for it gets one UserError line naming the folder and the process that holds it. The
 OS drops the lock when the holder ends, `kill -9` included, so a killed run never blocks its rerun
 (nothing is written into the folder, so there is no stale lock file to clean up). The holder is read
-from /proc/locks (Linux); elsewhere the line says "another process".
+from /proc/locks (Linux); elsewhere the line says "another process". On a filesystem that cannot lock
+a folder the block runs unlocked, after a warning line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.cli import UserError
+from common.cli import UserError, log
 
 
 def lock_holder(fd: int) -> int | None:
@@ -63,6 +64,9 @@ def folder_lock(folder: Path | str, refusal: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"{folder}: {refusal} (held by {_describe(lock_holder(fd))})") from None
+        except OSError as err:  # a filesystem without flock on a folder (some NFS setups): go on
+            log(f"warning: {folder}: cannot lock the folder ({err.strerror or err}); nothing stops a "
+                "second writer")
         yield
     finally:
         os.close(fd)  # closing releases the lock

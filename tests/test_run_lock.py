@@ -3,6 +3,7 @@ line naming the folder and the process that holds it; a holder killed with -9 bl
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -84,6 +85,21 @@ def test_a_second_training_on_the_run_folder_stops_and_a_killed_one_resumes(tmp_
         kill_hard(first)
     assert main(args) == 0
     assert "resumed from" in capsys.readouterr().err
+
+
+def test_a_filesystem_without_folder_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    from common import folder_lock as module
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(module.fcntl, "flock", no_locks)
+    with folder_lock(tmp_path, "busy"):  # no error: the work goes on
+        (tmp_path / "written").touch()
+    assert (tmp_path / "written").exists()
+    reason = os.strerror(errno.ENOLCK)
+    assert capsys.readouterr().err == (f"warning: {tmp_path}: cannot lock the folder ({reason}); "
+                                       "nothing stops a second writer\n")
 
 
 def test_only_rank_0_takes_the_run_folder_lock(tmp_path, monkeypatch):
