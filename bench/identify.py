@@ -27,6 +27,7 @@ import numpy as np
 
 from common.cli import CliParser, UserError, cpu_count, run_cli
 from eval.gallery import TemplateIndex, faiss_available, normalize
+from models.load import add_model_arguments
 
 NAIVE_SLICE = 20_000
 DEFAULT_LFW = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lfw"
@@ -107,7 +108,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512, help="speed: embedding size")
     parser.add_argument("--queries", type=_sizes, default=[1, 64], help="speed: query batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="speed: timed repeats (best kept)")
-    parser.add_argument("--model", type=Path, help="lfw: checkpoint or ONNX model")
+    add_model_arguments(parser, required=False, help_prefix="lfw: ")
     parser.add_argument("--root", type=Path, default=DEFAULT_LFW, help="lfw: folder holding lfw/")
     parser.add_argument("--workers", type=int, default=2, help="lfw: detection processes")
     parser.add_argument("--no-flip", action="store_true", help="lfw: embed without the mirror image")

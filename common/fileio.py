@@ -4,6 +4,9 @@ A reader (or a rerun after `kill -9`) only ever sees the old file or the complet
 temporary file is `<name>.tmp` beside the target, so leftovers are easy to find and clean up; a
 write that fails removes it. OS errors (disk full, read-only folder, a file where a folder should
 be) become one UserError line naming the file.
+
+Also the encoding every text input is read with, `TEXT_ENCODING`: UTF-8 with or without the
+byte-order mark some editors put first (plain "utf-8" would keep it as part of the first row).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import IO
 from common.cli import UserError
 
 TMP_SUFFIX = ".tmp"
+TEXT_ENCODING = "utf-8-sig"
 
 
 def tmp_path_for(path: Path | str) -> Path:

@@ -1,6 +1,6 @@
 """Export a checkpoint's embedding network to ONNX (dynamic batch) and check it with onnxruntime.
 
-    python eval/export_onnx.py --checkpoint CKPT --out MODEL.onnx
+    python eval/export_onnx.py --checkpoint CKPT --out MODEL.onnx     (--model CKPT: the same)
 
 The model's input spec (image size, layout, colour order, normalization) goes into the ONNX
 metadata. The export is run with onnxruntime on random inputs of two batch sizes against PyTorch;
@@ -25,7 +25,8 @@ import torch
 
 from common.cli import CliParser, UserError, run_cli
 from common.fileio import atomic_write
-from eval.embed import INPUT_SPEC
+from models.load import add_model_arguments
+from models.model_file import INPUT_SPEC, load_embedding_model
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -33,7 +34,7 @@ OUTPUT_NAME = "embedding"
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="eval/export_onnx.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="facetrain checkpoint (.pt)")
+    add_model_arguments(p, onnx=False)
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed (1e-4)")
@@ -97,12 +98,10 @@ def run(argv: Sequence[str] | None = None) -> int:
                         f"got {args.check_batches!r}") from None
     if not batches or min(batches) < 1:
         raise UserError(f"--check-batches: batch sizes must be positive, got {args.check_batches!r}")
-    from trainer.checkpoint import load_embedding_model
-
-    model, spec = load_embedding_model(args.checkpoint)
+    model, spec = load_embedding_model(args.model)
     image_size = (int(spec["image_size"][0]), int(spec["image_size"][1]))
     print(f"exporting {spec['backbone']} ({spec['embedding_size']}-d, {image_size[0]}x{image_size[1]}) "
-          f"from {args.checkpoint}", file=sys.stderr)
+          f"from {args.model}", file=sys.stderr)
     export(model, spec, args.out, args.opset)
     diff, scale = max_abs_diff(model, args.out, image_size, batches)
     # The output scale says how much the absolute figure means (an untrained net can output ~1e-8).

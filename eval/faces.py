@@ -1,15 +1,13 @@
 """Photos to embeddings for identification: read, detect, align, embed (with flip).
 
-Also loads the embedding model (checkpoint or ONNX) with what a gallery must record about it: its
-architecture, image size and a fingerprint of its weights, and the verification threshold its LFW
-evaluation chose when the checkpoint carries one. Model loading goes through eval/embed.py's and
-trainer/checkpoint.py's public functions; the flip-and-normalize step is written here for single
-batches of crops because eval/embed.py only offers it inside `embed_shards`.
+Also loads the embedding model (checkpoint or ONNX, through models/load.py) with what a gallery must
+record about it: its architecture, image size and a fingerprint of its weights, and the verification
+threshold its LFW evaluation chose when the checkpoint carries one. The flip-and-normalize step is
+written here for single batches of crops because eval/embed.py only offers it inside `embed_shards`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 from collections.abc import Iterator
@@ -21,8 +19,9 @@ import numpy as np
 import torch
 
 from common.cli import UserError
-from eval.embed import EmbedFn, onnx_embedder, resolve_device, torch_embedder
 from eval.gallery import ModelInfo, normalize
+from models.load import EmbedFn, load_model
+from models.model_file import as_threshold
 from preprocess.align import check_geometry, warp
 from preprocess.detect import Face, detect_faces
 
@@ -43,63 +42,11 @@ class FoundFace:
     crop: np.ndarray  # aligned RGB uint8 (H, W, 3)
 
 
-def _fingerprint_tensors(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in state.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def load_model(path: Path, device_name: str = "cpu") -> FaceModel:
-    """A checkpoint (.pt) or an ONNX model, with its ModelInfo; UserError naming the file."""
-    device = resolve_device(device_name)
-    if path.suffix.lower() == ".onnx":
-        return _load_onnx(path, device)
-    from trainer.checkpoint import load_checkpoint, load_embedding_model
-
-    model, spec = load_embedding_model(path, map_location=device)
-    info = ModelInfo(f"{spec['backbone']}/{spec['embedding_size']}", _fingerprint_tensors(model.state_dict()),
-                     tuple(int(v) for v in spec["image_size"]))  # type: ignore[arg-type]
-    metrics = load_checkpoint(path).get("metrics") or {}
-    # The trainer stores its first validator's metrics unprefixed, the others' as "<name>_<key>".
-    threshold = metrics.get("threshold", metrics.get("lfw_threshold")) if isinstance(metrics, dict) else None
-    where = f"{path} ({spec['backbone']})"
-    return FaceModel(info, torch_embedder(model, device), _as_threshold(threshold), where)
-
-
-def _load_onnx(path: Path, device: torch.device) -> FaceModel:
-    import onnx
-
-    if not path.is_file():
-        raise UserError(f"{path}: ONNX model file not found")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # onnx raises DecodeError and friends for a file that is not a model
-        raise UserError(f"{path}: not a loadable ONNX model ({type(err).__name__})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    dims = _dims(proto.graph.input)
-    if "image_size" in meta:
-        size = tuple(int(v) for v in meta["image_size"].split(","))
-    elif len(dims) == 4 and dims[2] > 0 and dims[3] > 0:
-        size = (dims[2], dims[3])
-    else:
-        raise UserError(f"{path}: the model records no input size (export it with eval/export_onnx.py)")
-    out_dims = _dims(proto.graph.output)
-    embedding = meta.get("embedding_size") or (str(out_dims[-1]) if out_dims and out_dims[-1] else "?")
-    architecture = f"{meta.get('backbone', 'onnx')}/{embedding}"
-    fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()
-    embed = onnx_embedder(path, size, device)  # type: ignore[arg-type]
-    return FaceModel(ModelInfo(architecture, fingerprint, size), embed, None, str(path))  # type: ignore[arg-type]
-
-
-def _dims(values) -> list[int]:  # noqa: ANN001 - onnx's repeated ValueInfoProto
-    """The first value's shape, 0 for a dynamic dimension."""
-    return [d.dim_value for d in values[0].type.tensor_type.shape.dim] if len(values) else []
-
-
-def _as_threshold(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and -1.0 <= float(value) <= 1.0 else None
+def load_face_model(path: Path, device_name: str = "cpu") -> FaceModel:
+    """A checkpoint (.pt) or an ONNX model (models/load.py), with its ModelInfo; UserError naming the file."""
+    model = load_model(path, device_name)
+    info = ModelInfo(model.architecture, model.fingerprint(), model.image_size)
+    return FaceModel(info, model.embed, model.threshold, model.name)
 
 
 def threshold_from_metrics(path: Path) -> float:
@@ -108,7 +55,7 @@ def threshold_from_metrics(path: Path) -> float:
         value = json.loads(path.read_text()).get("threshold")
     except (OSError, ValueError, AttributeError) as err:
         raise UserError(f"{path}: not a readable metrics JSON ({type(err).__name__})") from None
-    threshold = _as_threshold(value)
+    threshold = as_threshold(value)
     if threshold is None:
         raise UserError(f"{path}: no numeric 'threshold' in [-1, 1] (an eval/lfw.py --json file?)")
     return threshold

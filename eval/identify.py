@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from common.cli import CliParser, UserError, cpu_count, run_cli
+from common.walk import regular_files
 from eval.faces import (
     IMAGE_EXTS,
     FaceModel,
@@ -42,12 +43,13 @@ from eval.faces import (
     analyse_photos,
     embed_crops,
     find_faces,
-    load_model,
+    load_face_model,
     read_rgb,
     threshold_from_metrics,
 )
 from eval.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
 from eval.identify_outputs import Outputs
+from models.load import add_model_arguments
 from preprocess.detect import pick_face
 
 DEFAULT_THRESHOLD = 0.3
@@ -70,10 +72,13 @@ def gallery_photos(root: Path) -> list[tuple[str, Path]]:
     """(person, photo) for every photo of a gallery folder, sorted; UserError when there are none."""
     if not root.is_dir():
         raise UserError(f"{root}: gallery folder not found")
+    tree = regular_files(root)  # common/walk.py: no FIFO, no link loop, no name that is not UTF-8
+    for skipped in tree.skipped:
+        warn(f"{root / skipped.rel}: {skipped.detail}, not enrolled")
     photos = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir():
-            photos += [(entry.name, p) for p in sorted(entry.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+    for entry in tree.paths(root):
+        if entry.parent != root and entry.suffix.lower() in IMAGE_EXTS:
+            photos.append((entry.relative_to(root).parts[0], entry))
         elif entry.suffix.lower() in IMAGE_EXTS:
             photos.append((_COPY_SUFFIX.sub("", entry.stem) or entry.stem, entry))
     if not photos:
@@ -83,7 +88,7 @@ def gallery_photos(root: Path) -> list[tuple[str, Path]]:
 
 def enrol(args: argparse.Namespace) -> int:
     photos = gallery_photos(args.gallery)
-    model = load_model(args.model, args.device)
+    model = load_face_model(args.model, args.device)
     people: dict[str, int] = {}
     crops, person_of, paths, skipped = [], [], [], []
     found = analyse_photos([p for _, p in photos], model.info.image_size, args.workers)
@@ -190,7 +195,7 @@ def search(args: argparse.Namespace) -> int:
     if not args.inputs and args.camera is None:
         raise UserError("search: give INPUT files or folders, or --camera N")
     gallery = load_gallery(args.gallery)
-    model = load_model(args.model, args.device)
+    model = load_face_model(args.model, args.device)
     check_compatible(gallery, model, args.gallery)
     threshold, origin = resolve_threshold(args, model)
     camera = _open_camera(args.camera) if args.camera is not None else None
@@ -328,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-frames", type=_positive, help="video/camera: stop after this many frames")
     s.add_argument("--report-limit", type=_positive, default=500, help="faces shown in report.html")
     for p in (e, s):
-        p.add_argument("--model", type=Path, required=True, help="checkpoint (.pt) or ONNX model (.onnx)")
+        add_model_arguments(p)
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         p.add_argument("--workers", type=int, default=default_workers(),
                        help="processes detecting faces in photos (0: in this process)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
-from eval.faces import analyse_photos, embed_crops, load_model
+from eval.faces import analyse_photos, embed_crops, load_face_model
 from eval.gallery import TemplateIndex, open_set_rate, rank_k_accuracy
 from preprocess.detect import pick_face
 
@@ -40,7 +40,7 @@ def lfw_split(images: Path) -> tuple[list[tuple[int, Path]], list[tuple[int, Pat
 def identification_figures(images: Path, model_path: Path, workers: int = 2, flip: bool = True) -> dict:
     start = time.perf_counter()
     gallery, probes, impostors, names = lfw_split(images)
-    model = load_model(model_path)
+    model = load_face_model(model_path)
     paths = [p for _, p in gallery] + [p for _, p in probes] + impostors
     crops: list[np.ndarray | None] = []
     for _, faces in analyse_photos(paths, model.info.image_size, workers):

@@ -34,8 +34,9 @@ import torch
 
 from common.cli import CliParser, UserError, cpu_count, progress, run_cli
 from common.fileio import atomic_write_text
-from eval.embed import EmbedFn, flip_embed, model_embedder
+from eval.embed import EmbedFn, flip_embed
 from eval.verification import auc_score, tar_at_far
+from models.load import add_model_arguments, model_from_args
 from preprocess.align import warp
 from shards.format import parse_image_size
 from shards.torch_pipeline import to_model_input
@@ -236,18 +237,16 @@ def evaluate_ijb(embed: EmbedFn, root: Path, image_size: tuple[int, int], *, bat
 
 
 def load_model(args: argparse.Namespace) -> tuple[EmbedFn, str, tuple[int, int]]:
-    embed, name, size = model_embedder(args.checkpoint, args.onnx, args.device, args.image_size or (112, 112))
-    if args.image_size and tuple(args.image_size) != size:
-        raise UserError(f"--image-size {args.image_size}: {args.checkpoint} takes {size} faces")
-    return embed, name, size
+    model = model_from_args(args, image_size=args.image_size or (112, 112))
+    if args.image_size and tuple(args.image_size) != model.image_size:
+        raise UserError(f"--image-size {args.image_size}: {model.path} takes {model.image_size} faces")
+    return model.embed, model.name, model.image_size
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="eval/ijb.py", description=__doc__.split("\n\n")[0],
                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, help="facetrain checkpoint (.pt)")
-    model.add_argument("--onnx", type=Path, help="ONNX embedding model (input as DESIGN.md)")
+    add_model_arguments(p)
     p.add_argument("--ijb", type=Path, required=True, help="IJB release folder (meta/, loose_crop/)")
     p.add_argument("--image-size", type=parse_image_size, help="aligned size for an ONNX model (default 112)")
     p.add_argument("--batch-size", type=int, default=None, help="faces per forward (default 8 cpu, 256 cuda)")

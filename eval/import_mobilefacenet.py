@@ -6,7 +6,7 @@ export) can measure it on our shards:
 
 The source is the widely used PyTorch MobileFaceNet layout (`conv1`, `dw_conv1`, `blocks.N.conv.*`,
 `conv2`, `linear7`, `linear1`; plain state dict or `{"net_state_dict": ...}`), which has the same
-layers in the same order as trainer/backbones/mobilefacenet.py; each tensor is matched by position
+layers in the same order as models/backbones/mobilefacenet.py; each tensor is matched by position
 and its shape checked. Such models take `(pixel - 127.5) / 128`; ours take `(pixel - 127.5) / 127.5`,
 so the first convolution's weights are scaled by 127.5 / 128 (exact: that convolution has no bias
 and pads with zeros). Shards must be built at the model's input size (`--image-size` of
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from common.cli import CliParser, UserError, run_cli
+from models.backbones import build_backbone
+from models.model_file import save_embedding_checkpoint
 from shards.format import parse_image_size
-from trainer.backbones import build_backbone
-from trainer.checkpoint import save_embedding_checkpoint
 
 THEIR_INPUT_SCALE = 128.0  # (pixel - 127.5) / 128
 OUR_INPUT_SCALE = 127.5  # (pixel - 127.5) / 127.5

@@ -23,18 +23,17 @@ import numpy as np
 
 from common.cli import CliParser, UserError, run_cli
 from common.fileio import atomic_write_text
-from eval.embed import EmbedFn, embed_shards, model_embedder
+from eval.embed import EmbedFn, embed_shards
 from eval.pairs import Member, manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
 from eval.verification import KFoldResult, NonFiniteEmbeddings, kfold, pair_scores, verification_metrics
+from models.load import add_model_arguments, model_from_args
 from shards.manifest import Manifest, Pair, load_manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="eval/lfw.py", description=__doc__.split("\n\n")[0],
                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, help="facetrain checkpoint (.pt)")
-    model.add_argument("--onnx", type=Path, help="ONNX embedding model (input as DESIGN.md)")
+    add_model_arguments(p)
     p.add_argument("--shards", type=Path, required=True, help="LFW shard folder (with manifest.json)")
     p.add_argument("--pairs", type=Path,
                    help="pairs.txt in the standard format (default: the manifest's pairs)")
@@ -52,11 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn, str]:
-    embed, name, size = model_embedder(args.checkpoint, args.onnx, args.device, tuple(manifest.image_size))
-    if size != tuple(manifest.image_size):
-        raise UserError(f"{args.checkpoint}: model takes {size} faces, the shards in {manifest.root} "
-                        f"hold {tuple(manifest.image_size)}")
-    return embed, name
+    model = model_from_args(args, image_size=tuple(manifest.image_size))
+    model.check_size(manifest.image_size, f"the shards in {manifest.root}")
+    return model.embed, model.name
 
 
 def format_metrics(m: dict[str, Any]) -> str:

@@ -13,9 +13,10 @@ from pathlib import Path
 from torch import nn
 
 from common.cli import UserError
-from eval.embed import embed_shards, module_embedder
+from eval.embed import embed_shards
 from eval.pairs import manifest_pairs, shard_jpegs
 from eval.verification import pair_scores, verification_metrics
+from models.load import module_embedder
 from shards.manifest import load_manifest
 
 

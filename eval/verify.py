@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from common.cli import CliParser, UserError, cpu_count, run_cli
 from common.fileio import atomic_write_text
-from eval.embed import EmbedFn, onnx_embedder
+from eval.embed import EmbedFn
 from eval.embed_keys import embed_keys
 from eval.pairsets import PairSet, set_pairs
 from eval.verification import kfold, pair_scores, verification_metrics
+from models.load import add_model_arguments, model_from_args
 from shards.manifest import Manifest, load_manifest
 from shards.sample_index import SampleTable, build_sample_table
 
@@ -113,9 +113,7 @@ def format_table(results: Sequence[SetResult]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="eval/verify.py", description=__doc__.split("\n\n")[0],
                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, help="facetrain checkpoint (.pt)")
-    model.add_argument("--onnx", type=Path, help="ONNX embedding model (input as DESIGN.md)")
+    add_model_arguments(p)
     p.add_argument("--sets", nargs="+", required=True, metavar="NAME=SHARDS", help="the sets, in table order")
     p.add_argument("--pairs", nargs="+", default=[], metavar="NAME=FILE",
                    help="score set NAME on this pairs file instead of its manifest's pairs")
@@ -147,13 +145,10 @@ def _embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn, st
     parallel = args.parallel if args.parallel is not None else cpu_count()
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
-    if args.onnx is not None and args.device == "cpu" and parallel > 1:
-        embed = onnx_embedder(args.onnx, manifest.image_size, torch.device("cpu"), threads=1)
-        return embed, str(args.onnx), parallel
-    from eval.lfw import load_embedder  # the one checkpoint/ONNX loader, with its size checks
-
-    embed, name = load_embedder(args, manifest)
-    return embed, name, 1
+    several = args.device == "cpu" and parallel > 1  # (for an ONNX model: checkpoints run one at a time)
+    model = model_from_args(args, image_size=tuple(manifest.image_size), onnx_threads=1 if several else None)
+    model.check_size(manifest.image_size, f"the shards in {manifest.root}")
+    return model.embed, model.name, parallel if several and model.kind == "onnx" else 1
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 For CPU training and wherever Triton cannot run, and the honest GPU baseline for the fused kernels:
 on CUDA its products are cuBLAS fp16 (tensor cores) with fp32 results (`heads.core.operand_dtype`).
-Each block's cosines are recomputed in the backward pass instead of being saved.
+Each block's cosines are recomputed in the backward pass instead of being saved. No shape depends
+on the labels, so a step makes no host sync (the target column is written by gather/scatter).
 
 Memory: beyond W and dW (C x D each), a few B x block fp32 temporaries and one block of W in the
 operand dtype; nothing grows with C.
@@ -33,28 +34,25 @@ class ChunkedEngine:
 
     def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
                 s: float, t: float) -> tuple[Tensor, Tensor]:
-        B, C = xn.shape[0], weight.shape[0]
+        C = weight.shape[0]
         lses, maxes = [], []
-        rows = torch.arange(B, device=xn.device)
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
             xo, wo = self._operands(xn, weight, c0, c1)
             cos = mm_f32(xo, wo.t()).to(xn.dtype) * rw[c0:c1].to(xn.dtype)
             logits, _ = self._logits(cos, thr, s, t)
-            inside = (labels >= c0) & (labels < c1)
-            r, col = rows[inside], labels[inside] - c0
-            logits[r, col] = float("-inf")  # the target column is handled outside
-            cos[r, col] = -2.0
+            target = _TargetColumn(labels, c0, c1)  # the target column is handled outside
+            target.fill(logits, float("-inf"))
+            target.fill(cos, -2.0)
             lses.append(torch.logsumexp(logits, dim=1))
             maxes.append(cos.amax(dim=1))
         return torch.logsumexp(torch.stack(lses), 0), torch.stack(maxes).amax(0)
 
     def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
                  g: Tensor, dcy: Tensor, s: float, t: float) -> tuple[Tensor, Tensor]:
-        B, C = xn.shape[0], weight.shape[0]
+        C = weight.shape[0]
         dxn = torch.zeros_like(xn)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        rows = torch.arange(B, device=xn.device)
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
             xo, wo = self._operands(xn, weight, c0, c1)
@@ -65,8 +63,7 @@ class ChunkedEngine:
             dc *= (g * s)[:, None]
             if hard is not None:
                 dc = torch.where(hard, dc * t, dc)
-            inside = (labels >= c0) & (labels < c1)
-            dc[rows[inside], labels[inside] - c0] = dcy[inside]
+            _TargetColumn(labels, c0, c1).fill(dc, dcy)
             # d c_ij / d w_j = r_j (xn_i - c_ij r_j w_j): the projection of the normalization
             h = (dc * cos).sum(0)
             gx = (dc * r).to(xo.dtype)
@@ -77,3 +74,21 @@ class ChunkedEngine:
         xo = xn.to(operand_dtype(xn.device, xn.dtype, operands=self.operands))
         fix_target_terms(xn, xo, weight, rw, labels, dcy, dxn, dw)
         return dxn, dw
+
+
+class _TargetColumn:
+    """Each row's target entry within the block of classes [c0, c1), for rows whose label is there.
+
+    Shapes never depend on the labels (no boolean-mask indexing, which would wait for the GPU to
+    count the rows): every row gathers one column, the label's if it is inside the block (else
+    column 0), and writes back either the new value or the one it gathered."""
+
+    def __init__(self, labels: Tensor, c0: int, c1: int) -> None:
+        self.inside = ((labels >= c0) & (labels < c1))[:, None]
+        self.col = (labels - c0).clamp(0, c1 - c0 - 1)[:, None]
+
+    def fill(self, block: Tensor, value: Tensor | float) -> None:
+        """block[i, label_i - c0] = value (value[i] for a tensor) for the rows whose label is inside."""
+        if isinstance(value, Tensor):
+            value = value.to(block.dtype)[:, None]
+        block.scatter_(1, self.col, torch.where(self.inside, value, block.gather(1, self.col)))

@@ -12,6 +12,7 @@ both engines, and the product with an fp32 result that they use.
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import torch
@@ -70,20 +71,39 @@ def mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return prod if out is None else out.add_(prod)
 
 
-# per device type: torch.mm(..., out_dtype=) is there (CUDA, torch >= 2.8) until shown otherwise
-_OUT_DTYPE_MM: dict[str, bool] = {}
+# per (device type, operand dtype): whether torch.mm(..., out_dtype=float32) runs there (probed once)
+_OUT_DTYPE_MM: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _low_precision_mm(a: Tensor, b: Tensor) -> Tensor:
     """bf16/fp16 operands, fp32 result, as the tensor cores give it (exact products, fp32 sums):
     `out_dtype` where PyTorch has it (CUDA, torch >= 2.8), else the operands widened to fp32 (the
-    CPU's bf16 product would round its result to bf16; a slower product beats a wrong one)."""
-    if _OUT_DTYPE_MM.get(a.device.type, True):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_MM[a.device.type] = False
+    CPU's bf16 product would round its result to bf16; a slower product beats a wrong one). Only the
+    capability probe decides the fallback: an error of the real product (out of memory, a bad shape)
+    propagates, and the next call takes the fast path again."""
+    if _out_dtype_mm_runs(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
+
+
+def _out_dtype_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Probe once per (device type, dtype) with a 1 x 1 product; say once when the answer is no."""
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_MM:
+        one = torch.ones(1, 1, dtype=dtype, device=device)
+        try:
+            torch.mm(one, one, out_dtype=torch.float32)
+            _OUT_DTYPE_MM[key] = True
+        except torch.OutOfMemoryError:
+            raise  # says nothing about the capability
+        except (TypeError, NotImplementedError, RuntimeError) as err:
+            # TypeError: torch < 2.8 has no out_dtype; NotImplementedError: no kernel for this
+            # device (the CPU); RuntimeError: this dtype/device combination refused
+            _OUT_DTYPE_MM[key] = False
+            warnings.warn(f"heads: torch.mm(out_dtype=float32) does not run for {dtype} on {device.type} "
+                          f"({type(err).__name__}); the class products widen their operands to fp32 "
+                          "instead (same result, slower)", RuntimeWarning, stacklevel=3)
+    return _OUT_DTYPE_MM[key]
 
 
 def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, dcy: Tensor,
@@ -100,8 +120,7 @@ def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels:
     # A sharded head passes -1 for rows another rank owns: they get no target terms, and they
     # write the same value as a row this rank owns (duplicate indices must agree), without a sync.
     own = labels >= 0
-    first = torch.argmax(own.to(torch.int8))
-    labels = torch.where(own, labels, labels[first])
+    labels = torch.where(own, labels, labels.amax())  # the largest label is an owned one (if any)
     g = dcy.to(torch.float32) * rw[labels].to(torch.float32) * own
     g_low = g.to(xo.dtype).float()
     w_y = weight[labels].float()

@@ -40,9 +40,13 @@ def safe_acos(c: Tensor) -> Tensor:
 
 
 class Margin:
-    """psi(c) for the target logit (the logit itself is s * psi). Subclasses set `name`."""
+    """psi(c) for the target logit (the logit itself is s * psi). A subclass sets `name`, its scale
+    `default_s` and `options`: the keyword arguments its constructor takes (what `build_margin`
+    accepts for it; `m` among them where the margin has one); then it goes into `MARGINS` below."""
 
     name = "none"
+    default_s = 1.0
+    options: tuple[str, ...] = ()
 
     def psi(self, c: Tensor, step: int = 0) -> Tensor:
         return c
@@ -53,6 +57,8 @@ class Margin:
 
 class CosFace(Margin):
     name = "cosface"
+    default_s = 30.0
+    options = ("m",)
 
     def __init__(self, m: float = 0.35) -> None:
         self.m = float(m)
@@ -68,6 +74,8 @@ class ArcFace(Margin):
     """cos(theta + m); where c <= cos(pi - m), the fallback c - m sin(m) keeps psi monotonic."""
 
     name = "arcface"
+    default_s = 64.0
+    options = ("m",)
 
     def __init__(self, m: float = 0.5) -> None:
         self.m = float(m)
@@ -101,6 +109,8 @@ class SphereFace(Margin):
     with lambda = max(lambda_min, lambda_base * (1 + gamma * step) ** -power) (the paper's schedule)."""
 
     name = "sphereface"
+    default_s = 30.0
+    options = ("m", "lambda_base", "lambda_min", "gamma", "power")
 
     def __init__(self, m: int = 4, lambda_base: float = 1000.0, lambda_min: float = 5.0,
                  gamma: float = 0.12, power: float = 1.0) -> None:
@@ -136,6 +146,8 @@ class Combined(Margin):
     """cos(m1 theta + m2) - m3 (InsightFace's combined margin)."""
 
     name = "combined"
+    default_s = 64.0
+    options = ("m1", "m2", "m3")
 
     def __init__(self, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2) -> None:
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
@@ -148,19 +160,20 @@ class Combined(Margin):
         return self.m1 * torch.sin(self.m1 * theta + self.m2) / _sin_theta(c)
 
 
-def build_margin(name: str, m: float | None = None, **kwargs: float) -> Margin:
-    """The margin by name; `m` is the margin (sphereface: the integer m; combined: ignored, use m1/m2/m3)."""
-    if name == "cosface":
-        return CosFace(0.35 if m is None else m, **kwargs)
-    if name == "arcface":
-        return ArcFace(0.5 if m is None else m, **kwargs)
-    if name == "sphereface":
-        return SphereFace(4 if m is None else int(m), **kwargs)
-    if name == "combined":
-        return Combined(**kwargs)
-    if name == "none":
-        return Margin()
-    raise ValueError(f"unknown margin {name!r}: expected cosface, arcface, sphereface or combined")
+MARGINS: dict[str, type[Margin]] = {cls.name: cls for cls in (CosFace, ArcFace, SphereFace, Combined, Margin)}
+DEFAULT_SCALE = {name: cls.default_s for name, cls in MARGINS.items()}
 
 
-DEFAULT_SCALE = {"cosface": 30.0, "arcface": 64.0, "sphereface": 30.0, "combined": 64.0, "none": 1.0}
+def build_margin(name: str, m: float | None = None, **options: float) -> Margin:
+    """The margin by name; `m` is the margin (sphereface: the integer m; combined: ignored, use m1/m2/m3).
+    An option the margin does not take is a ValueError naming it and the ones it takes."""
+    cls = MARGINS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown margin {name!r}: expected one of {', '.join(MARGINS)}")
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        takes = ", ".join(o for o in cls.options if o != "m") or "none"
+        raise ValueError(f"margin {name} does not take {', '.join(unknown)} (its options: {takes})")
+    if m is not None and "m" in cls.options:
+        options["m"] = m
+    return cls(**options)

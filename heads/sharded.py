@@ -1,7 +1,11 @@
 """A class-sharded margin head (model parallel), with Partial FC sampling of the negative classes.
 
 Rank r of a world of W holds the centres of a contiguous class range (`class_range`; the first
-C % W ranks hold one class more). One forward pass:
+C % W ranks hold one class more), initialized as those rows of a MarginHead with the same seed
+(`heads.margin_head.init_centres`), so a run starts alike on any number of ranks. Options are
+MarginHead's, checked by the same `heads.options.HeadOptions`, with the same engine factory.
+
+One forward pass:
 
 1. each rank normalizes its embeddings and all-gathers them and the labels: the global batch, N
    rows in rank order. The gather's backward sums the ranks' partial dX and hands each rank the
@@ -18,12 +22,13 @@ C % W ranks hold one class more). One forward pass:
 Traffic per step is O(W B D) (`step_traffic`), whatever C is; the head is not wrapped in DDP.
 
 Partial FC (`sample_rate` < 1): each forward keeps, per rank, the centres of every label of the
-global batch that the rank owns plus uniformly drawn other classes up to int(sample_rate x C_local)
-(seeded by seed, rank and step: deterministic). `sampled_rows` makes the optimizer step touch only
-those rows: their momentum / Adam moments are gathered, stepped and written back; the other rows'
-weights and state stay exactly as they were (a centre's momentum does not decay while it is not
-sampled, and weight decay skips it too: Partial FC's sparse update). Adam's scalar step count is
-shared by all rows.
+global batch that the rank owns plus uniformly drawn other classes, `sample_size` in all:
+int(sample_rate x C_local), raised to the global batch's row count N where that is larger (so every
+positive fits) -- a size fixed by shapes, so sampling needs no host sync (seeded by seed, rank and
+step: deterministic). `sampled_rows` makes the optimizer step touch only those rows: their
+momentum / Adam moments are gathered, stepped and written back; the other rows' weights and state
+stay exactly as they were (a centre's momentum does not decay while it is not sampled, and weight
+decay skips it too: Partial FC's sparse update). Adam's scalar step count is shared by all rows.
 
 Per-class state for checkpoints (`gather_class_state`, `slice_class_state`, `load_class_state`):
 the weight and every row-shaped optimizer state tensor as full C-row tensors, so a run saved on N
@@ -32,7 +37,6 @@ ranks resumes on M.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -41,13 +45,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.chunked import ChunkedEngine
 from heads.core import Engine, backward_through_engine, inv_norms
-from heads.margins import DEFAULT_SCALE, Margin, build_margin
+from heads.margin_head import HeadBase, init_centres
+from heads.margins import Margin
+from heads.options import HeadOptions
 from heads.reference import focal
 
+__all__ = ["ShardedMarginHead", "class_range", "init_centres", "sample_classes", "sampled_rows",
+           "gather_class_state", "slice_class_state", "load_class_state", "head_bytes", "step_traffic"]
+
 SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
-INIT_BLOCK = 1 << 16  # classes per seeded block of the initial centres (any world size draws the same)
 
 
 def _world(group=None) -> int:
@@ -69,18 +76,6 @@ def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(num_classes, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-def init_centres(num_classes: int, embed_dim: int, start: int, end: int, seed: int = 0) -> Tensor:
-    """Rows [start, end) of N(0, 0.01^2) centres drawn in seeded blocks: equal for every world size."""
-    out = torch.empty(end - start, embed_dim)
-    for b in range(start // INIT_BLOCK, math.ceil(end / INIT_BLOCK)):
-        b0, b1 = b * INIT_BLOCK, min(num_classes, (b + 1) * INIT_BLOCK)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        block = torch.randn(b1 - b0, embed_dim, generator=g) * 0.01
-        lo, hi = max(b0, start), min(b1, end)
-        out[lo - start:hi - start] = block[lo - b0:hi - b0]
-    return out
 
 
 class _GatherRows(torch.autograd.Function):
@@ -154,61 +149,55 @@ class _ShardedFn(torch.autograd.Function):
         return (*backward_through_engine(ctx, g), None, None, None, None, None, None, None)
 
 
-def sample_classes(positives: Tensor, num_local: int, rate: float,
+def sample_size(num_local: int, rate: float, rows: int) -> int:
+    """Classes a rank keeps per draw: int(rate x num_local), or more if the global batch's `rows`
+    labels could all be distinct classes of this rank (every positive must fit); at most num_local.
+    It depends on shapes only, so the draw has a fixed size and needs no host sync."""
+    return min(num_local, max(1, int(rate * num_local), rows))
+
+
+def sample_classes(local_labels: Tensor, num_local: int, rate: float,
                    generator: torch.Generator) -> Tensor | None:
-    """Sorted local ids: every positive plus uniform others up to int(rate x num_local); None = all."""
+    """Sorted local ids: every label in [0, num_local) (the positives; others, such as -1 for classes
+    another rank owns, are ignored) plus uniformly drawn other classes, `sample_size` in all. None:
+    all classes. No host sync: the positives are marked in a fixed-size score vector, not gathered."""
     if rate >= 1.0:
         return None
-    keep = max(1, int(rate * num_local), int(positives.unique().numel()))
-    score = torch.rand(num_local, generator=generator, device=generator.device)
-    score[positives] = 2.0  # above every uniform draw: positives always win
-    return torch.topk(score, keep).indices.sort().values
+    keep = sample_size(num_local, rate, local_labels.numel())
+    score = torch.rand(num_local + 1, generator=generator, device=generator.device)
+    inside = (local_labels >= 0) & (local_labels < num_local)
+    # positives score 2, above every uniform draw, so they always win; the rest go to a spare slot
+    score.index_fill_(0, torch.where(inside, local_labels, num_local), 2.0)
+    return torch.topk(score[:num_local], keep).indices.sort().values
 
 
-def _engine(impl: str, device: torch.device, block: int | None) -> Engine:
-    if impl == "fused" or (impl == "auto" and device.type == "cuda"):
-        from heads.fused import FusedEngine  # imports triton only when asked for
-
-        return FusedEngine()
-    return ChunkedEngine(block or 8192)
-
-
-class ShardedMarginHead(nn.Module):
+class ShardedMarginHead(HeadBase):
     """MarginHead's function over classes sharded across the process group (see the module doc).
 
-    `weight` holds this rank's classes [class_start, class_end). `forward(embeddings, labels)` takes
-    this rank's rows and returns the mean loss over the global batch (the same on every rank); the
-    embeddings' gradient is that of the global mean loss for this rank's rows. Every rank must pass
-    the same number of rows. Without a process group it is the whole head on one process.
+    `weight` holds this rank's classes [class_start, class_end), the rows of a MarginHead with the
+    same seed. `forward(embeddings, labels)` takes this rank's rows and returns the mean loss over
+    the global batch (the same on every rank); the embeddings' gradient is that of the global mean
+    loss for this rank's rows. Every rank must pass the same number of rows. Without a process group
+    it is the whole head on one process. Options as MarginHead's (heads.options.HeadOptions), but
+    not impl="reference" (it holds the B x C logits). With sampling, call `set_step` every step (the
+    trainer does): `sampled` collects the draws of every forward until the next step begins.
     """
 
-    def __init__(self, num_classes: int, embed_dim: int, margin: str = "cosface", s: float | None = None,
-                 m: float | None = None, t: float = 1.0, impl: str = "auto", gamma_focal: float = 0.0,
-                 block: int | None = None, sample_rate: float = 1.0, seed: int = 0, group=None,
-                 **margin_kwargs: float) -> None:
-        super().__init__()
-        if impl not in ("auto", "chunked", "fused"):
-            raise ValueError(f"sharded head impl {impl!r}: expected auto, chunked or fused")
-        if t < 1.0:
-            raise ValueError(f"SV-Softmax t must be >= 1 (1 turns it off), got {t}")
+    def __init__(self, num_classes: int, embed_dim: int, margin: str = "cosface", *, sample_rate: float = 1.0,
+                 seed: int = 0, group=None, **options) -> None:
+        opts = HeadOptions.from_kwargs(margin=margin, **options)
+        if opts.impl == "reference":
+            raise ValueError("sharded head impl 'reference': expected auto, chunked or fused")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.margin: Margin = build_margin(margin, m, **margin_kwargs)
-        self.s = float(DEFAULT_SCALE[margin] if s is None else s)
-        self.t, self.gamma_focal, self.sample_rate = float(t), float(gamma_focal), float(sample_rate)
-        self.impl, self.block, self.seed, self.group = impl, block, int(seed), group
-        self.num_classes = int(num_classes)
-        self.rank, self.world = _rank(group), _world(group)
-        if num_classes < self.world:
-            raise ValueError(f"{num_classes} classes cannot be sharded over {self.world} ranks (one each)")
-        self.class_start, self.class_end = class_range(num_classes, self.rank, self.world)
-        centres = init_centres(num_classes, embed_dim, self.class_start, self.class_end, seed)
-        self.weight = nn.Parameter(centres)
-        self.step, self._draws = 0, 0
+        rank, world = _rank(group), _world(group)
+        if num_classes < world:
+            raise ValueError(f"{num_classes} classes cannot be sharded over {world} ranks (one each)")
+        super().__init__(num_classes, embed_dim, opts, seed, *class_range(num_classes, rank, world))
+        self.sample_rate, self.group, self.rank, self.world = float(sample_rate), group, rank, world
+        self._draws = 0
         # local ids of the classes this step's forwards used (None: all); sampled_rows steps only these
         self.sampled: Tensor | None = None
-        self.last_accuracy: Tensor | None = None
-        self._engines: dict[str, Engine] = {}
 
     @property
     def num_local(self) -> int:
@@ -216,7 +205,8 @@ class ShardedMarginHead(nn.Module):
 
     def set_step(self, step: int) -> None:
         """The training step: SphereFace's annealing and the seed of the class sample."""
-        self.step, self._draws = int(step), 0
+        super().set_step(step)
+        self._draws = 0
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False):
         with torch.autocast(embeddings.device.type, enabled=False):
@@ -227,30 +217,25 @@ class ShardedMarginHead(nn.Module):
             index = None
             weight = self.weight
             if self.sample_rate < 1.0:
-                gen = self._generator(xn.device)
-                index = sample_classes(local[owned], self.num_local, self.sample_rate, gen)
+                index = sample_classes(local, self.num_local, self.sample_rate, self._generator(xn.device))
                 weight = self.weight[index]
                 local = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
             local = torch.where(owned, local, torch.full_like(local, -1))
             rows, correct = _ShardedFn.apply(xn, weight, local, self.margin, self.step, self.s, self.t,
-                                             self._engine_for(xn.device), self.group)
+                                             self.engine(self.resolved_impl(xn.device)), self.group)
             loss = focal(rows, self.gamma_focal).mean()
         if index is not None and self.sampled is not None and self._draws > 1:
-            index = torch.cat([self.sampled, index]).unique()  # accumulation: every row touched this step
+            # accumulation: every row touched this step. A class drawn twice is listed twice (no
+            # unique(), a host sync): both copies step alike, so they write back the same row.
+            index = torch.cat([self.sampled, index])
         self.sampled = index
-        self.last_accuracy = correct.mean().detach()
-        return (loss, self.last_accuracy) if return_accuracy else loss
+        return self._finish(loss, correct.mean(), return_accuracy)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # a fresh stream per (seed, rank, step, draw within the step): reproducible and resumable
         self._draws += 1
         key = ((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.step) * 64 + self._draws
         return torch.Generator(device=device).manual_seed(key % (1 << 63))
-
-    def _engine_for(self, device: torch.device) -> Engine:
-        if device.type not in self._engines:
-            self._engines[device.type] = _engine(self.impl, device, self.block)
-        return self._engines[device.type]
 
     def extra_repr(self) -> str:
         return (f"classes={self.num_classes} [{self.class_start}, {self.class_end}) of rank {self.rank}/"

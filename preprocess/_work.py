@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ import cv2
 import numpy as np
 
 from preprocess import align
-from shards.format import sample_key
+from preprocess.recordio import read_ranges
+from shards.format import MIN_IMAGE_SIDE, sample_key
 from shards.writer import Members, encode_sample
 
 _REDUCED_FLAG = {
@@ -47,7 +49,7 @@ class Job:
     quality: int
     reduce: bool = True  # decode at reduced scale when the face is large enough
     mode: str = "landmarks"  # "landmarks" | "detect" | "aligned"
-    span: tuple[int, int] | None = None  # (offset, length) of the image bytes inside `path`
+    span: tuple[tuple[int, int], ...] | None = None  # (offset, length) ranges of the image in `path`
     single_face_only: bool = False  # mode "detect": several faces -> reject instead of choosing
 
 
@@ -100,19 +102,25 @@ def jpeg_complete(data: bytes) -> bool:
 
 
 def _read(job: Job) -> bytes | Outcome:
+    """The image's bytes; only a regular file is read (opening a FIFO or a device could block)."""
     try:
-        with open(job.path, "rb") as f:
-            if job.span is None:
-                return f.read() or Outcome(None, "image_unreadable", "empty file")
-            f.seek(job.span[0])
-            data = f.read(job.span[1])
+        fd = os.open(job.path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return Outcome(None, "image_missing", "no such file")
     except OSError as err:
         return Outcome(None, "image_unreadable", err.strerror or type(err).__name__)
-    if len(data) != job.span[1]:
-        offset, length = job.span
-        return Outcome(None, "record_truncated", f"{len(data)} of {length} bytes at offset {offset}")
+    try:
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return Outcome(None, "not_a_file", "not a regular file (a FIFO, socket or device)")
+            if job.span is None:
+                return f.read() or Outcome(None, "image_unreadable", "empty file")
+            data = read_ranges(f, job.span)
+    except OSError as err:
+        return Outcome(None, "image_unreadable", err.strerror or type(err).__name__)
+    length = sum(n for _, n in job.span)
+    if len(data) != length:
+        return Outcome(None, "record_truncated", f"{len(data)} of {length} bytes at offset {job.span[0][0]}")
     return data
 
 
@@ -123,7 +131,17 @@ def _decode(data: bytes, flag: int, is_jpeg: bool) -> np.ndarray | Outcome:
         return Outcome(None, "jpeg_corrupt" if is_jpeg else "image_unreadable", str(err).strip()[:200])
     if image is None or image.size == 0:
         return Outcome(None, "jpeg_corrupt" if is_jpeg else "image_unreadable", "the decoder refused it")
+    if flag == cv2.IMREAD_COLOR:  # full size (a JPEG's size was checked from its header already)
+        return _too_small((image.shape[1], image.shape[0])) or image
     return image
+
+
+def _too_small(size: tuple[int, int]) -> Outcome | None:
+    """The reject of an image too small to hold a face: a side under MIN_IMAGE_SIDE (the smallest
+    output side), e.g. a 1x1 tracking pixel that would otherwise be stretched into a "face"."""
+    if min(size) < MIN_IMAGE_SIDE:
+        return Outcome(None, "image_too_small", f"{size[0]}x{size[1]} pixels, a face needs {MIN_IMAGE_SIDE}")
+    return None
 
 
 def _check_jpeg(data: bytes) -> tuple[int, int] | None | Outcome:
@@ -144,6 +162,9 @@ def run(job: Job) -> Outcome:
     size = _check_jpeg(data)
     if isinstance(size, Outcome):
         return size
+    small = _too_small(size) if size is not None else None
+    if small:
+        return small
     if job.mode == "aligned":
         return _run_aligned(job, data, size)
     if job.mode == "detect":
@@ -250,9 +271,9 @@ class Settings:
 
 # One input as the parent sends it, plain values (cheap to make and to pickle): relative path,
 # identity, label, landmarks, VGGFace2 box, person's name, source file (when not under the image
-# root: RecordIO) and the (offset, length) of its bytes there.
+# root: RecordIO) and the (offset, length) ranges of its bytes there.
 Row = tuple[str, str, int, "tuple[float, ...] | None", "tuple[float, ...] | None", "str | None",
-            "str | None", "tuple[int, int] | None"]
+            "str | None", "tuple[tuple[int, int], ...] | None"]
 
 
 @dataclass

@@ -96,7 +96,22 @@ def select(entries: list[Entry], identities: int | None, limit: int | None) -> l
     return entries
 
 
+def reject_key_collisions(entries: list[Entry]) -> list[Entry]:
+    """Two inputs whose sample keys are the same (`a.b.jpg` and `a_b.jpg`, `x.jpg` and `x.png`: see
+    shards/format.py) would be two samples of one key in a shard: the first by path is kept, each
+    other is a reject naming it."""
+    keys = [e.key if e.reason is None else None for e in entries]
+    first: dict[str, int] = {}
+    for i in sorted(range(len(entries)), key=lambda i: entries[i].rel):
+        if keys[i] is not None:
+            first.setdefault(keys[i], i)
+    return [e if key is None or first[key] == i else
+            replace(e, reason="key_collision", detail=f"same sample key {key} as {entries[first[key]].rel}")
+            for i, (e, key) in enumerate(zip(entries, keys))]
+
+
 def make_plan(entries: list[Entry], opts: Options) -> Plan:
+    entries = reject_key_collisions(entries)
     usable = [e for e in entries if e.reason is None]
     early = [_reject(e.rel, e.reason or "", e.detail or "") for e in entries if e.reason is not None]
     classes = sorted({e.identity for e in usable})

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import UserError
+from common.fileio import TEXT_ENCODING
+from common.walk import regular_files
 from preprocess.pairs_file import read_pairs
 from shards.format import sample_key
 from shards.manifest import Pair
@@ -31,7 +32,7 @@ class Entry:
     detail: str | None = None
     bbox: tuple[float, float, float, float] | None = None  # VGGFace2's loose box (x, y, w, h), if shipped
     source: str | None = None  # the file to read, when not <image root>/<rel> (RecordIO: the .rec)
-    span: tuple[int, int] | None = None  # (offset, length) of the image bytes inside `source`
+    span: tuple[tuple[int, int], ...] | None = None  # (offset, length) ranges of the image inside `source`
 
     @property
     def key(self) -> str:
@@ -73,17 +74,10 @@ def parse_landmarks(fields: list[str]) -> tuple[tuple[float, ...] | None, str | 
 
 
 def _walk_images(image_root: Path) -> list[str]:
-    """Relative paths of every image under the root, two levels (<identity>/<file>)."""
-    found = []
-    with os.scandir(image_root) as top:
-        for identity in top:
-            if not identity.is_dir():
-                continue
-            with os.scandir(identity.path) as files:
-                for f in files:
-                    if f.name.lower().endswith(IMAGE_EXTENSIONS) and f.is_file():
-                        found.append(f"{identity.name}/{f.name}")
-    return found
+    """Relative paths of every image under the root, two levels (<identity>/<file>): regular files
+    only, with UTF-8 names (common/walk.py)."""
+    tree = regular_files(image_root, depth=2)
+    return [rel for rel in tree.files if rel.count("/") == 1 and rel.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def _require_file(path: Path, what: str, option: str) -> Path:
@@ -185,7 +179,7 @@ def _read_vggface2_boxes(path: Path) -> dict[str, tuple[float, float, float, flo
 def _read_identity_names(path: Path) -> dict[str, str]:
     """VGGFace2's `Class_ID, Name, Sample_Num, Flag, Gender` -> {class id: name}."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=TEXT_ENCODING) as f:
             reader = csv.reader(f, skipinitialspace=True)
             header = [h.strip().lower() for h in next(reader, None) or []]
             if header[:2] != ["class_id", "name"]:
@@ -197,7 +191,7 @@ def _read_identity_names(path: Path) -> dict[str, str]:
 
 def _read_list(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding=TEXT_ENCODING).splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: unreadable image list ({err})") from None
     return [line.strip().replace("\\", "/") for line in lines if line.strip()]
@@ -207,7 +201,7 @@ def _read_name_id_csv(path: Path, what: str) -> dict[str, list[str]]:
     """A VGGFace2 `NAME_ID,...` CSV (landmarks or boxes): relative image path -> the other fields."""
     rows: dict[str, list[str]] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=TEXT_ENCODING) as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or not header or header[0].strip().upper() != "NAME_ID":
@@ -274,7 +268,7 @@ def read_lfw_landmarks(path: Path) -> dict[str, list[str]]:
     """`relative/path.jpg<TAB>x1 y1 ... x5 y5` lines -> {path: number fields}."""
     rows: dict[str, list[str]] = {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=TEXT_ENCODING) as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -1,37 +1,38 @@
 """A folder per identity (`ROOT/<identity>/*.jpg|jpeg|png`): CASIA-WebFace and most private collections.
 
 Every image directly inside an identity folder is an input; other files (and hidden ones, and
-deeper folders) are not, and are counted in the log. An identity folder without images gives no
-class. Faces come aligned (`--aligned`), with landmarks from a file in the LFW format
-(`<identity>/<file><TAB>x1 y1 ... x5 y5`, relative to ROOT), or from the detector (`--detect`).
+deeper folders) are not, and are counted in the log. The tree is walked by common/walk.py: only
+regular files are read, links are followed but not in a loop, and an image-like name that cannot
+be read (a FIFO, a broken link, a name that is not UTF-8) is a reject with its reason. An identity
+folder without images gives no class. Faces come aligned (`--aligned`), with landmarks from a file
+in the LFW format (`<identity>/<file><TAB>x1 y1 ... x5 y5`, relative to ROOT), or from the
+detector (`--detect`).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from common.cli import UserError
+from common.walk import regular_files
 from preprocess.datasets import IMAGE_EXTENSIONS, DatasetInputs, Entry, entries_for, read_lfw_landmarks
 
 
-def walk(root: Path) -> tuple[list[str], list[str], int]:
-    """(relative image paths, identity folders without images, other files skipped)."""
-    images, empty, skipped = [], [], 0
-    with os.scandir(root) as top:
-        folders = sorted((d for d in top if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
-    for folder in folders:
-        found = 0
-        with os.scandir(folder.path) as files:
-            for f in files:
-                if f.name.lower().endswith(IMAGE_EXTENSIONS) and not f.name.startswith(".") and f.is_file():
-                    images.append(f"{folder.name}/{f.name}")
-                    found += 1
-                else:
-                    skipped += 1
-        if not found:
-            empty.append(folder.name)
-    return sorted(images), empty, skipped
+def walk(root: Path) -> tuple[list[str], list[str], list[Entry], int]:
+    """(relative image paths, identity folders without images, rejects, other files skipped).
+
+    An image-like name that cannot be read (a FIFO, a link that loops or leads nowhere, a name that
+    is not UTF-8) is a reject with its reason; so is an identity folder whose name is not UTF-8.
+    """
+    tree = regular_files(root, depth=2, hidden=False)
+    images = [rel for rel in tree.files if rel.count("/") == 1 and rel.lower().endswith(IMAGE_EXTENSIONS)]
+    with_images = {rel.split("/", 1)[0] for rel in images}
+    empty = [folder for folder in tree.folders if folder not in with_images]
+    rejects = [Entry(s.rel, s.rel.split("/", 1)[0], reason=s.reason, detail=s.detail) for s in tree.skipped
+               if s.reason not in ("hidden", "too_deep")
+               and (s.rel.lower().endswith(IMAGE_EXTENSIONS) or s.reason == "name_not_utf8")]
+    skipped = len(tree.files) - len(images) + len(tree.skipped) - len(rejects)
+    return images, empty, rejects, skipped
 
 
 def read_folders(root: Path, landmarks: Path | None = None) -> DatasetInputs:
@@ -39,7 +40,7 @@ def read_folders(root: Path, landmarks: Path | None = None) -> DatasetInputs:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: --root is not a folder")
-    images, empty, skipped = walk(root)
+    images, empty, rejects, skipped = walk(root)
     if not images:
         raise UserError(f"{root}: no images in <identity>/ folders (expected ROOT/<identity>/*.jpg|png)")
     if landmarks is not None:
@@ -48,9 +49,10 @@ def read_folders(root: Path, landmarks: Path | None = None) -> DatasetInputs:
         entries = entries_for(set(images), set(images), read_lfw_landmarks(landmarks))
     else:
         entries = [Entry(rel, rel.split("/", 1)[0]) for rel in images]
+    entries += rejects
     files = {
         "images": f"{root} ({len(images)} images, {len(empty)} identity folders without any, "
-        f"{skipped} other files skipped)",
+        f"{len(rejects)} unreadable, {skipped} other files skipped)",
         "landmarks": str(landmarks or "(none)"),
     }
     return DatasetInputs("folders", "train", root, entries, files=files)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError
+from common.fileio import TEXT_ENCODING
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def read_pairs(path: Path | str) -> list[PairLine]:
     """Every pair of a pairs file, in file order, with its fold (see the module docs)."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_text(encoding=TEXT_ENCODING).splitlines()
     except FileNotFoundError:
         raise UserError(f"{path}: pairs file not found") from None
     except (OSError, UnicodeDecodeError) as err:

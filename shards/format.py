@@ -86,8 +86,14 @@ def decode_label(data: bytes) -> int:
     return _LABEL.unpack(data)[0]
 
 
+# Sides of a face crop: 16 .. 1024 px. A face recognizer's input is 96 to 224 px; a larger size is a
+# typo (112 -> 11200), refused before OpenCV tries to allocate it.
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 16, 1024
+
+
 def parse_image_size(text: str) -> tuple[int, int]:
-    """`--image-size` of the commands: N (square) or HxW, sides at least 16 (an argparse type)."""
+    """`--image-size` of the commands: N (square) or HxW, sides MIN_IMAGE_SIDE .. MAX_IMAGE_SIDE
+    (an argparse type)."""
     parts = text.lower().replace("x", ",").split(",")
     try:
         values = [int(p) for p in parts if p.strip()]
@@ -95,8 +101,9 @@ def parse_image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or HxW, not {text!r}") from None
     if len(values) == 1:
         values *= 2
-    if len(values) != 2 or min(values) < 16:
-        raise argparse.ArgumentTypeError(f"expected N or HxW with sides >= 16, not {text!r}")
+    if len(values) != 2 or min(values) < MIN_IMAGE_SIDE or max(values) > MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"expected N or HxW with sides {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, not {text!r}")
     return values[0], values[1]
 
 

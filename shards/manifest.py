@@ -75,6 +75,13 @@ def _plain_name(value: Any, where: str, path: Path) -> str:
     return value
 
 
+def _count(value: Any, where: str, path: Path) -> int:
+    """A count from the manifest: a whole number, 0 or more (JSON may hold anything there)."""
+    if type(value) is not int or value < 0:
+        raise UserError(f"{path}: {where} is {value!r}, not a count")
+    return value
+
+
 def _require(data: dict[str, Any], key: str, path: Path) -> Any:
     if key not in data:
         raise UserError(f"{path}: manifest has no '{key}' field")
@@ -110,6 +117,8 @@ def load_manifest(shard_dir: Path | str, verify: str = "size") -> Manifest:
         for n, info in enumerate(shards):
             _plain_name(info.file, f"shards[{n}].file", path)
             _plain_name(info.index, f"shards[{n}].index", path)
+            _count(info.samples, f"shards[{n}].samples", path)
+            _count(info.bytes, f"shards[{n}].bytes", path)
         pairs = data.get("pairs")
         manifest = Manifest(
             root=root,
@@ -125,6 +134,8 @@ def load_manifest(shard_dir: Path | str, verify: str = "size") -> Manifest:
         )
     except (TypeError, ValueError) as err:
         raise UserError(f"{path}: malformed manifest ({err})") from None
+    if manifest.num_classes < 1:
+        raise UserError(f"{path}: num_classes is {manifest.num_classes}, not a count of classes")
     if sum(s.samples for s in shards) != manifest.num_samples:
         raise UserError(f"{path}: shard sample counts do not add up to num_samples={manifest.num_samples}")
     if verify != "none":

@@ -55,9 +55,11 @@ class SampleTable:
         return len(self.shard)
 
 
-def _index_row(fields: list[str], where: str) -> tuple[tuple[int, ...], str]:
+def _index_row(fields: list[str], where: str, tar_bytes: int) -> tuple[tuple[int, ...], str]:
     """One `.idx` line, groups of `ext offset size name`, as (jpg offset, size, lbl offset, json
-    offset, size) and the sample key."""
+    offset, size) and the sample key. Every offset and size is checked against the tar's `tar_bytes`
+    and the layout a tar has (each member's data after its own 512-byte header, after the member
+    before it), so a reader can use them without another check."""
     if not fields or len(fields) % 4:
         raise UserError(f"{where}: expected groups of 'ext offset size name', got {len(fields)} fields")
     members = {}
@@ -66,20 +68,26 @@ def _index_row(fields: list[str], where: str) -> tuple[tuple[int, ...], str]:
         if not (offset.isdigit() and size.isdigit()):
             raise UserError(f"{where}: offset and size of the {ext!r} member must be integers")
         members[ext] = (int(offset), int(size), name)
+        if members[ext][0] + members[ext][1] > tar_bytes:
+            raise UserError(f"{where}: the {ext} member (offset {offset}, {size} bytes) runs past the end "
+                            f"of the tar ({tar_bytes} bytes)")
     if "jpg" not in members or "lbl" not in members:
         raise UserError(f"{where}: the sample has no jpg or no lbl member")
     jpg, lbl = members["jpg"], members["lbl"]
     record = members.get("json", (lbl[0] + 4, 0, ""))
-    if lbl[1] != 4 or jpg[0] >= lbl[0] or (record[1] and record[0] <= lbl[0]):
-        raise UserError(f"{where}: members are not in the order jpg, lbl (4 bytes), json")
+    if (lbl[1] != 4 or jpg[0] < TAR_BLOCK or lbl[0] < jpg[0] + jpg[1] + TAR_BLOCK
+            or (record[1] and record[0] < lbl[0] + 4 + TAR_BLOCK)):
+        raise UserError(f"{where}: members are not laid out as in a tar (jpg, lbl of 4 bytes, json, "
+                        "each after its 512-byte header): offsets and sizes overlap")
     key = jpg[2].rsplit("/", 1)[-1][: -len(".jpg")]
     return (jpg[0], jpg[1], lbl[0], record[0], record[1]), key
 
 
-def parse_index(idx_path: Path, expected: int) -> tuple[np.ndarray, list[str]]:
+def parse_index(idx_path: Path, expected: int, tar_bytes: int) -> tuple[np.ndarray, list[str]]:
     """A DALI `.idx` file as int64 rows [N, 5] (see `_COLUMNS`) and sample keys; the one parser.
 
-    UserError naming the file (and line) for anything that is not the index the writer writes.
+    UserError naming the file (and line) for anything that is not the index the writer writes for
+    a tar of `tar_bytes` bytes holding `expected` samples.
     """
     try:
         lines = idx_path.read_text(encoding="ascii").splitlines()
@@ -97,23 +105,28 @@ def parse_index(idx_path: Path, expected: int) -> tuple[np.ndarray, list[str]]:
     rows = np.zeros((len(body), len(_COLUMNS)), dtype=np.int64)
     keys: list[str] = []
     for i, line in enumerate(body):
-        row, key = _index_row(line.split(), f"{idx_path}:{i + 2}")
+        row, key = _index_row(line.split(), f"{idx_path}:{i + 2}", tar_bytes)
         rows[i] = row
         keys.append(key)
     return rows, keys
 
 
 def build_sample_table(manifest: Manifest, want_keys: bool = False) -> SampleTable:
-    """Read every shard's `.idx` (a few seconds for millions of samples; no tar is opened)."""
+    """Read every shard's `.idx` (a few seconds for millions of samples; no tar is opened). With
+    `want_keys`, a sample key listed twice (which sample would a pair or a name mean?) is refused."""
     parts, shard_ids, keys = [], [], []
     paths = manifest.shard_paths()
-    for s, (info, tar, idx) in enumerate(zip(manifest.shards, paths, manifest.index_paths(), strict=True)):
-        rows, k = parse_index(idx, info.samples)
-        if len(rows) and int((rows[:, 3] + rows[:, 4]).max()) > info.bytes:
-            raise UserError(f"{idx}: offsets point past the end of {tar.name} ({info.bytes} bytes)")
+    where_key: dict[str, Path] = {}
+    for s, (info, idx) in enumerate(zip(manifest.shards, manifest.index_paths(), strict=True)):
+        rows, k = parse_index(idx, info.samples, info.bytes)
         parts.append(rows)
         shard_ids.append(np.full(len(rows), s, dtype=np.int32))
         if want_keys:
+            for key in k:
+                if key in where_key:
+                    first = where_key[key].name
+                    raise UserError(f"{idx}: sample key {key} is listed twice (also in {first})")
+                where_key[key] = idx
             keys.extend(k)
     rows = np.concatenate(parts) if parts else np.zeros((0, len(_COLUMNS)), dtype=np.int64)
     columns = {name: np.ascontiguousarray(rows[:, c]) for c, name in enumerate(_COLUMNS)}

@@ -1,16 +1,19 @@
-"""Damage a shard set the way disks, copies and hostile users do, for the reliability tests.
+"""Damage a shard set or a RecordIO pack the way disks, copies and hostile users do, for the
+reliability tests.
 
-Every function changes bytes in place and keeps each file's size (so the manifest's default size
-check passes and only the per-sample checks can see it), except `set_manifest_path`.
+Every function on a shard's tar changes bytes in place and keeps the file's size (so the manifest's
+default size check passes and only the per-sample checks can see it). The index functions
+(`set_index_field`, `set_rec_offset`) rewrite one line of a text index; `set_manifest_path` one field.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import tarfile
 from pathlib import Path
 
-from shards.format import TAR_BLOCK, encode_label
+from shards.format import INDEX_SUFFIX, TAR_BLOCK, encode_label
 from shards.manifest import MANIFEST_NAME
 
 
@@ -64,3 +67,57 @@ def set_manifest_path(root: Path, shard: int, field: str, value: str) -> None:
     data = json.loads(path.read_text())
     data["shards"][shard][field] = value
     path.write_text(json.dumps(data))
+
+
+def set_index_field(tar_path: Path, key: str, ext: str, field: str, value: str) -> None:
+    """In the `.idx` beside the tar, set the `offset` or `size` of sample `key`'s `ext` member."""
+    idx = tar_path.with_suffix(INDEX_SUFFIX)
+    lines = idx.read_text().splitlines()
+    for n, line in enumerate(lines[1:], 1):
+        fields = line.split()
+        groups = [fields[j : j + 4] for j in range(0, len(fields), 4)]
+        if any(g[0] == "jpg" and g[3] == f"{key}.jpg" for g in groups):
+            for g in groups:
+                if g[0] == ext:
+                    g[{"offset": 1, "size": 2}[field]] = value
+            lines[n] = " ".join(f for g in groups for f in g)
+            break
+    else:
+        raise KeyError(key)
+    idx.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- RecordIO
+
+
+def rec_offset(rec_path: Path, index: int) -> int:
+    """The offset `train.idx` gives for record `index`."""
+    for line in rec_path.with_suffix(".idx").read_text().splitlines():
+        i, offset = line.split()
+        if int(i) == index:
+            return int(offset)
+    raise KeyError(index)
+
+
+def set_rec_offset(rec_path: Path, index: int, offset: int) -> None:
+    """Give record `index` another offset in `train.idx` (negative, past the end, huge ...)."""
+    idx = rec_path.with_suffix(".idx")
+    lines = [f"{index}\t{offset}" if line.split()[0] == str(index) else line
+             for line in idx.read_text().splitlines()]
+    idx.write_text("\n".join(lines) + "\n")
+
+
+def set_rec_length(rec_path: Path, index: int, length: int, flag: int = 0) -> None:
+    """Overwrite the length word of record `index`: `flag << 29 | length`."""
+    _write_at(rec_path, rec_offset(rec_path, index) + 4, struct.pack("<I", flag << 29 | length))
+
+
+def set_rec_label(rec_path: Path, index: int, label: float, listed: bool = False) -> None:
+    """Overwrite the float32 label in record `index`'s IRHeader (inf, NaN, -1, 1.5 ...); `listed`:
+    the first of the labels that follow the header instead (a record whose `flag` is > 0)."""
+    _write_at(rec_path, rec_offset(rec_path, index) + (8 + 24 if listed else 8 + 4), struct.pack("<f", label))
+
+
+def set_rec_label_count(rec_path: Path, index: int, count: int) -> None:
+    """Overwrite the IRHeader's `flag`, the number of float labels that follow it."""
+    _write_at(rec_path, rec_offset(rec_path, index) + 8, struct.pack("<I", count))

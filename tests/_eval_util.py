@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import torch
 
+from models.backbones import build_backbone
+from models.model_file import save_embedding_checkpoint
 from shards.format import FORMAT_NAME, FORMAT_VERSION, sample_key, scaled_template
 from shards.manifest import write_manifest
 from shards.writer import ShardWriter
-from trainer.backbones import build_backbone
-from trainer.checkpoint import save_embedding_checkpoint
 
 NAMES = [f"Person_{c}" for c in "ABCDEFGHIJKL"]  # 12 identities x 3 images
 SIZE = (112, 112)

@@ -4,7 +4,8 @@
         the head checks: every rank builds the same global data, runs the single-process MarginHead
         (the float64 reference) on the whole batch and the ShardedMarginHead on its own rows and
         classes, and writes the largest relative differences (and what the sampling checks saw) to
-        OUT/rank{r}.json; rank 0 also saves the gathered per-class state after two SGD steps.
+        OUT/rank{r}.json; rank 0 also saves the gathered per-class state after two SGD steps; and the
+        trainer's sharded head starts from the replicated head's rows with the same first loss.
     _heads_sharded_worker.py train '{"dump_after_resume": FILE, "record_step": S, "kill_rank": R,
                                      "kill_at_call": K, "signal": "SIGKILL", "faults": {...}}' [main args]
         trainer/main.py with tests/_trainer_faults.py's FaultHooks(**faults); dump_after_resume: the
@@ -136,9 +137,32 @@ def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
             mom = opts[0].state[ref.weight]["momentum_buffer"]
             res[f"rate{rate}"] = [rel(state["rows"]["weight"], ref.weight.detach()),
                                   rel(state["rows"]["optim.momentum_buffer"], mom),
-                                  sh.sampled is None or len(sh.sampled) == b - a]
+                                  sh.sampled is None or set(sh.sampled.tolist()) == set(range(b - a))]
             torch.save(state, out / f"state_rate{rate}.pt")
     return res
+
+
+def check_seeded_start(rank: int, world: int) -> dict:
+    """The trainer's heads as built (trainer.head_parallel.build_head) from the same seed, with torch's
+    global generator seeded differently on every rank: the sharded head's rows are exactly the
+    replicated head's rows [a, b), and the first loss on the same global batch is the same."""
+    from trainer.head_parallel import build_head
+
+    classes, dim, seed = 23, D, 5
+    kwargs = {"margin": "arcface", "impl": "chunked", "block": 4}
+    x, _, y = global_data(world, classes, per_rank=B, seed=3)
+    x = x.float()
+    torch.manual_seed(1000 + rank)  # the trainer seeds torch with seed + rank: the head must not use it
+    replicated = build_head("replicate", classes, dim, kwargs, 1.0, seed)
+    sharded = build_head("shard", classes, dim, kwargs, 1.0, seed)
+    a, b = class_range(classes, rank, world)
+    rows = slice(rank * B, (rank + 1) * B)
+    first_rep = float(replicated(x, y))
+    first_sh = float(sharded(x[rows], y[rows]))
+    other_seed = build_head("replicate", classes, dim, kwargs, 1.0, seed + 1)
+    return {"same_rows": torch.equal(sharded.weight, replicated.weight[a:b]),
+            "rows": [a, b], "other_seed_differs": not torch.equal(other_seed.weight, replicated.weight),
+            "first_loss": [first_rep, first_sh]}
 
 
 def train(opts: dict, argv: list[str]) -> int:
@@ -189,7 +213,7 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"margins": check_margins(rank, world), "sampled": check_sampled_vs_reference(rank, world),
-              "sgd": check_sgd_step_and_state(rank, world, out)}
+              "sgd": check_sgd_step_and_state(rank, world, out), "start": check_seeded_start(rank, world)}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.backbones import available_backbones, build_backbone, register
+from models.backbones import available_backbones, build_backbone, register
 
 
 def test_registry_lists_the_families():

@@ -4,7 +4,6 @@ file, with the detector: a fake one injected here), and the landmark-file rules.
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import tarfile
 import types
@@ -17,8 +16,9 @@ import pytest
 from common.cli import UserError, run_cli
 from preprocess import build_shards
 from preprocess._marker_faces import face_image, random_landmarks, write_jpeg
-from preprocess.recordio import MAGIC, read_rec
+from preprocess.recordio import read_rec
 from shards.format import decode_label
+from tests._recordio_util import write_rec
 
 
 def _build(argv: list[str], capsys) -> dict:
@@ -42,56 +42,6 @@ def _samples(out: Path) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ RecordIO
-
-
-def _record(payload: bytes) -> bytes:
-    """One RecordIO record as documented in preprocess/recordio.py: magic, length word, payload, pad."""
-    return struct.pack("<II", MAGIC, len(payload)) + payload + b"\0" * (-len(payload) % 4)
-
-
-def _irheader(label: float | tuple[float, ...], data: bytes = b"") -> bytes:
-    if isinstance(label, tuple):
-        return struct.pack("<IfQQ", len(label), 0.0, 0, 0) + struct.pack(f"<{len(label)}f", *label) + data
-    return struct.pack("<IfQQ", 0, float(label), 0, 0) + data
-
-
-def _jpeg(rng: np.random.Generator, size: int = 112) -> bytes:
-    pts = random_landmarks(size, size, rng, (30.0, 40.0))
-    ok, data = cv2.imencode(".jpg", face_image(size, size, pts, rng), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return data.tobytes()
-
-
-def write_rec(
-    root: Path, per_class: tuple[int, ...] = (13, 11), corrupt: int | None = None
-) -> dict[int, tuple]:
-    """train.rec/.idx/property with InsightFace's header record 0 and identity records; returns
-    {record index: (label, jpeg bytes)} of the image records. `corrupt`: that record's magic is broken."""
-    rng = np.random.default_rng(0)
-    images, index = {}, 1
-    for label, count in enumerate(per_class):
-        for _ in range(count):
-            images[index] = (label, _jpeg(rng))
-            index += 1
-    first_identity = index
-    identities = {}
-    start = 1
-    for label, count in enumerate(per_class):
-        identities[first_identity + label] = (float(start), float(start + count))
-        start += count
-    records = {0: _irheader((float(first_identity), float(first_identity + len(per_class))))}
-    records.update({i: _irheader(float(label), data) for i, (label, data) in images.items()})
-    records.update({i: _irheader(rng_range) for i, rng_range in identities.items()})
-    blob, idx = b"", []
-    for i in sorted(records):
-        raw = _record(records[i])
-        if i == corrupt:
-            raw = b"\0\0\0\0" + raw[4:]
-        idx.append(f"{i}\t{len(blob)}")
-        blob += raw
-    (root / "train.rec").write_bytes(blob)
-    (root / "train.idx").write_text("\n".join(idx) + "\n")
-    (root / "property").write_text(f"{len(per_class)},112,112\n")
-    return images
 
 
 def test_rec_every_good_record_with_its_label_and_unchanged_jpeg(tmp_path, capsys):

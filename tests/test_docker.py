@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,10 @@ def test_runs_unprivileged_with_volumes_and_entrypoint():
     entry = [rest for kw, rest in rows if kw == "ENTRYPOINT"]
     assert entry and "facetrain-entrypoint" in entry[-1]
     copies = " ".join(rest for kw, rest in rows if kw == "COPY")
-    packages = ("preprocess/", "shards/", "heads/", "trainer/", "eval/", "configs/", "requirements/")
-    for package in (*packages, "bench/", "tests/"):
+    # every package pyproject installs (a new one is easy to forget here), and the data folders
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = [f"{name.rstrip('*')}/" for name in include["include"]]
+    for package in (*packages, "configs/", "requirements/", "bench/", "tests/"):
         assert package in copies, f"{package} is not copied into the image"
 
 

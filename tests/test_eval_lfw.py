@@ -17,9 +17,9 @@ import torch
 from eval import embed as E
 from eval.lfw import main
 from eval.pairs import read_jpeg, read_pairs_file, shard_jpegs
+from models.model_file import load_embedding_model
 from shards.manifest import load_manifest, write_manifest
 from tests._eval_util import SIZE, build_lfw_shards, make_checkpoint, one_line_error
-from trainer.checkpoint import load_embedding_model
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"accuracy_mean", "accuracy_std", "same_accuracy", "diff_accuracy", "auc",

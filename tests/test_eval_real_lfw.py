@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from eval.lfw import main
+from models.backbones import build_backbone
+from models.model_file import save_embedding_checkpoint
 from preprocess.build_shards import main as build_main
-from trainer.backbones import build_backbone
-from trainer.checkpoint import save_embedding_checkpoint
 
 LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
 pytestmark = pytest.mark.skipif(not (LFW / "pairs.txt").is_file() or not (LFW / "lfw").is_dir(),

@@ -174,3 +174,57 @@ def test_preflight_does_not_require_packages_no_stage_uses(monkeypatch):
     monkeypatch.setitem(sys.modules, "webdataset", None)  # `import webdataset` now raises ImportError
     env = gpu_check.preflight(smoke=True)
     assert env["device"] in ("cpu", "cuda")
+
+
+def test_a_missing_c_compiler_stops_the_check_with_one_line(tmp_path):
+    """Triton builds its launcher with a C compiler on first launch: without one every fused stage
+    would fail, so the preflight says so first (CC pointing nowhere simulates the missing compiler)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = dict(_env(scratch), CC=str(tmp_path / "no-such-cc"))
+    proc = subprocess.run(["bash", str(SCRIPT), "--smoke", "--out", str(tmp_path / "check")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "no C compiler" in lines[0] and "no-such-cc" in lines[0]
+    assert not (tmp_path / "check").exists()
+
+
+def test_the_launch_problem_names_the_missing_python_header_or_compiler(tmp_path, monkeypatch):
+    gpu_check = _module()
+    monkeypatch.setattr(gpu_check, "_python_include", lambda: tmp_path)  # no Python.h there
+    monkeypatch.delenv("CC", raising=False)
+    line = gpu_check.triton_problem(None)
+    header = tmp_path / "Python.h"
+    assert line == f"Triton cannot build its kernel launcher: no {header} (the python3-dev package)"
+
+    def launch():
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable\nmore")
+
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # no gcc, no clang
+    line = gpu_check.triton_problem(launch)
+    assert line.startswith("a tiny Triton kernel failed to launch: no C compiler (CC is unset and neither")
+    assert "\n" not in line and "Python.h" in line
+    monkeypatch.undo()
+    # with both present, a failing launch reports its own error's first line
+    line = gpu_check.triton_problem(launch)
+    assert line == "a tiny Triton kernel failed to launch: RuntimeError: Failed to find C compiler. Please " \
+                   "specify via CC environment variable"
+    assert gpu_check.triton_problem(lambda: None) is None
+
+
+def test_the_heads_stages_run_without_the_data_packages(tmp_path, monkeypatch):
+    """cv2 and rich are imported only by the data, training and loader stages: without them the
+    preflight passes and those stages are skipped, naming what is missing."""
+    gpu_check = _module()
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    monkeypatch.setitem(sys.modules, "rich", None)
+    env = gpu_check.preflight(smoke=True)
+    assert env["data_missing"].startswith("cv2 (") and "; rich (" in env["data_missing"]
+    check = gpu_check.Check(tmp_path, env, gpu_check.SMOKE, True, deadline=60.0)
+    try:
+        stage, _ = gpu_check.stage_data(check)
+    finally:
+        check.close()
+    assert stage.skipped and "cv2" in stage.note and "rich" in stage.note

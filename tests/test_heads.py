@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads import MarginHead
+from heads import HeadOptions, MarginHead
 from heads.chunked import ChunkedEngine
 from heads.core import head_rows
 from heads.margins import ArcFace, Combined, CosFace, SphereFace, build_margin
 from heads.reference import focal
+from heads.sharded import ShardedMarginHead, init_centres
 from tests._heads_util import MARGINS, make_data
 
 
@@ -187,6 +188,52 @@ def test_bad_arguments() -> None:
         MarginHead(3, 4, impl="gpu")
     with pytest.raises(ValueError, match="positive integer"):
         SphereFace(2.5)
+
+
+@pytest.mark.parametrize("head_class", [MarginHead, ShardedMarginHead])
+def test_both_heads_take_one_options_object_and_one_engine_factory(head_class) -> None:
+    head = head_class(20, 8, margin="sphereface", m=3, impl="chunked", block=4, operands="bf16",
+                      deterministic=True, lambda_min=0.0)
+    assert head.options == HeadOptions(margin="sphereface", m=3, impl="chunked", block=4, operands="bf16",
+                                       deterministic=True, margin_options={"lambda_min": 0.0})
+    assert head.margin.m == 3 and head.margin.lambda_min == 0.0 and head.s == 30.0  # sphereface's scale
+    engine = head.engine("chunked")
+    assert isinstance(engine, ChunkedEngine) and engine.block == 4 and engine.operands == "bf16"
+    fused = head_class(20, 8, impl="fused", operands="fp32", deterministic=True).engine("fused")
+    assert fused.deterministic and fused.operands == "fp32"  # the sharded head used to drop both
+
+
+@pytest.mark.parametrize("head_class", [MarginHead, ShardedMarginHead])
+@pytest.mark.parametrize("kwargs,message", [
+    ({"impl": "gpu"}, "unknown impl 'gpu'"),
+    ({"operands": "int8"}, "unknown operands 'int8'"),
+    ({"t": 0.5}, "SV-Softmax t must be >= 1"),
+    ({"gamma_focal": -1.0}, "gamma_focal must be >= 0"),
+    ({"s": 0.0}, "scale s must be positive"),
+    ({"block": 0}, "block .* must be positive"),
+    ({"margin": "nope"}, "unknown margin 'nope'"),
+    ({"margin": "sphereface", "lamda_min": 1.0},
+     r"margin sphereface does not take lamda_min \(its options: lambda_base, lambda_min, gamma, power\)"),
+    ({"margin": "cosface", "m1": 0.2}, r"margin cosface does not take m1 \(its options: none\)"),
+    ({"margin": "sphereface", "m": 2.5}, "positive integer"),
+])
+def test_bad_options_are_one_error_naming_the_option_in_both_heads(head_class, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        head_class(10, 4, **kwargs)
+
+
+def test_initial_centres_depend_on_the_seed_alone() -> None:
+    """A head's centres are init_centres(seed): torch's global generator neither decides nor moves."""
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    a = MarginHead(40, 6, seed=3)
+    torch.manual_seed(456)
+    b = MarginHead(40, 6, seed=3)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.weight, init_centres(40, 6, 0, 40, seed=3))
+    assert not torch.equal(MarginHead(40, 6, seed=4).weight, a.weight)
+    torch.set_rng_state(state)
+    MarginHead(40, 6)
+    assert torch.equal(torch.get_rng_state(), state), "building a head draws nothing from the global RNG"
 
 
 def test_autocast_does_not_lower_the_head_precision() -> None:

@@ -132,6 +132,48 @@ def test_low_precision_product_has_an_fp32_result() -> None:
     assert torch.allclose(out, 1 + a @ b, atol=1e-6)
 
 
+def test_out_dtype_product_falls_back_only_where_the_probe_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch.mm(out_dtype=) runs (CUDA; emulated here), an error of the real product (out of
+    memory, a cuBLAS failure) propagates and the next call still takes the out_dtype path; only the
+    one-time capability probe turns the fallback on (the CPU: below)."""
+    from heads import core
+
+    real, calls, fail = torch.mm, [], []
+
+    def mm(a, b, *, out_dtype=None):
+        calls.append(out_dtype)
+        if fail:
+            raise fail.pop()
+        return real(a, b) if out_dtype is None else real(a.float(), b.float())
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(core, "_OUT_DTYPE_MM", {})
+    a, b = torch.randn(4, 3).half(), torch.randn(3, 5).half()
+    exact = real(a.float(), b.float())
+    assert torch.equal(core.mm_f32(a, b), exact) and calls == [torch.float32, torch.float32]  # probe, product
+    for err in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")):
+        fail.append(err)
+        with pytest.raises(type(err)):
+            core.mm_f32(a, b)
+        calls.clear()
+        assert torch.equal(core.mm_f32(a, b), exact) and calls == [torch.float32], "still the fast path"
+
+
+def test_out_dtype_product_unsupported_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from heads import core
+
+    monkeypatch.setattr(core, "_OUT_DTYPE_MM", {})
+    a, b = torch.randn(4, 3).bfloat16(), torch.randn(3, 5).bfloat16()
+    with pytest.warns(RuntimeWarning, match="does not run for torch.bfloat16 on cpu"):
+        got = core.mm_f32(a, b)  # this CPU build has no mm.dtype kernel
+    assert got.dtype == torch.float32 and torch.equal(got, a.float() @ b.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        core.mm_f32(a, b)  # said once
+
+
 @pytest.mark.parametrize("margin,kw", MARGINS)
 def test_low_precision_operands_on_the_cpu_no_worse_than_the_reference(margin: str, kw: dict) -> None:
     """The GPU's numerics emulated on the CPU (chunked with fp16 or bf16 operands, exact products,

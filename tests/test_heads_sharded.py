@@ -1,6 +1,7 @@
 """heads/sharded.py: the class-sharded head against the single-process MarginHead (float64) through
-torchrun on 1, 2 and 3 ranks (gloo, CPU), and on one process: the class ranges, the world-size
-independent initial centres and per-class state, Partial FC sampling and its sparse optimizer step."""
+torchrun on 1, 2 and 3 ranks (gloo, CPU), a sharded head's start equal to the replicated one's from
+the same seed, and on one process: the class ranges, the world-size independent initial centres and
+per-class state, Partial FC sampling and its sparse optimizer step."""
 
 from __future__ import annotations
 
@@ -41,15 +42,28 @@ def _torchrun(world: int, out: Path) -> list[dict]:
 SLOW = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory):
+    """The worker's results on `world` ranks, launched once per world size for this module's tests."""
+    done: dict[int, list[dict]] = {}
+
+    def results(world: int) -> list[dict]:
+        if world not in done:
+            done[world] = _torchrun(world, tmp_path_factory.mktemp(f"world{world}"))
+        return done[world]
+
+    return results
+
+
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=SLOW), pytest.param(3, marks=SLOW)])
-def test_sharded_equals_single_process_head(world: int, tmp_path: Path) -> None:
+def test_sharded_equals_single_process_head(world: int, launch) -> None:
     """Slow for 2 and 3 ranks: torchrun starts that many Python processes and a gloo rendezvous
     (~17 s and ~23 s on 2 cores); one launch checks every margin, the sampling and the SGD step.
 
     Tolerances: gradients 1e-12 relative. The loss 1e-9: the combined margin's acos amplifies the last
     bit of the fallback row's c_y = -1 (d acos/dc is unbounded there); the chunked MarginHead differs
     from the reference by the same 2e-10."""
-    ranks = _torchrun(world, tmp_path)
+    ranks = launch(world)
     for r, res in enumerate(ranks):
         for name, (d_loss, d_x, d_w) in res["margins"].items():
             assert d_loss < 1e-9 and d_x < 1e-12 and d_w < 1e-12, (world, r, name, d_loss, d_x, d_w)
@@ -64,6 +78,25 @@ def test_sharded_equals_single_process_head(world: int, tmp_path: Path) -> None:
         assert d_w < 1e-12 and d_mom < 1e-12 and all_classes, (world, rate, d_w, d_mom)
     if world > 1:  # the ranks drew different negatives
         assert ranks[0]["sampled"]["sampled"] != ranks[1]["sampled"]["sampled"]
+
+
+@pytest.mark.parametrize("world", [pytest.param(2, marks=SLOW), pytest.param(3, marks=SLOW)])
+def test_sharded_head_starts_like_a_replicated_one_with_the_same_seed(world: int, launch) -> None:
+    """Slow: torchrun on 2 and 3 ranks (shared with the test above). The trainer's heads
+    (head_parallel.build_head) from one seed, with torch's global generator seeded per rank: each
+    rank's sharded rows are exactly the replicated head's rows of its classes, so the first loss on
+    the same global batch agrees (to fp32 round-off: the sharded log-sum-exp adds in another order);
+    another seed gives other centres."""
+    ranks = launch(world)
+    assert [res["start"]["rows"] for res in ranks] == [list(class_range(23, r, world)) for r in range(world)]
+    for r, res in enumerate(ranks):
+        start = res["start"]
+        assert start["same_rows"], (world, r, "the shard's centres are the replicated head's rows")
+        assert start["other_seed_differs"]
+        replicated, sharded = start["first_loss"]
+        assert sharded == pytest.approx(replicated, rel=1e-6), (world, r)
+    first = {res["start"]["first_loss"][0] for res in ranks}
+    assert len(first) == 1, "every rank's replicated head is the same, whatever its global seed"
 
 
 def test_class_ranges_cover_every_class_once_uneven() -> None:

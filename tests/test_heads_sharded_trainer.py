@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from heads.sharded import init_centres
+from models.model_file import load_embedding_model
 from tests._trainer_util import ROOT, env, metrics, tiny_overrides
-from trainer.checkpoint import load_embedding_model
 from trainer.main import main as train_main
 
 WORKER = ROOT / "tests" / "_heads_sharded_worker.py"
@@ -51,17 +51,22 @@ def test_shard_trains_like_replicate(tmp_path: Path) -> None:
     each, clipping at 0.5 (the whole model's norm, the head's summed over its shards): the backbone
     and the per-class head (weights, momentum) of the sharded run equal the replicated run's to 1e-4
     of their scale (fp32 round-off; over tens of steps the two drift apart chaotically, so the run
-    is short)."""
-    last = {}
+    is short). The logged loss and batch accuracy are the global batch's in both modes (the
+    replicated run averages its ranks' figures), so the two logs agree."""
+    last, logged = {}, {}
     for mode in ("replicate", "shard"):
         run = tmp_path / mode
         err = _ok(_train(2, run, {"faults": {"dump_params": True}}, 4, **{
             "head.parallel": mode, "optim.accumulate": 2, "optim.clip_grad_norm": 0.5,
             "checkpoint.every_steps": 4}))
         last[mode] = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        logged[mode] = [(r["loss"], r["batch_acc"]) for r in metrics(run) if "loss" in r]
         assert f"head: {mode}, {11 if mode == 'replicate' else 6} of 11 classes on this rank" in err
         assert " per step (" in err and "optimizer state " in err
     rep, sh = last["replicate"], last["shard"]
+    assert len(logged["shard"]) == len(logged["replicate"]) >= 2
+    for (loss_s, acc_s), (loss_r, acc_r) in zip(logged["shard"], logged["replicate"]):
+        assert loss_s == pytest.approx(loss_r, rel=1e-4) and acc_s == pytest.approx(acc_r, abs=1e-6)
     model, spec = load_embedding_model(tmp_path / "shard" / "checkpoints" / "last.pt")  # what eval/ reads
     assert spec["backbone"] == "tiny" and model(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
     for key, value in rep["backbone_state"].items():

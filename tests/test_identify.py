@@ -21,10 +21,10 @@ from eval.gallery import (
     rank_k_accuracy,
 )
 from eval.identify import main
+from models.backbones import build_backbone
+from models.model_file import save_embedding_checkpoint
 from preprocess.detect import detect_faces
 from tests._long import long_real_lfw
-from trainer.backbones import build_backbone
-from trainer.checkpoint import save_embedding_checkpoint
 
 LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
 REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"

@@ -13,9 +13,9 @@ import torch
 
 from common.cli import UserError, run_cli
 from eval.ijb import evaluate_ijb, main, read_ijb, template_features
+from models.backbones import build_backbone
+from models.model_file import save_embedding_checkpoint
 from preprocess.align import similarity_transform, template
-from trainer.backbones import build_backbone
-from trainer.checkpoint import save_embedding_checkpoint
 
 SIZE = (112, 112)
 # Subject colours (RGB pixels). S3 is close to S0: the one hard impostor pair.

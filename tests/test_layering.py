@@ -2,12 +2,11 @@
 
 Bottom to top: `common` (command plumbing and file writes, imports nothing of the project),
 `shards` and `heads` (neither imports the other; heads imports nothing of the project, not even
-`common`: it is a standalone library), `preprocess`, `trainer`, `eval`, `bench`. A module may
-import its own package and the packages below it, at module level or inside a function alike.
-The one exception is a command module that is a composition root: `trainer/main.py` builds the
-evaluators the training run validates with, so it may import `eval` (nothing imports it back).
-Inside a package, imports form no cycle, counting function-level imports (so no cycle is hidden by
-importing late).
+`common`: it is a standalone library), `preprocess` and `models` (backbones, the model file, the
+one model loader; neither imports the other), `eval`, `trainer` (it validates with eval's
+verification), `bench`. A module may import its own package and the packages below it, at module
+level or inside a function alike; there is no exception. Inside a package, imports form no cycle,
+counting function-level imports (so no cycle is hidden by importing late).
 """
 
 from __future__ import annotations
@@ -16,11 +15,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RANK = {"common": -1, "shards": 0, "heads": 0, "preprocess": 1, "trainer": 2, "eval": 3, "bench": 4}
+RANK = {"common": -1, "shards": 0, "heads": 0, "preprocess": 1, "models": 1, "eval": 2, "trainer": 3,
+        "bench": 4}
 # packages that import nothing else of the project
 STANDALONE = {"heads", "common"}
-# composition roots: module -> packages above its own that it may import as well
-COMMAND_MODULES = {"trainer.main": {"eval"}}
 
 
 def module_name(path: Path) -> str:
@@ -83,8 +81,6 @@ def violations(module: str, targets: list[str]) -> list[str]:
             continue
         if RANK[pkg] < RANK[src_pkg] and src_pkg not in STANDALONE:
             continue
-        if pkg in COMMAND_MODULES.get(module, ()):
-            continue
         bad.append(target)
     return bad
 
@@ -116,14 +112,15 @@ def test_every_import_respects_the_layers():
 
 def test_the_checker_sees_imports_and_catches_a_violation():
     graph = import_graph()
-    assert "trainer.checkpoint" in graph["eval.embed"]  # a function-level import, seen
-    assert "eval.validation" in graph["trainer.main"]  # the composition root's one allowance
-    src = "import torch\ndef f():\n    from eval.verification import kfold\n"
-    names = [n for n, _, _ in imports_of(src, "trainer.engine")]
-    assert violations("trainer.engine", names) == ["eval.verification.kfold", "eval.verification"]
+    assert "shards.loader" in graph["eval.embed"]  # a function-level import, seen
+    assert "eval.validation" in graph["trainer.main"]  # trainer sits above eval
+    src = "import torch\ndef f():\n    from trainer.checkpoint import load_checkpoint\n"
+    names = [n for n, _, _ in imports_of(src, "eval.lfw")]
+    assert violations("eval.lfw", names) == ["trainer.checkpoint.load_checkpoint", "trainer.checkpoint"]
+    assert violations("models.load", ["preprocess.align"]) == ["preprocess.align"]  # the same layer
     assert violations("heads.core", ["common.cli"]) == ["common.cli"]
     assert violations("shards.loader", ["heads"]) == ["heads"]
-    assert violations("eval.lfw", ["trainer.checkpoint", "shards.manifest"]) == []
+    assert violations("eval.lfw", ["models.load", "shards.manifest"]) == []
 
 
 def _cycles(graph: dict[str, dict[str, set[str]]], kinds: set[str]) -> list[str]:
@@ -164,3 +161,12 @@ def test_no_annotation_only_import_closes_a_cycle():
     """Not even through `if TYPE_CHECKING:` (trainer.hooks once named the engine's Trainer so)."""
     cycles = _cycles(import_graph(), {"module", "function", "typing"})
     assert not cycles, "; ".join(cycles)
+
+
+def test_models_imports_only_common():
+    """models/ sits beside preprocess/ with nothing of the project under it but common/ (so eval/,
+    the trainer and export read models with torch/onnxruntime and nothing else)."""
+    graph = import_graph()
+    bad = [f"{mod} imports {target}" for mod, edges in graph.items() if mod.split(".")[0] == "models"
+           for target in edges if target.split(".")[0] not in ("models", "common")]
+    assert not bad, "\n".join(bad)

@@ -13,8 +13,8 @@ import torch
 
 from eval import export_onnx
 from eval.lfw import main as lfw_main
+from models.model_file import load_embedding_model
 from tests._eval_util import build_lfw_shards, make_checkpoint, one_line_error
-from trainer.checkpoint import load_embedding_model
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 
 from eval.lfw import main
 from eval.verification import NonFiniteEmbeddings, check_finite, pair_scores
+from models.model_file import save_embedding_checkpoint
 from tests._eval_util import build_lfw_shards, make_checkpoint, one_line_error
-from trainer.checkpoint import save_embedding_checkpoint
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -315,7 +315,7 @@ def test_calibration_raw_pixels_and_untrained_net(tmp_path: Path) -> None:
     import torch
 
     from eval.verification import verification_metrics
-    from trainer.backbones import build_backbone
+    from models.backbones import build_backbone
 
     argv = [
         "--out",

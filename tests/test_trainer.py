@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from common.cli import UserError
+from models.backbones import build_backbone
+from models.model_file import load_embedding_model
 from tests._trainer_faults import FaultHooks
 from tests._trainer_util import metrics, run_main, tiny_overrides
-from trainer.backbones import build_backbone
-from trainer.checkpoint import load_checkpoint, load_embedding_model
+from trainer.checkpoint import load_checkpoint
 from trainer.config import ScheduleConfig, load_config
 from trainer.engine import train
 from trainer.main import main

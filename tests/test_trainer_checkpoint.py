@@ -1,4 +1,4 @@
-"""Checkpoint files: contract layout, weights_only loading, atomic writes, rotation, resume choice."""
+"""Training checkpoints: RNG state, rotation, resume choice (the model part: tests/test_models.py)."""
 
 from __future__ import annotations
 
@@ -9,50 +9,9 @@ import pytest
 import torch
 
 from common.cli import UserError
-from trainer.backbones import build_backbone
-from trainer.checkpoint import (
-    CheckpointDir,
-    capture_rng,
-    load_checkpoint,
-    load_embedding_model,
-    restore_rng,
-    save_embedding_checkpoint,
-)
+from trainer.checkpoint import CheckpointDir, capture_rng, load_checkpoint, restore_rng
 
 SPEC = {"backbone": "tiny", "embedding_size": 16, "image_size": [32, 32], "kwargs": {"width": 8}}
-
-
-def _model():
-    return build_backbone("tiny", 16, (32, 32), width=8)
-
-
-def test_embedding_checkpoint_round_trip(tmp_path):
-    model = _model()
-    path = tmp_path / "m.pt"
-    save_embedding_checkpoint(path, SPEC, model.state_dict(), step=7, rng=capture_rng())
-    rebuilt, spec = load_embedding_model(path)
-    assert spec == SPEC
-    assert not rebuilt.training
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(model.eval()(x), rebuilt(x))
-    raw = torch.load(path, weights_only=True)  # the contract: plain weights_only loading works
-    assert raw["format"] == "facetrain-checkpoint" and raw["version"] == 1 and raw["step"] == 7
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_bad_files_give_user_errors(tmp_path):
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="junk.pt"):
-        load_embedding_model(tmp_path / "junk.pt")
-    with pytest.raises(UserError, match="not found"):
-        load_embedding_model(tmp_path / "none.pt")
-    torch.save({"format": "other"}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="not a facetrain-checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
-    wrong = dict(SPEC, embedding_size=32)
-    save_embedding_checkpoint(tmp_path / "w.pt", wrong, _model().state_dict())
-    with pytest.raises(UserError, match="do not fit"):
-        load_embedding_model(tmp_path / "w.pt")
 
 
 def test_rng_state_round_trip():

@@ -13,10 +13,10 @@ import torch
 from common.cli import UserError
 from eval.lfw import main as lfw_main
 from eval.validation import LfwValidator
+from models.backbones import build_backbone
+from models.model_file import save_embedding_checkpoint
 from tests._loader_util import make_shards
 from tests._trainer_util import metrics, pair_shards, tiny_overrides
-from trainer.backbones import build_backbone
-from trainer.checkpoint import save_embedding_checkpoint
 from trainer.main import main as train_main
 
 

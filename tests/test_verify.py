@@ -19,11 +19,11 @@ from eval.import_bin import main as import_main
 from eval.lfw import main as lfw_main
 from eval.pairs import read_jpeg, shard_jpegs
 from eval.pairsets import split_folds
+from models.backbones import build_backbone
+from models.model_file import save_embedding_checkpoint
 from shards.format import FORMAT_NAME, FORMAT_VERSION, sample_key, scaled_template
 from shards.manifest import Pair, load_manifest, write_manifest
 from shards.writer import ShardWriter
-from trainer.backbones import build_backbone
-from trainer.checkpoint import save_embedding_checkpoint
 
 SIZE = (112, 96)
 NAMES = [f"Person_{c}" for c in "ABCDEFGHIJ"]  # 10 identities x 3 images

@@ -1,4 +1,7 @@
-"""Checkpoints: the dict layout of docs/CONTRACTS.md, atomic writes, rotation and auto-resume.
+"""Training checkpoints: the resume state (RNG, optimizer, head, loader position), rotation and auto-resume.
+
+The model part of the dict (header, spec, weights), its atomic write and its checked load live in
+models/model_file.py; this module adds what only a training run reads back.
 
 Files in `<run>/checkpoints/`: `step-XXXXXXXX.pt` (the last K kept), `last.pt` (the newest),
 `best.pt` (best validation accuracy), `untrained.pt` (before the first step, when asked),
@@ -15,111 +18,20 @@ import os
 import random
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from common.cli import UserError
-from common.fileio import atomic_write, fsync_dir
-from trainer.backbones import build_backbone
+from common.fileio import fsync_dir
+from models.model_file import WrittenFn, atomic_save, checkpoint_dict, load_checkpoint, model_spec
 
-FORMAT = "facetrain-checkpoint"
-VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
-
-# Called with the open temp file after the checkpoint is written into it, before fsync and rename
-# (the crash tests hold a half-written file there; see trainer/hooks.py).
-WrittenFn = Callable[[IO[bytes]], None]
-
-
-def atomic_save(obj: Any, path: Path | str, on_written: WrittenFn | None = None) -> None:
-    """torch.save through `common.fileio.atomic_write`: `path.tmp`, fsync, rename."""
-    with atomic_write(path, "wb", what="checkpoint") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as err:
-            # A failed write (disk full) surfaces from torch's zip writer as a RuntimeError chained
-            # to the OSError: hand atomic_write the OSError, which it turns into one line.
-            cause = err.__cause__ or err.__context__
-            if isinstance(cause, OSError):
-                raise cause from None
-            raise
-        if on_written is not None:
-            on_written(f)
-
-
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint file not found") from None
-    except Exception as err:  # truncated zip, pickle refused by weights_only, not a torch file ...
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{path}: not a {FORMAT} file")
-    if ckpt.get("version") != VERSION:
-        raise UserError(f"{path}: checkpoint version {ckpt.get('version')!r}, this tool reads {VERSION}")
-    return ckpt
-
-
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    """The whole checkpoint dict (CPU tensors), loaded with weights_only=True and checked."""
-    return _load(Path(path))
-
-
-def model_spec(backbone_spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The checkpoint's "model" entry: what `load_embedding_model` rebuilds the backbone from."""
-    return {
-        "backbone": str(backbone_spec["backbone"]),
-        "embedding_size": int(backbone_spec["embedding_size"]),
-        "image_size": [int(v) for v in backbone_spec.get("image_size", (112, 112))],
-        "kwargs": dict(backbone_spec.get("kwargs", {})),
-    }
-
-
-def checkpoint_dict(backbone_spec: Mapping[str, Any], backbone_state: Mapping[str, torch.Tensor],
-                    **extra: Any) -> dict[str, Any]:
-    """The one place a checkpoint dict is laid out (docs/CONTRACTS.md): header, model, weights, extra."""
-    ckpt = {"format": FORMAT, "version": VERSION, "model": model_spec(backbone_spec),
-            "backbone_state": {k: v.detach().cpu() for k, v in backbone_state.items()}}
-    ckpt.update(extra)
-    return ckpt
-
-
-def save_embedding_checkpoint(
-    path: Path | str, backbone_spec: dict, backbone_state: dict, **extra: Any
-) -> None:
-    """Write a checkpoint that `load_embedding_model` can rebuild; `extra` adds the training state keys."""
-    atomic_save(checkpoint_dict(backbone_spec, backbone_state, **extra), path)
-
-
-def load_embedding_model(
-    path: Path | str, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict]:
-    """Rebuild the backbone a checkpoint describes, load its weights, eval mode."""
-    path = Path(path)
-    ckpt = _load(path)
-    spec = ckpt.get("model")
-    if not isinstance(spec, dict) or "backbone" not in spec or "backbone_state" not in ckpt:
-        raise UserError(f"{path}: checkpoint has no embedding model ('model' / 'backbone_state' missing)")
-    try:
-        model = build_backbone(spec["backbone"], spec["embedding_size"], tuple(spec["image_size"]),
-                               **spec.get("kwargs", {}))
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path}: cannot rebuild backbone {spec.get('backbone')!r} ({err})") from None
-    try:
-        model.load_state_dict(ckpt["backbone_state"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "mismatch"
-        raise UserError(f"{path}: weights do not fit backbone {spec['backbone']!r} ({first})") from None
-    model.to(map_location).eval()
-    return model, spec
 
 
 # --- RNG state in weights_only-loadable form (tensors, ints, lists only) --------------------------
@@ -335,7 +247,7 @@ class CheckpointDir:
             if not path.is_file():
                 continue
             try:
-                ckpt = _load(path)
+                ckpt = load_checkpoint(path)
             except UserError as err:
                 print(f"warning: skipping {err}", file=sys.stderr)
                 continue

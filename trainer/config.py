@@ -86,7 +86,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = setting("tiny", "a name of trainer.backbones.available_backbones()")
+    backbone: str = setting("tiny", "a name of models.backbones.available_backbones()")
     embedding_size: int = setting(128, "embedding dimension", range=Range(1, 8192))
     kwargs: dict[str, Any] = setting({}, "the backbone's own options (width, width_mult, depths, ...)")
     channels_last: bool = setting(True, "channels-last memory format (faster convolutions on GPUs)")
@@ -523,7 +523,7 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
     if cfg.data.source == "shards" and not cfg.data.train_shards:
         raise UserError(f"{src.where('data.train_shards')}: 'data.train_shards' is not set "
                         "(a shard folder from build_shards.py)")
-    from trainer.backbones import available_backbones
+    from models.backbones import available_backbones
 
     if cfg.model.backbone not in available_backbones():
         raise UserError(f"{src.where('model.backbone')}: 'model.backbone' {cfg.model.backbone!r} is not "

@@ -100,6 +100,15 @@ def all_true(flag: bool, info: DistInfo) -> bool:
     return t.item() == 0.0
 
 
+def mean_over_ranks(values: list[float], info: DistInfo) -> list[float]:
+    """The mean of each value over the ranks (float64), the same list on every rank."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return (t / info.world_size).tolist()
+
+
 def broadcast_float(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value

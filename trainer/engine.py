@@ -26,10 +26,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.cli import UserError
+from models.backbones import build_backbone
 from shards.manifest import load_manifest
 from trainer import distributed as dist_util
 from trainer import head_parallel
-from trainer.backbones import build_backbone
 from trainer.checkpoint import (
     CheckpointDir,
     TrainState,
@@ -396,11 +396,15 @@ class Trainer:
         """One metrics.jsonl record for the steps since the last one; the window starts afresh."""
         st, w = self.state, self.throughput.window
         acc = self.parts.head.last_accuracy
+        # Each rank's loss and accuracy cover its own rows with a replicated head (the global batch's
+        # with a sharded one): log their mean over the ranks, so both modes log the same figure.
+        loss, acc = dist_util.mean_over_ranks(
+            [w.loss / w.n if w.n else float("nan"), float("nan") if acc is None else float(acc)], self.info)
         images_per_s, data_wait = w.rates()
         record = {
             "step": st.step,
             "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.parts.loader.batches_per_epoch), 4),
-            "loss": w.loss / w.n if w.n else None, "batch_acc": None if acc is None else float(acc), "lr": lr,
+            "loss": None if loss != loss else loss, "batch_acc": None if acc != acc else acc, "lr": lr,
             "images_per_s": images_per_s, "data_wait": data_wait,
             "skipped_total": st.skipped_total, "eta_s": round(self.log.eta_s(st.step), 1),
         }

@@ -13,6 +13,7 @@ optimizer state, for both modes) and the start-up line of memory and traffic fig
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +26,6 @@ from heads.sharded import (
     ShardedMarginHead,
     gather_class_state,
     head_bytes,
-    init_centres,
     load_class_state,
     sampled_rows,
     step_traffic,
@@ -41,21 +41,22 @@ def resolve_parallel(parallel: str, world: int) -> str:
 
 def build_head(parallel: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any], sample_rate: float,
                seed: int) -> nn.Module:
+    """The head for `parallel`; its initial centres depend on `seed` alone (heads.margin_head.init_centres),
+    so replicated, sharded on any number of ranks or on one process, a run starts from the same head."""
     if parallel == "replicate":
         if sample_rate < 1.0:
             raise UserError(f"head.sample_rate={sample_rate}: Partial FC needs head.parallel=shard "
                             "(it samples each rank's own classes)")
-        head = MarginHead(num_classes, embed_dim, **kwargs)
-        with torch.no_grad():  # the same initial centres as a sharded head of any world size
-            head.weight.copy_(init_centres(num_classes, embed_dim, 0, num_classes, seed))
-        return head
-    if kwargs.get("impl") == "reference":
+        build = MarginHead
+    elif kwargs.get("impl") == "reference":
         raise UserError("head.impl=reference holds the B x C logits: use chunked, fused or auto with "
                         "head.parallel=shard, or head.parallel=replicate")
+    else:
+        build = partial(ShardedMarginHead, sample_rate=sample_rate)
     try:
-        return ShardedMarginHead(num_classes, embed_dim, sample_rate=sample_rate, seed=seed, **kwargs)
+        return build(num_classes, embed_dim, seed=seed, **kwargs)
     except ValueError as err:
-        raise UserError(f"head.parallel=shard: {err}") from None
+        raise UserError(f"head.parallel={parallel}: {err}") from None
 
 
 class _ScaleGrad(torch.autograd.Function):

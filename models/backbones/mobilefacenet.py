@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.backbones.common import (
+from models.backbones.common import (
     GDCEmbedding,
     SqueezeExcite,
     check_positive,
@@ -18,7 +18,7 @@ from trainer.backbones.common import (
     downsampled,
     init_weights,
 )
-from trainer.backbones.registry import register
+from models.backbones.registry import register
 
 
 class Bottleneck(nn.Module):

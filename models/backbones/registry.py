@@ -1,4 +1,4 @@
-"""The name -> constructor table behind `trainer.backbones.build_backbone`."""
+"""The name -> constructor table behind `models.backbones.build_backbone`."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.backbones.common import GDCEmbedding, check_positive, conv_bn, downsampled, init_weights
-from trainer.backbones.registry import register
+from models.backbones.common import GDCEmbedding, check_positive, conv_bn, downsampled, init_weights
+from models.backbones.registry import register
 
 
 def _dw_sep(cin: int, cout: int, stride: int) -> nn.Sequential:

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from trainer.backbones.common import downsampled, init_weights
-from trainer.backbones.registry import register
+from models.backbones.common import downsampled, init_weights
+from models.backbones.registry import register
 
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 

@@ -1,0 +1,101 @@
+"""The single-process margin head (`MarginHead`), what the sharded head shares with it (`HeadBase`),
+and the seeded initial class centres both start from (`init_centres`). The API is in heads/__init__.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heads.core import Engine, head_rows
+from heads.margins import Margin
+from heads.options import HeadOptions
+from heads.reference import focal, reference_forward
+
+INIT_BLOCK = 1 << 16  # classes per seeded block of the initial centres (any world size draws the same)
+
+
+def init_centres(num_classes: int, embed_dim: int, start: int, end: int, seed: int = 0) -> Tensor:
+    """Rows [start, end) of the N(0, 0.01^2) initial centres: a function of (seed, class) only.
+
+    Each block of INIT_BLOCK classes has its own seeded generator, so a process draws just the blocks
+    that overlap its rows (O(end - start) work) and any split of the classes over ranks gives the
+    rows a single process would hold."""
+    out = torch.empty(end - start, embed_dim)
+    for b in range(start // INIT_BLOCK, math.ceil(end / INIT_BLOCK)):
+        b0, b1 = b * INIT_BLOCK, min(num_classes, (b + 1) * INIT_BLOCK)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        block = torch.randn(b1 - b0, embed_dim, generator=g) * 0.01
+        lo, hi = max(b0, start), min(b1, end)
+        out[lo - start:hi - start] = block[lo - b0:hi - b0]
+    return out
+
+
+class HeadBase(nn.Module):
+    """A head's options (validated once by HeadOptions), its margin, training step, engines and
+    last accuracy; `weight` holds classes [class_start, class_end) of num_classes, drawn from `seed`."""
+
+    def __init__(self, num_classes: int, embed_dim: int, options: HeadOptions, seed: int,
+                 class_start: int, class_end: int) -> None:
+        super().__init__()
+        self.options = options
+        self.margin: Margin = options.build_margin()
+        self.s, self.t, self.gamma_focal = options.scale, float(options.t), float(options.gamma_focal)
+        self.impl, self.block = options.impl, options.block
+        self.num_classes, self.seed = int(num_classes), int(seed)
+        self.class_start, self.class_end = class_start, class_end
+        self.weight = nn.Parameter(init_centres(num_classes, embed_dim, class_start, class_end, seed))
+        self.step = 0
+        self.last_accuracy: Tensor | None = None
+        self._engines: dict[str, Engine] = {}  # built once per implementation, on first use
+
+    def set_step(self, step: int) -> None:
+        """The training step, for margins that anneal with it (SphereFace)."""
+        self.step = int(step)
+
+    def resolved_impl(self, device: torch.device) -> str:
+        return self.options.resolved_impl(device)
+
+    def engine(self, impl: str) -> Engine:
+        """The chunked or fused engine, made on first use and kept (the fused one records its kernels)."""
+        if impl not in self._engines:
+            self._engines[impl] = self.options.make_engine(impl)
+        return self._engines[impl]
+
+    def _finish(self, loss: Tensor, acc: Tensor, return_accuracy: bool):
+        self.last_accuracy = acc.detach()
+        return (loss, self.last_accuracy) if return_accuracy else loss
+
+
+class MarginHead(HeadBase):
+    """The whole head on one process (the API is in heads/__init__.py's docstring)."""
+
+    def __init__(self, num_classes: int, embed_dim: int, margin: str = "cosface", *, seed: int = 0,
+                 **options) -> None:
+        super().__init__(num_classes, embed_dim, HeadOptions.from_kwargs(margin=margin, **options), seed,
+                         0, num_classes)
+
+    @torch.compiler.disable
+    def forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False):
+        # the head computes in fp32 even inside the trainer's bf16/fp16 autocast region
+        with torch.autocast(embeddings.device.type, enabled=False):
+            loss, acc = self._loss(embeddings, labels.long())
+        return self._finish(loss, acc, return_accuracy)
+
+    def _loss(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        impl = self.resolved_impl(embeddings.device)
+        if impl == "reference":
+            return reference_forward(embeddings, self.weight, labels, self.margin, self.s, self.t,
+                                     self.gamma_focal, self.step)
+        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        xn = F.normalize(embeddings.to(dtype), dim=1)
+        rows, correct = head_rows(xn, self.weight, labels, self.margin, self.step, self.s, self.t,
+                                  self.engine(impl))
+        return focal(rows, self.gamma_focal).mean(), correct.mean()
+
+    def extra_repr(self) -> str:
+        C, D = self.weight.shape
+        return (f"classes={C}, dim={D}, margin={self.margin.name}, s={self.s}, t={self.t}, "
+                f"impl={self.impl}, focal={self.gamma_focal}")
