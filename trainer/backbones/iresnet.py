@@ -8,8 +8,9 @@ then BN, dropout, flatten, a fully connected layer and BN to the embedding.
 
 Scaling kwargs (config `model.kwargs`): `width_mult` multiplies every stage's channels (stage i has
 round(width * width_mult) * 2**i, at least 8), `depths` gives the blocks per stage (four
-positive integers) in place of the named depth's, `stem_stride` (1 or 2) the stem's stride. `ir_small` is IR-18 at a quarter of the width:
-~1.0 M parameters at a 128-d embedding, trainable on a 2-core CPU.
+positive integers) in place of the named depth's, `stem_stride` (1 or 2) is the stem's stride.
+`ir_small` is IR-18 at a quarter of the width: ~1.0 M parameters at a 128-d embedding, trainable
+on a 2-core CPU.
 """
 
 from __future__ import annotations

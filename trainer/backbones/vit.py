@@ -10,8 +10,9 @@ BN to `width`, a linear layer and BN to the embedding.
 Training-only regularizers, both off in eval: drop path (per-sample dropping of a block's
 residual branch, rate rising linearly with depth to `drop_path`) and patch masking: a random
 `mask_ratio` of the tokens is left out of the blocks (cheaper steps too) and a learned mask token
-stands in for them before the flattening head. `checkpointing=True` recomputes each block in the
-backward pass (activation checkpointing) to train the large variants with less memory.
+(a parameter only when mask_ratio > 0) stands in for them before the flattening head.
+`checkpointing=True` recomputes each block in the backward pass (activation checkpointing) to
+train the large variants with less memory.
 
 Scaling kwargs (config `model.kwargs`): width, depth, heads, mlp_ratio, patch, drop_path,
 mask_ratio, checkpointing. The registered sizes and their defaults are in VARIANTS.
@@ -118,13 +119,16 @@ class FaceViT(nn.Module):
         if min(grid) < 1:
             raise ValueError(f"patch {patch} is larger than the image {list(image_size)}")
         self.tokens = grid[0] * grid[1]
+        if int(self.tokens * (1 - mask_ratio)) < 1:
+            raise ValueError(f"mask_ratio {mask_ratio} masks all {self.tokens} tokens")
         self.mask_ratio, self.checkpointing = float(mask_ratio), bool(checkpointing)
         self.patch_embed = PatchEmbed(patch, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.tokens, width))
-        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth: deeper, dropped more
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # deeper blocks dropped more
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, rate) for rate in rates)
         self.norm = nn.LayerNorm(width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        # Only with masking: a parameter without a gradient would stop DDP (find_unused_parameters off).
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if mask_ratio > 0 else None
         self.feature = nn.Sequential(
             nn.Linear(width * self.tokens, width, bias=False),
             nn.BatchNorm1d(width, eps=BN_EPS),
@@ -135,7 +139,8 @@ class FaceViT(nn.Module):
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -153,7 +158,7 @@ class FaceViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed
-        masking = self.training and self.mask_ratio > 0
+        masking = self.training and self.mask_token is not None
         if masking:
             keep = self._kept_tokens(x.shape[0], x.device)[..., None].expand(-1, -1, x.shape[2])
             x = x.gather(1, keep)
