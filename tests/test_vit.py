@@ -111,6 +111,17 @@ def test_bf16_autocast_and_bad_shapes():
             build_backbone("vit_t", 16, (32, 32), **{**SMALL, **bad})
 
 
+def test_exports_to_onnx_with_a_dynamic_batch(tmp_path):
+    from eval.export_onnx import export, max_abs_diff
+
+    options = {**SMALL, "mask_ratio": 0.25, "drop_path": 0.1}  # eval: neither is in the graph
+    model = build_backbone("vit_t", 16, (32, 32), **options).eval()
+    export(model, {"backbone": "vit_t", "embedding_size": 16, "image_size": [32, 32], "kwargs": options},
+           tmp_path / "vit.onnx")
+    worst, scale = max_abs_diff(model, tmp_path / "vit.onnx", (32, 32), [1, 3])
+    assert worst < 1e-4 * max(scale, 1.0), (worst, scale)
+
+
 def test_no_weight_decay_on_position_embedding_and_mask_token():
     model = build_backbone("vit_t", 16, (32, 32), **SMALL, mask_ratio=0.25)
     decayed, undecayed = param_groups(model, 0.1)
