@@ -5,7 +5,9 @@ so its weights can be imported later: a 9x9 stride-9 patch embedding (112x112 ->
 the last 4 rows and columns are not seen), a learned position embedding, pre-norm blocks
 (LayerNorm, multi-head self-attention without qkv bias, an MLP of ratio 4 with ReLU6) with
 stochastic depth, a final LayerNorm, then no CLS token: all tokens flattened, a linear layer and
-BN to `width`, a linear layer and BN to the embedding.
+BN to `width`, a linear layer and BN to the embedding. Attention is
+`scaled_dot_product_attention`, whose kernels keep the softmax in fp32 under bf16 autocast (the
+reference computes it in fp32 by hand for the same reason).
 
 Training-only regularizers, both off in eval: drop path (per-sample dropping of a block's
 residual branch, rate rising linearly with depth to `drop_path`) and patch masking: a random
