@@ -9,7 +9,7 @@ and returns (N, embedding_size) embeddings, not normalized. Modules register the
 from __future__ import annotations
 
 # Importing the modules fills the registry.
-from models.backbones import iresnet, mobilefacenet, tiny  # noqa: F401
+from models.backbones import iresnet, mobilefacenet, tiny, vit  # noqa: F401
 from models.backbones.registry import available_backbones, build_backbone, register
 
 __all__ = ["available_backbones", "build_backbone", "register"]
