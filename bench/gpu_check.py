@@ -74,7 +74,7 @@ class Sizes:
             "head_tests": 100,
             "head_bench": 60,  # at the first (largest) size; 35 at each other
             "head_bench_more": 35,
-            "kernels": 60,
+            "kernels": 90,  # 16 variants: 2 kernels x 4 configs x 2 modes
             "data": 90,
             "train": 70,
             "loader_dali": 40,
@@ -105,7 +105,7 @@ SMOKE = Sizes(
         "head_tests": 15,
         "head_bench": 20,
         "head_bench_more": 20,
-        "kernels": 20,
+        "kernels": 30,
         "data": 30,
         "train": 40,
         "loader_dali": 20,

@@ -242,20 +242,21 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     return Work((grid,), launches, products * 2.0 * s.B * s.C * s.D, streams, args, elems=elems, tile=tile)
 
 
-def normalize(s: Shape, op: str) -> Work:
+def normalize(s: Shape, op: str, arch: Arch) -> Work:
     """FusedEngine._normalize, once per weight version (once per training step): `_normalize_kernel`
-    (a plain Triton kernel, no MMA, one config: 32 rows a program) reads each fp32 row block twice
-    (the norms, then Wn = W r: the second pass from L2) and writes Wn (operand dtype) and r."""
-    block = 32 * s.D * 4
+    (a plain Triton kernel, no MMA, BR=32 rows a program, 4 warps) reads each fp32 row block twice
+    (the norms, then Wn = W r: the second pass from L2 while the resident programs' blocks fit) and
+    writes Wn (operand dtype) and r. Assumed: as many programs resident as the warp limit allows."""
+    resident = arch.sms * arch.max_warps_per_sm // 4
     streams = [
-        Stream("W (fp32)", s.C * s.D * 4, reads=2, live=_NORMALIZE_RESIDENT * block),
+        Stream("W (fp32)", s.C * s.D * 4, reads=2, live=resident * 32 * s.D * 4),
         Stream("Wn", s.C * s.D * BYTES[op], write=True),
         Stream("RW", s.C * 4, write=True),
     ]
     return Work((_cdiv(s.C, 32),), 1, 0.0, streams)
 
 
-def dx_product(s: Shape, op: str) -> Work:
+def dx_product(s: Shape, op: str, arch: Arch) -> Work:
     """FusedEngine.backward's `mm_f32(G, Wn[c0:c0+ck], out=dx)` per chunk: cuBLAS reads G and the Wn
     chunk (both just read by _bwd_kernel: from L2 as far as the two fit) into an fp32 product, then
     adds it into dX (two launches per chunk)."""
@@ -272,11 +273,10 @@ def dx_product(s: Shape, op: str) -> Work:
 
 _OPK = {"fp32": 0, "bf16": 1, "fp16": 2}
 _LOG2E = 1.0 / math.log(2.0)
-_NORMALIZE_RESIDENT = 132 * 16  # programs of 4 warps resident on an H200: 16 per SM (warp limit)
 # kernel name -> its description; the step's Triton kernels in launch order
 WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "bwd": bwd}
 # the step's work outside the autotuned kernels, in launch order
-LIBRARY: dict[str, Callable[[Shape, str], Work]] = {"normalize (Triton, W -> Wn, r)": normalize,
+LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {"normalize (Triton, W -> Wn, r)": normalize,
                                                     "dx (cuBLAS G @ Wn + add)": dx_product}
 
 

@@ -289,7 +289,7 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
     first = {n: next(v for v in mine if v.kernel == n and v.first) for n in names}
     best = {n: min((v for v in mine if v.kernel == n and v.blocks_per_sm), key=lambda v: v.predicted_ms,
                    default=first[n]) for n in names}
-    lib = {n: predict(f(shape, dtype), arch) for n, f in LIBRARY.items()}
+    lib = {n: predict(f(shape, dtype, arch), arch) for n, f in LIBRARY.items()}
     floor_ms = floor_seconds(shape, arch) * 1e3
     lines = [f"step model, {arch.name} ({arch.gpu}), {dtype}, cosines {MODES[shape.save_logits]}, "
              f"B={shape.B} D={shape.D} C={shape.C:,}:", "",

@@ -164,7 +164,7 @@ def test_descriptions_follow_the_launch_structure():
     assert stream(d, "G (phase 2)").reads == 512 // 64  # once per D slab
     assert ds.args["SAVED"] and ds.args["Z"].shape == (512, 1_000_000)
     # the W -> Wn pass reads the fp32 master and writes the 16-bit copy
-    norm = LIBRARY["normalize (Triton, W -> Wn, r)"](s, "bf16")
+    norm = LIBRARY["normalize (Triton, W -> Wn, r)"](s, "bf16", arch)
     assert stream(norm, "Wn").write and stream(norm, "W (fp32)").bytes == 1_000_000 * 512 * 4
 
 
