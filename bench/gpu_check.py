@@ -74,7 +74,7 @@ class Sizes:
             "head_tests": 100,
             "head_bench": 60,  # at the first (largest) size; 35 at each other
             "head_bench_more": 35,
-            "kernels": 60,
+            "kernels": 90,  # 16 variants: 2 kernels x 4 configs x 2 modes
             "data": 90,
             "train": 70,
             "loader_dali": 40,
@@ -105,7 +105,7 @@ SMOKE = Sizes(
         "head_tests": 15,
         "head_bench": 20,
         "head_bench_more": 20,
-        "kernels": 20,
+        "kernels": 30,
         "data": 30,
         "train": 40,
         "loader_dali": 20,
@@ -509,8 +509,9 @@ def stage_kernels(check: Check) -> Stage:
     if not stage.ok:
         return stage
     r = last_json(out)
-    stage.figures = {f"{k}_{s['arch']}_{s['dtype']}": s[k] for s in r["steps"]
-                     for k in ("first_ms", "measured_first_ms", "floor_ms") if k in s}
+    # one step summary per arch, dtype and mode (the backward recomputing the cosines, or saved ones)
+    stage.figures = {f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}": s[k]
+                     for s in r["steps"] for k in ("first_ms", "measured_first_ms", "floor_ms") if k in s}
     stage.figures["variants"] = json.loads((folder / "kernels.json").read_text())["variants"]
     return stage
 

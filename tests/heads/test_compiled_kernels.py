@@ -4,10 +4,12 @@ memory that fits an H100 block (227 KB) when built for sm_90 and an A100 block (
 and on sm_90 at least one wgmma left in flight across its wait (wait depth > 0).
 
 The reduced run: bf16 operands, each kernel's first config (the one deterministic mode launches, with
-no pruning; the tuner's first candidate), at B=512, D=512, C=1M, for sm_90 and sm_80 (~20 s on 2
-cores; the full table is `python -m bench.kernels`). Criteria the current kernels fail are strict
-xfails naming the measured defect: when a redesign fixes one the test turns red until its KNOWN entry
-goes. Also unit tests of the tool's own arithmetic: SASS loop spans, blocks per SM, the model."""
+no pruning; the tuner's first candidate), in both modes (the backward recomputing the cosines, and
+save_logits: the SAVE/SAVED constexprs compile different code), at B=512, D=512, C=1M, for sm_90 and
+sm_80 (~40 s on 2 cores; the full table is `python -m bench.kernels`). A criterion a kernel fails
+would be a strict xfail in KNOWN naming the measured defect (it turns red once fixed); the kernels
+of the redesign (_fwd, _bwd) meet all of them. Also unit tests of the tool's own arithmetic: SASS
+loop spans, blocks per SM, the model."""
 
 from __future__ import annotations
 
@@ -17,25 +19,21 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bench.kernel_model import ARCHS, HEADLINE, WORK, Buf, Config, Shape, Stream, Work, predict
+from bench.kernel_model import ARCHS, HEADLINE, LIBRARY, WORK, Buf, Config, Shape, Stream, Work, predict
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
 REPO = Path(__file__).resolve().parents[2]
-ISSUE = "issue 23: kernels being redesigned"
-# (kernel, arch, criterion) -> the defect measured with Triton 3.9 on these CPUs
-KNOWN = {
-    ("fwd", "sm_90", "no_spills"): "255 registers, 20 B spill stores / 24 B loads",
-    ("fwd", "sm_80", "no_spills"): "255 registers, 92 B spill stores / 92 B loads",
-    ("dlogit", "sm_90", "no_spills"): "255 registers, 296 B spill stores / 300 B loads",
-    ("dlogit", "sm_80", "no_spills"): "255 registers, 120 B spill stores / 120 B loads",
-    ("fwd", "sm_90", "wgmma_in_flight"): "the only wgmma wait is wait_group 0 (MMA loop fully drained)",
-    ("dlogit", "sm_90", "wgmma_in_flight"): "the only wgmma wait is wait_group 0 (MMA loop fully drained)",
-}
+ISSUE = "issue 23"
+MODES = {"recompute": False, "saved": True}
+# (kernel, mode, arch, criterion) -> the defect measured with Triton 3.9 on these CPUs; none today
+# (the old _fwd/_dlogit spilled and drained every wgmma: fixed by the redesign)
+KNOWN: dict[tuple[str, str, str, str], str] = {}
 
 
 def _has_cuobjdump() -> bool:
@@ -45,11 +43,12 @@ def _has_cuobjdump() -> bool:
 
 
 @functools.cache
-def _variant(kernel: str, arch: str):
+def _variant(kernel: str, mode: str, arch: str):
     from bench.kernels import inspect, kernels
 
     fn, configs = kernels()[kernel]
-    return inspect(kernel, fn, configs[0], True, "bf16", ARCHS[arch], HEADLINE)
+    shape = replace(HEADLINE, save_logits=MODES[mode])
+    return inspect(kernel, fn, configs[0], True, "bf16", ARCHS[arch], shape)
 
 
 def _criteria(kernel: str, arch: str):
@@ -62,17 +61,19 @@ def _criteria(kernel: str, arch: str):
 
 def _cases():
     for kernel in WORK:
-        for arch in ("sm_90", "sm_80"):
-            for crit in _criteria(kernel, arch):
-                why = KNOWN.get((kernel, arch, crit))
-                marks = [pytest.mark.xfail(strict=True, reason=f"{why}, {ISSUE}")] if why else []
-                yield pytest.param(kernel, arch, crit, marks=marks, id=f"{kernel}-{arch}-{crit}")
+        for mode in MODES:
+            for arch in ("sm_90", "sm_80"):
+                for crit in _criteria(kernel, arch):
+                    why = KNOWN.get((kernel, mode, arch, crit))
+                    marks = [pytest.mark.xfail(strict=True, reason=f"{why}, {ISSUE}")] if why else []
+                    yield pytest.param(kernel, mode, arch, crit, marks=marks,
+                                       id=f"{kernel}-{mode}-{arch}-{crit}")
 
 
 @pytest.mark.skipif(not _has_cuobjdump(), reason="triton's bundled cuobjdump is missing: no SASS to read")
-@pytest.mark.parametrize(("kernel", "arch", "criterion"), list(_cases()))
-def test_compiled_kernel_meets_issue_23(kernel, arch, criterion):
-    v = _variant(kernel, arch)
+@pytest.mark.parametrize(("kernel", "mode", "arch", "criterion"), list(_cases()))
+def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion):
+    v = _variant(kernel, mode, arch)
     if criterion == "tensor_cores_16bit":
         assert v.mma_16bit, f"{kernel} {arch}: MMA instructions {v.mma or 'none (FMA units)'}"
     elif criterion == "no_spills":
@@ -140,34 +141,54 @@ def test_model_reads_the_description():
 
 def test_descriptions_follow_the_launch_structure():
     s, arch = Shape(512, 512, 1_000_000), ARCHS["sm_90"]
+    saved = replace(s, save_logits=True)
     cfg = Config((("BB", 64), ("BC", 128), ("BD", 64)), 4, 3)
+    bcd = 2 * 512 * 512 * 1_000_000
+
+    def stream(work, name):
+        return next(st for st in work.streams if st.name == name)
+
     f = WORK["fwd"](s, cfg, "bf16", arch, 264)
-    assert f.grid == (264,) and f.flops == 2 * 512 * 512 * 1_000_000
-    w = next(st for st in f.streams if st.name == "W")
-    assert w.reads == 512 // 64 and w.bytes == 1_000_000 * 512 * 4  # fp32 master W, once per batch tile
-    d = WORK["dlogit"](s, cfg, "bf16", arch, 264)
+    assert f.grid == (264,) and f.flops == bcd and f.args["WN"].dtype == "bf16"
+    wn = stream(f, "Wn")  # 16-bit Wn, once per batch tile
+    assert wn.reads == 512 // 64 and wn.bytes == 1_000_000 * 512 * 2
+    assert f.args["Z"].shape == (1, 1) and not any(st.write for st in f.streams)
+    fs = WORK["fwd"](saved, cfg, "bf16", arch, 264)
+    assert fs.args["SAVE"] and stream(fs, "cosines (saved)").bytes == 512 * 1_000_000 * 2
+    # the backward: one launch per chunk covering C; recomputing doubles its products
+    d, ds = WORK["bwd"](s, cfg, "bf16", arch, 264), WORK["bwd"](saved, cfg, "bf16", arch, 264)
     assert d.launches * d.args["ck"] >= s.C and isinstance(d.args["G"], Buf)
+    assert d.grid == (-(-d.args["ck"] // 128),) and (d.flops, ds.flops) == (2 * bcd, bcd)
+    assert stream(d, "Wn").reads == 512 // 64 + 1 and stream(ds, "Wn").reads == 1
+    assert stream(d, "X").reads == 2 * stream(ds, "X").reads
+    assert stream(d, "G (phase 2)").reads == 512 // 64  # once per D slab
+    assert ds.args["SAVED"] and ds.args["Z"].shape == (512, 1_000_000)
+    # the W -> Wn pass reads the fp32 master and writes the 16-bit copy
+    norm = LIBRARY["normalize (Triton, W -> Wn, r)"](s, "bf16", arch)
+    assert stream(norm, "Wn").write and stream(norm, "W (fp32)").bytes == 1_000_000 * 512 * 4
 
 
 def test_the_descriptions_launch_the_kernels_they_describe():
     """Each kernel launched with its description's arguments and grid (bench/kernels.py --time's
-    path) at a toy shape under TRITON_INTERPRET=1, in a subprocess (the variable must be set before
-    triton is imported): a description that no longer matches its kernel's signature fails here."""
+    path), in both modes, at a toy shape under TRITON_INTERPRET=1, in a subprocess (the variable must
+    be set before triton is imported): a description that no longer matches its kernel's signature
+    fails here."""
     code = (
         "from bench.kernels import Variant, kernels, time_variants\n"
         "from bench.kernel_model import ARCHS, Shape\n"
         "found = kernels()\n"
-        "rows = [Variant(n, 'fp16', c[0].tag, 'sm_90', True, 0, 0, 0, 0, 1, [], [], None, 0.0, '')\n"
-        "        for n, (fn, c) in found.items()]\n"
+        "rows = [Variant(n, 'fp16', c[0].tag, 'sm_90', True, saved, 0, 0, 0, 0, 1, [], [], None, 0.0, '')\n"
+        "        for n, (fn, c) in found.items() for saved in (False, True)]\n"
         "time_variants(rows, found, Shape(64, 64, 256), device='cpu', arch=ARCHS['sm_90'], repeats=1)\n"
-        "print({v.kernel: v.measured_ms for v in rows})\n"
+        "print({(v.kernel, v.save_logits): v.measured_ms for v in rows})\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
-    assert set(measured) == set(WORK) and all(ms > 0 for ms in measured.values()), measured
+    assert set(measured) == {(k, saved) for k in WORK for saved in (False, True)}, measured
+    assert all(ms > 0 for ms in measured.values()), measured
 
 
 def test_the_mma_check_reads_the_operand_types():
