@@ -1,24 +1,36 @@
 """The fused Triton head under TRITON_INTERPRET=1, against a float64 reference.
 
-The interpreter must be switched on before triton is first imported, so the pytest test runs
-this file as a module (`python -m tests.heads.test_fused`) in a fresh interpreter; it runs every
-`case_*` and fails loudly.
+The interpreter must be switched on before triton is first imported, so one subprocess runs this
+file as a module (`python -m tests.heads.test_fused`) in a fresh interpreter: it runs every
+`case_*` and prints one JSON line per case. Each case is then its own pytest item
+(`test_fused_case[case_...]`), passing or failing with the case's own error.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import traceback
+
+import pytest
 
 
-def test_fused_kernel_under_interpreter() -> None:
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, str]:
+    """case name -> "ok" or the case's traceback, from one interpreter subprocess."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-m", "tests.heads.test_fused"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "all fused cases passed" in proc.stdout
+                          capture_output=True, text=True, timeout=600)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            results[record["case"]] = record["result"]
+    assert results, f"the interpreter reported no case (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return results
 
 
 # ---- the cases (run only in the subprocess) --------------------------------------------------
@@ -234,12 +246,24 @@ def _main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    for name, fn in sorted(globals().items()):
-        if name.startswith("case_"):
-            fn()
-            print("ok", name, flush=True)
-    print("all fused cases passed")
-    return 0
+    failed = 0
+    for name in CASES:
+        try:
+            globals()[name]()
+            result = "ok"
+        except Exception:  # reported to the pytest item of this case, which fails with it
+            result, failed = traceback.format_exc(), failed + 1
+        print(json.dumps({"case": name, "result": result}), flush=True)
+    return 1 if failed else 0
+
+
+CASES = sorted(name for name in globals() if name.startswith("case_"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_case(case: str, interpreter_results: dict[str, str]) -> None:
+    assert case in interpreter_results, f"{case} did not run in the interpreter subprocess"
+    assert interpreter_results[case] == "ok", interpreter_results[case]
 
 
 if __name__ == "__main__":
