@@ -58,8 +58,9 @@ def test_a_held_folder_is_refused_naming_the_holder_and_freed_when_it_is_killed(
 
 
 def test_a_second_training_on_the_run_folder_stops_and_a_killed_one_resumes(tmp_path, capsys):
-    """A real training holds run.dir (it hangs after its first step); a second one on the same folder
-    ends with rc 2 and one line; after kill -9 of the first, the rerun resumes."""
+    """A real training holds run.dir (it hangs in its third step, after logging and checkpointing
+    step 2); a second one on the same folder ends with rc 2 and one line; after kill -9 of the
+    first, the rerun resumes."""
     from trainer.main import main
 
     run = tmp_path / "run"
@@ -70,7 +71,9 @@ def test_a_second_training_on_the_run_folder_stops_and_a_killed_one_resumes(tmp_
                                  stdout=out, stderr=out, env=env(), cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
-        while not (run / "checkpoints" / "step-00000001.pt").exists():
+        # hang_step counts completed steps: it hangs in the third step, after step 2's record and
+        # checkpoint, so nothing more is written while the second training tries
+        while not (run / "checkpoints" / "step-00000002.pt").exists():
             assert first.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the first training never wrote its first checkpoint"
             time.sleep(0.2)
