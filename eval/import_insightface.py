@@ -73,13 +73,14 @@ def fitting_archs(theirs: dict[str, torch.Tensor]) -> list[str]:
 def convert(theirs: dict[str, torch.Tensor], arch: str, where: str) -> tuple[dict[str, torch.Tensor], int]:
     """Our backbone's state dict from theirs, and the embedding size; UserError in one line."""
     size = embedding_size(theirs, arch)
-    problem = f"no {ARCHS[arch][2]}" if size is None else mismatch(theirs, ours := our_layout(arch, size))
-    if problem is not None:
+    ours = our_layout(arch, size) if size is not None else {}
+    problem = mismatch(theirs, ours) if size is not None else f"no {ARCHS[arch][2]}"
+    if size is None or problem is not None:
         fits = fitting_archs(theirs)
         hint = f"it fits --arch {' / '.join(fits)}" if fits else "it is none of " + ", ".join(ARCHS)
         raise UserError(f"{where}: not InsightFace's {arch} ({problem}); {hint}")
     state = {name: value.to(like.dtype).clone() for (name, like), value in zip(ours.items(), theirs.values())}
-    return state, size  # type: ignore[return-value]
+    return state, size
 
 
 def run(argv: list[str] | None = None) -> int:

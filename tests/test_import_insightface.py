@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.cli import UserError
 from eval.export_onnx import main as export_main
-from eval.import_insightface import ARCHS, convert
+from eval.import_insightface import ARCHS, convert, fitting_archs
 from eval.import_insightface import main as import_main
 from models.backbones import build_backbone
 from models.load import load_model
@@ -52,6 +53,19 @@ def test_embeddings_equal_insightface_code(arch):
     with torch.no_grad():
         got = ours(arch, their_state(case["layout"], case["seed"]))(fixed_input(case["seed"]))
     assert min(cosines(got, case["embeddings"])) >= MIN_COSINE
+
+
+def layout_only(arch: str) -> dict[str, torch.Tensor]:
+    """Their state dict's names and shapes, no numbers (meta tensors: instant even for r200)."""
+    return {name: torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device="meta")
+            for name, shape, dtype in fixture()[arch]["layout"]}
+
+
+def test_each_of_their_layouts_fits_its_arch_and_no_other():
+    fits = {arch: fitting_archs(layout_only(arch)) for arch in fixture()}
+    assert fits == {arch: [arch] for arch in ARCHS}
+    with pytest.raises(UserError, match=r"not InsightFace's r34 \(.*\); it fits --arch r18$"):
+        convert(layout_only("r18"), "r34", "backbone.pth")
 
 
 def test_the_fixture_sees_the_batchnorm_statistics():
