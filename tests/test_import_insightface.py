@@ -4,6 +4,7 @@ the imported file in eval and the trainer (model.init_from, optim.backbone_lr_mu
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from pathlib import Path
 
@@ -42,12 +43,14 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return torch.nn.functional.cosine_similarity(a, b).tolist()
 
 
-@pytest.mark.parametrize("arch", [
-    "r18", "r34", "mbf",
-    # r50 11 s, r100 13 s, r200 28 s on 2 cores: the same mapping as r18 / r34 at other depths.
-    pytest.param("r50", marks=pytest.mark.slow), pytest.param("r100", marks=pytest.mark.slow),
-    pytest.param("r200", marks=pytest.mark.slow),
-])
+# r100 and r200 take 15-17 s each on 2 cores: the mapping of r18-r50 at other depths (their layouts are
+# checked below for every arch); FACETRAIN_LONG_TESTS=1 runs them too.
+DEEP = pytest.mark.skipif(os.environ.get("FACETRAIN_LONG_TESTS") != "1",
+                          reason="FACETRAIN_LONG_TESTS=1 not set: r100/r200 forward passes (15-17 s each)")
+
+
+@pytest.mark.parametrize("arch", ["r18", "r34", "r50", "mbf", pytest.param("r100", marks=DEEP),
+                                  pytest.param("r200", marks=DEEP)])
 def test_embeddings_equal_insightface_code(arch):
     case = fixture()[arch]
     with torch.no_grad():
@@ -107,7 +110,8 @@ def test_imported_file_embeds_as_theirs_in_eval_and_onnx(imported_mbf, tmp_path)
     got = torch.from_numpy(model.embed(fixed_input(case["seed"])))
     assert min(cosines(got, case["embeddings"])) >= MIN_COSINE
     # the export runs onnxruntime against PyTorch and fails above 1e-4
-    assert export_main(["--model", str(imported_mbf), "--out", str(tmp_path / "mbf.onnx")]) == 0
+    assert export_main(["--model", str(imported_mbf), "--out", str(tmp_path / "mbf.onnx"),
+                        "--check-batches", "2"]) == 0
 
 
 def one_error_line(capsys, weights: Path, arch: str) -> str:
