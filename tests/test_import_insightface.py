@@ -182,6 +182,17 @@ def test_init_from_trains_from_the_imported_weights(imported_mbf, tmp_path):
     assert [m["step"] for m in steps][-1] == 2 and all(np.isfinite(m["loss"]) for m in steps)
 
 
+def test_init_from_a_training_checkpoint(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_main(tiny_overrides(first, steps=2)).returncode == 0
+    trained = first / "checkpoints" / "last.pt"
+    proc = run_main(tiny_overrides(second, steps=2, **{"model.init_from": str(trained),
+                                                        "checkpoint.save_untrained": "true"}))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    start, saved = backbone_state(second / "checkpoints" / "untrained.pt"), backbone_state(trained)
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+
+
 def test_init_from_another_arch_is_one_line(imported_mbf, tmp_path):
     proc = run_main(tiny_overrides(tmp_path / "run", steps=2, **{"model.init_from": str(imported_mbf)}))
     lines = proc.stderr.strip().splitlines()
