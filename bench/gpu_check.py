@@ -1,6 +1,13 @@
-"""One GPU check: the heads' GPU tests, the heads benchmark, 200 bf16 training steps of MobileFaceNet
+"""One GPU check: the heads' GPU tests, the heads benchmark, the fused kernels compiled, inspected and
+timed against their model (python -m bench.kernels --time), 200 bf16 training steps of MobileFaceNet
 and IR-50 at batch 512, and the DALI loader when DALI is importable. Started by bench/gpu_check.sh
 (`python -m bench.gpu_check` from the repository root).
+
+Preflight: the packages every stage imports (torch, triton, pytest), then one tiny Triton kernel
+launched on the GPU (its first launch builds Triton's launcher with a C compiler and Python.h; a
+machine without them would fail every fused stage, so the check stops with one line naming what is
+missing). numpy, cv2, yaml and rich are needed only by the data, training and loader stages: without
+them those stages are skipped, saying which is missing, and the heads' stages still run.
 
 It prints the machine first (GPU, driver, torch, Triton), ends with the table, and leaves at most
 three files in --out, rewritten after every stage so that a run killed midway still returns what it
@@ -37,9 +44,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# What the stages import. Not webdataset: only tests of the shard format use it, and the lent GPU
-# machines may lack it (nothing can be installed there).
-REQUIRED = ["torch", "triton", "numpy", "cv2", "yaml", "rich", "pytest"]
+# What every stage imports (the heads' stages need no more). Not webdataset: only tests of the shard
+# format use it, and the lent GPU machines may lack it (nothing can be installed there).
+REQUIRED = ["torch", "triton", "pytest"]
+# What the data, training and loader stages import besides: without one of them those stages are
+# skipped (saying which is missing) and the heads' stages still run.
+DATA_NEEDS = ["numpy", "cv2", "yaml", "rich"]
 OUT_FILES = ("gpu_check.json", "gpu_check.md", "logs.tgz")
 REPACK_SECONDS = 10.0
 
@@ -64,6 +74,7 @@ class Sizes:
             "head_tests": 100,
             "head_bench": 60,  # at the first (largest) size; 35 at each other
             "head_bench_more": 35,
+            "kernels": 90,  # 16 variants: 2 kernels x 4 configs x 2 modes
             "data": 90,
             "train": 70,
             "loader_dali": 40,
@@ -94,6 +105,7 @@ SMOKE = Sizes(
         "head_tests": 15,
         "head_bench": 20,
         "head_bench_more": 20,
+        "kernels": 30,
         "data": 30,
         "train": 40,
         "loader_dali": 20,
@@ -131,14 +143,73 @@ def _driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
-def preflight(smoke: bool) -> dict[str, Any]:
-    """The machine's description, or CannotRun naming the first thing missing."""
+def _unimportable(names: list[str]) -> list[str]:
+    """'name (why)' for each of these modules that does not import."""
     missing = []
-    for name in REQUIRED:
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception as err:  # an import can fail with more than ImportError (a broken CUDA lib)
             missing.append(f"{name} ({type(err).__name__}: {err})".splitlines()[0])
+    return missing
+
+
+def _python_include() -> Path:
+    """Where Triton looks for Python.h (triton/runtime/build.py's choice of scheme)."""
+    import sysconfig
+
+    scheme = sysconfig.get_default_scheme()
+    return Path(sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"])
+
+
+def build_tools_missing() -> str | None:
+    """What Triton lacks to build its kernel launcher on first launch (a C compiler: $CC, else gcc or
+    clang on PATH; Python.h), in a few words; None when both are there."""
+    cc = os.environ.get("CC")
+    if cc is not None and shutil.which(cc) is None:
+        problem = f"no C compiler (CC={cc} is not an executable)"
+    elif cc is None and shutil.which("gcc") is None and shutil.which("clang") is None:
+        problem = "no C compiler (CC is unset and neither gcc nor clang is on PATH)"
+    else:
+        problem = None
+    header = _python_include() / "Python.h"
+    if not header.exists():
+        problem = "; ".join(filter(None, [problem, f"no {header} (the python3-dev package)"]))
+    return problem
+
+
+def _launch_tiny_kernel() -> None:
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add_one(x):
+        tl.store(x + tl.arange(0, 16), tl.load(x + tl.arange(0, 16)) + 1.0)
+
+    x = torch.zeros(16, device="cuda")
+    _add_one[(1,)](x)
+    if x.sum().item() != 16.0:
+        raise RuntimeError(f"a tiny Triton kernel ran but wrote {x.tolist()}")
+
+
+def triton_problem(launch) -> str | None:
+    """One line when Triton cannot launch a kernel here, else None. `launch` (None on a CPU): runs
+    one tiny kernel, which builds Triton's launcher with the C compiler and Python.h."""
+    missing = build_tools_missing()
+    if launch is None:
+        return f"Triton cannot build its kernel launcher: {missing}" if missing else None
+    try:
+        launch()
+    except Exception as err:
+        why = missing or f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        return f"a tiny Triton kernel failed to launch: {why}"
+    return None
+
+
+def preflight(smoke: bool) -> dict[str, Any]:
+    """The machine's description, or CannotRun naming the first thing missing."""
+    missing = _unimportable(REQUIRED)
     if missing:
         raise CannotRun(f"missing Python packages: {'; '.join(missing)} (install requirements/gpu.txt)")
     import torch
@@ -173,6 +244,12 @@ def preflight(smoke: bool) -> dict[str, Any]:
             gpus_visible=torch.cuda.device_count(),
             bf16=torch.cuda.is_bf16_supported(),
         )
+    problem = triton_problem(_launch_tiny_kernel if env["device"] == "cuda" else None)
+    if problem:
+        raise CannotRun(problem)
+    data_missing = _unimportable(DATA_NEEDS)
+    if data_missing:
+        env["data_missing"] = "; ".join(data_missing)
     try:
         import nvidia.dali
 
@@ -323,7 +400,7 @@ class Check:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-HIDDEN = ("rows", "floors", "kernels")  # in the JSON, too long for the table
+HIDDEN = ("rows", "floors", "kernels", "variants")  # in the JSON, too long for the table
 
 
 def table(env: dict[str, Any], stages: list[Stage]) -> str:
@@ -342,7 +419,7 @@ def stage_head_tests(check: Check) -> Stage:
 
     stage, out = check.run(
         "head_tests",
-        [check.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsP", "tests/test_heads_gpu.py"],
+        [check.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsP", "tests/heads/test_gpu.py"],
         check.sizes.estimates["head_tests"],
         300,
     )
@@ -356,7 +433,7 @@ def stage_head_tests(check: Check) -> Stage:
     )
     stage.figures["pytest"] = summary.strip("= ")
     kernels = next((ln.split(":", 1)[1] for ln in out.splitlines() if ln.startswith("kernels:")), None)
-    if kernels:  # the tuned configs, registers and spills (tests/test_heads_gpu.py prints them)
+    if kernels:  # the tuned configs, registers and spills (tests/heads/test_gpu.py prints them)
         stage.figures["kernels"] = ast.literal_eval(kernels.strip())
         stage.figures["regs/spills"] = " ".join(
             f"{k} {v['n_regs']}/{v['n_spills']}" for k, v in stage.figures["kernels"].items()
@@ -408,9 +485,43 @@ def stage_head_bench(check: Check, classes: int) -> Stage:
     return stage
 
 
+def stage_kernels(check: Check) -> Stage:
+    """python -m bench.kernels for this GPU's arch with --time: each kernel variant compiled ahead of
+    time (registers, spills, MMA kinds) and launched at the headline shape, the model's predicted
+    time per step beside the measured one. Its kernels.md and kernels.json go into logs.tgz."""
+    import torch
+
+    gpu = check.env["device"] == "cuda"
+    # fp16: the operands the fused head uses on CUDA by default; the smoke run (no GPU) compiles
+    # the first configs for sm_90 without timing them
+    arch = "sm_{}{}".format(*torch.cuda.get_device_capability()) if gpu else "sm_90"
+    what = ["--time"] if gpu else ["--configs", "first"]
+    folder = check.scratch / "kernels"  # the .ptx and .cubin files stay out of --out
+    stage, out = check.run(
+        "kernels",
+        [check.py, "-m", "bench.kernels", "--out", str(folder), "--arch", arch, "--dtypes", "fp16", *what],
+        check.sizes.estimates["kernels"],
+        300,
+    )
+    for name in ("kernels.md", "kernels.json"):
+        if (folder / name).exists():
+            shutil.copy(folder / name, check.logs / name)
+    if not stage.ok:
+        return stage
+    r = last_json(out)
+    # one step summary per arch, dtype and mode (the backward recomputing the cosines, or saved ones)
+    stage.figures = {f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}": s[k]
+                     for s in r["steps"] for k in ("first_ms", "measured_first_ms", "floor_ms") if k in s}
+    stage.figures["variants"] = json.loads((folder / "kernels.json").read_text())["variants"]
+    return stage
+
+
 def stage_data(check: Check) -> tuple[Stage, Path]:
     sz = check.sizes
     raw, shards = check.scratch / "raw", check.scratch / "shards" / "train"
+    if check.env.get("data_missing"):
+        note = f"skipped: the data and training stages need {check.env['data_missing']}"
+        return Stage("synthetic_data", False, 0.0, note=note), shards
     est = sz.estimates["data"]
     stage, _ = check.run(
         "synthetic_data",
@@ -550,13 +661,14 @@ def run_stages(check: Check) -> None:
     sz = check.sizes
     check.add(stage_head_tests(check))
     check.add(stage_head_bench(check, sz.head_classes[0]))
+    check.add(stage_kernels(check))
     data, shards = stage_data(check)
     check.add(data)
     for name, config in sz.backbones.items():
         if data.ok:
             check.add(stage_train(check, shards, data.figures["samples"], name, config))
         else:
-            check.add(Stage(f"train_{name}", False, 0.0, note="skipped: no shards (see build_shards)"))
+            check.add(Stage(f"train_{name}", False, 0.0, note=f"skipped: no shards (see {data.name})"))
     for classes in sz.head_classes[1:]:
         check.add(stage_head_bench(check, classes))
     if data.ok:

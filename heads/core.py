@@ -4,7 +4,8 @@ Forward: gather the B target cosines, apply the margin to them (any margin), the
 engine sweep the classes for the log-sum-exp over the non-target logits and the best
 non-target cosine. Backward: the engine sweeps the classes again, recomputing each block of
 cosines, and accumulates dX and dW (the target column's gradient enters as a given vector).
-Nothing of size B x C is ever held; the engine decides the block size.
+Nothing of size B x C is ever held (unless the fused engine is asked to save its cosines
+for the backward); the engine decides the block size.
 
 Also here: which dtype the class products take their operands in (`operand_dtype`), one rule for
 both engines, and the product with an fp32 result that they use.
@@ -107,13 +108,15 @@ def _out_dtype_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, dcy: Tensor,
-                     dx: Tensor, dw: Tensor) -> None:
+                     dx: Tensor, dw: Tensor, normalized: bool = False) -> None:
     """Make the target column's share of dX and dW exact after low-precision products.
 
     The engines' products read G = dL/dcos * r rounded to the operand dtype; the target entry
     G_iy = dcy_i r_y is each row's largest gradient by far, so its rounding (up to 2^-9 in bf16)
     would dominate the error. Add (exact - rounded) for those B entries: rows of dX directly, rows
     of dW summed per class by a same-class product (no scatter-add, so still deterministic).
+    `normalized=True` (the fused engine): the products read G = dL/dcos and the rows w r, both
+    rounded, and dW's rows are scaled by r after the product.
     """
     if xo.dtype in (torch.float32, torch.float64):
         return
@@ -121,10 +124,16 @@ def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels:
     # write the same value as a row this rank owns (duplicate indices must agree), without a sync.
     own = labels >= 0
     labels = torch.where(own, labels, labels.amax())  # the largest label is an owned one (if any)
-    g = dcy.to(torch.float32) * rw[labels].to(torch.float32) * own
-    g_low = g.to(xo.dtype).float()
+    r_y = rw[labels].to(torch.float32)
+    g = dcy.to(torch.float32) * r_y * own
     w_y = weight[labels].float()
-    dx += g[:, None] * w_y - g_low[:, None] * w_y.to(xo.dtype).float()
+    if normalized:
+        g_low = (dcy.to(torch.float32) * own).to(xo.dtype).float()
+        dx += g[:, None] * w_y - g_low[:, None] * (w_y * r_y[:, None]).to(xo.dtype).float()
+        g_low = g_low * r_y
+    else:
+        g_low = g.to(xo.dtype).float()
+        dx += g[:, None] * w_y - g_low[:, None] * w_y.to(xo.dtype).float()
     rows = g[:, None] * xn.float() - g_low[:, None] * xo.float()
     # each row gets the sum over the rows of its class, so rows of one class write the same value:
     # no host sync (torch.unique) and no scatter-add
@@ -142,7 +151,8 @@ class _HeadFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, margin: Margin, step: int, s: float,
                 t: float, engine: Engine) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        rw = inv_norms(weight)
+        # an engine that makes its own copy of W supplies the norms from the same pass (W read once)
+        rw = getattr(engine, "inv_norms", inv_norms)(weight)
         c_y = (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype)
         psi = margin.psi(c_y, step)
         lse_other, max_other = engine.forward(xn, weight, rw, labels, psi, s, t)

@@ -24,8 +24,9 @@ DEFAULT_BLOCK = 8192  # classes per block of the chunked engine
 @dataclass(frozen=True)
 class HeadOptions:
     """What computes the loss: margin, scale s (None: the margin's default), m (None: its default),
-    SV-Softmax t, implementation, focal gamma, chunked block, fused determinism, product operands, and
-    the margin's own options (`margin_options`)."""
+    SV-Softmax t, implementation, focal gamma, chunked block, fused determinism, product operands,
+    whether the fused forward keeps its B x C cosines for the backward (`save_logits`: 2 bytes per
+    logit, the backward skips recomputing them), and the margin's own options (`margin_options`)."""
 
     margin: str = "cosface"
     s: float | None = None
@@ -36,6 +37,7 @@ class HeadOptions:
     block: int | None = None
     deterministic: bool = False
     operands: str = "auto"
+    save_logits: bool = False
     margin_options: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -82,4 +84,5 @@ class HeadOptions:
         from heads.fused import FusedEngine  # imports triton only when asked for
 
         # `block` sizes the chunked engine's class blocks; the kernels keep their own tiles
-        return FusedEngine(deterministic=self.deterministic, operands=self.operands)
+        return FusedEngine(deterministic=self.deterministic, operands=self.operands,
+                           save_logits=self.save_logits)
