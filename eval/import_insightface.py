@@ -7,12 +7,13 @@ which every evaluator, the ONNX export, identification and the trainer (`model.i
         model.kwargs.fixed_feature_scale=true model.init_from=r50.pt optim.backbone_lr_mult=0.1
 
 --arch is their name: r18 r34 r50 r100 r200 (their IResNet: our ir18 ... ir200 with
-fixed_feature_scale, the embedding BatchNorm's scale kept at 1.0 as theirs) or mbf (their
-MobileFaceNet: our insightface_mbf). Their layers come in our modules' order, so each of their
-tensors goes to ours by position, its name's last part (weight, running_var, ...) and shape checked:
-the weights, the BatchNorm statistics and the embedding BatchNorm load exactly as saved. Their input
-is ours: RGB 112x112, (pixel / 255 - 0.5) / 0.5. Their ViTs (vit_*) are not imported yet: facetrain
-has no face ViT backbone. The file is read with torch.load(weights_only=True): a pickle that would
+fixed_feature_scale, the embedding BatchNorm's scale kept at 1.0 as theirs), mbf (their
+MobileFaceNet: our insightface_mbf) or vit_t vit_s vit_b vit_l (their face ViT, any of its drop-path
+and mask variants: our vit_t ... vit_l). Their IResNet and MobileFaceNet layers come in our modules'
+order, so each of their tensors goes to ours by position; their ViT has our names. Each tensor's
+name's last part (weight, running_var, ...) and shape are checked: the weights, the BatchNorm
+statistics and the embedding BatchNorm load exactly as saved. Their input is ours: RGB 112x112,
+(pixel / 255 - 0.5) / 0.5. The file is read with torch.load(weights_only=True): a pickle that would
 run code is refused, never executed.
 """
 
@@ -38,7 +39,13 @@ ARCHS: dict[str, tuple[str, dict, str]] = {
     "r100": ("ir100", IRESNET, "features.running_mean"),
     "r200": ("ir200", IRESNET, "features.running_mean"),
     "mbf": ("insightface_mbf", {}, "features.layers.3.running_mean"),
+    "vit_t": ("vit_t", {}, "feature.3.running_mean"),
+    "vit_s": ("vit_s", {}, "feature.3.running_mean"),
+    "vit_b": ("vit_b", {}, "feature.3.running_mean"),
+    "vit_l": ("vit_l", {}, "feature.3.running_mean"),
 }
+# Their ViT always has a mask token; ours only when it trains with masking (vit_b, vit_l). Unused in eval.
+UNUSED_IN_EVAL = {"mask_token"}
 IMAGE_SIZE = (112, 112)  # their IResNet's fc is sized for 7x7 maps, their GDC for 7x7: 112 only
 
 
@@ -47,6 +54,13 @@ def our_layout(arch: str, embedding_size: int) -> dict[str, torch.Tensor]:
     backbone, kwargs, _ = ARCHS[arch]
     with torch.device("meta"):
         return build_backbone(backbone, embedding_size, IMAGE_SIZE, **kwargs).state_dict()
+
+
+def aligned(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Theirs in our order when the names are ours (the ViTs: their blocks register both norms before
+    attention, ours in forward order), else as they are (matched by position)."""
+    kept = {k: v for k, v in theirs.items() if k in ours or k not in UNUSED_IN_EVAL}
+    return {k: kept[k] for k in ours} if kept.keys() == ours.keys() else theirs
 
 
 def mismatch(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> str | None:
@@ -67,13 +81,15 @@ def embedding_size(theirs: dict[str, torch.Tensor], arch: str) -> int | None:
 def fitting_archs(theirs: dict[str, torch.Tensor]) -> list[str]:
     """The --arch values the weights would fit (for the error message of a wrong one)."""
     sizes = {arch: embedding_size(theirs, arch) for arch in ARCHS}
-    return [arch for arch, size in sizes.items() if size and mismatch(theirs, our_layout(arch, size)) is None]
+    return [arch for arch, size in sizes.items()
+            if size and mismatch(aligned(theirs, ours := our_layout(arch, size)), ours) is None]
 
 
 def convert(theirs: dict[str, torch.Tensor], arch: str, where: str) -> tuple[dict[str, torch.Tensor], int]:
     """Our backbone's state dict from theirs, and the embedding size; UserError in one line."""
     size = embedding_size(theirs, arch)
     ours = our_layout(arch, size) if size is not None else {}
+    theirs = aligned(theirs, ours)
     problem = mismatch(theirs, ours) if size is not None else f"no {ARCHS[arch][2]}"
     if size is None or problem is not None:
         fits = fitting_archs(theirs)

@@ -43,14 +43,14 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return torch.nn.functional.cosine_similarity(a, b).tolist()
 
 
-# r100 and r200 take 15-17 s each on 2 cores: the mapping of r18-r50 at other depths (their layouts are
-# checked below for every arch); FACETRAIN_LONG_TESTS=1 runs them too.
-DEEP = pytest.mark.skipif(os.environ.get("FACETRAIN_LONG_TESTS") != "1",
-                          reason="FACETRAIN_LONG_TESTS=1 not set: r100/r200 forward passes (15-17 s each)")
+# r100, r200, vit_s, vit_b, vit_l take 15-41 s each on 2 cores: the mapping of r18-r50 / vit_t at
+# other sizes (their layouts are checked below for every arch); FACETRAIN_LONG_TESTS=1 runs them too.
+BIG = pytest.mark.skipif(os.environ.get("FACETRAIN_LONG_TESTS") != "1",
+                         reason="FACETRAIN_LONG_TESTS=1 not set: big networks' forward passes (15-41 s each)")
 
 
-@pytest.mark.parametrize("arch", ["r18", "r34", "r50", "mbf", pytest.param("r100", marks=DEEP),
-                                  pytest.param("r200", marks=DEEP)])
+@pytest.mark.parametrize("arch", ["r18", "r34", "r50", "mbf", "vit_t"] + [
+    pytest.param(arch, marks=BIG) for arch in ("r100", "r200", "vit_s", "vit_b", "vit_l")])
 def test_embeddings_equal_insightface_code(arch):
     case = fixture()[arch]
     with torch.no_grad():
