@@ -92,6 +92,8 @@ class ModelConfig:
     channels_last: bool = setting(True, "channels-last memory format (faster convolutions on GPUs)")
     compile: bool = setting(False, "torch.compile the backbone (the head stays eager)")
     compile_backend: str = setting("inductor", "torch.compile's backend: inductor, cudagraphs, ...")
+    init_from: str | None = setting(None, "start the backbone from this embedding-model file or checkpoint "
+                                    "(eval/import_insightface.py makes one); the head starts new")
 
 
 # A margin's own options: a section of HeadConfig named after the margin (head.<margin>.<key>), None
@@ -166,6 +168,8 @@ class OptimConfig:
     head_weight_decay: float | None = setting(None, "the head's weight decay; null: weight_decay",
                                               range=AT_LEAST_0)
     betas: tuple[float, float] = setting((0.9, 0.999), "adamw betas", range=FRACTION)
+    backbone_lr_mult: float = setting(1.0, "the backbone's learning rate is optim.lr times this (fine-tuning "
+                                      "from model.init_from: < 1; 0 freezes it)", range=AT_LEAST_0)
     clip_grad_norm: float = setting(0.0, "gradient norm clip (0 = off)", range=AT_LEAST_0)
     accumulate: int = setting(1, "micro-batches per optimizer step", range=POSITIVE)
     max_nonfinite_in_row: int = setting(20, "divergence guard: stop after this many skipped steps in a row",

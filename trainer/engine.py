@@ -44,6 +44,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig, head_kwargs, save_resolved, to_dict
 from trainer.hooks import FinishedRun, TrainerHooks
+from trainer.init_from import init_backbone
 from trainer.metrics import MetricsLogger
 from trainer.optim import Schedule, build_optimizer
 from trainer.validation import Validator
@@ -179,6 +180,8 @@ def build_parts(cfg: TrainConfig, info: dist_util.DistInfo) -> RunParts:
     spec = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
             "image_size": list(image_size), "kwargs": dict(cfg.model.kwargs)}
     backbone = build_configured_backbone(cfg, image_size)
+    if cfg.model.init_from:
+        init_backbone(backbone, spec, cfg.model.init_from)
     parallel = head_parallel.resolve_parallel(cfg.head.parallel, info.world_size)
     head = head_parallel.build_head(parallel, num_classes, cfg.model.embedding_size,
                                     head_kwargs(cfg.head), cfg.head.sample_rate, cfg.run.seed)

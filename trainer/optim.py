@@ -12,24 +12,25 @@ from torch import nn
 from trainer.config import OptimConfig, ScheduleConfig
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(module: nn.Module, weight_decay: float, lr_mult: float = 1.0) -> list[dict]:
     """Two groups: multi-dimensional weights get `weight_decay`; 1-D tensors (BN, biases, PReLU) and
-    the names a module lists in its `no_weight_decay()` (a ViT's position embedding) none."""
+    the names a module lists in its `no_weight_decay()` (a ViT's position embedding) none. Each
+    group's learning rate is the schedule's times `lr_mult` (`Schedule` reads it)."""
     exempt = module.no_weight_decay() if hasattr(module, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.ndim > 1 and name not in exempt else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": lr_mult}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_mult": lr_mult})
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(backbone: nn.Module, head: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     head_wd = cfg.weight_decay if cfg.head_weight_decay is None else cfg.head_weight_decay
-    groups = param_groups(backbone, cfg.weight_decay) + param_groups(head, head_wd)
+    groups = param_groups(backbone, cfg.weight_decay, cfg.backbone_lr_mult) + param_groups(head, head_wd)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))  # type: ignore[arg-type]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -54,17 +55,20 @@ def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
 
 
 class Schedule:
-    """Sets each group's LR from the step; its state is just the step (weights_only friendly)."""
+    """Sets each group's LR from the step (times the group's `lr_mult`); its state is just the step
+    (weights_only friendly). The multipliers are the config's, taken before a resume loads the
+    optimizer's saved groups."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, total: int, cfg: ScheduleConfig):
         self.optimizer, self.base_lr, self.total, self.cfg = optimizer, base_lr, total, cfg
+        self.lr_mults = [g.get("lr_mult", 1.0) for g in optimizer.param_groups]
         self.step_num = 0
         self.apply()
 
     def apply(self) -> float:
         lr = self.base_lr * lr_factor(self.step_num, self.total, self.cfg)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        for g, mult in zip(self.optimizer.param_groups, self.lr_mults):
+            g["lr"] = lr * mult
         return lr
 
     def advance(self) -> float:
@@ -73,7 +77,8 @@ class Schedule:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The schedule's rate now (the head's; the backbone's is it times optim.backbone_lr_mult)."""
+        return self.base_lr * lr_factor(self.step_num, self.total, self.cfg)
 
     def state_dict(self) -> dict:
         return {"step": self.step_num, "total": self.total, "base_lr": self.base_lr}

@@ -1,4 +1,4 @@
-"""ResNet-IR ("improved residual", the iResNet family of face recognition) 18/34/50/100, and
+"""ResNet-IR ("improved residual", the iResNet family of face recognition) 18/34/50/100/200, and
 `ir_small` for little compute.
 
 Pre-activation-style basic blocks BN-conv-BN-PReLU-conv(stride)-BN with a projection shortcut,
@@ -10,7 +10,9 @@ Scaling kwargs (config `model.kwargs`): `width_mult` multiplies every stage's ch
 round(width * width_mult) * 2**i, at least 8), `depths` gives the blocks per stage (four
 positive integers) in place of the named depth's, `stem_stride` (1 or 2) is the stem's stride.
 `ir_small` is IR-18 at a quarter of the width: ~1.0 M parameters at a 128-d embedding, trainable
-on a 2-core CPU.
+on a 2-core CPU. `fixed_feature_scale=True` keeps the embedding BatchNorm's scale at 1.0, untrained,
+as InsightFace's arcface_torch does: the layers, their order and this option make their released
+r18-r200 weights load as they are (eval/import_insightface.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 from models.backbones.common import downsampled, init_weights
 from models.backbones.registry import register
 
-DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
+DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}
 
 
 class IRBlock(nn.Module):
@@ -64,7 +66,8 @@ def _stage_plan(depth: int, depths: Sequence[int] | None, width: int,
 class IResNet(nn.Module):
     def __init__(self, depth: int, embedding_size: int = 512, image_size: tuple[int, int] = (112, 112),
                  dropout: float = 0.0, width: int = 64, width_mult: float = 1.0,
-                 depths: Sequence[int] | None = None, stem_stride: int = 1) -> None:
+                 depths: Sequence[int] | None = None, stem_stride: int = 1,
+                 fixed_feature_scale: bool = False) -> None:
         super().__init__()
         plan = _stage_plan(depth, depths, width, width_mult)
         if stem_stride not in (1, 2):
@@ -86,6 +89,8 @@ class IResNet(nn.Module):
         self.fc = nn.Linear(cin * h * w, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size)
         init_weights(self)
+        if fixed_feature_scale:
+            self.features.weight.requires_grad_(False)  # stays 1.0: the optimizer skips it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.out_bn(self.stages(self.stem(x)))

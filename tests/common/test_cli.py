@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
     "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
-    "eval/export_onnx.py", "eval/import_mobilefacenet.py", "-m bench.heads", "-m bench.loader",
-    "-m bench.preprocess", "-m bench.kernels",
+    "eval/export_onnx.py", "eval/import_mobilefacenet.py", "eval/import_insightface.py", "-m bench.heads",
+    "-m bench.loader", "-m bench.preprocess", "-m bench.kernels",
 ]
 
 
