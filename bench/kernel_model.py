@@ -244,16 +244,16 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
 
 def normalize(s: Shape, op: str, arch: Arch) -> Work:
     """FusedEngine._normalize, once per weight version (once per training step): `_normalize_kernel`
-    (a plain Triton kernel, no MMA, BR=32 rows a program, 4 warps) reads each fp32 row block twice
-    (the norms, then Wn = W r: the second pass from L2 while the resident programs' blocks fit) and
-    writes Wn (operand dtype) and r. Assumed: as many programs resident as the warp limit allows."""
-    resident = arch.sms * arch.max_warps_per_sm // 4
+    (a plain Triton kernel, no MMA, `normalize_block(D)` whole rows a program) reads each fp32 row
+    once (its norm and its scaled copy from the same registers) and writes Wn (operand dtype) and r."""
+    from heads.fused import normalize_block
+
     streams = [
-        Stream("W (fp32)", s.C * s.D * 4, reads=2, live=resident * 32 * s.D * 4),
+        Stream("W (fp32)", s.C * s.D * 4),
         Stream("Wn", s.C * s.D * BYTES[op], write=True),
         Stream("RW", s.C * 4, write=True),
     ]
-    return Work((_cdiv(s.C, 32),), 1, 0.0, streams)
+    return Work((_cdiv(s.C, normalize_block(s.D)[0]),), 1, 0.0, streams)
 
 
 def dx_product(s: Shape, op: str, arch: Arch) -> Work:

@@ -288,28 +288,22 @@ if triton is not None:
     @triton.jit
     def _normalize_kernel(W, RW, WN, C, D, stride_w, stride_n, NORMS: tl.constexpr, BR: tl.constexpr,
                           BD: tl.constexpr):
-        # Wn = W * r in the operand dtype, no fp32 temporary of C x D. NORMS: also r = 1 / max(|w|, 1e-12)
-        # into RW, from a first pass over the block's rows (the second finds them in L1/L2: W is read
-        # from memory once); else r is read from RW.
+        # Wn = W * r in the operand dtype, no fp32 temporary of C x D. One read of each row: BD >= D,
+        # so a block's rows stay in registers between the norm and the scaled copy. NORMS: also
+        # r = 1 / max(|w|, 1e-12) into RW; else r is read from RW.
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = rows < C
-        wrow = W + rows.to(tl.int64)[:, None] * stride_w
-        nrow = WN + rows.to(tl.int64)[:, None] * stride_n
+        ds = tl.arange(0, BD)
+        m = rmask[:, None] & (ds < D)[None, :]
+        w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + ds[None, :], mask=m, other=0.0).to(tl.float32)
         if NORMS:
-            ss = tl.zeros((BR,), dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                ds = d0 + tl.arange(0, BD)
-                w = tl.load(wrow + ds[None, :], mask=rmask[:, None] & (ds < D)[None, :], other=0.0)
-                ss += tl.sum(w.to(tl.float32) * w.to(tl.float32), axis=1)
+            ss = tl.sum(w * w, axis=1)
             r = tl.div_rn(tl.full((BR,), 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
             tl.store(RW + rows, r, mask=rmask)
         else:
             r = tl.load(RW + rows, mask=rmask, other=0.0)
-        for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
-            m = rmask[:, None] & (ds < D)[None, :]
-            w = tl.load(wrow + ds[None, :], mask=m, other=0.0).to(tl.float32)
-            tl.store(nrow + ds[None, :], (w * r[:, None]).to(WN.dtype.element_ty), mask=m)
+        wn = (w * r[:, None]).to(WN.dtype.element_ty)
+        tl.store(WN + rows.to(tl.int64)[:, None] * stride_n + ds[None, :], wn, mask=m)
 
     def _autotuned(kernel, configs: tuple[TileConfig, ...], kind: str):
         prune = {"early_config_prune": _pruner(kind, configs)}
@@ -334,6 +328,13 @@ def default_chunk(B: int, C: int, g_bytes: int) -> int:
     fit = max(1, (32 << 20) // max(1, B * g_bytes))
     chunk = 1 << (fit.bit_length() - 1)
     return max(1024, min(65536, chunk, triton.next_power_of_2(C) if triton else C))
+
+
+def normalize_block(D: int) -> tuple[int, int]:
+    """(rows, columns) of a `_normalize_kernel` block: whole rows (a power of two >= D), 8192 elements
+    (64 fp32 registers a thread at 4 warps), so each row is read once."""
+    bd = 1 << max(0, (D - 1).bit_length())
+    return max(1, 8192 // bd), bd
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -399,9 +400,10 @@ class FusedEngine:
         wn = torch.empty((C, D), dtype=op, device=weight.device)
         norms = rw is None
         rw = torch.empty(C, device=weight.device) if norms else rw.float().contiguous()
+        br, bd = normalize_block(D)
         with _on(weight.device):
-            _normalize_kernel[(triton.cdiv(C, 32),)](weight, rw, wn, C, D, weight.stride(0), wn.stride(0),
-                                                     NORMS=norms, BR=32, BD=128)
+            _normalize_kernel[(triton.cdiv(C, br),)](weight, rw, wn, C, D, weight.stride(0), wn.stride(0),
+                                                     NORMS=norms, BR=br, BD=bd)
         self._wn = (key, rw, wn)
         return rw, wn
 
