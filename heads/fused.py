@@ -26,8 +26,8 @@ Backward (`_bwd_kernel`), per chunk of `chunk` classes (sized so its B x chunk b
 mostly stays in L2), one program per class tile, two phases:
 1. over all batch tiles: the tile's cosines (recomputed, or the saved ones), G = dL/dcos (operand
    dtype, into a B x chunk buffer) and h_j = sum_i G_ij cos_ij (fp32, in registers);
-2. dW for the tile, D slab by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product over the
-   batch reading back the G block the program just wrote (from L2), written straight into the
+2. dW for the tile, D slab (2 BD columns) by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product
+   over the batch reading back the G block the program just wrote (from L2), written straight into the
    C x D gradient in W's dtype; that buffer is handed to autograd as weight.grad.
 Then dX += G @ Wn_chunk: one cuBLAS product with an fp32 result (the sum over classes, which a
 class-parallel kernel would have to pass through memory per tile). The target column's entries,
@@ -101,13 +101,12 @@ FWD_CONFIGS = (
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
-# backward: phase 1 as the forward; phase 2 a (BC x BD) dW tile, stepping BB batch rows per stage
-# (128 x 128 at 8 warps spills in phase 1's recomputing epilogue; at 16 warps it does not on sm_90, but
-# does on sm_80: a Hopper-only candidate for the tuner)
+# backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping BB batch rows per stage.
+# Both phases' tiles take ~255 registers at these shapes: 128 x 128 (at 8 or 16 warps) and 128 x 64 at
+# 4 warps spill.
 BWD_CONFIGS = (
     TileConfig(64, 128, 64, 8, 3),
-    TileConfig(128, 128, 64, 16, 3),
-    TileConfig(128, 64, 64, 4, 3),
+    TileConfig(128, 64, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
@@ -120,7 +119,7 @@ def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_byt
     backward's two phases run one after the other: the larger of the two)."""
     cos = cfg.bb * cfg.bd * x_bytes + cfg.bc * cfg.bd * w_bytes
     if kernel == "bwd":
-        return cfg.stages * max(cos, cfg.bb * cfg.bc * g_bytes + cfg.bb * cfg.bd * x_bytes)
+        return cfg.stages * max(cos, cfg.bb * cfg.bc * g_bytes + cfg.bb * 2 * cfg.bd * x_bytes)
     return cfg.stages * cos
 
 
@@ -267,13 +266,14 @@ if triton is not None:
             tl.store(gp, dc.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         # phase 2 reads the G block this program's threads wrote: a barrier makes it visible
         tl.debug_barrier()
+        # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
         rw = tl.load(RW + cols, mask=cmask, other=0.0)
-        wp = WN + cols.to(tl.int64)[:, None] * stride_w + tl.arange(0, BD)[None, :]
-        dwp = DW + cols.to(tl.int64)[:, None] * stride_dw + tl.arange(0, BD)[None, :]
-        for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
+        wp = WN + cols.to(tl.int64)[:, None] * stride_w + tl.arange(0, 2 * BD)[None, :]
+        dwp = DW + cols.to(tl.int64)[:, None] * stride_dw + tl.arange(0, 2 * BD)[None, :]
+        for d0 in range(0, D, 2 * BD):
+            ds = d0 + tl.arange(0, 2 * BD)
             dmask = ds < D
-            acc = tl.zeros((BC, BD), dtype=tl.float32)
+            acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
                 rmask = rows < B
@@ -287,8 +287,8 @@ if triton is not None:
             wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
             dw = rw[:, None] * (acc - h[:, None] * wn)
             tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
-            wp += BD
-            dwp += BD
+            wp += 2 * BD
+            dwp += 2 * BD
 
     @triton.jit
     def _normalize_kernel(W, RW, WN, C, D, stride_w, stride_n, NORMS: tl.constexpr, BR: tl.constexpr,
