@@ -203,9 +203,9 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     """`_bwd_kernel`, once per chunk of ck classes, one program per class tile. Phase 1, per batch
     tile: the cosine tile (recomputed: Wn tile and X re-read; or the saved cosines read from memory),
     G = dL/dcos written into the B x ck block (it stays in L2 for phase 2 and the dX product), h in
-    registers. Phase 2, per D slab: dW tile = G^T X over the batch (the program's G columns re-read
-    once per slab, from L2; X once more per class tile), the Wn tile in the epilogue, dW written
-    in W's dtype (fp32). Epilogue SASS (bench/kernels.py's first MMA loop's surround): per logit of
+    registers. Phase 2, per D slab (2 BD wide): dW tile = G^T X over the batch (the program's G
+    columns re-read once per slab, from L2; X once more per class tile), the Wn tile in the epilogue,
+    dW written in W's dtype (fp32). Epilogue SASS (bench/kernels.py's first MMA loop's surround): per logit of
     phase 1 when it recomputes; per dW element of phase 2 with saved cosines (phase 1 then has no
     MMA loop and its per-logit instructions are not counted)."""
     ck_max = _chunk(s, op)
@@ -230,13 +230,13 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         Stream("row inputs", s.B * 20, reads=tiles, live=s.B * 20),
         Stream("RW", s.C * 4),
         Stream("G", g_bytes, write=True, stays=True, live=s.B * ck * BYTES[op]),
-        Stream("G (phase 2)", g_bytes, reads=_cdiv(s.D, cfg.bd), fresh=True,
+        Stream("G (phase 2)", g_bytes, reads=_cdiv(s.D, 2 * cfg.bd), fresh=True,
                live=resident * s.B * cfg.bc * BYTES[op]),
         Stream("DW", s.C * s.D * 4, write=True),
     ]
     products = 1 if s.save_logits else 2
     if s.save_logits:
-        elems, tile = s.C * s.D, cfg.bc * cfg.bd
+        elems, tile = s.C * s.D, cfg.bc * 2 * cfg.bd
     else:
         elems, tile = s.B * s.C, cfg.bb * cfg.bc
     return Work((grid,), launches, products * 2.0 * s.B * s.C * s.D, streams, args, elems=elems, tile=tile)
@@ -244,16 +244,16 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
 
 def normalize(s: Shape, op: str, arch: Arch) -> Work:
     """FusedEngine._normalize, once per weight version (once per training step): `_normalize_kernel`
-    (a plain Triton kernel, no MMA, BR=32 rows a program, 4 warps) reads each fp32 row block twice
-    (the norms, then Wn = W r: the second pass from L2 while the resident programs' blocks fit) and
-    writes Wn (operand dtype) and r. Assumed: as many programs resident as the warp limit allows."""
-    resident = arch.sms * arch.max_warps_per_sm // 4
+    (a plain Triton kernel, no MMA, `normalize_block(D)` whole rows a program) reads each fp32 row
+    once (its norm and its scaled copy from the same registers) and writes Wn (operand dtype) and r."""
+    from heads.fused import normalize_block
+
     streams = [
-        Stream("W (fp32)", s.C * s.D * 4, reads=2, live=resident * 32 * s.D * 4),
+        Stream("W (fp32)", s.C * s.D * 4),
         Stream("Wn", s.C * s.D * BYTES[op], write=True),
         Stream("RW", s.C * 4, write=True),
     ]
-    return Work((_cdiv(s.C, 32),), 1, 0.0, streams)
+    return Work((_cdiv(s.C, normalize_block(s.D)[0]),), 1, 0.0, streams)
 
 
 def dx_product(s: Shape, op: str, arch: Arch) -> Work:

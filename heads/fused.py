@@ -12,9 +12,9 @@ registers), and its elements lie in [-1, 1] (fp16's range is never at risk). Cos
 bytes (1 GB at C = 1M, D = 512), freed before the next one is made.
 
 Forward (`_fwd_kernel`): program p owns a contiguous range of class tiles and sweeps every batch
-tile for each (its Wn tile is re-read from L2, not memory: 2 programs per SM keep
-264 x BC x D x 2 bytes of Wn in flight, 17 MB for the first config at D = 512, 34 MB for the
-largest, inside the 50 MB L2), keeping an online log-sum-exp in base 2 (log2 e folded into the
+tile for each (its Wn tile is re-read from L2, not memory: the 132 programs an H200 holds at once
+keep 132 x BC x D x 2 bytes of Wn in flight, 17 MB for the first config at D = 512, inside the 50 MB
+L2), keeping an online log-sum-exp in base 2 (log2 e folded into the
 scale, exp2) and the best non-target cosine per row. Its partials (3 floats per row per program)
 are combined on the host in a fixed order. Wn streams from memory once. With `save_logits=True`
 it also writes the B x C cosines in the operand dtype (B x C x 2 bytes, kept until the backward)
@@ -26,8 +26,8 @@ Backward (`_bwd_kernel`), per chunk of `chunk` classes (sized so its B x chunk b
 mostly stays in L2), one program per class tile, two phases:
 1. over all batch tiles: the tile's cosines (recomputed, or the saved ones), G = dL/dcos (operand
    dtype, into a B x chunk buffer) and h_j = sum_i G_ij cos_ij (fp32, in registers);
-2. dW for the tile, D slab by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product over the
-   batch reading back the G block the program just wrote (from L2), written straight into the
+2. dW for the tile, D slab (2 BD columns) by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product
+   over the batch reading back the G block the program just wrote (from L2), written straight into the
    C x D gradient in W's dtype; that buffer is handed to autograd as weight.grad.
 Then dX += G @ Wn_chunk: one cuBLAS product with an fp32 result (the sum over classes, which a
 class-parallel kernel would have to pass through memory per tile). The target column's entries,
@@ -88,21 +88,25 @@ class TileConfig:
 
 
 # Tiles for Hopper (227 KB shared memory per block) that stay valid on an A100 (163 KB); configs that
-# do not fit a smaller card are pruned. The first of each list is the deterministic mode's choice:
-# compiled for sm_90 and sm_80 at B = D = 512, it spills nothing and needs at most half the registers
-# and shared memory of an SM, so two programs share each SM and one's softmax epilogue runs while
-# the other's products do. BD is 64 everywhere, so whether D needs masking is known before tuning.
+# do not fit a smaller card are pruned. The first of each list is the deterministic mode's choice: the
+# one bench/kernels.py's model rates fastest among those that, compiled for sm_90 and sm_80 at
+# B = D = 512 in both modes, spill nothing. Its BB x BC fp32 accumulator is spread over 8 warps (64
+# registers a thread at 128 x 128); one program per SM, whose epilogue overlaps the wgmma it leaves in
+# flight. Larger class tiles cut the re-reads of X (once per class tile) from L2; 256 x 128 and wider
+# spill. BD is 64 everywhere, so whether D needs masking is known before tuning.
 # forward: (BB x BD) X tiles and (BC x BD) Wn tiles per stage
 FWD_CONFIGS = (
-    TileConfig(128, 64, 64, 8, 3),
     TileConfig(128, 128, 64, 8, 3),
+    TileConfig(128, 64, 64, 8, 3),
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
-# backward: phase 1 as the forward; phase 2 a (BC x BD) dW tile, stepping BB batch rows per stage
+# backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping BB batch rows per stage.
+# Both phases' tiles take ~255 registers at these shapes: 128 x 128 (at 8 or 16 warps) and 128 x 64 at
+# 4 warps spill.
 BWD_CONFIGS = (
-    TileConfig(128, 64, 64, 4, 3),
     TileConfig(64, 128, 64, 8, 3),
+    TileConfig(128, 64, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
@@ -115,7 +119,7 @@ def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_byt
     backward's two phases run one after the other: the larger of the two)."""
     cos = cfg.bb * cfg.bd * x_bytes + cfg.bc * cfg.bd * w_bytes
     if kernel == "bwd":
-        return cfg.stages * max(cos, cfg.bb * cfg.bc * g_bytes + cfg.bb * cfg.bd * x_bytes)
+        return cfg.stages * max(cos, cfg.bb * cfg.bc * g_bytes + cfg.bb * 2 * cfg.bd * x_bytes)
     return cfg.stages * cos
 
 
@@ -262,13 +266,14 @@ if triton is not None:
             tl.store(gp, dc.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         # phase 2 reads the G block this program's threads wrote: a barrier makes it visible
         tl.debug_barrier()
+        # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
         rw = tl.load(RW + cols, mask=cmask, other=0.0)
-        wp = WN + cols.to(tl.int64)[:, None] * stride_w + tl.arange(0, BD)[None, :]
-        dwp = DW + cols.to(tl.int64)[:, None] * stride_dw + tl.arange(0, BD)[None, :]
-        for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
+        wp = WN + cols.to(tl.int64)[:, None] * stride_w + tl.arange(0, 2 * BD)[None, :]
+        dwp = DW + cols.to(tl.int64)[:, None] * stride_dw + tl.arange(0, 2 * BD)[None, :]
+        for d0 in range(0, D, 2 * BD):
+            ds = d0 + tl.arange(0, 2 * BD)
             dmask = ds < D
-            acc = tl.zeros((BC, BD), dtype=tl.float32)
+            acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
                 rmask = rows < B
@@ -282,34 +287,28 @@ if triton is not None:
             wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
             dw = rw[:, None] * (acc - h[:, None] * wn)
             tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
-            wp += BD
-            dwp += BD
+            wp += 2 * BD
+            dwp += 2 * BD
 
     @triton.jit
     def _normalize_kernel(W, RW, WN, C, D, stride_w, stride_n, NORMS: tl.constexpr, BR: tl.constexpr,
                           BD: tl.constexpr):
-        # Wn = W * r in the operand dtype, no fp32 temporary of C x D. NORMS: also r = 1 / max(|w|, 1e-12)
-        # into RW, from a first pass over the block's rows (the second finds them in L1/L2: W is read
-        # from memory once); else r is read from RW.
+        # Wn = W * r in the operand dtype, no fp32 temporary of C x D. One read of each row: BD >= D,
+        # so a block's rows stay in registers between the norm and the scaled copy. NORMS: also
+        # r = 1 / max(|w|, 1e-12) into RW; else r is read from RW.
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = rows < C
-        wrow = W + rows.to(tl.int64)[:, None] * stride_w
-        nrow = WN + rows.to(tl.int64)[:, None] * stride_n
+        ds = tl.arange(0, BD)
+        m = rmask[:, None] & (ds < D)[None, :]
+        w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + ds[None, :], mask=m, other=0.0).to(tl.float32)
         if NORMS:
-            ss = tl.zeros((BR,), dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                ds = d0 + tl.arange(0, BD)
-                w = tl.load(wrow + ds[None, :], mask=rmask[:, None] & (ds < D)[None, :], other=0.0)
-                ss += tl.sum(w.to(tl.float32) * w.to(tl.float32), axis=1)
+            ss = tl.sum(w * w, axis=1)
             r = tl.div_rn(tl.full((BR,), 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
             tl.store(RW + rows, r, mask=rmask)
         else:
             r = tl.load(RW + rows, mask=rmask, other=0.0)
-        for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
-            m = rmask[:, None] & (ds < D)[None, :]
-            w = tl.load(wrow + ds[None, :], mask=m, other=0.0).to(tl.float32)
-            tl.store(nrow + ds[None, :], (w * r[:, None]).to(WN.dtype.element_ty), mask=m)
+        wn = (w * r[:, None]).to(WN.dtype.element_ty)
+        tl.store(WN + rows.to(tl.int64)[:, None] * stride_n + ds[None, :], wn, mask=m)
 
     def _autotuned(kernel, configs: tuple[TileConfig, ...], kind: str):
         prune = {"early_config_prune": _pruner(kind, configs)}
@@ -334,6 +333,13 @@ def default_chunk(B: int, C: int, g_bytes: int) -> int:
     fit = max(1, (32 << 20) // max(1, B * g_bytes))
     chunk = 1 << (fit.bit_length() - 1)
     return max(1024, min(65536, chunk, triton.next_power_of_2(C) if triton else C))
+
+
+def normalize_block(D: int) -> tuple[int, int]:
+    """(rows, columns) of a `_normalize_kernel` block: whole rows (a power of two >= D), 8192 elements
+    (64 fp32 registers a thread at 4 warps), so each row is read once."""
+    bd = 1 << max(0, (D - 1).bit_length())
+    return max(1, 8192 // bd), bd
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -399,9 +405,10 @@ class FusedEngine:
         wn = torch.empty((C, D), dtype=op, device=weight.device)
         norms = rw is None
         rw = torch.empty(C, device=weight.device) if norms else rw.float().contiguous()
+        br, bd = normalize_block(D)
         with _on(weight.device):
-            _normalize_kernel[(triton.cdiv(C, 32),)](weight, rw, wn, C, D, weight.stride(0), wn.stride(0),
-                                                     NORMS=norms, BR=32, BD=128)
+            _normalize_kernel[(triton.cdiv(C, br),)](weight, rw, wn, C, D, weight.stride(0), wn.stride(0),
+                                                     NORMS=norms, BR=br, BD=bd)
         self._wn = (key, rw, wn)
         return rw, wn
 

@@ -32,10 +32,11 @@ def test_operand_dtype_by_device_and_dtype() -> None:
 
 
 def test_configs_are_pruned_by_shared_memory() -> None:
-    # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G and X
+    # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G (BB x BC)
+    # and X in slabs of 2 BD (BB x 2BD)
     assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "fwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
-    assert shared_bytes(TileConfig(64, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 64 * 2)
-    assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
+    assert shared_bytes(TileConfig(64, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
+    assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 128 * 2)
     hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
     assert fitting(FWD_CONFIGS, "fwd", hopper, 2, 2, 2) == list(FWD_CONFIGS)
     assert fitting(FWD_CONFIGS, "fwd", a100, 2, 2, 2) == list(FWD_CONFIGS)
