@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import CliParser, UserError, cpu_count, run_cli
-from eval.gallery import TemplateIndex, faiss_available, normalize
+from eval.identification.gallery import TemplateIndex, faiss_available, normalize
 
 NAIVE_SLICE = 20_000
 DEFAULT_LFW = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lfw"
@@ -80,7 +80,7 @@ def speed(args: argparse.Namespace) -> dict:
 
 
 def lfw(args: argparse.Namespace) -> dict:
-    from eval.identify_lfw import identification_figures
+    from eval.identification.lfw_figures import identification_figures
 
     if args.model is None:
         raise UserError("lfw: --model CKPT|M.onnx is required")

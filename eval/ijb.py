@@ -35,7 +35,7 @@ import torch
 from common.cli import CliParser, UserError, cpu_count, progress, run_cli
 from common.fileio import atomic_write_text
 from eval.embed import EmbedFn, flip_embed, model_embedder
-from eval.verification import auc_score, tar_at_far
+from eval.verification.metrics import auc_score, tar_at_far
 from preprocess.align import warp
 from shards.format import parse_image_size
 from shards.torch_pipeline import to_model_input
@@ -277,7 +277,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=1) + "\n", what="metrics JSON")
     if args.roc:
-        from eval import plots
+        from eval.verification import plots
 
         title = f"{metrics['set']} 1:1: {Path(model_name.split()[0]).name}"
         plots.save_rocs(args.roc, {metrics["set"]: (scores, labels)}, title)

@@ -24,8 +24,14 @@ import numpy as np
 from common.cli import CliParser, UserError, run_cli
 from common.fileio import atomic_write_text
 from eval.embed import EmbedFn, embed_shards, model_embedder
-from eval.pairs import Member, manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
-from eval.verification import KFoldResult, NonFiniteEmbeddings, kfold, pair_scores, verification_metrics
+from eval.verification.metrics import (
+    KFoldResult,
+    NonFiniteEmbeddings,
+    kfold,
+    pair_scores,
+    verification_metrics,
+)
+from eval.verification.shard_faces import Member, manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
 from shards.manifest import Manifest, Pair, load_manifest
 
 
@@ -81,7 +87,7 @@ def hardest_failures(pairs: Sequence[Pair], scores: np.ndarray, folds: np.ndarra
 def _save_plots(args: argparse.Namespace, pairs: list[Pair], members: dict[str, Member],
                 scores: np.ndarray, same: np.ndarray, folds: np.ndarray, res: KFoldResult,
                 metrics: dict[str, Any], model_name: str) -> None:
-    from eval import plots  # matplotlib only when a picture is asked for
+    from eval.verification import plots  # matplotlib only when a picture is asked for
 
     if args.roc:
         plots.save_roc(args.roc, scores, same, f"LFW ROC: {Path(model_name.split()[0]).name}, "

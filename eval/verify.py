@@ -30,9 +30,9 @@ import torch
 from common.cli import CliParser, UserError, cpu_count, run_cli
 from common.fileio import atomic_write_text
 from eval.embed import EmbedFn, onnx_embedder
-from eval.embed_keys import embed_keys
-from eval.pairsets import PairSet, set_pairs
-from eval.verification import kfold, pair_scores, verification_metrics
+from eval.verification.embed_keys import embed_keys
+from eval.verification.metrics import kfold, pair_scores, verification_metrics
+from eval.verification.pairsets import PairSet, set_pairs
 from shards.manifest import Manifest, load_manifest
 from shards.sample_index import SampleTable, build_sample_table
 
@@ -188,7 +188,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         doc = {"model": model_name, "flip": flip, "sets": {r.name: r.metrics for r in results}}
         atomic_write_text(args.json, json.dumps(doc, indent=1) + "\n", what="metrics JSON")
     if args.roc:
-        from eval import plots  # matplotlib only when a picture is asked for
+        from eval.verification import plots  # matplotlib only when a picture is asked for
 
         plots.save_rocs(args.roc, {r.name: (r.scores, r.same) for r in results},
                         f"ROC: {Path(model_name.split()[0]).name}")

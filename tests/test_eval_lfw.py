@@ -16,7 +16,7 @@ import torch
 
 from eval import embed as E
 from eval.lfw import main
-from eval.pairs import read_jpeg, read_pairs_file, shard_jpegs
+from eval.verification.shard_faces import read_jpeg, read_pairs_file, shard_jpegs
 from shards.manifest import load_manifest, write_manifest
 from tests._eval_util import SIZE, build_lfw_shards, make_checkpoint, one_line_error
 from trainer.checkpoint import load_embedding_model

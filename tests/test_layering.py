@@ -117,10 +117,11 @@ def test_every_import_respects_the_layers():
 def test_the_checker_sees_imports_and_catches_a_violation():
     graph = import_graph()
     assert "trainer.checkpoint" in graph["eval.embed"]  # a function-level import, seen
-    assert "eval.validation" in graph["trainer.main"]  # the composition root's one allowance
-    src = "import torch\ndef f():\n    from eval.verification import kfold\n"
+    assert "eval.verification.validation" in graph["trainer.main"]  # the composition root's one allowance
+    src = "import torch\ndef f():\n    from eval.verification.metrics import kfold\n"
     names = [n for n, _, _ in imports_of(src, "trainer.engine")]
-    assert violations("trainer.engine", names) == ["eval.verification.kfold", "eval.verification"]
+    assert violations("trainer.engine", names) == ["eval.verification.metrics.kfold",
+                                                   "eval.verification.metrics"]
     assert violations("heads.core", ["common.cli"]) == ["common.cli"]
     assert violations("shards.loader", ["heads"]) == ["heads"]
     assert violations("eval.lfw", ["trainer.checkpoint", "shards.manifest"]) == []

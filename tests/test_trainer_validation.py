@@ -12,7 +12,7 @@ import torch
 
 from common.cli import UserError
 from eval.lfw import main as lfw_main
-from eval.validation import LfwValidator
+from eval.verification.validation import LfwValidator
 from tests._loader_util import make_shards
 from tests._trainer_util import metrics, pair_shards, tiny_overrides
 from trainer.backbones import build_backbone

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from eval import verification as V
-from eval.verification import (
+from eval.verification import metrics as V
+from eval.verification.metrics import (
     auc_score,
     best_threshold,
     kfold,

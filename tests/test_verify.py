@@ -17,8 +17,8 @@ from common.cli import UserError, run_cli
 from eval import verify
 from eval.import_bin import main as import_main
 from eval.lfw import main as lfw_main
-from eval.pairs import read_jpeg, shard_jpegs
-from eval.pairsets import split_folds
+from eval.verification.pairsets import split_folds
+from eval.verification.shard_faces import read_jpeg, shard_jpegs
 from shards.format import FORMAT_NAME, FORMAT_VERSION, sample_key, scaled_template
 from shards.manifest import Pair, load_manifest, write_manifest
 from shards.writer import ShardWriter
@@ -239,7 +239,7 @@ def test_argument_mistakes_are_one_line(shards: Path, ckpt: Path, tmp_path: Path
 
 
 def test_headerless_lfw_lines_and_plain_lists_are_told_apart(tmp_path: Path) -> None:
-    from eval.pairsets import read_any_pairs
+    from eval.verification.pairsets import read_any_pairs
 
     lfw = tmp_path / "headerless.txt"
     lfw.write_text("Person_A 1 2\nPerson_A 1 Person_B 3\n")

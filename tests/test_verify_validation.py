@@ -11,8 +11,8 @@ import pytest
 
 from common.cli import UserError
 from eval.import_bin import main as import_main
-from eval.pairs import read_jpeg, shard_jpegs
-from eval.validation import SetsValidator
+from eval.verification.shard_faces import read_jpeg, shard_jpegs
+from eval.verification.validation import SetsValidator
 from eval.verify import main as verify_main
 from shards.manifest import load_manifest
 from tests._loader_util import make_shards

@@ -31,13 +31,13 @@ def build_validators(cfg: TrainConfig) -> list[Validator]:
     inside the functions so that --help answers without loading torch."""
     val = cfg.validation
     if val.sets:  # several sets, as eval/verify.py scores them; lfw_shards joins them as "lfw"
-        from eval.validation import SetsValidator
+        from eval.verification.validation import SetsValidator
 
         sets = {"lfw": val.lfw_shards, **val.sets} if val.lfw_shards else dict(val.sets)
         return [SetsValidator(sets, best=val.best, batch_size=val.batch_size)]
     if not val.lfw_shards:
         return []
-    from eval.validation import LfwValidator
+    from eval.verification.validation import LfwValidator
 
     return [LfwValidator(val.lfw_shards, batch_size=val.batch_size)]
 

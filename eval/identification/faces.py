@@ -22,7 +22,7 @@ import torch
 
 from common.cli import UserError
 from eval.embed import EmbedFn, onnx_embedder, resolve_device, torch_embedder
-from eval.gallery import ModelInfo, normalize
+from eval.identification.gallery import ModelInfo, normalize
 from preprocess.align import check_geometry, warp
 from preprocess.detect import Face, detect_faces
 

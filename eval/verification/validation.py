@@ -14,8 +14,8 @@ from torch import nn
 
 from common.cli import UserError
 from eval.embed import embed_shards, module_embedder
-from eval.pairs import manifest_pairs, shard_jpegs
-from eval.verification import pair_scores, verification_metrics
+from eval.verification.metrics import pair_scores, verification_metrics
+from eval.verification.shard_faces import manifest_pairs, shard_jpegs
 from shards.manifest import load_manifest
 
 
