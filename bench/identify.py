@@ -10,8 +10,9 @@ video frames), against the baseline in the same run: a per-identity Python loop 
 timed on the first 20,000 identities and scaled linearly to the gallery size. Threads: whatever
 numpy's BLAS and FAISS use by default (all cores).
 
-lfw: eval/identify_lfw.py's protocol (one photo enrolled per person with two or more, their other
-photos searched, single-photo people as impostors); no baseline, these are accuracy figures.
+lfw: eval/identification/lfw_figures.py's protocol (one photo enrolled per person with two or more,
+their other photos searched, single-photo people as impostors); no baseline, these are accuracy
+figures.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ label`). Each face is aligned with its 5 points to the standard template (prepro
 embedded with its mirror image added and L2-normalized (the flip rule of eval/verify.py); a template's
 feature is the mean over its media of each media's mean face feature, L2-normalized; a pair's score
 is the cosine of its two templates. Reported: TAR at FAR 1e-6 ... 1e-1 (at most floor(FAR x
-impostors) impostor pairs above the threshold, as eval/verification.py) and AUC; --roc draws the
+impostors) impostor pairs above the threshold, as eval/verification/metrics.py) and AUC; --roc draws the
 curve. Only faces of templates that some pair uses are read. Faces are read and aligned by
 --workers threads, a few batches ahead of the model.
 """

@@ -1,5 +1,5 @@
-"""eval/identify.py enrol|search on generated faces, eval/gallery.py's search and figures, and (slow)
-identification on real LFW with the reference model."""
+"""eval/identify.py enrol|search on generated faces, eval/identification/gallery.py's search and figures,
+and (slow) identification on real LFW with the reference model."""
 
 from __future__ import annotations
 

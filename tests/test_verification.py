@@ -1,4 +1,4 @@
-"""Known answers for eval/verification.py: the metric code shared by eval/lfw.py and the trainer."""
+"""Known answers for eval/verification/metrics.py: the metric code of every verifier and the trainer."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 Also loads the embedding model (checkpoint or ONNX) with what a gallery must record about it: its
 architecture, image size and a fingerprint of its weights, and the verification threshold its LFW
 evaluation chose when the checkpoint carries one. Model loading goes through eval/embed.py's and
-trainer/checkpoint.py's public functions; the flip-and-normalize step is written here for single
-batches of crops because eval/embed.py only offers it inside `embed_shards`.
+trainer/checkpoint.py's public functions; crops are embedded with eval/embed.py's flip rule.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ import numpy as np
 import torch
 
 from common.cli import UserError
-from eval.embed import EmbedFn, onnx_embedder, resolve_device, torch_embedder
-from eval.identification.gallery import ModelInfo, normalize
+from eval.embed import EmbedFn, flip_embed, onnx_embedder, resolve_device, torch_embedder
+from eval.identification.gallery import ModelInfo
 from preprocess.align import check_geometry, warp
 from preprocess.detect import Face, detect_faces
 
@@ -138,13 +137,7 @@ def embed_crops(embed: EmbedFn, crops: list[np.ndarray], flip: bool = True, batc
     out = []
     for start in range(0, len(crops), batch):
         x = torch.from_numpy(np.stack(crops[start:start + batch])).permute(0, 3, 1, 2).float()
-        x = (x / 255.0 - 0.5) / 0.5
-        if flip:
-            both = embed(torch.cat([x, torch.flip(x, dims=[3])]))
-            emb = both[: len(x)] + both[len(x):]
-        else:
-            emb = embed(x)
-        out.append(normalize(emb))
+        out.append(flip_embed(embed, (x / 255.0 - 0.5) / 0.5, flip))
     return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
 
 
