@@ -23,7 +23,13 @@ import numpy as np
 
 from common.cli import CliParser, run_cli
 from common.fileio import atomic_write_text
-from eval.verification.command import add_model_arguments, evaluate_sets, resolve_batch_size, set_embedder
+from eval.verification.command import (
+    add_model_arguments,
+    add_run_arguments,
+    evaluate_sets,
+    resolve_batch_size,
+    set_embedder,
+)
 from eval.verification.sets import PreparedSet, SetResult, prepare_set
 from eval.verification.shard_faces import read_jpeg, shard_jpegs
 from shards.manifest import load_manifest
@@ -41,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roc", type=Path, help="draw the ROC curve (log-scale FAR) to this PNG")
     p.add_argument("--failures", type=Path, help="PNG sheet of the hardest failed pairs")
     p.add_argument("--num-failures", type=int, default=12, help="pairs on the failures sheet (default 12)")
+    add_run_arguments(p)
     p.add_argument("--workers", type=int, default=0,
                    help="accepted for old command lines; faces are decoded one batch ahead in a thread")
     return p

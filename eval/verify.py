@@ -23,7 +23,13 @@ from pathlib import Path
 
 from common.cli import CliParser, UserError, run_cli
 from common.fileio import atomic_write_text
-from eval.verification.command import add_model_arguments, evaluate_sets, resolve_batch_size, set_embedder
+from eval.verification.command import (
+    add_model_arguments,
+    add_run_arguments,
+    evaluate_sets,
+    resolve_batch_size,
+    set_embedder,
+)
 from eval.verification.sets import SetResult, prepare_set
 from shards.manifest import Manifest, load_manifest
 
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score set NAME on this pairs file instead of its manifest's pairs")
     p.add_argument("--json", type=Path, help="write every set's metrics JSON into this file")
     p.add_argument("--roc", type=Path, help="draw the ROC curves of all sets into this PNG")
+    add_run_arguments(p)
     return p
 
 

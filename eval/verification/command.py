@@ -18,10 +18,13 @@ from shards.manifest import Manifest
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The model, how its pairs are read and how it runs: the options both commands take."""
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", type=Path, help="facetrain checkpoint (.pt)")
     model.add_argument("--onnx", type=Path, help="ONNX embedding model (input as DESIGN.md)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """How the pairs are read and how the model runs: the options both commands take."""
     p.add_argument("--folds", type=int, help="split one-fold pairs (View 1, plain lists) into K folds")
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out pairs naming an image the shards lack (reported), instead of failing")
