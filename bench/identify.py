@@ -10,8 +10,9 @@ video frames), against the baseline in the same run: a per-identity Python loop 
 timed on the first 20,000 identities and scaled linearly to the gallery size. Threads: whatever
 numpy's BLAS and FAISS use by default (all cores).
 
-lfw: eval/identify_lfw.py's protocol (one photo enrolled per person with two or more, their other
-photos searched, single-photo people as impostors); no baseline, these are accuracy figures.
+lfw: eval/identification/lfw_figures.py's protocol (one photo enrolled per person with two or more,
+their other photos searched, single-photo people as impostors); no baseline, these are accuracy
+figures.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import CliParser, UserError, cpu_count, run_cli
-from eval.gallery import TemplateIndex, faiss_available, normalize
+from eval.identification.gallery import TemplateIndex, faiss_available, normalize
 from models.load import add_model_arguments
 
 NAIVE_SLICE = 20_000
@@ -81,7 +82,7 @@ def speed(args: argparse.Namespace) -> dict:
 
 
 def lfw(args: argparse.Namespace) -> dict:
-    from eval.identify_lfw import identification_figures
+    from eval.identification.lfw_figures import identification_figures
 
     if args.model is None:
         raise UserError("lfw: --model CKPT|M.onnx is required")

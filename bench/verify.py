@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from common.cli import CliParser, cpu_count, run_cli
-from eval.verification import pair_scores, verification_metrics
+from eval.verification.metrics import pair_scores, verification_metrics
 from shards.manifest import load_manifest
 
 

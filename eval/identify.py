@@ -36,7 +36,7 @@ import numpy as np
 
 from common.cli import CliParser, UserError, cpu_count, run_cli
 from common.walk import regular_files
-from eval.faces import (
+from eval.identification.faces import (
     IMAGE_EXTS,
     FaceModel,
     FoundFace,
@@ -47,8 +47,8 @@ from eval.faces import (
     read_rgb,
     threshold_from_metrics,
 )
-from eval.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
-from eval.identify_outputs import Outputs
+from eval.identification.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
+from eval.identification.outputs import Outputs
 from models.load import add_model_arguments
 from preprocess.detect import pick_face
 

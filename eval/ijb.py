@@ -10,7 +10,7 @@ label`). Each face is aligned with its 5 points to the standard template (prepro
 embedded with its mirror image added and L2-normalized (the flip rule of eval/verify.py); a template's
 feature is the mean over its media of each media's mean face feature, L2-normalized; a pair's score
 is the cosine of its two templates. Reported: TAR at FAR 1e-6 ... 1e-1 (at most floor(FAR x
-impostors) impostor pairs above the threshold, as eval/verification.py) and AUC; --roc draws the
+impostors) impostor pairs above the threshold, as eval/verification/metrics.py) and AUC; --roc draws the
 curve. Only faces of templates that some pair uses are read. Faces are read and aligned by
 --workers threads, a few batches ahead of the model.
 """
@@ -35,7 +35,7 @@ import torch
 from common.cli import CliParser, UserError, cpu_count, progress, run_cli
 from common.fileio import atomic_write_text
 from eval.embed import EmbedFn, flip_embed
-from eval.verification import auc_score, tar_at_far
+from eval.verification.metrics import auc_score, tar_at_far
 from models.load import add_model_arguments, model_from_args
 from preprocess.align import warp
 from shards.format import parse_image_size
@@ -276,7 +276,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=1) + "\n", what="metrics JSON")
     if args.roc:
-        from eval import plots
+        from eval.verification import plots
 
         title = f"{metrics['set']} 1:1: {Path(model_name.split()[0]).name}"
         plots.save_rocs(args.roc, {metrics["set"]: (scores, labels)}, title)

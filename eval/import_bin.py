@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from common.cli import CliParser, UserError, run_cli
-from eval.pairsets import contiguous_folds
+from eval.verification.pairsets import contiguous_folds
 from shards.format import FORMAT_NAME, FORMAT_VERSION, scaled_template
 from shards.manifest import MANIFEST_NAME, Pair, ShardInfo, write_manifest
 from shards.writer import ShardWriter

@@ -3,10 +3,11 @@
     python eval/lfw.py --checkpoint CKPT --shards LFW_SHARDS [--json FILE] [--roc FILE.png]
     python eval/lfw.py --onnx MODEL.onnx --shards LFW_SHARDS ...
 
-Reads the aligned faces from the shards (never the raw images), embeds each face once (with its
-mirror image added unless --no-flip), scores pairs by cosine similarity and runs the 10-fold
-protocol on the pairs' folds (eval/verification.py). The metrics line goes to stdout, progress and
-logs to stderr.
+The LFW preset of eval/verify.py: one set, named lfw, scored by the same path
+(eval/verification/sets.py): the faces the pairs use read from the shards (never the raw images),
+each embedded once with its mirror image added unless --no-flip, pairs scored by cosine similarity
+and the 10-fold protocol run on the pairs' folds. The metrics line goes to stdout in the reference
+project's form, progress and logs to stderr; --failures draws the hardest failed pairs.
 """
 
 from __future__ import annotations
@@ -14,20 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.cli import CliParser, UserError, run_cli
+from common.cli import CliParser, run_cli
 from common.fileio import atomic_write_text
-from eval.embed import EmbedFn, embed_shards
-from eval.pairs import Member, manifest_pairs, read_jpeg, read_pairs_file, shard_jpegs
-from eval.verification import KFoldResult, NonFiniteEmbeddings, kfold, pair_scores, verification_metrics
-from models.load import add_model_arguments, model_from_args
-from shards.manifest import Manifest, Pair, load_manifest
+from eval.verification.command import add_run_arguments, evaluate_sets, resolve_batch_size, set_embedder
+from eval.verification.sets import PreparedSet, SetResult, prepare_set
+from eval.verification.shard_faces import read_jpeg, shard_jpegs
+from models.load import add_model_arguments
+from shards.manifest import load_manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,24 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--shards", type=Path, required=True, help="LFW shard folder (with manifest.json)")
     p.add_argument("--pairs", type=Path,
-                   help="pairs.txt in the standard format (default: the manifest's pairs)")
+                   help="pairs file (View 2, View 1 or a plain list, as eval/verify.py reads) in place of "
+                        "the manifest's pairs")
     p.add_argument("--json", type=Path, help="write the metrics JSON here")
     p.add_argument("--roc", type=Path, help="draw the ROC curve (log-scale FAR) to this PNG")
     p.add_argument("--failures", type=Path, help="PNG sheet of the hardest failed pairs")
     p.add_argument("--num-failures", type=int, default=12, help="pairs on the failures sheet (default 12)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="faces per forward (x2 with flip); default 32 on cpu, 256 on cuda")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--workers", type=int, default=0, help="decode workers of the shard reader")
-    p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(p)
+    p.add_argument("--workers", type=int, default=0,
+                   help="accepted for old command lines; faces are decoded one batch ahead in a thread")
     return p
-
-
-def load_embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn, str]:
-    model = model_from_args(args, image_size=tuple(manifest.image_size))
-    model.check_size(manifest.image_size, f"the shards in {manifest.root}")
-    return model.embed, model.name
 
 
 def format_metrics(m: dict[str, Any]) -> str:
@@ -64,72 +56,47 @@ def format_metrics(m: dict[str, Any]) -> str:
             f"TAR@FAR=1e-3 {m['tar_at_far_1e-3']:.3f}")
 
 
-def hardest_failures(pairs: Sequence[Pair], scores: np.ndarray, folds: np.ndarray,
-                     fold_ids: np.ndarray, thresholds: np.ndarray, predicted: np.ndarray,
-                     n: int) -> list[tuple[str, str, bool, float, float]]:
+def hardest_failures(ps: PreparedSet, r: SetResult, n: int) -> list[tuple[str, str, bool, float, float]]:
     """Mis-scored pairs, farthest from their fold's threshold first."""
-    thr = thresholds[np.searchsorted(fold_ids, folds)]
-    same = np.array([p.same for p in pairs], bool)
-    wrong = np.flatnonzero(predicted != same)
-    order = wrong[np.argsort(-np.abs(scores[wrong] - thr[wrong]), kind="stable")][:n]
-    return [(pairs[i].a, pairs[i].b, bool(same[i]), float(scores[i]), float(thr[i])) for i in order]
+    thr = r.kfold.thresholds[np.searchsorted(r.kfold.fold_ids, r.folds)]
+    wrong = np.flatnonzero(r.kfold.predicted_same != r.same)
+    order = wrong[np.argsort(-np.abs(r.scores[wrong] - thr[wrong]), kind="stable")][:n]
+    pairs = ps.pairs.pairs
+    return [(pairs[i].a, pairs[i].b, bool(r.same[i]), float(r.scores[i]), float(thr[i])) for i in order]
 
 
-def _save_plots(args: argparse.Namespace, pairs: list[Pair], members: dict[str, Member],
-                scores: np.ndarray, same: np.ndarray, folds: np.ndarray, res: KFoldResult,
-                metrics: dict[str, Any], model_name: str) -> None:
-    from eval import plots  # matplotlib only when a picture is asked for
+def _save_plots(args: argparse.Namespace, ps: PreparedSet, r: SetResult, model_name: str) -> None:
+    from eval.verification import plots  # matplotlib only when a picture is asked for
 
     if args.roc:
-        plots.save_roc(args.roc, scores, same, f"LFW ROC: {Path(model_name.split()[0]).name}, "
-                       f"acc {metrics['accuracy_mean']:.4f}")
+        plots.save_roc(args.roc, r.scores, r.same, f"LFW ROC: {Path(model_name.split()[0]).name}, "
+                       f"acc {r.metrics['accuracy_mean']:.4f}")
     if args.failures:
-        rows = hardest_failures(pairs, scores, folds, res.fold_ids, res.thresholds,
-                                res.predicted_same, max(args.num_failures, 0))
+        members = shard_jpegs(ps.manifest)
+        rows = hardest_failures(ps, r, max(args.num_failures, 0))
         plots.save_failures(args.failures, rows, lambda key: read_jpeg(members[key]))
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size is None:
-        # On CPU, small batches are ~2x faster here: big activations cost page faults each forward.
-        args.batch_size = 256 if args.device == "cuda" else 32
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    start = time.perf_counter()
+    batch_size = resolve_batch_size(args)
     manifest = load_manifest(args.shards)
-    members = shard_jpegs(manifest)
-    pairs = read_pairs_file(args.pairs, members) if args.pairs else manifest_pairs(manifest, members)
-    embed, model_name = load_embedder(args, manifest)
-    print(f"evaluating {model_name} on {len(pairs)} pairs of {manifest.root} "
-          f"({manifest.num_samples} faces, flip {'off' if args.no_flip else 'on'})", file=sys.stderr)
-
-    emb, index_of = embed_shards(embed, manifest, batch_size=args.batch_size, flip=not args.no_flip,
-                                 workers=args.workers, show_progress=not args.quiet)
-    try:
-        scores, same, folds = pair_scores(emb, index_of, pairs)
-    except KeyError as err:  # the .idx listed it but the reader did not deliver it
-        raise UserError(f"{manifest.root}: {err.args[0]} (shard and index disagree?)") from None
-    except NonFiniteEmbeddings as err:
-        raise UserError(f"{model_name.split()[0]}: {err}; the model's weights are not usable "
-                        "(a diverged training run?)") from None
-    try:
-        metrics = verification_metrics(scores, same, folds)
-        res = kfold(scores, same, folds)
-    except ValueError as err:
-        raise UserError(f"{args.pairs or manifest.root}: cannot run the k-fold protocol ({err})") from None
-    metrics["seconds"] = round(time.perf_counter() - start, 3)
-
-    print(format_metrics(metrics))
-    print(f"folds: {' '.join(f'{a:.3f}' for a in res.accuracies)}; "
-          f"{metrics['num_pairs']} pairs in {metrics['seconds']:.1f} s", file=sys.stderr)
+    ps = prepare_set("lfw", manifest, pairs_file=args.pairs, folds=args.folds, skip_missing=args.skip_missing)
+    embed, model_name, parallel = set_embedder(args, manifest)
+    flip = not args.no_flip
+    print(f"evaluating {model_name} on {len(ps.pairs.pairs)} pairs of {manifest.root} "
+          f"({manifest.num_samples} faces, flip {'on' if flip else 'off'})", file=sys.stderr)
+    [r] = evaluate_sets(embed, model_name, [ps], batch_size=batch_size, flip=flip, parallel=parallel,
+                        show_progress=not args.quiet)
+    m = r.metrics
+    print(format_metrics(m))
+    print(f"folds: {' '.join(f'{a:.3f}' for a in m['fold_accuracies'])}; "
+          f"{m['num_pairs']} pairs in {m['seconds']:.1f} s", file=sys.stderr)
     if args.json:
-        record = {**metrics, "fold_accuracies": res.accuracies.tolist(),
-                  "fold_thresholds": res.thresholds.tolist(), "flip": not args.no_flip,
-                  "model": model_name, "shards": str(manifest.root)}
+        record = {**m, "flip": flip, "model": model_name}
         atomic_write_text(args.json, json.dumps(record, indent=1) + "\n", what="metrics JSON")
     if args.roc or args.failures:
-        _save_plots(args, pairs, members, scores, same, folds, res, metrics, model_name)
+        _save_plots(args, ps, r, model_name)
     return 0
 
 

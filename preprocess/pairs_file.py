@@ -1,4 +1,5 @@
-"""The one reader of LFW's `pairs.txt` format (used by preprocess/datasets.py and eval/pairs.py).
+"""The one reader of LFW's `pairs.txt` format (used by preprocess/datasets.py and
+eval/verification/pairsets.py).
 
 Accepted headers:
 - View 2 (`pairs.txt`): `<folds> <n>`, then per fold n genuine and n impostor lines;

@@ -1,4 +1,5 @@
-"""eval/lfw.py on small hand-built LFW shards: the full run, flip TTA, outputs, and one-line errors."""
+"""eval/lfw.py on small hand-built LFW shards: the full run against the protocol computed by hand, its
+output line and JSON, flip TTA, pairs files, and one-line errors."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval import embed as E
 from eval.lfw import main
-from eval.pairs import read_jpeg, read_pairs_file, shard_jpegs
+from eval.verification.embed_keys import embed_keys
+from eval.verification.pairsets import set_pairs
+from eval.verification.shard_faces import read_jpeg, sample_table, shard_jpegs
 from models.model_file import load_embedding_model
 from shards.manifest import load_manifest, write_manifest
 from tests._eval_util import SIZE, build_lfw_shards, make_checkpoint, one_line_error
@@ -24,6 +26,7 @@ from tests._eval_util import SIZE, build_lfw_shards, make_checkpoint, one_line_e
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"accuracy_mean", "accuracy_std", "same_accuracy", "diff_accuracy", "auc",
                "threshold", "tar_at_far_1e-3", "num_pairs", "seconds"}
+LFW_KEYS = {"fold_accuracies", "fold_thresholds", "flip", "model", "shards"}  # lfw.py's own, since its start
 LINE = re.compile(r"^LFW ACC: \d\.\d{4} \+- \d\.\d{4}  \(same: \d\.\d{4}, diff: \d\.\d{4}\)  "
                   r"AUC \d\.\d{4}  threshold -?\d\.\d{4}  TAR@FAR=1e-3 \d\.\d{3}$")
 
@@ -84,7 +87,9 @@ def test_full_run_writes_metrics_roc_and_failures(lfw_dir: Path, ckpt: Path, tmp
     assert code == 0, err
     assert LINE.match(out.strip().splitlines()[-1]), out
     m = json.loads(out_json.read_text())
-    assert METRIC_KEYS <= set(m) and m["num_pairs"] == 60 and len(m["fold_accuracies"]) == 10
+    assert METRIC_KEYS | LFW_KEYS <= set(m) and m["num_pairs"] == 60 and len(m["fold_accuracies"]) == 10
+    assert len(m["fold_thresholds"]) == 10 and m["flip"] is True and m["shards"] == str(lfw_dir)
+    assert m["model"] == f"{ckpt} (tiny)"
     assert 0.0 <= m["accuracy_mean"] <= 1.0 and 0.0 <= m["auc"] <= 1.0 and m["seconds"] > 0
     want = _protocol_by_hand(lfw_dir, ckpt)
     for key, value in want.items():
@@ -103,7 +108,9 @@ def test_every_face_embedded_once_with_flip(lfw_dir: Path) -> None:
         return (images.flatten(1) @ weights).numpy()
 
     manifest = load_manifest(lfw_dir)
-    emb, index_of = E.embed_shards(linear, manifest, batch_size=5, flip=True, show_progress=False)
+    table = sample_table(manifest)
+    keys = list(table.keys or []) * 2  # a face named twice is still embedded once
+    emb, index_of = embed_keys(linear, manifest, table, keys, batch_size=5, flip=True, show_progress=False)
     assert len(index_of) == emb.shape[0] == 36 and set(index_of) == set(shard_jpegs(manifest))
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     images = []
@@ -115,16 +122,16 @@ def test_every_face_embedded_once_with_flip(lfw_dir: Path) -> None:
     want = ((x + torch.flip(x, dims=[3])).flatten(1) @ weights).numpy()  # linear: f(x) + f(mirror x)
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     np.testing.assert_allclose(emb, want, atol=1e-4)
-    no_flip, _ = E.embed_shards(linear, manifest, batch_size=64, flip=False, show_progress=False)
+    no_flip, _ = embed_keys(linear, manifest, table, keys, batch_size=64, flip=False, show_progress=False)
     assert not np.allclose(no_flip, emb, atol=1e-3)
 
 
 def test_pairs_file_resolves_both_names(lfw_dir: Path, tmp_path: Path) -> None:
-    keys = shard_jpegs(load_manifest(lfw_dir))
+    manifest = load_manifest(lfw_dir)
     path = tmp_path / "pairs.txt"
     path.write_text("2\t1\nPerson_A\t1\t2\nPerson_A\t1\tPerson_B\t3\n"
                     "Person_C\t2\t3\nPerson_C\t1\tPerson_D\t2\n")
-    pairs = read_pairs_file(path, keys)
+    pairs = set_pairs(manifest, set(shard_jpegs(manifest)), path).pairs
     assert [(p.a, p.b, p.same, p.fold) for p in pairs][:2] == [
         ("Person_A__Person_A_0001", "Person_A__Person_A_0002", True, 0),
         ("Person_A__Person_A_0001", "Person_B__Person_B_0003", False, 0),  # the second name, not the first

@@ -1,5 +1,5 @@
-"""eval/identify.py enrol|search on generated faces, eval/gallery.py's search and figures, and (slow)
-identification on real LFW with the reference model."""
+"""eval/identify.py enrol|search on generated faces, eval/identification/gallery.py's search and figures,
+and (slow) identification on real LFW with the reference model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.cli import run_cli
-from eval.gallery import (
+from eval.identification.gallery import (
     TemplateIndex,
     faiss_available,
     load_gallery,
@@ -261,7 +261,7 @@ def test_lfw_identification_with_the_reference_model(tmp_path: Path) -> None:
     """Gallery: one photo of each of the 1,680 LFW people with two or more; probes: their other
     7,484 photos; impostors: the 4,069 people with one photo. Slow: detection and embedding of all
     13,232 photos (~9 min on 2 cores)."""
-    from eval.identify_lfw import identification_figures
+    from eval.identification.lfw_figures import identification_figures
     from eval.import_mobilefacenet import main as import_main
 
     ckpt = tmp_path / "reference.pt"

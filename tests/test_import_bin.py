@@ -16,7 +16,7 @@ import pytest
 from common.cli import UserError, run_cli
 from eval import import_bin
 from eval.import_bin import identity_labels, main, read_pack
-from eval.pairs import read_jpeg, shard_jpegs
+from eval.verification.shard_faces import read_jpeg, shard_jpegs
 from shards.manifest import load_manifest
 
 N_PAIRS = 25  # 10 folds of 2 or 3 pairs: checks the uneven split too

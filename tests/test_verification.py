@@ -1,4 +1,4 @@
-"""Known answers for eval/verification.py: the metric code shared by eval/lfw.py and the trainer."""
+"""Known answers for eval/verification/metrics.py: the metric code of every verifier and the trainer."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from eval import verification as V
-from eval.verification import (
+from eval.verification import metrics as V
+from eval.verification.metrics import (
     auc_score,
     best_threshold,
     kfold,

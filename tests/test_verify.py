@@ -1,6 +1,6 @@
 """eval/verify.py: several sets in one table, any pairs file (View 2, View 1 + --folds, plain lists),
-missing images, one-kind sets, only the used faces embedded, and agreement with eval/lfw.py and with
-an imported .bin of the same faces."""
+missing images, one-kind sets, only the used faces embedded, eval/lfw.py as its LFW preset, and
+agreement with an imported .bin of the same faces."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from common.cli import UserError, run_cli
 from eval import verify
 from eval.import_bin import main as import_main
 from eval.lfw import main as lfw_main
-from eval.pairs import read_jpeg, shard_jpegs
-from eval.pairsets import split_folds
+from eval.verification.pairsets import split_folds
+from eval.verification.sets import evaluate_set, prepare_set
+from eval.verification.shard_faces import read_jpeg, shard_jpegs
 from models.backbones import build_backbone
 from models.model_file import save_embedding_checkpoint
 from shards.format import FORMAT_NAME, FORMAT_VERSION, sample_key, scaled_template
@@ -127,17 +128,29 @@ def test_two_sets_one_table_json_roc_and_bin_equals_shards(shards: Path, ckpt: P
     assert roc.stat().st_size > 1000
 
 
-def test_figures_equal_eval_lfw(shards: Path, ckpt: Path, tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
-    assert lfw_main(["--checkpoint", str(ckpt), "--shards", str(shards), "--json", str(tmp_path / "l.json"),
-                     "--quiet"]) == 0
-    code, _, err = _run(["--checkpoint", str(ckpt), "--sets", f"lfw={shards}", "--json",
-                         str(tmp_path / "v.json"), "--quiet"], capsys)
-    assert code == 0, err
-    a = json.loads((tmp_path / "l.json").read_text())
-    b = json.loads((tmp_path / "v.json").read_text())["sets"]["lfw"]
-    for k in ("accuracy_mean", "accuracy_std", "same_accuracy", "diff_accuracy", "auc", "threshold"):
-        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+def test_eval_lfw_is_the_lfw_preset(shards: Path, ckpt: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """lfw.py prints and writes what verify.py computes for the set (same figures to the last bit),
+    with its own line and JSON, on the manifest's pairs and on a pairs file alike."""
+    pf = _view2(tmp_path / "v2.txt")
+    for pairs, set_pairs in (([], []), (["--pairs", str(pf)], ["--pairs", f"lfw={pf}"])):
+        capsys.readouterr()
+        assert lfw_main(["--checkpoint", str(ckpt), "--shards", str(shards), "--json",
+                         str(tmp_path / "l.json"), "--quiet", *pairs]) == 0
+        line = capsys.readouterr().out.strip()
+        code, _, err = _run(["--checkpoint", str(ckpt), "--sets", f"lfw={shards}", "--json",
+                             str(tmp_path / "v.json"), "--quiet", *set_pairs], capsys)
+        assert code == 0, err
+        a = json.loads((tmp_path / "l.json").read_text())
+        v = json.loads((tmp_path / "v.json").read_text())
+        b = v["sets"]["lfw"]
+        assert {k: a[k] for k in b if k != "seconds"} == {k: b[k] for k in b if k != "seconds"}
+        assert (a["model"], a["flip"]) == (v["model"], v["flip"])
+        assert line == (f"LFW ACC: {b['accuracy_mean']:.4f} +- {b['accuracy_std']:.4f}  "
+                        f"(same: {b['same_accuracy']:.4f}, diff: {b['diff_accuracy']:.4f})  "
+                        f"AUC {b['auc']:.4f}  threshold {b['threshold']:.4f}  "
+                        f"TAR@FAR=1e-3 {b['tar_at_far_1e-3']:.3f}")
+    assert b["num_pairs"] == 12 and b["pairs_source"] == str(pf)
 
 
 def test_only_the_faces_the_pairs_use_are_embedded(shards: Path) -> None:
@@ -147,8 +160,8 @@ def test_only_the_faces_the_pairs_use_are_embedded(shards: Path) -> None:
         rows.append(len(images))
         return images.mean(dim=(2, 3)).numpy()
 
-    ps = verify.prepare_set("lfw", load_manifest(shards))
-    r = verify.evaluate_set(spy, ps, batch_size=4, show_progress=False)
+    ps = prepare_set("lfw", load_manifest(shards))
+    r = evaluate_set(spy, ps, batch_size=4, show_progress=False)
     used = {k for p in load_manifest(shards).pairs for k in (p.a, p.b)}
     assert sum(rows) == 2 * len(used) == 2 * 30  # flip doubles; Person_J_0009 is never read
     assert r.metrics["num_faces"] == 30
@@ -239,7 +252,7 @@ def test_argument_mistakes_are_one_line(shards: Path, ckpt: Path, tmp_path: Path
 
 
 def test_headerless_lfw_lines_and_plain_lists_are_told_apart(tmp_path: Path) -> None:
-    from eval.pairsets import read_any_pairs
+    from eval.verification.pairsets import read_any_pairs
 
     lfw = tmp_path / "headerless.txt"
     lfw.write_text("Person_A 1 2\nPerson_A 1 Person_B 3\n")

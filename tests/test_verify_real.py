@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from eval.import_bin import main as import_main
-from eval.pairs import read_jpeg, shard_jpegs
+from eval.verification.shard_faces import read_jpeg, shard_jpegs
 from eval.verify import main as verify_main
 from preprocess.build_shards import main as build_main
 from shards.manifest import load_manifest

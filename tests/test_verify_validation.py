@@ -11,8 +11,8 @@ import pytest
 
 from common.cli import UserError
 from eval.import_bin import main as import_main
-from eval.pairs import read_jpeg, shard_jpegs
-from eval.validation import SetsValidator
+from eval.verification.shard_faces import read_jpeg, shard_jpegs
+from eval.verification.validation import VerificationValidator
 from eval.verify import main as verify_main
 from shards.manifest import load_manifest
 from tests._loader_util import make_shards
@@ -50,7 +50,7 @@ def test_config_reads_sets_and_checks_best(sets: dict[str, Path], tmp_path: Path
 def test_a_set_without_pairs_fails_before_training(tmp_path: Path) -> None:
     plain = make_shards(tmp_path / "train", [8], size=32)
     with pytest.raises(UserError, match="hold no pairs"):
-        SetsValidator({"x": plain})
+        VerificationValidator({"x": plain})
 
 
 def _verify(ckpt: Path, sets: dict[str, Path], out: Path) -> dict:

@@ -32,16 +32,13 @@ def build_validators(cfg: TrainConfig) -> list[Validator]:
     trainer to eval/: the engine only knows the trainer.validation.Validator protocol). Imports stay
     inside the functions so that --help answers without loading torch."""
     val = cfg.validation
-    if val.sets:  # several sets, as eval/verify.py scores them; lfw_shards joins them as "lfw"
-        from eval.validation import SetsValidator
-
-        sets = {"lfw": val.lfw_shards, **val.sets} if val.lfw_shards else dict(val.sets)
-        return [SetsValidator(sets, best=val.best, batch_size=val.batch_size)]
-    if not val.lfw_shards:
+    # validation.lfw_shards is shorthand for validation.sets.lfw (config.py refuses two different folders)
+    sets = {"lfw": val.lfw_shards, **val.sets} if val.lfw_shards else dict(val.sets)
+    if not sets:
         return []
-    from eval.validation import LfwValidator
+    from eval.verification.validation import VerificationValidator
 
-    return [LfwValidator(val.lfw_shards, batch_size=val.batch_size)]
+    return [VerificationValidator(sets, best=val.best, batch_size=val.batch_size)]
 
 
 def run_folder_lock(run_dir: str) -> contextlib.AbstractContextManager:

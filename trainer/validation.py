@@ -1,5 +1,5 @@
 """What the training loop needs from a validator. The trainer never imports an evaluator: its
-command module (trainer/main.py) builds them (eval/validation.py) and hands them in."""
+command module (trainer/main.py) builds them (eval/verification/validation.py) and hands them in."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from eval.verification import best_threshold
+from eval.verification.metrics import best_threshold
 from models.backbones import build_backbone
 from tests._trainer_util import metrics, tiny_overrides
 from trainer.config import load_config

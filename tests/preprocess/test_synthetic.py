@@ -314,7 +314,7 @@ def test_calibration_raw_pixels_and_untrained_net(tmp_path: Path) -> None:
     images near chance, an untrained tiny network well below what training reaches (>= 0.9)."""
     import torch
 
-    from eval.verification import verification_metrics
+    from eval.verification.metrics import verification_metrics
     from models.backbones import build_backbone
 
     argv = [

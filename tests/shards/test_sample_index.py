@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.cli import UserError
-from eval.pairs import shard_jpegs
+from eval.verification.shard_faces import shard_jpegs
 from shards.loader import build_train_loader, iter_eval_batches
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.writer import ShardWriter

@@ -1,4 +1,4 @@
-"""In-training LFW validation (eval/validation.py, handed to the trainer by trainer/main.py): the
+"""In-training LFW validation (eval/verification/validation.py, handed to the trainer by trainer/main.py): the
 figure it logs is the one eval/lfw.py prints for the same checkpoint (same pairs, same flip rule,
 same metric code), and validating leaves the training model as it was."""
 
@@ -12,7 +12,7 @@ import torch
 
 from common.cli import UserError
 from eval.lfw import main as lfw_main
-from eval.validation import LfwValidator
+from eval.verification.validation import VerificationValidator
 from models.backbones import build_backbone
 from models.model_file import save_embedding_checkpoint
 from tests._loader_util import make_shards
@@ -38,7 +38,7 @@ def test_validator_equals_eval_lfw_and_keeps_the_model_mode(lfw, tmp_path):
     want = _eval_lfw(tmp_path / "m.pt", lfw, tmp_path / "m.json")
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = LfwValidator(lfw, batch_size=7)(model)
+    got = VerificationValidator({"lfw": lfw}, batch_size=7)(model)
     assert model.training  # back in the mode it came in
     for k, v in model.state_dict().items():  # eval mode while embedding: BN statistics untouched
         assert torch.equal(v, before[k]), k
@@ -56,7 +56,9 @@ def test_training_logs_the_figure_eval_lfw_prints(lfw, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     vals = [r for r in metrics(run) if "val_accuracy" in r]
     assert [r["step"] for r in vals] == [3, 6]
-    assert {"val_accuracy", "auc", "tar_at_far_1e-3", "num_pairs", "val_seconds"} <= set(vals[-1])
+    assert {"val_accuracy", "accuracy_std", "same_accuracy", "diff_accuracy", "auc", "tar_at_far_1e-3",
+            "threshold", "num_pairs", "val_seconds"} <= set(vals[-1])
+    assert not [k for k in vals[-1] if k.startswith(("lfw_", "sets_"))]  # one set: no prefixes
     assert summary["best_accuracy"] == max(r["val_accuracy"] for r in vals)
     want = _eval_lfw(run / "checkpoints" / "last.pt", lfw, tmp_path / "last.json")
     assert vals[-1]["val_accuracy"] == want["accuracy_mean"]
@@ -64,5 +66,5 @@ def test_training_logs_the_figure_eval_lfw_prints(lfw, tmp_path, capsys):
 
 def test_lfw_shards_without_pairs_fail_before_training(tmp_path):
     plain = make_shards(tmp_path / "train", [8], size=32)
-    with pytest.raises(UserError, match="has no pairs"):
-        LfwValidator(plain)
+    with pytest.raises(UserError, match="hold no pairs"):
+        VerificationValidator({"lfw": plain})

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.fileio import atomic_write  # noqa: E402
-from eval.verification import roc_curve, tar_at_far  # noqa: E402
+from eval.verification.metrics import roc_curve, tar_at_far  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

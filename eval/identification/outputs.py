@@ -20,8 +20,8 @@ import numpy as np
 
 from common.cli import UserError
 from common.fileio import atomic_write_text
-from eval.faces import FoundFace, read_rgb
-from eval.gallery import Gallery
+from eval.identification.faces import FoundFace, read_rgb
+from eval.identification.gallery import Gallery
 
 THUMB_HEIGHT = 112
 _KNOWN, _UNKNOWN = (60, 200, 60), (40, 40, 230)  # BGR box colours

@@ -2,8 +2,8 @@
 
 Also loads the embedding model (checkpoint or ONNX, through models/load.py) with what a gallery must
 record about it: its architecture, image size and a fingerprint of its weights, and the verification
-threshold its LFW evaluation chose when the checkpoint carries one. The flip-and-normalize step is
-written here for single batches of crops because eval/embed.py only offers it inside `embed_shards`.
+threshold its LFW evaluation chose when the checkpoint carries one. Crops are embedded with
+eval/embed.py's flip rule.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from common.cli import UserError
-from eval.gallery import ModelInfo, normalize
+from eval.embed import flip_embed
+from eval.identification.gallery import ModelInfo
 from models.load import EmbedFn, load_model
 from models.model_file import as_threshold
 from preprocess.align import check_geometry, warp
@@ -85,13 +86,7 @@ def embed_crops(embed: EmbedFn, crops: list[np.ndarray], flip: bool = True, batc
     out = []
     for start in range(0, len(crops), batch):
         x = torch.from_numpy(np.stack(crops[start:start + batch])).permute(0, 3, 1, 2).float()
-        x = (x / 255.0 - 0.5) / 0.5
-        if flip:
-            both = embed(torch.cat([x, torch.flip(x, dims=[3])]))
-            emb = both[: len(x)] + both[len(x):]
-        else:
-            emb = embed(x)
-        out.append(normalize(emb))
+        out.append(flip_embed(embed, (x / 255.0 - 0.5) / 0.5, flip))
     return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
 
 

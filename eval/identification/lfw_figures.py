@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
-from eval.faces import analyse_photos, embed_crops, load_face_model
-from eval.gallery import TemplateIndex, open_set_rate, rank_k_accuracy
+from eval.identification.faces import analyse_photos, embed_crops, load_face_model
+from eval.identification.gallery import TemplateIndex, open_set_rate, rank_k_accuracy
 from preprocess.detect import pick_face
 
 

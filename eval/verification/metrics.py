@@ -1,9 +1,9 @@
 """Face-verification metrics: the k-fold LFW protocol, AUC, TAR at a fixed FAR, ROC points.
 
-Pure NumPy and no project imports, because the trainer's validation calls it as well as
-`eval/lfw.py`. Thresholds are exact: every midpoint between consecutive distinct scores is tried
-(the reference evaluator stepped through histogram bins instead). A pair is predicted "same"
-when its score is strictly above the threshold.
+Pure NumPy and no project imports: every verifier (eval/verification/sets.py, eval/ijb.py) and,
+through its validation, the trainer use it. Thresholds are exact: every midpoint between
+consecutive distinct scores is tried (the reference evaluator stepped through histogram bins
+instead). A pair is predicted "same" when its score is strictly above the threshold.
 """
 
 from __future__ import annotations
