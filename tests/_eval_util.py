@@ -62,7 +62,7 @@ def build_lfw_shards(out: Path, seed: int = 0) -> Path:
         "num_rejects": 0, "num_inputs": len(samples),
         "shards": [{"file": i.file, "index": i.index, "samples": i.samples, "bytes": i.bytes,
                     "sha256": i.sha256} for i in infos],
-        "pairs": pairs, "seed": seed, "command": "tests/test_eval_lfw.py", "created_by": "tests",
+        "pairs": pairs, "seed": seed, "command": "tests/eval/test_lfw.py", "created_by": "tests",
     })
     return out
 

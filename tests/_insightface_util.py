@@ -1,5 +1,5 @@
 """The InsightFace fixture's recipe, shared by tests/data/insightface/make_fixture.py (which ran
-InsightFace's own code once) and tests/test_import_insightface.py: fixture.pt stores each
+InsightFace's own code once) and tests/eval/test_import_insightface.py: fixture.pt stores each
 architecture's state-dict layout (names, shapes, dtypes), not its tensors (an r18 alone is 96 MB);
 both sides fill that layout with the same numbers from a seeded PCG64 stream, whose raw 64-bit
 output NumPy keeps fixed across versions, so the test rebuilds the exact weights the embeddings were

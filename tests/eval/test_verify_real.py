@@ -15,7 +15,7 @@ from eval.verify import main as verify_main
 from preprocess.build_shards import main as build_main
 from shards.manifest import load_manifest
 
-LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
+LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
 pytestmark = [
     pytest.mark.skipif(not (LFW / "pairs.txt").is_file() or not (LFW / "lfw").is_dir(),

@@ -12,7 +12,7 @@ from models.backbones import build_backbone
 from models.model_file import save_embedding_checkpoint
 from preprocess.build_shards import main as build_main
 
-LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
+LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 pytestmark = pytest.mark.skipif(not (LFW / "pairs.txt").is_file() or not (LFW / "lfw").is_dir(),
                                 reason=f"real LFW (lfw/ and pairs.txt) not found in {LFW}")
 

@@ -1,4 +1,5 @@
-"""Issue 18 item 2, evaluator side: non-finite embeddings are refused, never scored as chance."""
+"""eval/verification/metrics.py and the evaluators: non-finite embeddings are refused, never scored
+as chance."""
 
 from __future__ import annotations
 

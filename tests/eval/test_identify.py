@@ -26,7 +26,7 @@ from models.model_file import save_embedding_checkpoint
 from preprocess.detect import detect_faces
 from tests._long import long_real_lfw
 
-LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw"
+LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
 
 

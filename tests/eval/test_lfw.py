@@ -23,7 +23,7 @@ from models.model_file import load_embedding_model
 from shards.manifest import load_manifest, write_manifest
 from tests._eval_util import SIZE, build_lfw_shards, make_checkpoint, one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRIC_KEYS = {"accuracy_mean", "accuracy_std", "same_accuracy", "diff_accuracy", "auc",
                "threshold", "tar_at_far_1e-3", "num_pairs", "seconds"}
 LFW_KEYS = {"fold_accuracies", "fold_thresholds", "flip", "model", "shards"}  # lfw.py's own, since its start

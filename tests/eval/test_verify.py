@@ -72,7 +72,7 @@ def make_shards(out: Path, size: tuple[int, int] = SIZE) -> Path:
         "num_rejects": 0, "num_inputs": len(samples), "pairs": pairs,
         "shards": [{"file": i.file, "index": i.index, "samples": i.samples, "bytes": i.bytes,
                     "sha256": i.sha256} for i in infos],
-        "seed": 0, "command": "tests/test_verify.py", "created_by": "tests",
+        "seed": 0, "command": "tests/eval/test_verify.py", "created_by": "tests",
     })
     return out
 
