@@ -201,7 +201,7 @@ def pair_cosines(feat: np.ndarray, rows: np.ndarray, chunk: int = 1 << 20) -> np
 
 
 def far_key(far: float) -> str:
-    """tar_at_far_1e-3 style, as the Metrics JSON of DESIGN.md."""
+    """tar_at_far_1e-3 style, as the Metrics JSON of docs/CONTRACTS.md."""
     return f"tar_at_far_{far:.0e}".replace("e-0", "e-")
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from common.cli import UserError
 from models.model_file import read_model_file
 
-# float32 NCHW batch (normalized as DESIGN.md says) -> (N, D) float32 embeddings
+# float32 NCHW batch (normalized as docs/CONTRACTS.md says: "Model input") -> (N, D) float32 embeddings
 EmbedFn = Callable[[torch.Tensor], np.ndarray]
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth")

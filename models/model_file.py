@@ -28,7 +28,8 @@ from models.backbones import build_backbone
 FORMAT = "facetrain-checkpoint"
 VERSION = 1
 
-# The input every embedding model takes (DESIGN.md); eval/export_onnx.py records it in the ONNX metadata.
+# The input every embedding model takes (docs/CONTRACTS.md, "Model input"); eval/export_onnx.py
+# records it in the ONNX metadata.
 INPUT_SPEC = {"layout": "NCHW", "color": "RGB", "dtype": "float32",
               "normalization": "(pixel / 255 - 0.5) / 0.5"}
 

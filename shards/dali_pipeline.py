@@ -8,7 +8,7 @@ float32 NCHW (or channels-last strides) on the device, and int64 labels.
 
 Why not `fn.readers.webdataset` with `shard_id/num_shards`: it splits a set by contiguous sample
 ranges, shuffles only inside a buffer and pads or wraps each rank's part on its own, so the
-exact-once, equal-count split of DESIGN.md (and resuming at a batch) cannot be expressed with it.
+exact-once, equal-count split of docs/CONTRACTS.md (and resuming at a batch) cannot be expressed with it.
 
 One pipeline serves consecutive epochs (`DaliBatches`: a pass per epoch, DALI's reset between
 them); a resume at another position builds a new one (tenths of a second). The external source

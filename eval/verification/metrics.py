@@ -132,7 +132,7 @@ def kfold(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> KFoldResul
 
 
 def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
-    """The Metrics JSON keys of DESIGN.md except "seconds".
+    """The Metrics JSON keys of docs/CONTRACTS.md except "seconds".
 
     accuracy_mean/std over the folds (population std, as the reference); same_accuracy and
     diff_accuracy over all pairs, each scored with its held-out fold's threshold; threshold is the

@@ -39,7 +39,7 @@ class PreparedSet:
 @dataclass
 class SetResult:
     name: str
-    metrics: dict[str, Any]  # the Metrics JSON of DESIGN.md plus folds and skips
+    metrics: dict[str, Any]  # the Metrics JSON of docs/CONTRACTS.md plus folds and skips
     scores: np.ndarray
     same: np.ndarray
     folds: np.ndarray  # each pair's fold
