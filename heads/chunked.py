@@ -22,18 +22,22 @@ class ChunkedEngine:
         self.block = int(block)
         self.operands = operands
 
-    def _logits(self, cos: Tensor, thr: Tensor, s: float, t: float) -> tuple[Tensor, Tensor | None]:
+    def _logits(self, cos: Tensor, thr: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor | None]:
+        """(logits, d logit / d(s cos) or None where it is 1 everywhere), as Engine.forward says."""
+        if isinstance(t, Tensor):  # CurricularFace: s c (t + c) above the row's psi
+            hard = cos > thr[:, None]
+            return torch.where(hard, s * cos * (t + cos), s * cos), torch.where(hard, t + 2.0 * cos, 1.0)
         if t == 1.0:
             return s * cos, None
         hard = cos > thr[:, None]
-        return torch.where(hard, s * (t * cos + (t - 1.0)), s * cos), hard
+        return torch.where(hard, s * (t * cos + (t - 1.0)), s * cos), 1.0 + (t - 1.0) * hard.to(cos.dtype)
 
     def _operands(self, xn: Tensor, weight: Tensor, c0: int, c1: int) -> tuple[Tensor, Tensor]:
         op = operand_dtype(xn.device, xn.dtype, operands=self.operands)
         return xn.to(op), weight[c0:c1].to(op)
 
     def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
-                s: float, t: float) -> tuple[Tensor, Tensor]:
+                s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
         C = weight.shape[0]
         lses, maxes = [], []
         for c0 in range(0, C, self.block):
@@ -49,7 +53,7 @@ class ChunkedEngine:
         return torch.logsumexp(torch.stack(lses), 0), torch.stack(maxes).amax(0)
 
     def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
-                 g: Tensor, dcy: Tensor, s: float, t: float) -> tuple[Tensor, Tensor]:
+                 g: Tensor, dcy: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
         C = weight.shape[0]
         dxn = torch.zeros_like(xn)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -58,11 +62,11 @@ class ChunkedEngine:
             xo, wo = self._operands(xn, weight, c0, c1)
             r = rw[c0:c1].to(xn.dtype)
             cos = mm_f32(xo, wo.t()).to(xn.dtype) * r
-            logits, hard = self._logits(cos, thr, s, t)
+            logits, slope = self._logits(cos, thr, s, t)
             dc = torch.exp(logits - lse[:, None])
             dc *= (g * s)[:, None]
-            if hard is not None:
-                dc = torch.where(hard, dc * t, dc)
+            if slope is not None:
+                dc *= slope
             _TargetColumn(labels, c0, c1).fill(dc, dcy)
             # d c_ij / d w_j = r_j (xn_i - c_ij r_j w_j): the projection of the normalization
             h = (dc * cos).sum(0)

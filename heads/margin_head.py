@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from heads.core import Engine, head_rows
 from heads.margins import Margin
 from heads.options import HeadOptions
-from heads.reference import focal, reference_forward
+from heads.reference import focal, reference_forward, with_regularizer
 
 INIT_BLOCK = 1 << 16  # classes per seeded block of the initial centres (any world size draws the same)
 
@@ -47,6 +47,10 @@ class HeadBase(nn.Module):
         self.num_classes, self.seed = int(num_classes), int(seed)
         self.class_start, self.class_end = class_start, class_end
         self.weight = nn.Parameter(init_centres(num_classes, embed_dim, class_start, class_end, seed))
+        # the margin's running state (float64 scalars): in state_dict and the trainer's checkpoints;
+        # computed from the global batch, so it is the same on every rank
+        for name, value in self.margin.state.items():
+            self.register_buffer(f"margin_{name}", torch.tensor(value, dtype=torch.float64))
         self.step = 0
         self.last_accuracy: Tensor | None = None
         self._engines: dict[str, Engine] = {}  # built once per implementation, on first use
@@ -63,6 +67,10 @@ class HeadBase(nn.Module):
         if impl not in self._engines:
             self._engines[impl] = self.options.make_engine(impl)
         return self._engines[impl]
+
+    def margin_state(self) -> dict[str, Tensor]:
+        """The margin's running state: the buffers themselves (the margin moves them in place)."""
+        return {name: getattr(self, f"margin_{name}") for name in self.margin.state}
 
     def _finish(self, loss: Tensor, acc: Tensor, return_accuracy: bool):
         self.last_accuracy = acc.detach()
@@ -88,12 +96,13 @@ class MarginHead(HeadBase):
         impl = self.resolved_impl(embeddings.device)
         if impl == "reference":
             return reference_forward(embeddings, self.weight, labels, self.margin, self.s, self.t,
-                                     self.gamma_focal, self.step)
+                                     self.gamma_focal, self.step, self.margin_state(), self.training)
         dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        xn = F.normalize(embeddings.to(dtype), dim=1)
-        rows, correct = head_rows(xn, self.weight, labels, self.margin, self.step, self.s, self.t,
-                                  self.engine(impl))
-        return focal(rows, self.gamma_focal).mean(), correct.mean()
+        x = embeddings.to(dtype)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        rows, correct = head_rows(F.normalize(x, dim=1), self.weight, labels, self.margin, self.step, self.s,
+                                  self.t, self.engine(impl), norms, self.margin_state(), self.training)
+        return with_regularizer(focal(rows, self.gamma_focal).mean(), self.margin, norms), correct.mean()
 
     def extra_repr(self) -> str:
         C, D = self.weight.shape

@@ -3,7 +3,7 @@
 `MarginHead` and `ShardedMarginHead` both take their options through `HeadOptions`, so an option
 means the same in both and is validated once, when the head is built: a bad value is a ValueError
 naming the option. A margin's own options (sphereface `lambda_base, lambda_min, gamma, power`;
-combined `m1, m2, m3`) are the keyword arguments its class lists in `options` (heads/margins.py): a
+combined `m1, m2, m3`; adaface `h, t_alpha`; magface `l_a, u_a, l_m, u_m, lambda_g`) are the keyword arguments its class lists in `options` (heads/margins.py): a
 new margin registers there and needs nothing here. `make_engine` is the one engine factory.
 """
 
@@ -60,7 +60,10 @@ class HeadOptions:
             raise ValueError(f"scale s must be positive, got {self.s}")
         if self.block is not None and self.block < 1:
             raise ValueError(f"block (classes per chunked block) must be positive, got {self.block}")
-        self.build_margin()  # the margin's name, options and values, checked now rather than at first use
+        margin = self.build_margin()  # the margin's name, options and values, checked now, not at first use
+        if self.t != 1.0 and type(margin).hard_t is not Margin.hard_t:
+            raise ValueError(f"SV-Softmax t={self.t} and {margin.name} both change the hard negatives: "
+                             f"use t=1 with {margin.name}")
 
     def build_margin(self) -> Margin:
         return build_margin(self.margin, self.m, **self.margin_options)
