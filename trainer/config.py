@@ -134,8 +134,8 @@ class MagFaceConfig:
 class HeadConfig:
     """The margin head (heads.MarginHead). Options of another margin than the chosen one are refused."""
 
-    margin: Literal["cosface", "arcface", "sphereface", "combined", "adaface", "magface", "curricularface"] = \
-        setting("cosface", "the margin")
+    margin: Literal["cosface", "arcface", "sphereface", "combined", "adaface", "magface",
+                    "curricularface"] = setting("cosface", "the margin")
     s: float = setting(64.0, "logit scale", range=POSITIVE)
     m: float | None = setting(None, "margin: cosface 0.35, arcface 0.5, sphereface 4 (an integer), adaface "
                                     "0.4, curricularface 0.5 when null; not for combined or magface")
@@ -495,8 +495,8 @@ def _check_head(head: HeadConfig, src: Sources) -> None:
         if not test(head.m):
             raise UserError(f"{src.where('head.m')}: 'head.m' for {head.margin} must be {says}, got {head.m}")
     if head.margin == "curricularface" and head.t != 1.0:
-        raise UserError(f"{src.where('head.t')}: 'head.t' (SV-Softmax) must be 1 with head.margin=curricularface "
-                        "(both change the hard negatives)")
+        raise UserError(f"{src.where('head.t')}: 'head.t' (SV-Softmax) must be 1 with "
+                        "head.margin=curricularface (both change the hard negatives)")
     mag = head.magface
     if head.margin == "magface" and (mag.l_a or 10.0) >= (mag.u_a or 110.0):
         raise UserError(f"{src.where('head.magface.u_a')}: 'head.magface.u_a' must be above head.magface.l_a "
