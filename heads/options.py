@@ -4,7 +4,8 @@
 means the same in both and is validated once, when the head is built: a bad value is a ValueError
 naming the option. A margin's own options (sphereface `lambda_base, lambda_min, gamma, power`;
 combined `m1, m2, m3`; adaface `h, t_alpha`; magface `l_a, u_a, l_m, u_m, lambda_g`) are the
-keyword arguments its class lists in `options` (heads/margins.py): a new margin registers there and needs nothing here. `make_engine` is the one engine factory.
+keyword arguments its class lists in `options` (heads/margins.py): a new margin registers there and
+needs nothing here. `make_engine` is the one engine factory.
 """
 
 from __future__ import annotations
