@@ -11,6 +11,12 @@ import torch
 import torch.nn.functional as F
 
 NEW_MARGINS = ("adaface", "magface", "curricularface")
+BUFFER = {"mean": "margin_batch_mean", "std": "margin_batch_std", "t": "margin_t"}  # state key -> head's
+
+
+def state_matches(head, state: dict, rel: float) -> bool:
+    """The head's running-state buffers equal the formula's state (to `rel`)."""
+    return all(abs(getattr(head, BUFFER[k]).item() - v) <= rel * abs(v) for k, v in state.items())
 
 
 def spec_loss(x, w, y, name: str, state: dict, training: bool, s: float = 64.0):

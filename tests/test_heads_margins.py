@@ -11,10 +11,7 @@ import torch
 
 from heads import MarginHead
 from heads.sharded import ShardedMarginHead
-from tests._margins_spec import NEW_MARGINS, data, head_two_steps, rel_err, spec_two_steps
-
-STATE = {"adaface": {"mean": "margin_batch_mean", "std": "margin_batch_std"}, "magface": {},
-         "curricularface": {"t": "margin_t"}}
+from tests._margins_spec import NEW_MARGINS, data, head_two_steps, rel_err, spec_two_steps, state_matches
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
@@ -27,8 +24,7 @@ def test_margin_matches_its_formula_in_float64_over_two_steps(name: str, impl: s
     for step, (g, e) in enumerate(zip(got, want)):
         errs = [rel_err(a, b) for a, b in zip(g, e)]
         assert max(errs) < 1e-13, (name, impl, step, errs)
-    for key, buffer in STATE[name].items():
-        assert getattr(head, buffer).item() == pytest.approx(state[key], rel=1e-14, abs=1e-17)
+    assert state_matches(head, state, 1e-14), (name, state, dict(head.named_buffers()))
 
 
 def test_curricularface_data_has_hard_negatives_and_easy_rows() -> None:
