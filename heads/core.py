@@ -23,6 +23,8 @@ from heads.margins import Margin
 
 
 class Engine(Protocol):
+    subcenters: int  # K: the weight holds K rows per class (sub-center ArcFace), a class's cosine their max
+
     def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
                 s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
         """(log-sum-exp over the non-target logits, max non-target cosine), both (B,) fp32.
@@ -118,7 +120,8 @@ def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels:
     would dominate the error. Add (exact - rounded) for those B entries: rows of dX directly, rows
     of dW summed per class by a same-class product (no scatter-add, so still deterministic).
     `normalized=True` (the fused engine): the products read G = dL/dcos and the rows w r, both
-    rounded, and dW's rows are scaled by r after the product.
+    rounded, and dW's rows are scaled by r after the product. `labels` index rows of `weight` (with
+    sub-centers: the target's sub-center row).
     """
     if xo.dtype in (torch.float32, torch.float64):
         return
@@ -149,6 +152,16 @@ def inv_norms(weight: Tensor) -> Tensor:
     return 1.0 / torch.linalg.vector_norm(weight, dim=1, dtype=dtype).clamp_min(1e-12)
 
 
+def target_cosines(xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, subcenters: int = 1) -> Tensor:
+    """c_y: each row's cosine with its class; with K sub-centers (class j's rows j K .. j K + K - 1 of
+    weight) the largest of its class's K cosines (autograd-free: the engines route its gradient)."""
+    if subcenters == 1:
+        return (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype)
+    rows = labels[:, None] * subcenters + torch.arange(subcenters, device=labels.device)
+    cands = (xn[:, None, :] * weight[rows].to(xn.dtype)).sum(2) * rw[rows].to(xn.dtype)
+    return cands.amax(1)
+
+
 def target_terms(margin: Margin, c_y: Tensor, norms: Tensor | None, state: dict[str, Tensor],
                  training: bool, step: int, t: float) -> tuple[Tensor | None, Tensor, float | Tensor]:
     """(psi's per-row parameter p, psi(c_y), what the engines take as t): the margin's running state
@@ -166,7 +179,7 @@ class _HeadFn(torch.autograd.Function):
                 training: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         # an engine that makes its own copy of W supplies the norms from the same pass (W read once)
         rw = getattr(engine, "inv_norms", inv_norms)(weight)
-        c_y = (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype)
+        c_y = target_cosines(xn, weight, rw, labels, engine.subcenters)
         p, psi, t = target_terms(margin, c_y, norms, state, training, step, t)
         lse_other, max_other = engine.forward(xn, weight, rw, labels, psi, s, t)
         tgt = s * psi

@@ -377,6 +377,7 @@ class FusedEngine:
         if triton is None:
             raise RuntimeError("impl='fused' needs triton; use impl='chunked'")
         self.deterministic = deterministic
+        self.subcenters = 1  # the kernels take one row per class (sub-centers: impl="chunked")
         self.configs = dict(configs or {})
         self.operands = operands
         self.chunk = chunk

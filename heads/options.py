@@ -27,7 +27,8 @@ class HeadOptions:
     """What computes the loss: margin, scale s (None: the margin's default), m (None: its default),
     SV-Softmax t, implementation, focal gamma, chunked block, fused determinism, product operands,
     whether the fused forward keeps its B x C cosines for the backward (`save_logits`: 2 bytes per
-    logit, the backward skips recomputing them), and the margin's own options (`margin_options`)."""
+    logit, the backward skips recomputing them), sub-centers per class (`subcenters`, K: sub-center
+    ArcFace, any margin; reference and chunked), and the margin's own options (`margin_options`)."""
 
     margin: str = "cosface"
     s: float | None = None
@@ -39,6 +40,7 @@ class HeadOptions:
     deterministic: bool = False
     operands: str = "auto"
     save_logits: bool = False
+    subcenters: int = 1
     margin_options: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -59,6 +61,11 @@ class HeadOptions:
             raise ValueError(f"gamma_focal must be >= 0 (0 turns the focal term off), got {self.gamma_focal}")
         if self.s is not None and self.s <= 0.0:
             raise ValueError(f"scale s must be positive, got {self.s}")
+        if int(self.subcenters) != self.subcenters or self.subcenters < 1:
+            raise ValueError(f"subcenters must be a positive integer, got {self.subcenters}")
+        if self.subcenters > 1 and self.impl == "fused":
+            raise ValueError("subcenters > 1 runs on impl reference or chunked (the fused kernels take one "
+                             "row per class)")
         if self.block is not None and self.block < 1:
             raise ValueError(f"block (classes per chunked block) must be positive, got {self.block}")
         margin = self.build_margin()  # the margin's name, options and values, checked now, not at first use
@@ -74,15 +81,16 @@ class HeadOptions:
         return float(DEFAULT_SCALE[self.margin] if self.s is None else self.s)
 
     def resolved_impl(self, device: torch.device) -> str:
-        """impl, with auto resolved: fused on CUDA, chunked elsewhere."""
+        """impl, with auto resolved: fused on CUDA (chunked with sub-centers), chunked elsewhere."""
         if self.impl == "auto":
-            return "fused" if device.type == "cuda" else "chunked"
+            return "fused" if device.type == "cuda" and self.subcenters == 1 else "chunked"
         return self.impl
 
     def make_engine(self, impl: str) -> Engine:
         """A new chunked or fused engine (`impl` resolved) with these options."""
         if impl == "chunked":
-            return ChunkedEngine(self.block or DEFAULT_BLOCK, operands=self.operands)
+            return ChunkedEngine(self.block or DEFAULT_BLOCK, operands=self.operands,
+                                 subcenters=int(self.subcenters))
         if impl != "fused":
             raise ValueError(f"impl {impl!r} has no engine (expected chunked or fused)")
         from heads.fused import FusedEngine  # imports triton only when asked for

@@ -34,14 +34,17 @@ def focal(row_loss: Tensor, gamma: float) -> Tensor:
 
 def reference_forward(x: Tensor, weight: Tensor, labels: Tensor, margin: Margin, s: float, t: float,
                       gamma: float = 0.0, step: int = 0, state: dict[str, Tensor] | None = None,
-                      training: bool = False) -> tuple[Tensor, Tensor]:
+                      training: bool = False, subcenters: int = 1) -> tuple[Tensor, Tensor]:
     """(mean loss, accuracy) where accuracy is the fraction of rows whose target cosine is the max.
-    `state`: the margin's running state (moved in place when `training`)."""
+    `state`: the margin's running state (moved in place when `training`). `subcenters` K: weight holds
+    K rows per class, a class's cosine is the max of its rows' (the gradient goes to that row)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dtype)
     xn = F.normalize(x, dim=1)
     wn = F.normalize(weight.to(dtype), dim=1)
     cos = xn @ wn.t()
+    if subcenters > 1:
+        cos = cos.view(cos.shape[0], -1, subcenters).max(2).values
     c_y = cos.gather(1, labels[:, None])[:, 0]
     state = {} if state is None else state
     norms = torch.linalg.vector_norm(x, dim=1)

@@ -191,6 +191,8 @@ class ShardedMarginHead(HeadBase):
         opts = HeadOptions.from_kwargs(margin=margin, **options)
         if opts.impl == "reference":
             raise ValueError("sharded head impl 'reference': expected auto, chunked or fused")
+        if opts.subcenters > 1:
+            raise ValueError("subcenters > 1 is single-process for now: use head.parallel=replicate")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         rank, world = _rank(group), _world(group)

@@ -19,16 +19,20 @@ def state_matches(head, state: dict, rel: float) -> bool:
     return all(abs(getattr(head, BUFFER[k]).item() - v) <= rel * abs(v) for k, v in state.items())
 
 
-def spec_loss(x, w, y, name: str, state: dict, training: bool, s: float = 64.0):
-    """The mean loss; moves `state` (floats) first when training."""
+def spec_loss(x, w, y, name: str, state: dict, training: bool, s: float = 64.0, subcenters: int = 1):
+    """The mean loss; moves `state` (floats) first when training. `subcenters` K: w holds K rows per
+    class (class j's rows j K .. j K + K - 1), a class's cosine the largest of its K."""
     xn, wn = x / x.norm(dim=1, keepdim=True), w / w.norm(dim=1, keepdim=True)
-    c = xn @ wn.t()
-    target = F.one_hot(y, w.shape[0]).bool()
+    c = (xn @ wn.t()).view(x.shape[0], -1, subcenters).max(2).values
+    target = F.one_hot(y, c.shape[1]).bool()
     c_y = c[target]
     theta = torch.acos(c_y.clamp(-1.0, 1.0))
     logits = s * c
     extra = 0.0
-    if name == "adaface":
+    if name == "arcface":
+        m = 0.5
+        tgt = s * torch.where(c_y > math.cos(math.pi - m), torch.cos(theta + m), c_y - m * math.sin(m))
+    elif name == "adaface":
         m, h, alpha = 0.4, 0.333, 0.01
         a = x.norm(dim=1).detach().clip(0.001, 100.0)
         if training:
@@ -57,7 +61,7 @@ def spec_loss(x, w, y, name: str, state: dict, training: bool, s: float = 64.0):
 
 
 def initial_state(name: str) -> dict:
-    return {"adaface": {"mean": 20.0, "std": 100.0}, "magface": {}, "curricularface": {"t": 0.0}}[name]
+    return {"adaface": {"mean": 20.0, "std": 100.0}, "curricularface": {"t": 0.0}}.get(name, {})
 
 
 def step_data(x, w, step: int):
@@ -79,12 +83,12 @@ def run_two_steps(loss_fn, x, w, y, dtype=torch.float64):
     return out
 
 
-def spec_two_steps(name: str, x, w, y):
+def spec_two_steps(name: str, x, w, y, subcenters: int = 1):
     state = initial_state(name)
 
     def loss_fn(xs, ws, ys):
         ws = ws.requires_grad_()
-        return spec_loss(xs, ws, ys, name, state, True), ws
+        return spec_loss(xs, ws, ys, name, state, True, subcenters=subcenters), ws
 
     return run_two_steps(loss_fn, x, w, y), state
 

@@ -99,3 +99,50 @@ def test_partial_fc_with_each_margin_is_the_head_over_the_sampled_classes(name: 
         assert rel_err(loss.detach(), ref_loss.detach()) < 1e-13 and rel_err(gx, gxr) < 1e-12, (name, step)
         for (k, a), (_, b) in zip(sh.named_buffers(), ref.named_buffers()):
             assert a.item() == pytest.approx(b.item(), rel=1e-14), (name, k)  # c_y summed in another order
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "magface"])
+def test_subcenters_match_their_formula_in_float64_over_two_steps(name: str, impl: str) -> None:
+    """Sub-center ArcFace (K = 3): the class cosine is the max of its 3 rows', the gradient goes to that
+    row; with the plain margin and with margins that have state or per-row terms."""
+    x, _, y = data()
+    C, K = 70, 3
+    w = torch.randn(C * K, x.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want, state = spec_two_steps(name, x, w, y, subcenters=K)
+    head = MarginHead(C, x.shape[1], name, impl=impl, block=16, subcenters=K).double()
+    assert head.weight.shape == (C * K, x.shape[1])
+    got = head_two_steps(head, x, w, y)
+    for step, (g, e) in enumerate(zip(got, want)):
+        errs = [rel_err(a, b) for a, b in zip(g, e)]
+        assert max(errs) < 1e-13, (name, impl, step, errs)
+    assert state_matches(head, state, 1e-14)
+    head(x[:1], y[:1]).backward()  # one embedding: one row of each class (its nearest) gets a gradient
+    assert ((head.weight.grad.abs().sum(1) > 0).view(C, K).sum(1) == 1).all()
+
+
+def test_dominant_subcenters_export_a_one_centre_head() -> None:
+    C, K, D = 6, 3, 8
+    head = MarginHead(C, D, "adaface", subcenters=K, impl="chunked", s=30.0)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(C).repeat(5)
+    x = torch.randn(len(y), D, generator=g)
+    pick = torch.tensor([2, 0, 1, 1, 0, 2])  # each class's embeddings gather around one sub-center
+    x += 20.0 * head.weight.detach()[y * K + pick[y]] / head.weight.detach()[y * K + pick[y]].norm(dim=1,
+                                                                                                    keepdim=True)
+    head(x, y)  # moves the running state
+    single = head.dominant_subcenters(x, y)
+    assert single.subcenters == 1 and single.weight.shape == (C, D) and single.s == 30.0
+    assert torch.equal(single.weight, head.weight.detach().view(C, K, D)[torch.arange(C), pick])
+    assert torch.equal(single.margin_batch_mean, head.margin_batch_mean)
+    assert torch.isfinite(single(x, y))
+
+
+def test_subcenter_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="subcenters must be a positive integer, got 0"):
+        MarginHead(10, 4, "arcface", subcenters=0)
+    with pytest.raises(ValueError, match="subcenters > 1 runs on impl reference or chunked"):
+        MarginHead(10, 4, "arcface", subcenters=2, impl="fused")
+    with pytest.raises(ValueError, match="subcenters > 1 is single-process for now"):
+        ShardedMarginHead(10, 4, "arcface", subcenters=2)
+    assert MarginHead(10, 4, "arcface", subcenters=2).resolved_impl(torch.device("cuda")) == "chunked"

@@ -150,6 +150,9 @@ class HeadConfig:
                 "keeps the whole head on every rank (in DDP); auto = shard with more than one process")
     sample_rate: float = setting(1.0, "Partial FC (shard): share of each rank's classes per step",
                                  range=Range(0, 1, "(]"))
+    subcenters: int = setting(1, "sub-center ArcFace (any margin): K centres per class, a class's cosine the "
+                                 "largest of its K; > 1: head.parallel=replicate, impl chunked or auto",
+                              range=POSITIVE)
     sphereface: SphereFaceConfig = section(SphereFaceConfig, "head.margin=sphereface: the annealing")
     combined: CombinedConfig = section(CombinedConfig, "head.margin=combined: cos(m1 theta + m2) - m3")
     adaface: AdaFaceConfig = section(AdaFaceConfig, "head.margin=adaface: the norm-adaptive margin")
@@ -167,7 +170,7 @@ def head_kwargs(head: HeadConfig) -> dict[str, Any]:
     """The keyword arguments of heads.MarginHead for this section (None: the head's default)."""
     kwargs: dict[str, Any] = {"margin": head.margin, "s": head.s, "m": head.m, "t": head.t,
                               "impl": head.impl, "gamma_focal": head.gamma_focal,
-                              "save_logits": head.save_logits}
+                              "save_logits": head.save_logits, "subcenters": head.subcenters}
     options = margin_options(head).get(head.margin)
     if options is not None:
         kwargs.update({k: v for k, v in dataclasses.asdict(options).items() if v is not None})

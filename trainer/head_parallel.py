@@ -114,7 +114,9 @@ def head_checkpoint(head: nn.Module, optimizer: torch.optim.Optimizer) -> dict |
     if full is None or (not sharded and dist.is_initialized() and dist.get_rank() != 0):
         return None
     # the margin's running state (AdaFace's norm statistics, CurricularFace's t): the same on every rank
-    return {**full, "buffers": {k: v.detach().cpu().clone() for k, v in head.named_buffers()}}
+    # rows: classes x sub-centers (a replicated head's rows are saved as its "classes")
+    return {**full, "buffers": {k: v.detach().cpu().clone() for k, v in head.named_buffers()},
+            "subcenters": int(getattr(head, "subcenters", 1))}
 
 
 def optimizer_checkpoint(optimizer: torch.optim.Optimizer, head: nn.Module) -> dict:
