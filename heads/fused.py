@@ -34,6 +34,10 @@ class-parallel kernel would have to pass through memory per tile). The target co
 rounded in G, are made exact afterwards (`heads.core.fix_target_terms(normalized=True)`). No
 atomics anywhere: for a fixed set of kernel configs the result is bitwise reproducible.
 
+Hard negatives (`HARD`, constexpr): 0 none, True SV-Softmax (s (t c + t - 1) above psi of the row),
+2 CurricularFace (s c (tc + c) above psi, derivative s (tc + 2 c)): its t rides after the B
+thresholds in THR (2B floats), so the kernels' signatures and the other variants' code are unchanged.
+
 Configs: a few per kernel (below), pruned by the device's shared memory, autotuned on CUDA by Triton
 keyed on (B, D) and the tensors' dtypes. `deterministic=True` skips the tuner and uses each kernel's
 first config: bitwise the same result in every process on a given GPU model. The tuned default
