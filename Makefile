@@ -1,6 +1,7 @@
 # One-command set-up and the two commands of the README.
 #   make demo   set-up if needed, then synthetic data -> shards -> training -> LFW evaluation
 #   make test   set-up if needed, then the whole test suite
+#   make test-fast  the suite without the tests marked slow (a few minutes on 2 cores)
 # FLAVOR=gpu installs requirements/gpu.txt (CUDA torch + DALI) instead of the CPU stack.
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed-$(FLAVOR)
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint clean-demo
+.PHONY: setup test test-fast demo lint clean-demo
 
 setup: $(STAMP)
 
@@ -28,6 +29,9 @@ $(STAMP): requirements/$(FLAVOR).txt requirements/no-deps.txt pyproject.toml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

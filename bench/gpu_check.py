@@ -74,7 +74,7 @@ class Sizes:
             "head_tests": 100,
             "head_bench": 60,  # at the first (largest) size; 35 at each other
             "head_bench_more": 35,
-            "kernels": 60,
+            "kernels": 90,  # 16 variants: 2 kernels x 4 configs x 2 modes
             "data": 90,
             "train": 70,
             "loader_dali": 40,
@@ -105,7 +105,7 @@ SMOKE = Sizes(
         "head_tests": 15,
         "head_bench": 20,
         "head_bench_more": 20,
-        "kernels": 20,
+        "kernels": 30,
         "data": 30,
         "train": 40,
         "loader_dali": 20,
@@ -419,7 +419,7 @@ def stage_head_tests(check: Check) -> Stage:
 
     stage, out = check.run(
         "head_tests",
-        [check.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsP", "tests/test_heads_gpu.py"],
+        [check.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsP", "tests/heads/test_gpu.py"],
         check.sizes.estimates["head_tests"],
         300,
     )
@@ -433,7 +433,7 @@ def stage_head_tests(check: Check) -> Stage:
     )
     stage.figures["pytest"] = summary.strip("= ")
     kernels = next((ln.split(":", 1)[1] for ln in out.splitlines() if ln.startswith("kernels:")), None)
-    if kernels:  # the tuned configs, registers and spills (tests/test_heads_gpu.py prints them)
+    if kernels:  # the tuned configs, registers and spills (tests/heads/test_gpu.py prints them)
         stage.figures["kernels"] = ast.literal_eval(kernels.strip())
         stage.figures["regs/spills"] = " ".join(
             f"{k} {v['n_regs']}/{v['n_spills']}" for k, v in stage.figures["kernels"].items()
@@ -509,8 +509,9 @@ def stage_kernels(check: Check) -> Stage:
     if not stage.ok:
         return stage
     r = last_json(out)
-    stage.figures = {f"{k}_{s['arch']}_{s['dtype']}": s[k] for s in r["steps"]
-                     for k in ("first_ms", "measured_first_ms", "floor_ms") if k in s}
+    # one step summary per arch, dtype and mode (the backward recomputing the cosines, or saved ones)
+    stage.figures = {f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}": s[k]
+                     for s in r["steps"] for k in ("first_ms", "measured_first_ms", "floor_ms") if k in s}
     stage.figures["variants"] = json.loads((folder / "kernels.json").read_text())["variants"]
     return stage
 

@@ -1,10 +1,12 @@
 """What each fused-head kernel does at a shape, and a model of the step's time built from it.
 
 The one place to update when heads/fused.py changes its launch structure is `WORK` below: one small
-function per kernel name (the name is the Triton function's, less `_` and `_kernel`: `_fwd_kernel`
--> "fwd"), plus `LIBRARY` for the step's work outside Triton (the cuBLAS product dX += G W and the
-W chunk's cast to the operand dtype). Each function reads the code's own launch structure -- grid,
-loop trip counts, which operand each loop re-reads -- and returns a `Work`:
+function per autotuned kernel (the name is the Triton function's, less `_` and `_kernel`: `_fwd_kernel`
+-> "fwd"), plus `LIBRARY` for the step's work outside the autotuned kernels (the plain Triton pass
+that makes Wn and the inverse norms once per weight version, and the cuBLAS product dX += G Wn).
+A `Shape` carries the mode: recompute (the backward recomputes the cosines, the default) or
+save_logits (the forward writes them, the backward reads them). Each function reads the code's own
+launch structure -- grid, loop trip counts, which operand each loop re-reads -- and returns a `Work`:
 
 - `args`: every kernel argument at this shape, pointers as `Buf(dtype, shape)` (bench/kernels.py
   compiles from them ahead of time and allocates them to time the kernel on a GPU);
@@ -19,7 +21,7 @@ The model (`predict`), per Work, all per step:
 - HBM bytes: every stream's distinct bytes once, plus the re-reads that miss; L2 bytes: the re-reads
   that hit, a fraction min(1, L2_SHARE x L2 / live) of them (all when the working set fits, a share
   when it does not). Writes are HBM bytes (write-back), except the kept fraction of a stream marked
-  `stays` (G, and the W chunk's cast copy: read back by the next product).
+  `stays` (G: read back by the backward's phase 2 and the dX product).
 - tensor time: flops at the arch's measured dense bf16 rate (fp16 the same), over the wave
   efficiency programs / (waves x resident programs);
 - issue time: epilogue SASS instructions per element x elements / (SMs x 128 thread-instructions per
@@ -69,9 +71,13 @@ ARCHS = {
 
 @dataclass(frozen=True)
 class Shape:
+    """The step: its sizes, and whether the forward keeps the B x C cosines for the backward
+    (FusedEngine(save_logits=True)) instead of the backward recomputing them."""
+
     B: int
     D: int
     C: int
+    save_logits: bool = False
 
 
 HEADLINE = Shape(512, 512, 1_000_000)
@@ -156,93 +162,122 @@ def _chunk(s: Shape, op: str) -> int:
     return default_chunk(s.B, s.C, BYTES[op])
 
 
-def _cos_streams(s: Shape, classes: int, cfg: Config, op: str, resident: int) -> list[Stream]:
-    """`_cos_tile` swept over all batch tiles for every class tile: each program keeps one class
-    tile's W rows (fp32 master, cast in registers) hot while it re-reads them for every batch tile,
-    and re-reads all of X (operand dtype) for every class tile."""
-    w_tile = cfg.bc * s.D * 4
+def _wn_x_streams(s: Shape, cfg: Config, op: str, resident: int, w_reads: float,
+                  x_passes: int) -> list[Stream]:
+    """Wn and X as `_cos_tile`'s sweeps touch them: each program keeps its class tile's Wn rows
+    (16-bit) hot while it re-reads them `w_reads` times (once per batch tile, and again in an
+    epilogue), and reads all of X (operand dtype) `x_passes` times per class tile."""
     return [
-        Stream("W", classes * s.D * 4, reads=_cdiv(s.B, cfg.bb), live=resident * w_tile),
-        Stream("X", s.B * s.D * BYTES[op], reads=_cdiv(classes, cfg.bc), live=s.B * s.D * BYTES[op]),
+        Stream("Wn", s.C * s.D * BYTES[op], reads=w_reads, live=resident * cfg.bc * s.D * BYTES[op]),
+        Stream("X", s.B * s.D * BYTES[op], reads=x_passes * _cdiv(s.C, cfg.bc), live=s.B * s.D * BYTES[op]),
     ]
 
 
 def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
-    from heads.fused import COS_CONFIGS
+    """`_fwd_kernel`: n_prog programs, each a contiguous range of class tiles; per class tile every
+    batch tile: the cosine tile (MMA loop over D), then the online log-sum-exp whose 3 row partials it
+    reads and writes per trip. With save_logits it also writes the B x C cosines (read back by the
+    backward much later: from memory)."""
+    from heads.fused import FWD_CONFIGS
 
     # FusedEngine._programs: 2 programs per SM, at most one per smallest class tile
-    n_prog = max(1, min(2 * arch.sms, _cdiv(s.C, min(c.bc for c in COS_CONFIGS))))
+    n_prog = max(1, min(2 * arch.sms, _cdiv(s.C, min(c.bc for c in FWD_CONFIGS))))
     per = _cdiv(_cdiv(s.C, cfg.bc), n_prog)
     rows = n_prog * per * _cdiv(s.B, cfg.bb) * cfg.bb  # (class tile, batch tile) trips x rows
     f32 = Buf("fp32", (n_prog, s.B))
-    args = dict(X=Buf(op, (s.B, s.D)), W=Buf("fp32", (s.C, s.D)), RW=Buf("fp32", (s.C,)),
-                LAB=Buf("i64", (s.B,)), THR=Buf("fp32", (s.B,)), M=f32, L=f32, MX=f32, B=s.B, C=s.C,
-                D=s.D, stride_x=s.D, stride_w=s.D, s=64.0, t=1.1, HARD=True, OPK=_OPK[op])
-    streams = _cos_streams(s, s.C, cfg, op, min(resident, n_prog)) + [
+    z = (s.B, s.C) if s.save_logits else (1, 1)
+    args = dict(X=Buf(op, (s.B, s.D)), WN=Buf(op, (s.C, s.D)), LAB=Buf("i32", (s.B,)),
+                THR=Buf("fp32", (s.B,)), M=f32, L=f32, MX=f32, Z=Buf(op, z), B=s.B, C=s.C, D=s.D,
+                stride_x=s.D, stride_w=s.D, stride_z=z[1], s2=64.0 * _LOG2E, t=1.1, HARD=True,
+                SAVE=s.save_logits, OPK=_OPK[op], EVEN_D=s.D % cfg.bd == 0)
+    streams = _wn_x_streams(s, cfg, op, min(resident, n_prog), _cdiv(s.B, cfg.bb), 1) + [
         Stream("row partials", n_prog * s.B * 12, reads=2 * rows / (n_prog * s.B), live=n_prog * s.B * 12),
-        Stream("LAB, THR", s.B * 12, reads=rows / s.B, live=s.B * 12),
+        Stream("LAB, THR", s.B * 8, reads=rows / s.B, live=s.B * 8),
     ]
+    if s.save_logits:
+        streams.append(Stream("cosines (saved)", s.B * s.C * BYTES[op], write=True))
     return Work((n_prog,), 1, 2.0 * s.B * s.C * s.D, streams, args, elems=s.B * s.C, tile=cfg.bb * cfg.bc)
 
 
-def dlogit(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
-    ck = _chunk(s, op)
-    launches = _cdiv(s.C, ck)
+def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
+    """`_bwd_kernel`, once per chunk of ck classes, one program per class tile. Phase 1, per batch
+    tile: the cosine tile (recomputed: Wn tile and X re-read; or the saved cosines read from memory),
+    G = dL/dcos written into the B x ck block (it stays in L2 for phase 2 and the dX product), h in
+    registers. Phase 2, per D slab: dW tile = G^T X over the batch (the program's G columns re-read
+    once per slab, from L2; X once more per class tile), the Wn tile in the epilogue, dW written
+    in W's dtype (fp32). Epilogue SASS (bench/kernels.py's first MMA loop's surround): per logit of
+    phase 1 when it recomputes; per dW element of phase 2 with saved cosines (phase 1 then has no
+    MMA loop and its per-logit instructions are not counted)."""
+    ck_max = _chunk(s, op)
+    ck = min(ck_max, s.C)  # FusedEngine.backward: the last chunk may be shorter
+    launches = _cdiv(s.C, ck_max)
     grid = _cdiv(ck, cfg.bc)
     row = Buf("fp32", (s.B,))
-    args = dict(X=Buf(op, (s.B, s.D)), W=Buf("fp32", (s.C, s.D)), RW=Buf("fp32", (s.C,)),
-                LAB=Buf("i64", (s.B,)), THR=row, LSE=row, GR=row, DCY=row, G=Buf(op, (s.B, ck)),
-                H=Buf("fp32", (ck,)), B=s.B, C=s.C, D=s.D, c0=0, ck=ck, stride_x=s.D, stride_w=s.D,
-                stride_g=ck, s=64.0, t=1.1, HARD=True, OPK=_OPK[op])
-    tiles = launches * grid
-    streams = _cos_streams(s, s.C, cfg, op, min(resident, grid)) + [
-        Stream("row inputs", s.B * 24, reads=tiles, live=s.B * 24),
-        Stream("G", s.B * s.C * BYTES[op], write=True, stays=True, live=s.B * ck * BYTES[op]),
-        Stream("H", s.C * 4, write=True),
-    ]
-    flops = 2.0 * s.B * s.C * s.D
-    return Work((grid,), launches, flops, streams, args, elems=s.B * s.C, tile=cfg.bb * cfg.bc)
-
-
-def dw(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
-    ck = _chunk(s, op)
-    launches = _cdiv(s.C, ck)
-    grid = (_cdiv(ck, cfg.bc), _cdiv(s.D, cfg.bd))
-    args = dict(G=Buf(op, (s.B, ck)), X=Buf(op, (s.B, s.D)), W=Buf("fp32", (s.C, s.D)),
-                RW=Buf("fp32", (s.C,)), H=Buf("fp32", (ck,)), DW=Buf("fp32", (s.C, s.D)), B=s.B, C=s.C,
-                D=s.D, c0=0, ck=ck, stride_g=ck, stride_x=s.D, stride_w=s.D, stride_dw=s.D, OPK=_OPK[op])
-    g_chunk = s.B * ck * BYTES[op]
-    streams = [
-        # each program reads its BC columns of G for all rows, once per D tile; X once per class tile
-        Stream("G", s.B * s.C * BYTES[op], reads=grid[1], live=g_chunk, fresh=True),
-        Stream("X", s.B * s.D * BYTES[op], reads=launches * grid[0], live=s.B * s.D * BYTES[op]),
-        Stream("W (epilogue)", s.C * s.D * 4),
+    z = (s.B, s.C) if s.save_logits else (1, 1)
+    args = dict(X=Buf(op, (s.B, s.D)), WN=Buf(op, (s.C, s.D)), RW=Buf("fp32", (s.C,)), LAB=Buf("i32", (s.B,)),
+                THR=row, LSE2=row, GS=row, DCY=row, Z=Buf(op, z), G=Buf(op, (s.B, ck_max)),
+                DW=Buf("fp32", (s.C, s.D)), B=s.B, D=s.D, c0=0, ck=ck, stride_x=s.D, stride_w=s.D,
+                stride_z=z[1], stride_g=ck_max, stride_dw=s.D, s2=64.0 * _LOG2E, t=1.1, HARD=True,
+                SAVED=s.save_logits, OPK=_OPK[op], EVEN_D=s.D % cfg.bd == 0)
+    tiles = launches * grid  # class tiles over the step
+    g_bytes = s.B * s.C * BYTES[op]
+    resident = min(resident, grid)
+    if s.save_logits:  # Wn only in phase 2's epilogue, X only in phase 2
+        streams = _wn_x_streams(s, cfg, op, resident, 1, 1) + [Stream("cosines (saved)", g_bytes)]
+    else:  # Wn once per batch tile and in the epilogue; X in both phases
+        streams = _wn_x_streams(s, cfg, op, resident, _cdiv(s.B, cfg.bb) + 1, 2)
+    streams += [
+        Stream("row inputs", s.B * 20, reads=tiles, live=s.B * 20),
+        Stream("RW", s.C * 4),
+        Stream("G", g_bytes, write=True, stays=True, live=s.B * ck * BYTES[op]),
+        Stream("G (phase 2)", g_bytes, reads=_cdiv(s.D, cfg.bd), fresh=True,
+               live=resident * s.B * cfg.bc * BYTES[op]),
         Stream("DW", s.C * s.D * 4, write=True),
     ]
-    return Work(grid, launches, 2.0 * s.B * s.C * s.D, streams, args, elems=s.C * s.D, tile=cfg.bc * cfg.bd)
+    products = 1 if s.save_logits else 2
+    if s.save_logits:
+        elems, tile = s.C * s.D, cfg.bc * cfg.bd
+    else:
+        elems, tile = s.B * s.C, cfg.bb * cfg.bc
+    return Work((grid,), launches, products * 2.0 * s.B * s.C * s.D, streams, args, elems=elems, tile=tile)
 
 
-def dx_product(s: Shape, op: str) -> Work:
-    """FusedEngine.backward's `mm_f32(G, W[c0:c0+ck].to(op), out=dx)` per chunk: the cast reads the
-    fp32 chunk and writes it in the operand dtype; cuBLAS reads G (from L2) and that copy."""
+def normalize(s: Shape, op: str, arch: Arch) -> Work:
+    """FusedEngine._normalize, once per weight version (once per training step): `_normalize_kernel`
+    (a plain Triton kernel, no MMA, BR=32 rows a program, 4 warps) reads each fp32 row block twice
+    (the norms, then Wn = W r: the second pass from L2 while the resident programs' blocks fit) and
+    writes Wn (operand dtype) and r. Assumed: as many programs resident as the warp limit allows."""
+    resident = arch.sms * arch.max_warps_per_sm // 4
+    streams = [
+        Stream("W (fp32)", s.C * s.D * 4, reads=2, live=resident * 32 * s.D * 4),
+        Stream("Wn", s.C * s.D * BYTES[op], write=True),
+        Stream("RW", s.C * 4, write=True),
+    ]
+    return Work((_cdiv(s.C, 32),), 1, 0.0, streams)
+
+
+def dx_product(s: Shape, op: str, arch: Arch) -> Work:
+    """FusedEngine.backward's `mm_f32(G, Wn[c0:c0+ck], out=dx)` per chunk: cuBLAS reads G and the Wn
+    chunk (both just read by _bwd_kernel: from L2 as far as the two fit) into an fp32 product, then
+    adds it into dX (two launches per chunk)."""
     ck = _chunk(s, op)
     launches = _cdiv(s.C, ck)
-    w_op = s.C * s.D * BYTES[op]
-    both = (ck * s.D + s.B * ck) * BYTES[op]  # the chunk's cast copy and G, in L2 together
+    both = (ck * s.D + s.B * ck) * BYTES[op]  # the Wn chunk and G, in L2 together
     streams = [
-        Stream("W (cast)", s.C * s.D * 4),
-        Stream("W chunk (op)", w_op, write=True, stays=True, live=both),
-        Stream("W chunk (op) read", w_op, fresh=True, live=both),
-        Stream("G", s.B * s.C * BYTES[op], fresh=True, live=both),  # _dlogit wrote it
+        Stream("Wn chunk", s.C * s.D * BYTES[op], fresh=True, live=both),
+        Stream("G", s.B * s.C * BYTES[op], fresh=True, live=both),  # _bwd_kernel wrote it
         Stream("dX", s.B * s.D * 4, reads=2 * launches, live=s.B * s.D * 4),
     ]
     return Work((1,), 2 * launches, 2.0 * s.B * s.C * s.D, streams)
 
 
 _OPK = {"fp32": 0, "bf16": 1, "fp16": 2}
+_LOG2E = 1.0 / math.log(2.0)
 # kernel name -> its description; the step's Triton kernels in launch order
-WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "dlogit": dlogit, "dw": dw}
-LIBRARY: dict[str, Callable[[Shape, str], Work]] = {"dx (cuBLAS + W cast)": dx_product}
+WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "bwd": bwd}
+# the step's work outside the autotuned kernels, in launch order
+LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {"normalize (Triton, W -> Wn, r)": normalize,
+                                                    "dx (cuBLAS G @ Wn + add)": dx_product}
 
 
 @dataclass

@@ -6,23 +6,28 @@ compiler made of it; beside it, a model of the step's time at the headline shape
 
 Kernels: every autotuned Triton kernel in heads.fused (found by type, with the config list its tuner
 holds); each needs its description in bench/kernel_model.py `WORK` (a missing one is one error line).
-For each (kernel, config, operand dtype, arch) at B=512, D=512, C=1,000,000 it writes
-DIR/<kernel>_<dtype>_<config>_<arch>.ptx and .cubin, and a row: registers and spill bytes (ptxas -v),
-shared memory (Triton's launch request), blocks per SM (registers in 256-register warp units, shared
-memory with 1 KB reserved per block, and warps, against the arch's limits), the MMA instructions in the
-PTX, the wgmma wait depths (N of `wgmma.wait_group.sync.aligned N`; the largest > 0 means a wgmma stays
-in flight across the wait), the epilogue's SASS instructions per element, and the model's time.
+For each (kernel, mode, config, operand dtype, arch) at B=512, D=512, C=1,000,000 it writes
+DIR/<kernel>[_saved]_<dtype>_<config>_<arch>.ptx and .cubin, and a row (mode: "recompute", the
+backward recomputes the cosines, the default; "saved", FusedEngine(save_logits=True): the forward
+writes them and the backward reads them; the SAVE/SAVED constexprs compile different code):
+registers and spill bytes (ptxas -v), shared memory (Triton's launch request), blocks per SM
+(registers in 256-register warp units, shared memory with 1 KB reserved per block, and warps, against
+the arch's limits), the MMA instructions in the PTX, the wgmma wait depths (N of
+`wgmma.wait_group.sync.aligned N`; the largest > 0 means a wgmma stays in flight across the wait),
+the epilogue's SASS instructions per element, and the model's time.
 
 Epilogue SASS per element: in `cuobjdump -sass`, a loop is a backward branch's span [target, branch].
 The MMA loop is the innermost loop holding HGMMA/HMMA instructions; the tile loop is the smallest loop
-around it (the whole kernel when there is none, as in _dw). The epilogue = the tile loop's instructions
-outside the MMA loop, less MMA instructions peeled out of it and NOPs (so the pipeline's prologue
-loads count: they are per-tile work too). Divided by the elements each thread holds per trip
-(Work.tile / (32 x warps)): thread-instructions per logit (per dW element for _dw). A static count:
-predicated branches inside the body count once.
+around it (the whole kernel when there is none). With two MMA loops (_bwd's phases), the first one:
+phase 1's, per logit; in the saved mode phase 2's, per dW element (phase 1 has none there). The
+epilogue = the tile loop's instructions outside the MMA loop, less MMA instructions peeled out of it
+and NOPs (so the pipeline's prologue loads count: they are per-tile work too). Divided by the elements
+each thread holds per trip (Work.tile / (32 x warps)): thread-instructions per logit (per dW element,
+saved _bwd). A static count: predicated branches inside the body count once.
 
-The step table (per arch, per dtype) models the step with each kernel's first config (what
-deterministic mode runs) and with the config the model rates fastest, against the bf16 floor.
+The step table (per arch, dtype and mode) models the step with each kernel's first config (what
+deterministic mode runs) and with the config the model rates fastest, plus `LIBRARY`'s parts (the
+Wn pass, the cuBLAS dX product), against the bf16 floor.
 --time (on a CUDA machine: bench/gpu_check.sh's kernels stage) also launches each variant of the local
 arch at the headline shape and adds its measured time per step beside the predicted one.
 Files: DIR/kernels.md (the tables, also printed) and DIR/kernels.json; the last stdout line is JSON.
@@ -39,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.kernel_model import (
@@ -57,6 +62,9 @@ from bench.kernel_model import (
 from common.cli import CliParser, UserError, run_cli
 
 DTYPES = ("fp16", "bf16")
+# Shape.save_logits -> the mode's name: the backward recomputes the cosines, or reads the saved ones
+MODES = {False: "recompute", True: "saved"}
+_MODE_FILE = {False: "", True: "_saved"}
 MMA_SASS = ("HGMMA", "HMMA")
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _PTX_MMA = re.compile(r"\b(wgmma\.mma_async\.[\w.]+|mma\.sync\.aligned\.[\w.]+)")
@@ -74,6 +82,7 @@ class Variant:
     config: str
     arch: str
     first: bool  # the kernel's first config: deterministic mode's
+    save_logits: bool  # the mode: the forward writes the cosines, the backward reads them
     regs: int
     spill_stores: int
     spill_loads: int
@@ -236,7 +245,7 @@ def inspect(name: str, fn, cfg: Config, first: bool, dtype: str, arch: Arch, sha
     compiled, log = compile_variant(fn, work.args, cfg, arch)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     if out is not None:
-        stem = out / f"{name}_{dtype}_{cfg.tag}_{arch.name}"
+        stem = out / f"{name}{_MODE_FILE[shape.save_logits]}_{dtype}_{cfg.tag}_{arch.name}"
         stem.with_suffix(".ptx").write_text(ptx)
         stem.with_suffix(".cubin").write_bytes(cubin)
     spills, regs = _SPILL.search(log), _REGS.search(log)
@@ -251,19 +260,20 @@ def inspect(name: str, fn, cfg: Config, first: bool, dtype: str, arch: Arch, sha
     # the descriptions' working sets depend on how many programs are resident at once
     work = WORK[name](shape, cfg, dtype, arch, arch.sms * max(1, bps))
     p = predict(work, arch, per_elem or 0.0, bps, max(waits, default=0) > 0)
-    return Variant(name, dtype, cfg.tag, arch.name, first, regs, int(spills.group(1)), int(spills.group(2)),
-                   shared, bps, sorted(set(_PTX_MMA.findall(ptx))), waits,
+    return Variant(name, dtype, cfg.tag, arch.name, first, shape.save_logits, regs, int(spills.group(1)),
+                   int(spills.group(2)), shared, bps, sorted(set(_PTX_MMA.findall(ptx))), waits,
                    None if per_elem is None else round(per_elem, 2), round(p.seconds * 1e3, 4), p.bound)
 
 
 def variant_table(rows: list[Variant]) -> str:
-    head = ("| kernel | dtype | config | arch | regs | spill st/ld B | shared KB | blocks/SM | MMA | "
-            "wgmma waits | epilogue SASS/elem | predicted ms/step | bound | measured ms/step |")
+    head = ("| kernel | cosines | dtype | config | arch | regs | spill st/ld B | shared KB | blocks/SM | "
+            "MMA | wgmma waits | epilogue SASS/elem | predicted ms/step | bound | measured ms/step |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for v in rows:
         mma = ", ".join(m.replace(".sync.aligned", "") for m in v.mma) or "none (FMA)"
         lines.append(
-            f"| {v.kernel}{' *' if v.first else ''} | {v.dtype} | {v.config} | {v.arch} | {v.regs} | "
+            f"| {v.kernel}{' *' if v.first else ''} | {MODES[v.save_logits]} | {v.dtype} | {v.config} | "
+            f"{v.arch} | {v.regs} | "
             f"{v.spill_stores}/{v.spill_loads} | {v.shared / 1024:.0f} | {v.blocks_per_sm} | {mma} | "
             f"{','.join(map(str, v.wgmma_waits)) or '-'} | {v.epilogue_per_elem} | {v.predicted_ms} | "
             f"{v.bound} | {'-' if v.measured_ms is None else v.measured_ms} |")
@@ -271,15 +281,18 @@ def variant_table(rows: list[Variant]) -> str:
 
 
 def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tuple[str, dict]:
-    """The modelled step on one arch and dtype: first configs and the model's fastest per kernel."""
-    mine = [v for v in rows if v.arch == arch.name and v.dtype == dtype]
+    """The modelled step on one arch, dtype and mode (shape.save_logits): first configs and the model's
+    fastest per kernel."""
+    mine = [v for v in rows
+            if v.arch == arch.name and v.dtype == dtype and v.save_logits == shape.save_logits]
     names = list(dict.fromkeys(v.kernel for v in mine))
     first = {n: next(v for v in mine if v.kernel == n and v.first) for n in names}
     best = {n: min((v for v in mine if v.kernel == n and v.blocks_per_sm), key=lambda v: v.predicted_ms,
                    default=first[n]) for n in names}
-    lib = {n: predict(f(shape, dtype), arch) for n, f in LIBRARY.items()}
+    lib = {n: predict(f(shape, dtype, arch), arch) for n, f in LIBRARY.items()}
     floor_ms = floor_seconds(shape, arch) * 1e3
-    lines = [f"step model, {arch.name} ({arch.gpu}), {dtype}, B={shape.B} D={shape.D} C={shape.C:,}:", "",
+    lines = [f"step model, {arch.name} ({arch.gpu}), {dtype}, cosines {MODES[shape.save_logits]}, "
+             f"B={shape.B} D={shape.D} C={shape.C:,}:", "",
              "| part | first config | ms | fastest config | ms |", "| --- | --- | --- | --- | --- |"]
     for n in names:
         lines.append(f"| {n} | {first[n].config} | {first[n].predicted_ms:.3f} ({first[n].bound}) | "
@@ -293,9 +306,9 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
     lines.append(f"| step | | {tot_first:.3f} ({tot_first / floor_ms:.2f}x floor) | | "
                  f"{tot_best:.3f} ({tot_best / floor_ms:.2f}x floor) |")
     lines.append(f"| bf16 floor (6BCD at {arch.mma_flops / 1e12:.0f} TFLOP/s) | | {floor_ms:.3f} | | |")
-    summary = {"arch": arch.name, "dtype": dtype, "first_ms": round(tot_first, 3),
-               "fastest_ms": round(tot_best, 3), "floor_ms": round(floor_ms, 3),
-               "library_ms": round(lib_ms, 3)}
+    summary = {"arch": arch.name, "dtype": dtype, "save_logits": shape.save_logits,
+               "first_ms": round(tot_first, 3), "fastest_ms": round(tot_best, 3),
+               "floor_ms": round(floor_ms, 3), "library_ms": round(lib_ms, 3)}
     if all(v.measured_ms is not None for v in first.values()):
         measured = sum(v.measured_ms for v in first.values())
         summary["measured_first_ms"] = round(measured, 3)
@@ -318,7 +331,7 @@ def time_variants(rows: list[Variant], found: dict, shape: Shape, device: str = 
             if arch is None or v.arch != arch.name or v.kernel != name:
                 continue
             cfg = next(c for c in configs if c.tag == v.config)
-            work = WORK[name](shape, cfg, v.dtype, arch, arch.sms)
+            work = WORK[name](replace(shape, save_logits=v.save_logits), cfg, v.dtype, arch, arch.sms)
             values = {n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a
                       for n, a in work.args.items()}
             launch = functools.partial(fn[work.grid], **values, **cfg.kwargs, num_warps=cfg.warps,
@@ -353,9 +366,9 @@ def _tensor(cache: dict, name: str, buf: Buf, device: str):
     key = (name, buf)
     if key not in cache:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "i64": torch.int64}[buf.dtype]
-        if dtype == torch.int64:
-            t = torch.randint(0, 64, buf.shape, device=device)
+                 "i64": torch.int64, "i32": torch.int32}[buf.dtype]
+        if dtype in (torch.int64, torch.int32):
+            t = torch.randint(0, 64, buf.shape, device=device, dtype=dtype)
         else:
             t = torch.randn(buf.shape, device=device).mul_(0.03).to(dtype)
         cache[key] = t
@@ -365,23 +378,27 @@ def _tensor(cache: dict, name: str, buf: Buf, device: str):
 def compile_and_model(out: Path | None, archs: list[Arch], dtypes: list[str], all_configs: bool,
                       shape: Shape = HEADLINE, timing: bool = False) -> tuple[list[Variant], str, list[dict]]:
     found = kernels()
+    modes = [replace(shape, save_logits=saved) for saved in MODES]
     rows = []
     for arch in archs:
         for dtype in dtypes:
-            for name, (fn, configs) in found.items():
-                for i, cfg in enumerate(configs if all_configs else configs[:1]):
-                    rows.append(inspect(name, fn, cfg, i == 0, dtype, arch, shape, out))
-                    print(f"  {rows[-1].kernel} {dtype} {cfg.tag} {arch.name}: {rows[-1].regs} regs, "
-                          f"{rows[-1].spill_stores} B spilled", file=sys.stderr, flush=True)
+            for mode in modes:
+                for name, (fn, configs) in found.items():
+                    for i, cfg in enumerate(configs if all_configs else configs[:1]):
+                        rows.append(inspect(name, fn, cfg, i == 0, dtype, arch, mode, out))
+                        print(f"  {name} {MODES[mode.save_logits]} {dtype} {cfg.tag} {arch.name}: "
+                              f"{rows[-1].regs} regs, {rows[-1].spill_stores} B spilled", file=sys.stderr,
+                              flush=True)
     if timing:
         time_variants(rows, found, shape)
     text = variant_table(rows)
     summaries = []
     for arch in archs:
         for dtype in dtypes:
-            table, summary = step_table(rows, arch, dtype, shape)
-            text += "\n" + table
-            summaries.append(summary)
+            for mode in modes:
+                table, summary = step_table(rows, arch, dtype, mode)
+                text += "\n" + table
+                summaries.append(summary)
     return rows, text, summaries
 
 

@@ -22,7 +22,8 @@ when sharded, and travel in `state_dict()` and the trainer's checkpoints. `subce
 reference and chunked, one process): `weight` is (C K, D), class j's rows j K .. j K + K - 1, a class's
 cosine the largest of its rows'; `head.dominant_subcenters(embeddings, labels)` returns the K=1 head
 of each class's dominant sub-center (the paper's cleaning step). `gamma_focal` > 0 adds the focal
-term. Inputs may be fp32, bf16 or fp16; the head computes in fp32 (float64 inputs stay float64 in reference and chunked, for tests).
+term. Inputs may be fp32, bf16 or fp16; the head computes in fp32 (float64 inputs stay float64 in
+reference and chunked, for tests).
 `block` (chunked only) is the number of classes per block. `operands` ("auto", "fp32", "bf16",
 "fp16"): the dtype the class products read (auto: fp16 tensor-core operands on CUDA, fp32 on the
 CPU; always fp32 accumulation; `heads.core.operand_dtype` says why fp16 rather than bf16).

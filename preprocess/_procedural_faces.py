@@ -10,7 +10,7 @@ The identity carries what must stay recognisable (head and jaw shape, skin tone 
 own, marks, hair, eye/brow/nose/mouth geometry and colour). Each photograph adds what must not be
 (pose, expression, lighting, colour cast, blur, noise, occluders, clutter, JPEG quality). The
 nuisance strengths were tuned so a trained network separates unseen identities while raw pixels and
-an untrained network do not (see tests/test_synthetic.py and the issue notes).
+an untrained network do not (see tests/preprocess/test_synthetic.py and the issue notes).
 """
 
 from __future__ import annotations

@@ -15,14 +15,11 @@ manifest is written.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import multiprocessing
 import multiprocessing.forkserver
-import os
 import shlex
 import shutil
 import sys
@@ -36,6 +33,7 @@ import numpy as np
 
 from common.cli import CliParser, UserError, cpu_count, log, positive, progress, run_cli
 from common.fileio import TMP_SUFFIX, atomic_write_text
+from common.folder_lock import folder_lock
 from preprocess import _work
 from preprocess.datasets import DatasetInputs, Entry, pairs_by_key, read_lfw, read_vggface2
 from preprocess.folders import read_folders
@@ -534,29 +532,9 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError(
             f"{args.root}: no usable images ({plan.num_inputs} inputs, all rejected or none found)"
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{out}: cannot create the output folder ({err.strerror or err})") from None
-    with output_lock(out):
+    # One build per --out: two would write (and remove) the same files.
+    with folder_lock(out, "another build is writing to this folder; wait for it or choose another --out"):
         return _build_locked(inputs, plan, opts, command)
-
-
-@contextlib.contextmanager
-def output_lock(out: Path):
-    """An exclusive lock on the output folder for the whole build: a second build into the same
-    --out is refused with one line instead of both writing (and removing) the same files."""
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{out}: another build is writing to this folder; wait for it or choose another --out"
-            ) from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def _build_locked(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> int:

@@ -178,9 +178,8 @@ def check_seeded_start(rank: int, world: int) -> dict:
 
 
 def train(opts: dict, argv: list[str]) -> int:
-    from _trainer_faults import FaultHooks  # this file's folder is sys.path[0]
-
     import heads.sharded as sharded
+    from tests._trainer_faults import FaultHooks
     from trainer import engine, head_parallel
     from trainer.main import main as train_main
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_loader_dist.py under `torchrun --nproc_per_node=2` (gloo, CPU).
+"""Run by tests/shards/test_loader_dist.py under `torchrun --nproc_per_node=2` (gloo, CPU).
 
 Each rank reads two epochs with each backend and writes what it saw (labels, which are unique per
 sample in that test's shards) to OUT/rank{r}.json. A gloo all_reduce after every batch would hang

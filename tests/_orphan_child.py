@@ -1,6 +1,6 @@
 """A loader-only process for the orphan test: reads shards with DataLoader workers, slowly.
 
-    python tests/_orphan_child.py SHARD_DIR WORKERS
+    python -m tests._orphan_child SHARD_DIR WORKERS
 
 Prints "ready" once the first batch arrived, then keeps reading (one batch a second) until killed.
 """

@@ -4,7 +4,7 @@ non-finite, slows steps down, holds a half-written checkpoint, and dumps each ra
 In-process tests pass `FaultHooks(...)` to `trainer.engine.train` / `trainer.main.main`. Subprocess
 tests run this file in place of trainer/main.py (also under torchrun):
 
-    python tests/_trainer_faults.py '{"step_sleep_s": 0.15}' [trainer/main.py arguments ...]
+    python -m tests._trainer_faults '{"step_sleep_s": 0.15}' [trainer/main.py arguments ...]
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def main_command(faults: dict | None = None) -> list[str]:
     """The script (and its first argument) to run: trainer/main.py, or it with these FaultHooks."""
     if not faults:
         return [str(MAIN)]
-    return [str(ROOT / "tests" / "_trainer_faults.py"), json.dumps(faults)]
+    return ["-m", "tests._trainer_faults", json.dumps(faults)]
 
 
 def run_main(args: list[str], timeout: float = 120,

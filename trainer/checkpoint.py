@@ -170,12 +170,24 @@ def check_resumable(path: Path, ckpt: dict[str, Any], backbone_spec: Mapping[str
     saved_world = len(ckpt.get("rng", {}).get("per_rank", [])) or world_size
     saved_batch = int(ckpt.get("config", {}).get("loader", {}).get("batch_size", batch_size))
     if saved_batch * saved_world != batch_size * world_size:
+        keep = _keep_global_batch(saved_batch * saved_world, world_size)
         diffs.append(f"loader.batch_size x processes {saved_batch} x {saved_world} -> "
-                     f"{batch_size} x {world_size}")
+                     f"{batch_size} x {world_size} ({keep})")
     if diffs:
         raise UserError(f"{path}: cannot resume: {'; '.join(diffs)}. A resume keeps the model, the class "
                         f"count and loader.batch_size x processes; it absorbs changes to {ABSORBED}. "
-                        "Start afresh with checkpoint.resume=never or another run.dir")
+                        "To start afresh: checkpoint.resume=never or another run.dir")
+
+
+def _keep_global_batch(global_batch: int, world_size: int) -> str:
+    """The override that resumes on `world_size` processes (after losing a GPU, say) with the saved
+    global batch, or the nearest smaller process count that can keep it."""
+    fits = max(n for n in range(1, world_size + 1) if global_batch % n == 0)
+    keep = f"loader.batch_size={global_batch // fits}"
+    if fits == world_size:
+        return f"to keep the global batch of {global_batch} on {world_size} process(es), resume with {keep}"
+    return (f"the global batch of {global_batch} does not split over {world_size} processes; resume on "
+            f"{fits} with {keep}")
 
 
 # --- the run folder: rotation and resume ----------------------------------------------------------

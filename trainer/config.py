@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
+from common.bounded_yaml import parse_yaml, read_yaml
 from common.cli import UserError
 from common.fileio import atomic_write_text
 from common.settings import (
@@ -43,6 +45,11 @@ from common.settings import (
     type_name,
 )
 from shards.augment import AugmentConfig
+
+# Upper bounds on what a key makes the trainer allocate or start, far above any real run: a typo of
+# a few zeros is refused in one line instead of filling the memory (or the process table).
+BATCH = Range(1, 16384)      # images per process: 16384 x 3 x 112 x 112 float32 is 2.4 GB
+PROCESSES = Range(0, 256)    # reader processes per training process
 
 
 @dataclass
@@ -63,7 +70,7 @@ class SyntheticConfig:
 
     classes: int = setting(16, "identities", range=POSITIVE)
     per_class: int = setting(8, "images per identity (an epoch: classes * per_class)", range=POSITIVE)
-    image_size: tuple[int, int] = setting((112, 112), "[H, W] in pixels", range=Range(8))
+    image_size: tuple[int, int] = setting((112, 112), "[H, W] in pixels", range=Range(8, 1024))
     noise: float = setting(0.5, "noise added to each pattern (higher: harder)", range=AT_LEAST_0)
 
 
@@ -80,7 +87,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = setting("tiny", "a name of models.backbones.available_backbones()")
-    embedding_size: int = setting(128, "embedding dimension", range=POSITIVE)
+    embedding_size: int = setting(128, "embedding dimension", range=Range(1, 8192))
     kwargs: dict[str, Any] = setting({}, "the backbone's own options (width, width_mult, depths, ...)")
     channels_last: bool = setting(True, "channels-last memory format (faster convolutions on GPUs)")
     compile: bool = setting(False, "torch.compile the backbone (the head stays eager)")
@@ -216,16 +223,16 @@ class PrecisionConfig:
 @dataclass
 class LoaderConfig:
     batch_size: int = setting(128, "per process (rank); global = batch_size * world * accumulate",
-                              range=POSITIVE)
+                              range=BATCH)
     backend: Literal["auto", "dali", "torch"] = setting(
         "auto", "auto: dali when installed and it can run on the device, else torch")
-    workers: int = setting(2, "reader processes", range=AT_LEAST_0)
+    workers: int = setting(2, "reader processes", range=PROCESSES)
     prefetch: int = setting(2, "batches read ahead (DALI queue depth, torch prefetch_factor)",
-                           range=POSITIVE)
+                           range=Range(1, 64))
     persistent_workers: bool = setting(True, "keep the readers (torch workers, DALI pipeline) across epochs")
     source_workers: int | None = setting(
         None, "DALI: processes reading for its source; null = workers on a GPU, 0 (in the training "
-              "process) on the CPU; see shards/loader.py")
+              "process) on the CPU; see shards/loader.py", range=PROCESSES)
 
 
 @dataclass
@@ -242,7 +249,7 @@ class ValidationConfig:
     sets: dict[str, str] = setting({}, "name -> shard folder with pairs (eval/verify.py)")
     best: str = setting("mean", "with sets, what picks best.pt: mean (of the accuracies) or a set name")
     every_steps: int = setting(500, "validate every this many steps", range=POSITIVE)
-    batch_size: int = setting(256, "images per forward pass", range=POSITIVE)
+    batch_size: int = setting(256, "images per forward pass", range=BATCH)
 
 
 @dataclass
@@ -433,24 +440,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text or text.startswith("="):
         raise UserError(f"override '{text}': expected key.sub=value")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        raise UserError(f"override '{text}': value is not valid YAML") from None
+    value = parse_yaml(raw, f"override '{text}'") if raw != "" else None
     return key.strip(), value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file (a config is UTF-8 YAML)") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}: invalid YAML{at}") from None
+    loaded = read_yaml(path, "config")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -529,6 +524,25 @@ def _check_validation(val: ValidationConfig, src: Sources) -> None:
                         "'validation.lfw_shards' name different folders")
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this OS
+        return None
+
+
+def _check_synthetic_fits(syn: SyntheticConfig, src: Sources) -> None:
+    """The synthetic set is built in memory as float32, about four copies at its peak: refuse one
+    that cannot fit before building it."""
+    h, w = syn.image_size
+    need = 4 * syn.classes * syn.per_class * 3 * h * w * 4
+    have = _physical_memory()
+    if have is not None and need > have:
+        raise UserError(f"{src.where('data.synthetic.classes')}: 'data.synthetic' classes x per_class x "
+                        f"image_size {syn.classes} x {syn.per_class} x {h}x{w} needs about "
+                        f"{need / 2**30:.1f} GiB to build, more than this machine's {have / 2**30:.1f} GiB")
+
+
 def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
     """Every value in its range and the sections consistent; UserError naming the key otherwise."""
     src = _single(src)
@@ -546,6 +560,8 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
     if cfg.schedule.steps <= 0 and cfg.schedule.epochs <= 0:
         raise UserError(f"{src.where('schedule.steps')}: set 'schedule.steps' or 'schedule.epochs' "
                         "(both are 0)")
+    if cfg.data.source == "synthetic":
+        _check_synthetic_fits(cfg.data.synthetic, src)
     if cfg.data.source == "shards" and not cfg.data.train_shards:
         raise UserError(f"{src.where('data.train_shards')}: 'data.train_shards' is not set "
                         "(a shard folder from build_shards.py)")

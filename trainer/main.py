@@ -12,6 +12,7 @@ checkpoints/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,6 +44,17 @@ def build_validators(cfg: TrainConfig) -> list[Validator]:
     return [LfwValidator(val.lfw_shards, batch_size=val.batch_size)]
 
 
+def run_folder_lock(run_dir: str) -> contextlib.AbstractContextManager:
+    """One training per run folder: two would interleave checkpoints and metrics records. Under
+    torchrun only rank 0 takes it (it alone writes there); the others wait for it in the rendezvous."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    from common.folder_lock import folder_lock
+
+    return folder_lock(run_dir, "another training is using this run folder; wait for it to end or choose "
+                                "another run.dir")
+
+
 def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) -> int:
     parser = CliParser(prog="trainer/main.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,13 +70,15 @@ def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) 
         return 0
 
     from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch loads: a mistake answers at once
     from trainer.distributed import PeerLost
     from trainer.engine import TrainingDiverged, train
 
-    cfg = load_config(args.config, args.overrides)
     validators = build_validators(cfg)  # opened now: a bad LFW folder fails before training
     try:
-        summary = train(cfg, validators, hooks)
+        with run_folder_lock(cfg.run.dir):
+            summary = train(cfg, validators, hooks)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

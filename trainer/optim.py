@@ -1,4 +1,5 @@
-"""Optimizer with decay only on weights (not norms, biases or PReLU slopes), and the LR schedule."""
+"""Optimizer with decay only on weights (not norms, biases, PReLU slopes or position embeddings), and the
+LR schedule."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from trainer.config import OptimConfig, ScheduleConfig
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: multi-dimensional weights get `weight_decay`; 1-D tensors (BN, biases, PReLU) none."""
+    """Two groups: multi-dimensional weights get `weight_decay`; 1-D tensors (BN, biases, PReLU) and
+    the names a module lists in its `no_weight_decay()` (a ViT's position embedding) none."""
+    exempt = module.no_weight_decay() if hasattr(module, "no_weight_decay") else set()
     decay, no_decay = [], []
-    for _, p in module.named_parameters():
+    for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim > 1 else no_decay).append(p)
+        (decay if p.ndim > 1 and name not in exempt else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
