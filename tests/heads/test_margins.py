@@ -1,8 +1,8 @@
 """AdaFace, MagFace and CurricularFace (issue 24) in the reference and chunked engines against the
 papers' formulas in float64 (tests/_margins_spec.py) over two training steps, so the running state
 moves; the state's buffers (eval leaves them, state_dict carries them), the options' checks, and
-Partial FC with each margin. The fused engine: tests/test_heads_fused.py; 2 ranks:
-tests/test_heads_sharded.py; the trainer's checkpoint: tests/test_trainer_resume.py."""
+Partial FC with each margin. The fused engine: tests/heads/test_fused.py; 2 ranks:
+tests/heads/test_sharded.py; the trainer's checkpoint: tests/trainer/test_resume.py."""
 
 from __future__ import annotations
 
