@@ -188,7 +188,7 @@ if triton is not None:
         # the logit in base 2 (s2 = s log2 e); hard negatives (cos > psi of the row) get, HARD=1
         # (SV-Softmax): s (t cos + t - 1); HARD=2 (CurricularFace, tc its t per row): s cos (tc + cos)
         if HARD == 2:
-            return tl.where(cos > thr[:, None], cos * (tc[:, None] + cos) * s2, cos * s2)
+            return (cos * s2) * tl.where(cos > thr[:, None], tc[:, None] + cos, 1.0)
         elif HARD:
             return tl.where(cos > thr[:, None], cos * (s2 * t) + s2 * (t - 1.0), cos * s2)
         else:
