@@ -78,7 +78,8 @@ def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device
     from heads import MarginHead
 
     torch.manual_seed(0)
-    head = MarginHead(classes, args.dim, margin=margin, t=args.t, impl=impl, block=args.block,
+    t = 1.0 if margin == "curricularface" else args.t  # CurricularFace has its own hard-negative rule
+    head = MarginHead(classes, args.dim, margin=margin, t=t, impl=impl, block=args.block,
                       operands=args.operands).to(device)
     x = torch.randn(args.batch, args.dim, device=device, requires_grad=True)
     y = torch.randint(0, classes, (args.batch,), device=device)
@@ -209,13 +210,13 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
 
 
 def _print_table(rows: list[dict], floors: dict[int, dict]) -> None:
-    print(f"{'impl':>9} {'C':>8} {'margin':>8} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
+    print(f"{'impl':>9} {'C':>8} {'margin':>14} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
           f"{'x bf16 floor':>12} {'peak MiB':>9} {'work MiB':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>8}  {r['error']}")
+            print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14}  {r['error']}")
             continue
-        print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>8} {r['fwd_ms']:9.2f} {r['bwd_ms']:9.2f} "
+        print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14} {r['fwd_ms']:9.2f} {r['bwd_ms']:9.2f} "
               f"{r['total_ms']:9.2f} {r.get('x_bf16_floor', float('nan')):12.2f} {r['peak_mib']:9.1f} "
               f"{r['working_mib']:9.1f}")
     for f in floors.values():
@@ -263,8 +264,10 @@ def _check(args: argparse.Namespace) -> None:
     for impl in args.impls or ():
         if impl not in IMPLS:
             raise UserError(f"--impls: unknown implementation {impl!r} (expected {', '.join(IMPLS)})")
+    from heads.margins import MARGINS
+
     for margin in args.margins:
-        if margin not in ("cosface", "arcface", "sphereface", "combined"):
+        if margin not in MARGINS or margin == "none":
             raise UserError(f"--margins: unknown margin {margin!r}")
     if args.device == "cpu" and "fused" in (args.impls or ()):
         raise UserError("--impls fused needs --device cuda (the interpreter is for tests, not timing)")

@@ -1,4 +1,5 @@
-"""Margin-softmax heads (CosFace, ArcFace, SphereFace, combined; SV-Softmax; focal term).
+"""Margin-softmax heads (CosFace, ArcFace, SphereFace, combined, AdaFace, MagFace, CurricularFace;
+sub-center ArcFace; SV-Softmax; focal term).
 
     from heads import MarginHead
     head = MarginHead(num_classes, embed_dim, margin="arcface", s=64, m=0.5, t=1.0, impl="auto", seed=0)
@@ -13,8 +14,16 @@ largest cosine, computed inside the pass without a B x C tensor.
 impl: "reference" (plain PyTorch, B x C logits), "chunked" (PyTorch over blocks of classes),
 "fused" (Triton; needs CUDA or TRITON_INTERPRET=1), "auto" (fused on CUDA, chunked elsewhere).
 Margin options go as keyword arguments: sphereface `lambda_base, lambda_min, gamma, power`;
-combined `m1, m2, m3`. `gamma_focal` > 0 adds the focal term. Inputs may be fp32, bf16 or fp16;
-the head computes in fp32 (float64 inputs stay float64 in reference and chunked, for tests).
+combined `m1, m2, m3`; adaface `m, h, t_alpha`; magface `l_a, u_a, l_m, u_m, lambda_g` (its norm
+regularizer is part of the returned loss); curricularface `m` (not with t > 1). AdaFace's norm
+statistics and CurricularFace's t are buffers of the head (`margin_batch_mean`, `margin_batch_std`,
+`margin_t`): they move in a training forward only (`head.eval()` freezes them), from the global batch
+when sharded, and travel in `state_dict()` and the trainer's checkpoints. `subcenters=K` (any margin;
+reference and chunked, one process): `weight` is (C K, D), class j's rows j K .. j K + K - 1, a class's
+cosine the largest of its rows'; `head.dominant_subcenters(embeddings, labels)` returns the K=1 head
+of each class's dominant sub-center (the paper's cleaning step). `gamma_focal` > 0 adds the focal
+term. Inputs may be fp32, bf16 or fp16; the head computes in fp32 (float64 inputs stay float64 in
+reference and chunked, for tests).
 `block` (chunked only) is the number of classes per block. `operands` ("auto", "fp32", "bf16",
 "fp16"): the dtype the class products read (auto: fp16 tensor-core operands on CUDA, fp32 on the
 CPU; always fp32 accumulation; `heads.core.operand_dtype` says why fp16 rather than bf16).

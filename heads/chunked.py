@@ -18,28 +18,51 @@ from heads.core import fix_target_terms, mm_f32, operand_dtype
 
 
 class ChunkedEngine:
-    def __init__(self, block: int = 8192, operands: str = "auto") -> None:
+    """`block` classes per step; `subcenters` K: weight rows per class (sub-center ArcFace: a class's
+    cosine is the max of its K rows', its gradient goes to that row alone)."""
+
+    def __init__(self, block: int = 8192, operands: str = "auto", subcenters: int = 1) -> None:
         self.block = int(block)
         self.operands = operands
+        self.subcenters = int(subcenters)
 
-    def _logits(self, cos: Tensor, thr: Tensor, s: float, t: float) -> tuple[Tensor, Tensor | None]:
+    def _logits(self, cos: Tensor, thr: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor | None]:
+        """(logits, d logit / d(s cos) or None where it is 1 everywhere), as Engine.forward says."""
+        if isinstance(t, Tensor):  # CurricularFace: s c (t + c) above the row's psi
+            hard = cos > thr[:, None]
+            return torch.where(hard, s * cos * (t + cos), s * cos), torch.where(hard, t + 2.0 * cos, 1.0)
         if t == 1.0:
             return s * cos, None
         hard = cos > thr[:, None]
-        return torch.where(hard, s * (t * cos + (t - 1.0)), s * cos), hard
+        return torch.where(hard, s * (t * cos + (t - 1.0)), s * cos), 1.0 + (t - 1.0) * hard.to(cos.dtype)
 
     def _operands(self, xn: Tensor, weight: Tensor, c0: int, c1: int) -> tuple[Tensor, Tensor]:
         op = operand_dtype(xn.device, xn.dtype, operands=self.operands)
         return xn.to(op), weight[c0:c1].to(op)
 
+    def _class_cosines(self, cos: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(per-class cosines, the argmax sub-center of each, or None with one row per class)."""
+        if self.subcenters == 1:
+            return cos, None
+        best = cos.view(cos.shape[0], -1, self.subcenters).max(2)
+        return best.values, best.indices
+
+    def _row_grad(self, dc: Tensor, arg: Tensor | None) -> Tensor:
+        """The per-class gradient on the rows: each class's argmax sub-center takes it."""
+        if arg is None:
+            return dc
+        rows = torch.zeros((*dc.shape, self.subcenters), dtype=dc.dtype, device=dc.device)
+        return rows.scatter_(2, arg[:, :, None], dc[:, :, None]).view(dc.shape[0], -1)
+
     def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
-                s: float, t: float) -> tuple[Tensor, Tensor]:
-        C = weight.shape[0]
+                s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        K = self.subcenters
+        C = weight.shape[0] // K
         lses, maxes = [], []
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
-            xo, wo = self._operands(xn, weight, c0, c1)
-            cos = mm_f32(xo, wo.t()).to(xn.dtype) * rw[c0:c1].to(xn.dtype)
+            xo, wo = self._operands(xn, weight, c0 * K, c1 * K)
+            cos, _ = self._class_cosines(mm_f32(xo, wo.t()).to(xn.dtype) * rw[c0 * K:c1 * K].to(xn.dtype))
             logits, _ = self._logits(cos, thr, s, t)
             target = _TargetColumn(labels, c0, c1)  # the target column is handled outside
             target.fill(logits, float("-inf"))
@@ -49,30 +72,38 @@ class ChunkedEngine:
         return torch.logsumexp(torch.stack(lses), 0), torch.stack(maxes).amax(0)
 
     def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
-                 g: Tensor, dcy: Tensor, s: float, t: float) -> tuple[Tensor, Tensor]:
-        C = weight.shape[0]
+                 g: Tensor, dcy: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        K = self.subcenters
+        C = weight.shape[0] // K
         dxn = torch.zeros_like(xn)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        target_row = labels * K  # the weight row of each row's target (its argmax sub-center, below)
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
-            xo, wo = self._operands(xn, weight, c0, c1)
-            r = rw[c0:c1].to(xn.dtype)
-            cos = mm_f32(xo, wo.t()).to(xn.dtype) * r
-            logits, hard = self._logits(cos, thr, s, t)
+            xo, wo = self._operands(xn, weight, c0 * K, c1 * K)
+            r = rw[c0 * K:c1 * K].to(xn.dtype)
+            cos_rows = mm_f32(xo, wo.t()).to(xn.dtype) * r
+            cos, arg = self._class_cosines(cos_rows)
+            logits, slope = self._logits(cos, thr, s, t)
             dc = torch.exp(logits - lse[:, None])
             dc *= (g * s)[:, None]
-            if hard is not None:
-                dc = torch.where(hard, dc * t, dc)
-            _TargetColumn(labels, c0, c1).fill(dc, dcy)
+            if slope is not None:
+                dc *= slope
+            target = _TargetColumn(labels, c0, c1)
+            target.fill(dc, dcy)
+            if arg is not None:
+                target_row = torch.where(target.inside[:, 0], target_row + arg.gather(1, target.col)[:, 0],
+                                         target_row)
+            dc = self._row_grad(dc, arg)
             # d c_ij / d w_j = r_j (xn_i - c_ij r_j w_j): the projection of the normalization
-            h = (dc * cos).sum(0)
+            h = (dc * cos_rows).sum(0)
             gx = (dc * r).to(xo.dtype)
             mm_f32(gx, wo, out=dxn)
             dwb = mm_f32(gx.t(), xo).to(xn.dtype)
-            dwb -= (r * r * h)[:, None] * weight[c0:c1].to(xn.dtype)
-            dw[c0:c1] = dwb
+            dwb -= (r * r * h)[:, None] * weight[c0 * K:c1 * K].to(xn.dtype)
+            dw[c0 * K:c1 * K] = dwb
         xo = xn.to(operand_dtype(xn.device, xn.dtype, operands=self.operands))
-        fix_target_terms(xn, xo, weight, rw, labels, dcy, dxn, dw)
+        fix_target_terms(xn, xo, weight, rw, target_row, dcy, dxn, dw)
         return dxn, dw
 
 

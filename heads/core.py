@@ -23,13 +23,17 @@ from heads.margins import Margin
 
 
 class Engine(Protocol):
+    subcenters: int  # K: the weight holds K rows per class (sub-center ArcFace), a class's cosine their max
+
     def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
-                s: float, t: float) -> tuple[Tensor, Tensor]:
-        """(log-sum-exp over the non-target logits, max non-target cosine), both (B,) fp32."""
+                s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """(log-sum-exp over the non-target logits, max non-target cosine), both (B,) fp32.
+        Non-target logits are s c, except where c > thr (the row's psi): s (t c + t - 1) for a float
+        t > 1 (SV-Softmax), s c (t + c) for a 0-d tensor t (CurricularFace)."""
         ...
 
     def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
-                 g: Tensor, dcy: Tensor, s: float, t: float) -> tuple[Tensor, Tensor]:
+                 g: Tensor, dcy: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
         """(dL/dxn (B x D), dL/dweight (C x D) in weight's dtype) given g = dL/d(row loss), dcy = dL/dc_y.
         The dW returned becomes weight.grad as it is (no copy), so engines allocate it once, C x D."""
         ...
@@ -116,7 +120,8 @@ def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels:
     would dominate the error. Add (exact - rounded) for those B entries: rows of dX directly, rows
     of dW summed per class by a same-class product (no scatter-add, so still deterministic).
     `normalized=True` (the fused engine): the products read G = dL/dcos and the rows w r, both
-    rounded, and dW's rows are scaled by r after the product.
+    rounded, and dW's rows are scaled by r after the product. `labels` index rows of `weight` (with
+    sub-centers: the target's sub-center row).
     """
     if xo.dtype in (torch.float32, torch.float64):
         return
@@ -147,18 +152,39 @@ def inv_norms(weight: Tensor) -> Tensor:
     return 1.0 / torch.linalg.vector_norm(weight, dim=1, dtype=dtype).clamp_min(1e-12)
 
 
+def target_cosines(xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, subcenters: int = 1) -> Tensor:
+    """c_y: each row's cosine with its class; with K sub-centers (class j's rows j K .. j K + K - 1 of
+    weight) the largest of its class's K cosines (autograd-free: the engines route its gradient)."""
+    if subcenters == 1:
+        return (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype)
+    rows = labels[:, None] * subcenters + torch.arange(subcenters, device=labels.device)
+    cands = (xn[:, None, :] * weight[rows].to(xn.dtype)).sum(2) * rw[rows].to(xn.dtype)
+    return cands.amax(1)
+
+
+def target_terms(margin: Margin, c_y: Tensor, norms: Tensor | None, state: dict[str, Tensor],
+                 training: bool, step: int, t: float) -> tuple[Tensor | None, Tensor, float | Tensor]:
+    """(psi's per-row parameter p, psi(c_y), what the engines take as t): the margin's running state
+    moves first (training); CurricularFace hands the engines its t (a 0-d tensor, copied: a second
+    forward before this backward may move the state) in place of SV-Softmax's float."""
+    p = margin.rows(c_y, norms, state, training)
+    hard = margin.hard_t(state)
+    return p, margin.psi(c_y, step, p), (t if hard is None else hard.detach().to(c_y.dtype).clone())
+
+
 class _HeadFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, margin: Margin, step: int, s: float,
-                t: float, engine: Engine) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, norms: Tensor | None, margin: Margin,
+                step: int, s: float, t: float, engine: Engine, state: dict[str, Tensor],
+                training: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         # an engine that makes its own copy of W supplies the norms from the same pass (W read once)
         rw = getattr(engine, "inv_norms", inv_norms)(weight)
-        c_y = (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype)
-        psi = margin.psi(c_y, step)
+        c_y = target_cosines(xn, weight, rw, labels, engine.subcenters)
+        p, psi, t = target_terms(margin, c_y, norms, state, training, step, t)
         lse_other, max_other = engine.forward(xn, weight, rw, labels, psi, s, t)
         tgt = s * psi
         lse = torch.logaddexp(lse_other.to(xn.dtype), tgt)
-        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse)
+        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse, p)
         ctx.margin, ctx.step, ctx.s, ctx.t, ctx.engine = margin, step, s, t, engine
         correct = (c_y >= max_other.to(xn.dtype)).to(xn.dtype)
         ctx.mark_non_differentiable(correct)
@@ -166,28 +192,35 @@ class _HeadFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor, _g_correct: Tensor):  # type: ignore[override]
-        return (*backward_through_engine(ctx, g), None, None, None, None, None, None)
+        dxn, dw, dnorms = backward_through_engine(ctx, g)
+        return (dxn, dw, None, dnorms, *([None] * 7))
 
 
-def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor]:
-    """(dL/dxn, dL/dW) of the per-row loss from what a head's forward saved on `ctx`.
+def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dL/dxn, dL/dW, dL/dnorms or None) of the per-row loss from what a head's forward saved on `ctx`.
 
     Rows with label -1 (a sharded head's rows whose class another rank owns) get no target-column
-    gradient, so no engine code that indexes by label can pick one up.
+    gradient, so no engine code that indexes by label can pick one up (nor, for MagFace, a norm
+    gradient: the owner's rank gives it).
     """
-    xn, weight, labels, rw, c_y, psi, lse = ctx.saved_tensors
-    s = ctx.s
-    dcy = g * (torch.exp(s * psi - lse) - 1.0) * s * ctx.margin.dpsi(c_y, ctx.step)
-    dcy = torch.where(labels >= 0, dcy, torch.zeros_like(dcy))
+    xn, weight, labels, rw, c_y, psi, lse, p = ctx.saved_tensors
+    s, margin = ctx.s, ctx.margin
+    dpsi = g * (torch.exp(s * psi - lse) - 1.0) * s
+    dpsi = torch.where(labels >= 0, dpsi, torch.zeros_like(dpsi))
+    dcy = dpsi * margin.dpsi(c_y, ctx.step, p)
+    dnorms = dpsi * margin.dpsi_dp(c_y, ctx.step, p) if margin.norm_gradient else None
     # backward may run on a thread with autocast on; the head's contract is fp32
     with torch.autocast(xn.device.type, enabled=False):
         dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
     # engines write dW in weight's dtype: handed to autograd as it is, it becomes weight.grad
     # without a second C x D buffer (with zero_grad(set_to_none=True), PyTorch's default)
-    return dxn, dw.to(weight.dtype)
+    return dxn, dw.to(weight.dtype), dnorms
 
 
 def head_rows(xn: Tensor, weight: Tensor, labels: Tensor, margin: Margin, step: int, s: float, t: float,
-              engine: Engine) -> tuple[Tensor, Tensor]:
-    """(per-row loss, per-row 1.0 where the target cosine is the largest) through `engine`."""
-    return _HeadFn.apply(xn, weight, labels, margin, step, s, t, engine)
+              engine: Engine, norms: Tensor | None = None, state: dict[str, Tensor] | None = None,
+              training: bool = False) -> tuple[Tensor, Tensor]:
+    """(per-row loss, per-row 1.0 where the target cosine is the largest) through `engine`. `norms`:
+    the raw embeddings' norms (margins with per-row parameters); `state`: the margin's running state."""
+    return _HeadFn.apply(xn, weight, labels, norms, margin, step, s, t, engine,
+                         {} if state is None else state, training)

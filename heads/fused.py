@@ -34,6 +34,10 @@ class-parallel kernel would have to pass through memory per tile). The target co
 rounded in G, are made exact afterwards (`heads.core.fix_target_terms(normalized=True)`). No
 atomics anywhere: for a fixed set of kernel configs the result is bitwise reproducible.
 
+Hard negatives (`HARD`, constexpr): 0 none, True SV-Softmax (s (t c + t - 1) above psi of the row),
+2 CurricularFace (s c (tc + c) above psi, derivative s (tc + 2 c)): its t rides after the B
+thresholds in THR (2B floats), so the kernels' signatures and the other variants' code are unchanged.
+
 Configs: a few per kernel (below), pruned by the device's shared memory, autotuned on CUDA by Triton
 keyed on (B, D) and the tensors' dtypes. `deterministic=True` skips the tuner and uses each kernel's
 first config: bitwise the same result in every process on a given GPU model. The tuned default
@@ -184,13 +188,23 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _logit2(cos, thr, s2, t, HARD: tl.constexpr):
-        # the logit in base 2 (s2 = s log2 e); SV-Softmax: hard negatives (cos > psi of the row)
-        # get s (t cos + t - 1)
-        if HARD:
+    def _logit2(cos, thr, tc, s2, t, HARD: tl.constexpr):
+        # the logit in base 2 (s2 = s log2 e); hard negatives (cos > psi of the row) get, HARD=1
+        # (SV-Softmax): s (t cos + t - 1); HARD=2 (CurricularFace, tc its t per row): s cos (tc + cos)
+        if HARD == 2:
+            return (cos * s2) * tl.where(cos > thr[:, None], tc[:, None] + cos, 1.0)
+        elif HARD:
             return tl.where(cos > thr[:, None], cos * (s2 * t) + s2 * (t - 1.0), cos * s2)
         else:
             return cos * s2
+
+    @triton.jit
+    def _row_t(THR, B, rows, rmask, thr, HARD: tl.constexpr):
+        # CurricularFace's t, per row, after the B thresholds in THR (the kernels' signatures stay)
+        if HARD == 2:
+            return tl.load(THR + B + rows, mask=rmask, other=0.0)
+        else:
+            return thr
 
     @triton.jit
     def _fwd_kernel(X, WN, LAB, THR, M, L, MX, Z, B, C, D, stride_x, stride_w, stride_z, s2, t,
@@ -212,9 +226,10 @@ if triton is not None:
                 lab = tl.load(LAB + rows, mask=rmask, other=-1)  # int32
                 valid = cmask[None, :] & (cols[None, :] != lab[:, None])
                 thr = tl.load(THR + rows, mask=rmask, other=0.0)
+                tc = _row_t(THR, B, rows, rmask, thr, HARD)
                 # the best non-target cosine first: cos is then dead unless the logit needs it
                 mx_tile = tl.max(tl.where(valid, cos, -2.0), axis=1)
-                logit = tl.where(valid, _logit2(cos, thr, s2, t, HARD), float("-inf"))
+                logit = tl.where(valid, _logit2(cos, thr, tc, s2, t, HARD), float("-inf"))
                 off = pid * B + rows
                 # the partials start at i = 0: the kernel never reads what it did not write (so the
                 # autotuner may rerun it on the same buffers)
@@ -252,7 +267,14 @@ if triton is not None:
             lse2 = tl.load(LSE2 + rows, mask=rmask, other=0.0)
             gs = tl.load(GS + rows, mask=rmask, other=0.0)  # dL/d(row loss) * s
             dcy = tl.load(DCY + rows, mask=rmask, other=0.0)
-            if HARD:
+            if HARD == 2:
+                thr = tl.load(THR + rows, mask=rmask, other=0.0)
+                tc = _row_t(THR, B, rows, rmask, thr, HARD)
+                hard = cos > thr[:, None]
+                logit = tl.where(hard, cos * (tc[:, None] + cos) * s2, cos * s2)
+                slope = tl.where(hard, tc[:, None] + 2.0 * cos, 1.0)  # d logit / d(s cos)
+                dc = tl.exp2(logit - lse2[:, None]) * (gs[:, None] * slope)
+            elif HARD:
                 thr = tl.load(THR + rows, mask=rmask, other=0.0)
                 hard = cos > thr[:, None]
                 logit = tl.where(hard, cos * (s2 * t) + s2 * (t - 1.0), cos * s2)
@@ -365,6 +387,7 @@ class FusedEngine:
         if triton is None:
             raise RuntimeError("impl='fused' needs triton; use impl='chunked'")
         self.deterministic = deterministic
+        self.subcenters = 1  # the kernels take one row per class (sub-centers: impl="chunked")
         self.configs = dict(configs or {})
         self.operands = operands
         self.chunk = chunk
@@ -439,9 +462,18 @@ class FusedEngine:
         op = self.operand_dtype(xn)
         return op, xn.to(op).contiguous(), self.normalized_weight(weight, rw, op)
 
+    @staticmethod
+    def _hard(thr: Tensor, t: float | Tensor) -> tuple[Tensor, float, int | bool]:
+        """(THR, the float t, HARD): CurricularFace (a tensor t) appends its t per row to the
+        thresholds (read from memory: no host sync) and sets HARD=2; SV-Softmax is HARD=True."""
+        if isinstance(t, Tensor):
+            return torch.cat([thr.float(), t.float().expand(thr.shape[0])]), 1.0, 2
+        return thr.float().contiguous(), float(t), t != 1.0
+
     def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
-                s: float, t: float) -> tuple[Tensor, Tensor]:
+                s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
         self._check(xn)
+        thr, t, hard = self._hard(thr, t)
         op, x, wn = self._inputs(xn, weight, rw)
         B, D = x.shape
         C = wn.shape[0]
@@ -450,9 +482,9 @@ class FusedEngine:
         self._saved = None
         cos = torch.empty((B, C) if self.save_logits else (1, 1), dtype=op, device=x.device)
         self._launch("fwd", _fwd_kernel, _fwd_tuned, FWD_CONFIGS, (n_prog,), x.device,
-                     x, wn, labels.to(torch.int32), thr.float().contiguous(), m, l_, mx, cos, B, C, D,
-                     x.stride(0), wn.stride(0), cos.stride(0), float(s) * LOG2E, float(t),
-                     HARD=t != 1.0, SAVE=self.save_logits, OPK=_OPK[op], EVEN_D=D % _BD == 0)
+                     x, wn, labels.to(torch.int32), thr, m, l_, mx, cos, B, C, D,
+                     x.stride(0), wn.stride(0), cos.stride(0), float(s) * LOG2E, t,
+                     HARD=hard, SAVE=self.save_logits, OPK=_OPK[op], EVEN_D=D % _BD == 0)
         if self.save_logits:
             self._saved = (self._saved_key(xn, weight, labels), cos)
         top = m.amax(0)
@@ -464,8 +496,9 @@ class FusedEngine:
         return (xn.data_ptr(), xn._version, labels.data_ptr(), _weight_key(weight, xn.dtype))
 
     def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
-                 g: Tensor, dcy: Tensor, s: float, t: float) -> tuple[Tensor, Tensor]:
+                 g: Tensor, dcy: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
         op, x, wn = self._inputs(xn, weight, rw)
+        thr, t, hard = self._hard(thr, t)
         B, D = x.shape
         C = wn.shape[0]
         # the saved cosines, when they are this forward's (another forward in between: recompute)
@@ -476,15 +509,15 @@ class FusedEngine:
         gbuf = torch.empty((B, ck_max), dtype=op, device=x.device)
         dx = torch.zeros((B, D), dtype=torch.float32, device=x.device)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        rows = (labels.to(torch.int32), thr.float().contiguous(), (lse.float() * LOG2E).contiguous(),
+        rows = (labels.to(torch.int32), thr, (lse.float() * LOG2E).contiguous(),
                 (g.float() * s).contiguous(), dcy.float().contiguous())
         for c0 in range(0, C, ck_max):
             ck = min(ck_max, C - c0)
             self._launch("bwd", _bwd_kernel, _bwd_tuned, BWD_CONFIGS,
                          lambda meta, ck=ck: (triton.cdiv(ck, meta["BC"]),), x.device,
                          x, wn, rw, *rows, cos, gbuf, dw, B, D, c0, ck, x.stride(0), wn.stride(0),
-                         cos.stride(0), gbuf.stride(0), dw.stride(0), float(s) * LOG2E, float(t),
-                         HARD=t != 1.0, SAVED=saved is not None, OPK=_OPK[op], EVEN_D=D % _BD == 0)
+                         cos.stride(0), gbuf.stride(0), dw.stride(0), float(s) * LOG2E, t,
+                         HARD=hard, SAVED=saved is not None, OPK=_OPK[op], EVEN_D=D % _BD == 0)
             mm_f32(gbuf[:, :ck], wn[c0:c0 + ck], out=dx)  # cuBLAS: the sum over classes
         fix_target_terms(xn, x, weight, rw, labels, dcy, dx, dw, normalized=True)
         return dx.to(xn.dtype), dw

@@ -4,6 +4,7 @@ and the seeded initial class centres both start from (`init_centres`). The API i
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from heads.core import Engine, head_rows
 from heads.margins import Margin
 from heads.options import HeadOptions
-from heads.reference import focal, reference_forward
+from heads.reference import focal, reference_forward, with_regularizer
 
 INIT_BLOCK = 1 << 16  # classes per seeded block of the initial centres (any world size draws the same)
 
@@ -46,7 +47,14 @@ class HeadBase(nn.Module):
         self.impl, self.block = options.impl, options.block
         self.num_classes, self.seed = int(num_classes), int(seed)
         self.class_start, self.class_end = class_start, class_end
-        self.weight = nn.Parameter(init_centres(num_classes, embed_dim, class_start, class_end, seed))
+        # K sub-centers per class: class j's rows j K .. j K + K - 1, drawn as rows of a C K-class head
+        K = self.subcenters = int(options.subcenters)
+        self.weight = nn.Parameter(init_centres(num_classes * K, embed_dim, class_start * K, class_end * K,
+                                                seed))
+        # the margin's running state (float64 scalars): in state_dict and the trainer's checkpoints;
+        # computed from the global batch, so it is the same on every rank
+        for name, value in self.margin.state.items():
+            self.register_buffer(f"margin_{name}", torch.tensor(value, dtype=torch.float64))
         self.step = 0
         self.last_accuracy: Tensor | None = None
         self._engines: dict[str, Engine] = {}  # built once per implementation, on first use
@@ -63,6 +71,10 @@ class HeadBase(nn.Module):
         if impl not in self._engines:
             self._engines[impl] = self.options.make_engine(impl)
         return self._engines[impl]
+
+    def margin_state(self) -> dict[str, Tensor]:
+        """The margin's running state: the buffers themselves (the margin moves them in place)."""
+        return {name: getattr(self, f"margin_{name}") for name in self.margin.state}
 
     def _finish(self, loss: Tensor, acc: Tensor, return_accuracy: bool):
         self.last_accuracy = acc.detach()
@@ -88,14 +100,37 @@ class MarginHead(HeadBase):
         impl = self.resolved_impl(embeddings.device)
         if impl == "reference":
             return reference_forward(embeddings, self.weight, labels, self.margin, self.s, self.t,
-                                     self.gamma_focal, self.step)
+                                     self.gamma_focal, self.step, self.margin_state(), self.training,
+                                     self.subcenters)
         dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        xn = F.normalize(embeddings.to(dtype), dim=1)
-        rows, correct = head_rows(xn, self.weight, labels, self.margin, self.step, self.s, self.t,
-                                  self.engine(impl))
-        return focal(rows, self.gamma_focal).mean(), correct.mean()
+        x = embeddings.to(dtype)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        rows, correct = head_rows(F.normalize(x, dim=1), self.weight, labels, self.margin, self.step, self.s,
+                                  self.t, self.engine(impl), norms, self.margin_state(), self.training)
+        return with_regularizer(focal(rows, self.gamma_focal).mean(), self.margin, norms), correct.mean()
+
+    @torch.no_grad()
+    def dominant_subcenters(self, embeddings: Tensor, labels: Tensor) -> MarginHead:
+        """Sub-center ArcFace's cleaning step: a one-row-per-class head (same options and state) whose
+        class j keeps the sub-center most of j's given embeddings are closest to (the first of j's rows
+        when none is given). Pass the training set's embeddings, in batches' concatenation."""
+        K, (rows, D) = self.subcenters, self.weight.shape
+        C = rows // K
+        labels = labels.long().to(self.weight.device)
+        wn = F.normalize(self.weight.float(), dim=1).view(C, K, D)
+        xn = F.normalize(embeddings.float().to(self.weight.device), dim=1)
+        nearest = torch.einsum("bd,bkd->bk", xn, wn[labels]).argmax(1)
+        votes = torch.bincount(labels * K + nearest, minlength=C * K).view(C, K)
+        single = MarginHead(C, D, self.margin.name, seed=self.seed, **{
+            **{f.name: getattr(self.options, f.name) for f in fields(self.options)
+               if f.name not in ("margin", "margin_options")},
+            **self.options.margin_options, "subcenters": 1})
+        single.weight.copy_(self.weight.view(C, K, D)[torch.arange(C), votes.argmax(1)])
+        for name, value in self.named_buffers():
+            getattr(single, name).copy_(value)
+        return single.to(self.weight.device)
 
     def extra_repr(self) -> str:
         C, D = self.weight.shape
-        return (f"classes={C}, dim={D}, margin={self.margin.name}, s={self.s}, t={self.t}, "
-                f"impl={self.impl}, focal={self.gamma_focal}")
+        return (f"classes={C // self.subcenters}, dim={D}, margin={self.margin.name}, s={self.s}, "
+                f"t={self.t}, impl={self.impl}, focal={self.gamma_focal}, subcenters={self.subcenters}")

@@ -3,8 +3,9 @@
 `MarginHead` and `ShardedMarginHead` both take their options through `HeadOptions`, so an option
 means the same in both and is validated once, when the head is built: a bad value is a ValueError
 naming the option. A margin's own options (sphereface `lambda_base, lambda_min, gamma, power`;
-combined `m1, m2, m3`) are the keyword arguments its class lists in `options` (heads/margins.py): a
-new margin registers there and needs nothing here. `make_engine` is the one engine factory.
+combined `m1, m2, m3`; adaface `h, t_alpha`; magface `l_a, u_a, l_m, u_m, lambda_g`) are the
+keyword arguments its class lists in `options` (heads/margins.py): a new margin registers there and
+needs nothing here. `make_engine` is the one engine factory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class HeadOptions:
     """What computes the loss: margin, scale s (None: the margin's default), m (None: its default),
     SV-Softmax t, implementation, focal gamma, chunked block, fused determinism, product operands,
     whether the fused forward keeps its B x C cosines for the backward (`save_logits`: 2 bytes per
-    logit, the backward skips recomputing them), and the margin's own options (`margin_options`)."""
+    logit, the backward skips recomputing them), sub-centers per class (`subcenters`, K: sub-center
+    ArcFace, any margin; reference and chunked), and the margin's own options (`margin_options`)."""
 
     margin: str = "cosface"
     s: float | None = None
@@ -38,6 +40,7 @@ class HeadOptions:
     deterministic: bool = False
     operands: str = "auto"
     save_logits: bool = False
+    subcenters: int = 1
     margin_options: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -58,9 +61,17 @@ class HeadOptions:
             raise ValueError(f"gamma_focal must be >= 0 (0 turns the focal term off), got {self.gamma_focal}")
         if self.s is not None and self.s <= 0.0:
             raise ValueError(f"scale s must be positive, got {self.s}")
+        if int(self.subcenters) != self.subcenters or self.subcenters < 1:
+            raise ValueError(f"subcenters must be a positive integer, got {self.subcenters}")
+        if self.subcenters > 1 and self.impl == "fused":
+            raise ValueError("subcenters > 1 runs on impl reference or chunked (the fused kernels take one "
+                             "row per class)")
         if self.block is not None and self.block < 1:
             raise ValueError(f"block (classes per chunked block) must be positive, got {self.block}")
-        self.build_margin()  # the margin's name, options and values, checked now rather than at first use
+        margin = self.build_margin()  # the margin's name, options and values, checked now, not at first use
+        if self.t != 1.0 and type(margin).hard_t is not Margin.hard_t:
+            raise ValueError(f"SV-Softmax t={self.t} and {margin.name} both change the hard negatives: "
+                             f"use t=1 with {margin.name}")
 
     def build_margin(self) -> Margin:
         return build_margin(self.margin, self.m, **self.margin_options)
@@ -70,15 +81,16 @@ class HeadOptions:
         return float(DEFAULT_SCALE[self.margin] if self.s is None else self.s)
 
     def resolved_impl(self, device: torch.device) -> str:
-        """impl, with auto resolved: fused on CUDA, chunked elsewhere."""
+        """impl, with auto resolved: fused on CUDA (chunked with sub-centers), chunked elsewhere."""
         if self.impl == "auto":
-            return "fused" if device.type == "cuda" else "chunked"
+            return "fused" if device.type == "cuda" and self.subcenters == 1 else "chunked"
         return self.impl
 
     def make_engine(self, impl: str) -> Engine:
         """A new chunked or fused engine (`impl` resolved) with these options."""
         if impl == "chunked":
-            return ChunkedEngine(self.block or DEFAULT_BLOCK, operands=self.operands)
+            return ChunkedEngine(self.block or DEFAULT_BLOCK, operands=self.operands,
+                                 subcenters=int(self.subcenters))
         if impl != "fused":
             raise ValueError(f"impl {impl!r} has no engine (expected chunked or fused)")
         from heads.fused import FusedEngine  # imports triton only when asked for

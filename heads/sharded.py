@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.core import Engine, backward_through_engine, inv_norms
+from heads.core import Engine, backward_through_engine, inv_norms, target_terms
 from heads.margin_head import HeadBase, init_centres
 from heads.margins import Margin
 from heads.options import HeadOptions
@@ -127,18 +127,20 @@ class _ShardedFn(torch.autograd.Function):
     """Per-row loss over the global batch; `labels` are local class ids, -1 where another rank owns them."""
 
     @staticmethod
-    def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, margin: Margin, step: int, s: float,
-                t: float, engine: Engine, group) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, norms: Tensor | None, margin: Margin,
+                step: int, s: float, t: float, engine: Engine, state: dict[str, Tensor], training: bool,
+                group) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         rw = inv_norms(weight)
         own = labels >= 0
         y = labels.clamp_min(0)
         c_own = (xn * weight[y].to(xn.dtype)).sum(1) * rw[y].to(xn.dtype)
         c_y = _all_reduce(torch.where(own, c_own, torch.zeros_like(c_own)), SUM, group)
-        psi = margin.psi(c_y, step)
+        # every rank has the global batch's c_y and norms: the running state moves alike everywhere
+        p, psi, t = target_terms(margin, c_y, norms, state, training, step, t)
         lse_r, max_r = engine.forward(xn, weight, rw, labels, psi, s, t)
         tgt = s * psi
         lse, max_other = _global_lse(lse_r.to(xn.dtype), tgt, max_r, group)
-        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse)
+        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse, p)
         ctx.margin, ctx.step, ctx.s, ctx.t, ctx.engine = margin, step, s, t, engine
         correct = (c_y >= max_other).to(xn.dtype)
         ctx.mark_non_differentiable(correct)
@@ -146,7 +148,8 @@ class _ShardedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor, _g_correct: Tensor):  # type: ignore[override]
-        return (*backward_through_engine(ctx, g), None, None, None, None, None, None, None)
+        dxn, dw, dnorms = backward_through_engine(ctx, g)
+        return (dxn, dw, None, dnorms, *([None] * 8))
 
 
 def sample_size(num_local: int, rate: float, rows: int) -> int:
@@ -188,6 +191,8 @@ class ShardedMarginHead(HeadBase):
         opts = HeadOptions.from_kwargs(margin=margin, **options)
         if opts.impl == "reference":
             raise ValueError("sharded head impl 'reference': expected auto, chunked or fused")
+        if opts.subcenters > 1:
+            raise ValueError("subcenters > 1 is single-process for now: use head.parallel=replicate")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         rank, world = _rank(group), _world(group)
@@ -211,7 +216,11 @@ class ShardedMarginHead(HeadBase):
     def forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False):
         with torch.autocast(embeddings.device.type, enabled=False):
             dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-            xn = gather_rows(F.normalize(embeddings.to(dtype), dim=1), self.group)
+            x = embeddings.to(dtype)
+            xn = gather_rows(F.normalize(x, dim=1), self.group)
+            norms_here = torch.linalg.vector_norm(x, dim=1)
+            # the global batch's norms, for margins that use them (its gradient: the owner's rank's)
+            norms = gather_rows(norms_here[:, None], self.group)[:, 0] if self.margin.uses_norms else None
             local = gather_labels(labels.long(), self.group) - self.class_start
             owned = (local >= 0) & (local < self.num_local)
             index = None
@@ -221,15 +230,25 @@ class ShardedMarginHead(HeadBase):
                 weight = self.weight[index]
                 local = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
             local = torch.where(owned, local, torch.full_like(local, -1))
-            rows, correct = _ShardedFn.apply(xn, weight, local, self.margin, self.step, self.s, self.t,
-                                             self.engine(self.resolved_impl(xn.device)), self.group)
-            loss = focal(rows, self.gamma_focal).mean()
+            rows, correct = _ShardedFn.apply(xn, weight, local, norms, self.margin, self.step, self.s, self.t,
+                                             self.engine(self.resolved_impl(xn.device)), self.margin_state(),
+                                             self.training, self.group)
+            loss = self._regularized(focal(rows, self.gamma_focal).mean(), norms, norms_here)
         if index is not None and self.sampled is not None and self._draws > 1:
             # accumulation: every row touched this step. A class drawn twice is listed twice (no
             # unique(), a host sync): both copies step alike, so they write back the same row.
             index = torch.cat([self.sampled, index])
         self.sampled = index
         return self._finish(loss, correct.mean(), return_accuracy)
+
+    def _regularized(self, loss: Tensor, norms: Tensor | None, norms_here: Tensor) -> Tensor:
+        """The loss plus MagFace's term (a mean over the global batch): its value from every rank's
+        norms, its gradient from this rank's rows only (so the ranks' dX sum to it once)."""
+        total = None if norms is None else self.margin.regularizer(norms.detach())
+        if total is None:
+            return loss
+        here = self.margin.regularizer(norms_here) * (norms_here.shape[0] / norms.shape[0])
+        return loss + here + (total - here).detach()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         # a fresh stream per (seed, rank, step, draw within the step): reproducible and resumable

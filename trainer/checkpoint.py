@@ -164,8 +164,9 @@ def check_resumable(path: Path, ckpt: dict[str, Any], backbone_spec: Mapping[str
     if "rows" not in head:
         raise UserError(f"{path}: cannot resume: its head was saved whole, before per-class head "
                         "checkpoints; resume it with the version that wrote it or start afresh")
-    if int(head["num_classes"]) != num_classes:
-        diffs.append(f"classes {int(head['num_classes'])} -> {num_classes}")
+    saved_classes = int(head["num_classes"]) // int(head.get("subcenters", 1))  # rows per class
+    if saved_classes != num_classes:
+        diffs.append(f"classes {saved_classes} -> {num_classes}")
     saved_world = len(ckpt.get("rng", {}).get("per_rank", [])) or world_size
     saved_batch = int(ckpt.get("config", {}).get("loader", {}).get("batch_size", batch_size))
     if saved_batch * saved_world != batch_size * world_size:

@@ -119,13 +119,35 @@ class CombinedConfig:
 
 
 @dataclass
+class AdaFaceConfig:
+    """The margin follows the norm's place in running statistics of the batches' norms (head.m: 0.4)."""
+
+    h: float | None = setting(None, "the standardized norm's factor before clipping to [-1, 1] (default "
+                                    "0.333)", range=POSITIVE)
+    t_alpha: float | None = setting(None, "the running statistics' momentum (default 0.01)",
+                                    range=Range(0, 1, "(]"))
+
+
+@dataclass
+class MagFaceConfig:
+    """m(a) linear in the clamped norm a, from l_m at l_a to u_m at u_a, and lambda_g (a/u_a^2 + 1/a)."""
+
+    l_a: float | None = setting(None, "the norm's lower clamp (default 10)", range=POSITIVE)
+    u_a: float | None = setting(None, "the norm's upper clamp (default 110), above l_a", range=POSITIVE)
+    l_m: float | None = setting(None, "the margin at l_a (default 0.45)", range=Range(0, math.pi / 2, "[)"))
+    u_m: float | None = setting(None, "the margin at u_a (default 0.8)", range=Range(0, math.pi / 2, "[)"))
+    lambda_g: float | None = setting(None, "the norm regularizer's weight (default 35)", range=AT_LEAST_0)
+
+
+@dataclass
 class HeadConfig:
     """The margin head (heads.MarginHead). Options of another margin than the chosen one are refused."""
 
-    margin: Literal["cosface", "arcface", "sphereface", "combined"] = setting("cosface", "the margin")
+    margin: Literal["cosface", "arcface", "sphereface", "combined", "adaface", "magface",
+                    "curricularface"] = setting("cosface", "the margin")
     s: float = setting(64.0, "logit scale", range=POSITIVE)
-    m: float | None = setting(None, "margin: cosface 0.35, arcface 0.5, sphereface 4 (an integer) when "
-                                    "null; not for combined")
+    m: float | None = setting(None, "margin: cosface 0.35, arcface 0.5, sphereface 4 (an integer), adaface "
+                                    "0.4, curricularface 0.5 when null; not for combined or magface")
     t: float = setting(1.0, "SV-Softmax t (1 turns it off)", range=Range(1))
     impl: Literal["auto", "reference", "chunked", "fused"] = setting(
         "auto", "the head's engine (heads/); fused: CUDA + Triton")
@@ -137,8 +159,14 @@ class HeadConfig:
                 "keeps the whole head on every rank (in DDP); auto = shard with more than one process")
     sample_rate: float = setting(1.0, "Partial FC (shard): share of each rank's classes per step",
                                  range=Range(0, 1, "(]"))
+    subcenters: int = setting(1, "sub-center ArcFace (any margin): K centres per class, a class's cosine the "
+                                 "largest of its K; > 1: head.parallel=replicate, impl chunked or auto",
+                              range=POSITIVE)
     sphereface: SphereFaceConfig = section(SphereFaceConfig, "head.margin=sphereface: the annealing")
     combined: CombinedConfig = section(CombinedConfig, "head.margin=combined: cos(m1 theta + m2) - m3")
+    adaface: AdaFaceConfig = section(AdaFaceConfig, "head.margin=adaface: the norm-adaptive margin")
+    magface: MagFaceConfig = section(MagFaceConfig, "head.margin=magface: the norm-dependent margin and "
+                                                    "regularizer")
 
 
 def margin_options(head: HeadConfig) -> dict[str, Any]:
@@ -151,7 +179,7 @@ def head_kwargs(head: HeadConfig) -> dict[str, Any]:
     """The keyword arguments of heads.MarginHead for this section (None: the head's default)."""
     kwargs: dict[str, Any] = {"margin": head.margin, "s": head.s, "m": head.m, "t": head.t,
                               "impl": head.impl, "gamma_focal": head.gamma_focal,
-                              "save_logits": head.save_logits}
+                              "save_logits": head.save_logits, "subcenters": head.subcenters}
     options = margin_options(head).get(head.margin)
     if options is not None:
         kwargs.update({k: v for k, v in dataclasses.asdict(options).items() if v is not None})
@@ -453,17 +481,28 @@ _MARGIN_M: dict[str, tuple[Callable[[float], bool], str]] = {
     "cosface": (lambda m: 0 <= m < 1, "in [0, 1)"),
     "arcface": (lambda m: 0 <= m < math.pi / 2, "in [0, pi/2) radians"),
     "sphereface": (lambda m: m == int(m) and 1 <= m <= 10, "an integer from 1 to 10"),
+    "adaface": (lambda m: 0 <= m < math.pi / 2, "in [0, pi/2) radians"),
+    "curricularface": (lambda m: 0 <= m < math.pi / 2, "in [0, pi/2) radians"),
 }
+_NO_M = {"combined": "set head.combined.m1, head.combined.m2, head.combined.m3",
+         "magface": "its margin goes from head.magface.l_m to head.magface.u_m with the norm"}
 
 
 def _check_head(head: HeadConfig, src: Sources) -> None:
     if head.m is not None:
-        if head.margin == "combined":
-            raise UserError(f"{src.where('head.m')}: 'head.m' does not apply to head.margin=combined "
-                            "(set head.combined.m1, head.combined.m2, head.combined.m3)")
+        if head.margin in _NO_M:
+            raise UserError(f"{src.where('head.m')}: 'head.m' does not apply to head.margin={head.margin} "
+                            f"({_NO_M[head.margin]})")
         test, says = _MARGIN_M[head.margin]
         if not test(head.m):
             raise UserError(f"{src.where('head.m')}: 'head.m' for {head.margin} must be {says}, got {head.m}")
+    if head.margin == "curricularface" and head.t != 1.0:
+        raise UserError(f"{src.where('head.t')}: 'head.t' (SV-Softmax) must be 1 with "
+                        "head.margin=curricularface (both change the hard negatives)")
+    mag = head.magface
+    if head.margin == "magface" and (mag.l_a or 10.0) >= (mag.u_a or 110.0):
+        raise UserError(f"{src.where('head.magface.u_a')}: 'head.magface.u_a' must be above head.magface.l_a "
+                        f"({mag.u_a or 110.0} <= {mag.l_a or 10.0})")
     for margin, options in margin_options(head).items():
         given = [name for name, value in dataclasses.asdict(options).items() if value is not None]
         if given and margin != head.margin:

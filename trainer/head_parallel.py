@@ -113,7 +113,10 @@ def head_checkpoint(head: nn.Module, optimizer: torch.optim.Optimizer) -> dict |
     full = gather_class_state(head.weight, optimizer, num_classes, replicated=not sharded)
     if full is None or (not sharded and dist.is_initialized() and dist.get_rank() != 0):
         return None
-    return full
+    # the margin's running state (AdaFace's norm statistics, CurricularFace's t): the same on every rank
+    # rows: classes x sub-centers (a replicated head's rows are saved as its "classes")
+    return {**full, "buffers": {k: v.detach().cpu().clone() for k, v in head.named_buffers()},
+            "subcenters": int(getattr(head, "subcenters", 1))}
 
 
 def optimizer_checkpoint(optimizer: torch.optim.Optimizer, head: nn.Module) -> dict:
@@ -134,6 +137,14 @@ def load_head(head: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, wh
         load_class_state(head.weight, optimizer, saved, num_classes, rank, world)
     except ValueError as err:
         raise UserError(f"{where}: cannot resume: {err}") from None
+    buffers = saved.get("buffers", {})
+    missing = [k for k, _ in head.named_buffers() if k not in buffers]
+    if missing:
+        raise UserError(f"{where}: cannot resume: the checkpoint has no {', '.join(missing)} (the margin's "
+                        "running state; saved with another margin)")
+    with torch.no_grad():
+        for k, v in head.named_buffers():
+            v.copy_(buffers[k])
 
 
 def describe(head: nn.Module, parallel: str, optimizer: torch.optim.Optimizer, batch_per_rank: int,

@@ -242,6 +242,29 @@ def case_fp16_operands_as_on_the_gpu() -> None:
             assert err_got <= err_ref + tol, (save, part, err_got, err_ref)
 
 
+def case_margins_after_arcface_match_float64_over_two_steps() -> None:
+    """AdaFace, MagFace, CurricularFace (CurricularFace: the kernels' HARD=2 branch, recomputed and
+    saved cosines) against the papers' formulas over two training steps (the state moves)."""
+    import torch
+
+    from heads import MarginHead
+    from heads.fused import BWD_CONFIGS, FWD_CONFIGS, FusedEngine
+    from tests._margins_spec import NEW_MARGINS, data, head_two_steps, rel_err, spec_two_steps, state_matches
+
+    x, w, y = data()
+    small = {"fwd": FWD_CONFIGS[-1], "bwd": BWD_CONFIGS[-1]}
+    for name in NEW_MARGINS:
+        want, state = spec_two_steps(name, x, w, y)
+        for save in ((False, True) if name == "curricularface" else (False,)):
+            head = MarginHead(w.shape[0], w.shape[1], name, impl="fused")
+            head._engines["fused"] = FusedEngine(configs=small, chunk=64, save_logits=save)
+            got = head_two_steps(head, x, w, y, torch.float32)
+            errs = [rel_err(a, b) for g, e in zip(got, want) for a, b in zip(g, e)]
+            print(f"fused {name} save_logits={save}: max relative error vs float64 {max(errs):.1e}")
+            assert max(errs) < 1e-5, (name, save, errs)
+            assert state_matches(head, state, 1e-6), (name, state, dict(head.named_buffers()))
+
+
 def _main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("set TRITON_INTERPRET=1", file=sys.stderr)

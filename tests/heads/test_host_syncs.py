@@ -71,10 +71,16 @@ def test_the_detector_catches_each_kind_of_sync() -> None:
         torch.where(mask, x, torch.zeros_like(x)).scatter_(0, torch.tensor([1]), 2.0)[torch.tensor([0, 2])]
 
 
-@pytest.mark.parametrize("operands", ["auto", "bf16"])  # bf16: the low-precision target-term fix too
-def test_chunked_engine_step_has_no_host_sync(operands: str, checked_backward: None) -> None:
+SV = {"margin": "arcface", "t": 1.1}
+
+
+# bf16: the low-precision target-term fix too; the margins after ArcFace: their running state too
+@pytest.mark.parametrize("operands, margin", [("auto", SV), ("bf16", SV), ("auto", {"margin": "adaface"}),
+                                              ("auto", {"margin": "magface"}),
+                                              ("auto", {"margin": "curricularface"})])
+def test_chunked_engine_step_has_no_host_sync(operands: str, margin: dict, checked_backward: None) -> None:
     C, D, B = 50, 8, 12
-    head = MarginHead(C, D, margin="arcface", t=1.1, impl="chunked", block=16, operands=operands)
+    head = MarginHead(C, D, **margin, impl="chunked", block=16, operands=operands)
     x = torch.randn(B, D, requires_grad=True)
     y = torch.tensor([0, 15, 16, 31, 32, 47, 48, 49, 3, 3, 20, 49])  # block edges, repeats, the last class
     with NoHostSync():

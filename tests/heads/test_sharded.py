@@ -67,8 +67,9 @@ def test_sharded_equals_single_process_head(world: int, launch) -> None:
     from the reference by the same 2e-10."""
     ranks = launch(world)
     for r, res in enumerate(ranks):
-        for name, (d_loss, d_x, d_w) in res["margins"].items():
+        for name, (d_loss, d_x, d_w, d_state) in res["margins"].items():
             assert d_loss < 1e-9 and d_x < 1e-12 and d_w < 1e-12, (world, r, name, d_loss, d_x, d_w)
+            assert d_state < 1e-14, (world, r, name, "the running state moves alike", d_state)
         s = res["sampled"]
         assert s["loss_rel"] < 1e-12, "the sampled loss is MarginHead's over exactly the kept classes"
         assert set(s["positives"]) <= set(s["sampled"]), "every positive is kept"

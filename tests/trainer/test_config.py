@@ -67,7 +67,9 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
         load_config(path)  # a misspelt old flat name: the nearest key inside the section's sections
 
 
-@pytest.mark.parametrize("name", ["demo_cpu", "mobilefacenet_cosface_vggface2", "ir50_arcface_vggface2"])
+@pytest.mark.parametrize("name", ["demo_cpu", "mobilefacenet_cosface_vggface2", "ir50_arcface_vggface2",
+                                  "ir100_adaface_ms1mv3", "ir100_magface_ms1mv3",
+                                  "ir100_curricularface_ms1mv3"])
 def test_shipped_configs_load_and_round_trip(name, tmp_path):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     save_resolved(cfg, tmp_path / "config.yaml")
@@ -164,6 +166,32 @@ def test_every_margin_option_reaches_the_head():
         load_config(None, [*SYNTH, "head.margin=combined", "head.m=0.3"])
     with pytest.raises(UserError, match="'head.m' for sphereface must be an integer"):
         load_config(None, [*SYNTH, "head.margin=sphereface", "head.m=2.5"])
+
+
+def test_the_margins_after_arcface_reach_the_head_and_their_mistakes_name_the_key():
+    from heads import MarginHead
+    from trainer.config import head_kwargs
+
+    ada = load_config(None, [*SYNTH, "head.margin=adaface", "head.m=0.3", "head.adaface.h=0.5",
+                             "head.adaface.t_alpha=0.1"]).head
+    margin = MarginHead(10, 8, **head_kwargs(ada)).margin
+    assert (margin.name, margin.m, margin.h, margin.t_alpha) == ("adaface", 0.3, 0.5, 0.1)
+    mag = load_config(None, [*SYNTH, "head.margin=magface", "head.magface.l_a=5", "head.magface.u_a=50",
+                             "head.magface.l_m=0.4", "head.magface.u_m=0.7", "head.magface.lambda_g=20"]).head
+    margin = MarginHead(10, 8, **head_kwargs(mag)).margin
+    assert (margin.l_a, margin.u_a, margin.l_m, margin.u_m, margin.lambda_g) == (5, 50, 0.4, 0.7, 20)
+    cur = load_config(None, [*SYNTH, "head.margin=curricularface", "head.m=0.45"]).head
+    assert MarginHead(10, 8, **head_kwargs(cur)).margin.m == 0.45
+    for overrides, fragment in [
+        (["head.margin=magface", "head.m=0.3"], "'head.m' does not apply to head.margin=magface"),
+        (["head.margin=magface", "head.magface.u_a=5"], "'head.magface.u_a' must be above head.magface.l_a"),
+        (["head.margin=curricularface", "head.t=1.2"], "'head.t' (SV-Softmax) must be 1 with"),
+        (["head.margin=arcface", "head.adaface.h=0.3"], "'head.adaface.h' applies to head.margin=adaface"),
+        (["head.margin=adaface", "head.adaface.t_alpha=0"], "'head.adaface.t_alpha' must be in (0, 1]"),
+    ]:
+        with pytest.raises(UserError) as info:
+            load_config(None, [*SYNTH, *overrides])
+        assert fragment in str(info.value) and "\n" not in str(info.value), (overrides, str(info.value))
 
 
 def test_config_and_run_folder_mistakes_are_one_line(tmp_path, capsys):
@@ -299,7 +327,8 @@ def test_help_config_lists_every_key(capsys):
             assert rows[key][2] == str(f.metadata["range"]), key
     assert rows["head.combined.m2"] == ["float or null", "null", "in [0, pi/2)", "additive angular margin "
                                         "(default 0.3)"]
-    assert rows["head.margin"][:3] == ["str", "cosface", "cosface|arcface|sphereface|combined"]
+    assert rows["head.margin"][:3] == ["str", "cosface",
+                                       "cosface|arcface|sphereface|combined|adaface|magface|curricularface"]
     assert rows["optim.betas"][:3] == ["[float, float]", "[0.9, 0.999]", "in [0, 1)"]
     assert rows["head.sphereface"][0] == "section"
 

@@ -90,3 +90,31 @@ def test_sigkill_mid_checkpoint_write_then_resume(tmp_path, reference):
     assert (ckdir / "step-00000008.pt.tmp").is_file() and not (ckdir / "step-00000008.pt").exists()
     _assert_same_end(run, reference)
     assert not list(ckdir.glob("*.tmp"))  # the resumed run cleaned the partial file away
+
+
+@pytest.mark.parametrize("args", [{"head.margin": "adaface"}, {"head.margin": "curricularface"},
+                                  {"head.margin": "curricularface", "head.subcenters": 3}])
+def test_sigkill_then_resume_restores_the_margins_running_state(tmp_path, args):
+    """The running state (AdaFace's norm statistics, CurricularFace's t) is in every checkpoint and a
+    killed run resumed from one ends with the uninterrupted run's state and loss, bit for bit (with
+    sub-centers too: the checkpoint holds classes x K rows)."""
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_main(tiny_overrides(uninterrupted, steps=8, **args)).returncode == 0
+    run = tmp_path / "run"
+    ckdir = run / "checkpoints"
+    proc = _start(tiny_overrides(run, steps=8, **args), {"step_sleep_s": 0.15})
+    _wait_for(lambda: (ckdir / "step-00000004.pt").is_file() and len(metrics(run)) >= 6, proc)
+    _kill(proc)
+    head = torch.load(ckdir / "step-00000004.pt", weights_only=True)["head_state"]
+    saved = head["buffers"]
+    assert saved and all(k.startswith("margin_") for k in saved)
+    K = args.get("head.subcenters", 1)
+    assert head["subcenters"] == K and head["rows"]["weight"].shape[0] == 8 * K  # 8 synthetic classes
+    proc = run_main(tiny_overrides(run, steps=8, **args))
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr
+    assert metrics(run)[-1]["loss"] == metrics(uninterrupted)[-1]["loss"]
+    got = torch.load(ckdir / "last.pt", weights_only=True)["head_state"]["buffers"]
+    want = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)["head_state"]["buffers"]
+    assert got.keys() == want.keys() == saved.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]) and not torch.equal(saved[key], want[key]), key
