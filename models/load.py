@@ -247,7 +247,7 @@ def _load_openvino(path: Path, kind: str, device: torch.device, image_size: tupl
     outputs = network.outputs
     out_dims = list(outputs[0].get_partial_shape()) if outputs else []
     out_dim = out_dims[-1].get_length() if out_dims and out_dims[-1].is_static else None
-    meta = _rt_info_metadata(network) if kind == "openvino" else _onnx_metadata(path)
+    meta = _rt_info_metadata(network) if kind == "openvino" else onnx_metadata(path)
     info = _describe(path, kind, meta, dims, out_dim, image_size)
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:
@@ -268,11 +268,11 @@ def _rt_info_metadata(network: object) -> dict[str, str]:
     """The "facetrain" entries of an IR's rt_info as strings (empty when it has none)."""
     if not network.has_rt_info([RT_INFO_KEY]):  # type: ignore[attr-defined]
         return {}
-    section = network.get_rt_info([RT_INFO_KEY])  # type: ignore[attr-defined]
-    return {str(k): section[k].astype(str) for k in section}
+    section = network.get_rt_info([RT_INFO_KEY]).astype(dict)  # type: ignore[attr-defined]
+    return {str(k): v.astype(str) for k, v in section.items()}
 
 
-def _onnx_metadata(path: Path) -> dict[str, str]:
+def onnx_metadata(path: Path) -> dict[str, str]:
     """An ONNX file's metadata_props (what onnxruntime's custom_metadata_map gives)."""
     import onnx
 
