@@ -108,10 +108,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def source_onnx(model_path: Path, workdir: Path) -> tuple[Path, dict[str, str]]:
     """An ONNX file of the model (the input itself, or a checkpoint exported into `workdir`) and the
     metadata for the IR: the ONNX metadata plus the checkpoint's threshold."""
-    kind = model_kind(model_path)
-    if kind == "openvino":
-        raise UserError(f"{model_path}: already an OpenVINO model (give the checkpoint or the ONNX file)")
-    if kind == "onnx":
+    if model_kind(model_path) == "onnx":
         return model_path, onnx_metadata(model_path)
     model_file = read_model_file(model_path)
     onnx_path = workdir / "model.onnx"
@@ -176,6 +173,8 @@ def parse_check_sets(values: Sequence[str]) -> dict[str, Path]:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if model_kind(args.model) == "openvino":
+        raise UserError(f"{args.model}: already an OpenVINO model (give the checkpoint or the ONNX file)")
     if args.out.suffix != ".xml":
         raise UserError(f"--out {args.out}: an OpenVINO model file ends in .xml")
     if args.int8 and args.calibration is None:
