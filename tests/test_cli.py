@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [
     "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
     "eval/export_onnx.py", "eval/import_mobilefacenet.py", "-m bench.heads", "-m bench.loader",
-    "-m bench.preprocess",
+    "-m bench.preprocess", "eval/export_openvino.py", "-m bench.deploy",
 ]
 
 
