@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import UserError
+from common.cli import UserError, cpu_count
 from models.model_file import as_threshold, read_model_file
 
 # float32 NCHW batch (normalized as DESIGN.md says) -> (N, D) float32 embeddings
@@ -250,16 +251,21 @@ def _load_openvino(path: Path, kind: str, device: torch.device, image_size: tupl
     meta = _rt_info_metadata(network) if kind == "openvino" else onnx_metadata(path)
     info = _describe(path, kind, meta, dims, out_dim, image_size)
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    if threads is not None:
-        config["INFERENCE_NUM_THREADS"] = threads
+    if threads is not None:  # callers run several batches at once: a stream of `threads` per core
+        streams = max(1, cpu_count() // threads)
+        config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams,
+                      INFERENCE_NUM_THREADS=streams * threads)
     try:
-        request = core.compile_model(network, "CPU", config).create_infer_request()
+        compiled = core.compile_model(network, "CPU", config)
     except Exception as err:
         raise UserError(f"{path}: OpenVINO cannot compile the model ({type(err).__name__})") from None
+    requests = threading.local()  # an infer request serves one call at a time: one per calling thread
 
     def run(images: torch.Tensor) -> np.ndarray:
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
         batch = np.ascontiguousarray(images.numpy(), dtype=np.float32)
-        return np.array(request.infer({0: batch})[0], dtype=np.float32)
+        return np.array(requests.request.infer({0: batch})[0], dtype=np.float32)
 
     return LoadedModel(path, kind, run, *info, None, "openvino")
 

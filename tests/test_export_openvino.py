@@ -13,6 +13,7 @@ import torch
 
 from eval import export_onnx, export_openvino
 from eval.lfw import main as lfw_main
+from eval.verify import main as verify_main
 from models.load import RT_INFO_KEY, load_model
 from models.model_file import atomic_save, load_checkpoint
 from tests._eval_util import build_lfw_shards, make_checkpoint, one_line_error
@@ -55,6 +56,19 @@ def test_every_model_kind_gives_the_checkpoint_figures(files: dict[str, Path], t
         assert got["threshold"] == pytest.approx(reference["threshold"], abs=1e-4), name
     int8 = lfw_figures(files["int8"], files["shards"], tmp_path / "int8.json")
     assert abs(int8["auc"] - reference["auc"]) < 0.05  # 60 pairs: a coarse check; the drop is measured
+
+
+def test_verify_runs_onnx_under_openvino_from_several_threads(files: dict[str, Path], tmp_path: Path) -> None:
+    """eval/verify.py runs an ONNX model's batches from several threads at once (--parallel)."""
+    figures = []
+    for runtime in ("onnxruntime", "openvino"):
+        out = tmp_path / f"{runtime}.json"
+        assert verify_main(["--model", str(files["onnx"]), "--runtime", runtime, "--sets",
+                            f"lfw={files['shards']}", "--parallel", "3", "--batch-size", "4",
+                            "--json", str(out), "--quiet"]) == 0
+        figures.append(json.loads(out.read_text())["sets"])
+    assert figures[0]["lfw"]["accuracy_mean"] == figures[1]["lfw"]["accuracy_mean"]
+    assert figures[0]["lfw"]["auc"] == pytest.approx(figures[1]["lfw"]["auc"], abs=1e-6)
 
 
 def test_embeddings_of_each_runtime(files: dict[str, Path]) -> None:
