@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from eval import export_onnx, export_openvino
+from eval.faces import load_face_model
 from eval.lfw import main as lfw_main
 from eval.verify import main as verify_main
 from models.load import RT_INFO_KEY, load_model
@@ -144,3 +145,11 @@ def test_bad_openvino_files_are_one_line(files: dict[str, Path], tmp_path: Path,
                    capsys.readouterr().err, "already an OpenVINO model")
     one_line_error(export_openvino.main(["--model", str(files["onnx"]), "--out", str(tmp_path / "x.xml"),
                                          "--int8"]), capsys.readouterr().err, "--calibration")
+
+
+def test_identify_loads_an_ir_with_its_fingerprint(files: dict[str, Path]) -> None:
+    """eval/identify.py's model: the IR's architecture, size and a fingerprint of its .xml and .bin."""
+    fp32, again, int8 = (load_face_model(files[k]) for k in ("fp32", "fp32", "int8"))
+    assert (fp32.info.architecture, fp32.info.image_size) == ("tiny/32", (112, 112))
+    assert fp32.info.fingerprint == again.info.fingerprint != int8.info.fingerprint
+    assert fp32.threshold == pytest.approx(0.42)
