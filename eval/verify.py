@@ -148,7 +148,7 @@ def _embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn, st
     several = args.device == "cpu" and parallel > 1  # (for an ONNX model: checkpoints run one at a time)
     model = model_from_args(args, image_size=tuple(manifest.image_size), onnx_threads=1 if several else None)
     model.check_size(manifest.image_size, f"the shards in {manifest.root}")
-    return model.embed, model.name, parallel if several and model.kind == "onnx" else 1
+    return model.embed, model.name, parallel if several and model.kind in ("onnx", "openvino") else 1
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -60,16 +60,18 @@ def test_every_model_kind_gives_the_checkpoint_figures(files: dict[str, Path], t
 
 
 def test_verify_runs_onnx_under_openvino_from_several_threads(files: dict[str, Path], tmp_path: Path) -> None:
-    """eval/verify.py runs an ONNX model's batches from several threads at once (--parallel)."""
+    """eval/verify.py runs an ONNX or OpenVINO model's batches from several threads at once (--parallel)."""
     figures = []
-    for runtime in ("onnxruntime", "openvino"):
-        out = tmp_path / f"{runtime}.json"
-        assert verify_main(["--model", str(files["onnx"]), "--runtime", runtime, "--sets",
+    for name, model, runtime in (("ort", "onnx", "onnxruntime"), ("ov", "onnx", "openvino"),
+                                 ("ir", "fp32", "auto")):
+        out = tmp_path / f"{name}.json"
+        assert verify_main(["--model", str(files[model]), "--runtime", runtime, "--sets",
                             f"lfw={files['shards']}", "--parallel", "3", "--batch-size", "4",
                             "--json", str(out), "--quiet"]) == 0
-        figures.append(json.loads(out.read_text())["sets"])
-    assert figures[0]["lfw"]["accuracy_mean"] == figures[1]["lfw"]["accuracy_mean"]
-    assert figures[0]["lfw"]["auc"] == pytest.approx(figures[1]["lfw"]["auc"], abs=1e-6)
+        figures.append(json.loads(out.read_text())["sets"]["lfw"])
+    for got in figures[1:]:
+        assert got["accuracy_mean"] == figures[0]["accuracy_mean"]
+        assert got["auc"] == pytest.approx(figures[0]["auc"], abs=1e-6)
 
 
 def test_embeddings_of_each_runtime(files: dict[str, Path]) -> None:
