@@ -109,7 +109,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512, help="speed: embedding size")
     parser.add_argument("--queries", type=_sizes, default=[1, 64], help="speed: query batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="speed: timed repeats (best kept)")
-    add_model_arguments(parser, required=False, help_prefix="lfw: ")
+    add_model_arguments(parser, required=False, help_prefix="lfw: ", runtime=False)
     parser.add_argument("--root", type=Path, default=DEFAULT_LFW, help="lfw: folder holding lfw/")
     parser.add_argument("--workers", type=int, default=2, help="lfw: detection processes")
     parser.add_argument("--no-flip", action="store_true", help="lfw: embed without the mirror image")

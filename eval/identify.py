@@ -88,7 +88,7 @@ def gallery_photos(root: Path) -> list[tuple[str, Path]]:
 
 def enrol(args: argparse.Namespace) -> int:
     photos = gallery_photos(args.gallery)
-    model = load_face_model(args.model, args.device)
+    model = load_face_model(args.model, args.device, args.runtime)
     people: dict[str, int] = {}
     crops, person_of, paths, skipped = [], [], [], []
     found = analyse_photos([p for _, p in photos], model.info.image_size, args.workers)
@@ -195,7 +195,7 @@ def search(args: argparse.Namespace) -> int:
     if not args.inputs and args.camera is None:
         raise UserError("search: give INPUT files or folders, or --camera N")
     gallery = load_gallery(args.gallery)
-    model = load_face_model(args.model, args.device)
+    model = load_face_model(args.model, args.device, args.runtime)
     check_compatible(gallery, model, args.gallery)
     threshold, origin = resolve_threshold(args, model)
     camera = _open_camera(args.camera) if args.camera is not None else None

@@ -1,18 +1,28 @@
-"""The one model loader: a facetrain checkpoint (.pt) or an ONNX file -> a `LoadedModel`.
+"""The one model loader: a facetrain checkpoint (.pt), an ONNX file or an OpenVINO IR (.xml) ->
+a `LoadedModel`.
 
 Every command that takes a model (eval/lfw.py, eval/verify.py, eval/ijb.py, eval/identify.py,
 bench/identify.py; eval/export_onnx.py for checkpoints only) declares it with `add_model_arguments`
-(`--model FILE`, with `--checkpoint` and `--onnx` as aliases) and loads it with `model_from_args`.
-The kind is told by the suffix (.onnx; .pt/.pth), else by the content (a torch zip file, or a
-protobuf starting with ONNX's ir_version field). A checkpoint is read through
-models/model_file.py, so its optimizer and head states are never read.
+(`--model FILE`, with `--checkpoint` and `--onnx` as aliases, and `--runtime`) and loads it with
+`model_from_args`. The kind is told by the suffix (.onnx; .xml; .pt/.pth), else by the content (a
+torch zip file, a protobuf starting with ONNX's ir_version field, or XML). A checkpoint is read
+through models/model_file.py, so its optimizer and head states are never read.
+
+Runtimes: a checkpoint runs under PyTorch, an OpenVINO IR under OpenVINO. An ONNX file runs under
+onnxruntime or OpenVINO (`--runtime`); `auto` picks OpenVINO on the CPU when it is installed: on the
+busy 2-core CPU the reference MobileFaceNet ran 1.8-2.7x (batch 1) and 2.2x (batch 32) faster under
+it (`python -m bench.deploy`, two runs), with the same LFW figures (tests/test_export_openvino.py).
+OpenVINO runs in float32 (its CPU default on bf16-capable CPUs is bf16, which moves the figures).
+The model's metadata (eval/export_onnx.py's ONNX metadata_props, eval/export_openvino.py's rt_info
+under "facetrain") gives its face size, embedding size, backbone and threshold.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import UserError
-from models.model_file import read_model_file
+from common.cli import UserError, cpu_count
+from models.model_file import as_threshold, read_model_file
 
 # float32 NCHW batch (normalized as docs/CONTRACTS.md says: "Model input") -> (N, D) float32 embeddings
 EmbedFn = Callable[[torch.Tensor], np.ndarray]
@@ -29,6 +39,9 @@ EmbedFn = Callable[[torch.Tensor], np.ndarray]
 _CHECKPOINT_SUFFIXES = (".pt", ".pth")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
 _ONNX_FIRST_BYTE = b"\x08"  # ModelProto field 1 (ir_version, varint): the first thing onnx writes
+_XML_MAGIC = b"<?xm"  # an OpenVINO IR's first bytes
+RUNTIMES = ("auto", "onnxruntime", "openvino")
+RT_INFO_KEY = "facetrain"  # where eval/export_openvino.py puts the metadata in an IR's rt_info
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,13 +57,14 @@ class LoadedModel:
     """An embedding model ready to run, with what reports and galleries record about it."""
 
     path: Path
-    kind: str                      # "checkpoint" or "onnx"
+    kind: str                      # "checkpoint", "onnx" or "openvino"
     embed: EmbedFn
-    backbone: str                  # the checkpoint's backbone; an ONNX file's metadata, else "onnx"
+    backbone: str                  # the checkpoint's backbone; a model file's metadata, else its kind
     embedding_size: int | None     # None: an ONNX model that does not say
     image_size: tuple[int, int]    # (H, W) of the aligned faces it takes
     threshold: float | None        # the verification threshold a checkpoint's validation stored
     module: nn.Module | None       # the PyTorch network (checkpoints only)
+    runtime: str = "torch"         # "torch", "onnxruntime" or "openvino"
 
     @property
     def name(self) -> str:
@@ -62,9 +76,13 @@ class LoadedModel:
         return f"{self.backbone}/{self.embedding_size or '?'}"
 
     def fingerprint(self) -> str:
-        """sha256 of the weights: the checkpoint's tensors, or the ONNX file's bytes."""
+        """sha256 of the weights: the checkpoint's tensors, or the model file's bytes (an IR's .xml
+        and .bin)."""
         if self.module is None:
-            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+            digest = hashlib.sha256(self.path.read_bytes())
+            if self.kind == "openvino":
+                digest.update(self.path.with_suffix(".bin").read_bytes())
+            return digest.hexdigest()
         digest = hashlib.sha256()
         for name, tensor in self.module.state_dict().items():
             digest.update(name.encode())
@@ -78,10 +96,13 @@ class LoadedModel:
 
 
 def model_kind(path: Path) -> str:
-    """The file's kind, "checkpoint" or "onnx": by suffix, else by its first bytes; UserError for neither."""
+    """The file's kind, "checkpoint", "onnx" or "openvino": by suffix, else by its first bytes;
+    UserError for none of them."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return "onnx"
+    if suffix == ".xml":
+        return "openvino"
     if suffix in _CHECKPOINT_SUFFIXES:
         return "checkpoint"
     try:
@@ -95,16 +116,24 @@ def model_kind(path: Path) -> str:
         return "checkpoint"
     if head[:1] == _ONNX_FIRST_BYTE:
         return "onnx"
-    raise UserError(f"{path}: neither a facetrain checkpoint (.pt) nor an ONNX model (.onnx)")
+    if head == _XML_MAGIC:
+        return "openvino"
+    raise UserError(f"{path}: neither a facetrain checkpoint (.pt), an ONNX model (.onnx) "
+                    "nor an OpenVINO model (.xml)")
 
 
 def load_model(path: Path | str, device: str | torch.device = "cpu", *,
-               image_size: tuple[int, int] | None = None, onnx_threads: int | None = None) -> LoadedModel:
+               image_size: tuple[int, int] | None = None, onnx_threads: int | None = None,
+               runtime: str = "auto") -> LoadedModel:
     """The model in `path` on `device`. image_size: the face size to assume for an ONNX model that
-    records none; onnx_threads: onnxruntime intra-op threads (default: one per core)."""
+    records none; onnx_threads: onnxruntime or OpenVINO threads (default: one per core); runtime:
+    what runs an ONNX file (RUNTIMES; see the module's docstring)."""
     path = Path(path)
     device = resolve_device(device) if isinstance(device, str) else device
-    if model_kind(path) == "onnx":
+    kind = model_kind(path)
+    if kind != "checkpoint":
+        if pick_runtime(kind, runtime, device) == "openvino":
+            return _load_openvino(path, kind, device, image_size, onnx_threads)
         return _load_onnx(path, device, image_size, onnx_threads)
     model_file = read_model_file(path)
     module = model_file.build(device)
@@ -112,6 +141,30 @@ def load_model(path: Path | str, device: str | torch.device = "cpu", *,
     return LoadedModel(path, "checkpoint", torch_embedder(module, device), str(spec["backbone"]),
                        int(spec["embedding_size"]), tuple(int(v) for v in spec["image_size"]),  # type: ignore[arg-type]
                        model_file.threshold, module)
+
+
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def pick_runtime(kind: str, runtime: str, device: torch.device) -> str:
+    """"onnxruntime" or "openvino" for a model file of `kind` ("onnx" or "openvino"); UserError
+    for a runtime that cannot run it here."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if kind == "openvino" and runtime == "onnxruntime":
+        raise UserError("--runtime onnxruntime: an OpenVINO model (.xml) runs under OpenVINO only")
+    if runtime == "auto":
+        runtime = "openvino" if kind == "openvino" or (device.type == "cpu" and openvino_installed()) \
+            else "onnxruntime"
+    if runtime == "openvino":
+        if device.type != "cpu":
+            raise UserError(f"--device {device.type}: OpenVINO models run on the CPU here (use --device cpu)")
+        if not openvino_installed():
+            raise UserError("OpenVINO is not installed (pip install -r requirements/cpu.txt)")
+    return runtime
 
 
 def torch_embedder(model: nn.Module, device: torch.device) -> EmbedFn:
@@ -159,10 +212,93 @@ def _load_onnx(path: Path, device: torch.device, image_size: tuple[int, int] | N
         raise UserError(f"{path}: expected one NCHW image input, model has "
                         f"{[(i.name, i.shape) for i in inputs]}")
     shape = inputs[0].shape
-    if shape[1] not in (3, None) and not isinstance(shape[1], str):
-        raise UserError(f"{path}: input has {shape[1]} channels, the shards hold RGB (3)")
     meta = sess.get_modelmeta().custom_metadata_map
-    fixed = tuple(shape[2:]) if all(isinstance(v, int) and v > 0 for v in shape[2:]) else None
+    outputs = sess.get_outputs()
+    info = _describe(path, "onnx", meta, shape, outputs[0].shape[-1] if outputs else None, image_size)
+    name = inputs[0].name
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        return np.asarray(sess.run(None, {name: images.numpy().astype(np.float32, copy=False)})[0])
+
+    return LoadedModel(path, "onnx", run, *info, None, "onnxruntime")
+
+
+def _load_openvino(path: Path, kind: str, device: torch.device, image_size: tuple[int, int] | None,
+                   threads: int | None) -> LoadedModel:
+    """An OpenVINO model (an IR, or an ONNX file through OpenVINO's ONNX reader) compiled for the
+    CPU in float32; UserError naming the file."""
+    import openvino as ov
+
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found")
+    if kind == "openvino" and not path.with_suffix(".bin").is_file():
+        raise UserError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
+    core = ov.Core()
+    try:
+        network = core.read_model(str(path))
+    except Exception as err:  # OpenVINO raises RuntimeError with pages of text for bad files
+        raise UserError(f"{path}: not a loadable {'OpenVINO' if kind == 'openvino' else 'ONNX'} model "
+                        f"({type(err).__name__})") from None
+    inputs = network.inputs
+    shape = list(inputs[0].get_partial_shape()) if len(inputs) == 1 else []
+    if len(shape) != 4:
+        raise UserError(f"{path}: expected one NCHW image input, model has "
+                        f"{[str(i.get_partial_shape()) for i in inputs]}")
+    dims = [d.get_length() if d.is_static else None for d in shape]
+    outputs = network.outputs
+    out_dims = list(outputs[0].get_partial_shape()) if outputs else []
+    out_dim = out_dims[-1].get_length() if out_dims and out_dims[-1].is_static else None
+    meta = _rt_info_metadata(network) if kind == "openvino" else onnx_metadata(path)
+    info = _describe(path, kind, meta, dims, out_dim, image_size)
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads is not None:  # callers run several batches at once: a stream of `threads` per core
+        streams = max(1, cpu_count() // threads)
+        config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams,
+                      INFERENCE_NUM_THREADS=streams * threads)
+    try:
+        compiled = core.compile_model(network, "CPU", config)
+    except Exception as err:
+        raise UserError(f"{path}: OpenVINO cannot compile the model ({type(err).__name__})") from None
+    requests = threading.local()  # an infer request serves one call at a time: one per calling thread
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        batch = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        return np.array(requests.request.infer({0: batch})[0], dtype=np.float32)
+
+    return LoadedModel(path, kind, run, *info, None, "openvino")
+
+
+def _rt_info_metadata(network: object) -> dict[str, str]:
+    """The "facetrain" entries of an IR's rt_info as strings (empty when it has none)."""
+    if not network.has_rt_info([RT_INFO_KEY]):  # type: ignore[attr-defined]
+        return {}
+    section = network.get_rt_info([RT_INFO_KEY]).astype(dict)  # type: ignore[attr-defined]
+    return {str(k): v.astype(str) for k, v in section.items()}
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata_props (what onnxruntime's custom_metadata_map gives)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # DecodeError and friends
+        raise UserError(f"{path}: not a loadable ONNX model ({type(err).__name__})") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _describe(path: Path, kind: str, meta: Mapping[str, str], input_shape: Sequence[object], out_dim: object,
+              image_size: tuple[int, int] | None
+              ) -> tuple[str, int | None, tuple[int, int], float | None]:
+    """(backbone, embedding size, face size, threshold) of a model file from its metadata and its
+    input shape (NCHW; None or a name for a dynamic dimension) and output width. The backbone
+    defaults to the file's kind."""
+    if input_shape[1] not in (3, None) and not isinstance(input_shape[1], str):
+        raise UserError(f"{path}: input has {input_shape[1]} channels, the shards hold RGB (3)")
+    hw = input_shape[2:]
+    fixed = tuple(hw) if all(isinstance(v, int) and v > 0 for v in hw) else None
     size = _recorded_size(path, meta.get("image_size")) or fixed or image_size
     if size is None:
         raise UserError(f"{path}: the model records no input size (export it with eval/export_onnx.py)")
@@ -170,15 +306,14 @@ def _load_onnx(path: Path, device: torch.device, image_size: tuple[int, int] | N
     if fixed is not None and fixed != size:
         raise UserError(f"{path}: model input is {fixed[0]}x{fixed[1]}, its metadata says "
                         f"{size[0]}x{size[1]}")
-    out_dim = sess.get_outputs()[0].shape[-1] if sess.get_outputs() else None
     recorded = meta.get("embedding_size", "")
     embedding = int(recorded) if recorded.isdigit() else out_dim if isinstance(out_dim, int) else None
-    name = inputs[0].name
-
-    def run(images: torch.Tensor) -> np.ndarray:
-        return np.asarray(sess.run(None, {name: images.numpy().astype(np.float32, copy=False)})[0])
-
-    return LoadedModel(path, "onnx", run, meta.get("backbone", "onnx"), embedding or None, size, None, None)
+    threshold = meta.get("threshold")
+    try:
+        value = as_threshold(float(threshold)) if threshold is not None else None
+    except ValueError:
+        raise UserError(f"{path}: metadata threshold {threshold!r} is not a number") from None
+    return meta.get("backbone", kind), embedding or None, size, value
 
 
 def _recorded_size(path: Path, text: str | None) -> tuple[int, int] | None:
@@ -195,18 +330,25 @@ def _recorded_size(path: Path, text: str | None) -> tuple[int, int] | None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, onnx: bool = True, required: bool = True,
-                        help_prefix: str = "") -> None:
-    """`--model FILE` (dest "model"), with `--checkpoint` (and, unless onnx=False, `--onnx`) as aliases."""
+                        help_prefix: str = "", runtime: bool = True) -> None:
+    """`--model FILE` (dest "model"), with `--checkpoint` (and, unless onnx=False, `--onnx`) as
+    aliases; with onnx and runtime, `--runtime` (what runs an ONNX file)."""
     group = parser.add_mutually_exclusive_group(required=required)
-    what = "a facetrain checkpoint (.pt) or an ONNX model (.onnx)" if onnx else "a facetrain checkpoint (.pt)"
+    what = ("a facetrain checkpoint (.pt), an ONNX model (.onnx) or an OpenVINO model (.xml)" if onnx
+            else "a facetrain checkpoint (.pt)")
     group.add_argument("--model", type=Path, metavar="FILE", help=f"{help_prefix}{what}")
     group.add_argument("--checkpoint", type=Path, dest="model", metavar="FILE", help="same as --model")
     if onnx:
         group.add_argument("--onnx", type=Path, dest="model", metavar="FILE", help="same as --model")
+    if onnx and runtime:
+        parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                            help="what runs an ONNX model: auto (OpenVINO on the CPU when installed, "
+                                 "else onnxruntime), onnxruntime or openvino")
 
 
 def model_from_args(args: argparse.Namespace, *, image_size: tuple[int, int] | None = None,
                     onnx_threads: int | None = None) -> LoadedModel:
-    """The model of `add_model_arguments`, on `args.device` (cpu when the command has no --device)."""
+    """The model of `add_model_arguments`, on `args.device` (cpu when the command has no --device),
+    under `args.runtime` (auto when the command has no --runtime)."""
     return load_model(args.model, getattr(args, "device", "cpu"), image_size=image_size,
-                      onnx_threads=onnx_threads)
+                      onnx_threads=onnx_threads, runtime=getattr(args, "runtime", "auto"))

@@ -1,6 +1,6 @@
 """Photos to embeddings for identification: read, detect, align, embed (with flip).
 
-Also loads the embedding model (checkpoint or ONNX, through models/load.py) with what a gallery must
+Also loads the embedding model (checkpoint, ONNX or OpenVINO, through models/load.py) with what a gallery must
 record about it: its architecture, image size and a fingerprint of its weights, and the verification
 threshold its LFW evaluation chose when the checkpoint carries one. Crops are embedded with
 eval/embed.py's flip rule.
@@ -43,9 +43,10 @@ class FoundFace:
     crop: np.ndarray  # aligned RGB uint8 (H, W, 3)
 
 
-def load_face_model(path: Path, device_name: str = "cpu") -> FaceModel:
-    """A checkpoint (.pt) or an ONNX model (models/load.py), with its ModelInfo; UserError naming the file."""
-    model = load_model(path, device_name)
+def load_face_model(path: Path, device_name: str = "cpu", runtime: str = "auto") -> FaceModel:
+    """A checkpoint (.pt), an ONNX or an OpenVINO model (models/load.py), with its ModelInfo;
+    UserError naming the file."""
+    model = load_model(path, device_name, runtime=runtime)
     info = ModelInfo(model.architecture, model.fingerprint(), model.image_size)
     return FaceModel(info, model.embed, model.threshold, model.name)
 

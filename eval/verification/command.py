@@ -43,10 +43,11 @@ def set_embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn,
     parallel = args.parallel if args.parallel is not None else cpu_count()
     if parallel < 1:
         raise UserError(f"--parallel must be at least 1, got {parallel}")
-    several = args.device == "cpu" and parallel > 1  # (for an ONNX model: checkpoints run one at a time)
+    # ONNX and OpenVINO models run several batches at once; checkpoints run one at a time
+    several = args.device == "cpu" and parallel > 1
     model = model_from_args(args, image_size=tuple(manifest.image_size), onnx_threads=1 if several else None)
     model.check_size(manifest.image_size, f"the shards in {manifest.root}")
-    return model.embed, model.name, parallel if several and model.kind == "onnx" else 1
+    return model.embed, model.name, parallel if several and model.kind in ("onnx", "openvino") else 1
 
 
 def evaluate_sets(embed: EmbedFn, model_name: str, prepared: Sequence[PreparedSet], *, batch_size: int,

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
     "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
     "eval/export_onnx.py", "eval/import_mobilefacenet.py", "eval/import_insightface.py", "-m bench.heads",
-    "-m bench.loader", "-m bench.preprocess", "-m bench.kernels",
+    "-m bench.loader", "-m bench.preprocess", "-m bench.kernels", "eval/export_openvino.py",
+    "-m bench.deploy",
 ]
 
 
