@@ -11,7 +11,7 @@ through models/model_file.py, so its optimizer and head states are never read.
 Runtimes: a checkpoint runs under PyTorch, an OpenVINO IR under OpenVINO. An ONNX file runs under
 onnxruntime or OpenVINO (`--runtime`); `auto` picks OpenVINO on the CPU when it is installed: on the
 busy 2-core CPU the reference MobileFaceNet ran 1.8-2.7x (batch 1) and 2.2x (batch 32) faster under
-it (`python -m bench.deploy`, two runs), with the same LFW figures (tests/test_export_openvino.py).
+it (`python -m bench.deploy`, two runs), with the same LFW figures (tests/eval/test_export_openvino.py).
 OpenVINO runs in float32 (its CPU default on bf16-capable CPUs is bf16, which moves the figures).
 The model's metadata (eval/export_onnx.py's ONNX metadata_props, eval/export_openvino.py's rt_info
 under "facetrain") gives its face size, embedding size, backbone and threshold.
