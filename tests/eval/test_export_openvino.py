@@ -10,9 +10,9 @@ import numpy as np
 import openvino as ov
 import pytest
 import torch
-from eval.faces import load_face_model
 
 from eval import export_onnx, export_openvino
+from eval.identification.faces import load_face_model
 from eval.lfw import main as lfw_main
 from eval.verify import main as verify_main
 from models.load import RT_INFO_KEY, load_model
