@@ -48,8 +48,13 @@ def _gflops_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
 def run(argv: Sequence[str] | None = None) -> int:
     p = CliParser(prog="python -m bench.backbones", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="ir_small", help="a registered backbone (default ir_small)")
-    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                   help="a constructor option of the measured model (repeatable)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a constructor option of the measured model (repeatable)",
+    )
     p.add_argument("--image-size", type=positive, default=112)
     p.add_argument("--embedding-size", type=positive, default=128)
     p.add_argument("--batch", type=positive, default=32)
@@ -63,8 +68,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     size = (args.image_size, args.image_size)
     torch.manual_seed(0)
     try:
-        models = {"baseline": build_backbone(args.backbone, args.embedding_size, size),
-                  "options": build_backbone(args.backbone, args.embedding_size, size, **options)}
+        models = {
+            "baseline": build_backbone(args.backbone, args.embedding_size, size),
+            "options": build_backbone(args.backbone, args.embedding_size, size, **options),
+        }
     except (TypeError, ValueError) as err:
         raise UserError(f"--option {options}: cannot build {args.backbone!r} ({err})") from None
     x = torch.randn(args.batch, 3, *size)
@@ -80,14 +87,24 @@ def run(argv: Sequence[str] | None = None) -> int:
     ips = {k: args.batch / best[k] for k in models}
     for k in models:
         print(f"{k:>8}: {ips[k]:8.1f} images/s  {gflops[k]:.3f} GFLOPs per image (forward + backward)")
-    print(json.dumps({"bench": "backbones", "backbone": args.backbone, "options": options,
-                      "image_size": args.image_size, "batch": args.batch, "threads": args.threads,
-                      "baseline_images_per_s": round(ips["baseline"], 1),
-                      "options_images_per_s": round(ips["options"], 1),
-                      "speedup": round(ips["options"] / ips["baseline"], 2),
-                      "baseline_gflops_per_image": round(gflops["baseline"], 3),
-                      "options_gflops_per_image": round(gflops["options"], 3),
-                      "load_average_before": round(load, 1)}))
+    print(
+        json.dumps(
+            {
+                "bench": "backbones",
+                "backbone": args.backbone,
+                "options": options,
+                "image_size": args.image_size,
+                "batch": args.batch,
+                "threads": args.threads,
+                "baseline_images_per_s": round(ips["baseline"], 1),
+                "options_images_per_s": round(ips["options"], 1),
+                "speedup": round(ips["options"] / ips["baseline"], 2),
+                "baseline_gflops_per_image": round(gflops["baseline"], 3),
+                "options_gflops_per_image": round(gflops["options"], 3),
+                "load_average_before": round(load, 1),
+            }
+        )
+    )
     return 0
 
 

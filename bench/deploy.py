@@ -37,11 +37,11 @@ FACES_PER_BATCH = {1: 64, 32: 512}  # faces per timed pass (batch 1 is the slow 
 
 def images_per_s(model: LoadedModel, faces: np.ndarray, batch: int) -> float:
     """Faces per second through `model.embed` at `batch`, the first batch (warm-up) not counted."""
-    x = model_input(faces[:FACES_PER_BATCH[batch]])
+    x = model_input(faces[: FACES_PER_BATCH[batch]])
     model.embed(x[:batch])
     start = time.perf_counter()
     for i in range(0, len(x), batch):
-        model.embed(x[i:i + batch])
+        model.embed(x[i : i + batch])
     return len(x) / (time.perf_counter() - start)
 
 
@@ -59,16 +59,22 @@ def run(argv: Sequence[str] | None = None) -> int:
         calibration = aligned_faces(args.shards, args.samples)
         convert(onnx_path, {**meta, "precision": "fp32"}, None, work / "fp32.xml")
         convert(onnx_path, {**meta, "precision": "int8"}, calibration, work / "int8.xml")
-        models = {"onnxruntime_fp32": load_model(onnx_path, runtime="onnxruntime"),
-                  "openvino_fp32": load_model(work / "fp32.xml"),
-                  "openvino_int8": load_model(work / "int8.xml")}
+        models = {
+            "onnxruntime_fp32": load_model(onnx_path, runtime="onnxruntime"),
+            "openvino_fp32": load_model(work / "fp32.xml"),
+            "openvino_int8": load_model(work / "int8.xml"),
+        }
         rates: dict[str, dict[int, float]] = {name: {b: 0.0 for b in BATCHES} for name in models}
         for r in range(args.rounds):
             for name, model in models.items():
                 for b in BATCHES:
                     rates[name][b] = max(rates[name][b], images_per_s(model, faces, b))
-            print(f"round {r + 1}: " + "  ".join(f"{n} b{b} {rates[n][b]:.0f}/s" for n in models
-                                                  for b in BATCHES), file=sys.stderr, flush=True)
+            print(
+                f"round {r + 1}: "
+                + "  ".join(f"{n} b{b} {rates[n][b]:.0f}/s" for n in models for b in BATCHES),
+                file=sys.stderr,
+                flush=True,
+            )
         accuracy = {}
         for name, model in models.items():
             accuracy[name] = verification_accuracy(model, args.shards)["accuracy_mean"]
@@ -76,18 +82,29 @@ def run(argv: Sequence[str] | None = None) -> int:
     base = rates["onnxruntime_fp32"]
     print(f"{'runtime':<18}{'b1 img/s':>10}{'b32 img/s':>11}{'x ort b1':>10}{'x ort b32':>11}{'LFW':>9}")
     for name in models:
-        print(f"{name:<18}{rates[name][1]:>10.0f}{rates[name][32]:>11.0f}{rates[name][1] / base[1]:>10.2f}"
-              f"{rates[name][32] / base[32]:>11.2f}{100 * accuracy[name]:>9.2f}")
+        print(
+            f"{name:<18}{rates[name][1]:>10.0f}{rates[name][32]:>11.0f}{rates[name][1] / base[1]:>10.2f}"
+            f"{rates[name][32] / base[32]:>11.2f}{100 * accuracy[name]:>9.2f}"
+        )
     drop = 100 * (accuracy["onnxruntime_fp32"] - accuracy["openvino_int8"])
     speedup = rates["openvino_int8"][32] / base[32]
-    print(json.dumps({
-        "bench": "deploy", "model": str(args.model), "cpus": cpu_count(), "calibration_faces": args.samples,
-        "images_per_s": {n: {f"batch_{b}": round(v, 1) for b, v in rates[n].items()} for n in models},
-        "ratio_vs_onnxruntime": {n: {f"batch_{b}": round(rates[n][b] / base[b], 2) for b in BATCHES}
-                                 for n in models},
-        "lfw_accuracy": {n: round(a, 5) for n, a in accuracy.items()},
-        "int8_lfw_drop_points": round(drop, 3),
-        "goal_met": bool(speedup >= 4 and drop <= 0.3)}))
+    print(
+        json.dumps(
+            {
+                "bench": "deploy",
+                "model": str(args.model),
+                "cpus": cpu_count(),
+                "calibration_faces": args.samples,
+                "images_per_s": {n: {f"batch_{b}": round(v, 1) for b, v in rates[n].items()} for n in models},
+                "ratio_vs_onnxruntime": {
+                    n: {f"batch_{b}": round(rates[n][b] / base[b], 2) for b in BATCHES} for n in models
+                },
+                "lfw_accuracy": {n: round(a, 5) for n, a in accuracy.items()},
+                "int8_lfw_drop_points": round(drop, 3),
+                "goal_met": bool(speedup >= 4 and drop <= 0.3),
+            }
+        )
+    )
     return 0
 
 

@@ -510,8 +510,12 @@ def stage_kernels(check: Check) -> Stage:
         return stage
     r = last_json(out)
     # one step summary per arch, dtype and mode (the backward recomputing the cosines, or saved ones)
-    stage.figures = {f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}": s[k]
-                     for s in r["steps"] for k in ("first_ms", "measured_first_ms", "floor_ms") if k in s}
+    stage.figures = {
+        f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}": s[k]
+        for s in r["steps"]
+        for k in ("first_ms", "measured_first_ms", "floor_ms")
+        if k in s
+    }
     stage.figures["variants"] = json.loads((folder / "kernels.json").read_text())["variants"]
     return stage
 

@@ -54,8 +54,11 @@ def _cuda_step_times(head, x, y, warmup: int, repeats: int) -> dict:
         if i >= warmup:
             fwd.append(e0.elapsed_time(e1))
             bwd.append(e1.elapsed_time(e2))
-    return {"fwd_ms": _median_ms(fwd), "bwd_ms": _median_ms(bwd),
-            "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)])}
+    return {
+        "fwd_ms": _median_ms(fwd),
+        "bwd_ms": _median_ms(bwd),
+        "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)]),
+    }
 
 
 def _cuda_memory(head, x, y) -> dict:
@@ -79,8 +82,9 @@ def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device
 
     torch.manual_seed(0)
     t = 1.0 if margin == "curricularface" else args.t  # CurricularFace has its own hard-negative rule
-    head = MarginHead(classes, args.dim, margin=margin, t=t, impl=impl, block=args.block,
-                      operands=args.operands).to(device)
+    head = MarginHead(
+        classes, args.dim, margin=margin, t=t, impl=impl, block=args.block, operands=args.operands
+    ).to(device)
     x = torch.randn(args.batch, args.dim, device=device, requires_grad=True)
     y = torch.randint(0, classes, (args.batch,), device=device)
     return head, x, y
@@ -128,8 +132,10 @@ def _products_ms(batch: int, classes: int, dim: int, dtype, repeats: int) -> tup
     x = torch.randn(batch, dim, device="cuda", dtype=dtype)
     w = torch.randn(classes, dim, device="cuda", dtype=dtype)
     g = torch.randn(batch, classes, device="cuda", dtype=dtype)
-    return (_time_products([lambda: x @ w.t()], repeats),
-            _time_products([lambda: g @ w, lambda: g.t() @ x], repeats))
+    return (
+        _time_products([lambda: x @ w.t()], repeats),
+        _time_products([lambda: g @ w, lambda: g.t() @ x], repeats),
+    )
 
 
 def cuda_floor(batch: int, classes: int, dim: int, repeats: int) -> dict:
@@ -142,8 +148,14 @@ def cuda_floor(batch: int, classes: int, dim: int, repeats: int) -> dict:
         fwd, bwd = _products_ms(batch, classes, dim, dtype, repeats)
         torch.cuda.empty_cache()
         flops = 6 * batch * classes * dim
-        out.update({f"{name}_fwd_ms": fwd, f"{name}_bwd_ms": bwd, f"{name}_total_ms": round(fwd + bwd, 3),
-                    f"{name}_tflops": round(flops / ((fwd + bwd) * 1e-3) / 1e12, 1)})
+        out.update(
+            {
+                f"{name}_fwd_ms": fwd,
+                f"{name}_bwd_ms": bwd,
+                f"{name}_total_ms": round(fwd + bwd, 3),
+                f"{name}_tflops": round(flops / ((fwd + bwd) * 1e-3) / 1e12, 1),
+            }
+        )
     return out
 
 
@@ -164,15 +176,33 @@ def _cpu_child(args: argparse.Namespace) -> dict:
     # glibc mmaps tensors this large and returns them on free, so RSS follows live tensor bytes
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     grads = (head.weight.numel() + x.numel()) * 4
-    return {"impl": args.impls[0], "classes": args.classes[0], "margin": args.margins[0],
-            "fwd_ms": _median_ms(fwd), "bwd_ms": _median_ms(bwd),
-            "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)]),
-            "peak_mib": round(max(0, peak) / 2**20, 1), "working_mib": round(max(0, peak - grads) / 2**20, 1)}
+    return {
+        "impl": args.impls[0],
+        "classes": args.classes[0],
+        "margin": args.margins[0],
+        "fwd_ms": _median_ms(fwd),
+        "bwd_ms": _median_ms(bwd),
+        "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)]),
+        "peak_mib": round(max(0, peak) / 2**20, 1),
+        "working_mib": round(max(0, peak - grads) / 2**20, 1),
+    }
 
 
 def _cpu_row(args: argparse.Namespace, impl: str, classes: int, margin: str) -> dict:
-    cmd = [sys.executable, "-m", "bench.heads", "--child", "--device", "cpu", "--impls", impl,
-           "--classes", str(classes), "--margins", margin]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.heads",
+        "--child",
+        "--device",
+        "cpu",
+        "--impls",
+        impl,
+        "--classes",
+        str(classes),
+        "--margins",
+        margin,
+    ]
     for key in ("batch", "dim", "t", "repeats", "warmup", "operands") + (("block",) if args.block else ()):
         cmd += [f"--{key}", str(getattr(args, key))]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -192,13 +222,23 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
     at_top = [r for r in ok if r["classes"] == top and r["margin"] == args.margins[0]]
     ref = next((r for r in at_top if r["impl"] == "reference"), None)
     best = min((r for r in at_top if r["impl"] != "reference"), key=lambda r: r["total_ms"], default=None)
-    out = {"bench": "heads", "device": args.device, "batch": args.batch, "dim": args.dim, "t": args.t,
-           "operands": args.operands,
-           "classes": top, "margin": args.margins[0], "baseline": "reference", "rows": rows,
-           "floors": list(floors.values())}
+    out = {
+        "bench": "heads",
+        "device": args.device,
+        "batch": args.batch,
+        "dim": args.dim,
+        "t": args.t,
+        "operands": args.operands,
+        "classes": top,
+        "margin": args.margins[0],
+        "baseline": "reference",
+        "rows": rows,
+        "floors": list(floors.values()),
+    }
     if best is not None:
-        out.update(impl=best["impl"], seconds=best["total_ms"] / 1e3,
-                   working_bytes=best["working_mib"] * 2**20)
+        out.update(
+            impl=best["impl"], seconds=best["total_ms"] / 1e3, working_bytes=best["working_mib"] * 2**20
+        )
     if ref is not None:
         out.update(baseline_seconds=ref["total_ms"] / 1e3, baseline_working_bytes=ref["working_mib"] * 2**20)
     if best is not None and ref is not None:
@@ -210,18 +250,24 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
 
 
 def _print_table(rows: list[dict], floors: dict[int, dict]) -> None:
-    print(f"{'impl':>9} {'C':>8} {'margin':>14} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
-          f"{'x bf16 floor':>12} {'peak MiB':>9} {'work MiB':>9}")
+    print(
+        f"{'impl':>9} {'C':>8} {'margin':>14} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
+        f"{'x bf16 floor':>12} {'peak MiB':>9} {'work MiB':>9}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14}  {r['error']}")
             continue
-        print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14} {r['fwd_ms']:9.2f} {r['bwd_ms']:9.2f} "
-              f"{r['total_ms']:9.2f} {r.get('x_bf16_floor', float('nan')):12.2f} {r['peak_mib']:9.1f} "
-              f"{r['working_mib']:9.1f}")
+        print(
+            f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14} {r['fwd_ms']:9.2f} {r['bwd_ms']:9.2f} "
+            f"{r['total_ms']:9.2f} {r.get('x_bf16_floor', float('nan')):12.2f} {r['peak_mib']:9.1f} "
+            f"{r['working_mib']:9.1f}"
+        )
     for f in floors.values():
-        print(f"floor C={f['classes']}: bf16 {f['bf16_fwd_ms']:.2f} + {f['bf16_bwd_ms']:.2f} = "
-              f"{f['bf16_total_ms']:.2f} ms ({f['bf16_tflops']} TFLOP/s); fp32 {f['fp32_total_ms']:.2f} ms")
+        print(
+            f"floor C={f['classes']}: bf16 {f['bf16_fwd_ms']:.2f} + {f['bf16_bwd_ms']:.2f} = "
+            f"{f['bf16_total_ms']:.2f} ms ({f['bf16_tflops']} TFLOP/s); fp32 {f['fp32_total_ms']:.2f} ms"
+        )
 
 
 def _csv(kind):
@@ -230,22 +276,35 @@ def _csv(kind):
             return [kind(v) for v in text.split(",") if v]
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from err
+
     return parse
 
 
 def _parser() -> argparse.ArgumentParser:
     p = CliParser(prog="python -m bench.heads", description=__doc__.splitlines()[0])
-    p.add_argument("--impls", type=_csv(str), default=None,
-                   help="comma list (default: reference,chunked,fused on CUDA; reference,chunked on CPU)")
+    p.add_argument(
+        "--impls",
+        type=_csv(str),
+        default=None,
+        help="comma list (default: reference,chunked,fused on CUDA; reference,chunked on CPU)",
+    )
     p.add_argument("--batch", type=int, default=None, help="default 512 on CUDA, 256 on CPU")
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--classes", type=_csv(int), default=None,
-                   help="comma list (default 8631,100000,1000000 on CUDA; 50000 on CPU)")
+    p.add_argument(
+        "--classes",
+        type=_csv(int),
+        default=None,
+        help="comma list (default 8631,100000,1000000 on CUDA; 50000 on CPU)",
+    )
     p.add_argument("--margins", type=_csv(str), default=["arcface", "cosface"])
     p.add_argument("--t", type=float, default=1.1, help="SV-Softmax t (1 = off)")
     p.add_argument("--block", type=int, default=None, help="chunked: classes per block")
-    p.add_argument("--operands", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="chunked/fused product operands (auto: fp16 on CUDA, fp32 on the CPU)")
+    p.add_argument(
+        "--operands",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="chunked/fused product operands (auto: fp16 on CUDA, fp32 on the CPU)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3 CUDA, 1 CPU)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
@@ -258,8 +317,9 @@ def _check(args: argparse.Namespace) -> None:
     for key in ("batch", "dim", "repeats"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1")
-    if (args.warmup is not None and args.warmup < 0) or (args.classes is not None and (
-            not args.classes or min(args.classes) < 1)):
+    if (args.warmup is not None and args.warmup < 0) or (
+        args.classes is not None and (not args.classes or min(args.classes) < 1)
+    ):
         raise UserError("--warmup must be >= 0 and --classes a comma list of positive integers")
     for impl in args.impls or ():
         if impl not in IMPLS:
@@ -282,9 +342,13 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     gpu = args.device == "cuda"
-    defaults = {"impls": list(IMPLS) if gpu else ["reference", "chunked"], "batch": 512 if gpu else 256,
-                "classes": [8631, 100_000, 1_000_000] if gpu else [50_000], "repeats": 10 if gpu else 3,
-                "warmup": 3 if gpu else 1}
+    defaults = {
+        "impls": list(IMPLS) if gpu else ["reference", "chunked"],
+        "batch": 512 if gpu else 256,
+        "classes": [8631, 100_000, 1_000_000] if gpu else [50_000],
+        "repeats": 10 if gpu else 3,
+        "warmup": 3 if gpu else 1,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -305,8 +369,11 @@ def run(argv: list[str] | None = None) -> int:
         for margin in args.margins:
             for impl in args.impls:
                 rows.append(row(args, impl, classes, margin))
-                print(f"  {impl} C={classes} {margin}: {rows[-1].get('total_ms', rows[-1].get('error'))}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {impl} C={classes} {margin}: {rows[-1].get('total_ms', rows[-1].get('error'))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     _print_table(rows, floors)
     print(json.dumps(_summary(args, rows, floors)))
     return 0

@@ -92,10 +92,14 @@ def _worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
     parallel = "replicate" if args.mode == "replicate" else "shard"
     world = dist.get_world_size()
-    out = {"seconds": statistics.median(times[1:]), "peak_bytes": max(0, _peak_bytes(device) - before),
-           "head_bytes": head_bytes(args.classes, args.dim, world, parallel, 1, args.sample_rate)["total"],
-           "sent_bytes_per_step": step_traffic(args.classes, args.dim, args.batch, world, parallel,
-                                               backend=dist.get_backend())}
+    out = {
+        "seconds": statistics.median(times[1:]),
+        "peak_bytes": max(0, _peak_bytes(device) - before),
+        "head_bytes": head_bytes(args.classes, args.dim, world, parallel, 1, args.sample_rate)["total"],
+        "sent_bytes_per_step": step_traffic(
+            args.classes, args.dim, args.batch, world, parallel, backend=dist.get_backend()
+        ),
+    }
     (Path(args.out) / f"{args.mode}-rank{rank}.json").write_text(json.dumps(out))
     dist.barrier()
     del model, head, opt
@@ -103,9 +107,22 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _launch(args: argparse.Namespace, mode: str, rate: float, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world}",
-           "-m", "bench.heads_dist", "--worker", "--mode", mode, "--sample-rate", str(rate),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.world}",
+        "-m",
+        "bench.heads_dist",
+        "--worker",
+        "--mode",
+        mode,
+        "--sample-rate",
+        str(rate),
+        "--out",
+        str(out),
+    ]
     for key in ("classes", "dim", "batch", "steps", "margin"):
         cmd += [f"--{key}", str(getattr(args, key))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -114,8 +131,12 @@ def _launch(args: argparse.Namespace, mode: str, rate: float, out: Path) -> dict
         sys.stderr.write(proc.stderr[-4000:])
         raise UserError(f"the {mode} run failed (see above)")
     ranks = [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(args.world)]
-    return {"seconds": max(r["seconds"] for r in ranks), "peak_bytes": max(r["peak_bytes"] for r in ranks),
-            "head_bytes": ranks[0]["head_bytes"], "sent_bytes_per_step": ranks[0]["sent_bytes_per_step"]}
+    return {
+        "seconds": max(r["seconds"] for r in ranks),
+        "peak_bytes": max(r["peak_bytes"] for r in ranks),
+        "head_bytes": ranks[0]["head_bytes"],
+        "sent_bytes_per_step": ranks[0]["sent_bytes_per_step"],
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,20 +173,37 @@ def run(argv: list[str] | None = None) -> int:
             print(f"running {mode} on {args.world} ranks ...", file=sys.stderr)
             res[mode] = _launch(args, mode, rate, Path(tmp))
     for mode, r in res.items():
-        print(f"{mode:>9}: {r['seconds'] * 1e3:9.1f} ms/step  peak {r['peak_bytes'] / 2**20:8.1f} MiB/rank  "
-              f"head tensors {r['head_bytes'] / 2**20:8.1f} MiB  "
-              f"sent {r['sent_bytes_per_step'] / 2**20:8.2f} MiB/step")
+        print(
+            f"{mode:>9}: {r['seconds'] * 1e3:9.1f} ms/step  peak {r['peak_bytes'] / 2**20:8.1f} MiB/rank  "
+            f"head tensors {r['head_bytes'] / 2**20:8.1f} MiB  "
+            f"sent {r['sent_bytes_per_step'] / 2**20:8.2f} MiB/step"
+        )
     rep, sh = res["replicate"], res["shard"]
-    summary = {"bench": "heads_dist", "world": args.world, "classes": args.classes, "dim": args.dim,
-               "batch_per_rank": args.batch, "margin": args.margin, "seconds": sh["seconds"],
-               "peak_bytes": sh["peak_bytes"], "baseline": "replicate", "baseline_seconds": rep["seconds"],
-               "baseline_peak_bytes": rep["peak_bytes"], "time_ratio": rep["seconds"] / sh["seconds"],
-               "memory_ratio": rep["peak_bytes"] / max(sh["peak_bytes"], 1),
-               "sent_bytes_per_step": sh["sent_bytes_per_step"],
-               "baseline_sent_bytes_per_step": rep["sent_bytes_per_step"]}
+    summary = {
+        "bench": "heads_dist",
+        "world": args.world,
+        "classes": args.classes,
+        "dim": args.dim,
+        "batch_per_rank": args.batch,
+        "margin": args.margin,
+        "seconds": sh["seconds"],
+        "peak_bytes": sh["peak_bytes"],
+        "baseline": "replicate",
+        "baseline_seconds": rep["seconds"],
+        "baseline_peak_bytes": rep["peak_bytes"],
+        "time_ratio": rep["seconds"] / sh["seconds"],
+        "memory_ratio": rep["peak_bytes"] / max(sh["peak_bytes"], 1),
+        "sent_bytes_per_step": sh["sent_bytes_per_step"],
+        "baseline_sent_bytes_per_step": rep["sent_bytes_per_step"],
+    }
     if "pfc" in res:
-        summary.update({"pfc_sample_rate": args.sample_rate, "pfc_seconds": res["pfc"]["seconds"],
-                        "pfc_peak_bytes": res["pfc"]["peak_bytes"]})
+        summary.update(
+            {
+                "pfc_sample_rate": args.sample_rate,
+                "pfc_seconds": res["pfc"]["seconds"],
+                "pfc_peak_bytes": res["pfc"]["peak_bytes"],
+            }
+        )
     print(json.dumps(summary))
     return 0
 

@@ -51,14 +51,21 @@ def naive_search(templates: np.ndarray, query: np.ndarray, k: int) -> list[int]:
 
 def speed(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
-    print(f"{args.identities:,} templates of {args.dim} floats "
-          f"({args.identities * args.dim * 4 / 2**30:.2f} GiB)", file=sys.stderr)
+    print(
+        f"{args.identities:,} templates of {args.dim} floats "
+        f"({args.identities * args.dim * 4 / 2**30:.2f} GiB)",
+        file=sys.stderr,
+    )
     templates = normalize(rng.standard_normal((args.identities, args.dim), dtype=np.float32))
     queries = normalize(rng.standard_normal((max(args.queries), args.dim), dtype=np.float32))
     naive_s = _best_time(lambda: naive_search(templates[:NAIVE_SLICE], queries[0], 5), 2)
     naive_s *= args.identities / NAIVE_SLICE
-    results: dict = {"identities": args.identities, "dim": args.dim, "cores": cpu_count(),
-                     "naive_loop_s_per_query": round(naive_s, 3)}
+    results: dict = {
+        "identities": args.identities,
+        "dim": args.dim,
+        "cores": cpu_count(),
+        "naive_loop_s_per_query": round(naive_s, 3),
+    }
     backends = ["numpy"] + (["faiss"] if faiss_available() else [])
     for backend in backends:
         start = time.perf_counter()
@@ -68,16 +75,21 @@ def speed(args: argparse.Namespace) -> dict:
             t = _best_time(functools.partial(index.search, queries[:q], 5), args.repeats)
             results[f"{backend}_s_batch{q}"] = round(t, 4)
             results[f"{backend}_ms_per_query_batch{q}"] = round(1000 * t / q, 3)
-            print(f"{backend}: batch of {q}: {t * 1000:.1f} ms ({t * 1000 / q:.2f} ms per face)",
-                  file=sys.stderr)
+            print(
+                f"{backend}: batch of {q}: {t * 1000:.1f} ms ({t * 1000 / q:.2f} ms per face)",
+                file=sys.stderr,
+            )
         results[f"{backend}_build_s"] = round(build_s, 3)
         if backend == "numpy":  # the fast path finds what the loop finds (on the loop's slice)
             small = TemplateIndex(templates[:NAIVE_SLICE], backend="numpy").search(queries[:1], 5)[0][0]
             assert small.tolist() == naive_search(templates[:NAIVE_SLICE], queries[0], 5)
         del index
     results["speedup_numpy_batch1_vs_naive"] = round(naive_s / results["numpy_s_batch1"], 1)
-    print(f"naive loop: {naive_s:.2f} s per face (from {NAIVE_SLICE:,} identities, scaled); numpy one "
-          f"face: {results['speedup_numpy_batch1_vs_naive']}x faster", file=sys.stderr)
+    print(
+        f"naive loop: {naive_s:.2f} s per face (from {NAIVE_SLICE:,} identities, scaled); numpy one "
+        f"face: {results['speedup_numpy_batch1_vs_naive']}x faster",
+        file=sys.stderr,
+    )
     return results
 
 
@@ -86,8 +98,9 @@ def lfw(args: argparse.Namespace) -> dict:
 
     if args.model is None:
         raise UserError("lfw: --model CKPT|M.onnx is required")
-    figures = identification_figures(args.root / "lfw", args.model, workers=args.workers,
-                                     flip=not args.no_flip)
+    figures = identification_figures(
+        args.root / "lfw", args.model, workers=args.workers, flip=not args.no_flip
+    )
     print(figures, file=sys.stderr)
     return figures
 

@@ -162,8 +162,9 @@ def _chunk(s: Shape, op: str) -> int:
     return default_chunk(s.B, s.C, BYTES[op])
 
 
-def _wn_x_streams(s: Shape, cfg: Config, op: str, resident: int, w_reads: float,
-                  x_passes: int) -> list[Stream]:
+def _wn_x_streams(
+    s: Shape, cfg: Config, op: str, resident: int, w_reads: float, x_passes: int
+) -> list[Stream]:
     """Wn and X as `_cos_tile`'s sweeps touch them: each program keeps its class tile's Wn rows
     (16-bit) hot while it re-reads them `w_reads` times (once per batch tile, and again in an
     epilogue), and reads all of X (operand dtype) `x_passes` times per class tile."""
@@ -186,10 +187,28 @@ def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     rows = n_prog * per * _cdiv(s.B, cfg.bb) * cfg.bb  # (class tile, batch tile) trips x rows
     f32 = Buf("fp32", (n_prog, s.B))
     z = (s.B, s.C) if s.save_logits else (1, 1)
-    args = dict(X=Buf(op, (s.B, s.D)), WN=Buf(op, (s.C, s.D)), LAB=Buf("i32", (s.B,)),
-                THR=Buf("fp32", (s.B,)), M=f32, L=f32, MX=f32, Z=Buf(op, z), B=s.B, C=s.C, D=s.D,
-                stride_x=s.D, stride_w=s.D, stride_z=z[1], s2=64.0 * _LOG2E, t=1.1, HARD=True,
-                SAVE=s.save_logits, OPK=_OPK[op], EVEN_D=s.D % cfg.bd == 0)
+    args = dict(
+        X=Buf(op, (s.B, s.D)),
+        WN=Buf(op, (s.C, s.D)),
+        LAB=Buf("i32", (s.B,)),
+        THR=Buf("fp32", (s.B,)),
+        M=f32,
+        L=f32,
+        MX=f32,
+        Z=Buf(op, z),
+        B=s.B,
+        C=s.C,
+        D=s.D,
+        stride_x=s.D,
+        stride_w=s.D,
+        stride_z=z[1],
+        s2=64.0 * _LOG2E,
+        t=1.1,
+        HARD=True,
+        SAVE=s.save_logits,
+        OPK=_OPK[op],
+        EVEN_D=s.D % cfg.bd == 0,
+    )
     streams = _wn_x_streams(s, cfg, op, min(resident, n_prog), _cdiv(s.B, cfg.bb), 1) + [
         Stream("row partials", n_prog * s.B * 12, reads=2 * rows / (n_prog * s.B), live=n_prog * s.B * 12),
         Stream("LAB, THR", s.B * 8, reads=rows / s.B, live=s.B * 8),
@@ -214,11 +233,34 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     grid = _cdiv(ck, cfg.bc)
     row = Buf("fp32", (s.B,))
     z = (s.B, s.C) if s.save_logits else (1, 1)
-    args = dict(X=Buf(op, (s.B, s.D)), WN=Buf(op, (s.C, s.D)), RW=Buf("fp32", (s.C,)), LAB=Buf("i32", (s.B,)),
-                THR=row, LSE2=row, GS=row, DCY=row, Z=Buf(op, z), G=Buf(op, (s.B, ck_max)),
-                DW=Buf("fp32", (s.C, s.D)), B=s.B, D=s.D, c0=0, ck=ck, stride_x=s.D, stride_w=s.D,
-                stride_z=z[1], stride_g=ck_max, stride_dw=s.D, s2=64.0 * _LOG2E, t=1.1, HARD=True,
-                SAVED=s.save_logits, OPK=_OPK[op], EVEN_D=s.D % cfg.bd == 0)
+    args = dict(
+        X=Buf(op, (s.B, s.D)),
+        WN=Buf(op, (s.C, s.D)),
+        RW=Buf("fp32", (s.C,)),
+        LAB=Buf("i32", (s.B,)),
+        THR=row,
+        LSE2=row,
+        GS=row,
+        DCY=row,
+        Z=Buf(op, z),
+        G=Buf(op, (s.B, ck_max)),
+        DW=Buf("fp32", (s.C, s.D)),
+        B=s.B,
+        D=s.D,
+        c0=0,
+        ck=ck,
+        stride_x=s.D,
+        stride_w=s.D,
+        stride_z=z[1],
+        stride_g=ck_max,
+        stride_dw=s.D,
+        s2=64.0 * _LOG2E,
+        t=1.1,
+        HARD=True,
+        SAVED=s.save_logits,
+        OPK=_OPK[op],
+        EVEN_D=s.D % cfg.bd == 0,
+    )
     tiles = launches * grid  # class tiles over the step
     g_bytes = s.B * s.C * BYTES[op]
     resident = min(resident, grid)
@@ -230,8 +272,13 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         Stream("row inputs", s.B * 20, reads=tiles, live=s.B * 20),
         Stream("RW", s.C * 4),
         Stream("G", g_bytes, write=True, stays=True, live=s.B * ck * BYTES[op]),
-        Stream("G (phase 2)", g_bytes, reads=_cdiv(s.D, 2 * cfg.bd), fresh=True,
-               live=resident * s.B * cfg.bc * BYTES[op]),
+        Stream(
+            "G (phase 2)",
+            g_bytes,
+            reads=_cdiv(s.D, 2 * cfg.bd),
+            fresh=True,
+            live=resident * s.B * cfg.bc * BYTES[op],
+        ),
         Stream("DW", s.C * s.D * 4, write=True),
     ]
     products = 1 if s.save_logits else 2
@@ -276,8 +323,10 @@ _LOG2E = 1.0 / math.log(2.0)
 # kernel name -> its description; the step's Triton kernels in launch order
 WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "bwd": bwd}
 # the step's work outside the autotuned kernels, in launch order
-LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {"normalize (Triton, W -> Wn, r)": normalize,
-                                                    "dx (cuBLAS G @ Wn + add)": dx_product}
+LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {
+    "normalize (Triton, W -> Wn, r)": normalize,
+    "dx (cuBLAS G @ Wn + add)": dx_product,
+}
 
 
 @dataclass
@@ -308,8 +357,9 @@ def _traffic(work: Work, arch: Arch) -> tuple[float, float]:
     return hbm, l2
 
 
-def predict(work: Work, arch: Arch, per_elem: float = 0.0, blocks_per_sm: int = 1,
-            in_flight: bool = False) -> Prediction:
+def predict(
+    work: Work, arch: Arch, per_elem: float = 0.0, blocks_per_sm: int = 1, in_flight: bool = False
+) -> Prediction:
     """The modelled seconds per step of one Work on one arch (see the module docstring)."""
     resident = arch.sms * max(1, blocks_per_sm)
     waves = _cdiv(work.programs, resident)

@@ -115,12 +115,16 @@ def kernels() -> dict[str, tuple[object, list[Config]]]:
         if isinstance(obj, Autotuner):
             fn = obj.fn
             name = fn.__name__.strip("_").removesuffix("_kernel")
-            found[name] = (fn, [Config(tuple(c.kwargs.items()), c.num_warps, c.num_stages)
-                                for c in obj.configs])
+            found[name] = (
+                fn,
+                [Config(tuple(c.kwargs.items()), c.num_warps, c.num_stages) for c in obj.configs],
+            )
     missing = sorted(set(found) - set(WORK))
     if missing:
-        raise UserError(f"heads/fused.py has kernels with no description in bench/kernel_model.py WORK: "
-                        f"{', '.join(missing)}")
+        raise UserError(
+            f"heads/fused.py has kernels with no description in bench/kernel_model.py WORK: "
+            f"{', '.join(missing)}"
+        )
     return {name: found[name] for name in WORK if name in found}
 
 
@@ -139,7 +143,7 @@ def _signature(fn, args: dict, cfg: Config) -> tuple[dict, dict, dict]:
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):
-            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
@@ -165,9 +169,11 @@ def compile_variant(fn, args: dict, cfg: Config, arch: Arch):
         triton.knobs.cache.dir = cache
         triton.knobs.nvidia.dump_ptxas_log = True
         try:
-            compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch.cc, 32),
-                                      options={"num_warps": cfg.warps, "num_stages": cfg.stages,
-                                               "enable_fp_fusion": True})  # the launcher's default
+            compiled = triton.compile(
+                ASTSource(fn, sig, const, attrs),
+                target=GPUTarget("cuda", arch.cc, 32),
+                options={"num_warps": cfg.warps, "num_stages": cfg.stages, "enable_fp_fusion": True},
+            )  # the launcher's default
         finally:
             triton.knobs.nvidia.dump_ptxas_log = False
             triton.knobs.cache.dir = None
@@ -179,8 +185,9 @@ def sass(cubin: bytes) -> list[tuple[int, str, str]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
     return [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(text)]
 
 
@@ -205,8 +212,11 @@ def epilogue_count(instrs) -> int | None:
     def holds_mma(span):
         return any(span[0] <= a <= span[1] for a in mma_addrs)
 
-    mma_loops = [s for s in loops if holds_mma(s)
-                 and not any(o != s and s[0] <= o[0] and o[1] <= s[1] and holds_mma(o) for o in loops)]
+    mma_loops = [
+        s
+        for s in loops
+        if holds_mma(s) and not any(o != s and s[0] <= o[0] and o[1] <= s[1] and holds_mma(o) for o in loops)
+    ]
     if not mma_loops:
         return None
     inner = mma_loops[0]
@@ -238,8 +248,9 @@ def blocks_per_sm(arch: Arch, regs: int, shared: int, warps: int) -> int:
     return min(by_regs, by_smem, arch.max_warps_per_sm // warps, arch.max_blocks_per_sm)
 
 
-def inspect(name: str, fn, cfg: Config, first: bool, dtype: str, arch: Arch, shape: Shape,
-            out: Path | None = None) -> Variant:
+def inspect(
+    name: str, fn, cfg: Config, first: bool, dtype: str, arch: Arch, shape: Shape, out: Path | None = None
+) -> Variant:
     """Compile one variant, write its PTX and cubin into `out`, and read its figures."""
     work = WORK[name](shape, cfg, dtype, arch, arch.sms)
     compiled, log = compile_variant(fn, work.args, cfg, arch)
@@ -260,14 +271,31 @@ def inspect(name: str, fn, cfg: Config, first: bool, dtype: str, arch: Arch, sha
     # the descriptions' working sets depend on how many programs are resident at once
     work = WORK[name](shape, cfg, dtype, arch, arch.sms * max(1, bps))
     p = predict(work, arch, per_elem or 0.0, bps, max(waits, default=0) > 0)
-    return Variant(name, dtype, cfg.tag, arch.name, first, shape.save_logits, regs, int(spills.group(1)),
-                   int(spills.group(2)), shared, bps, sorted(set(_PTX_MMA.findall(ptx))), waits,
-                   None if per_elem is None else round(per_elem, 2), round(p.seconds * 1e3, 4), p.bound)
+    return Variant(
+        name,
+        dtype,
+        cfg.tag,
+        arch.name,
+        first,
+        shape.save_logits,
+        regs,
+        int(spills.group(1)),
+        int(spills.group(2)),
+        shared,
+        bps,
+        sorted(set(_PTX_MMA.findall(ptx))),
+        waits,
+        None if per_elem is None else round(per_elem, 2),
+        round(p.seconds * 1e3, 4),
+        p.bound,
+    )
 
 
 def variant_table(rows: list[Variant]) -> str:
-    head = ("| kernel | cosines | dtype | config | arch | regs | spill st/ld B | shared KB | blocks/SM | "
-            "MMA | wgmma waits | epilogue SASS/elem | predicted ms/step | bound | measured ms/step |")
+    head = (
+        "| kernel | cosines | dtype | config | arch | regs | spill st/ld B | shared KB | blocks/SM | "
+        "MMA | wgmma waits | epilogue SASS/elem | predicted ms/step | bound | measured ms/step |"
+    )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for v in rows:
         mma = ", ".join(m.replace(".sync.aligned", "") for m in v.mma) or "none (FMA)"
@@ -276,49 +304,79 @@ def variant_table(rows: list[Variant]) -> str:
             f"{v.arch} | {v.regs} | "
             f"{v.spill_stores}/{v.spill_loads} | {v.shared / 1024:.0f} | {v.blocks_per_sm} | {mma} | "
             f"{','.join(map(str, v.wgmma_waits)) or '-'} | {v.epilogue_per_elem} | {v.predicted_ms} | "
-            f"{v.bound} | {'-' if v.measured_ms is None else v.measured_ms} |")
+            f"{v.bound} | {'-' if v.measured_ms is None else v.measured_ms} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tuple[str, dict]:
     """The modelled step on one arch, dtype and mode (shape.save_logits): first configs and the model's
     fastest per kernel."""
-    mine = [v for v in rows
-            if v.arch == arch.name and v.dtype == dtype and v.save_logits == shape.save_logits]
+    mine = [
+        v for v in rows if v.arch == arch.name and v.dtype == dtype and v.save_logits == shape.save_logits
+    ]
     names = list(dict.fromkeys(v.kernel for v in mine))
     first = {n: next(v for v in mine if v.kernel == n and v.first) for n in names}
-    best = {n: min((v for v in mine if v.kernel == n and v.blocks_per_sm), key=lambda v: v.predicted_ms,
-                   default=first[n]) for n in names}
+    best = {
+        n: min(
+            (v for v in mine if v.kernel == n and v.blocks_per_sm),
+            key=lambda v: v.predicted_ms,
+            default=first[n],
+        )
+        for n in names
+    }
     lib = {n: predict(f(shape, dtype, arch), arch) for n, f in LIBRARY.items()}
     floor_ms = floor_seconds(shape, arch) * 1e3
-    lines = [f"step model, {arch.name} ({arch.gpu}), {dtype}, cosines {MODES[shape.save_logits]}, "
-             f"B={shape.B} D={shape.D} C={shape.C:,}:", "",
-             "| part | first config | ms | fastest config | ms |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"step model, {arch.name} ({arch.gpu}), {dtype}, cosines {MODES[shape.save_logits]}, "
+        f"B={shape.B} D={shape.D} C={shape.C:,}:",
+        "",
+        "| part | first config | ms | fastest config | ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for n in names:
-        lines.append(f"| {n} | {first[n].config} | {first[n].predicted_ms:.3f} ({first[n].bound}) | "
-                     f"{best[n].config} | {best[n].predicted_ms:.3f} ({best[n].bound}) |")
+        lines.append(
+            f"| {n} | {first[n].config} | {first[n].predicted_ms:.3f} ({first[n].bound}) | "
+            f"{best[n].config} | {best[n].predicted_ms:.3f} ({best[n].bound}) |"
+        )
     for n, p in lib.items():
         ms = p.seconds * 1e3
         lines.append(f"| {n} | - | {ms:.3f} ({p.bound}) | - | {ms:.3f} |")
     lib_ms = sum(p.seconds for p in lib.values()) * 1e3
     tot_first = sum(v.predicted_ms for v in first.values()) + lib_ms
     tot_best = sum(v.predicted_ms for v in best.values()) + lib_ms
-    lines.append(f"| step | | {tot_first:.3f} ({tot_first / floor_ms:.2f}x floor) | | "
-                 f"{tot_best:.3f} ({tot_best / floor_ms:.2f}x floor) |")
+    lines.append(
+        f"| step | | {tot_first:.3f} ({tot_first / floor_ms:.2f}x floor) | | "
+        f"{tot_best:.3f} ({tot_best / floor_ms:.2f}x floor) |"
+    )
     lines.append(f"| bf16 floor (6BCD at {arch.mma_flops / 1e12:.0f} TFLOP/s) | | {floor_ms:.3f} | | |")
-    summary = {"arch": arch.name, "dtype": dtype, "save_logits": shape.save_logits,
-               "first_ms": round(tot_first, 3), "fastest_ms": round(tot_best, 3),
-               "floor_ms": round(floor_ms, 3), "library_ms": round(lib_ms, 3)}
+    summary = {
+        "arch": arch.name,
+        "dtype": dtype,
+        "save_logits": shape.save_logits,
+        "first_ms": round(tot_first, 3),
+        "fastest_ms": round(tot_best, 3),
+        "floor_ms": round(floor_ms, 3),
+        "library_ms": round(lib_ms, 3),
+    }
     if all(v.measured_ms is not None for v in first.values()):
         measured = sum(v.measured_ms for v in first.values())
         summary["measured_first_ms"] = round(measured, 3)
-        lines.append(f"| Triton kernels, first configs: measured | | {measured:.3f} (predicted "
-                     f"{sum(v.predicted_ms for v in first.values()):.3f}) | | |")
+        lines.append(
+            f"| Triton kernels, first configs: measured | | {measured:.3f} (predicted "
+            f"{sum(v.predicted_ms for v in first.values()):.3f}) | | |"
+        )
     return "\n".join(lines) + "\n", summary
 
 
-def time_variants(rows: list[Variant], found: dict, shape: Shape, device: str = "cuda",
-                  arch: Arch | None = None, repeats: int = 5) -> None:
+def time_variants(
+    rows: list[Variant],
+    found: dict,
+    shape: Shape,
+    device: str = "cuda",
+    arch: Arch | None = None,
+    repeats: int = 5,
+) -> None:
     """Launch each variant of `arch` (default: the local GPU's) at the shape; its median time x launches
     per step into measured_ms. On the CPU (under TRITON_INTERPRET=1: tests) wall-clock time."""
     import torch
@@ -332,10 +390,12 @@ def time_variants(rows: list[Variant], found: dict, shape: Shape, device: str = 
                 continue
             cfg = next(c for c in configs if c.tag == v.config)
             work = WORK[name](replace(shape, save_logits=v.save_logits), cfg, v.dtype, arch, arch.sms)
-            values = {n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a
-                      for n, a in work.args.items()}
-            launch = functools.partial(fn[work.grid], **values, **cfg.kwargs, num_warps=cfg.warps,
-                                       num_stages=cfg.stages)
+            values = {
+                n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a for n, a in work.args.items()
+            }
+            launch = functools.partial(
+                fn[work.grid], **values, **cfg.kwargs, num_warps=cfg.warps, num_stages=cfg.stages
+            )
             launch()  # compiles
             samples = sorted(_elapsed_ms(launch, device) for _ in range(repeats))
             v.measured_ms = round(samples[len(samples) // 2] * work.launches, 4)
@@ -365,8 +425,13 @@ def _tensor(cache: dict, name: str, buf: Buf, device: str):
 
     key = (name, buf)
     if key not in cache:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "i64": torch.int64, "i32": torch.int32}[buf.dtype]
+        dtype = {
+            "fp32": torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+            "i64": torch.int64,
+            "i32": torch.int32,
+        }[buf.dtype]
         if dtype in (torch.int64, torch.int32):
             t = torch.randint(0, 64, buf.shape, device=device, dtype=dtype)
         else:
@@ -375,8 +440,14 @@ def _tensor(cache: dict, name: str, buf: Buf, device: str):
     return cache[key]
 
 
-def compile_and_model(out: Path | None, archs: list[Arch], dtypes: list[str], all_configs: bool,
-                      shape: Shape = HEADLINE, timing: bool = False) -> tuple[list[Variant], str, list[dict]]:
+def compile_and_model(
+    out: Path | None,
+    archs: list[Arch],
+    dtypes: list[str],
+    all_configs: bool,
+    shape: Shape = HEADLINE,
+    timing: bool = False,
+) -> tuple[list[Variant], str, list[dict]]:
     found = kernels()
     modes = [replace(shape, save_logits=saved) for saved in MODES]
     rows = []
@@ -386,9 +457,12 @@ def compile_and_model(out: Path | None, archs: list[Arch], dtypes: list[str], al
                 for name, (fn, configs) in found.items():
                     for i, cfg in enumerate(configs if all_configs else configs[:1]):
                         rows.append(inspect(name, fn, cfg, i == 0, dtype, arch, mode, out))
-                        print(f"  {name} {MODES[mode.save_logits]} {dtype} {cfg.tag} {arch.name}: "
-                              f"{rows[-1].regs} regs, {rows[-1].spill_stores} B spilled", file=sys.stderr,
-                              flush=True)
+                        print(
+                            f"  {name} {MODES[mode.save_logits]} {dtype} {cfg.tag} {arch.name}: "
+                            f"{rows[-1].regs} regs, {rows[-1].spill_stores} B spilled",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     if timing:
         time_variants(rows, found, shape)
     text = variant_table(rows)
@@ -407,8 +481,12 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for the .ptx/.cubin files, kernels.md, kernels.json")
     p.add_argument("--arch", default="sm_90,sm_80", help=f"comma-separated, of {', '.join(ARCHS)}")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="operand dtypes, of fp16, bf16")
-    p.add_argument("--configs", choices=("all", "first"), default="all",
-                   help="every config the tuner may pick, or each kernel's first (deterministic mode's)")
+    p.add_argument(
+        "--configs",
+        choices=("all", "first"),
+        default="all",
+        help="every config the tuner may pick, or each kernel's first (deterministic mode's)",
+    )
     p.add_argument("--time", action="store_true", help="also launch and time each variant on this CUDA GPU")
     a = p.parse_args(argv)
     archs, dtypes = a.arch.split(","), a.dtypes.split(",")
@@ -423,11 +501,13 @@ def run(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    rows, text, summaries = compile_and_model(out, [ARCHS[x] for x in archs], dtypes, a.configs == "all",
-                                              timing=a.time)
+    rows, text, summaries = compile_and_model(
+        out, [ARCHS[x] for x in archs], dtypes, a.configs == "all", timing=a.time
+    )
     (out / "kernels.md").write_text(text)
-    (out / "kernels.json").write_text(json.dumps({"variants": [asdict(v) for v in rows], "steps": summaries},
-                                                 indent=1) + "\n")
+    (out / "kernels.json").write_text(
+        json.dumps({"variants": [asdict(v) for v in rows], "steps": summaries}, indent=1) + "\n"
+    )
     print(text)
     took = round(time.monotonic() - start, 1)
     print(json.dumps({"bench": "kernels", "variants": len(rows), "seconds": took, "steps": summaries}))

@@ -121,31 +121,50 @@ def _measure_epochs(loader, epochs: int) -> tuple[float, float]:
 def _epochs_main(args, manifest) -> int:
     common = dict(batch_size=args.batch_size, backend=args.backend, workers=args.workers, device=args.device)
     runs = {}
-    for name, kwargs in [("persistent", dict(persistent_workers=True, source_workers=args.source_workers)),
-                         ("per-epoch", dict(persistent_workers=False, source_workers=0))]:
+    for name, kwargs in [
+        ("persistent", dict(persistent_workers=True, source_workers=args.source_workers)),
+        ("per-epoch", dict(persistent_workers=False, source_workers=0)),
+    ]:
         loader = build_train_loader(manifest, **common, **kwargs)
         console.print(f"{name}: {args.epochs} epochs of {loader.batches_per_epoch} batches")
         runs[name] = _measure_epochs(loader, args.epochs)
     (ours, ours_wait), (base, base_wait) = runs["persistent"], runs["per-epoch"]
-    print(f"{args.backend}, readers kept across epochs: {ours:.0f} images/s, first batch of an epoch "
-          f"after {ours_wait * 1000:.0f} ms")
-    print(f"baseline, loader re-created per epoch, source in-process: {base:.0f} images/s, first batch "
-          f"after {base_wait * 1000:.0f} ms")
+    print(
+        f"{args.backend}, readers kept across epochs: {ours:.0f} images/s, first batch of an epoch "
+        f"after {ours_wait * 1000:.0f} ms"
+    )
+    print(
+        f"baseline, loader re-created per epoch, source in-process: {base:.0f} images/s, first batch "
+        f"after {base_wait * 1000:.0f} ms"
+    )
     print(f"ratio: {ours / base:.2f}x")
-    print(json.dumps({
-        "bench": "loader_epochs", "backend": args.backend, "device": str(args.device),
-        "batch_size": args.batch_size, "workers": args.workers, "source_workers": args.source_workers,
-        "epochs": args.epochs, "samples": manifest.num_samples,
-        "images_per_s": round(ours, 1), "epoch_start_wait_s": round(ours_wait, 4),
-        "baseline": "loader re-created every epoch, DALI source in the training process",
-        "baseline_images_per_s": round(base, 1), "baseline_epoch_start_wait_s": round(base_wait, 4),
-        "ratio": round(ours / base, 3)}))
+    print(
+        json.dumps(
+            {
+                "bench": "loader_epochs",
+                "backend": args.backend,
+                "device": str(args.device),
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "source_workers": args.source_workers,
+                "epochs": args.epochs,
+                "samples": manifest.num_samples,
+                "images_per_s": round(ours, 1),
+                "epoch_start_wait_s": round(ours_wait, 4),
+                "baseline": "loader re-created every epoch, DALI source in the training process",
+                "baseline_images_per_s": round(base, 1),
+                "baseline_epoch_start_wait_s": round(base_wait, 4),
+                "ratio": round(ours / base, 3),
+            }
+        )
+    )
     return 0
 
 
 def run(argv: list[str] | None = None) -> int:
     ap = CliParser(
-        prog="python -m bench.loader", description=__doc__,
+        prog="python -m bench.loader",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--shards", required=True, help="shard folder with manifest.json")
@@ -156,10 +175,18 @@ def run(argv: list[str] | None = None) -> int:
         "--images", type=int, default=4096, help="images timed per reader (after the first batch)"
     )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--epochs", type=int, default=0,
-                    help="measure K whole epochs, readers kept up vs re-created (see above)")
-    ap.add_argument("--source-workers", type=int, default=None,
-                    help="DALI: processes reading for the pipeline's source (default: the loader's)")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=0,
+        help="measure K whole epochs, readers kept up vs re-created (see above)",
+    )
+    ap.add_argument(
+        "--source-workers",
+        type=int,
+        default=None,
+        help="DALI: processes reading for the pipeline's source (default: the loader's)",
+    )
     args = ap.parse_args(argv)
     manifest = load_manifest(args.shards)
     torch.set_num_threads(1)  # the readers' workers are the parallelism, in both runs
@@ -173,7 +200,11 @@ def run(argv: list[str] | None = None) -> int:
             f"{args.shards}: {manifest.num_samples} samples, the run needs {needed} (lower --images)"
         )
     loader = build_train_loader(
-        manifest, batch_size=args.batch_size, backend=args.backend, workers=args.workers, device=args.device,
+        manifest,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        workers=args.workers,
+        device=args.device,
         source_workers=args.source_workers,
     )
     ours = _measure(f"{args.backend}", loader, args.batch_size, args.images)

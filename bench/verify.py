@@ -46,11 +46,17 @@ def plain_loop(onnx: Path, shards: Path, batch_size: int) -> float:
     keys = sorted(jpegs)
     feats = []
     for s in range(0, len(keys), batch_size):
-        batch = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(jpegs[k], np.uint8), cv2.IMREAD_COLOR),
-                                       cv2.COLOR_BGR2RGB) for k in keys[s:s + batch_size]])
+        batch = np.stack(
+            [
+                cv2.cvtColor(
+                    cv2.imdecode(np.frombuffer(jpegs[k], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+                )
+                for k in keys[s : s + batch_size]
+            ]
+        )
         x = (batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - 0.5) / 0.5
         out = sess.run(None, {name: np.concatenate([x, x[:, :, :, ::-1]])})[0]
-        emb = out[: len(x)] + out[len(x):]
+        emb = out[: len(x)] + out[len(x) :]
         feats.append(emb / np.linalg.norm(emb, axis=1, keepdims=True))
     scores, same, folds = pair_scores(np.concatenate(feats), {k: i for i, k in enumerate(keys)}, pairs)
     return verification_metrics(scores, same, folds)["accuracy_mean"]
@@ -90,17 +96,29 @@ def run(argv: Sequence[str] | None = None) -> int:
             else:
                 t, accs[which] = timed(plain_loop, args.onnx, args.shards, args.batch_size)
             times[which].append(t)
-            print(f"run {r + 1} {which:>6}: {t:7.1f} s  accuracy {accs[which]:.4f}  "
-                  f"(load average before: {load:.1f})", flush=True)
+            print(
+                f"run {r + 1} {which:>6}: {t:7.1f} s  accuracy {accs[which]:.4f}  "
+                f"(load average before: {load:.1f})",
+                flush=True,
+            )
     json_path.unlink(missing_ok=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({"bench": "verify", "pairs": "lfw", "verify_s": round(med["verify"], 1),
-                      "plain_onnxruntime_s": round(med["plain"], 1),
-                      "speedup": round(med["plain"] / med["verify"], 3),
-                      "verify_runs_s": [round(t, 1) for t in times["verify"]],
-                      "plain_runs_s": [round(t, 1) for t in times["plain"]],
-                      "accuracy_verify": round(accs["verify"], 4), "accuracy_plain": round(accs["plain"], 4),
-                      "cpus": cpu_count()}))
+    print(
+        json.dumps(
+            {
+                "bench": "verify",
+                "pairs": "lfw",
+                "verify_s": round(med["verify"], 1),
+                "plain_onnxruntime_s": round(med["plain"], 1),
+                "speedup": round(med["plain"] / med["verify"], 3),
+                "verify_runs_s": [round(t, 1) for t in times["verify"]],
+                "plain_runs_s": [round(t, 1) for t in times["plain"]],
+                "accuracy_verify": round(accs["verify"], 4),
+                "accuracy_plain": round(accs["plain"], 4),
+                "cpus": cpu_count(),
+            }
+        )
+    )
     return 0
 
 

@@ -43,8 +43,9 @@ def fsync_dir(path: Path | str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path | str, mode: str = "wb", *, what: str = "file",
-                 encoding: str | None = None) -> Iterator[IO]:
+def atomic_write(
+    path: Path | str, mode: str = "wb", *, what: str = "file", encoding: str | None = None
+) -> Iterator[IO]:
     """Open `<path>.tmp` for writing; on a clean exit fsync it and rename it onto `path`.
 
     `what` names the file in the error line ("cannot write the <what>"). An exception inside the

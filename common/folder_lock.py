@@ -65,8 +65,10 @@ def folder_lock(folder: Path | str, refusal: str) -> Iterator[None]:
         except BlockingIOError:
             raise UserError(f"{folder}: {refusal} (held by {_describe(lock_holder(fd))})") from None
         except OSError as err:  # a filesystem without flock on a folder (some NFS setups): go on
-            log(f"warning: {folder}: cannot lock the folder ({err.strerror or err}); nothing stops a "
-                "second writer")
+            log(
+                f"warning: {folder}: cannot lock the folder ({err.strerror or err}); nothing stops a "
+                "second writer"
+            )
         yield
     finally:
         os.close(fd)  # closing releases the lock

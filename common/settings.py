@@ -105,7 +105,7 @@ def range_error(obj: Any, prefix: str = "") -> tuple[str, Any, Range] | None:
         if allowed is None:
             continue
         value = obj
-        for part in key[len(prefix):].split("."):
+        for part in key[len(prefix) :].split("."):
             value = getattr(value, part)
         if not allowed.holds(value):
             return key, value, allowed
@@ -164,8 +164,9 @@ def describe(cls: type) -> list[tuple[str, str, str, str, str]]:
             continue
         allowed = f.metadata.get("range")
         shown_type, choices = _split_choices(tp)
-        rows.append((key, shown_type, _shown(value), str(allowed) if allowed else choices,
-                     f.metadata.get("help", "")))
+        rows.append(
+            (key, shown_type, _shown(value), str(allowed) if allowed else choices, f.metadata.get("help", ""))
+        )
     return rows
 
 

@@ -82,8 +82,9 @@ def regular_files(root: Path | str, depth: int | None = None, hidden: bool = Tru
         for entry in entries:
             name = f"{rel}/{entry.name}" if rel else entry.name
             if not _utf8(entry.name):
-                tree.skipped.append(Skipped(printable(name), "name_not_utf8",
-                                            "the name is not UTF-8 (rename it)"))
+                tree.skipped.append(
+                    Skipped(printable(name), "name_not_utf8", "the name is not UTF-8 (rename it)")
+                )
                 continue
             if not hidden and entry.name.startswith("."):
                 tree.skipped.append(Skipped(name, "hidden", "a hidden name"))

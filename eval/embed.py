@@ -18,7 +18,7 @@ def flip_embed(embed: EmbedFn, images: torch.Tensor, flip: bool = True) -> np.nd
     embeddings added, the sum L2-normalized (float32 [B, D])."""
     if flip:
         both = embed(torch.cat([images, torch.flip(images, dims=[3])]))
-        emb = both[: len(images)] + both[len(images):]
+        emb = both[: len(images)] + both[len(images) :]
     else:
         emb = embed(images)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)

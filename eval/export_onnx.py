@@ -52,14 +52,27 @@ def export(model: torch.nn.Module, spec: dict[str, Any], out: Path, opset: int =
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # exporter chatter off stdout
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: batch},), verbose=False)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
     proto = program.model_proto
-    meta = {**INPUT_SPEC, "image_size": f"{h},{w}", "mean": "0.5,0.5,0.5", "std": "0.5,0.5,0.5",
-            "embedding_size": str(spec["embedding_size"]), "backbone": str(spec["backbone"]),
-            "backbone_kwargs": json.dumps(spec.get("kwargs", {})),
-            "producer": "facetrain eval/export_onnx.py"}
+    meta = {
+        **INPUT_SPEC,
+        "image_size": f"{h},{w}",
+        "mean": "0.5,0.5,0.5",
+        "std": "0.5,0.5,0.5",
+        "embedding_size": str(spec["embedding_size"]),
+        "backbone": str(spec["backbone"]),
+        "backbone_kwargs": json.dumps(spec.get("kwargs", {})),
+        "producer": "facetrain eval/export_onnx.py",
+    }
     del proto.metadata_props[:]
     for k, v in meta.items():
         entry = proto.metadata_props.add()
@@ -68,8 +81,13 @@ def export(model: torch.nn.Module, spec: dict[str, Any], out: Path, opset: int =
         onnx.save(proto, f)
 
 
-def max_abs_diff(model: torch.nn.Module, onnx_path: Path, image_size: tuple[int, int],
-                 batches: Sequence[int], seed: int = 0) -> tuple[float, float]:
+def max_abs_diff(
+    model: torch.nn.Module,
+    onnx_path: Path,
+    image_size: tuple[int, int],
+    batches: Sequence[int],
+    seed: int = 0,
+) -> tuple[float, float]:
     """(largest |PyTorch - onnxruntime|, largest |PyTorch output|) over random inputs in [-1, 1]."""
     import onnxruntime as ort
 
@@ -94,22 +112,37 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         batches = [int(v) for v in args.check_batches.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--check-batches: expected comma-separated integers, "
-                        f"got {args.check_batches!r}") from None
+        raise UserError(
+            f"--check-batches: expected comma-separated integers, got {args.check_batches!r}"
+        ) from None
     if not batches or min(batches) < 1:
         raise UserError(f"--check-batches: batch sizes must be positive, got {args.check_batches!r}")
     model, spec = load_embedding_model(args.model)
     image_size = (int(spec["image_size"][0]), int(spec["image_size"][1]))
-    print(f"exporting {spec['backbone']} ({spec['embedding_size']}-d, {image_size[0]}x{image_size[1]}) "
-          f"from {args.model}", file=sys.stderr)
+    print(
+        f"exporting {spec['backbone']} ({spec['embedding_size']}-d, {image_size[0]}x{image_size[1]}) "
+        f"from {args.model}",
+        file=sys.stderr,
+    )
     export(model, spec, args.out, args.opset)
     diff, scale = max_abs_diff(model, args.out, image_size, batches)
     # The output scale says how much the absolute figure means (an untrained net can output ~1e-8).
-    print(json.dumps({"onnx": str(args.out), "max_abs_diff": diff, "max_abs_output": scale,
-                      "batches": batches, "tolerance": args.tolerance}))
+    print(
+        json.dumps(
+            {
+                "onnx": str(args.out),
+                "max_abs_diff": diff,
+                "max_abs_output": scale,
+                "batches": batches,
+                "tolerance": args.tolerance,
+            }
+        )
+    )
     if not diff <= args.tolerance:  # also catches NaN
-        raise UserError(f"{args.out}: onnxruntime differs from PyTorch by {diff:.3g} "
-                        f"(> {args.tolerance:g}); the export is not faithful")
+        raise UserError(
+            f"{args.out}: onnxruntime differs from PyTorch by {diff:.3g} "
+            f"(> {args.tolerance:g}); the export is not faithful"
+        )
     return 0
 
 

@@ -43,17 +43,29 @@ FP32_MIN_COSINE = 0.9999  # a float32 IR computes the same function; below this 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="eval/export_openvino.py", description=__doc__.split("\n\n")[0],
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(
+        prog="eval/export_openvino.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_arguments(p, runtime=False)
     p.add_argument("--out", type=Path, required=True, help="OpenVINO IR to write (.xml, with its .bin)")
     p.add_argument("--int8", action="store_true", help="quantize to INT8 (needs --calibration)")
     p.add_argument("--calibration", type=Path, help="shard folder whose aligned faces calibrate INT8")
     p.add_argument("--samples", type=int, default=128, help="calibration faces (default 128)")
-    p.add_argument("--check-sets", nargs="+", default=[], metavar="NAME=SHARDS",
-                   help="verification sets (shards with pairs) to measure both models on")
-    p.add_argument("--max-drop", type=float, default=0.5,
-                   help="largest accuracy drop in points allowed on a check set (default 0.5)")
+    p.add_argument(
+        "--check-sets",
+        nargs="+",
+        default=[],
+        metavar="NAME=SHARDS",
+        help="verification sets (shards with pairs) to measure both models on",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.5,
+        help="largest accuracy drop in points allowed on a check set (default 0.5)",
+    )
     p.add_argument("--force", action="store_true", help="write the model even if a check fails")
     p.add_argument("--batch-size", type=int, default=32, help="faces per forward in the checks")
     p.add_argument("--seed", type=int, default=0, help="which calibration faces are drawn")
@@ -134,9 +146,10 @@ def quantize(network: object, faces: np.ndarray) -> object:
     import nncf
 
     logging.getLogger("nncf").setLevel(logging.ERROR)  # progress chatter
-    items = [model_input(faces[i:i + 1]).numpy() for i in range(len(faces))]
-    return nncf.quantize(network, nncf.Dataset(items), subset_size=len(items),
-                         preset=nncf.QuantizationPreset.PERFORMANCE)
+    items = [model_input(faces[i : i + 1]).numpy() for i in range(len(faces))]
+    return nncf.quantize(
+        network, nncf.Dataset(items), subset_size=len(items), preset=nncf.QuantizationPreset.PERFORMANCE
+    )
 
 
 def temporary_ir(out: Path) -> Path:
@@ -191,8 +204,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     if faces is not None:
         original.check_size(faces.shape[1:3], f"the shards in {args.calibration}")
     precision = "int8" if args.int8 else "fp32"
-    print(f"exporting {original.name} ({original.architecture}) to {precision} OpenVINO {args.out}",
-          file=sys.stderr)
+    print(
+        f"exporting {original.name} ({original.architecture}) to {precision} OpenVINO {args.out}",
+        file=sys.stderr,
+    )
     tmp = temporary_ir(args.out)
     try:
         with tempfile.TemporaryDirectory(prefix="export_openvino") as workdir:
@@ -200,8 +215,12 @@ def run(argv: Sequence[str] | None = None) -> int:
             meta.update(precision=precision, producer="facetrain eval/export_openvino.py")
             convert(onnx_path, meta, faces if args.int8 else None, tmp)
         report, failures = check(args, original, load_model(tmp, runtime="openvino"), faces, sets)
-        report.update(out=str(args.out), precision=precision, source=str(args.model),
-                      seconds=round(time.perf_counter() - start, 1))
+        report.update(
+            out=str(args.out),
+            precision=precision,
+            source=str(args.model),
+            seconds=round(time.perf_counter() - start, 1),
+        )
         written = not failures or args.force
         report["written"] = written
         print(json.dumps(report))
@@ -213,8 +232,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def check(args: argparse.Namespace, original: LoadedModel, exported: LoadedModel,
-          faces: np.ndarray | None, sets: dict[str, Path]) -> tuple[dict, list[str]]:
+def check(
+    args: argparse.Namespace,
+    original: LoadedModel,
+    exported: LoadedModel,
+    faces: np.ndarray | None,
+    sets: dict[str, Path],
+) -> tuple[dict, list[str]]:
     """The report of the export's checks and the failed ones, each as one phrase."""
     if faces is not None:
         probe = model_input(faces[:64])
@@ -229,8 +253,11 @@ def check(args: argparse.Namespace, original: LoadedModel, exported: LoadedModel
         before = verification_accuracy(original, shards, args.batch_size)["accuracy_mean"]
         after = verification_accuracy(exported, shards, args.batch_size)["accuracy_mean"]
         drop = round(100 * (before - after), 3)
-        report["sets"][name] = {"original": round(before, 5), "exported": round(after, 5),
-                                "drop_points": drop}
+        report["sets"][name] = {
+            "original": round(before, 5),
+            "exported": round(after, 5),
+            "drop_points": drop,
+        }
         print(f"{name}: accuracy {before:.4f} -> {after:.4f} (drop {drop:.2f} points)", file=sys.stderr)
         if not drop <= args.max_drop:
             failures.append(f"{name} accuracy drops {drop:.2f} points (> --max-drop {args.max_drop:g})")

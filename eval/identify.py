@@ -109,15 +109,30 @@ def enrol(args: argparse.Namespace) -> int:
         raise UserError(f"{args.gallery}: no face could be enrolled from {len(photos)} photos")
     embeddings = embed_crops(model.embed, crops, flip=not args.no_flip)
     person = np.asarray(person_of, dtype=np.int64)
-    gallery = Gallery(list(people), person_templates(embeddings, person, len(people)), embeddings, person,
-                      paths, str(args.gallery.resolve()), model.info, skipped)
+    gallery = Gallery(
+        list(people),
+        person_templates(embeddings, person, len(people)),
+        embeddings,
+        person,
+        paths,
+        str(args.gallery.resolve()),
+        model.info,
+        skipped,
+    )
     save_gallery(args.out, gallery)
-    summary = {"gallery": str(args.out), "people": len(people), "photos": len(paths),
-               "skipped": [{"path": p, "reason": r} for p, r in skipped], "model": model.where,
-               "image_size": list(model.info.image_size)}
+    summary = {
+        "gallery": str(args.out),
+        "people": len(people),
+        "photos": len(paths),
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "model": model.where,
+        "image_size": list(model.info.image_size),
+    }
     print(json.dumps(summary))
-    print(f"enrolled {len(people)} people from {len(paths)} photos; {len(skipped)} photos left out",
-          file=sys.stderr)
+    print(
+        f"enrolled {len(people)} people from {len(paths)} photos; {len(skipped)} photos left out",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -162,23 +177,33 @@ class Matcher:
             best, score = int(row[0]), float(row_scores[0])
             photos = np.flatnonzero(self.gallery.photo_person == best)
             photo = int(photos[np.argmax(self.gallery.embeddings[photos] @ q)])
-            results.append({
-                "identity": self.gallery.names[best] if score >= self.threshold else "unknown",
-                "nearest": self.gallery.names[best], "score": round(score, 4), "photo": photo,
-                "top": [[self.gallery.names[int(i)], round(float(s), 4)] for i, s in zip(row, row_scores)],
-            })
+            results.append(
+                {
+                    "identity": self.gallery.names[best] if score >= self.threshold else "unknown",
+                    "nearest": self.gallery.names[best],
+                    "score": round(score, 4),
+                    "photo": photo,
+                    "top": [
+                        [self.gallery.names[int(i)], round(float(s), 4)] for i, s in zip(row, row_scores)
+                    ],
+                }
+            )
         return results
 
 
 def check_compatible(gallery: Gallery, model: FaceModel, gallery_path: Path) -> None:
     g, m = gallery.model, model.info
     if g.architecture != m.architecture or tuple(g.image_size) != tuple(m.image_size):
-        raise UserError(f"{gallery_path}: enrolled with a {g.architecture} model at {g.image_size[0]}x"
-                        f"{g.image_size[1]}; {model.where} is {m.architecture} at {m.image_size[0]}x"
-                        f"{m.image_size[1]}: enrol again with this model")
+        raise UserError(
+            f"{gallery_path}: enrolled with a {g.architecture} model at {g.image_size[0]}x"
+            f"{g.image_size[1]}; {model.where} is {m.architecture} at {m.image_size[0]}x"
+            f"{m.image_size[1]}: enrol again with this model"
+        )
     if g.fingerprint != m.fingerprint:
-        raise UserError(f"{gallery_path}: enrolled with other weights (fingerprint {g.fingerprint[:12]}, "
-                        f"{model.where} has {m.fingerprint[:12]}): enrol again with this model")
+        raise UserError(
+            f"{gallery_path}: enrolled with other weights (fingerprint {g.fingerprint[:12]}, "
+            f"{model.where} has {m.fingerprint[:12]}): enrol again with this model"
+        )
 
 
 def resolve_threshold(args: argparse.Namespace, model: FaceModel) -> tuple[float, str]:
@@ -200,8 +225,11 @@ def search(args: argparse.Namespace) -> int:
     threshold, origin = resolve_threshold(args, model)
     camera = _open_camera(args.camera) if args.camera is not None else None
     index = TemplateIndex(gallery.templates, backend=args.index)
-    print(f"{len(gallery.names)} people in {args.gallery}; threshold {threshold:.3f} ({origin}); "
-          f"{index.backend} search", file=sys.stderr)
+    print(
+        f"{len(gallery.names)} people in {args.gallery}; threshold {threshold:.3f} ({origin}); "
+        f"{index.backend} search",
+        file=sys.stderr,
+    )
     matcher = Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
     outputs = Outputs(args.out, gallery, report_limit=args.report_limit)
     done = 0
@@ -214,8 +242,10 @@ def search(args: argparse.Namespace) -> int:
             done += _search_stream(camera, f"camera{args.camera}", matcher, outputs, args)
     finally:
         outputs.close()
-    print(f"{outputs.faces} faces in {done} images/frames" + (f"; outputs in {args.out}" if args.out else ""),
-          file=sys.stderr)
+    print(
+        f"{outputs.faces} faces in {done} images/frames" + (f"; outputs in {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
     return 0 if done else 1
 
 
@@ -259,8 +289,9 @@ def _frames(capture: cv2.VideoCapture, max_frames: int | None) -> Iterator[tuple
         n += 1
 
 
-def _search_stream(capture: cv2.VideoCapture, source: str, matcher: Matcher, outputs: Outputs,
-                   args: argparse.Namespace) -> int:
+def _search_stream(
+    capture: cv2.VideoCapture, source: str, matcher: Matcher, outputs: Outputs, args: argparse.Namespace
+) -> int:
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     writer = outputs.video_writer(source, fps)
     faces: list[FoundFace] = []
@@ -309,34 +340,48 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(prog="identify.py", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(
+        prog="identify.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CliParser)
     e = sub.add_parser("enrol", help="build GALLERY.npz from a folder of people's photos")
-    e.add_argument("--gallery", type=Path, required=True,
-                   help="folder: DIR/<person>/*.jpg or DIR/<person>.jpg")
+    e.add_argument(
+        "--gallery", type=Path, required=True, help="folder: DIR/<person>/*.jpg or DIR/<person>.jpg"
+    )
     e.add_argument("--out", type=Path, required=True, help="the gallery file to write (.npz)")
-    e.add_argument("--use-largest", action="store_true",
-                   help="photos with several faces: enrol the largest face nearest the centre")
+    e.add_argument(
+        "--use-largest",
+        action="store_true",
+        help="photos with several faces: enrol the largest face nearest the centre",
+    )
     s = sub.add_parser("search", help="label the faces in photos, folders, videos or a camera")
     s.add_argument("inputs", nargs="*", type=Path, help="photos, folders (recursively), video files")
     s.add_argument("--gallery", type=Path, required=True, help="GALLERY.npz from enrol")
     s.add_argument("--camera", type=int, help="read camera N (stop with Ctrl-C or --max-frames)")
-    s.add_argument("--out", type=Path,
-                   help="folder for annotated images/videos, detections.jsonl, report.html")
+    s.add_argument(
+        "--out", type=Path, help="folder for annotated images/videos, detections.jsonl, report.html"
+    )
     s.add_argument("--threshold", type=float, help="cosine similarity below which a face is unknown")
     s.add_argument("--metrics", type=Path, help="eval/lfw.py --json file whose threshold to use")
     s.add_argument("--top-k", type=_positive, default=5, help="candidates listed per face (default 5)")
-    s.add_argument("--index", choices=("numpy", "faiss"), default="numpy",
-                   help="search backend: one numpy matrix product (default) or FAISS (faiss-cpu installed)")
+    s.add_argument(
+        "--index",
+        choices=("numpy", "faiss"),
+        default="numpy",
+        help="search backend: one numpy matrix product (default) or FAISS (faiss-cpu installed)",
+    )
     s.add_argument("--every", type=_positive, default=1, help="video: search every Nth frame (default 1)")
     s.add_argument("--max-frames", type=_positive, help="video/camera: stop after this many frames")
     s.add_argument("--report-limit", type=_positive, default=500, help="faces shown in report.html")
     for p in (e, s):
         add_model_arguments(p)
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-        p.add_argument("--workers", type=int, default=default_workers(),
-                       help="processes detecting faces in photos (0: in this process)")
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=default_workers(),
+            help="processes detecting faces in photos (0: in this process)",
+        )
         p.add_argument("--no-flip", action="store_true", help="embed without the mirror image")
     return parser
 

@@ -46,13 +46,13 @@ FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 @dataclass
 class IJBData:
-    name: str                 # "IJBC" / "IJBB", from the meta file prefix
-    images: list[Path]        # per face
-    landmarks: np.ndarray     # [faces, 5, 2]
-    templates: np.ndarray     # [faces] template id
-    media: np.ndarray         # [faces] media id
-    pairs: np.ndarray         # [pairs, 2] template ids
-    labels: np.ndarray        # [pairs] bool, genuine
+    name: str  # "IJBC" / "IJBB", from the meta file prefix
+    images: list[Path]  # per face
+    landmarks: np.ndarray  # [faces, 5, 2]
+    templates: np.ndarray  # [faces] template id
+    media: np.ndarray  # [faces] media id
+    pairs: np.ndarray  # [pairs, 2] template ids
+    labels: np.ndarray  # [pairs] bool, genuine
 
 
 def _rows(path: Path, fields: int | None) -> Iterator[tuple[int, list[str]]]:
@@ -132,9 +132,15 @@ def read_ijb(root: Path) -> IJBData:
     if bad.size:
         raise UserError(f"{pair_file}: pair {bad[0] + 1}: label must be 0 or 1, got {table[bad[0], 2]}")
     pairs, labels = table[:, :2], table[:, 2] == 1
-    return IJBData(prefix.upper(), [root / "loose_crop" / nm for nm in names],
-                   np.stack([points[nm] for nm in names]), np.array(tids, np.int64),
-                   np.array(mids, np.int64), pairs, labels)
+    return IJBData(
+        prefix.upper(),
+        [root / "loose_crop" / nm for nm in names],
+        np.stack([points[nm] for nm in names]),
+        np.array(tids, np.int64),
+        np.array(mids, np.int64),
+        pairs,
+        labels,
+    )
 
 
 def _aligned_batch(paths: Sequence[Path], points: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -147,33 +153,45 @@ def _aligned_batch(paths: Sequence[Path], points: np.ndarray, size: tuple[int, i
     return to_model_input(torch.from_numpy(out), torch.device("cpu"), False)
 
 
-def embed_faces(embed: EmbedFn, data: IJBData, rows: np.ndarray, image_size: tuple[int, int], *,
-                batch_size: int = 128, flip: bool = True, workers: int = 2,
-                show_progress: bool = True) -> np.ndarray:
+def embed_faces(
+    embed: EmbedFn,
+    data: IJBData,
+    rows: np.ndarray,
+    image_size: tuple[int, int],
+    *,
+    batch_size: int = 128,
+    flip: bool = True,
+    workers: int = 2,
+    show_progress: bool = True,
+) -> np.ndarray:
     """L2-normalized embeddings of faces `rows` (aligned on the fly), in that order."""
-    chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+    chunks = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     feats: list[np.ndarray] = []
     done = 0
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, progress("[bold]{task.description}") as bar:
         task = bar.add_task(data.name, total=len(rows), visible=show_progress)
         ahead = max(workers, 1) + 1
-        jobs = [pool.submit(_aligned_batch, [data.images[i] for i in c], data.landmarks[c], image_size)
-                for c in chunks[:ahead]]
+        jobs = [
+            pool.submit(_aligned_batch, [data.images[i] for i in c], data.landmarks[c], image_size)
+            for c in chunks[:ahead]
+        ]
         for i, chunk in enumerate(chunks):
             images = jobs[i].result()
             jobs[i] = None  # type: ignore[call-overload]
             if i + ahead < len(chunks):
                 c = chunks[i + ahead]
-                jobs.append(pool.submit(_aligned_batch, [data.images[j] for j in c], data.landmarks[c],
-                                        image_size))
+                jobs.append(
+                    pool.submit(_aligned_batch, [data.images[j] for j in c], data.landmarks[c], image_size)
+                )
             feats.append(flip_embed(embed, images, flip))
             done += len(chunk)
             bar.update(task, completed=done)
     return np.concatenate(feats)
 
 
-def template_features(emb: np.ndarray, templates: np.ndarray,
-                      media: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def template_features(
+    emb: np.ndarray, templates: np.ndarray, media: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(sorted template ids, L2-normalized features): per template the mean over its media of each
     media's mean face embedding, so a video with 100 frames weighs as much as one still photo."""
     pairs = np.stack([templates, media], axis=1)
@@ -195,8 +213,8 @@ def pair_cosines(feat: np.ndarray, rows: np.ndarray, chunk: int = 1 << 20) -> np
     15.7 M pairs of 512-d features would otherwise gather 60 GB)."""
     out = np.empty(len(rows), np.float64)
     for s in range(0, len(rows), chunk):
-        r = rows[s:s + chunk]
-        out[s:s + chunk] = np.einsum("ij,ij->i", feat[r[:, 0]], feat[r[:, 1]])
+        r = rows[s : s + chunk]
+        out[s : s + chunk] = np.einsum("ij,ij->i", feat[r[:, 0]], feat[r[:, 1]])
     return out
 
 
@@ -207,21 +225,42 @@ def far_key(far: float) -> str:
 
 def pair_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     out: dict[str, Any] = {far_key(far): tar_at_far(scores, labels, far)[0] for far in FARS}
-    out.update({"auc": auc_score(scores, labels), "num_pairs": int(labels.size),
-                "num_genuine": int(labels.sum()), "num_impostor": int((~labels).sum())})
+    out.update(
+        {
+            "auc": auc_score(scores, labels),
+            "num_pairs": int(labels.size),
+            "num_genuine": int(labels.sum()),
+            "num_impostor": int((~labels).sum()),
+        }
+    )
     return out
 
 
-def evaluate_ijb(embed: EmbedFn, root: Path, image_size: tuple[int, int], *, batch_size: int = 128,
-                 flip: bool = True, workers: int = 2,
-                 show_progress: bool = True) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def evaluate_ijb(
+    embed: EmbedFn,
+    root: Path,
+    image_size: tuple[int, int],
+    *,
+    batch_size: int = 128,
+    flip: bool = True,
+    workers: int = 2,
+    show_progress: bool = True,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """(metrics, pair scores, pair labels) of the 1:1 protocol."""
     start = time.perf_counter()
     data = read_ijb(root)
     used = np.isin(data.templates, data.pairs)
     rows = np.flatnonzero(used)
-    emb = embed_faces(embed, data, rows, image_size, batch_size=batch_size, flip=flip, workers=workers,
-                      show_progress=show_progress)
+    emb = embed_faces(
+        embed,
+        data,
+        rows,
+        image_size,
+        batch_size=batch_size,
+        flip=flip,
+        workers=workers,
+        show_progress=show_progress,
+    )
     tids, feat = template_features(emb, data.templates[rows], data.media[rows])
     where = np.searchsorted(tids, data.pairs)
     where = np.minimum(where, len(tids) - 1)
@@ -231,8 +270,15 @@ def evaluate_ijb(embed: EmbedFn, root: Path, image_size: tuple[int, int], *, bat
         raise UserError(f"{root / 'meta'}: template {t} of the pair list has no faces in face_tid_mid")
     scores = pair_cosines(feat, where)
     metrics = pair_metrics(scores, data.labels)
-    metrics.update({"set": data.name, "num_faces": int(rows.size), "num_templates": int(tids.size),
-                    "flip": flip, "seconds": round(time.perf_counter() - start, 3)})
+    metrics.update(
+        {
+            "set": data.name,
+            "num_faces": int(rows.size),
+            "num_templates": int(tids.size),
+            "flip": flip,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
     return metrics, scores, data.labels
 
 
@@ -244,14 +290,19 @@ def load_model(args: argparse.Namespace) -> tuple[EmbedFn, str, tuple[int, int]]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="eval/ijb.py", description=__doc__.split("\n\n")[0],
-                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = CliParser(
+        prog="eval/ijb.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     add_model_arguments(p)
     p.add_argument("--ijb", type=Path, required=True, help="IJB release folder (meta/, loose_crop/)")
     p.add_argument("--image-size", type=parse_image_size, help="aligned size for an ONNX model (default 112)")
     p.add_argument("--batch-size", type=int, default=None, help="faces per forward (default 8 cpu, 256 cuda)")
-    p.add_argument("--workers", type=int, default=min(8, cpu_count()),
-                   help="threads reading and aligning faces")
+    p.add_argument(
+        "--workers", type=int, default=min(8, cpu_count()), help="threads reading and aligning faces"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
     p.add_argument("--json", type=Path, help="write the metrics JSON here")
@@ -266,13 +317,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     if batch < 1 or args.workers < 1:
         raise UserError("--batch-size and --workers must be at least 1")
     embed, model_name, size = load_model(args)
-    metrics, scores, labels = evaluate_ijb(embed, args.ijb, size, batch_size=batch, flip=not args.no_flip,
-                                           workers=args.workers, show_progress=not args.quiet)
+    metrics, scores, labels = evaluate_ijb(
+        embed,
+        args.ijb,
+        size,
+        batch_size=batch,
+        flip=not args.no_flip,
+        workers=args.workers,
+        show_progress=not args.quiet,
+    )
     metrics["model"] = model_name
     tars = "  ".join(f"{far:.0e}: {metrics[far_key(far)]:.4f}" for far in FARS)
-    print(f"{metrics['set']} 1:1 TAR@FAR  {tars}  AUC {metrics['auc']:.4f}  "
-          f"({metrics['num_pairs']} pairs, {metrics['num_templates']} templates, "
-          f"{metrics['num_faces']} faces)")
+    print(
+        f"{metrics['set']} 1:1 TAR@FAR  {tars}  AUC {metrics['auc']:.4f}  "
+        f"({metrics['num_pairs']} pairs, {metrics['num_templates']} templates, "
+        f"{metrics['num_faces']} faces)"
+    )
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=1) + "\n", what="metrics JSON")
     if args.roc:

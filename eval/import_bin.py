@@ -105,8 +105,7 @@ def _latin1(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
-_ALLOWED = {("_codecs", "encode"): _latin1, ("numpy", "ndarray"): _NdarrayType,
-            ("numpy", "dtype"): _dtype}
+_ALLOWED = {("_codecs", "encode"): _latin1, ("numpy", "ndarray"): _NdarrayType, ("numpy", "dtype"): _dtype}
 for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED[(_mod, "_reconstruct")] = _reconstruct
     _ALLOWED[(_mod, "scalar")] = _scalar
@@ -138,8 +137,10 @@ def read_pack(path: Path) -> tuple[list[bytes], np.ndarray]:
     try:
         obj = _PackUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _Refused as err:
-        raise UserError(f"{path}: refused: the pickle asks for {err.what}, which a verification "
-                        "pack never holds (nothing in it was run)") from None
+        raise UserError(
+            f"{path}: refused: the pickle asks for {err.what}, which a verification "
+            "pack never holds (nothing in it was run)"
+        ) from None
     except Exception as err:  # a damaged pickle raises many types (UnpicklingError, EOFError, ...)
         raise UserError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
@@ -204,8 +205,9 @@ def _clear(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def import_pack(pack: Path, out: Path, name: str, *, overwrite: bool = False,
-                command: str = "") -> dict[str, Any]:
+def import_pack(
+    pack: Path, out: Path, name: str, *, overwrite: bool = False, command: str = ""
+) -> dict[str, Any]:
     """Write OUT/<name>-NNNNNN.tar shards and a manifest with the pairs; returns a summary."""
     images, issame = read_pack(pack)
     _clear(out, overwrite)
@@ -229,34 +231,71 @@ def import_pack(pack: Path, out: Path, name: str, *, overwrite: bool = False,
                     infos.append(writer.close())
                 writer = ShardWriter(out / f"{name}-{i // SAMPLES_PER_SHARD:06d}.tar")
             label = int(labels[i])
-            writer.add(keys[i], jpeg, label, {"identity": classes[label], "label": label,
-                                              "source": f"{pack.name}#{i}",
-                                              "landmarks": scaled_template(size)})
+            writer.add(
+                keys[i],
+                jpeg,
+                label,
+                {
+                    "identity": classes[label],
+                    "label": label,
+                    "source": f"{pack.name}#{i}",
+                    "landmarks": scaled_template(size),
+                },
+            )
         infos.append(writer.close())  # type: ignore[union-attr]
         writer = None
     finally:
         if writer is not None:
             writer.abort()
     folds = contiguous_folds(len(issame), NUM_FOLDS)
-    pairs = [Pair(keys[2 * i], keys[2 * i + 1], bool(s), int(f))
-             for i, (s, f) in enumerate(zip(issame, folds, strict=True))]
-    write_manifest(out, {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dataset": name, "split": "test",
-        "num_samples": len(images), "num_classes": len(classes), "classes": classes,
-        "image_size": list(size), "template": scaled_template(size),  # type: ignore[arg-type]
-        "jpeg_quality": JPEG_QUALITY, "num_rejects": 0, "num_inputs": len(images),
-        "shards": [asdict(s) for s in infos], "pairs": [asdict(p) for p in pairs],
-        "source": str(pack), "reencoded": reencoded, "seed": 0, "command": command,
-        "created_by": CREATED_BY,
-    })
-    return {"out": str(out), "name": name, "images": len(images), "pairs": len(pairs),
-            "genuine": int(issame.sum()), "folds": NUM_FOLDS, "image_size": list(size),  # type: ignore[arg-type]
-            "reencoded": reencoded, "shards": len(infos)}
+    pairs = [
+        Pair(keys[2 * i], keys[2 * i + 1], bool(s), int(f))
+        for i, (s, f) in enumerate(zip(issame, folds, strict=True))
+    ]
+    write_manifest(
+        out,
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dataset": name,
+            "split": "test",
+            "num_samples": len(images),
+            "num_classes": len(classes),
+            "classes": classes,
+            "image_size": list(size),
+            "template": scaled_template(size),  # type: ignore[arg-type]
+            "jpeg_quality": JPEG_QUALITY,
+            "num_rejects": 0,
+            "num_inputs": len(images),
+            "shards": [asdict(s) for s in infos],
+            "pairs": [asdict(p) for p in pairs],
+            "source": str(pack),
+            "reencoded": reencoded,
+            "seed": 0,
+            "command": command,
+            "created_by": CREATED_BY,
+        },
+    )
+    return {
+        "out": str(out),
+        "name": name,
+        "images": len(images),
+        "pairs": len(pairs),
+        "genuine": int(issame.sum()),
+        "folds": NUM_FOLDS,
+        "image_size": list(size),  # type: ignore[arg-type]
+        "reencoded": reencoded,
+        "shards": len(infos),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="eval/import_bin.py", description=__doc__.split("\n\n")[0],
-                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = CliParser(
+        prog="eval/import_bin.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--bin", type=Path, required=True, help="the pack (e.g. agedb_30.bin)")
     p.add_argument("--out", type=Path, required=True, help="shard folder to write")
     p.add_argument("--name", help="set name: shard prefix and dataset (default: the pack's file stem)")

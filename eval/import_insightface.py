@@ -81,8 +81,11 @@ def embedding_size(theirs: dict[str, torch.Tensor], arch: str) -> int | None:
 def fitting_archs(theirs: dict[str, torch.Tensor]) -> list[str]:
     """The --arch values the weights would fit (for the error message of a wrong one)."""
     sizes = {arch: embedding_size(theirs, arch) for arch in ARCHS}
-    return [arch for arch, size in sizes.items()
-            if size and mismatch(aligned(theirs, ours := our_layout(arch, size)), ours) is None]
+    return [
+        arch
+        for arch, size in sizes.items()
+        if size and mismatch(aligned(theirs, ours := our_layout(arch, size)), ours) is None
+    ]
 
 
 def convert(theirs: dict[str, torch.Tensor], arch: str, where: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -100,8 +103,11 @@ def convert(theirs: dict[str, torch.Tensor], arch: str, where: str) -> tuple[dic
 
 
 def run(argv: list[str] | None = None) -> int:
-    ap = CliParser(prog="eval/import_insightface.py", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(
+        prog="eval/import_insightface.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--weights", required=True, type=Path, help="their backbone.pth (a state dict)")
     ap.add_argument("--arch", required=True, choices=sorted(ARCHS), help="their network's name")
     ap.add_argument("--out", required=True, type=Path, help="the embedding-model file to write")
@@ -111,8 +117,11 @@ def run(argv: list[str] | None = None) -> int:
     spec = {"backbone": backbone, "embedding_size": size, "image_size": list(IMAGE_SIZE), "kwargs": kwargs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_embedding_checkpoint(args.out, spec, state, imported_from=f"insightface {args.arch} {args.weights}")
-    params = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var",
-                                                                         "num_batches_tracked")))
+    params = sum(
+        v.numel()
+        for k, v in state.items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     print(json.dumps({"out": str(args.out), "params": params, **spec}))
     return 0
 

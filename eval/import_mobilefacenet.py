@@ -55,8 +55,10 @@ def convert(source: dict[str, torch.Tensor], image_size: tuple[int, int], where:
     out = {}
     for (ours, like), (theirs, value) in zip(target.items(), source.items()):
         if value.numel() != like.numel() or value.dim() < like.dim():
-            raise UserError(f"{where}: {theirs} {tuple(value.shape)} does not fit {ours} {tuple(like.shape)} "
-                            f"(a different --image-size, or another architecture)")
+            raise UserError(
+                f"{where}: {theirs} {tuple(value.shape)} does not fit {ours} {tuple(like.shape)} "
+                f"(a different --image-size, or another architecture)"
+            )
         out[ours] = value.reshape(like.shape).to(like.dtype).clone()
     first = next(iter(out))
     out[first] *= OUR_INPUT_SCALE / THEIR_INPUT_SCALE
@@ -64,12 +66,19 @@ def convert(source: dict[str, torch.Tensor], image_size: tuple[int, int], where:
 
 
 def run(argv: list[str] | None = None) -> int:
-    ap = CliParser(prog="eval/import_mobilefacenet.py", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(
+        prog="eval/import_mobilefacenet.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--source", required=True, type=Path, help="the MobileFaceNet weights to import")
     ap.add_argument("--out", required=True, type=Path, help="facetrain checkpoint to write")
-    ap.add_argument("--image-size", type=parse_image_size, default=(112, 112),
-                    help="the model's input, N or HxW (default 112)")
+    ap.add_argument(
+        "--image-size",
+        type=parse_image_size,
+        default=(112, 112),
+        help="the model's input, N or HxW (default 112)",
+    )
     args = ap.parse_args(argv)
     state, embedding = convert(read_source(args.source), args.image_size, str(args.source))
     spec = {"backbone": "mobilefacenet", "embedding_size": embedding, "image_size": list(args.image_size)}

@@ -31,29 +31,41 @@ from shards.manifest import load_manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="eval/lfw.py", description=__doc__.split("\n\n")[0],
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(
+        prog="eval/lfw.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_arguments(p)
     p.add_argument("--shards", type=Path, required=True, help="LFW shard folder (with manifest.json)")
-    p.add_argument("--pairs", type=Path,
-                   help="pairs file (View 2, View 1 or a plain list, as eval/verify.py reads) in place of "
-                        "the manifest's pairs")
+    p.add_argument(
+        "--pairs",
+        type=Path,
+        help="pairs file (View 2, View 1 or a plain list, as eval/verify.py reads) in place of "
+        "the manifest's pairs",
+    )
     p.add_argument("--json", type=Path, help="write the metrics JSON here")
     p.add_argument("--roc", type=Path, help="draw the ROC curve (log-scale FAR) to this PNG")
     p.add_argument("--failures", type=Path, help="PNG sheet of the hardest failed pairs")
     p.add_argument("--num-failures", type=int, default=12, help="pairs on the failures sheet (default 12)")
     add_run_arguments(p)
-    p.add_argument("--workers", type=int, default=0,
-                   help="accepted for old command lines; faces are decoded one batch ahead in a thread")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="accepted for old command lines; faces are decoded one batch ahead in a thread",
+    )
     return p
 
 
 def format_metrics(m: dict[str, Any]) -> str:
     """One line in the reference project's form."""
-    return (f"LFW ACC: {m['accuracy_mean']:.4f} +- {m['accuracy_std']:.4f}  "
-            f"(same: {m['same_accuracy']:.4f}, diff: {m['diff_accuracy']:.4f})  "
-            f"AUC {m['auc']:.4f}  threshold {m['threshold']:.4f}  "
-            f"TAR@FAR=1e-3 {m['tar_at_far_1e-3']:.3f}")
+    return (
+        f"LFW ACC: {m['accuracy_mean']:.4f} +- {m['accuracy_std']:.4f}  "
+        f"(same: {m['same_accuracy']:.4f}, diff: {m['diff_accuracy']:.4f})  "
+        f"AUC {m['auc']:.4f}  threshold {m['threshold']:.4f}  "
+        f"TAR@FAR=1e-3 {m['tar_at_far_1e-3']:.3f}"
+    )
 
 
 def hardest_failures(ps: PreparedSet, r: SetResult, n: int) -> list[tuple[str, str, bool, float, float]]:
@@ -69,8 +81,12 @@ def _save_plots(args: argparse.Namespace, ps: PreparedSet, r: SetResult, model_n
     from eval.verification import plots  # matplotlib only when a picture is asked for
 
     if args.roc:
-        plots.save_roc(args.roc, r.scores, r.same, f"LFW ROC: {Path(model_name.split()[0]).name}, "
-                       f"acc {r.metrics['accuracy_mean']:.4f}")
+        plots.save_roc(
+            args.roc,
+            r.scores,
+            r.same,
+            f"LFW ROC: {Path(model_name.split()[0]).name}, acc {r.metrics['accuracy_mean']:.4f}",
+        )
     if args.failures:
         members = shard_jpegs(ps.manifest)
         rows = hardest_failures(ps, r, max(args.num_failures, 0))
@@ -84,14 +100,27 @@ def run(argv: Sequence[str] | None = None) -> int:
     ps = prepare_set("lfw", manifest, pairs_file=args.pairs, folds=args.folds, skip_missing=args.skip_missing)
     embed, model_name, parallel = set_embedder(args, manifest)
     flip = not args.no_flip
-    print(f"evaluating {model_name} on {len(ps.pairs.pairs)} pairs of {manifest.root} "
-          f"({manifest.num_samples} faces, flip {'on' if flip else 'off'})", file=sys.stderr)
-    [r] = evaluate_sets(embed, model_name, [ps], batch_size=batch_size, flip=flip, parallel=parallel,
-                        show_progress=not args.quiet)
+    print(
+        f"evaluating {model_name} on {len(ps.pairs.pairs)} pairs of {manifest.root} "
+        f"({manifest.num_samples} faces, flip {'on' if flip else 'off'})",
+        file=sys.stderr,
+    )
+    [r] = evaluate_sets(
+        embed,
+        model_name,
+        [ps],
+        batch_size=batch_size,
+        flip=flip,
+        parallel=parallel,
+        show_progress=not args.quiet,
+    )
     m = r.metrics
     print(format_metrics(m))
-    print(f"folds: {' '.join(f'{a:.3f}' for a in m['fold_accuracies'])}; "
-          f"{m['num_pairs']} pairs in {m['seconds']:.1f} s", file=sys.stderr)
+    print(
+        f"folds: {' '.join(f'{a:.3f}' for a in m['fold_accuracies'])}; "
+        f"{m['num_pairs']} pairs in {m['seconds']:.1f} s",
+        file=sys.stderr,
+    )
     if args.json:
         record = {**m, "flip": flip, "model": model_name}
         atomic_write_text(args.json, json.dumps(record, indent=1) + "\n", what="metrics JSON")

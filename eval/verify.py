@@ -45,23 +45,36 @@ def _name_value(items: Sequence[str], option: str) -> dict[str, str]:
 
 def format_table(results: Sequence[SetResult]) -> str:
     width = max(8, *(len(r.name) for r in results))
-    lines = [f"{'set':<{width}}  {'pairs':>6}  {'accuracy':>17}  {'AUC':>6}  {'TAR@FAR=1e-3':>12}  "
-             f"{'threshold':>9}"]
+    lines = [
+        f"{'set':<{width}}  {'pairs':>6}  {'accuracy':>17}  {'AUC':>6}  {'TAR@FAR=1e-3':>12}  "
+        f"{'threshold':>9}"
+    ]
     for r in results:
         m = r.metrics
         acc = f"{m['accuracy_mean']:.4f} +- {m['accuracy_std']:.4f}"
-        lines.append(f"{r.name:<{width}}  {m['num_pairs']:>6}  {acc:>17}  {m['auc']:>6.4f}  "
-                     f"{m['tar_at_far_1e-3']:>12.4f}  {m['threshold']:>9.4f}")
+        lines.append(
+            f"{r.name:<{width}}  {m['num_pairs']:>6}  {acc:>17}  {m['auc']:>6.4f}  "
+            f"{m['tar_at_far_1e-3']:>12.4f}  {m['threshold']:>9.4f}"
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CliParser(prog="eval/verify.py", description=__doc__.split("\n\n")[0],
-                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = CliParser(
+        prog="eval/verify.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     add_model_arguments(p)
     p.add_argument("--sets", nargs="+", required=True, metavar="NAME=SHARDS", help="the sets, in table order")
-    p.add_argument("--pairs", nargs="+", default=[], metavar="NAME=FILE",
-                   help="score set NAME on this pairs file instead of its manifest's pairs")
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        default=[],
+        metavar="NAME=FILE",
+        help="score set NAME on this pairs file instead of its manifest's pairs",
+    )
     p.add_argument("--json", type=Path, help="write every set's metrics JSON into this file")
     p.add_argument("--roc", type=Path, help="draw the ROC curves of all sets into this PNG")
     add_run_arguments(p)
@@ -85,14 +98,28 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--pairs {name}=...: no set named {name!r} in --sets")
     manifests = {name: load_manifest(Path(d)) for name, d in sets.items()}
     _check_sizes(manifests)
-    prepared = [prepare_set(name, m, pairs_file=Path(pairs_files[name]) if name in pairs_files else None,
-                            folds=args.folds, skip_missing=args.skip_missing)
-                for name, m in manifests.items()]
+    prepared = [
+        prepare_set(
+            name,
+            m,
+            pairs_file=Path(pairs_files[name]) if name in pairs_files else None,
+            folds=args.folds,
+            skip_missing=args.skip_missing,
+        )
+        for name, m in manifests.items()
+    ]
     embed, model_name, parallel = set_embedder(args, next(iter(manifests.values())))
     flip = not args.no_flip
     print(f"evaluating {model_name} on {len(sets)} sets (flip {'on' if flip else 'off'})", file=sys.stderr)
-    results = evaluate_sets(embed, model_name, prepared, batch_size=batch_size, flip=flip, parallel=parallel,
-                            show_progress=not args.quiet)
+    results = evaluate_sets(
+        embed,
+        model_name,
+        prepared,
+        batch_size=batch_size,
+        flip=flip,
+        parallel=parallel,
+        show_progress=not args.quiet,
+    )
     print(format_table(results))
     if args.json:
         doc = {"model": model_name, "flip": flip, "sets": {r.name: r.metrics for r in results}}
@@ -100,8 +127,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.roc:
         from eval.verification import plots  # matplotlib only when a picture is asked for
 
-        plots.save_rocs(args.roc, {r.name: (r.scores, r.same) for r in results},
-                        f"ROC: {Path(model_name.split()[0]).name}")
+        plots.save_rocs(
+            args.roc,
+            {r.name: (r.scores, r.same) for r in results},
+            f"ROC: {Path(model_name.split()[0]).name}",
+        )
     return 0
 
 

@@ -54,15 +54,16 @@ class ChunkedEngine:
         rows = torch.zeros((*dc.shape, self.subcenters), dtype=dc.dtype, device=dc.device)
         return rows.scatter_(2, arg[:, :, None], dc[:, :, None]).view(dc.shape[0], -1)
 
-    def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
-                s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, s: float, t: float | Tensor
+    ) -> tuple[Tensor, Tensor]:
         K = self.subcenters
         C = weight.shape[0] // K
         lses, maxes = [], []
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
             xo, wo = self._operands(xn, weight, c0 * K, c1 * K)
-            cos, _ = self._class_cosines(mm_f32(xo, wo.t()).to(xn.dtype) * rw[c0 * K:c1 * K].to(xn.dtype))
+            cos, _ = self._class_cosines(mm_f32(xo, wo.t()).to(xn.dtype) * rw[c0 * K : c1 * K].to(xn.dtype))
             logits, _ = self._logits(cos, thr, s, t)
             target = _TargetColumn(labels, c0, c1)  # the target column is handled outside
             target.fill(logits, float("-inf"))
@@ -71,8 +72,19 @@ class ChunkedEngine:
             maxes.append(cos.amax(dim=1))
         return torch.logsumexp(torch.stack(lses), 0), torch.stack(maxes).amax(0)
 
-    def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
-                 g: Tensor, dcy: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+    def backward(
+        self,
+        xn: Tensor,
+        weight: Tensor,
+        rw: Tensor,
+        labels: Tensor,
+        thr: Tensor,
+        lse: Tensor,
+        g: Tensor,
+        dcy: Tensor,
+        s: float,
+        t: float | Tensor,
+    ) -> tuple[Tensor, Tensor]:
         K = self.subcenters
         C = weight.shape[0] // K
         dxn = torch.zeros_like(xn)
@@ -81,7 +93,7 @@ class ChunkedEngine:
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
             xo, wo = self._operands(xn, weight, c0 * K, c1 * K)
-            r = rw[c0 * K:c1 * K].to(xn.dtype)
+            r = rw[c0 * K : c1 * K].to(xn.dtype)
             cos_rows = mm_f32(xo, wo.t()).to(xn.dtype) * r
             cos, arg = self._class_cosines(cos_rows)
             logits, slope = self._logits(cos, thr, s, t)
@@ -92,16 +104,17 @@ class ChunkedEngine:
             target = _TargetColumn(labels, c0, c1)
             target.fill(dc, dcy)
             if arg is not None:
-                target_row = torch.where(target.inside[:, 0], target_row + arg.gather(1, target.col)[:, 0],
-                                         target_row)
+                target_row = torch.where(
+                    target.inside[:, 0], target_row + arg.gather(1, target.col)[:, 0], target_row
+                )
             dc = self._row_grad(dc, arg)
             # d c_ij / d w_j = r_j (xn_i - c_ij r_j w_j): the projection of the normalization
             h = (dc * cos_rows).sum(0)
             gx = (dc * r).to(xo.dtype)
             mm_f32(gx, wo, out=dxn)
             dwb = mm_f32(gx.t(), xo).to(xn.dtype)
-            dwb -= (r * r * h)[:, None] * weight[c0 * K:c1 * K].to(xn.dtype)
-            dw[c0 * K:c1 * K] = dwb
+            dwb -= (r * r * h)[:, None] * weight[c0 * K : c1 * K].to(xn.dtype)
+            dw[c0 * K : c1 * K] = dwb
         xo = xn.to(operand_dtype(xn.device, xn.dtype, operands=self.operands))
         fix_target_terms(xn, xo, weight, rw, target_row, dcy, dxn, dw)
         return dxn, dw

@@ -25,15 +25,27 @@ from heads.margins import Margin
 class Engine(Protocol):
     subcenters: int  # K: the weight holds K rows per class (sub-center ArcFace), a class's cosine their max
 
-    def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
-                s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, s: float, t: float | Tensor
+    ) -> tuple[Tensor, Tensor]:
         """(log-sum-exp over the non-target logits, max non-target cosine), both (B,) fp32.
         Non-target logits are s c, except where c > thr (the row's psi): s (t c + t - 1) for a float
         t > 1 (SV-Softmax), s c (t + c) for a 0-d tensor t (CurricularFace)."""
         ...
 
-    def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
-                 g: Tensor, dcy: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+    def backward(
+        self,
+        xn: Tensor,
+        weight: Tensor,
+        rw: Tensor,
+        labels: Tensor,
+        thr: Tensor,
+        lse: Tensor,
+        g: Tensor,
+        dcy: Tensor,
+        s: float,
+        t: float | Tensor,
+    ) -> tuple[Tensor, Tensor]:
         """(dL/dxn (B x D), dL/dweight (C x D) in weight's dtype) given g = dL/d(row loss), dcy = dL/dc_y.
         The dW returned becomes weight.grad as it is (no copy), so engines allocate it once, C x D."""
         ...
@@ -43,8 +55,9 @@ OPERANDS = ("auto", "fp32", "bf16", "fp16")
 _NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def operand_dtype(device: torch.device, dtype: torch.dtype, interpreting: bool = False,
-                  operands: str = "auto") -> torch.dtype:
+def operand_dtype(
+    device: torch.device, dtype: torch.dtype, interpreting: bool = False, operands: str = "auto"
+) -> torch.dtype:
     """The dtype the B x C products read their operands in; they always accumulate in fp32 (or float64).
 
     float64 stays float64 (the tests' exact path). On CUDA: fp16, the tensor cores at the bf16 rate
@@ -105,14 +118,27 @@ def _out_dtype_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
             # TypeError: torch < 2.8 has no out_dtype; NotImplementedError: no kernel for this
             # device (the CPU); RuntimeError: this dtype/device combination refused
             _OUT_DTYPE_MM[key] = False
-            warnings.warn(f"heads: torch.mm(out_dtype=float32) does not run for {dtype} on {device.type} "
-                          f"({type(err).__name__}); the class products widen their operands to fp32 "
-                          "instead (same result, slower)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"heads: torch.mm(out_dtype=float32) does not run for {dtype} on {device.type} "
+                f"({type(err).__name__}); the class products widen their operands to fp32 "
+                "instead (same result, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return _OUT_DTYPE_MM[key]
 
 
-def fix_target_terms(xn: Tensor, xo: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, dcy: Tensor,
-                     dx: Tensor, dw: Tensor, normalized: bool = False) -> None:
+def fix_target_terms(
+    xn: Tensor,
+    xo: Tensor,
+    weight: Tensor,
+    rw: Tensor,
+    labels: Tensor,
+    dcy: Tensor,
+    dx: Tensor,
+    dw: Tensor,
+    normalized: bool = False,
+) -> None:
     """Make the target column's share of dX and dW exact after low-precision products.
 
     The engines' products read G = dL/dcos * r rounded to the operand dtype; the target entry
@@ -162,8 +188,15 @@ def target_cosines(xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, subce
     return cands.amax(1)
 
 
-def target_terms(margin: Margin, c_y: Tensor, norms: Tensor | None, state: dict[str, Tensor],
-                 training: bool, step: int, t: float) -> tuple[Tensor | None, Tensor, float | Tensor]:
+def target_terms(
+    margin: Margin,
+    c_y: Tensor,
+    norms: Tensor | None,
+    state: dict[str, Tensor],
+    training: bool,
+    step: int,
+    t: float,
+) -> tuple[Tensor | None, Tensor, float | Tensor]:
     """(psi's per-row parameter p, psi(c_y), what the engines take as t): the margin's running state
     moves first (training); CurricularFace hands the engines its t (a 0-d tensor, copied: a second
     forward before this backward may move the state) in place of SV-Softmax's float."""
@@ -174,9 +207,20 @@ def target_terms(margin: Margin, c_y: Tensor, norms: Tensor | None, state: dict[
 
 class _HeadFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, norms: Tensor | None, margin: Margin,
-                step: int, s: float, t: float, engine: Engine, state: dict[str, Tensor],
-                training: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(
+        ctx,
+        xn: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        norms: Tensor | None,
+        margin: Margin,
+        step: int,
+        s: float,
+        t: float,
+        engine: Engine,
+        state: dict[str, Tensor],
+        training: bool,
+    ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         # an engine that makes its own copy of W supplies the norms from the same pass (W read once)
         rw = getattr(engine, "inv_norms", inv_norms)(weight)
         c_y = target_cosines(xn, weight, rw, labels, engine.subcenters)
@@ -217,10 +261,21 @@ def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor | No
     return dxn, dw.to(weight.dtype), dnorms
 
 
-def head_rows(xn: Tensor, weight: Tensor, labels: Tensor, margin: Margin, step: int, s: float, t: float,
-              engine: Engine, norms: Tensor | None = None, state: dict[str, Tensor] | None = None,
-              training: bool = False) -> tuple[Tensor, Tensor]:
+def head_rows(
+    xn: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    step: int,
+    s: float,
+    t: float,
+    engine: Engine,
+    norms: Tensor | None = None,
+    state: dict[str, Tensor] | None = None,
+    training: bool = False,
+) -> tuple[Tensor, Tensor]:
     """(per-row loss, per-row 1.0 where the target cosine is the largest) through `engine`. `norms`:
     the raw embeddings' norms (margins with per-row parameters); `state`: the margin's running state."""
-    return _HeadFn.apply(xn, weight, labels, norms, margin, step, s, t, engine,
-                         {} if state is None else state, training)
+    return _HeadFn.apply(
+        xn, weight, labels, norms, margin, step, s, t, engine, {} if state is None else state, training
+    )

@@ -127,8 +127,9 @@ def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_byt
     return cfg.stages * cos
 
 
-def fitting(configs: tuple[TileConfig, ...], kernel: str, limit: int, x_bytes: int, w_bytes: int,
-            g_bytes: int) -> list[TileConfig]:
+def fitting(
+    configs: tuple[TileConfig, ...], kernel: str, limit: int, x_bytes: int, w_bytes: int, g_bytes: int
+) -> list[TileConfig]:
     """The configs whose pipeline fits `limit` bytes of shared memory (at least the smallest one)."""
     keep = [c for c in configs if shared_bytes(c, kernel, x_bytes, w_bytes, g_bytes) <= limit]
     return keep or [min(configs, key=lambda c: shared_bytes(c, kernel, x_bytes, w_bytes, g_bytes))]
@@ -167,9 +168,22 @@ if triton is not None:
             return tl.dot(a, b, acc)  # bf16/fp16 from shared memory, fp32 accumulator
 
     @triton.jit
-    def _cos_tile(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w,
-                  BB: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, OPK: tl.constexpr,
-                  EVEN_D: tl.constexpr):
+    def _cos_tile(
+        X,
+        WN,
+        rows,
+        cols,
+        rmask,
+        cmask,
+        D,
+        stride_x,
+        stride_w,
+        BB: tl.constexpr,
+        BC: tl.constexpr,
+        BD: tl.constexpr,
+        OPK: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
         # int64 row offsets: cols * stride_w passes 2^31 once C * D >= 2^31. The tile pointers are
         # rebuilt from the scalar d0 each step: carried across steps, 2 pointer tensors cost
         # ~2 registers per element and spill.
@@ -207,9 +221,31 @@ if triton is not None:
             return thr
 
     @triton.jit
-    def _fwd_kernel(X, WN, LAB, THR, M, L, MX, Z, B, C, D, stride_x, stride_w, stride_z, s2, t,
-                    HARD: tl.constexpr, SAVE: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr,
-                    BD: tl.constexpr, OPK: tl.constexpr, EVEN_D: tl.constexpr):
+    def _fwd_kernel(
+        X,
+        WN,
+        LAB,
+        THR,
+        M,
+        L,
+        MX,
+        Z,
+        B,
+        C,
+        D,
+        stride_x,
+        stride_w,
+        stride_z,
+        s2,
+        t,
+        HARD: tl.constexpr,
+        SAVE: tl.constexpr,
+        BB: tl.constexpr,
+        BC: tl.constexpr,
+        BD: tl.constexpr,
+        OPK: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         per = tl.cdiv(tl.cdiv(C, BC), tl.num_programs(0))  # class tiles per program
         for i in range(0, per):
@@ -218,8 +254,9 @@ if triton is not None:
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
                 rmask = rows < B
-                cos = _cos_tile(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK,
-                                EVEN_D)
+                cos = _cos_tile(
+                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+                )
                 if SAVE:
                     zp = Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
                     tl.store(zp, cos.to(Z.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -245,10 +282,37 @@ if triton is not None:
                 tl.store(MX + off, mx_new, mask=rmask)
 
     @triton.jit
-    def _bwd_kernel(X, WN, RW, LAB, THR, LSE2, GS, DCY, Z, G, DW, B, D, c0, ck, stride_x, stride_w,
-                    stride_z, stride_g, stride_dw, s2, t, HARD: tl.constexpr, SAVED: tl.constexpr,
-                    BB: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, OPK: tl.constexpr,
-                    EVEN_D: tl.constexpr):
+    def _bwd_kernel(
+        X,
+        WN,
+        RW,
+        LAB,
+        THR,
+        LSE2,
+        GS,
+        DCY,
+        Z,
+        G,
+        DW,
+        B,
+        D,
+        c0,
+        ck,
+        stride_x,
+        stride_w,
+        stride_z,
+        stride_g,
+        stride_dw,
+        s2,
+        t,
+        HARD: tl.constexpr,
+        SAVED: tl.constexpr,
+        BB: tl.constexpr,
+        BC: tl.constexpr,
+        BD: tl.constexpr,
+        OPK: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
         local = tl.program_id(0) * BC + tl.arange(0, BC)  # column in this chunk
         cmask = local < ck
         cols = c0 + local
@@ -261,8 +325,9 @@ if triton is not None:
                 zp = Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
                 cos = tl.load(zp, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             else:
-                cos = _cos_tile(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK,
-                                EVEN_D)
+                cos = _cos_tile(
+                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+                )
             lab = tl.load(LAB + rows, mask=rmask, other=-1)  # int32
             lse2 = tl.load(LSE2 + rows, mask=rmask, other=0.0)
             gs = tl.load(GS + rows, mask=rmask, other=0.0)  # dL/d(row loss) * s
@@ -299,10 +364,16 @@ if triton is not None:
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
                 rmask = rows < B
-                g = tl.load(G + rows[:, None] * stride_g + local[None, :],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0)
-                x = tl.load(X + rows[:, None] * stride_x + ds[None, :],
-                            mask=rmask[:, None] & dmask[None, :], other=0.0)
+                g = tl.load(
+                    G + rows[:, None] * stride_g + local[None, :],
+                    mask=rmask[:, None] & cmask[None, :],
+                    other=0.0,
+                )
+                x = tl.load(
+                    X + rows[:, None] * stride_x + ds[None, :],
+                    mask=rmask[:, None] & dmask[None, :],
+                    other=0.0,
+                )
                 acc = _mma(tl.trans(g), x, acc, OPK)
             # d c_ij / d w_j = r_j (xn_i - c_ij Wn_j): the normalization's projection, as an epilogue
             wm = cmask[:, None] & dmask[None, :]
@@ -313,8 +384,9 @@ if triton is not None:
             dwp += 2 * BD
 
     @triton.jit
-    def _normalize_kernel(W, RW, WN, C, D, stride_w, stride_n, NORMS: tl.constexpr, BR: tl.constexpr,
-                          BD: tl.constexpr):
+    def _normalize_kernel(
+        W, RW, WN, C, D, stride_w, stride_n, NORMS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr
+    ):
         # Wn = W * r in the operand dtype, no fp32 temporary of C x D. One read of each row: BD >= D,
         # so a block's rows stay in registers between the norm and the scaled copy. NORMS: also
         # r = 1 / max(|w|, 1e-12) into RW; else r is read from RW.
@@ -344,8 +416,11 @@ _OPK = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def kernel_report(compiled, config) -> dict:
     """Registers and spills of a compiled kernel (None in the interpreter), and its config."""
-    return {"config": str(config), "n_regs": getattr(compiled, "n_regs", None),
-            "n_spills": getattr(compiled, "n_spills", None)}
+    return {
+        "config": str(config),
+        "n_regs": getattr(compiled, "n_regs", None),
+        "n_spills": getattr(compiled, "n_spills", None),
+    }
 
 
 def default_chunk(B: int, C: int, g_bytes: int) -> int:
@@ -381,9 +456,15 @@ class FusedEngine:
     (operand dtype) for the backward instead of recomputing them. `kernels` holds the last launch of
     each kernel: config, registers and spills."""
 
-    def __init__(self, deterministic: bool = False, configs: dict[str, TileConfig] | None = None,
-                 operands: str = "auto", chunk: int | None = None, programs: int | None = None,
-                 save_logits: bool = False) -> None:
+    def __init__(
+        self,
+        deterministic: bool = False,
+        configs: dict[str, TileConfig] | None = None,
+        operands: str = "auto",
+        chunk: int | None = None,
+        programs: int | None = None,
+        save_logits: bool = False,
+    ) -> None:
         if triton is None:
             raise RuntimeError("impl='fused' needs triton; use impl='chunked'")
         self.deterministic = deterministic
@@ -399,8 +480,10 @@ class FusedEngine:
 
     def _check(self, t: Tensor) -> None:
         if t.device.type != "cuda" and not _interpreting():
-            raise RuntimeError("impl='fused' needs a CUDA device, or TRITON_INTERPRET=1 set before triton "
-                               "is imported; use impl='chunked' (or 'auto') on the CPU")
+            raise RuntimeError(
+                "impl='fused' needs a CUDA device, or TRITON_INTERPRET=1 set before triton "
+                "is imported; use impl='chunked' (or 'auto') on the CPU"
+            )
         if t.dtype == torch.float64:
             raise RuntimeError("impl='fused' computes in fp32; float64 is for the reference and chunked")
 
@@ -430,13 +513,23 @@ class FusedEngine:
         rw = torch.empty(C, device=weight.device) if norms else rw.float().contiguous()
         br, bd = normalize_block(D)
         with _on(weight.device):
-            _normalize_kernel[(triton.cdiv(C, br),)](weight, rw, wn, C, D, weight.stride(0), wn.stride(0),
-                                                     NORMS=norms, BR=br, BD=bd)
+            _normalize_kernel[(triton.cdiv(C, br),)](
+                weight, rw, wn, C, D, weight.stride(0), wn.stride(0), NORMS=norms, BR=br, BD=bd
+            )
         self._wn = (key, rw, wn)
         return rw, wn
 
-    def _launch(self, name: str, plain, tuned, configs: tuple[TileConfig, ...], grid, device: torch.device,
-                *args, **const) -> None:
+    def _launch(
+        self,
+        name: str,
+        plain,
+        tuned,
+        configs: tuple[TileConfig, ...],
+        grid,
+        device: torch.device,
+        *args,
+        **const,
+    ) -> None:
         tune = device.type == "cuda" and not _interpreting() and not self.deterministic
         if tune and name not in self.configs:
             with _on(device):
@@ -445,8 +538,9 @@ class FusedEngine:
         else:
             cfg = self.configs.get(name, configs[0])
             with _on(device):
-                compiled = plain[grid](*args, **const, **cfg.kwargs(), num_warps=cfg.warps,
-                                       num_stages=cfg.stages)
+                compiled = plain[grid](
+                    *args, **const, **cfg.kwargs(), num_warps=cfg.warps, num_stages=cfg.stages
+                )
         self.kernels[name] = kernel_report(compiled, cfg)
 
     def _programs(self, C: int, device: torch.device) -> int:
@@ -470,8 +564,9 @@ class FusedEngine:
             return torch.cat([thr.float(), t.float().expand(thr.shape[0])]), 1.0, 2
         return thr.float().contiguous(), float(t), t != 1.0
 
-    def forward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor,
-                s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, s: float, t: float | Tensor
+    ) -> tuple[Tensor, Tensor]:
         self._check(xn)
         thr, t, hard = self._hard(thr, t)
         op, x, wn = self._inputs(xn, weight, rw)
@@ -481,10 +576,34 @@ class FusedEngine:
         m, l_, mx = (torch.empty((n_prog, B), device=x.device) for _ in range(3))
         self._saved = None
         cos = torch.empty((B, C) if self.save_logits else (1, 1), dtype=op, device=x.device)
-        self._launch("fwd", _fwd_kernel, _fwd_tuned, FWD_CONFIGS, (n_prog,), x.device,
-                     x, wn, labels.to(torch.int32), thr, m, l_, mx, cos, B, C, D,
-                     x.stride(0), wn.stride(0), cos.stride(0), float(s) * LOG2E, t,
-                     HARD=hard, SAVE=self.save_logits, OPK=_OPK[op], EVEN_D=D % _BD == 0)
+        self._launch(
+            "fwd",
+            _fwd_kernel,
+            _fwd_tuned,
+            FWD_CONFIGS,
+            (n_prog,),
+            x.device,
+            x,
+            wn,
+            labels.to(torch.int32),
+            thr,
+            m,
+            l_,
+            mx,
+            cos,
+            B,
+            C,
+            D,
+            x.stride(0),
+            wn.stride(0),
+            cos.stride(0),
+            float(s) * LOG2E,
+            t,
+            HARD=hard,
+            SAVE=self.save_logits,
+            OPK=_OPK[op],
+            EVEN_D=D % _BD == 0,
+        )
         if self.save_logits:
             self._saved = (self._saved_key(xn, weight, labels), cos)
         top = m.amax(0)
@@ -495,8 +614,19 @@ class FusedEngine:
     def _saved_key(xn: Tensor, weight: Tensor, labels: Tensor) -> tuple:
         return (xn.data_ptr(), xn._version, labels.data_ptr(), _weight_key(weight, xn.dtype))
 
-    def backward(self, xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, thr: Tensor, lse: Tensor,
-                 g: Tensor, dcy: Tensor, s: float, t: float | Tensor) -> tuple[Tensor, Tensor]:
+    def backward(
+        self,
+        xn: Tensor,
+        weight: Tensor,
+        rw: Tensor,
+        labels: Tensor,
+        thr: Tensor,
+        lse: Tensor,
+        g: Tensor,
+        dcy: Tensor,
+        s: float,
+        t: float | Tensor,
+    ) -> tuple[Tensor, Tensor]:
         op, x, wn = self._inputs(xn, weight, rw)
         thr, t, hard = self._hard(thr, t)
         B, D = x.shape
@@ -509,15 +639,45 @@ class FusedEngine:
         gbuf = torch.empty((B, ck_max), dtype=op, device=x.device)
         dx = torch.zeros((B, D), dtype=torch.float32, device=x.device)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        rows = (labels.to(torch.int32), thr, (lse.float() * LOG2E).contiguous(),
-                (g.float() * s).contiguous(), dcy.float().contiguous())
+        rows = (
+            labels.to(torch.int32),
+            thr,
+            (lse.float() * LOG2E).contiguous(),
+            (g.float() * s).contiguous(),
+            dcy.float().contiguous(),
+        )
         for c0 in range(0, C, ck_max):
             ck = min(ck_max, C - c0)
-            self._launch("bwd", _bwd_kernel, _bwd_tuned, BWD_CONFIGS,
-                         lambda meta, ck=ck: (triton.cdiv(ck, meta["BC"]),), x.device,
-                         x, wn, rw, *rows, cos, gbuf, dw, B, D, c0, ck, x.stride(0), wn.stride(0),
-                         cos.stride(0), gbuf.stride(0), dw.stride(0), float(s) * LOG2E, t,
-                         HARD=hard, SAVED=saved is not None, OPK=_OPK[op], EVEN_D=D % _BD == 0)
-            mm_f32(gbuf[:, :ck], wn[c0:c0 + ck], out=dx)  # cuBLAS: the sum over classes
+            self._launch(
+                "bwd",
+                _bwd_kernel,
+                _bwd_tuned,
+                BWD_CONFIGS,
+                lambda meta, ck=ck: (triton.cdiv(ck, meta["BC"]),),
+                x.device,
+                x,
+                wn,
+                rw,
+                *rows,
+                cos,
+                gbuf,
+                dw,
+                B,
+                D,
+                c0,
+                ck,
+                x.stride(0),
+                wn.stride(0),
+                cos.stride(0),
+                gbuf.stride(0),
+                dw.stride(0),
+                float(s) * LOG2E,
+                t,
+                HARD=hard,
+                SAVED=saved is not None,
+                OPK=_OPK[op],
+                EVEN_D=D % _BD == 0,
+            )
+            mm_f32(gbuf[:, :ck], wn[c0 : c0 + ck], out=dx)  # cuBLAS: the sum over classes
         fix_target_terms(xn, x, weight, rw, labels, dcy, dx, dw, normalized=True)
         return dx.to(xn.dtype), dw

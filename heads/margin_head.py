@@ -30,7 +30,7 @@ def init_centres(num_classes: int, embed_dim: int, start: int, end: int, seed: i
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         block = torch.randn(b1 - b0, embed_dim, generator=g) * 0.01
         lo, hi = max(b0, start), min(b1, end)
-        out[lo - start:hi - start] = block[lo - b0:hi - b0]
+        out[lo - start : hi - start] = block[lo - b0 : hi - b0]
     return out
 
 
@@ -38,8 +38,15 @@ class HeadBase(nn.Module):
     """A head's options (validated once by HeadOptions), its margin, training step, engines and
     last accuracy; `weight` holds classes [class_start, class_end) of num_classes, drawn from `seed`."""
 
-    def __init__(self, num_classes: int, embed_dim: int, options: HeadOptions, seed: int,
-                 class_start: int, class_end: int) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        options: HeadOptions,
+        seed: int,
+        class_start: int,
+        class_end: int,
+    ) -> None:
         super().__init__()
         self.options = options
         self.margin: Margin = options.build_margin()
@@ -49,8 +56,9 @@ class HeadBase(nn.Module):
         self.class_start, self.class_end = class_start, class_end
         # K sub-centers per class: class j's rows j K .. j K + K - 1, drawn as rows of a C K-class head
         K = self.subcenters = int(options.subcenters)
-        self.weight = nn.Parameter(init_centres(num_classes * K, embed_dim, class_start * K, class_end * K,
-                                                seed))
+        self.weight = nn.Parameter(
+            init_centres(num_classes * K, embed_dim, class_start * K, class_end * K, seed)
+        )
         # the margin's running state (float64 scalars): in state_dict and the trainer's checkpoints;
         # computed from the global batch, so it is the same on every rank
         for name, value in self.margin.state.items():
@@ -84,10 +92,12 @@ class HeadBase(nn.Module):
 class MarginHead(HeadBase):
     """The whole head on one process (the API is in heads/__init__.py's docstring)."""
 
-    def __init__(self, num_classes: int, embed_dim: int, margin: str = "cosface", *, seed: int = 0,
-                 **options) -> None:
-        super().__init__(num_classes, embed_dim, HeadOptions.from_kwargs(margin=margin, **options), seed,
-                         0, num_classes)
+    def __init__(
+        self, num_classes: int, embed_dim: int, margin: str = "cosface", *, seed: int = 0, **options
+    ) -> None:
+        super().__init__(
+            num_classes, embed_dim, HeadOptions.from_kwargs(margin=margin, **options), seed, 0, num_classes
+        )
 
     @torch.compiler.disable
     def forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False):
@@ -99,14 +109,35 @@ class MarginHead(HeadBase):
     def _loss(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         impl = self.resolved_impl(embeddings.device)
         if impl == "reference":
-            return reference_forward(embeddings, self.weight, labels, self.margin, self.s, self.t,
-                                     self.gamma_focal, self.step, self.margin_state(), self.training,
-                                     self.subcenters)
+            return reference_forward(
+                embeddings,
+                self.weight,
+                labels,
+                self.margin,
+                self.s,
+                self.t,
+                self.gamma_focal,
+                self.step,
+                self.margin_state(),
+                self.training,
+                self.subcenters,
+            )
         dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         x = embeddings.to(dtype)
         norms = torch.linalg.vector_norm(x, dim=1)
-        rows, correct = head_rows(F.normalize(x, dim=1), self.weight, labels, self.margin, self.step, self.s,
-                                  self.t, self.engine(impl), norms, self.margin_state(), self.training)
+        rows, correct = head_rows(
+            F.normalize(x, dim=1),
+            self.weight,
+            labels,
+            self.margin,
+            self.step,
+            self.s,
+            self.t,
+            self.engine(impl),
+            norms,
+            self.margin_state(),
+            self.training,
+        )
         return with_regularizer(focal(rows, self.gamma_focal).mean(), self.margin, norms), correct.mean()
 
     @torch.no_grad()
@@ -121,10 +152,21 @@ class MarginHead(HeadBase):
         xn = F.normalize(embeddings.float().to(self.weight.device), dim=1)
         nearest = torch.einsum("bd,bkd->bk", xn, wn[labels]).argmax(1)
         votes = torch.bincount(labels * K + nearest, minlength=C * K).view(C, K)
-        single = MarginHead(C, D, self.margin.name, seed=self.seed, **{
-            **{f.name: getattr(self.options, f.name) for f in fields(self.options)
-               if f.name not in ("margin", "margin_options")},
-            **self.options.margin_options, "subcenters": 1})
+        single = MarginHead(
+            C,
+            D,
+            self.margin.name,
+            seed=self.seed,
+            **{
+                **{
+                    f.name: getattr(self.options, f.name)
+                    for f in fields(self.options)
+                    if f.name not in ("margin", "margin_options")
+                },
+                **self.options.margin_options,
+                "subcenters": 1,
+            },
+        )
         single.weight.copy_(self.weight.view(C, K, D)[torch.arange(C), votes.argmax(1)])
         for name, value in self.named_buffers():
             getattr(single, name).copy_(value)
@@ -132,5 +174,7 @@ class MarginHead(HeadBase):
 
     def extra_repr(self) -> str:
         C, D = self.weight.shape
-        return (f"classes={C // self.subcenters}, dim={D}, margin={self.margin.name}, s={self.s}, "
-                f"t={self.t}, impl={self.impl}, focal={self.gamma_focal}, subcenters={self.subcenters}")
+        return (
+            f"classes={C // self.subcenters}, dim={D}, margin={self.margin.name}, s={self.s}, "
+            f"t={self.t}, impl={self.impl}, focal={self.gamma_focal}, subcenters={self.subcenters}"
+        )

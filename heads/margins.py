@@ -138,8 +138,14 @@ class SphereFace(Margin):
     default_s = 30.0
     options = ("m", "lambda_base", "lambda_min", "gamma", "power")
 
-    def __init__(self, m: int = 4, lambda_base: float = 1000.0, lambda_min: float = 5.0,
-                 gamma: float = 0.12, power: float = 1.0) -> None:
+    def __init__(
+        self,
+        m: int = 4,
+        lambda_base: float = 1000.0,
+        lambda_min: float = 5.0,
+        gamma: float = 0.12,
+        power: float = 1.0,
+    ) -> None:
         if int(m) != m or m < 1:
             raise ValueError(f"sphereface m must be a positive integer, got {m}")
         self.m = int(m)
@@ -232,8 +238,14 @@ class MagFace(Margin):
     options = ("l_a", "u_a", "l_m", "u_m", "lambda_g")
     uses_norms = norm_gradient = True
 
-    def __init__(self, l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8,
-                 lambda_g: float = 35.0) -> None:
+    def __init__(
+        self,
+        l_a: float = 10.0,
+        u_a: float = 110.0,
+        l_m: float = 0.45,
+        u_m: float = 0.8,
+        lambda_g: float = 35.0,
+    ) -> None:
         if not 0.0 < l_a < u_a:
             raise ValueError(f"magface needs 0 < l_a < u_a, got l_a={l_a}, u_a={u_a}")
         self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
@@ -259,7 +271,7 @@ class MagFace(Margin):
 
     def regularizer(self, norms: Tensor) -> Tensor:
         a = norms.clamp(self.l_a, self.u_a)
-        return self.lambda_g * (a / self.u_a ** 2 + 1.0 / a).mean()
+        return self.lambda_g * (a / self.u_a**2 + 1.0 / a).mean()
 
 
 class CurricularFace(ArcFace):
@@ -282,8 +294,10 @@ class CurricularFace(ArcFace):
         return state["t"]
 
 
-MARGINS: dict[str, type[Margin]] = {cls.name: cls for cls in (CosFace, ArcFace, SphereFace, Combined, AdaFace,
-                                                               MagFace, CurricularFace, Margin)}
+MARGINS: dict[str, type[Margin]] = {
+    cls.name: cls
+    for cls in (CosFace, ArcFace, SphereFace, Combined, AdaFace, MagFace, CurricularFace, Margin)
+}
 DEFAULT_SCALE = {name: cls.default_s for name, cls in MARGINS.items()}
 
 

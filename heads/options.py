@@ -64,14 +64,17 @@ class HeadOptions:
         if int(self.subcenters) != self.subcenters or self.subcenters < 1:
             raise ValueError(f"subcenters must be a positive integer, got {self.subcenters}")
         if self.subcenters > 1 and self.impl == "fused":
-            raise ValueError("subcenters > 1 runs on impl reference or chunked (the fused kernels take one "
-                             "row per class)")
+            raise ValueError(
+                "subcenters > 1 runs on impl reference or chunked (the fused kernels take one row per class)"
+            )
         if self.block is not None and self.block < 1:
             raise ValueError(f"block (classes per chunked block) must be positive, got {self.block}")
         margin = self.build_margin()  # the margin's name, options and values, checked now, not at first use
         if self.t != 1.0 and type(margin).hard_t is not Margin.hard_t:
-            raise ValueError(f"SV-Softmax t={self.t} and {margin.name} both change the hard negatives: "
-                             f"use t=1 with {margin.name}")
+            raise ValueError(
+                f"SV-Softmax t={self.t} and {margin.name} both change the hard negatives: "
+                f"use t=1 with {margin.name}"
+            )
 
     def build_margin(self) -> Margin:
         return build_margin(self.margin, self.m, **self.margin_options)
@@ -89,12 +92,14 @@ class HeadOptions:
     def make_engine(self, impl: str) -> Engine:
         """A new chunked or fused engine (`impl` resolved) with these options."""
         if impl == "chunked":
-            return ChunkedEngine(self.block or DEFAULT_BLOCK, operands=self.operands,
-                                 subcenters=int(self.subcenters))
+            return ChunkedEngine(
+                self.block or DEFAULT_BLOCK, operands=self.operands, subcenters=int(self.subcenters)
+            )
         if impl != "fused":
             raise ValueError(f"impl {impl!r} has no engine (expected chunked or fused)")
         from heads.fused import FusedEngine  # imports triton only when asked for
 
         # `block` sizes the chunked engine's class blocks; the kernels keep their own tiles
-        return FusedEngine(deterministic=self.deterministic, operands=self.operands,
-                           save_logits=self.save_logits)
+        return FusedEngine(
+            deterministic=self.deterministic, operands=self.operands, save_logits=self.save_logits
+        )

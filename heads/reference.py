@@ -11,8 +11,9 @@ from torch import Tensor
 from heads.margins import Margin
 
 
-def modified_logits(cos: Tensor, labels: Tensor, psi: Tensor, s: float, t: float,
-                    hard_t: Tensor | None = None) -> Tensor:
+def modified_logits(
+    cos: Tensor, labels: Tensor, psi: Tensor, s: float, t: float, hard_t: Tensor | None = None
+) -> Tensor:
     """s * psi at the target; at hard negatives (c > psi): s * (t c + t - 1) when t > 1 (SV-Softmax),
     s * c (hard_t + c) with CurricularFace's hard_t; s * c elsewhere."""
     target = F.one_hot(labels, cos.shape[1]).bool()
@@ -32,9 +33,19 @@ def focal(row_loss: Tensor, gamma: float) -> Tensor:
     return (1.0 - torch.exp(-row_loss)) ** gamma * row_loss
 
 
-def reference_forward(x: Tensor, weight: Tensor, labels: Tensor, margin: Margin, s: float, t: float,
-                      gamma: float = 0.0, step: int = 0, state: dict[str, Tensor] | None = None,
-                      training: bool = False, subcenters: int = 1) -> tuple[Tensor, Tensor]:
+def reference_forward(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    s: float,
+    t: float,
+    gamma: float = 0.0,
+    step: int = 0,
+    state: dict[str, Tensor] | None = None,
+    training: bool = False,
+    subcenters: int = 1,
+) -> tuple[Tensor, Tensor]:
     """(mean loss, accuracy) where accuracy is the fraction of rows whose target cosine is the max.
     `state`: the margin's running state (moved in place when `training`). `subcenters` K: weight holds
     K rows per class, a class's cosine is the max of its rows' (the gradient goes to that row)."""

@@ -51,8 +51,18 @@ from heads.margins import Margin
 from heads.options import HeadOptions
 from heads.reference import focal
 
-__all__ = ["ShardedMarginHead", "class_range", "init_centres", "sample_classes", "sampled_rows",
-           "gather_class_state", "slice_class_state", "load_class_state", "head_bytes", "step_traffic"]
+__all__ = [
+    "ShardedMarginHead",
+    "class_range",
+    "init_centres",
+    "sample_classes",
+    "sampled_rows",
+    "gather_class_state",
+    "slice_class_state",
+    "load_class_state",
+    "head_bytes",
+    "step_traffic",
+]
 
 SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
 
@@ -98,7 +108,7 @@ class _GatherRows(torch.autograd.Function):
             dist.reduce_scatter_tensor(out, g, group=ctx.group)
             return out, None
         dist.all_reduce(g, group=ctx.group)  # gloo has no reduce-scatter
-        return g[rank * n:(rank + 1) * n], None
+        return g[rank * n : (rank + 1) * n], None
 
 
 def gather_rows(x: Tensor, group=None) -> Tensor:
@@ -127,9 +137,21 @@ class _ShardedFn(torch.autograd.Function):
     """Per-row loss over the global batch; `labels` are local class ids, -1 where another rank owns them."""
 
     @staticmethod
-    def forward(ctx, xn: Tensor, weight: Tensor, labels: Tensor, norms: Tensor | None, margin: Margin,
-                step: int, s: float, t: float, engine: Engine, state: dict[str, Tensor], training: bool,
-                group) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(
+        ctx,
+        xn: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        norms: Tensor | None,
+        margin: Margin,
+        step: int,
+        s: float,
+        t: float,
+        engine: Engine,
+        state: dict[str, Tensor],
+        training: bool,
+        group,
+    ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         rw = inv_norms(weight)
         own = labels >= 0
         y = labels.clamp_min(0)
@@ -159,8 +181,9 @@ def sample_size(num_local: int, rate: float, rows: int) -> int:
     return min(num_local, max(1, int(rate * num_local), rows))
 
 
-def sample_classes(local_labels: Tensor, num_local: int, rate: float,
-                   generator: torch.Generator) -> Tensor | None:
+def sample_classes(
+    local_labels: Tensor, num_local: int, rate: float, generator: torch.Generator
+) -> Tensor | None:
     """Sorted local ids: every label in [0, num_local) (the positives; others, such as -1 for classes
     another rank owns, are ignored) plus uniformly drawn other classes, `sample_size` in all. None:
     all classes. No host sync: the positives are marked in a fixed-size score vector, not gathered."""
@@ -186,8 +209,17 @@ class ShardedMarginHead(HeadBase):
     trainer does): `sampled` collects the draws of every forward until the next step begins.
     """
 
-    def __init__(self, num_classes: int, embed_dim: int, margin: str = "cosface", *, sample_rate: float = 1.0,
-                 seed: int = 0, group=None, **options) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        margin: str = "cosface",
+        *,
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        group=None,
+        **options,
+    ) -> None:
         opts = HeadOptions.from_kwargs(margin=margin, **options)
         if opts.impl == "reference":
             raise ValueError("sharded head impl 'reference': expected auto, chunked or fused")
@@ -230,9 +262,20 @@ class ShardedMarginHead(HeadBase):
                 weight = self.weight[index]
                 local = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
             local = torch.where(owned, local, torch.full_like(local, -1))
-            rows, correct = _ShardedFn.apply(xn, weight, local, norms, self.margin, self.step, self.s, self.t,
-                                             self.engine(self.resolved_impl(xn.device)), self.margin_state(),
-                                             self.training, self.group)
+            rows, correct = _ShardedFn.apply(
+                xn,
+                weight,
+                local,
+                norms,
+                self.margin,
+                self.step,
+                self.s,
+                self.t,
+                self.engine(self.resolved_impl(xn.device)),
+                self.margin_state(),
+                self.training,
+                self.group,
+            )
             loss = self._regularized(focal(rows, self.gamma_focal).mean(), norms, norms_here)
         if index is not None and self.sampled is not None and self._draws > 1:
             # accumulation: every row touched this step. A class drawn twice is listed twice (no
@@ -257,9 +300,11 @@ class ShardedMarginHead(HeadBase):
         return torch.Generator(device=device).manual_seed(key % (1 << 63))
 
     def extra_repr(self) -> str:
-        return (f"classes={self.num_classes} [{self.class_start}, {self.class_end}) of rank {self.rank}/"
-                f"{self.world}, dim={self.weight.shape[1]}, margin={self.margin.name}, s={self.s}, "
-                f"t={self.t}, focal={self.gamma_focal}, sample_rate={self.sample_rate}")
+        return (
+            f"classes={self.num_classes} [{self.class_start}, {self.class_end}) of rank {self.rank}/"
+            f"{self.world}, dim={self.weight.shape[1]}, margin={self.margin.name}, s={self.s}, "
+            f"t={self.t}, focal={self.gamma_focal}, sample_rate={self.sample_rate}"
+        )
 
 
 def _row_state(state: dict, weight: Tensor) -> dict[str, Tensor]:
@@ -312,8 +357,14 @@ def shard_state(weight: Tensor, optimizer: torch.optim.Optimizer | None) -> dict
     return {"rows": rows, "scalars": scalars}
 
 
-def gather_class_state(weight: Tensor, optimizer: torch.optim.Optimizer | None, num_classes: int,
-                       group=None, dst: int = 0, replicated: bool = False) -> dict | None:
+def gather_class_state(
+    weight: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    num_classes: int,
+    group=None,
+    dst: int = 0,
+    replicated: bool = False,
+) -> dict | None:
     """The whole head as per-class tensors on rank `dst` (None elsewhere): independent of the world size.
 
     {"num_classes": C, "rows": {"weight": C x D, "optim.momentum_buffer": C x D, ...}, "scalars": {...}}
@@ -323,8 +374,11 @@ def gather_class_state(weight: Tensor, optimizer: torch.optim.Optimizer | None, 
     world, rank = (1, 0) if replicated else (_world(group), _rank(group))
     mine = shard_state(weight, optimizer)
     if world == 1:
-        return {"num_classes": num_classes, "rows": {k: v.cpu().clone() for k, v in mine["rows"].items()},
-                "scalars": mine["scalars"]}
+        return {
+            "num_classes": num_classes,
+            "rows": {k: v.cpu().clone() for k, v in mine["rows"].items()},
+            "scalars": mine["scalars"],
+        }
     keys: list = [None] * world
     dist.all_gather_object(keys, sorted(mine["rows"]), group=group)
     if any(k != keys[0] for k in keys):
@@ -334,12 +388,12 @@ def gather_class_state(weight: Tensor, optimizer: torch.optim.Optimizer | None, 
     for key in keys[0]:
         t = mine["rows"][key]
         padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        padded[:t.shape[0]] = t
+        padded[: t.shape[0]] = t
         parts = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
         dist.gather(padded, parts, dst=dst, group=group)
         if parts is not None:
             sizes = [class_range(num_classes, r, world) for r in range(world)]
-            out[key] = torch.cat([p[:b - a].cpu() for p, (a, b) in zip(parts, sizes)])
+            out[key] = torch.cat([p[: b - a].cpu() for p, (a, b) in zip(parts, sizes)])
     if rank != dst:
         return None
     return {"num_classes": num_classes, "rows": out, "scalars": mine["scalars"]}
@@ -348,37 +402,60 @@ def gather_class_state(weight: Tensor, optimizer: torch.optim.Optimizer | None, 
 def slice_class_state(full: dict, rank: int, world: int) -> dict:
     """The rows rank `rank` of `world` owns, from a gather_class_state dict."""
     a, b = class_range(int(full["num_classes"]), rank, world)
-    return {"num_classes": full["num_classes"], "rows": {k: v[a:b] for k, v in full["rows"].items()},
-            "scalars": dict(full["scalars"])}
+    return {
+        "num_classes": full["num_classes"],
+        "rows": {k: v[a:b] for k, v in full["rows"].items()},
+        "scalars": dict(full["scalars"]),
+    }
 
 
-def load_class_state(weight: Tensor, optimizer: torch.optim.Optimizer | None, full: dict, num_classes: int,
-                     rank: int = 0, world: int = 1) -> None:
+def load_class_state(
+    weight: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    full: dict,
+    num_classes: int,
+    rank: int = 0,
+    world: int = 1,
+) -> None:
     """Put this rank's slice of a per-class state into `weight` and the optimizer's state for it.
 
     Raises ValueError (one line) when the class count or the embedding size differs."""
     saved_c, saved_d = int(full["num_classes"]), int(full["rows"]["weight"].shape[1])
     if (saved_c, saved_d) != (num_classes, weight.shape[1]):
-        raise ValueError(f"the checkpoint's head has {saved_c} classes x {saved_d} dims, this run's "
-                         f"{num_classes} x {weight.shape[1]} (another class count or embedding size)")
+        raise ValueError(
+            f"the checkpoint's head has {saved_c} classes x {saved_d} dims, this run's "
+            f"{num_classes} x {weight.shape[1]} (another class count or embedding size)"
+        )
     part = slice_class_state(full, rank, world)
     saved = part["rows"]["weight"]
     if saved.shape != weight.shape:
-        raise ValueError(f"rank {rank} of {world} holds {tuple(weight.shape)} head rows, its slice of the "
-                         f"checkpoint is {tuple(saved.shape)}")
+        raise ValueError(
+            f"rank {rank} of {world} holds {tuple(weight.shape)} head rows, its slice of the "
+            f"checkpoint is {tuple(saved.shape)}"
+        )
     with torch.no_grad():
         weight.copy_(saved)
     if optimizer is None:
         return
-    state = {k.removeprefix("optim."): v.to(device=weight.device, copy=True)
-             for k, v in part["rows"].items() if k.startswith("optim.")}
+    state = {
+        k.removeprefix("optim."): v.to(device=weight.device, copy=True)
+        for k, v in part["rows"].items()
+        if k.startswith("optim.")
+    }
     state.update({k: (v.clone() if isinstance(v, Tensor) else v) for k, v in part["scalars"].items()})
     if state:
         optimizer.state[weight] = state
 
 
-def head_bytes(num_classes: int, embed_dim: int, world: int, parallel: str, optimizer_slots: int = 1,
-               sample_rate: float = 1.0, elem: int = 4) -> dict[str, int]:
+def head_bytes(
+    num_classes: int,
+    embed_dim: int,
+    world: int,
+    parallel: str,
+    optimizer_slots: int = 1,
+    sample_rate: float = 1.0,
+    elem: int = 4,
+) -> dict[str, int]:
     """Bytes per rank of the head's weight, gradient and optimizer state (the largest rank's shard).
 
     optimizer_slots: row-shaped state tensors (SGD momentum 1, Adam 2). The gradient is dense in both
@@ -393,8 +470,15 @@ def head_bytes(num_classes: int, embed_dim: int, world: int, parallel: str, opti
     return out
 
 
-def step_traffic(num_classes: int, embed_dim: int, batch_per_rank: int, world: int, parallel: str,
-                 backend: str = "nccl", elem: int = 4) -> int:
+def step_traffic(
+    num_classes: int,
+    embed_dim: int,
+    batch_per_rank: int,
+    world: int,
+    parallel: str,
+    backend: str = "nccl",
+    elem: int = 4,
+) -> int:
     """Bytes one rank sends per step for the head under ring collectives (the backbone's DDP all-reduce,
     the same in both modes, excluded). replicate: the all-reduce of the C x D gradient; shard: the
     all-gather of the embeddings and labels, three all-reduces of N-vectors (c_y, the maxima, the

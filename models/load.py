@@ -57,14 +57,14 @@ class LoadedModel:
     """An embedding model ready to run, with what reports and galleries record about it."""
 
     path: Path
-    kind: str                      # "checkpoint", "onnx" or "openvino"
+    kind: str  # "checkpoint", "onnx" or "openvino"
     embed: EmbedFn
-    backbone: str                  # the checkpoint's backbone; a model file's metadata, else its kind
-    embedding_size: int | None     # None: an ONNX model that does not say
-    image_size: tuple[int, int]    # (H, W) of the aligned faces it takes
-    threshold: float | None        # the verification threshold a checkpoint's validation stored
-    module: nn.Module | None       # the PyTorch network (checkpoints only)
-    runtime: str = "torch"         # "torch", "onnxruntime" or "openvino"
+    backbone: str  # the checkpoint's backbone; a model file's metadata, else its kind
+    embedding_size: int | None  # None: an ONNX model that does not say
+    image_size: tuple[int, int]  # (H, W) of the aligned faces it takes
+    threshold: float | None  # the verification threshold a checkpoint's validation stored
+    module: nn.Module | None  # the PyTorch network (checkpoints only)
+    runtime: str = "torch"  # "torch", "onnxruntime" or "openvino"
 
     @property
     def name(self) -> str:
@@ -118,13 +118,19 @@ def model_kind(path: Path) -> str:
         return "onnx"
     if head == _XML_MAGIC:
         return "openvino"
-    raise UserError(f"{path}: neither a facetrain checkpoint (.pt), an ONNX model (.onnx) "
-                    "nor an OpenVINO model (.xml)")
+    raise UserError(
+        f"{path}: neither a facetrain checkpoint (.pt), an ONNX model (.onnx) nor an OpenVINO model (.xml)"
+    )
 
 
-def load_model(path: Path | str, device: str | torch.device = "cpu", *,
-               image_size: tuple[int, int] | None = None, onnx_threads: int | None = None,
-               runtime: str = "auto") -> LoadedModel:
+def load_model(
+    path: Path | str,
+    device: str | torch.device = "cpu",
+    *,
+    image_size: tuple[int, int] | None = None,
+    onnx_threads: int | None = None,
+    runtime: str = "auto",
+) -> LoadedModel:
     """The model in `path` on `device`. image_size: the face size to assume for an ONNX model that
     records none; onnx_threads: onnxruntime or OpenVINO threads (default: one per core); runtime:
     what runs an ONNX file (RUNTIMES; see the module's docstring)."""
@@ -138,9 +144,16 @@ def load_model(path: Path | str, device: str | torch.device = "cpu", *,
     model_file = read_model_file(path)
     module = model_file.build(device)
     spec = model_file.spec
-    return LoadedModel(path, "checkpoint", torch_embedder(module, device), str(spec["backbone"]),
-                       int(spec["embedding_size"]), tuple(int(v) for v in spec["image_size"]),  # type: ignore[arg-type]
-                       model_file.threshold, module)
+    return LoadedModel(
+        path,
+        "checkpoint",
+        torch_embedder(module, device),
+        str(spec["backbone"]),
+        int(spec["embedding_size"]),
+        tuple(int(v) for v in spec["image_size"]),  # type: ignore[arg-type]
+        model_file.threshold,
+        module,
+    )
 
 
 def openvino_installed() -> bool:
@@ -150,15 +163,18 @@ def openvino_installed() -> bool:
 
 
 def pick_runtime(kind: str, runtime: str, device: torch.device) -> str:
-    """"onnxruntime" or "openvino" for a model file of `kind` ("onnx" or "openvino"); UserError
+    """ "onnxruntime" or "openvino" for a model file of `kind` ("onnx" or "openvino"); UserError
     for a runtime that cannot run it here."""
     if runtime not in RUNTIMES:
         raise UserError(f"--runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if kind == "openvino" and runtime == "onnxruntime":
         raise UserError("--runtime onnxruntime: an OpenVINO model (.xml) runs under OpenVINO only")
     if runtime == "auto":
-        runtime = "openvino" if kind == "openvino" or (device.type == "cpu" and openvino_installed()) \
+        runtime = (
+            "openvino"
+            if kind == "openvino" or (device.type == "cpu" and openvino_installed())
             else "onnxruntime"
+        )
     if runtime == "openvino":
         if device.type != "cpu":
             raise UserError(f"--device {device.type}: OpenVINO models run on the CPU here (use --device cpu)")
@@ -189,8 +205,9 @@ def module_embedder(model: nn.Module, channels_last: bool = False) -> EmbedFn:
     return run
 
 
-def _load_onnx(path: Path, device: torch.device, image_size: tuple[int, int] | None,
-               threads: int | None) -> LoadedModel:
+def _load_onnx(
+    path: Path, device: torch.device, image_size: tuple[int, int] | None, threads: int | None
+) -> LoadedModel:
     """An onnxruntime session with the face size and architecture its metadata (eval/export_onnx.py)
     or its input shape records; UserError naming the file."""
     import onnxruntime as ort
@@ -209,8 +226,9 @@ def _load_onnx(path: Path, device: torch.device, image_size: tuple[int, int] | N
         raise UserError(f"{path}: not a loadable ONNX model ({type(err).__name__})") from None
     inputs = sess.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
-        raise UserError(f"{path}: expected one NCHW image input, model has "
-                        f"{[(i.name, i.shape) for i in inputs]}")
+        raise UserError(
+            f"{path}: expected one NCHW image input, model has {[(i.name, i.shape) for i in inputs]}"
+        )
     shape = inputs[0].shape
     meta = sess.get_modelmeta().custom_metadata_map
     outputs = sess.get_outputs()
@@ -223,8 +241,9 @@ def _load_onnx(path: Path, device: torch.device, image_size: tuple[int, int] | N
     return LoadedModel(path, "onnx", run, *info, None, "onnxruntime")
 
 
-def _load_openvino(path: Path, kind: str, device: torch.device, image_size: tuple[int, int] | None,
-                   threads: int | None) -> LoadedModel:
+def _load_openvino(
+    path: Path, kind: str, device: torch.device, image_size: tuple[int, int] | None, threads: int | None
+) -> LoadedModel:
     """An OpenVINO model (an IR, or an ONNX file through OpenVINO's ONNX reader) compiled for the
     CPU in float32; UserError naming the file."""
     import openvino as ov
@@ -237,13 +256,16 @@ def _load_openvino(path: Path, kind: str, device: torch.device, image_size: tupl
     try:
         network = core.read_model(str(path))
     except Exception as err:  # OpenVINO raises RuntimeError with pages of text for bad files
-        raise UserError(f"{path}: not a loadable {'OpenVINO' if kind == 'openvino' else 'ONNX'} model "
-                        f"({type(err).__name__})") from None
+        raise UserError(
+            f"{path}: not a loadable {'OpenVINO' if kind == 'openvino' else 'ONNX'} model "
+            f"({type(err).__name__})"
+        ) from None
     inputs = network.inputs
     shape = list(inputs[0].get_partial_shape()) if len(inputs) == 1 else []
     if len(shape) != 4:
-        raise UserError(f"{path}: expected one NCHW image input, model has "
-                        f"{[str(i.get_partial_shape()) for i in inputs]}")
+        raise UserError(
+            f"{path}: expected one NCHW image input, model has {[str(i.get_partial_shape()) for i in inputs]}"
+        )
     dims = [d.get_length() if d.is_static else None for d in shape]
     outputs = network.outputs
     out_dims = list(outputs[0].get_partial_shape()) if outputs else []
@@ -253,8 +275,9 @@ def _load_openvino(path: Path, kind: str, device: torch.device, image_size: tupl
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:  # callers run several batches at once: a stream of `threads` per core
         streams = max(1, cpu_count() // threads)
-        config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams,
-                      INFERENCE_NUM_THREADS=streams * threads)
+        config.update(
+            PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams, INFERENCE_NUM_THREADS=streams * threads
+        )
     try:
         compiled = core.compile_model(network, "CPU", config)
     except Exception as err:
@@ -289,9 +312,14 @@ def onnx_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def _describe(path: Path, kind: str, meta: Mapping[str, str], input_shape: Sequence[object], out_dim: object,
-              image_size: tuple[int, int] | None
-              ) -> tuple[str, int | None, tuple[int, int], float | None]:
+def _describe(
+    path: Path,
+    kind: str,
+    meta: Mapping[str, str],
+    input_shape: Sequence[object],
+    out_dim: object,
+    image_size: tuple[int, int] | None,
+) -> tuple[str, int | None, tuple[int, int], float | None]:
     """(backbone, embedding size, face size, threshold) of a model file from its metadata and its
     input shape (NCHW; None or a name for a dynamic dimension) and output width. The backbone
     defaults to the file's kind."""
@@ -304,8 +332,9 @@ def _describe(path: Path, kind: str, meta: Mapping[str, str], input_shape: Seque
         raise UserError(f"{path}: the model records no input size (export it with eval/export_onnx.py)")
     size = (int(size[0]), int(size[1]))
     if fixed is not None and fixed != size:
-        raise UserError(f"{path}: model input is {fixed[0]}x{fixed[1]}, its metadata says "
-                        f"{size[0]}x{size[1]}")
+        raise UserError(
+            f"{path}: model input is {fixed[0]}x{fixed[1]}, its metadata says {size[0]}x{size[1]}"
+        )
     recorded = meta.get("embedding_size", "")
     embedding = int(recorded) if recorded.isdigit() else out_dim if isinstance(out_dim, int) else None
     threshold = meta.get("threshold")
@@ -329,26 +358,45 @@ def _recorded_size(path: Path, text: str | None) -> tuple[int, int] | None:
 # ------------------------------------------------------------------ the one --model argument
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, onnx: bool = True, required: bool = True,
-                        help_prefix: str = "", runtime: bool = True) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    onnx: bool = True,
+    required: bool = True,
+    help_prefix: str = "",
+    runtime: bool = True,
+) -> None:
     """`--model FILE` (dest "model"), with `--checkpoint` (and, unless onnx=False, `--onnx`) as
     aliases; with onnx and runtime, `--runtime` (what runs an ONNX file)."""
     group = parser.add_mutually_exclusive_group(required=required)
-    what = ("a facetrain checkpoint (.pt), an ONNX model (.onnx) or an OpenVINO model (.xml)" if onnx
-            else "a facetrain checkpoint (.pt)")
+    what = (
+        "a facetrain checkpoint (.pt), an ONNX model (.onnx) or an OpenVINO model (.xml)"
+        if onnx
+        else "a facetrain checkpoint (.pt)"
+    )
     group.add_argument("--model", type=Path, metavar="FILE", help=f"{help_prefix}{what}")
     group.add_argument("--checkpoint", type=Path, dest="model", metavar="FILE", help="same as --model")
     if onnx:
         group.add_argument("--onnx", type=Path, dest="model", metavar="FILE", help="same as --model")
     if onnx and runtime:
-        parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
-                            help="what runs an ONNX model: auto (OpenVINO on the CPU when installed, "
-                                 "else onnxruntime), onnxruntime or openvino")
+        parser.add_argument(
+            "--runtime",
+            choices=RUNTIMES,
+            default="auto",
+            help="what runs an ONNX model: auto (OpenVINO on the CPU when installed, "
+            "else onnxruntime), onnxruntime or openvino",
+        )
 
 
-def model_from_args(args: argparse.Namespace, *, image_size: tuple[int, int] | None = None,
-                    onnx_threads: int | None = None) -> LoadedModel:
+def model_from_args(
+    args: argparse.Namespace, *, image_size: tuple[int, int] | None = None, onnx_threads: int | None = None
+) -> LoadedModel:
     """The model of `add_model_arguments`, on `args.device` (cpu when the command has no --device),
     under `args.runtime` (auto when the command has no --runtime)."""
-    return load_model(args.model, getattr(args, "device", "cpu"), image_size=image_size,
-                      onnx_threads=onnx_threads, runtime=getattr(args, "runtime", "auto"))
+    return load_model(
+        args.model,
+        getattr(args, "device", "cpu"),
+        image_size=image_size,
+        onnx_threads=onnx_threads,
+        runtime=getattr(args, "runtime", "auto"),
+    )

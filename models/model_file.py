@@ -30,8 +30,12 @@ VERSION = 1
 
 # The input every embedding model takes (docs/CONTRACTS.md, "Model input"); eval/export_onnx.py
 # records it in the ONNX metadata.
-INPUT_SPEC = {"layout": "NCHW", "color": "RGB", "dtype": "float32",
-              "normalization": "(pixel / 255 - 0.5) / 0.5"}
+INPUT_SPEC = {
+    "layout": "NCHW",
+    "color": "RGB",
+    "dtype": "float32",
+    "normalization": "(pixel / 255 - 0.5) / 0.5",
+}
 
 # Called with the open temp file after the checkpoint is written into it, before fsync and rename
 # (the crash tests hold a half-written file there; see trainer/hooks.py).
@@ -82,11 +86,16 @@ def model_spec(backbone_spec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def checkpoint_dict(backbone_spec: Mapping[str, Any], backbone_state: Mapping[str, torch.Tensor],
-                    **extra: Any) -> dict[str, Any]:
+def checkpoint_dict(
+    backbone_spec: Mapping[str, Any], backbone_state: Mapping[str, torch.Tensor], **extra: Any
+) -> dict[str, Any]:
     """The one place a checkpoint dict is laid out (docs/CONTRACTS.md): header, model, weights, extra."""
-    ckpt = {"format": FORMAT, "version": VERSION, "model": model_spec(backbone_spec),
-            "backbone_state": {k: v.detach().cpu() for k, v in backbone_state.items()}}
+    ckpt = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_spec(backbone_spec),
+        "backbone_state": {k: v.detach().cpu() for k, v in backbone_state.items()},
+    }
     ckpt.update(extra)
     return ckpt
 
@@ -118,8 +127,9 @@ class ModelFile:
         """The backbone the spec describes with these weights, on `map_location`, eval mode."""
         spec, path = self.spec, self.path
         try:
-            model = build_backbone(spec["backbone"], spec["embedding_size"], tuple(spec["image_size"]),
-                                   **spec.get("kwargs", {}))
+            model = build_backbone(
+                spec["backbone"], spec["embedding_size"], tuple(spec["image_size"]), **spec.get("kwargs", {})
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{path}: cannot rebuild backbone {spec.get('backbone')!r} ({err})") from None
         try:

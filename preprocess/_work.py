@@ -272,8 +272,16 @@ class Settings:
 # One input as the parent sends it, plain values (cheap to make and to pickle): relative path,
 # identity, label, landmarks, VGGFace2 box, person's name, source file (when not under the image
 # root: RecordIO) and the (offset, length) ranges of its bytes there.
-Row = tuple[str, str, int, "tuple[float, ...] | None", "tuple[float, ...] | None", "str | None",
-            "str | None", "tuple[tuple[int, int], ...] | None"]
+Row = tuple[
+    str,
+    str,
+    int,
+    "tuple[float, ...] | None",
+    "tuple[float, ...] | None",
+    "str | None",
+    "str | None",
+    "tuple[tuple[int, int], ...] | None",
+]
 
 
 @dataclass
@@ -286,9 +294,16 @@ class PartResult:
 
 def _job(settings: Settings, row: Row) -> Job:
     rel, _, _, landmarks, _, _, source, span = row
-    return Job(source or f"{settings.image_root}{os.sep}{rel}", landmarks or (), settings.image_size,
-               settings.quality, settings.reduce, mode=settings.mode, span=span,
-               single_face_only=settings.single_face_only)
+    return Job(
+        source or f"{settings.image_root}{os.sep}{rel}",
+        landmarks or (),
+        settings.image_size,
+        settings.quality,
+        settings.reduce,
+        mode=settings.mode,
+        span=span,
+        single_face_only=settings.single_face_only,
+    )
 
 
 def _record(row: Row, found: dict[str, Any] | None) -> dict[str, Any]:

@@ -160,6 +160,12 @@ def _warp_via_4_channels(image: np.ndarray, matrix: np.ndarray, size: tuple[int,
         return np.zeros((height, width, 3), np.uint8)
     inverse[:, 2] -= (x0, y0)
     part = cv2.cvtColor(image[y0:y1, x0:x1], cv2.COLOR_BGR2BGRA)
-    out = cv2.warpAffine(part, inverse, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out = cv2.warpAffine(
+        part,
+        inverse,
+        (width, height),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
     return cv2.cvtColor(out, cv2.COLOR_BGRA2BGR)

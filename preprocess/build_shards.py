@@ -105,9 +105,12 @@ def reject_key_collisions(entries: list[Entry]) -> list[Entry]:
     for i in sorted(range(len(entries)), key=lambda i: entries[i].rel):
         if keys[i] is not None:
             first.setdefault(keys[i], i)
-    return [e if key is None or first[key] == i else
-            replace(e, reason="key_collision", detail=f"same sample key {key} as {entries[first[key]].rel}")
-            for i, (e, key) in enumerate(zip(entries, keys))]
+    return [
+        e
+        if key is None or first[key] == i
+        else replace(e, reason="key_collision", detail=f"same sample key {key} as {entries[first[key]].rel}")
+        for i, (e, key) in enumerate(zip(entries, keys))
+    ]
 
 
 def make_plan(entries: list[Entry], opts: Options) -> Plan:
@@ -191,15 +194,18 @@ def clear_output(out: Path, prefix: str) -> None:
 
 
 def _settings(inputs: DatasetInputs, opts: Options) -> _work.Settings:
-    return _work.Settings(str(inputs.image_root), opts.image_size, opts.quality, opts.reduce, opts.mode,
-                          opts.single_face_only)
+    return _work.Settings(
+        str(inputs.image_root), opts.image_size, opts.quality, opts.reduce, opts.mode, opts.single_face_only
+    )
 
 
 def _rows(inputs: DatasetInputs, part: list[tuple[Entry, int]]) -> list[_work.Row]:
     """The worker's rows for a part of a shard (see _work.Row)."""
     names = inputs.identity_names
-    return [(e.rel, e.identity, label, e.landmarks, e.bbox, names.get(e.identity), e.source, e.span)
-            for e, label in part]
+    return [
+        (e.rel, e.identity, label, e.landmarks, e.bbox, names.get(e.identity), e.source, e.span)
+        for e, label in part
+    ]
 
 
 def _pool_context():
@@ -255,24 +261,36 @@ def build(inputs: DatasetInputs, plan: Plan, opts: Options, command: str) -> dic
     seconds, cpu = _align(inputs, plan, opts, state, done, pending, allowed)
     summary = _finish(inputs, plan, opts, command, done)
     state.remove()
-    summary.update({
-        "seconds": round(seconds, 3),
-        "images_per_s": round(todo / seconds, 1) if seconds > 0 else None,
-        "cpu_ms_per_image": round(1e3 * cpu / todo, 3) if todo else None,  # parent and workers
-    })
+    summary.update(
+        {
+            "seconds": round(seconds, 3),
+            "images_per_s": round(todo / seconds, 1) if seconds > 0 else None,
+            "cpu_ms_per_image": round(1e3 * cpu / todo, 3) if todo else None,  # parent and workers
+        }
+    )
     return summary
 
 
-def _align(inputs: DatasetInputs, plan: Plan, opts: Options, state: BuildState, done: Done,
-           pending: list[int], allowed: int) -> tuple[float, float]:
+def _align(
+    inputs: DatasetInputs,
+    plan: Plan,
+    opts: Options,
+    state: BuildState,
+    done: Done,
+    pending: list[int],
+    allowed: int,
+) -> tuple[float, float]:
     """Align and pack the pending shards, in parts of BATCH inputs: the workers write each part's
     samples to a part file in OUT/.build/parts, the parent appends the parts to their shard in plan
     order. Returns (seconds, CPU seconds of the parent and the workers)."""
     parts_dir = state.dir / "parts"
     shutil.rmtree(parts_dir, ignore_errors=True)  # what a killed run left
     parts_dir.mkdir(parents=True)
-    tasks = [(index, start, plan.shards[index][start : start + BATCH], parts_dir / f"{index:06d}-{start:09d}")
-             for index in pending for start in range(0, len(plan.shards[index]), BATCH)]
+    tasks = [
+        (index, start, plan.shards[index][start : start + BATCH], parts_dir / f"{index:06d}-{start:09d}")
+        for index in pending
+        for start in range(0, len(plan.shards[index]), BATCH)
+    ]
     settings = _settings(inputs, opts)
     # Rows are made as the pool takes them (imap's feeder thread), not all before the first starts.
     work = ((settings, _rows(inputs, part), str(part_file)) for _, _, part, part_file in tasks)
@@ -565,8 +583,11 @@ def _build_locked(inputs: DatasetInputs, plan: Plan, opts: Options, command: str
 
 
 def _remove_temporaries(out: Path, prefix: str) -> None:
-    for path in [*out.glob(f"{prefix}-*{TMP_SUFFIX}"), *out.glob(f"*.json*{TMP_SUFFIX}"),
-                 *(out / STATE_DIR).glob(f"*{TMP_SUFFIX}")]:
+    for path in [
+        *out.glob(f"{prefix}-*{TMP_SUFFIX}"),
+        *out.glob(f"*.json*{TMP_SUFFIX}"),
+        *(out / STATE_DIR).glob(f"*{TMP_SUFFIX}"),
+    ]:
         path.unlink(missing_ok=True)
 
 

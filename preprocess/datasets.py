@@ -92,8 +92,12 @@ def _require_dir(path: Path, what: str, option: str) -> Path:
     return path
 
 
-def entries_for(on_disk: set[str], inputs: set[str], landmarks: dict[str, list[str]],
-             boxes: dict[str, tuple[float, float, float, float]] | None = None) -> list[Entry]:
+def entries_for(
+    on_disk: set[str],
+    inputs: set[str],
+    landmarks: dict[str, list[str]],
+    boxes: dict[str, tuple[float, float, float, float]] | None = None,
+) -> list[Entry]:
     """One entry per input, sorted by path; missing images and bad landmark rows carry their reason."""
     boxes = boxes or {}
     entries = []

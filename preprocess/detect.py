@@ -107,13 +107,22 @@ class _LNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(3, 28, 3), nn.PReLU(28), nn.MaxPool2d(3, 2, ceil_mode=True),
-                          nn.Conv2d(28, 48, 3), nn.PReLU(48), nn.MaxPool2d(3, 2, ceil_mode=True),
-                          nn.Conv2d(48, 64, 2), nn.PReLU(64))
-            for _ in range(5))
+            nn.Sequential(
+                nn.Conv2d(3, 28, 3),
+                nn.PReLU(28),
+                nn.MaxPool2d(3, 2, ceil_mode=True),
+                nn.Conv2d(28, 48, 3),
+                nn.PReLU(48),
+                nn.MaxPool2d(3, 2, ceil_mode=True),
+                nn.Conv2d(48, 64, 2),
+                nn.PReLU(64),
+            )
+            for _ in range(5)
+        )
         self.dense4, self.prelu4 = nn.Linear(5 * 64 * 3 * 3, 256), nn.PReLU(256)
-        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(256, 64), nn.PReLU(64), nn.Linear(64, 2))
-                                   for _ in range(5))
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(256, 64), nn.PReLU(64), nn.Linear(64, 2)) for _ in range(5)
+        )
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, 5, 3, 24, 24) patches in template order -> (N, 5, 2) positions in them."""

@@ -28,9 +28,12 @@ def walk(root: Path) -> tuple[list[str], list[str], list[Entry], int]:
     images = [rel for rel in tree.files if rel.count("/") == 1 and rel.lower().endswith(IMAGE_EXTENSIONS)]
     with_images = {rel.split("/", 1)[0] for rel in images}
     empty = [folder for folder in tree.folders if folder not in with_images]
-    rejects = [Entry(s.rel, s.rel.split("/", 1)[0], reason=s.reason, detail=s.detail) for s in tree.skipped
-               if s.reason not in ("hidden", "too_deep")
-               and (s.rel.lower().endswith(IMAGE_EXTENSIONS) or s.reason == "name_not_utf8")]
+    rejects = [
+        Entry(s.rel, s.rel.split("/", 1)[0], reason=s.reason, detail=s.detail)
+        for s in tree.skipped
+        if s.reason not in ("hidden", "too_deep")
+        and (s.rel.lower().endswith(IMAGE_EXTENSIONS) or s.reason == "name_not_utf8")
+    ]
     skipped = len(tree.files) - len(images) + len(tree.skipped) - len(rejects)
     return images, empty, rejects, skipped
 

@@ -51,8 +51,10 @@ def _pair(fields: list[str], where: str) -> tuple[str, str, bool]:
             return lfw_rel(fields[0], fields[1]), lfw_rel(fields[2], fields[3]), False
     except ValueError:
         raise UserError(f"{where}: image numbers must be integers: {' '.join(fields)!r}") from None
-    raise UserError(f"{where}: {len(fields)} fields; expected 'name i j' (same person) "
-                    "or 'name1 i name2 j' (different people)")
+    raise UserError(
+        f"{where}: {len(fields)} fields; expected 'name i j' (same person) "
+        "or 'name1 i name2 j' (different people)"
+    )
 
 
 def read_pairs(path: Path | str) -> list[PairLine]:
@@ -71,15 +73,20 @@ def read_pairs(path: Path | str) -> list[PairLine]:
     try:
         header = _header(first)
     except ValueError:
-        raise UserError(f"{path}:{hline}: expected a header '<folds> <pairs per fold>' or "
-                        "'<pairs>'") from None
+        raise UserError(
+            f"{path}:{hline}: expected a header '<folds> <pairs per fold>' or '<pairs>'"
+        ) from None
     if header is None:  # no header: one fold of whatever the lines hold
         body, per_fold = lines, len(lines)
     else:
         (folds, per_fold), body = header, lines[1:]
         if folds <= 0 or per_fold <= 0 or len(body) != folds * per_fold * 2:
-            raise UserError(f"{path}:{hline}: header says {folds} folds x {per_fold} genuine + "
-                            f"{per_fold} impostor pairs, the file has {len(body)} pair lines")
+            raise UserError(
+                f"{path}:{hline}: header says {folds} folds x {per_fold} genuine + "
+                f"{per_fold} impostor pairs, the file has {len(body)} pair lines"
+            )
         per_fold *= 2
-    return [PairLine(*_pair(fields, f"{path}:{n}"), fold=i // per_fold, line=n)
-            for i, (n, fields) in enumerate(body)]
+    return [
+        PairLine(*_pair(fields, f"{path}:{n}"), fold=i // per_fold, line=n)
+        for i, (n, fields) in enumerate(body)
+    ]

@@ -124,8 +124,10 @@ def _record_ranges(f, offset: int, size: int, words: bytes) -> Ranges:
             where = "a record" if at == offset else "the next part of the split record"
             raise ValueError("record_corrupt", f"part flag {cflag} at offset {at}, where {where} starts")
         if at + _WORDS.size + length > size:
-            raise ValueError("record_truncated", f"the {length}-byte record at offset {at} runs past "
-                             f"the end of the file ({size} bytes)")
+            raise ValueError(
+                "record_truncated",
+                f"the {length}-byte record at offset {at} runs past the end of the file ({size} bytes)",
+            )
         if ranges:
             ranges.append((at, 4))
         ranges.append((at + _WORDS.size, length))
@@ -146,8 +148,9 @@ def read_header(f, offset: int, size: int) -> tuple[tuple[float, ...], Ranges]:
     ranges = _record_ranges(f, offset, size, head[: _WORDS.size])
     length = sum(n for _, n in ranges)
     if length < _IRHEADER.size:
-        raise ValueError("record_corrupt",
-                         f"the {length}-byte record at offset {offset} is shorter than its header")
+        raise ValueError(
+            "record_corrupt", f"the {length}-byte record at offset {offset} is shorter than its header"
+        )
     header = head[_WORDS.size :] if len(ranges) == 1 else read_ranges(f, ranges, _IRHEADER.size)
     flag, label, _, _ = _IRHEADER.unpack(header)
     labels: tuple[float, ...] = (label,)
@@ -177,8 +180,9 @@ def read_rec(root: Path, rec: Path | None = None) -> DatasetInputs:
             if len(labels) >= 2:  # InsightFace's header record: images are 1 .. a-1
                 end = labels[0]
                 if not (math.isfinite(end) and end == int(end) and end >= 1):
-                    raise UserError(f"{rec}: record 0 says the images end at record {end}, "
-                                    "not a record number")
+                    raise UserError(
+                        f"{rec}: record 0 says the images end at record {end}, not a record number"
+                    )
                 images = [i for i in images if 1 <= i < int(end)]
         classes = Classes(num_classes, len(str(num_classes - 1)))
         entries = [_entry(f, rec, index, offsets[index], size, classes) for index in images]
@@ -211,8 +215,10 @@ def _entry(f, rec: Path, index: int, offset: int, size: int, classes: Classes) -
         return Entry(unreadable, "", reason="record_corrupt", detail=f"{rec} record {index}: holds no image")
     label = labels[0]
     if not (math.isfinite(label) and label == int(label) and 0 <= label < classes.count):
-        detail = (f"{rec} record {index}: label {label} (offset {offset}) is not a class number "
-                  f"0..{classes.count - 1} of `property`")
+        detail = (
+            f"{rec} record {index}: label {label} (offset {offset}) is not a class number "
+            f"0..{classes.count - 1} of `property`"
+        )
         return Entry(unreadable, "", reason="record_corrupt", detail=detail)
     name = str(int(label)).zfill(classes.digits)
     return Entry(f"{name}/{index:09d}", name, source=str(rec), span=image)

@@ -32,10 +32,13 @@ class AugmentConfig:
 
     flip: bool = setting(True, "horizontal flip, half of the images")
     crop_scale: tuple[float, float] | None = setting(
-        None, "random resized crop: [low, high] share of the area, e.g. [0.85, 1.0]; null = off",
-        range=Range(0, 1, "(]"))
-    color_jitter: float = setting(0.0, "brightness/contrast/saturation factor in 1 +- this",
-                                  range=Range(0, 1, "[)"))
+        None,
+        "random resized crop: [low, high] share of the area, e.g. [0.85, 1.0]; null = off",
+        range=Range(0, 1, "(]"),
+    )
+    color_jitter: float = setting(
+        0.0, "brightness/contrast/saturation factor in 1 +- this", range=Range(0, 1, "[)")
+    )
     grayscale_p: float = setting(0.0, "probability of a grayscale image", range=PROBABILITY)
     blur_p: float = setting(0.0, "probability of a Gaussian blur", range=PROBABILITY)
     erase_p: float = setting(0.0, "probability of erasing a box (random erasing)", range=PROBABILITY)

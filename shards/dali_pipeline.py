@@ -64,16 +64,29 @@ def _augment(images, arg: dict, aug: AugmentConfig, image_size: tuple[int, int])
 
     h, w = image_size
     if aug.crop_scale:
-        images = fn.resize(images, size=[h, w], roi_start=arg["roi_start"], roi_end=arg["roi_end"],
-                           roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=False)
+        images = fn.resize(
+            images,
+            size=[h, w],
+            roi_start=arg["roi_start"],
+            roi_end=arg["roi_end"],
+            roi_relative=False,
+            interp_type=types.INTERP_LINEAR,
+            antialias=False,
+        )
     if aug.color_jitter or aug.grayscale_p:
-        images = fn.color_twist(images, brightness=arg["brightness"], contrast=arg["contrast"],
-                                saturation=arg["saturation"])
+        images = fn.color_twist(
+            images, brightness=arg["brightness"], contrast=arg["contrast"], saturation=arg["saturation"]
+        )
     if aug.blur_p:
         images = fn.gaussian_blur(images, sigma=arg["sigma"])
     if aug.erase_p:
-        images = fn.erase(images, anchor=arg["erase_anchor"], shape=arg["erase_shape"],
-                          axis_names="HW", fill_value=float(ERASE_FILL))
+        images = fn.erase(
+            images,
+            anchor=arg["erase_anchor"],
+            shape=arg["erase_shape"],
+            axis_names="HW",
+            fill_value=float(ERASE_FILL),
+        )
     return images
 
 
@@ -111,7 +124,11 @@ def _build(
     def pipe():
         names = source.names
         jpegs, labels, *args = fn.external_source(
-            source=source, num_outputs=2 + len(names), batch=True, batch_info=True, parallel=parallel,
+            source=source,
+            num_outputs=2 + len(names),
+            batch=True,
+            batch_info=True,
+            parallel=parallel,
             dtype=[types.UINT8, types.INT32] + [types.INT32 if n == "mirror" else types.FLOAT for n in names],
             **ahead,
         )
@@ -169,23 +186,50 @@ class DaliBatches:
     from `start_batch`). The pipeline and its source workers stay up between passes: the next pass
     is the next epoch (`continues` says whether a wanted position is that one)."""
 
-    def __init__(self, table: SampleTable, plan: RankPlan, *, first_epoch: int, start_batch: int,
-                 image_size: tuple[int, int], augment: AugmentConfig | None, device: torch.device,
-                 channels_last: bool, threads: int, source_workers: int, prefetch: int) -> None:
+    def __init__(
+        self,
+        table: SampleTable,
+        plan: RankPlan,
+        *,
+        first_epoch: int,
+        start_batch: int,
+        image_size: tuple[int, int],
+        augment: AugmentConfig | None,
+        device: torch.device,
+        channels_last: bool,
+        threads: int,
+        source_workers: int,
+        prefetch: int,
+    ) -> None:
         self.gpu = device.type == "cuda"
-        device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
-            if self.gpu else None
-        self.source = BatchSource(SampleReader(table), plan, first_epoch, start_batch,
-                                  augment or AugmentConfig(flip=False), image_size)
+        device_id = (
+            (device.index if device.index is not None else torch.cuda.current_device()) if self.gpu else None
+        )
+        self.source = BatchSource(
+            SampleReader(table),
+            plan,
+            first_epoch,
+            start_batch,
+            augment or AugmentConfig(flip=False),
+            image_size,
+        )
         self.channels_last = channels_last
         # batches the pipeline may be preparing beyond the one delivered, where a failure may lie
         self.in_flight = 2 + max(1, prefetch) * (1 + source_workers)
-        self.pipe = _build(self.source, image_size=image_size, batch_size=plan.batch_size, gpu=self.gpu,
-                           device_id=device_id, threads=threads, source_workers=source_workers,
-                           prefetch=prefetch, channels_last=channels_last)
+        self.pipe = _build(
+            self.source,
+            image_size=image_size,
+            batch_size=plan.batch_size,
+            gpu=self.gpu,
+            device_id=device_id,
+            threads=threads,
+            source_workers=source_workers,
+            prefetch=prefetch,
+            channels_last=channels_last,
+        )
         self.iterator = None
-        self.passes = 0        # passes run to their end
-        self.between = True    # no pass is half-read (the pipeline can start the next one)
+        self.passes = 0  # passes run to their end
+        self.between = True  # no pass is half-read (the pipeline can start the next one)
 
     def continues(self, epoch: int, start_batch: int) -> bool:
         """Whether the next pass yields exactly (epoch, start_batch ..): the following whole epoch."""

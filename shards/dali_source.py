@@ -26,8 +26,15 @@ class BatchSource:
     given a pickled copy) compute their batches themselves.
     """
 
-    def __init__(self, reader: SampleReader, plan: RankPlan, first_epoch: int, start_batch: int,
-                 augment: AugmentConfig, image_size: tuple[int, int]):
+    def __init__(
+        self,
+        reader: SampleReader,
+        plan: RankPlan,
+        first_epoch: int,
+        start_batch: int,
+        augment: AugmentConfig,
+        image_size: tuple[int, int],
+    ):
         self.reader, self.plan, self.augment, self.image_size = reader, plan, augment, image_size
         self.first_epoch, self.start_batch = first_epoch, start_batch
         self.names = argument_names(augment)
@@ -63,10 +70,13 @@ class BatchSource:
 
 def argument_names(aug: AugmentConfig) -> list[str]:
     """The per-sample operator arguments the steps that are on take, in a fixed order."""
-    steps = [(aug.crop_scale, ["roi_start", "roi_end"]),
-             (aug.color_jitter or aug.grayscale_p, ["brightness", "contrast", "saturation"]),
-             (aug.blur_p, ["sigma"]), (aug.erase_p, ["erase_anchor", "erase_shape"]),
-             (aug.flip, ["mirror"])]
+    steps = [
+        (aug.crop_scale, ["roi_start", "roi_end"]),
+        (aug.color_jitter or aug.grayscale_p, ["brightness", "contrast", "saturation"]),
+        (aug.blur_p, ["sigma"]),
+        (aug.erase_p, ["erase_anchor", "erase_shape"]),
+        (aug.flip, ["mirror"]),
+    ]
     return [name for on, names in steps if on for name in names]
 
 
@@ -77,11 +87,14 @@ def _arguments(d: AugmentDraw, h: int, w: int) -> dict[str, np.ndarray]:
     ey, ex, eh, ew = d.erase if d.erase is not None else (0, 0, 0, 0)  # an empty region: no erase
     f32 = np.float32
     return {
-        "roi_start": np.array([y, x], f32), "roi_end": np.array([y + ch, x + cw], f32),
-        "brightness": np.array(bright, f32), "contrast": np.array(contrast, f32),
+        "roi_start": np.array([y, x], f32),
+        "roi_end": np.array([y + ch, x + cw], f32),
+        "brightness": np.array(bright, f32),
+        "contrast": np.array(contrast, f32),
         "saturation": np.array(0.0 if d.gray else sat, f32),
         # sigma ~0 is an exact identity (3-tap window with weights 0, 1, 0): blur without a branch
         "sigma": np.array(d.blur_sigma if d.blur_sigma is not None else 1e-3, f32),
-        "erase_anchor": np.array([ey, ex], f32), "erase_shape": np.array([eh, ew], f32),
+        "erase_anchor": np.array([ey, ex], f32),
+        "erase_shape": np.array([eh, ew], f32),
         "mirror": np.array(int(d.flip), np.int32),
     }

@@ -103,7 +103,8 @@ def parse_image_size(text: str) -> tuple[int, int]:
         values *= 2
     if len(values) != 2 or min(values) < MIN_IMAGE_SIDE or max(values) > MAX_IMAGE_SIDE:
         raise argparse.ArgumentTypeError(
-            f"expected N or HxW with sides {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, not {text!r}")
+            f"expected N or HxW with sides {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}, not {text!r}"
+        )
     return values[0], values[1]
 
 

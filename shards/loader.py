@@ -130,27 +130,41 @@ class TrainLoader:
             return self._dali_pass()
         if self._torch is None:
             decoder = BatchDecoder(self.table, self.image_size, self.augment)  # type: ignore[arg-type]
-            self._torch = BatchWorkers(decoder, workers=min(self.workers, self.batches_per_epoch),
-                                       prefetch=self.prefetch, pin_memory=self.device.type == "cuda",
-                                       persistent=self.persistent_workers)
+            self._torch = BatchWorkers(
+                decoder,
+                workers=min(self.workers, self.batches_per_epoch),
+                prefetch=self.prefetch,
+                pin_memory=self.device.type == "cuda",
+                persistent=self.persistent_workers,
+            )
         source = self._torch.run(self.tasks())
         return iter(DevicePrefetcher(source, self.device, self.channels_last, depth=self.prefetch))
 
     def _dali_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from shards.dali_pipeline import DaliBatches
 
-        reusable = self.persistent_workers and self._dali is not None and self._dali.continues(
-            self.epoch, self.start_batch)
+        reusable = (
+            self.persistent_workers
+            and self._dali is not None
+            and self._dali.continues(self.epoch, self.start_batch)
+        )
         if self._dali is not None and not reusable:
             self._dali.close()
             self._dali = None
         if self._dali is None:
             self._dali = DaliBatches(
-                self.table, self.plan, first_epoch=self.epoch, start_batch=self.start_batch,
-                image_size=self.image_size, augment=self.augment, device=self.device,
-                channels_last=self.channels_last, threads=max(1, self.workers),
+                self.table,
+                self.plan,
+                first_epoch=self.epoch,
+                start_batch=self.start_batch,
+                image_size=self.image_size,
+                augment=self.augment,
+                device=self.device,
+                channels_last=self.channels_last,
+                threads=max(1, self.workers),
                 source_workers=self._source_workers(),
-                prefetch=self.prefetch)
+                prefetch=self.prefetch,
+            )
         return self._dali.epoch()
 
     def _source_workers(self) -> int:

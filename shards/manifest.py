@@ -68,10 +68,17 @@ def file_sha256(path: Path) -> str:
 
 def _plain_name(value: Any, where: str, path: Path) -> str:
     """A shard or index name must be a file name inside the shard folder: no folder part, no `..`."""
-    if (not isinstance(value, str) or not value or value in (".", "..") or "/" in value
-            or "\\" in value or "\0" in value):
-        raise UserError(f"{path}: {where} must be a plain file name inside the shard folder, "
-                        f"not {str(value)[:80]!r}")
+    if (
+        not isinstance(value, str)
+        or not value
+        or value in (".", "..")
+        or "/" in value
+        or "\\" in value
+        or "\0" in value
+    ):
+        raise UserError(
+            f"{path}: {where} must be a plain file name inside the shard folder, not {str(value)[:80]!r}"
+        )
     return value
 
 

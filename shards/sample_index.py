@@ -69,16 +69,24 @@ def _index_row(fields: list[str], where: str, tar_bytes: int) -> tuple[tuple[int
             raise UserError(f"{where}: offset and size of the {ext!r} member must be integers")
         members[ext] = (int(offset), int(size), name)
         if members[ext][0] + members[ext][1] > tar_bytes:
-            raise UserError(f"{where}: the {ext} member (offset {offset}, {size} bytes) runs past the end "
-                            f"of the tar ({tar_bytes} bytes)")
+            raise UserError(
+                f"{where}: the {ext} member (offset {offset}, {size} bytes) runs past the end "
+                f"of the tar ({tar_bytes} bytes)"
+            )
     if "jpg" not in members or "lbl" not in members:
         raise UserError(f"{where}: the sample has no jpg or no lbl member")
     jpg, lbl = members["jpg"], members["lbl"]
     record = members.get("json", (lbl[0] + 4, 0, ""))
-    if (lbl[1] != 4 or jpg[0] < TAR_BLOCK or lbl[0] < jpg[0] + jpg[1] + TAR_BLOCK
-            or (record[1] and record[0] < lbl[0] + 4 + TAR_BLOCK)):
-        raise UserError(f"{where}: members are not laid out as in a tar (jpg, lbl of 4 bytes, json, "
-                        "each after its 512-byte header): offsets and sizes overlap")
+    if (
+        lbl[1] != 4
+        or jpg[0] < TAR_BLOCK
+        or lbl[0] < jpg[0] + jpg[1] + TAR_BLOCK
+        or (record[1] and record[0] < lbl[0] + 4 + TAR_BLOCK)
+    ):
+        raise UserError(
+            f"{where}: members are not laid out as in a tar (jpg, lbl of 4 bytes, json, "
+            "each after its 512-byte header): offsets and sizes overlap"
+        )
     key = jpg[2].rsplit("/", 1)[-1][: -len(".jpg")]
     return (jpg[0], jpg[1], lbl[0], record[0], record[1]), key
 
@@ -273,8 +281,14 @@ class RankPlan:
         return batches_per_epoch(self.num_samples, self.batch_size, self.world_size)
 
     def order(self, epoch: int) -> np.ndarray:
-        return epoch_order(self.num_samples, batch_size=self.batch_size, rank=self.rank,
-                           world_size=self.world_size, seed=self.seed, epoch=epoch)
+        return epoch_order(
+            self.num_samples,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=epoch,
+        )
 
     def task(self, epoch: int, k: int, order: np.ndarray) -> Task:
         """Batch k of the epoch whose `order` is given (computing the order is the costly part)."""

@@ -119,8 +119,15 @@ class BatchWorkers:
     futex_wait after OpenCV work in the parent). Started in the thread that calls `run`.
     """
 
-    def __init__(self, decoder: BatchDecoder, *, workers: int, prefetch: int, pin_memory: bool = False,
-                 persistent: bool = True) -> None:
+    def __init__(
+        self,
+        decoder: BatchDecoder,
+        *,
+        workers: int,
+        prefetch: int,
+        pin_memory: bool = False,
+        persistent: bool = True,
+    ) -> None:
         self.decoder, self.workers, self.prefetch = decoder, workers, prefetch
         self.pin_memory, self.persistent = pin_memory, persistent
         self.sampler = _TaskSampler()
@@ -174,8 +181,9 @@ def iter_uint8_batches(
     decoder: BatchDecoder, tasks: Sequence[Task], *, workers: int, prefetch: int, pin_memory: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass over `tasks` with workers of its own (see BatchWorkers), for one-off reads."""
-    return BatchWorkers(decoder, workers=min(workers, len(tasks)), prefetch=prefetch, pin_memory=pin_memory,
-                        persistent=False).run(tasks)
+    return BatchWorkers(
+        decoder, workers=min(workers, len(tasks)), prefetch=prefetch, pin_memory=pin_memory, persistent=False
+    ).run(tasks)
 
 
 def _check(item):

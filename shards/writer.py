@@ -25,9 +25,9 @@ _RECORD = tarfile.RECORDSIZE  # tar files end padded to a whole record (20 block
 # Every member has the same metadata, so a header is: name, these fixed fields, size, and a checksum.
 _MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # mode 0644, uid 0, gid 0
 _MTIME = b"%011o\0" % 0
-_AFTER_CHKSUM = (
-    b"0" + b"\0" * 100 + tarfile.GNU_MAGIC + b"\0" * 32 * 2 + b"\0" * 16 + b"\0" * 155
-).ljust(TAR_BLOCK - 156, b"\0")  # type, link name, magic, uname, gname, device numbers, prefix, pad
+_AFTER_CHKSUM = (b"0" + b"\0" * 100 + tarfile.GNU_MAGIC + b"\0" * 32 * 2 + b"\0" * 16 + b"\0" * 155).ljust(
+    TAR_BLOCK - 156, b"\0"
+)  # type, link name, magic, uname, gname, device numbers, prefix, pad
 _CHKSUM_REST = sum(_AFTER_CHKSUM) + 8 * ord(" ")  # the checksum counts its own field as spaces
 
 

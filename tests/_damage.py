@@ -102,8 +102,10 @@ def rec_offset(rec_path: Path, index: int) -> int:
 def set_rec_offset(rec_path: Path, index: int, offset: int) -> None:
     """Give record `index` another offset in `train.idx` (negative, past the end, huge ...)."""
     idx = rec_path.with_suffix(".idx")
-    lines = [f"{index}\t{offset}" if line.split()[0] == str(index) else line
-             for line in idx.read_text().splitlines()]
+    lines = [
+        f"{index}\t{offset}" if line.split()[0] == str(index) else line
+        for line in idx.read_text().splitlines()
+    ]
     idx.write_text("\n".join(lines) + "\n")
 
 

@@ -36,8 +36,14 @@ def build_lfw_shards(out: Path, seed: int = 0) -> Path:
             rel = f"{name}/{name}_{i:04d}.jpg"
             ok, jpg = cv2.imencode(".jpg", _face(rng, label), [cv2.IMWRITE_JPEG_QUALITY, 95])
             assert ok
-            samples.append((sample_key(rel), jpg.tobytes(), label,
-                            {"identity": name, "label": label, "source": rel, "landmarks": [[0, 0]] * 5}))
+            samples.append(
+                (
+                    sample_key(rel),
+                    jpg.tobytes(),
+                    label,
+                    {"identity": name, "label": label, "source": rel, "landmarks": [[0, 0]] * 5},
+                )
+            )
     order = rng.permutation(len(samples))
     infos = []
     for s, chunk in enumerate(np.array_split(order, 2)):
@@ -49,21 +55,49 @@ def build_lfw_shards(out: Path, seed: int = 0) -> Path:
     for f in range(10):
         for k in range(3):
             n = NAMES[(f + k) % 12]
-            pairs.append({"a": sample_key(f"{n}/{n}_0001.jpg"),
-                          "b": sample_key(f"{n}/{n}_000{2 + k % 2}.jpg"), "same": True, "fold": f})
+            pairs.append(
+                {
+                    "a": sample_key(f"{n}/{n}_0001.jpg"),
+                    "b": sample_key(f"{n}/{n}_000{2 + k % 2}.jpg"),
+                    "same": True,
+                    "fold": f,
+                }
+            )
         for k in range(3):
             n1, n2 = NAMES[(f + k) % 12], NAMES[(f + k + 5) % 12]
-            pairs.append({"a": sample_key(f"{n1}/{n1}_0001.jpg"), "b": sample_key(f"{n2}/{n2}_0003.jpg"),
-                          "same": False, "fold": f})
-    write_manifest(out, {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dataset": "lfw", "split": "test",
-        "num_samples": len(samples), "num_classes": len(NAMES), "classes": NAMES,
-        "image_size": list(SIZE), "template": scaled_template(SIZE), "jpeg_quality": 95,
-        "num_rejects": 0, "num_inputs": len(samples),
-        "shards": [{"file": i.file, "index": i.index, "samples": i.samples, "bytes": i.bytes,
-                    "sha256": i.sha256} for i in infos],
-        "pairs": pairs, "seed": seed, "command": "tests/eval/test_lfw.py", "created_by": "tests",
-    })
+            pairs.append(
+                {
+                    "a": sample_key(f"{n1}/{n1}_0001.jpg"),
+                    "b": sample_key(f"{n2}/{n2}_0003.jpg"),
+                    "same": False,
+                    "fold": f,
+                }
+            )
+    write_manifest(
+        out,
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dataset": "lfw",
+            "split": "test",
+            "num_samples": len(samples),
+            "num_classes": len(NAMES),
+            "classes": NAMES,
+            "image_size": list(SIZE),
+            "template": scaled_template(SIZE),
+            "jpeg_quality": 95,
+            "num_rejects": 0,
+            "num_inputs": len(samples),
+            "shards": [
+                {"file": i.file, "index": i.index, "samples": i.samples, "bytes": i.bytes, "sha256": i.sha256}
+                for i in infos
+            ],
+            "pairs": pairs,
+            "seed": seed,
+            "command": "tests/eval/test_lfw.py",
+            "created_by": "tests",
+        },
+    )
     return out
 
 

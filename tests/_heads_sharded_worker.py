@@ -1,18 +1,18 @@
 """Run by the tests/test_heads_sharded*.py tests under torchrun (gloo, CPU). Two modes:
 
-    _heads_sharded_worker.py OUT
-        the head checks: every rank builds the same global data, runs the single-process MarginHead
-        (the float64 reference) on the whole batch and the ShardedMarginHead on its own rows and
-        classes, and writes the largest relative differences (and what the sampling checks saw) to
-        OUT/rank{r}.json; rank 0 also saves the gathered per-class state after two SGD steps; and the
-        trainer's sharded head starts from the replicated head's rows with the same first loss.
-    _heads_sharded_worker.py train '{"dump_after_resume": FILE, "record_step": S, "kill_rank": R,
-                                     "kill_at_call": K, "signal": "SIGKILL", "faults": {...}}' [main args]
-        trainer/main.py with tests/_trainer_faults.py's FaultHooks(**faults); dump_after_resume: the
-        head's per-class state, gathered right after set-up and resume, to FILE; record_step: each rank
-        writes (label, pixel sum) of its batch at that 0-based step to RUN/batch-rank{r}.json;
-        kill_rank: that rank sends itself `signal` on its K-th labels gather of the sharded head (the
-        other ranks are then inside the head's collectives).
+_heads_sharded_worker.py OUT
+    the head checks: every rank builds the same global data, runs the single-process MarginHead
+    (the float64 reference) on the whole batch and the ShardedMarginHead on its own rows and
+    classes, and writes the largest relative differences (and what the sampling checks saw) to
+    OUT/rank{r}.json; rank 0 also saves the gathered per-class state after two SGD steps; and the
+    trainer's sharded head starts from the replicated head's rows with the same first loss.
+_heads_sharded_worker.py train '{"dump_after_resume": FILE, "record_step": S, "kill_rank": R,
+                                 "kill_at_call": K, "signal": "SIGKILL", "faults": {...}}' [main args]
+    trainer/main.py with tests/_trainer_faults.py's FaultHooks(**faults); dump_after_resume: the
+    head's per-class state, gathered right after set-up and resume, to FILE; record_step: each rank
+    writes (label, pixel sum) of its batch at that 0-based step to RUN/batch-rank{r}.json;
+    kill_rank: that rank sends itself `signal` on its K-th labels gather of the sharded head (the
+    other ranks are then inside the head's collectives).
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def check_margins(rank: int, world: int) -> dict[str, list[float]]:
             xs = xc * (1.0 + 0.3 * step)
             lr, gxr, gwr = loss_and_grads(ref, xs, y)
             ls, gxs, gws = loss_and_grads(sh, xs[rows], y[rows])
-            d_state = max([rel(s, r) for (_, s), (_, r) in zip(sh.named_buffers(), ref.named_buffers())],
-                          default=0.0)
+            d_state = max(
+                [rel(s, r) for (_, s), (_, r) in zip(sh.named_buffers(), ref.named_buffers())], default=0.0
+            )
             errs.append([rel(ls, lr), rel(gxs, gxr[rows]), rel(gws, gwr[a:b]), d_state])
         out[name] = [max(e[i] for e in errs) for i in range(4)]
     return out
@@ -117,9 +118,14 @@ def check_sampled_vs_reference(rank: int, world: int) -> dict:
     again.set_step(3)
     again(x[rows], y[rows])
     owned = y[(y >= a) & (y < b)] - a
-    return {"loss_rel": rel(loss.detach(), ref_loss), "kept": len(mine), "local": b - a,
-            "positives": sorted(set(owned.tolist())), "sampled": sorted(sh.sampled.tolist()),
-            "same_seed_same_sample": bool(torch.equal(again.sampled, sh.sampled))}
+    return {
+        "loss_rel": rel(loss.detach(), ref_loss),
+        "kept": len(mine),
+        "local": b - a,
+        "positives": sorted(set(owned.tolist())),
+        "sampled": sorted(sh.sampled.tolist()),
+        "same_seed_same_sample": bool(torch.equal(again.sampled, sh.sampled)),
+    }
 
 
 def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
@@ -127,7 +133,7 @@ def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
     per-class state equals the full head's weight and momentum. The step runs through `sampled_rows`
     with a sample that holds every class (positives cover them all), so that path is checked too."""
     x, w, y = global_data(world, 7, per_rank=8, seed=2)
-    y[: 7] = torch.arange(7)
+    y[:7] = torch.arange(7)
     a, b = class_range(7, rank, world)
     rows = slice(rank * 8, (rank + 1) * 8)
     res = {}
@@ -147,9 +153,11 @@ def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
         state = gather_class_state(sh.weight, opts[1], 7)
         if rank == 0:
             mom = opts[0].state[ref.weight]["momentum_buffer"]
-            res[f"rate{rate}"] = [rel(state["rows"]["weight"], ref.weight.detach()),
-                                  rel(state["rows"]["optim.momentum_buffer"], mom),
-                                  sh.sampled is None or set(sh.sampled.tolist()) == set(range(b - a))]
+            res[f"rate{rate}"] = [
+                rel(state["rows"]["weight"], ref.weight.detach()),
+                rel(state["rows"]["optim.momentum_buffer"], mom),
+                sh.sampled is None or set(sh.sampled.tolist()) == set(range(b - a)),
+            ]
             torch.save(state, out / f"state_rate{rate}.pt")
     return res
 
@@ -172,9 +180,12 @@ def check_seeded_start(rank: int, world: int) -> dict:
     first_rep = float(replicated(x, y))
     first_sh = float(sharded(x[rows], y[rows]))
     other_seed = build_head("replicate", classes, dim, kwargs, 1.0, seed + 1)
-    return {"same_rows": torch.equal(sharded.weight, replicated.weight[a:b]),
-            "rows": [a, b], "other_seed_differs": not torch.equal(other_seed.weight, replicated.weight),
-            "first_loss": [first_rep, first_sh]}
+    return {
+        "same_rows": torch.equal(sharded.weight, replicated.weight[a:b]),
+        "rows": [a, b],
+        "other_seed_differs": not torch.equal(other_seed.weight, replicated.weight),
+        "first_loss": [first_rep, first_sh],
+    }
 
 
 def train(opts: dict, argv: list[str]) -> int:
@@ -223,8 +234,12 @@ def main() -> int:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"margins": check_margins(rank, world), "sampled": check_sampled_vs_reference(rank, world),
-              "sgd": check_sgd_step_and_state(rank, world, out), "start": check_seeded_start(rank, world)}
+    result = {
+        "margins": check_margins(rank, world),
+        "sampled": check_sampled_vs_reference(rank, world),
+        "sgd": check_sgd_step_and_state(rank, world, out),
+        "start": check_seeded_start(rank, world),
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

@@ -24,8 +24,13 @@ def face_like(i: int, size: int = 112) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_shards(root: Path, sizes: list[int], num_classes: int = 7, size: int = 112,
-                not_jpeg: frozenset[int] = frozenset()) -> Path:
+def make_shards(
+    root: Path,
+    sizes: list[int],
+    num_classes: int = 7,
+    size: int = 112,
+    not_jpeg: frozenset[int] = frozenset(),
+) -> Path:
     """Shards `train-00000k.tar` with `sizes[k]` samples; sample i has label i % num_classes.
 
     Samples in `not_jpeg` hold bytes that are no image (written as such: their CRC32 fits).

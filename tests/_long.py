@@ -7,4 +7,5 @@ import pytest
 
 long_real_lfw = pytest.mark.skipif(
     os.environ.get("FACETRAIN_LONG_TESTS") != "1",
-    reason="FACETRAIN_LONG_TESTS=1 not set: detects all 13,232 real LFW photos (9-13 min on 2 cores)")
+    reason="FACETRAIN_LONG_TESTS=1 not set: detects all 13,232 real LFW photos (9-13 min on 2 cores)",
+)

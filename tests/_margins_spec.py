@@ -45,7 +45,7 @@ def spec_loss(x, w, y, name: str, state: dict, training: bool, s: float = 64.0, 
         a = x.norm(dim=1).clamp(l_a, u_a)
         m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
         tgt = s * torch.cos(theta + m)
-        extra = lam * (a / u_a ** 2 + 1.0 / a).mean()
+        extra = lam * (a / u_a**2 + 1.0 / a).mean()
     elif name == "curricularface":
         m = 0.5
         if training:
@@ -95,6 +95,7 @@ def spec_two_steps(name: str, x, w, y, subcenters: int = 1):
 
 def head_two_steps(head, x, w, y, dtype=torch.float64):
     """The same two steps through a head (in training mode): its weight takes each step's values."""
+
     def loss_fn(xs, ws, ys):
         with torch.no_grad():
             head.weight.copy_(ws)
@@ -110,8 +111,9 @@ def rel_err(a, b) -> float:
 def data(B: int = 37, C: int = 70, D: int = 40, seed: int = 0):
     """float64 x (norms around 15-25, so AdaFace's z and MagFace's m vary), w, y (last class used)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64) * (2.0 + torch.rand(B, 1, generator=g,
-                                                                             dtype=torch.float64) * 2)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * (
+        2.0 + torch.rand(B, 1, generator=g, dtype=torch.float64) * 2
+    )
     w = torch.randn(C, D, generator=g, dtype=torch.float64)
     y = torch.randint(0, C, (B,), generator=g)
     y[-1] = C - 1

@@ -45,7 +45,9 @@ def jpeg(rng: np.random.Generator, size: int = 112) -> bytes:
 
 
 def write_rec(
-    root: Path, per_class: tuple[int, ...] = (13, 11), corrupt: int | None = None,
+    root: Path,
+    per_class: tuple[int, ...] = (13, 11),
+    corrupt: int | None = None,
     images: dict[int, tuple[int, bytes]] | None = None,
 ) -> dict[int, tuple[int, bytes]]:
     """train.rec/.idx/property with InsightFace's header record 0 and identity records; returns

@@ -27,12 +27,12 @@ SCRIPT = Path(__file__).resolve()
 @dataclass
 class FaultHooks(TrainerHooks):
     nonfinite_steps: list[int] = field(default_factory=list)  # make the loss at these steps inf
-    step_sleep_s: float = 0.0           # slow each step down (crash test)
-    checkpoint_pause_s: float = 0.0     # hold a half-written checkpoint this long (crash test) ...
-    checkpoint_pause_step: int = 0      # ... when writing this step's checkpoint (0 = every one)
-    dump_params: bool = False           # every rank writes its final parameters (DDP test)
-    hang_rank: int = -1                 # this rank (RANK) stops answering ...
-    hang_step: int = -1                 # ... after the backward of this step (hang test)
+    step_sleep_s: float = 0.0  # slow each step down (crash test)
+    checkpoint_pause_s: float = 0.0  # hold a half-written checkpoint this long (crash test) ...
+    checkpoint_pause_step: int = 0  # ... when writing this step's checkpoint (0 = every one)
+    dump_params: bool = False  # every rank writes its final parameters (DDP test)
+    hang_rank: int = -1  # this rank (RANK) stops answering ...
+    hang_step: int = -1  # ... after the backward of this step (hang test)
 
     def micro_batch_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         return loss * float("inf") if step in self.nonfinite_steps else loss

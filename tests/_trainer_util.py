@@ -18,12 +18,25 @@ MAIN = ROOT / "trainer" / "main.py"
 def tiny_overrides(run_dir: Path, steps: int = 12, **extra: object) -> list[str]:
     """A run of a few seconds: 8 synthetic identities at 32x32, tiny backbone of width 8."""
     base = {
-        "data.source": "synthetic", "data.synthetic.classes": 8, "data.synthetic.per_class": 8,
-        "data.synthetic.image_size": "[32,32]", "model.backbone": "tiny", "model.embedding_size": 32,
-        "model.kwargs.width": 8, "model.channels_last": "false", "loader.batch_size": 16,
-        "schedule.steps": steps, "schedule.warmup_steps": 0, "optim.lr": 0.1, "head.s": 30.0,
-        "head.m": 0.2, "logging.every_steps": 1, "checkpoint.every_steps": 4, "precision.dtype": "fp32",
-        "run.dir": str(run_dir), "run.devices": "cpu",
+        "data.source": "synthetic",
+        "data.synthetic.classes": 8,
+        "data.synthetic.per_class": 8,
+        "data.synthetic.image_size": "[32,32]",
+        "model.backbone": "tiny",
+        "model.embedding_size": 32,
+        "model.kwargs.width": 8,
+        "model.channels_last": "false",
+        "loader.batch_size": 16,
+        "schedule.steps": steps,
+        "schedule.warmup_steps": 0,
+        "optim.lr": 0.1,
+        "head.s": 30.0,
+        "head.m": 0.2,
+        "logging.every_steps": 1,
+        "checkpoint.every_steps": 4,
+        "precision.dtype": "fp32",
+        "run.dir": str(run_dir),
+        "run.devices": "cpu",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -42,10 +55,17 @@ def main_command(faults: dict | None = None) -> list[str]:
     return ["-m", "tests._trainer_faults", json.dumps(faults)]
 
 
-def run_main(args: list[str], timeout: float = 120,
-             faults: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *main_command(faults), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env(), cwd=ROOT)
+def run_main(
+    args: list[str], timeout: float = 120, faults: dict | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *main_command(faults), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=ROOT,
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -74,8 +94,9 @@ def pair_shards(root: Path, shift: int = 0, dataset: str = "lfw") -> Path:
         for k in range(3):
             c = (f + k + shift) % VAL_CLASSES
             pairs.append({"a": key(c), "b": key(c + VAL_CLASSES * (1 + k % 4)), "same": True, "fold": f})
-            pairs.append({"a": key(c), "b": key((c + 3) % VAL_CLASSES + VAL_CLASSES * 2), "same": False,
-                          "fold": f})
+            pairs.append(
+                {"a": key(c), "b": key((c + 3) % VAL_CLASSES + VAL_CLASSES * 2), "same": False, "fold": f}
+            )
     data.update(dataset=dataset, split="test", pairs=pairs)
     write_manifest(root, data)
     return root

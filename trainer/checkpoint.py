@@ -36,12 +36,17 @@ _STEP_RE = re.compile(r"^step-(\d{8})\.pt$")
 
 # --- RNG state in weights_only-loadable form (tensors, ints, lists only) --------------------------
 
+
 def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": list(random.getstate()[1]) + [random.getstate()[0]],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -64,6 +69,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # --- the training state: to and from the checkpoint dict ------------------------------------------
 
+
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
@@ -75,7 +81,7 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0            # micro-batches of this epoch already consumed (per rank)
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per rank)
     best_accuracy: float = -1.0
     skipped_total: int = 0
 
@@ -85,17 +91,31 @@ class TrainState:
 STATE_KEYS = ("optimizer", "head_state", "scaler", "scheduler")
 
 
-def training_checkpoint(backbone_spec: Mapping[str, Any], backbone: nn.Module,
-                        parts: Mapping[str, Stateful], state: TrainState, rngs: list[dict[str, Any]],
-                        config: dict[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+def training_checkpoint(
+    backbone_spec: Mapping[str, Any],
+    backbone: nn.Module,
+    parts: Mapping[str, Stateful],
+    state: TrainState,
+    rngs: list[dict[str, Any]],
+    config: dict[str, Any],
+    metrics: Mapping[str, Any],
+) -> dict[str, Any]:
     """The whole training checkpoint: `parts` maps each of STATE_KEYS to its component."""
     extra: dict[str, Any] = {key: parts[key].state_dict() for key in STATE_KEYS}
-    extra.update({
-        "step": state.step, "epoch": state.epoch,
-        "data_position": {"epoch": state.epoch, "batch": state.batch_in_epoch},
-        "rng": {"per_rank": rngs}, "config": config,
-        "metrics": {"best_accuracy": state.best_accuracy, "skipped_total": state.skipped_total, **metrics},
-    })
+    extra.update(
+        {
+            "step": state.step,
+            "epoch": state.epoch,
+            "data_position": {"epoch": state.epoch, "batch": state.batch_in_epoch},
+            "rng": {"per_rank": rngs},
+            "config": config,
+            "metrics": {
+                "best_accuracy": state.best_accuracy,
+                "skipped_total": state.skipped_total,
+                **metrics,
+            },
+        }
+    )
     return checkpoint_dict(backbone_spec, backbone.state_dict(), **extra)
 
 
@@ -106,10 +126,13 @@ def restore_training(ckpt: dict[str, Any], backbone: nn.Module, parts: Mapping[s
     for key in STATE_KEYS:
         parts[key].load_state_dict(ckpt[key])
     metrics = ckpt["metrics"]
-    return TrainState(step=int(ckpt["step"]), epoch=int(ckpt["epoch"]),
-                      batch_in_epoch=int(ckpt["data_position"]["batch"]),
-                      best_accuracy=float(metrics.get("best_accuracy", -1.0)),
-                      skipped_total=int(metrics.get("skipped_total", 0)))
+    return TrainState(
+        step=int(ckpt["step"]),
+        epoch=int(ckpt["epoch"]),
+        batch_in_epoch=int(ckpt["data_position"]["batch"]),
+        best_accuracy=float(metrics.get("best_accuracy", -1.0)),
+        skipped_total=int(metrics.get("skipped_total", 0)),
+    )
 
 
 def _nonfinite_tensor(tree: Any, where: str) -> str | None:
@@ -142,13 +165,21 @@ def unusable_reason(ckpt: Mapping[str, Any]) -> str | None:
     return None
 
 
-ABSORBED = ("optim.*, schedule.*, head.s/m/t/parallel/sample_rate (not the class count), the process count "
-            "with loader.batch_size x processes kept, loader.workers/backend/prefetch, optim.accumulate, "
-            "checkpoint.*, validation.*, logging.*")
+ABSORBED = (
+    "optim.*, schedule.*, head.s/m/t/parallel/sample_rate (not the class count), the process count "
+    "with loader.batch_size x processes kept, loader.workers/backend/prefetch, optim.accumulate, "
+    "checkpoint.*, validation.*, logging.*"
+)
 
 
-def check_resumable(path: Path, ckpt: dict[str, Any], backbone_spec: Mapping[str, Any], num_classes: int,
-                    batch_size: int, world_size: int) -> None:
+def check_resumable(
+    path: Path,
+    ckpt: dict[str, Any],
+    backbone_spec: Mapping[str, Any],
+    num_classes: int,
+    batch_size: int,
+    world_size: int,
+) -> None:
     """UserError in one line when this run cannot continue `ckpt`: says what differs and what a resume
     absorbs. The head is saved per class, so any process count resumes it; the data position counts
     batches of batch_size x processes samples (the same samples for every process count, see
@@ -162,8 +193,10 @@ def check_resumable(path: Path, ckpt: dict[str, Any], backbone_spec: Mapping[str
             diffs.append(f"model {key} {saved.get(key)!r} -> {now[key]!r}")
     head = ckpt.get("head_state", {})
     if "rows" not in head:
-        raise UserError(f"{path}: cannot resume: its head was saved whole, before per-class head "
-                        "checkpoints; resume it with the version that wrote it or start afresh")
+        raise UserError(
+            f"{path}: cannot resume: its head was saved whole, before per-class head "
+            "checkpoints; resume it with the version that wrote it or start afresh"
+        )
     saved_classes = int(head["num_classes"]) // int(head.get("subcenters", 1))  # rows per class
     if saved_classes != num_classes:
         diffs.append(f"classes {saved_classes} -> {num_classes}")
@@ -171,12 +204,16 @@ def check_resumable(path: Path, ckpt: dict[str, Any], backbone_spec: Mapping[str
     saved_batch = int(ckpt.get("config", {}).get("loader", {}).get("batch_size", batch_size))
     if saved_batch * saved_world != batch_size * world_size:
         keep = _keep_global_batch(saved_batch * saved_world, world_size)
-        diffs.append(f"loader.batch_size x processes {saved_batch} x {saved_world} -> "
-                     f"{batch_size} x {world_size} ({keep})")
+        diffs.append(
+            f"loader.batch_size x processes {saved_batch} x {saved_world} -> "
+            f"{batch_size} x {world_size} ({keep})"
+        )
     if diffs:
-        raise UserError(f"{path}: cannot resume: {'; '.join(diffs)}. A resume keeps the model, the class "
-                        f"count and loader.batch_size x processes; it absorbs changes to {ABSORBED}. "
-                        "To start afresh: checkpoint.resume=never or another run.dir")
+        raise UserError(
+            f"{path}: cannot resume: {'; '.join(diffs)}. A resume keeps the model, the class "
+            f"count and loader.batch_size x processes; it absorbs changes to {ABSORBED}. "
+            "To start afresh: checkpoint.resume=never or another run.dir"
+        )
 
 
 def _keep_global_batch(global_batch: int, world_size: int) -> str:
@@ -186,11 +223,14 @@ def _keep_global_batch(global_batch: int, world_size: int) -> str:
     keep = f"loader.batch_size={global_batch // fits}"
     if fits == world_size:
         return f"to keep the global batch of {global_batch} on {world_size} process(es), resume with {keep}"
-    return (f"the global batch of {global_batch} does not split over {world_size} processes; resume on "
-            f"{fits} with {keep}")
+    return (
+        f"the global batch of {global_batch} does not split over {world_size} processes; resume on "
+        f"{fits} with {keep}"
+    )
 
 
 # --- the run folder: rotation and resume ----------------------------------------------------------
+
 
 class CheckpointDir:
     """The checkpoints of one run: writes step files, last.pt, best.pt; finds the newest to resume."""
@@ -205,8 +245,9 @@ class CheckpointDir:
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_RE.match(p.name))]
         return sorted(found)
 
-    def save(self, ckpt: dict[str, Any], step: int, best: bool = False,
-             on_written: WrittenFn | None = None) -> Path:
+    def save(
+        self, ckpt: dict[str, Any], step: int, best: bool = False, on_written: WrittenFn | None = None
+    ) -> Path:
         """Write step-XXXXXXXX.pt, then last.pt (and best.pt), then prune old step files."""
         path = self.root / f"step-{step:08d}.pt"
         atomic_save(ckpt, path, on_written)

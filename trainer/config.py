@@ -48,8 +48,8 @@ from shards.augment import AugmentConfig
 
 # Upper bounds on what a key makes the trainer allocate or start, far above any real run: a typo of
 # a few zeros is refused in one line instead of filling the memory (or the process table).
-BATCH = Range(1, 16384)      # images per process: 16384 x 3 x 112 x 112 float32 is 2.4 GB
-PROCESSES = Range(0, 256)    # reader processes per training process
+BATCH = Range(1, 16384)  # images per process: 16384 x 3 x 112 x 112 float32 is 2.4 GB
+PROCESSES = Range(0, 256)  # reader processes per training process
 
 
 @dataclass
@@ -58,10 +58,12 @@ class RunConfig:
     dir: str = setting("runs/run", "run folder: checkpoints/, metrics.jsonl, config.yaml")
     seed: int = setting(0, "seeds the weights, the data order and the augmentation", range=AT_LEAST_0)
     devices: list[int] | Literal["auto", "cpu"] = setting(
-        "auto", "GPU ids for this node, or auto (all visible) or cpu")
+        "auto", "GPU ids for this node, or auto (all visible) or cpu"
+    )
     deterministic: bool = setting(False, "cuDNN deterministic algorithms (slower)")
     collective_timeout_s: float = setting(
-        300.0, "a rank stuck this long in a collective ends the job (torchrun)", range=POSITIVE)
+        300.0, "a rank stuck this long in a collective ends the job (torchrun)", range=POSITIVE
+    )
 
 
 @dataclass
@@ -77,7 +79,8 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     source: Literal["shards", "synthetic"] = setting(
-        "shards", "shards: data.train_shards; synthetic: in-memory patterns (tests, GPU benches)")
+        "shards", "shards: data.train_shards; synthetic: in-memory patterns (tests, GPU benches)"
+    )
     train_shards: str | None = setting(None, "folder with manifest.json (preprocess/build_shards.py)")
     verify: Literal["none", "size", "sha256"] = setting("size", "how the manifest's shards are checked")
     augment: AugmentConfig = section(AugmentConfig, "training augmentation (shards/augment.py)")
@@ -92,8 +95,11 @@ class ModelConfig:
     channels_last: bool = setting(True, "channels-last memory format (faster convolutions on GPUs)")
     compile: bool = setting(False, "torch.compile the backbone (the head stays eager)")
     compile_backend: str = setting("inductor", "torch.compile's backend: inductor, cudagraphs, ...")
-    init_from: str | None = setting(None, "start the backbone from this embedding-model file or checkpoint "
-                                    "(eval/import_insightface.py makes one); the head starts new")
+    init_from: str | None = setting(
+        None,
+        "start the backbone from this embedding-model file or checkpoint "
+        "(eval/import_insightface.py makes one); the head starts new",
+    )
 
 
 # A margin's own options: a section of HeadConfig named after the margin (head.<margin>.<key>), None
@@ -113,8 +119,9 @@ class CombinedConfig:
     """cos(m1 theta + m2) - m3."""
 
     m1: float | None = setting(None, "angle factor (default 1.0)", range=POSITIVE)
-    m2: float | None = setting(None, "additive angular margin (default 0.3)",
-                               range=Range(0, math.pi / 2, "[)"))
+    m2: float | None = setting(
+        None, "additive angular margin (default 0.3)", range=Range(0, math.pi / 2, "[)")
+    )
     m3: float | None = setting(None, "additive cosine margin (default 0.2)", range=FRACTION)
 
 
@@ -122,10 +129,12 @@ class CombinedConfig:
 class AdaFaceConfig:
     """The margin follows the norm's place in running statistics of the batches' norms (head.m: 0.4)."""
 
-    h: float | None = setting(None, "the standardized norm's factor before clipping to [-1, 1] (default "
-                                    "0.333)", range=POSITIVE)
-    t_alpha: float | None = setting(None, "the running statistics' momentum (default 0.01)",
-                                    range=Range(0, 1, "(]"))
+    h: float | None = setting(
+        None, "the standardized norm's factor before clipping to [-1, 1] (default 0.333)", range=POSITIVE
+    )
+    t_alpha: float | None = setting(
+        None, "the running statistics' momentum (default 0.01)", range=Range(0, 1, "(]")
+    )
 
 
 @dataclass
@@ -143,43 +152,68 @@ class MagFaceConfig:
 class HeadConfig:
     """The margin head (heads.MarginHead). Options of another margin than the chosen one are refused."""
 
-    margin: Literal["cosface", "arcface", "sphereface", "combined", "adaface", "magface",
-                    "curricularface"] = setting("cosface", "the margin")
+    margin: Literal[
+        "cosface", "arcface", "sphereface", "combined", "adaface", "magface", "curricularface"
+    ] = setting("cosface", "the margin")
     s: float = setting(64.0, "logit scale", range=POSITIVE)
-    m: float | None = setting(None, "margin: cosface 0.35, arcface 0.5, sphereface 4 (an integer), adaface "
-                                    "0.4, curricularface 0.5 when null; not for combined or magface")
+    m: float | None = setting(
+        None,
+        "margin: cosface 0.35, arcface 0.5, sphereface 4 (an integer), adaface "
+        "0.4, curricularface 0.5 when null; not for combined or magface",
+    )
     t: float = setting(1.0, "SV-Softmax t (1 turns it off)", range=Range(1))
     impl: Literal["auto", "reference", "chunked", "fused"] = setting(
-        "auto", "the head's engine (heads/); fused: CUDA + Triton")
+        "auto", "the head's engine (heads/); fused: CUDA + Triton"
+    )
     gamma_focal: float = setting(0.0, "> 0 adds the focal term", range=AT_LEAST_0)
-    save_logits: bool = setting(False, "fused: keep the forward's B x C cosines (2 bytes each) so the "
-                                       "backward skips recomputing them (about 1.2x faster backward)")
+    save_logits: bool = setting(
+        False,
+        "fused: keep the forward's B x C cosines (2 bytes each) so the "
+        "backward skips recomputing them (about 1.2x faster backward)",
+    )
     parallel: Literal["auto", "replicate", "shard"] = setting(
-        "auto", "several processes: shard splits the classes over the ranks (outside DDP), replicate "
-                "keeps the whole head on every rank (in DDP); auto = shard with more than one process")
-    sample_rate: float = setting(1.0, "Partial FC (shard): share of each rank's classes per step",
-                                 range=Range(0, 1, "(]"))
-    subcenters: int = setting(1, "sub-center ArcFace (any margin): K centres per class, a class's cosine the "
-                                 "largest of its K; > 1: head.parallel=replicate, impl chunked or auto",
-                              range=POSITIVE)
+        "auto",
+        "several processes: shard splits the classes over the ranks (outside DDP), replicate "
+        "keeps the whole head on every rank (in DDP); auto = shard with more than one process",
+    )
+    sample_rate: float = setting(
+        1.0, "Partial FC (shard): share of each rank's classes per step", range=Range(0, 1, "(]")
+    )
+    subcenters: int = setting(
+        1,
+        "sub-center ArcFace (any margin): K centres per class, a class's cosine the "
+        "largest of its K; > 1: head.parallel=replicate, impl chunked or auto",
+        range=POSITIVE,
+    )
     sphereface: SphereFaceConfig = section(SphereFaceConfig, "head.margin=sphereface: the annealing")
     combined: CombinedConfig = section(CombinedConfig, "head.margin=combined: cos(m1 theta + m2) - m3")
     adaface: AdaFaceConfig = section(AdaFaceConfig, "head.margin=adaface: the norm-adaptive margin")
-    magface: MagFaceConfig = section(MagFaceConfig, "head.margin=magface: the norm-dependent margin and "
-                                                    "regularizer")
+    magface: MagFaceConfig = section(
+        MagFaceConfig, "head.margin=magface: the norm-dependent margin and regularizer"
+    )
 
 
 def margin_options(head: HeadConfig) -> dict[str, Any]:
     """Each margin that has a section -> its section in `head`."""
-    return {f.name: getattr(head, f.name) for f in dataclasses.fields(head)
-            if dataclasses.is_dataclass(getattr(head, f.name))}
+    return {
+        f.name: getattr(head, f.name)
+        for f in dataclasses.fields(head)
+        if dataclasses.is_dataclass(getattr(head, f.name))
+    }
 
 
 def head_kwargs(head: HeadConfig) -> dict[str, Any]:
     """The keyword arguments of heads.MarginHead for this section (None: the head's default)."""
-    kwargs: dict[str, Any] = {"margin": head.margin, "s": head.s, "m": head.m, "t": head.t,
-                              "impl": head.impl, "gamma_focal": head.gamma_focal,
-                              "save_logits": head.save_logits, "subcenters": head.subcenters}
+    kwargs: dict[str, Any] = {
+        "margin": head.margin,
+        "s": head.s,
+        "m": head.m,
+        "t": head.t,
+        "impl": head.impl,
+        "gamma_focal": head.gamma_focal,
+        "save_logits": head.save_logits,
+        "subcenters": head.subcenters,
+    }
     options = margin_options(head).get(head.margin)
     if options is not None:
         kwargs.update({k: v for k, v in dataclasses.asdict(options).items() if v is not None})
@@ -193,15 +227,21 @@ class OptimConfig:
     momentum: float = setting(0.9, "sgd momentum", range=FRACTION)
     nesterov: bool = setting(False, "sgd Nesterov momentum")
     weight_decay: float = setting(5e-4, "not applied to norms and biases", range=AT_LEAST_0)
-    head_weight_decay: float | None = setting(None, "the head's weight decay; null: weight_decay",
-                                              range=AT_LEAST_0)
+    head_weight_decay: float | None = setting(
+        None, "the head's weight decay; null: weight_decay", range=AT_LEAST_0
+    )
     betas: tuple[float, float] = setting((0.9, 0.999), "adamw betas", range=FRACTION)
-    backbone_lr_mult: float = setting(1.0, "the backbone's learning rate is optim.lr times this (fine-tuning "
-                                      "from model.init_from: < 1; 0 freezes it)", range=AT_LEAST_0)
+    backbone_lr_mult: float = setting(
+        1.0,
+        "the backbone's learning rate is optim.lr times this (fine-tuning "
+        "from model.init_from: < 1; 0 freezes it)",
+        range=AT_LEAST_0,
+    )
     clip_grad_norm: float = setting(0.0, "gradient norm clip (0 = off)", range=AT_LEAST_0)
     accumulate: int = setting(1, "micro-batches per optimizer step", range=POSITIVE)
-    max_nonfinite_in_row: int = setting(20, "divergence guard: stop after this many skipped steps in a row",
-                                        range=POSITIVE)
+    max_nonfinite_in_row: int = setting(
+        20, "divergence guard: stop after this many skipped steps in a row", range=POSITIVE
+    )
 
 
 @dataclass
@@ -210,33 +250,40 @@ class ScheduleConfig:
     epochs: float = setting(0.0, "epochs, when steps is 0", range=AT_LEAST_0)
     warmup_steps: int = setting(0, "linear warmup from 0", range=AT_LEAST_0)
     decay: Literal["cosine", "poly", "step", "constant"] = setting("cosine", "the learning-rate decay")
-    min_lr_ratio: float = setting(0.0, "the lowest learning rate, as a share of optim.lr",
-                                  range=Range(0, 1))
+    min_lr_ratio: float = setting(0.0, "the lowest learning rate, as a share of optim.lr", range=Range(0, 1))
     power: float = setting(2.0, "poly: the power", range=POSITIVE)
-    milestones: list[float] = setting([0.5, 0.75], "step: where the rate drops, as fractions of the "
-                                                   "steps (or steps)", range=POSITIVE)
+    milestones: list[float] = setting(
+        [0.5, 0.75], "step: where the rate drops, as fractions of the steps (or steps)", range=POSITIVE
+    )
     gamma: float = setting(0.1, "step: the factor at each milestone", range=POSITIVE)
 
 
 @dataclass
 class PrecisionConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = setting(
-        "auto", "auto: bf16 on a GPU that has it, else fp32")
+        "auto", "auto: bf16 on a GPU that has it, else fp32"
+    )
 
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = setting(128, "per process (rank); global = batch_size * world * accumulate",
-                              range=BATCH)
+    batch_size: int = setting(
+        128, "per process (rank); global = batch_size * world * accumulate", range=BATCH
+    )
     backend: Literal["auto", "dali", "torch"] = setting(
-        "auto", "auto: dali when installed and it can run on the device, else torch")
+        "auto", "auto: dali when installed and it can run on the device, else torch"
+    )
     workers: int = setting(2, "reader processes", range=PROCESSES)
-    prefetch: int = setting(2, "batches read ahead (DALI queue depth, torch prefetch_factor)",
-                           range=Range(1, 64))
+    prefetch: int = setting(
+        2, "batches read ahead (DALI queue depth, torch prefetch_factor)", range=Range(1, 64)
+    )
     persistent_workers: bool = setting(True, "keep the readers (torch workers, DALI pipeline) across epochs")
     source_workers: int | None = setting(
-        None, "DALI: processes reading for its source; null = workers on a GPU, 0 (in the training "
-              "process) on the CPU; see shards/loader.py", range=PROCESSES)
+        None,
+        "DALI: processes reading for its source; null = workers on a GPU, 0 (in the training "
+        "process) on the CPU; see shards/loader.py",
+        range=PROCESSES,
+    )
 
 
 @dataclass
@@ -296,7 +343,7 @@ class Sources:
 
     def __init__(self, file: str) -> None:
         self.file = file
-        self.overrides: dict[str, str] = {}   # dotted key -> override text
+        self.overrides: dict[str, str] = {}  # dotted key -> override text
 
     def where(self, key: str) -> str:
         for k in (key, *(key.rsplit(".", i)[0] for i in range(1, key.count(".") + 1))):
@@ -324,8 +371,9 @@ def _coerce_literal(value: Any, tp: Any, key: str, where: str) -> Any:
     if isinstance(value, bool) and {"on", "off"} <= set(choices):
         value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     if not isinstance(value, str):
-        raise UserError(f"{where}: '{key}' must be str ({type_name(tp)}), got {value!r} "
-                        f"({type(value).__name__})")
+        raise UserError(
+            f"{where}: '{key}' must be str ({type_name(tp)}), got {value!r} ({type(value).__name__})"
+        )
     if value not in choices:
         raise UserError(f"{where}: '{key}' must be {type_name(tp)}, got {value!r}")
     return value
@@ -369,8 +417,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     elif origin in (list, tuple):
         items = typing.get_args(tp)
         if isinstance(value, list) and (origin is list or len(value) == len(items)):
-            out = [_coerce(v, items[0] if origin is list else items[i], f"{key}[{i}]", where)
-                   for i, v in enumerate(value)]
+            out = [
+                _coerce(v, items[0] if origin is list else items[i], f"{key}[{i}]", where)
+                for i, v in enumerate(value)
+            ]
             return out if origin is list else tuple(out)
     elif origin is dict:
         if isinstance(value, dict):
@@ -393,11 +443,11 @@ def _nest_renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
     nested key is given too, it wins (so an override in either spelling beats the file's)."""
     out = dict(data)
     for old, new in RENAMED.items():
-        name = old[len(prefix):]
+        name = old[len(prefix) :]
         if not old.startswith(prefix) or "." in name or name not in out:
             continue
         value = out.pop(name)
-        *parents, leaf = new[len(prefix):].split(".")
+        *parents, leaf = new[len(prefix) :].split(".")
         node = out
         for part in parents:
             sub = node.get(part, {})
@@ -484,25 +534,33 @@ _MARGIN_M: dict[str, tuple[Callable[[float], bool], str]] = {
     "adaface": (lambda m: 0 <= m < math.pi / 2, "in [0, pi/2) radians"),
     "curricularface": (lambda m: 0 <= m < math.pi / 2, "in [0, pi/2) radians"),
 }
-_NO_M = {"combined": "set head.combined.m1, head.combined.m2, head.combined.m3",
-         "magface": "its margin goes from head.magface.l_m to head.magface.u_m with the norm"}
+_NO_M = {
+    "combined": "set head.combined.m1, head.combined.m2, head.combined.m3",
+    "magface": "its margin goes from head.magface.l_m to head.magface.u_m with the norm",
+}
 
 
 def _check_head(head: HeadConfig, src: Sources) -> None:
     if head.m is not None:
         if head.margin in _NO_M:
-            raise UserError(f"{src.where('head.m')}: 'head.m' does not apply to head.margin={head.margin} "
-                            f"({_NO_M[head.margin]})")
+            raise UserError(
+                f"{src.where('head.m')}: 'head.m' does not apply to head.margin={head.margin} "
+                f"({_NO_M[head.margin]})"
+            )
         test, says = _MARGIN_M[head.margin]
         if not test(head.m):
             raise UserError(f"{src.where('head.m')}: 'head.m' for {head.margin} must be {says}, got {head.m}")
     if head.margin == "curricularface" and head.t != 1.0:
-        raise UserError(f"{src.where('head.t')}: 'head.t' (SV-Softmax) must be 1 with "
-                        "head.margin=curricularface (both change the hard negatives)")
+        raise UserError(
+            f"{src.where('head.t')}: 'head.t' (SV-Softmax) must be 1 with "
+            "head.margin=curricularface (both change the hard negatives)"
+        )
     mag = head.magface
     if head.margin == "magface" and (mag.l_a or 10.0) >= (mag.u_a or 110.0):
-        raise UserError(f"{src.where('head.magface.u_a')}: 'head.magface.u_a' must be above head.magface.l_a "
-                        f"({mag.u_a or 110.0} <= {mag.l_a or 10.0})")
+        raise UserError(
+            f"{src.where('head.magface.u_a')}: 'head.magface.u_a' must be above head.magface.l_a "
+            f"({mag.u_a or 110.0} <= {mag.l_a or 10.0})"
+        )
     for margin, options in margin_options(head).items():
         given = [name for name, value in dataclasses.asdict(options).items() if value is not None]
         if given and margin != head.margin:
@@ -521,11 +579,15 @@ def _check_validation(val: ValidationConfig, src: Sources) -> None:
             raise UserError(f"{src.where(key)}: '{key}' must be a shard folder, got {folder!r}")
     names = sorted(set(val.sets) | ({"lfw"} if val.lfw_shards and val.sets else set()))
     if val.sets and val.best != "mean" and val.best not in names:
-        raise UserError(f"{src.where('validation.best')}: 'validation.best' must be mean or one of "
-                        f"{', '.join(names)}, got {val.best!r}")
+        raise UserError(
+            f"{src.where('validation.best')}: 'validation.best' must be mean or one of "
+            f"{', '.join(names)}, got {val.best!r}"
+        )
     if val.lfw_shards and val.sets.get("lfw", val.lfw_shards) != val.lfw_shards:
-        raise UserError(f"{src.where('validation.sets.lfw')}: 'validation.sets.lfw' and "
-                        "'validation.lfw_shards' name different folders")
+        raise UserError(
+            f"{src.where('validation.sets.lfw')}: 'validation.sets.lfw' and "
+            "'validation.lfw_shards' name different folders"
+        )
 
 
 def _physical_memory() -> int | None:
@@ -542,9 +604,11 @@ def _check_synthetic_fits(syn: SyntheticConfig, src: Sources) -> None:
     need = 4 * syn.classes * syn.per_class * 3 * h * w * 4
     have = _physical_memory()
     if have is not None and need > have:
-        raise UserError(f"{src.where('data.synthetic.classes')}: 'data.synthetic' classes x per_class x "
-                        f"image_size {syn.classes} x {syn.per_class} x {h}x{w} needs about "
-                        f"{need / 2**30:.1f} GiB to build, more than this machine's {have / 2**30:.1f} GiB")
+        raise UserError(
+            f"{src.where('data.synthetic.classes')}: 'data.synthetic' classes x per_class x "
+            f"image_size {syn.classes} x {syn.per_class} x {h}x{w} needs about "
+            f"{need / 2**30:.1f} GiB to build, more than this machine's {have / 2**30:.1f} GiB"
+        )
 
 
 def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
@@ -562,18 +626,23 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
         key = "data." + str(err).split("=", 1)[0]
         raise UserError(f"{src.where(key)}: data.{err}") from None
     if cfg.schedule.steps <= 0 and cfg.schedule.epochs <= 0:
-        raise UserError(f"{src.where('schedule.steps')}: set 'schedule.steps' or 'schedule.epochs' "
-                        "(both are 0)")
+        raise UserError(
+            f"{src.where('schedule.steps')}: set 'schedule.steps' or 'schedule.epochs' (both are 0)"
+        )
     if cfg.data.source == "synthetic":
         _check_synthetic_fits(cfg.data.synthetic, src)
     if cfg.data.source == "shards" and not cfg.data.train_shards:
-        raise UserError(f"{src.where('data.train_shards')}: 'data.train_shards' is not set "
-                        "(a shard folder from build_shards.py)")
+        raise UserError(
+            f"{src.where('data.train_shards')}: 'data.train_shards' is not set "
+            "(a shard folder from build_shards.py)"
+        )
     from models.backbones import available_backbones
 
     if cfg.model.backbone not in available_backbones():
-        raise UserError(f"{src.where('model.backbone')}: 'model.backbone' {cfg.model.backbone!r} is not "
-                        f"one of {', '.join(available_backbones())}")
+        raise UserError(
+            f"{src.where('model.backbone')}: 'model.backbone' {cfg.model.backbone!r} is not "
+            f"one of {', '.join(available_backbones())}"
+        )
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{src.where('run.dir')}: 'run.dir' {run_dir} is a file, not a folder")

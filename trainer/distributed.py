@@ -40,8 +40,9 @@ def _pick_device(local_rank: int, devices: list[int] | str) -> torch.device:
     if local_rank >= len(ids):
         raise UserError(f"run.devices={devices}: local rank {local_rank} has no GPU in that list")
     if ids[local_rank] >= torch.cuda.device_count():
-        raise UserError(f"run.devices: GPU {ids[local_rank]} does not exist "
-                        f"({torch.cuda.device_count()} visible)")
+        raise UserError(
+            f"run.devices: GPU {ids[local_rank]} does not exist ({torch.cuda.device_count()} visible)"
+        )
     return torch.device("cuda", ids[local_rank])
 
 
@@ -59,8 +60,11 @@ def setup(devices: list[int] | str = "auto", timeout_s: float = 300.0) -> DistIn
     info = DistInfo(rank, world, local, device)
     if world > 1:
         info.backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=info.backend, device_id=device if device.type == "cuda" else None,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=info.backend,
+            device_id=device if device.type == "cuda" else None,
+            timeout=timedelta(seconds=timeout_s),
+        )
     return info
 
 
@@ -77,8 +81,10 @@ def peer_lost(err: BaseException, info: DistInfo, timeout_s: float) -> PeerLost 
     if not (isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
-    return PeerLost(f"rank {info.rank} stops: a collective failed ({first[:160]}); another process died or "
-                    f"stalled (each waits at most run.collective_timeout_s={timeout_s:g} s)")
+    return PeerLost(
+        f"rank {info.rank} stops: a collective failed ({first[:160]}); another process died or "
+        f"stalled (each waits at most run.collective_timeout_s={timeout_s:g} s)"
+    )
 
 
 def teardown(info: DistInfo, sync: bool = True) -> None:

@@ -88,13 +88,15 @@ def check_head_impl(impl: str, device: torch.device) -> None:
     if impl != "fused":
         return
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError(f"head.impl=fused needs a CUDA GPU (this run is on {device}); "
-                        "use head.impl=chunked or auto")
+        raise UserError(
+            f"head.impl=fused needs a CUDA GPU (this run is on {device}); use head.impl=chunked or auto"
+        )
     try:
         import triton  # noqa: F401
     except ImportError:
-        raise UserError("head.impl=fused needs triton, which is not installed; "
-                        "use head.impl=chunked") from None
+        raise UserError(
+            "head.impl=fused needs triton, which is not installed; use head.impl=chunked"
+        ) from None
 
 
 def build_loader(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[Any, int, tuple[int, int]]:
@@ -104,19 +106,35 @@ def build_loader(cfg: TrainConfig, info: dist_util.DistInfo) -> tuple[Any, int, 
 
         size = (int(cfg.data.synthetic.image_size[0]), int(cfg.data.synthetic.image_size[1]))
         loader = SyntheticLoader(
-            cfg.data.synthetic.classes, cfg.data.synthetic.per_class, size, batch_size=cfg.loader.batch_size,
-            rank=info.rank, world_size=info.world_size, seed=cfg.run.seed, device=info.device,
-            channels_last=cfg.model.channels_last, noise=cfg.data.synthetic.noise,
+            cfg.data.synthetic.classes,
+            cfg.data.synthetic.per_class,
+            size,
+            batch_size=cfg.loader.batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            seed=cfg.run.seed,
+            device=info.device,
+            channels_last=cfg.model.channels_last,
+            noise=cfg.data.synthetic.noise,
         )
         return loader, cfg.data.synthetic.classes, size
     manifest = load_manifest(cfg.data.train_shards, verify=cfg.data.verify)  # the user's error first
     from shards.loader import build_train_loader
 
     loader = build_train_loader(
-        manifest, batch_size=cfg.loader.batch_size, rank=info.rank, world_size=info.world_size,
-        seed=cfg.run.seed, backend=cfg.loader.backend, device=info.device, workers=cfg.loader.workers,
-        augment=cfg.data.augment, channels_last=cfg.model.channels_last, prefetch=cfg.loader.prefetch,
-        persistent_workers=cfg.loader.persistent_workers, source_workers=cfg.loader.source_workers,
+        manifest,
+        batch_size=cfg.loader.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.run.seed,
+        backend=cfg.loader.backend,
+        device=info.device,
+        workers=cfg.loader.workers,
+        augment=cfg.data.augment,
+        channels_last=cfg.model.channels_last,
+        prefetch=cfg.loader.prefetch,
+        persistent_workers=cfg.loader.persistent_workers,
+        source_workers=cfg.loader.source_workers,
     )
     return loader, manifest.num_classes, (int(manifest.image_size[0]), int(manifest.image_size[1]))
 
@@ -128,8 +146,7 @@ def build_configured_backbone(cfg: TrainConfig, image_size: tuple[int, int]) -> 
         return build_backbone(m.backbone, m.embedding_size, image_size, **m.kwargs)
     except (TypeError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model.kwargs={m.kwargs}: cannot build backbone {m.backbone!r} "
-                        f"({first})") from None
+        raise UserError(f"model.kwargs={m.kwargs}: cannot build backbone {m.backbone!r} ({first})") from None
 
 
 @dataclass
@@ -137,14 +154,14 @@ class RunParts:
     """What one run trains with, built by `build_parts` before the resume loads a checkpoint into it.
     The compiled / DDP-wrapped module the steps call is made afterwards (`wrap_for_training`)."""
 
-    loader: Any                     # this rank's batches (batches_per_epoch, set_epoch, iter, close)
+    loader: Any  # this rank's batches (batches_per_epoch, set_epoch, iter, close)
     num_classes: int
-    steps_per_epoch: int            # optimizer steps of optim.accumulate micro-batches each
+    steps_per_epoch: int  # optimizer steps of optim.accumulate micro-batches each
     total_steps: int
-    backbone_spec: dict[str, Any]   # the checkpoint's "model" entry
-    backbone: nn.Module             # the bare backbone: what checkpoints hold and validators embed with
-    head: nn.Module                 # the margin head (this rank's rows of it when sharded)
-    parallel: str                   # how the head spans the processes: "replicate" or "shard"
+    backbone_spec: dict[str, Any]  # the checkpoint's "model" entry
+    backbone: nn.Module  # the bare backbone: what checkpoints hold and validators embed with
+    head: nn.Module  # the margin head (this rank's rows of it when sharded)
+    parallel: str  # how the head spans the processes: "replicate" or "shard"
     backbone_and_head: BackboneAndHead  # both, on the device, unwrapped: every trained tensor
     backbone_params: list[nn.Parameter]  # the trainable ones, for clipping
     head_params: list[nn.Parameter]
@@ -152,14 +169,17 @@ class RunParts:
     head_state: head_parallel.HeadState
     schedule: Schedule
     scaler: torch.amp.GradScaler
-    dtype: torch.dtype | None       # the autocast dtype; None for plain fp32
+    dtype: torch.dtype | None  # the autocast dtype; None for plain fp32
     autocast: torch.autocast
 
     def checkpointed(self) -> dict[str, Any]:
         """The components whose states a training checkpoint holds besides the backbone's."""
-        return {"head_state": self.head_state,
-                "optimizer": head_parallel.OptimizerState(self.optimizer, self.head),
-                "scaler": self.scaler, "scheduler": self.schedule}
+        return {
+            "head_state": self.head_state,
+            "optimizer": head_parallel.OptimizerState(self.optimizer, self.head),
+            "scaler": self.scaler,
+            "scheduler": self.schedule,
+        }
 
 
 def build_parts(cfg: TrainConfig, info: dist_util.DistInfo) -> RunParts:
@@ -173,18 +193,30 @@ def build_parts(cfg: TrainConfig, info: dist_util.DistInfo) -> RunParts:
     check_head_impl(cfg.head.impl, info.device)
     loader, num_classes, image_size = build_loader(cfg, info)
     if loader.batches_per_epoch < cfg.optim.accumulate:
-        raise UserError(f"{cfg.data.train_shards or 'data'}: {loader.batches_per_epoch} batches "
-                        f"per epoch per process at loader.batch_size={cfg.loader.batch_size}: "
-                        "too few samples")
+        raise UserError(
+            f"{cfg.data.train_shards or 'data'}: {loader.batches_per_epoch} batches "
+            f"per epoch per process at loader.batch_size={cfg.loader.batch_size}: "
+            "too few samples"
+        )
     steps_per_epoch = loader.batches_per_epoch // cfg.optim.accumulate
-    spec = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
-            "image_size": list(image_size), "kwargs": dict(cfg.model.kwargs)}
+    spec = {
+        "backbone": cfg.model.backbone,
+        "embedding_size": cfg.model.embedding_size,
+        "image_size": list(image_size),
+        "kwargs": dict(cfg.model.kwargs),
+    }
     backbone = build_configured_backbone(cfg, image_size)
     if cfg.model.init_from:
         init_backbone(backbone, spec, cfg.model.init_from)
     parallel = head_parallel.resolve_parallel(cfg.head.parallel, info.world_size)
-    head = head_parallel.build_head(parallel, num_classes, cfg.model.embedding_size,
-                                    head_kwargs(cfg.head), cfg.head.sample_rate, cfg.run.seed)
+    head = head_parallel.build_head(
+        parallel,
+        num_classes,
+        cfg.model.embedding_size,
+        head_kwargs(cfg.head),
+        cfg.head.sample_rate,
+        cfg.run.seed,
+    )
     both = BackboneAndHead(backbone, head).to(info.device)
     if cfg.model.channels_last:
         both = both.to(memory_format=torch.channels_last)
@@ -192,19 +224,29 @@ def build_parts(cfg: TrainConfig, info: dist_util.DistInfo) -> RunParts:
     total = cfg.schedule.steps or max(1, math.ceil(cfg.schedule.epochs * steps_per_epoch))
     dtype = resolve_dtype(cfg.precision.dtype, info.device)
     return RunParts(
-        loader=loader, num_classes=num_classes, steps_per_epoch=steps_per_epoch, total_steps=total,
-        backbone_spec=spec, backbone=backbone, head=head, parallel=parallel, backbone_and_head=both,
+        loader=loader,
+        num_classes=num_classes,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        backbone_spec=spec,
+        backbone=backbone,
+        head=head,
+        parallel=parallel,
+        backbone_and_head=both,
         backbone_params=[p for p in backbone.parameters() if p.requires_grad],
         head_params=[p for p in head.parameters() if p.requires_grad],
-        optimizer=optimizer, head_state=head_parallel.HeadState(head, optimizer),
+        optimizer=optimizer,
+        head_state=head_parallel.HeadState(head, optimizer),
         schedule=Schedule(optimizer, cfg.optim.lr, total, cfg.schedule),
-        scaler=torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16), dtype=dtype,
+        scaler=torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16),
+        dtype=dtype,
         autocast=torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
     )
 
 
-def wrap_for_training(parts: RunParts, cfg: TrainConfig,
-                      info: dist_util.DistInfo) -> tuple[nn.Module, DDP | None]:
+def wrap_for_training(
+    parts: RunParts, cfg: TrainConfig, info: dist_util.DistInfo
+) -> tuple[nn.Module, DDP | None]:
     """(the module the steps call, the DDP wrapper inside it or None): the backbone compiled and
     DDP-wrapped as configured. With several processes DDP goes around backbone and head (replicate)
     or around the backbone alone (shard: the head's gradients are never all-reduced). After the
@@ -215,8 +257,10 @@ def wrap_for_training(parts: RunParts, cfg: TrainConfig,
         # eager: its autograd Function and Python-int step would be graph breaks and guards.
         backend = cfg.model.compile_backend
         if backend not in torch._dynamo.list_backends(exclude_tags=()):
-            raise UserError(f"model.compile_backend={backend!r}: not a torch.compile backend here "
-                            f"(inductor, cudagraphs, aot_eager, eager, ...)")
+            raise UserError(
+                f"model.compile_backend={backend!r}: not a torch.compile backend here "
+                f"(inductor, cudagraphs, aot_eager, eager, ...)"
+            )
         parts.backbone.compile(backend=backend)
     inner: nn.Module = parts.backbone if shard else parts.backbone_and_head
     ddp = None
@@ -233,9 +277,9 @@ class Window:
     """Sums over a stretch of steps, for a log record's rates (and the run's steady rate)."""
 
     loss: float = 0.0
-    n: int = 0          # finite steps (the loss average is over these)
-    wait: float = 0.0   # seconds waiting for data
-    time: float = 0.0   # seconds of whole steps
+    n: int = 0  # finite steps (the loss average is over these)
+    wait: float = 0.0  # seconds waiting for data
+    time: float = 0.0  # seconds of whole steps
     images: int = 0
 
     def add(self, other: Window) -> None:
@@ -275,7 +319,7 @@ class Throughput:
 class StepResult:
     finite: bool
     loss: torch.Tensor  # 0-d, on the device: read only when logged
-    lr: float           # the LR this step ran with
+    lr: float  # the LR this step ran with
     wait: float
     seconds: float
 
@@ -284,8 +328,13 @@ class Trainer:
     """One training run (this process's part of it), built whole here. `fit()` runs it and returns
     the summary."""
 
-    def __init__(self, cfg: TrainConfig, info: dist_util.DistInfo, validators: Sequence[Validator] = (),
-                 hooks: TrainerHooks | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: dist_util.DistInfo,
+        validators: Sequence[Validator] = (),
+        hooks: TrainerHooks | None = None,
+    ) -> None:
         self.cfg, self.info = cfg, info
         self.validators = list(validators)
         self.hooks = hooks or TrainerHooks()
@@ -296,15 +345,22 @@ class Trainer:
         if info.is_main:
             save_resolved(cfg, self.run_dir / "config.yaml")
         self.train_module, self.ddp = wrap_for_training(self.parts, cfg, info)
-        self.log = MetricsLogger(self.run_dir, self.parts.total_steps, self.state.step, cfg.logging.display,
-                                 cfg.logging.tensorboard, info.is_main)
+        self.log = MetricsLogger(
+            self.run_dir,
+            self.parts.total_steps,
+            self.state.step,
+            cfg.logging.display,
+            cfg.logging.tensorboard,
+            info.is_main,
+        )
         # What the run has seen so far, not checkpointed:
-        self.nonfinite_run = 0                    # non-finite steps in a row (the divergence guard)
-        self.last_val: dict[str, Any] = {}        # the latest validation's figures
+        self.nonfinite_run = 0  # non-finite steps in a row (the divergence guard)
+        self.last_val: dict[str, Any] = {}  # the latest validation's figures
         self.throughput = Throughput()
         self.summary: dict[str, Any] = {
             "loader": self._loader_name(),
-            "dtype": str(self.parts.dtype).removeprefix("torch.") if self.parts.dtype else "float32"}
+            "dtype": str(self.parts.dtype).removeprefix("torch.") if self.parts.dtype else "float32",
+        }
         # The loader's iterator, started by `_start` (after the untrained checkpoint); ends each epoch.
         self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -325,14 +381,22 @@ class Trainer:
             found = (Path(mode), load_checkpoint(mode))
             reason = unusable_reason(found[1])
             if reason is not None:
-                raise UserError(f"checkpoint.resume={mode}: cannot resume: {reason} (pick an earlier "
-                                "checkpoint, or checkpoint.resume=auto for the newest usable one)")
+                raise UserError(
+                    f"checkpoint.resume={mode}: cannot resume: {reason} (pick an earlier "
+                    "checkpoint, or checkpoint.resume=auto for the newest usable one)"
+                )
         if found is None:
             return TrainState(), None
         path, ckpt = found
         parts = self.parts
-        check_resumable(path, ckpt, parts.backbone_spec, parts.num_classes, self.cfg.loader.batch_size,
-                        self.info.world_size)
+        check_resumable(
+            path,
+            ckpt,
+            parts.backbone_spec,
+            parts.num_classes,
+            self.cfg.loader.batch_size,
+            self.info.world_size,
+        )
         state = restore_training(ckpt, parts.backbone, parts.checkpointed())
         ranks = ckpt["rng"].get("per_rank", [])
         if len(ranks) == self.info.world_size:  # the same process count: each rank's own streams
@@ -370,8 +434,9 @@ class Trainer:
         self.hooks.after_backward(st.step)
         p.scaler.unscale_(p.optimizer)
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
-        grad_norm = head_parallel.clip_grad_norm(p.backbone_params, p.head_params, max_norm,
-                                                 p.parallel == "shard" and self.info.enabled)
+        grad_norm = head_parallel.clip_grad_norm(
+            p.backbone_params, p.head_params, max_norm, p.parallel == "shard" and self.info.enabled
+        )
         # One host sync per step for the guard; DDP has averaged the gradients (and a sharded head's
         # norm is summed over the ranks), so every rank sees the same norm, and the loss flag is
         # reduced so all ranks skip together.
@@ -402,14 +467,19 @@ class Trainer:
         # Each rank's loss and accuracy cover its own rows with a replicated head (the global batch's
         # with a sharded one): log their mean over the ranks, so both modes log the same figure.
         loss, acc = dist_util.mean_over_ranks(
-            [w.loss / w.n if w.n else float("nan"), float("nan") if acc is None else float(acc)], self.info)
+            [w.loss / w.n if w.n else float("nan"), float("nan") if acc is None else float(acc)], self.info
+        )
         images_per_s, data_wait = w.rates()
         record = {
             "step": st.step,
             "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.parts.loader.batches_per_epoch), 4),
-            "loss": None if loss != loss else loss, "batch_acc": None if acc != acc else acc, "lr": lr,
-            "images_per_s": images_per_s, "data_wait": data_wait,
-            "skipped_total": st.skipped_total, "eta_s": round(self.log.eta_s(st.step), 1),
+            "loss": None if loss != loss else loss,
+            "batch_acc": None if acc != acc else acc,
+            "lr": lr,
+            "images_per_s": images_per_s,
+            "data_wait": data_wait,
+            "skipped_total": st.skipped_total,
+            "eta_s": round(self.log.eta_s(st.step), 1),
         }
         if self.info.device.type == "cuda":
             record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.info.device) / 2**30, 3)
@@ -438,14 +508,16 @@ class Trainer:
         p.head_state.gather()  # a sharded head's rows come to rank 0
         if not self.info.is_main:
             return
-        ckpt = training_checkpoint(p.backbone_spec, p.backbone, p.checkpointed(), self.state, rngs,
-                                   to_dict(self.cfg), metrics)
+        ckpt = training_checkpoint(
+            p.backbone_spec, p.backbone, p.checkpointed(), self.state, rngs, to_dict(self.cfg), metrics
+        )
         if name is not None:
             atomic_save(ckpt, self.ckdir.root / name)
             return
         step = self.state.step
-        self.ckdir.save(ckpt, step, best=best_now,
-                        on_written=lambda f: self.hooks.checkpoint_written(step, f))
+        self.ckdir.save(
+            ckpt, step, best=best_now, on_written=lambda f: self.hooks.checkpoint_written(step, f)
+        )
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -455,15 +527,21 @@ class Trainer:
         if self.resumed_from is not None:
             self.log.message(f"resumed from {self.resumed_from} at step {self.state.step}")
         if self.log.dropped:
-            self.log.message(f"metrics.jsonl: dropped {self.log.dropped} record(s) of steps after "
-                             f"{self.state.step}, which this run repeats")
+            self.log.message(
+                f"metrics.jsonl: dropped {self.log.dropped} record(s) of steps after "
+                f"{self.state.step}, which this run repeats"
+            )
         self.log.message(
             f"training {cfg.model.backbone} on {p.num_classes} classes, {info.world_size} process(es) on "
             f"{info.device}, {p.dtype or 'fp32'}, {p.total_steps} steps, {p.steps_per_epoch} steps/epoch, "
             f"global batch {cfg.loader.batch_size * info.world_size * cfg.optim.accumulate}, "
-            f"{self._loader_name()} loader")
-        self.log.message(head_parallel.describe(p.head, p.parallel, p.optimizer,
-                                                cfg.loader.batch_size, info.world_size, info.backend))
+            f"{self._loader_name()} loader"
+        )
+        self.log.message(
+            head_parallel.describe(
+                p.head, p.parallel, p.optimizer, cfg.loader.batch_size, info.world_size, info.backend
+            )
+        )
         if cfg.checkpoint.save_untrained and self.state.step == 0:
             self.save_checkpoint(False, {}, name="untrained.pt")
         self.train_module.train()
@@ -476,8 +554,13 @@ class Trainer:
         if res.finite:
             window.loss += float(res.loss)
             window.n += 1
-        window.add(Window(wait=res.wait, time=res.seconds,
-                          images=cfg.loader.batch_size * cfg.optim.accumulate * self.info.world_size))
+        window.add(
+            Window(
+                wait=res.wait,
+                time=res.seconds,
+                images=cfg.loader.batch_size * cfg.optim.accumulate * self.info.world_size,
+            )
+        )
         if self.nonfinite_run >= cfg.optim.max_nonfinite_in_row:
             self._diverged(f"{self.nonfinite_run} non-finite steps in a row at step {st.step}")
         last = st.step == self.parts.total_steps
@@ -502,9 +585,16 @@ class Trainer:
     def _state_finite(self) -> bool:
         """Every parameter, buffer (BN statistics) and optimizer-state tensor finite (one host sync)."""
         both, optimizer = self.parts.backbone_and_head, self.parts.optimizer
-        tensors = list(both.parameters()) + list(both.buffers()) + [
-            v for state in optimizer.state.values() for v in state.values()
-            if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        tensors = (
+            list(both.parameters())
+            + list(both.buffers())
+            + [
+                v
+                for state in optimizer.state.values()
+                for v in state.values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+            ]
+        )
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
 
     def _diverged(self, what: str) -> None:
@@ -517,7 +607,8 @@ class Trainer:
         raise TrainingDiverged(
             f"training diverged: {what} ({st.skipped_total} skipped in total); state saved to "
             f"{self.ckdir.root / name} (never resumed from: checkpoint.resume=auto restarts from "
-            f"{restart}); lower optim.lr, raise schedule.warmup_steps or set optim.clip_grad_norm")
+            f"{restart}); lower optim.lr, raise schedule.warmup_steps or set optim.clip_grad_norm"
+        )
 
     def fit(self) -> dict[str, Any]:
         """Run the remaining steps; returns the summary (rank 0's view)."""
@@ -527,8 +618,9 @@ class Trainer:
                 self._after_step(self.train_step())
             if self.nonfinite_run:  # the final state is not a trained model: no "done", no exit 0
                 self._diverged(f"the run ended on {self.nonfinite_run} non-finite step(s) in a row")
-            self.hooks.finished(FinishedRun(self.run_dir, self.info.rank, self.state.step,
-                                            self.parts.backbone_and_head))
+            self.hooks.finished(
+                FinishedRun(self.run_dir, self.info.rank, self.state.step, self.parts.backbone_and_head)
+            )
             return self._summary()
         finally:
             self.log.close()
@@ -536,8 +628,14 @@ class Trainer:
 
     def _summary(self) -> dict[str, Any]:
         st = self.state
-        self.summary.update({"step": st.step, "best_accuracy": st.best_accuracy,
-                             "skipped_total": st.skipped_total, **self.last_val})
+        self.summary.update(
+            {
+                "step": st.step,
+                "best_accuracy": st.best_accuracy,
+                "skipped_total": st.skipped_total,
+                **self.last_val,
+            }
+        )
         run_rate = self.throughput.run_rate()
         if run_rate is not None:
             self.summary["steady_images_per_s"], self.summary["steady_data_wait"] = run_rate.rates()
@@ -546,8 +644,9 @@ class Trainer:
         return self.summary
 
 
-def train(cfg: TrainConfig, validators: Sequence[Validator] = (),
-          hooks: TrainerHooks | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, validators: Sequence[Validator] = (), hooks: TrainerHooks | None = None
+) -> dict[str, Any]:
     """Run (or continue) the configured training. Returns the final summary (rank 0's view)."""
     info = dist_util.setup(cfg.run.devices, cfg.run.collective_timeout_s)
     finished = False

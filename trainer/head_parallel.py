@@ -33,24 +33,29 @@ from heads.sharded import (
 
 
 def resolve_parallel(parallel: str, world: int) -> str:
-    """"replicate" or "shard"; "auto" shards when there is more than one process."""
+    """ "replicate" or "shard"; "auto" shards when there is more than one process."""
     if parallel == "auto":
         return "shard" if world > 1 else "replicate"
     return parallel
 
 
-def build_head(parallel: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any], sample_rate: float,
-               seed: int) -> nn.Module:
+def build_head(
+    parallel: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any], sample_rate: float, seed: int
+) -> nn.Module:
     """The head for `parallel`; its initial centres depend on `seed` alone (heads.margin_head.init_centres),
     so replicated, sharded on any number of ranks or on one process, a run starts from the same head."""
     if parallel == "replicate":
         if sample_rate < 1.0:
-            raise UserError(f"head.sample_rate={sample_rate}: Partial FC needs head.parallel=shard "
-                            "(it samples each rank's own classes)")
+            raise UserError(
+                f"head.sample_rate={sample_rate}: Partial FC needs head.parallel=shard "
+                "(it samples each rank's own classes)"
+            )
         build = MarginHead
     elif kwargs.get("impl") == "reference":
-        raise UserError("head.impl=reference holds the B x C logits: use chunked, fused or auto with "
-                        "head.parallel=shard, or head.parallel=replicate")
+        raise UserError(
+            "head.impl=reference holds the B x C logits: use chunked, fused or auto with "
+            "head.parallel=shard, or head.parallel=replicate"
+        )
     else:
         build = partial(ShardedMarginHead, sample_rate=sample_rate)
     try:
@@ -115,15 +120,22 @@ def head_checkpoint(head: nn.Module, optimizer: torch.optim.Optimizer) -> dict |
         return None
     # the margin's running state (AdaFace's norm statistics, CurricularFace's t): the same on every rank
     # rows: classes x sub-centers (a replicated head's rows are saved as its "classes")
-    return {**full, "buffers": {k: v.detach().cpu().clone() for k, v in head.named_buffers()},
-            "subcenters": int(getattr(head, "subcenters", 1))}
+    return {
+        **full,
+        "buffers": {k: v.detach().cpu().clone() for k, v in head.named_buffers()},
+        "subcenters": int(getattr(head, "subcenters", 1)),
+    }
 
 
 def optimizer_checkpoint(optimizer: torch.optim.Optimizer, head: nn.Module) -> dict:
     """optimizer.state_dict() without the head weight's entry (that one goes per class, above)."""
     state = optimizer.state_dict()
-    ids = [i for g, sg in zip(optimizer.param_groups, state["param_groups"])
-           for p, i in zip(g["params"], sg["params"]) if p is head.weight]
+    ids = [
+        i
+        for g, sg in zip(optimizer.param_groups, state["param_groups"])
+        for p, i in zip(g["params"], sg["params"])
+        if p is head.weight
+    ]
     state["state"] = {k: v for k, v in state["state"].items() if k not in ids}
     return state
 
@@ -140,15 +152,23 @@ def load_head(head: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, wh
     buffers = saved.get("buffers", {})
     missing = [k for k, _ in head.named_buffers() if k not in buffers]
     if missing:
-        raise UserError(f"{where}: cannot resume: the checkpoint has no {', '.join(missing)} (the margin's "
-                        "running state; saved with another margin)")
+        raise UserError(
+            f"{where}: cannot resume: the checkpoint has no {', '.join(missing)} (the margin's "
+            "running state; saved with another margin)"
+        )
     with torch.no_grad():
         for k, v in head.named_buffers():
             v.copy_(buffers[k])
 
 
-def describe(head: nn.Module, parallel: str, optimizer: torch.optim.Optimizer, batch_per_rank: int,
-             world: int, backend: str | None) -> str:
+def describe(
+    head: nn.Module,
+    parallel: str,
+    optimizer: torch.optim.Optimizer,
+    batch_per_rank: int,
+    world: int,
+    backend: str | None,
+) -> str:
     """One line: the head's bytes per rank (weight, gradient, optimizer state) and its traffic per step."""
     C, D = _num_classes(head), int(head.weight.shape[1])
     group = optimizer.param_groups[0]
@@ -159,9 +179,11 @@ def describe(head: nn.Module, parallel: str, optimizer: torch.optim.Optimizer, b
     extra = f", sampled copies {_size(b['sampled_copies'])}" if "sampled_copies" in b else ""
     how = "all-reduce of its gradient" if parallel == "replicate" else "embedding gather + dX reduce"
     rows = C if parallel == "replicate" else head.weight.shape[0]
-    return (f"head: {parallel}, {rows} of {C} classes on this rank; per rank weight {_size(b['weight'])}, "
-            f"gradient {_size(b['grad'])}, optimizer state {_size(b['optimizer'])}{extra}; "
-            f"sends {_size(sent)} per step ({how})" + (f", sample rate {rate}" if rate < 1.0 else ""))
+    return (
+        f"head: {parallel}, {rows} of {C} classes on this rank; per rank weight {_size(b['weight'])}, "
+        f"gradient {_size(b['grad'])}, optimizer state {_size(b['optimizer'])}{extra}; "
+        f"sends {_size(sent)} per step ({how})" + (f", sample rate {rate}" if rate < 1.0 else "")
+    )
 
 
 def _size(n: float) -> str:

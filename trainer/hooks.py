@@ -18,9 +18,9 @@ class FinishedRun:
 
     run_dir: Path
     rank: int
-    step: int                       # the last step run (the total)
-    backbone_and_head: nn.Module    # the trained module, unwrapped: parameters named backbone.* and
-                                    # head.* (this rank's rows of a sharded head)
+    step: int  # the last step run (the total)
+    backbone_and_head: nn.Module  # the trained module, unwrapped: parameters named backbone.* and
+    # head.* (this rank's rows of a sharded head)
 
 
 class TrainerHooks:

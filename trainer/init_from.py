@@ -23,12 +23,16 @@ def init_backbone(backbone: nn.Module, spec: dict[str, Any], path: str) -> None:
     ours_said = f"{spec['backbone']} at embedding_size {spec['embedding_size']}"
     theirs_said = f"{theirs.get('backbone')} at embedding_size {theirs.get('embedding_size')}"
     if theirs_said != ours_said:
-        raise UserError(f"{where}: the file holds {theirs_said}, this run builds {ours_said} "
-                        "(set model.backbone and model.embedding_size to the file's)")
+        raise UserError(
+            f"{where}: the file holds {theirs_said}, this run builds {ours_said} "
+            "(set model.backbone and model.embedding_size to the file's)"
+        )
     try:
         backbone.load_state_dict(model_file.state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "mismatch"
-        raise UserError(f"{where}: its weights do not fit this run's {spec['backbone']} (file: image size "
-                        f"{theirs.get('image_size')}, kwargs {theirs.get('kwargs', {})}; run: image size "
-                        f"{spec['image_size']}, kwargs {spec['kwargs']}): {first}") from None
+        raise UserError(
+            f"{where}: its weights do not fit this run's {spec['backbone']} (file: image size "
+            f"{theirs.get('image_size')}, kwargs {theirs.get('kwargs', {})}; run: image size "
+            f"{spec['image_size']}, kwargs {spec['kwargs']}): {first}"
+        ) from None

@@ -48,16 +48,21 @@ def run_folder_lock(run_dir: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     from common.folder_lock import folder_lock
 
-    return folder_lock(run_dir, "another training is using this run folder; wait for it to end or choose "
-                                "another run.dir")
+    return folder_lock(
+        run_dir, "another training is using this run folder; wait for it to end or choose another run.dir"
+    )
 
 
 def _main(argv: Sequence[str] | None = None, hooks: TrainerHooks | None = None) -> int:
-    parser = CliParser(prog="trainer/main.py", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CliParser(
+        prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
-    parser.add_argument("--help-config", action="store_true",
-                        help="print every config key (type, default, range, help) and exit")
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="print every config key (type, default, range, help) and exit",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.help_config:

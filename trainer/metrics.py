@@ -40,8 +40,15 @@ def drop_superseded(path: Path, start_step: int) -> int:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, display: str = "auto",
-                 tensorboard: str = "auto", enabled: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        display: str = "auto",
+        tensorboard: str = "auto",
+        enabled: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.total = total_steps
         self.start_step = start_step
@@ -110,9 +117,16 @@ class MetricsLogger:
     @staticmethod
     def _format(r: dict[str, Any]) -> str:
         parts = []
-        for key, fmt in (("epoch", "ep {:.2f}"), ("loss", "loss {:.4f}"), ("batch_acc", "acc {:.3f}"),
-                         ("lr", "lr {:.2e}"), ("images_per_s", "{:.0f} img/s"), ("data_wait", "wait {:.0%}"),
-                         ("val_accuracy", "LFW {:.4f}"), ("skipped_total", "skipped {}")):
+        for key, fmt in (
+            ("epoch", "ep {:.2f}"),
+            ("loss", "loss {:.4f}"),
+            ("batch_acc", "acc {:.3f}"),
+            ("lr", "lr {:.2e}"),
+            ("images_per_s", "{:.0f} img/s"),
+            ("data_wait", "wait {:.0%}"),
+            ("val_accuracy", "LFW {:.4f}"),
+            ("skipped_total", "skipped {}"),
+        ):
             if key in r and r[key] is not None and not (key == "skipped_total" and r[key] == 0):
                 parts.append(fmt.format(r[key]))
         return "  ".join(parts)

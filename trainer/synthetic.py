@@ -15,13 +15,28 @@ import torch.nn.functional as F
 class SyntheticLoader:
     backend = "synthetic"
 
-    def __init__(self, num_classes: int, per_class: int, image_size: tuple[int, int], *, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu",
-                 channels_last: bool = False, noise: float = 0.5) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        per_class: int,
+        image_size: tuple[int, int],
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        noise: float = 0.5,
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
         h, w = image_size
-        protos = F.interpolate(torch.rand(num_classes, 3, 8, 8, generator=g) * 2 - 1, size=(h, w),
-                               mode="bilinear", align_corners=False)
+        protos = F.interpolate(
+            torch.rand(num_classes, 3, 8, 8, generator=g) * 2 - 1,
+            size=(h, w),
+            mode="bilinear",
+            align_corners=False,
+        )
         n = num_classes * per_class
         labels = torch.arange(num_classes).repeat_interleave(per_class)
         images = protos[labels] + noise * torch.randn(n, 3, h, w, generator=g)

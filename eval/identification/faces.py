@@ -86,7 +86,7 @@ def embed_crops(embed: EmbedFn, crops: list[np.ndarray], flip: bool = True, batc
     """(N, D) L2-normalized embeddings of aligned RGB uint8 crops; with flip, of the crop plus its mirror."""
     out = []
     for start in range(0, len(crops), batch):
-        x = torch.from_numpy(np.stack(crops[start:start + batch])).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.stack(crops[start : start + batch])).permute(0, 3, 1, 2).float()
         out.append(flip_embed(embed, (x / 255.0 - 0.5) / 0.5, flip))
     return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
 
@@ -107,8 +107,9 @@ def _analyse(path: Path) -> tuple[Path, list[FoundFace] | None]:
     return path, None if rgb is None else find_faces(rgb, _worker_size)
 
 
-def analyse_photos(paths: list[Path], image_size: tuple[int, int],
-                   workers: int = 0) -> Iterator[tuple[Path, list[FoundFace] | None]]:
+def analyse_photos(
+    paths: list[Path], image_size: tuple[int, int], workers: int = 0
+) -> Iterator[tuple[Path, list[FoundFace] | None]]:
     """(path, faces or None when unreadable) for each photo, in order; workers > 0: that many
     processes (detection dominates the time and runs in one thread per process)."""
     if workers <= 0 or len(paths) < 2:

@@ -26,8 +26,21 @@ from common.cli import UserError
 from common.fileio import atomic_write_bytes
 
 FORMAT, VERSION = "facetrain-gallery", 1
-_KEYS = ("format", "version", "names", "templates", "embeddings", "photo_person", "photo_paths", "root",
-         "model_architecture", "model_fingerprint", "image_size", "skipped_paths", "skipped_reasons")
+_KEYS = (
+    "format",
+    "version",
+    "names",
+    "templates",
+    "embeddings",
+    "photo_person",
+    "photo_paths",
+    "root",
+    "model_architecture",
+    "model_fingerprint",
+    "image_size",
+    "skipped_paths",
+    "skipped_reasons",
+)
 
 
 @dataclass(frozen=True)
@@ -66,11 +79,14 @@ def person_templates(embeddings: np.ndarray, photo_person: np.ndarray, num_peopl
 
 def save_gallery(path: Path, gallery: Gallery) -> Path:
     arrays = {
-        "format": np.array(FORMAT), "version": np.array(VERSION, dtype=np.int32),
-        "names": np.array(gallery.names, dtype=str), "templates": gallery.templates.astype(np.float32),
+        "format": np.array(FORMAT),
+        "version": np.array(VERSION, dtype=np.int32),
+        "names": np.array(gallery.names, dtype=str),
+        "templates": gallery.templates.astype(np.float32),
         "embeddings": gallery.embeddings.astype(np.float32),
         "photo_person": gallery.photo_person.astype(np.int32),
-        "photo_paths": np.array(gallery.photo_paths, dtype=str), "root": np.array(gallery.root),
+        "photo_paths": np.array(gallery.photo_paths, dtype=str),
+        "root": np.array(gallery.root),
         "model_architecture": np.array(gallery.model.architecture),
         "model_fingerprint": np.array(gallery.model.fingerprint),
         "image_size": np.array(gallery.model.image_size, dtype=np.int32),
@@ -98,16 +114,28 @@ def load_gallery(path: Path) -> Gallery:
         raise UserError(f"{path}: gallery version {int(arrays['version'])}, this tool reads {VERSION}")
     templates, embeddings = arrays["templates"], arrays["embeddings"]
     person = arrays["photo_person"]
-    if templates.ndim != 2 or embeddings.ndim != 2 or templates.shape[1] != embeddings.shape[1] or \
-            len(arrays["names"]) != len(templates) or len(person) != len(embeddings) or \
-            (len(person) and (person.min() < 0 or person.max() >= len(templates))):
+    if (
+        templates.ndim != 2
+        or embeddings.ndim != 2
+        or templates.shape[1] != embeddings.shape[1]
+        or len(arrays["names"]) != len(templates)
+        or len(person) != len(embeddings)
+        or (len(person) and (person.min() < 0 or person.max() >= len(templates)))
+    ):
         raise UserError(f"{path}: inconsistent gallery arrays (names, templates, embeddings, photo_person)")
     size = tuple(int(v) for v in arrays["image_size"])
     model = ModelInfo(str(arrays["model_architecture"]), str(arrays["model_fingerprint"]), size)  # type: ignore[arg-type]
     skipped = list(zip(arrays["skipped_paths"].tolist(), arrays["skipped_reasons"].tolist()))
-    return Gallery(arrays["names"].tolist(), templates.astype(np.float32), embeddings.astype(np.float32),
-                   person.astype(np.int64), arrays["photo_paths"].tolist(), str(arrays["root"]), model,
-                   skipped)
+    return Gallery(
+        arrays["names"].tolist(),
+        templates.astype(np.float32),
+        embeddings.astype(np.float32),
+        person.astype(np.int64),
+        arrays["photo_paths"].tolist(),
+        str(arrays["root"]),
+        model,
+        skipped,
+    )
 
 
 def faiss_available() -> bool:
@@ -153,14 +181,17 @@ class TemplateIndex:
         out_idx = np.empty((len(queries), k), dtype=np.int64)
         out_scores = np.empty((len(queries), k), dtype=np.float32)
         for start in range(0, len(queries), self.chunk):
-            scores = queries[start:start + self.chunk] @ self.templates.T
+            scores = queries[start : start + self.chunk] @ self.templates.T
             n = scores.shape[1]  # the k largest, without negating (copying) the score matrix
-            top = np.argpartition(scores, n - k, axis=1)[:, n - k:] if k < n else \
-                np.broadcast_to(np.arange(n), scores.shape)
+            top = (
+                np.argpartition(scores, n - k, axis=1)[:, n - k :]
+                if k < n
+                else np.broadcast_to(np.arange(n), scores.shape)
+            )
             top_scores = np.take_along_axis(scores, top, axis=1)
             order = np.argsort(-top_scores, axis=1, kind="stable")
-            out_idx[start:start + self.chunk] = np.take_along_axis(top, order, axis=1)
-            out_scores[start:start + self.chunk] = np.take_along_axis(top_scores, order, axis=1)
+            out_idx[start : start + self.chunk] = np.take_along_axis(top, order, axis=1)
+            out_scores[start : start + self.chunk] = np.take_along_axis(top_scores, order, axis=1)
         return out_idx, out_scores
 
 
@@ -172,8 +203,9 @@ def rank_k_accuracy(top_idx: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float((top_idx[:, :k] == truth[:, None]).any(axis=1).mean())
 
 
-def open_set_rate(genuine_top1: np.ndarray, genuine_correct: np.ndarray, impostor_top1: np.ndarray,
-                  far: float) -> tuple[float, float]:
+def open_set_rate(
+    genuine_top1: np.ndarray, genuine_correct: np.ndarray, impostor_top1: np.ndarray, far: float
+) -> tuple[float, float]:
     """(detection-and-identification rate, threshold) at a false-accept rate `far`.
 
     The threshold is the lowest score that accepts at most `far` of the impostors (queries of

@@ -56,19 +56,23 @@ def identification_figures(images: Path, model_path: Path, workers: int = 2, fli
     # A gallery photo without a face leaves its person's template at zero: never the best match.
     index = TemplateIndex(emb[:n_gal], backend="numpy")
     truth = np.array([person for person, _ in probes])
-    idx, scores = index.search(emb[n_gal:n_gal + n_probe], 5)
-    probe_found = np.array(found[n_gal:n_gal + n_probe])
+    idx, scores = index.search(emb[n_gal : n_gal + n_probe], 5)
+    probe_found = np.array(found[n_gal : n_gal + n_probe])
     idx[~probe_found] = -1  # no face: a miss at every rank
-    _, imp_scores = index.search(emb[n_gal + n_probe:], 1)
+    _, imp_scores = index.search(emb[n_gal + n_probe :], 1)
     correct = idx[:, 0] == truth
     figures = {
-        "gallery_people": n_gal, "genuine_probes": n_probe, "impostor_probes": len(impostors),
+        "gallery_people": n_gal,
+        "genuine_probes": n_probe,
+        "impostor_probes": len(impostors),
         "faces_found": round(float(np.mean(found)), 5),
-        "rank1": round(rank_k_accuracy(idx, truth, 1), 5), "rank5": round(rank_k_accuracy(idx, truth, 5), 5),
+        "rank1": round(rank_k_accuracy(idx, truth, 1), 5),
+        "rank5": round(rank_k_accuracy(idx, truth, 5), 5),
     }
     for far in (0.01, 0.001):
-        rate, threshold = open_set_rate(np.where(probe_found, scores[:, 0], -np.inf), correct,
-                                        imp_scores[:, 0], far)
+        rate, threshold = open_set_rate(
+            np.where(probe_found, scores[:, 0], -np.inf), correct, imp_scores[:, 0], far
+        )
         figures[f"dir_at_far_{far:g}"] = round(rate, 5)
         figures[f"threshold_at_far_{far:g}"] = round(threshold, 4)
     figures.update(flip=flip, model=model.where, seconds=round(time.perf_counter() - start, 1))

@@ -35,8 +35,16 @@ def draw(frame_bgr: np.ndarray, faces: list[FoundFace], labels: list[dict]) -> n
         colour = _UNKNOWN if label["identity"] == "unknown" else _KNOWN
         cv2.rectangle(frame_bgr, (x, y), (x + w, y + h), colour, max(1, int(2 * scale)))
         text = f"{label['identity']} {label['score']:.2f}"
-        cv2.putText(frame_bgr, text, (x, max(y - 4, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour,
-                    max(1, int(scale)), cv2.LINE_AA)
+        cv2.putText(
+            frame_bgr,
+            text,
+            (x, max(y - 4, 12)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.5 * scale,
+            colour,
+            max(1, int(scale)),
+            cv2.LINE_AA,
+        )
     return frame_bgr
 
 
@@ -113,21 +121,34 @@ class Outputs:
             target.parent.mkdir(exist_ok=True)
             cv2.imwrite(str(target), draw(frame, faces, labels))
 
-    def add_frame(self, source: str, n: int, frame_bgr: np.ndarray, faces: list[FoundFace],
-                  labels: list[dict]) -> None:
+    def add_frame(
+        self, source: str, n: int, frame_bgr: np.ndarray, faces: list[FoundFace], labels: list[dict]
+    ) -> None:
         self._record(source, n, frame_bgr, faces, labels)
 
     def video_writer(self, source: str, fps: float) -> _VideoWriter:
         path = None if self.out is None else self._unique(f"{Path(source).stem}.annotated.mp4")
         return _VideoWriter(path, fps)
 
-    def _record(self, source: str, frame: int | None, image_bgr: np.ndarray | None,
-                faces: list[FoundFace], labels: list[dict]) -> None:
+    def _record(
+        self,
+        source: str,
+        frame: int | None,
+        image_bgr: np.ndarray | None,
+        faces: list[FoundFace],
+        labels: list[dict],
+    ) -> None:
         for found, label in zip(faces, labels):
             self.faces += 1
             box = [round(float(v), 1) for v in found.face.box]
-            rec = {"source": source, "frame": frame, "box": box, "identity": label["identity"],
-                   "score": label["score"], "top": label["top"]}
+            rec = {
+                "source": source,
+                "frame": frame,
+                "box": box,
+                "identity": label["identity"],
+                "score": label["score"],
+                "top": label["top"],
+            }
             where = source if frame is None else f"{source}#{frame}"
             print(f"{where}\t{label['identity']}\t{label['score']:.3f}", flush=True)
             if self._jsonl is not None:
@@ -144,10 +165,12 @@ class Outputs:
         top = ", ".join(f"{html.escape(n)} {s:.3f}" for n, s in rec["top"])
         below = " (below threshold)" if label["identity"] == "unknown" else ""
         matched = html.escape(label["nearest"]) + below
-        return (f"<tr><td><img src='{_thumb_uri(region)}'></td>"
-                f"<td><img src='{self._photo_thumbs[photo]}'></td>"
-                f"<td><b>{html.escape(rec['identity'])}</b> {rec['score']:.3f}<br>nearest: {matched}"
-                f"<br><small>{html.escape(where)}<br>top: {top}</small></td></tr>")
+        return (
+            f"<tr><td><img src='{_thumb_uri(region)}'></td>"
+            f"<td><img src='{self._photo_thumbs[photo]}'></td>"
+            f"<td><b>{html.escape(rec['identity'])}</b> {rec['score']:.3f}<br>nearest: {matched}"
+            f"<br><small>{html.escape(where)}<br>top: {top}</small></td></tr>"
+        )
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -156,9 +179,11 @@ class Outputs:
             return
         more = self.faces - len(self._rows)
         note = f"<p>{more} more faces are in detections.jsonl.</p>" if more > 0 else ""
-        page = ("<!doctype html><meta charset='utf-8'><title>identify report</title>"
-                "<style>body{font-family:sans-serif}td{padding:4px;vertical-align:top}</style>"
-                f"<h1>{self.faces} faces</h1><table><tr><th>face</th><th>matched gallery photo</th>"
-                f"<th>result</th></tr>{''.join(self._rows)}</table>{note}")
+        page = (
+            "<!doctype html><meta charset='utf-8'><title>identify report</title>"
+            "<style>body{font-family:sans-serif}td{padding:4px;vertical-align:top}</style>"
+            f"<h1>{self.faces} faces</h1><table><tr><th>face</th><th>matched gallery photo</th>"
+            f"<th>result</th></tr>{''.join(self._rows)}</table>{note}"
+        )
         atomic_write_text(self.out / "report.html", page, what="report")
         print(f"report: {self.out / 'report.html'}", file=sys.stderr)

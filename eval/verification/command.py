@@ -17,13 +17,24 @@ from shards.manifest import Manifest
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """How the pairs are read and how the model runs: the options both commands take."""
     p.add_argument("--folds", type=int, help="split one-fold pairs (View 1, plain lists) into K folds")
-    p.add_argument("--skip-missing", action="store_true",
-                   help="leave out pairs naming an image the shards lack (reported), instead of failing")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="faces per forward (x2 with flip); default 8 on cpu, 256 on cuda")
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="leave out pairs naming an image the shards lack (reported), instead of failing",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="faces per forward (x2 with flip); default 8 on cpu, 256 on cuda",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--parallel", type=int, default=None,
-                   help="ONNX on cpu: batches run at once, one thread each (default: the cores)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="ONNX on cpu: batches run at once, one thread each (default: the cores)",
+    )
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -50,18 +61,38 @@ def set_embedder(args: argparse.Namespace, manifest: Manifest) -> tuple[EmbedFn,
     return model.embed, model.name, parallel if several and model.kind in ("onnx", "openvino") else 1
 
 
-def evaluate_sets(embed: EmbedFn, model_name: str, prepared: Sequence[PreparedSet], *, batch_size: int,
-                  flip: bool, parallel: int, show_progress: bool) -> list[SetResult]:
+def evaluate_sets(
+    embed: EmbedFn,
+    model_name: str,
+    prepared: Sequence[PreparedSet],
+    *,
+    batch_size: int,
+    flip: bool,
+    parallel: int,
+    show_progress: bool,
+) -> list[SetResult]:
     """Every set scored in turn; skipped pairs reported on stderr; a diverged model is one line."""
     results = []
     for ps in prepared:
         if ps.pairs.skipped:
-            print(f"{ps.name}: skipped {ps.pairs.skipped} pairs naming images not in {ps.manifest.root}",
-                  file=sys.stderr)
+            print(
+                f"{ps.name}: skipped {ps.pairs.skipped} pairs naming images not in {ps.manifest.root}",
+                file=sys.stderr,
+            )
         try:
-            results.append(evaluate_set(embed, ps, batch_size=batch_size, flip=flip, parallel=parallel,
-                                        show_progress=show_progress))
+            results.append(
+                evaluate_set(
+                    embed,
+                    ps,
+                    batch_size=batch_size,
+                    flip=flip,
+                    parallel=parallel,
+                    show_progress=show_progress,
+                )
+            )
         except NonFiniteEmbeddings as err:
-            raise UserError(f"{model_name.split()[0]}: {err}; the model's weights are not usable "
-                            "(a diverged training run?)") from None
+            raise UserError(
+                f"{model_name.split()[0]}: {err}; the model's weights are not usable "
+                "(a diverged training run?)"
+            ) from None
     return results

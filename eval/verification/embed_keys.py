@@ -30,7 +30,7 @@ def _decode(decoder: BatchDecoder, rows: np.ndarray) -> torch.Tensor:
 
 
 def _batches(decoder: BatchDecoder, rows: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-    chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+    chunks = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = deque(pool.submit(_decode, decoder, c) for c in chunks[:2])
         for c in chunks[2:]:
@@ -57,9 +57,18 @@ class _NoBar:
         return None
 
 
-def embed_keys(embed: EmbedFn, manifest: Manifest, table: SampleTable, keys: Iterable[str], *,
-               batch_size: int = 32, flip: bool = True, parallel: int = 1, show_progress: bool = True,
-               label: str = "embedding") -> tuple[np.ndarray, dict[str, int]]:
+def embed_keys(
+    embed: EmbedFn,
+    manifest: Manifest,
+    table: SampleTable,
+    keys: Iterable[str],
+    *,
+    batch_size: int = 32,
+    flip: bool = True,
+    parallel: int = 1,
+    show_progress: bool = True,
+    label: str = "embedding",
+) -> tuple[np.ndarray, dict[str, int]]:
     """(L2-normalized embeddings [N, D], key -> row) for each distinct key (all in `table`, built
     with keys), read in shard order.
 
@@ -95,4 +104,3 @@ def embed_keys(embed: EmbedFn, manifest: Manifest, table: SampleTable, keys: Ite
     decoder.reader.close()
     index_of = {k: i for i, k in enumerate(order)}
     return (np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)), index_of
-

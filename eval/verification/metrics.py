@@ -112,8 +112,9 @@ def kfold(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> KFoldResul
     same = np.asarray(same, dtype=bool)
     folds = np.asarray(folds)
     if not (scores.shape == same.shape == folds.shape) or scores.ndim != 1:
-        raise ValueError(f"scores, same, folds must be 1-D of one length, got "
-                         f"{scores.shape}, {same.shape}, {folds.shape}")
+        raise ValueError(
+            f"scores, same, folds must be 1-D of one length, got {scores.shape}, {same.shape}, {folds.shape}"
+        )
     if not np.all(np.isfinite(scores)):
         raise ValueError("scores contain NaN or infinity")
     fold_ids = np.unique(folds)
@@ -176,8 +177,9 @@ def check_finite(embeddings: np.ndarray, index_of: Mapping[str, int]) -> None:
         return
     key_of = {row: key for key, row in index_of.items()}
     first = key_of.get(int(bad[0]), f"row {int(bad[0])}")
-    raise NonFiniteEmbeddings(f"{bad.size} of {emb.shape[0]} embeddings are NaN or infinite "
-                              f"(first: {first!r})")
+    raise NonFiniteEmbeddings(
+        f"{bad.size} of {emb.shape[0]} embeddings are NaN or infinite (first: {first!r})"
+    )
 
 
 def pair_scores(

@@ -66,8 +66,9 @@ def read_plain_list(path: Path) -> tuple[list[Pair], list[int]]:
         if not f:
             continue
         if len(f) != 3 or f[2].lower() not in _TRUE | _FALSE:
-            raise UserError(f"{path}:{n}: expected 'path_a path_b same' with same 1/0 or true/false, "
-                            f"got {line.strip()!r}")
+            raise UserError(
+                f"{path}:{n}: expected 'path_a path_b same' with same 1/0 or true/false, got {line.strip()!r}"
+            )
         out.append(Pair(sample_key(f[0]), sample_key(f[1]), f[2].lower() in _TRUE, 0))
         lines.append(n)
     if not out:
@@ -81,8 +82,7 @@ def read_any_pairs(path: Path) -> tuple[list[Pair], list[int]]:
     if _is_plain_list(path):
         return read_plain_list(path)
     lines = read_pairs(path)  # the one pairs.txt reader
-    return ([Pair(sample_key(p.a), sample_key(p.b), p.same, p.fold) for p in lines],
-            [p.line for p in lines])
+    return ([Pair(sample_key(p.a), sample_key(p.b), p.same, p.fold) for p in lines], [p.line for p in lines])
 
 
 def split_folds(pairs: list[Pair], k: int) -> list[Pair]:
@@ -95,23 +95,31 @@ def split_folds(pairs: list[Pair], k: int) -> list[Pair]:
     return [replace(p, fold=int(f)) for p, f in zip(pairs, fold, strict=True)]
 
 
-def resolve(pairs: list[Pair], keys: set[str] | dict, source: str, skip_missing: bool,
-            lines: list[int] | None = None) -> PairSet:
+def resolve(
+    pairs: list[Pair], keys: set[str] | dict, source: str, skip_missing: bool, lines: list[int] | None = None
+) -> PairSet:
     """Pairs whose two faces are in the shards; a missing face is an error unless skip_missing."""
     kept = [p for p in pairs if p.a in keys and p.b in keys]
     if len(kept) != len(pairs) and not skip_missing:
         i = next(i for i, p in enumerate(pairs) if p.a not in keys or p.b not in keys)
         key = pairs[i].a if pairs[i].a not in keys else pairs[i].b
         where = f"{source}:{lines[i]}" if lines else f"{source}: pairs[{i}]"
-        raise UserError(f"{where}: image {key!r} is not in the shards ({len(pairs) - len(kept)} pairs "
-                        "name absent images; --skip-missing scores the others)")
+        raise UserError(
+            f"{where}: image {key!r} is not in the shards ({len(pairs) - len(kept)} pairs "
+            "name absent images; --skip-missing scores the others)"
+        )
     if not kept:
         raise UserError(f"{source}: none of the {len(pairs)} pairs have both images in the shards")
     return PairSet(kept, source, len(pairs) - len(kept))
 
 
-def set_pairs(manifest: Manifest, keys: set[str] | dict, pairs_file: Path | None = None,
-              folds: int | None = None, skip_missing: bool = False) -> PairSet:
+def set_pairs(
+    manifest: Manifest,
+    keys: set[str] | dict,
+    pairs_file: Path | None = None,
+    folds: int | None = None,
+    skip_missing: bool = False,
+) -> PairSet:
     """The pairs a set is scored on: the manifest's, or a pairs file's; one fold split by `folds`."""
     lines = None
     if pairs_file is not None:
@@ -119,23 +127,30 @@ def set_pairs(manifest: Manifest, keys: set[str] | dict, pairs_file: Path | None
     else:
         source = str(manifest.root / MANIFEST_NAME)
         if not manifest.pairs:
-            raise UserError(f"{source}: these shards hold no pairs (import a .bin, build them with "
-                            "`build_shards.py lfw`, or name a pairs file)")
+            raise UserError(
+                f"{source}: these shards hold no pairs (import a .bin, build them with "
+                "`build_shards.py lfw`, or name a pairs file)"
+            )
         raw = list(manifest.pairs)
     result = resolve(raw, keys, source, skip_missing, lines)
     same = np.array([p.same for p in result.pairs], dtype=bool)
     if same.all() or not same.any():
         kind = "same-person" if same.all() else "different-person"
-        raise UserError(f"{source}: all {len(same)} pairs are {kind} pairs; AUC and the threshold "
-                        "need both kinds")
+        raise UserError(
+            f"{source}: all {len(same)} pairs are {kind} pairs; AUC and the threshold need both kinds"
+        )
     n_folds = len({p.fold for p in result.pairs})
     if folds is not None and n_folds == 1:  # sets that have their folds keep them
         minority = int(min(same.sum(), (~same).sum()))
         if not 2 <= folds <= minority:
-            raise UserError(f"{source}: --folds {folds}: needs 2 to {minority} folds "
-                            "(each fold takes at least one pair of each kind)")
+            raise UserError(
+                f"{source}: --folds {folds}: needs 2 to {minority} folds "
+                "(each fold takes at least one pair of each kind)"
+            )
         result.pairs = split_folds(result.pairs, folds)
     elif n_folds < 2:
-        raise UserError(f"{source}: the pairs form one fold (View 1 or a plain list); pass --folds K "
-                        "to split them into K contiguous folds (10 as the standard protocol)")
+        raise UserError(
+            f"{source}: the pairs form one fold (View 1 or a plain list); pass --folds K "
+            "to split them into K contiguous folds (10 as the standard protocol)"
+        )
     return result

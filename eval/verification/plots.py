@@ -44,8 +44,9 @@ def save_roc(path: Path, scores: np.ndarray, same: np.ndarray, title: str) -> No
     _save(fig, path)
 
 
-def save_failures(path: Path, rows: Sequence[tuple[str, str, bool, float, float]],
-                  read_image: Callable[[str], bytes]) -> None:
+def save_failures(
+    path: Path, rows: Sequence[tuple[str, str, bool, float, float]], read_image: Callable[[str], bytes]
+) -> None:
     """rows: (key a, key b, same, score, threshold), hardest first; one pair per row of the sheet."""
     n = max(len(rows), 1)
     fig, axes = plt.subplots(n, 2, figsize=(4.0, 2.1 * n), squeeze=False)

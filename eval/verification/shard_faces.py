@@ -35,8 +35,9 @@ def shard_jpegs(manifest: Manifest) -> dict[str, Member]:
     table = sample_table(manifest)
     return {
         key: Member(table.shard_paths[int(s)], int(offset), int(size))
-        for key, s, offset, size in zip(table.keys or [], table.shard, table.jpg_offset, table.jpg_size,
-                                        strict=True)
+        for key, s, offset, size in zip(
+            table.keys or [], table.shard, table.jpg_offset, table.jpg_size, strict=True
+        )
     }
 
 

@@ -17,8 +17,16 @@ from models.load import module_embedder
 from shards.manifest import load_manifest
 
 # The figures logged per set (eval/verification/metrics.py's verification_metrics).
-LOGGED_KEYS = ("accuracy_mean", "accuracy_std", "same_accuracy", "diff_accuracy", "auc", "tar_at_far_1e-3",
-               "threshold", "num_pairs")
+LOGGED_KEYS = (
+    "accuracy_mean",
+    "accuracy_std",
+    "same_accuracy",
+    "diff_accuracy",
+    "auc",
+    "tar_at_far_1e-3",
+    "threshold",
+    "num_pairs",
+)
 
 
 class VerificationValidator:
@@ -29,8 +37,9 @@ class VerificationValidator:
 
     name = "verification"
 
-    def __init__(self, sets: dict[str, str | Path], best: str = "mean", batch_size: int = 256,
-                 flip: bool = True) -> None:
+    def __init__(
+        self, sets: dict[str, str | Path], best: str = "mean", batch_size: int = 256, flip: bool = True
+    ) -> None:
         if best != "mean" and best not in sets:
             raise UserError(f"validation.best: {best!r} is not mean or one of {', '.join(sets)}")
         self.prepared = [prepare_set(n, load_manifest(d)) for n, d in sets.items()]
@@ -41,14 +50,17 @@ class VerificationValidator:
         model.eval()
         try:
             embed = module_embedder(model)
-            results = [evaluate_set(embed, ps, batch_size=self.batch_size, flip=self.flip,
-                                    show_progress=False) for ps in self.prepared]
+            results = [
+                evaluate_set(embed, ps, batch_size=self.batch_size, flip=self.flip, show_progress=False)
+                for ps in self.prepared
+            ]
         finally:
             model.train(was_training)
         if len(results) == 1:
             return {k: results[0].metrics[k] for k in LOGGED_KEYS}
         out = {f"{r.name}_{k}": r.metrics[k] for r in results for k in LOGGED_KEYS}
         out["sets_mean_accuracy"] = sum(r.metrics["accuracy_mean"] for r in results) / len(results)
-        out["accuracy_mean"] = (out["sets_mean_accuracy"] if self.best == "mean"
-                                else out[f"{self.best}_accuracy_mean"])
+        out["accuracy_mean"] = (
+            out["sets_mean_accuracy"] if self.best == "mean" else out[f"{self.best}_accuracy_mean"]
+        )
         return out

@@ -47,8 +47,9 @@ class IRBlock(nn.Module):
         return self.body(x) + self.shortcut(x)
 
 
-def _stage_plan(depth: int, depths: Sequence[int] | None, width: int,
-                width_mult: float) -> list[tuple[int, int]]:
+def _stage_plan(
+    depth: int, depths: Sequence[int] | None, width: int, width_mult: float
+) -> list[tuple[int, int]]:
     """(channels, blocks) per stage; ValueError naming the kwarg for a value that cannot build."""
     if depths is None:
         if depth not in DEPTHS:
@@ -57,17 +58,26 @@ def _stage_plan(depth: int, depths: Sequence[int] | None, width: int,
     if len(depths) != 4 or not all(isinstance(n, int) and n >= 1 for n in depths):
         raise ValueError(f"depths must be four positive integers (blocks per stage), got {list(depths)}")
     if not (isinstance(width, int) and width >= 1) or not width_mult > 0:
-        raise ValueError(f"width must be a positive integer and width_mult positive, "
-                         f"got {width}, {width_mult}")
+        raise ValueError(
+            f"width must be a positive integer and width_mult positive, got {width}, {width_mult}"
+        )
     base = max(8, round(width * width_mult))
     return [(base * 2**i, n) for i, n in enumerate(depths)]
 
 
 class IResNet(nn.Module):
-    def __init__(self, depth: int, embedding_size: int = 512, image_size: tuple[int, int] = (112, 112),
-                 dropout: float = 0.0, width: int = 64, width_mult: float = 1.0,
-                 depths: Sequence[int] | None = None, stem_stride: int = 1,
-                 fixed_feature_scale: bool = False) -> None:
+    def __init__(
+        self,
+        depth: int,
+        embedding_size: int = 512,
+        image_size: tuple[int, int] = (112, 112),
+        dropout: float = 0.0,
+        width: int = 64,
+        width_mult: float = 1.0,
+        depths: Sequence[int] | None = None,
+        stem_stride: int = 1,
+        fixed_feature_scale: bool = False,
+    ) -> None:
         super().__init__()
         plan = _stage_plan(depth, depths, width, width_mult)
         if stem_stride not in (1, 2):

@@ -54,8 +54,16 @@ Plan = list[tuple[int, int, int]]  # per bottleneck: (hidden channels, out chann
 class MobileFaceNet(nn.Module):
     """Stem (conv3x3/2, grouped conv3x3), the planned bottlenecks, conv1x1 to 512, linear GDC."""
 
-    def __init__(self, stem: int, stem_groups: int, plan: Plan, embedding_size: int,
-                 image_size: tuple[int, int], se: bool = False, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        stem: int,
+        stem_groups: int,
+        plan: Plan,
+        embedding_size: int,
+        image_size: tuple[int, int],
+        se: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(conv_bn(3, stem, 3, 2), conv_bn(stem, stem, 3, 1, groups=stem_groups))
         blocks: list[nn.Module] = []
@@ -93,27 +101,44 @@ def insightface_plan(blocks: Sequence[int], scale: int) -> Plan:
     check_positive(scale=scale)
     c1, c2 = 64 * scale, 128 * scale
     plan = []
-    for (hidden, cout), (res_hidden, n) in zip(((128, c1), (256, c2), (512, c2)),
-                                               ((128, blocks[1]), (256, blocks[2]), (256, blocks[3]))):
+    for (hidden, cout), (res_hidden, n) in zip(
+        ((128, c1), (256, c2), (512, c2)), ((128, blocks[1]), (256, blocks[2]), (256, blocks[3]))
+    ):
         plan += [(hidden, cout, 2)] + [(res_hidden, cout, 1)] * n
     return plan
 
 
 @register("mobilefacenet")
-def mobilefacenet(embedding_size: int = 128, image_size: tuple[int, int] = (112, 112), se: bool = False,
-                  width_mult: float = 1.0, dropout: float = 0.0) -> nn.Module:
+def mobilefacenet(
+    embedding_size: int = 128,
+    image_size: tuple[int, int] = (112, 112),
+    se: bool = False,
+    width_mult: float = 1.0,
+    dropout: float = 0.0,
+) -> nn.Module:
     stem, plan = paper_plan(width_mult)
     return MobileFaceNet(stem, stem, plan, embedding_size, image_size, se, dropout)
 
 
 @register("mobilefacenet_se")
-def mobilefacenet_se(embedding_size: int = 128, image_size: tuple[int, int] = (112, 112), se: bool = True,
-                     width_mult: float = 1.0, dropout: float = 0.0) -> nn.Module:
+def mobilefacenet_se(
+    embedding_size: int = 128,
+    image_size: tuple[int, int] = (112, 112),
+    se: bool = True,
+    width_mult: float = 1.0,
+    dropout: float = 0.0,
+) -> nn.Module:
     return mobilefacenet(embedding_size, image_size, se, width_mult, dropout)
 
 
 @register("insightface_mbf")
-def insightface_mbf(embedding_size: int = 512, image_size: tuple[int, int] = (112, 112),
-                    blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2, dropout: float = 0.0) -> nn.Module:
-    return MobileFaceNet(64 * scale, 64, insightface_plan(blocks, scale), embedding_size, image_size,
-                         dropout=dropout)
+def insightface_mbf(
+    embedding_size: int = 512,
+    image_size: tuple[int, int] = (112, 112),
+    blocks: Sequence[int] = (1, 4, 6, 2),
+    scale: int = 2,
+    dropout: float = 0.0,
+) -> nn.Module:
+    return MobileFaceNet(
+        64 * scale, 64, insightface_plan(blocks, scale), embedding_size, image_size, dropout=dropout
+    )

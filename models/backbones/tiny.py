@@ -19,8 +19,13 @@ def _dw_sep(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class TinyNet(nn.Module):
-    def __init__(self, embedding_size: int = 128, image_size: tuple[int, int] = (112, 112),
-                 width: int = 32, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        embedding_size: int = 128,
+        image_size: tuple[int, int] = (112, 112),
+        width: int = 32,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         check_positive(width=width)
         w = int(width)

@@ -108,9 +108,19 @@ class PatchEmbed(nn.Module):
 
 
 class FaceViT(nn.Module):
-    def __init__(self, embedding_size: int = 512, image_size: tuple[int, int] = (112, 112),
-                 width: int = 256, depth: int = 12, heads: int = 8, mlp_ratio: float = 4.0, patch: int = 9,
-                 drop_path: float = 0.0, mask_ratio: float = 0.0, checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        embedding_size: int = 512,
+        image_size: tuple[int, int] = (112, 112),
+        width: int = 256,
+        depth: int = 12,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        patch: int = 9,
+        drop_path: float = 0.0,
+        mask_ratio: float = 0.0,
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         check_positive(width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio, patch=patch)
         if width % heads:

@@ -24,15 +24,20 @@ RESULT_FILES = {"gpu_check.json", "gpu_check.md", "logs.tgz"}
 
 def _env(scratch: Path) -> dict[str, str]:
     # TMPDIR: the check's scratch folder lands under the test's tmp_path (a killed run cannot remove it)
-    return {"PATH": "/usr/bin:/bin", "PY": sys.executable, "HOME": os.environ.get("HOME", "/tmp"),
-            "TMPDIR": str(scratch)}
+    return {
+        "PATH": "/usr/bin:/bin",
+        "PY": sys.executable,
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "TMPDIR": str(scratch),
+    }
 
 
 def _run(tmp_path: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=_env(scratch),
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=_env(scratch), timeout=timeout
+    )
 
 
 def _module():
@@ -78,8 +83,13 @@ def test_smoke_runs_every_stage_and_writes_only_the_result_files(tmp_path):
     assert {p.name for p in out.iterdir()} == RESULT_FILES
     stages = {s["name"]: s for s in result["stages"]}
     assert result["failed"] == []
-    assert set(stages) >= {"head_tests", "head_bench_C1000", "build_shards", "train_mobilefacenet",
-                           "train_ir50"}
+    assert set(stages) >= {
+        "head_tests",
+        "head_bench_C1000",
+        "build_shards",
+        "train_mobilefacenet",
+        "train_ir50",
+    }
     assert stages["build_shards"]["samples"] == 20 * 8
     bench = stages["head_bench_C1000"]
     assert bench["arcface_chunked_ms"] > 0 and bench["arcface_reference_ms"] > 0
@@ -107,9 +117,13 @@ def test_killed_midway_it_has_written_valid_results(tmp_path):
     kills the whole process group with SIGKILL (the next stage mid-run), as a time limit would."""
     out = tmp_path / "check"
     (tmp_path / "scratch").mkdir()
-    proc = subprocess.Popen(["bash", str(SCRIPT), "--smoke", "--out", str(out)],
-                            env=_env(tmp_path / "scratch"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "--smoke", "--out", str(out)],
+        env=_env(tmp_path / "scratch"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     seen: list[int] = []
     try:
         deadline = time.monotonic() + 300
@@ -150,8 +164,15 @@ def test_deadline_skips_what_cannot_finish_and_says_so(tmp_path):
 
 def test_deadline_arithmetic_skips_a_stage_that_would_overrun(tmp_path, monkeypatch):
     gpu_check = _module()
-    env = {"device": "cpu", "torch": "x", "torch_cuda": None, "triton": "y", "python": "3", "cpus": 2,
-           "dali": None}
+    env = {
+        "device": "cpu",
+        "torch": "x",
+        "torch_cuda": None,
+        "triton": "y",
+        "python": "3",
+        "cpus": 2,
+        "dali": None,
+    }
     check = gpu_check.Check(tmp_path, env, gpu_check.SMOKE, True, deadline=10.0)
     try:
         stage, out = check.run("late", [sys.executable, "-c", "print(1)"], estimate=30.0)
@@ -182,8 +203,13 @@ def test_a_missing_c_compiler_stops_the_check_with_one_line(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     env = dict(_env(scratch), CC=str(tmp_path / "no-such-cc"))
-    proc = subprocess.run(["bash", str(SCRIPT), "--smoke", "--out", str(tmp_path / "check")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--smoke", "--out", str(tmp_path / "check")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -209,8 +235,10 @@ def test_the_launch_problem_names_the_missing_python_header_or_compiler(tmp_path
     monkeypatch.undo()
     # with both present, a failing launch reports its own error's first line
     line = gpu_check.triton_problem(launch)
-    assert line == "a tiny Triton kernel failed to launch: RuntimeError: Failed to find C compiler. Please " \
-                   "specify via CC environment variable"
+    assert (
+        line == "a tiny Triton kernel failed to launch: RuntimeError: Failed to find C compiler. Please "
+        "specify via CC environment variable"
+    )
     assert gpu_check.triton_problem(lambda: None) is None
 
 

@@ -46,16 +46,25 @@ def test_an_anchor_bomb_in_the_config_is_refused_at_once(tmp_path):
 
 
 def test_an_anchor_bomb_in_an_override_is_refused():
-    bomb = "[" + ", ".join(f"&a{i} [" + ", ".join([f"*a{i - 1}" if i else "1"] * 9) + "]"
-                           for i in range(8)) + "]"
+    bomb = (
+        "["
+        + ", ".join(f"&a{i} [" + ", ".join([f"*a{i - 1}" if i else "1"] * 9) + "]" for i in range(8))
+        + "]"
+    )
     message = refused(None, [f"model.kwargs.x={bomb}"])
     assert message.startswith("override 'model.kwargs.x=[") and message.endswith("(an anchor bomb?)")
 
 
-@pytest.mark.parametrize("text, says", [
-    ("model:\n  kwargs:\n    x: " + "[" * 1000 + "]" * 1000 + "\n", "nested more than 64 levels deep"),
-    ("model:\n  kwargs: &k\n    x: *k\n", "an alias refers to a node that contains it (a recursive alias)"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("model:\n  kwargs:\n    x: " + "[" * 1000 + "]" * 1000 + "\n", "nested more than 64 levels deep"),
+        (
+            "model:\n  kwargs: &k\n    x: *k\n",
+            "an alias refers to a node that contains it (a recursive alias)",
+        ),
+    ],
+)
 def test_deep_or_recursive_yaml_is_one_line_not_a_recursion_error(tmp_path, text, says):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -71,8 +80,10 @@ def test_an_oversized_config_file_is_refused_before_it_is_read(tmp_path):
 
 def test_anchors_used_as_intended_still_load(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("data: {source: synthetic}\nschedule: {steps: 3}\noptim: {lr: 0.05}\n"
-                    "validation:\n  sets: {a: &shards /data/lfw, b: *shards}\n")
+    path.write_text(
+        "data: {source: synthetic}\nschedule: {steps: 3}\noptim: {lr: 0.05}\n"
+        "validation:\n  sets: {a: &shards /data/lfw, b: *shards}\n"
+    )
     cfg = load_config(path)
     assert cfg.validation.sets == {"a": "/data/lfw", "b": "/data/lfw"} and cfg.optim.lr == 0.05
 

@@ -11,17 +11,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
-    "preprocess/build_shards.py", "preprocess/synthetic.py", "trainer/main.py", "eval/lfw.py",
-    "eval/export_onnx.py", "eval/import_mobilefacenet.py", "eval/import_insightface.py", "-m bench.heads",
-    "-m bench.loader", "-m bench.preprocess", "-m bench.kernels", "eval/export_openvino.py",
+    "preprocess/build_shards.py",
+    "preprocess/synthetic.py",
+    "trainer/main.py",
+    "eval/lfw.py",
+    "eval/export_onnx.py",
+    "eval/import_mobilefacenet.py",
+    "eval/import_insightface.py",
+    "-m bench.heads",
+    "-m bench.loader",
+    "-m bench.preprocess",
+    "-m bench.kernels",
+    "eval/export_openvino.py",
     "-m bench.deploy",
 ]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     command = args[0].split() if args[0].startswith("-m ") else [args[0]]  # a module runs with -m
-    return subprocess.run([sys.executable, *command, *args[1:]], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, *command, *args[1:]], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)

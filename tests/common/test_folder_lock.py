@@ -18,16 +18,23 @@ from common.folder_lock import folder_lock, lock_holder
 from tests._trainer_util import ROOT, env, main_command, tiny_overrides
 
 # A process that takes the lock as a training or a build does, says so, and keeps it.
-HOLDER = ("import sys, time\n"
-          "from common.folder_lock import folder_lock\n"
-          "with folder_lock(sys.argv[1], 'busy'):\n"
-          "    print('locked', flush=True)\n"
-          "    time.sleep(600)\n")
+HOLDER = (
+    "import sys, time\n"
+    "from common.folder_lock import folder_lock\n"
+    "with folder_lock(sys.argv[1], 'busy'):\n"
+    "    print('locked', flush=True)\n"
+    "    time.sleep(600)\n"
+)
 
 
 def start_holder(folder: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True,
-                            env={**env(), "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**env(), "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -67,8 +74,13 @@ def test_a_second_training_on_the_run_folder_stops_and_a_killed_one_resumes(tmp_
     args = tiny_overrides(run, steps=8, **{"logging.tensorboard": "off", "checkpoint.every_steps": 1})
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        first = subprocess.Popen([sys.executable, *main_command({"hang_rank": 0, "hang_step": 2}), *args],
-                                 stdout=out, stderr=out, env=env(), cwd=ROOT)
+        first = subprocess.Popen(
+            [sys.executable, *main_command({"hang_rank": 0, "hang_step": 2}), *args],
+            stdout=out,
+            stderr=out,
+            env=env(),
+            cwd=ROOT,
+        )
     try:
         deadline = time.monotonic() + 120
         # hang_step counts completed steps: it hangs in the third step, after step 2's record and
@@ -80,8 +92,10 @@ def test_a_second_training_on_the_run_folder_stops_and_a_killed_one_resumes(tmp_
         records = (run / "metrics.jsonl").read_text()
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"error: {run}: another training is using this run folder; wait for it to end "
-                              f"or choose another run.dir (held by process {first.pid} (")
+        assert err.startswith(
+            f"error: {run}: another training is using this run folder; wait for it to end "
+            f"or choose another run.dir (held by process {first.pid} ("
+        )
         assert "tests._trainer_faults" in err and "\n" not in err  # the holder's command, in the one line
         assert (run / "metrics.jsonl").read_text() == records  # the second one wrote nothing
     finally:
@@ -101,8 +115,9 @@ def test_a_filesystem_without_folder_locks_warns_and_goes_on(tmp_path, monkeypat
         (tmp_path / "written").touch()
     assert (tmp_path / "written").exists()
     reason = os.strerror(errno.ENOLCK)
-    assert capsys.readouterr().err == (f"warning: {tmp_path}: cannot lock the folder ({reason}); "
-                                       "nothing stops a second writer\n")
+    assert capsys.readouterr().err == (
+        f"warning: {tmp_path}: cannot lock the folder ({reason}); nothing stops a second writer\n"
+    )
 
 
 def test_only_rank_0_takes_the_run_folder_lock(tmp_path, monkeypatch):
@@ -115,8 +130,10 @@ def test_only_rank_0_takes_the_run_folder_lock(tmp_path, monkeypatch):
         with run_folder_lock(str(tmp_path)):
             pass
         monkeypatch.setenv("RANK", "0")
-        with pytest.raises(UserError, match="another training is using this run folder"), \
-                run_folder_lock(str(tmp_path)):
+        with (
+            pytest.raises(UserError, match="another training is using this run folder"),
+            run_folder_lock(str(tmp_path)),
+        ):
             pass
     finally:
         kill_hard(holder)

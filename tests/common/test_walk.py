@@ -32,8 +32,16 @@ def _tree(root: Path) -> Path:
 
 def test_only_regular_files_links_without_loops_and_utf8_names(tmp_path: Path) -> None:
     tree = regular_files(_tree(tmp_path / "g"))
-    assert tree.files == [".hidden/h.jpg", "ana/a1.jpg", "ana/bo_too/b1.png", "ana/bo_too/linked.jpg",
-                          "ana/sub/a2.jpg", "bo/b1.png", "bo/linked.jpg", "top.jpg"]
+    assert tree.files == [
+        ".hidden/h.jpg",
+        "ana/a1.jpg",
+        "ana/bo_too/b1.png",
+        "ana/bo_too/linked.jpg",
+        "ana/sub/a2.jpg",
+        "bo/b1.png",
+        "bo/linked.jpg",
+        "top.jpg",
+    ]
     assert {s.rel: s.reason for s in tree.skipped} == {
         "ana/fifo.jpg": "not_a_file",
         "ana/up": "link_loop",
@@ -65,8 +73,15 @@ def test_an_unreadable_root_is_one_line(tmp_path: Path) -> None:
 def test_identify_gallery_never_lists_a_fifo_a_loop_or_a_name_it_cannot_write(tmp_path: Path, capsys) -> None:
     root = _tree(tmp_path / "g")
     photos = [(person, p.relative_to(root).as_posix()) for person, p in gallery_photos(root)]
-    assert photos == [(".hidden", ".hidden/h.jpg"), ("ana", "ana/a1.jpg"), ("ana", "ana/bo_too/b1.png"),
-                      ("ana", "ana/bo_too/linked.jpg"), ("ana", "ana/sub/a2.jpg"), ("bo", "bo/b1.png"),
-                      ("bo", "bo/linked.jpg"), ("top", "top.jpg")]
+    assert photos == [
+        (".hidden", ".hidden/h.jpg"),
+        ("ana", "ana/a1.jpg"),
+        ("ana", "ana/bo_too/b1.png"),
+        ("ana", "ana/bo_too/linked.jpg"),
+        ("ana", "ana/sub/a2.jpg"),
+        ("bo", "bo/b1.png"),
+        ("bo", "bo/linked.jpg"),
+        ("top", "top.jpg"),
+    ]
     err = capsys.readouterr().err
     assert "fifo.jpg: not a regular file" in err and "caf\\xe9: the name is not UTF-8" in err

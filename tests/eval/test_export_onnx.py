@@ -25,8 +25,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ckpt, d / "tiny.onnx"
 
 
-def test_export_has_dynamic_batch_metadata_and_matches(exported: tuple[Path, Path],
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_has_dynamic_batch_metadata_and_matches(
+    exported: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt, path = exported
     proto = onnx.load(str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -42,9 +43,12 @@ def test_export_has_dynamic_batch_metadata_and_matches(exported: tuple[Path, Pat
     np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, atol=1e-4)
 
 
-def test_export_reports_and_fails_on_mismatch(exported: tuple[Path, Path], tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_reports_and_fails_on_mismatch(
+    exported: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     ckpt, _ = exported
     other = make_checkpoint(tmp_path / "other.pt", seed=4)
     real_export = export_onnx.export
@@ -60,8 +64,9 @@ def test_export_reports_and_fails_on_mismatch(exported: tuple[Path, Path], tmp_p
     one_line_error(code, err.err, str(tmp_path / "bad.onnx"), "differs from PyTorch")
 
 
-def test_lfw_onnx_gives_the_checkpoint_accuracy(exported: tuple[Path, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_lfw_onnx_gives_the_checkpoint_accuracy(
+    exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt, path = exported
     shards = build_lfw_shards(tmp_path / "lfw", seed=1)
     results = []

@@ -31,25 +31,50 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shards = build_lfw_shards(d / "lfw", seed=1)
     assert export_onnx.main(["--model", str(ckpt), "--out", str(d / "tiny.onnx")]) == 0
     assert export_openvino.main(["--model", str(ckpt), "--out", str(d / "fp32.xml")]) == 0
-    assert export_openvino.main(["--model", str(d / "tiny.onnx"), "--out", str(d / "int8.xml"), "--int8",
-                                 "--calibration", str(shards), "--samples", "24",
-                                 "--check-sets", f"lfw={shards}", "--max-drop", "100"]) == 0
-    return {"ckpt": ckpt, "onnx": d / "tiny.onnx", "fp32": d / "fp32.xml", "int8": d / "int8.xml",
-            "shards": shards}
+    assert (
+        export_openvino.main(
+            [
+                "--model",
+                str(d / "tiny.onnx"),
+                "--out",
+                str(d / "int8.xml"),
+                "--int8",
+                "--calibration",
+                str(shards),
+                "--samples",
+                "24",
+                "--check-sets",
+                f"lfw={shards}",
+                "--max-drop",
+                "100",
+            ]
+        )
+        == 0
+    )
+    return {
+        "ckpt": ckpt,
+        "onnx": d / "tiny.onnx",
+        "fp32": d / "fp32.xml",
+        "int8": d / "int8.xml",
+        "shards": shards,
+    }
 
 
 def lfw_figures(model: Path, shards: Path, out: Path, *extra: str) -> dict:
-    assert lfw_main(["--model", str(model), "--shards", str(shards), "--json", str(out), "--quiet",
-                     *extra]) == 0
+    assert (
+        lfw_main(["--model", str(model), "--shards", str(shards), "--json", str(out), "--quiet", *extra]) == 0
+    )
     return json.loads(out.read_text())
 
 
 def test_every_model_kind_gives_the_checkpoint_figures(files: dict[str, Path], tmp_path: Path) -> None:
     reference = lfw_figures(files["ckpt"], files["shards"], tmp_path / "ckpt.json")
-    for name, model, extra in (("onnxruntime", files["onnx"], ("--runtime", "onnxruntime")),
-                               ("onnx-openvino", files["onnx"], ("--runtime", "openvino")),
-                               ("onnx-auto", files["onnx"], ()),
-                               ("fp32", files["fp32"], ())):
+    for name, model, extra in (
+        ("onnxruntime", files["onnx"], ("--runtime", "onnxruntime")),
+        ("onnx-openvino", files["onnx"], ("--runtime", "openvino")),
+        ("onnx-auto", files["onnx"], ()),
+        ("fp32", files["fp32"], ()),
+    ):
         got = lfw_figures(model, files["shards"], tmp_path / f"{name}.json", *extra)
         for key in METRICS:
             assert got[key] == reference[key], (name, key)
@@ -62,12 +87,32 @@ def test_every_model_kind_gives_the_checkpoint_figures(files: dict[str, Path], t
 def test_verify_runs_onnx_under_openvino_from_several_threads(files: dict[str, Path], tmp_path: Path) -> None:
     """eval/verify.py runs an ONNX or OpenVINO model's batches from several threads at once (--parallel)."""
     figures = []
-    for name, model, runtime in (("ort", "onnx", "onnxruntime"), ("ov", "onnx", "openvino"),
-                                 ("ir", "fp32", "auto")):
+    for name, model, runtime in (
+        ("ort", "onnx", "onnxruntime"),
+        ("ov", "onnx", "openvino"),
+        ("ir", "fp32", "auto"),
+    ):
         out = tmp_path / f"{name}.json"
-        assert verify_main(["--model", str(files[model]), "--runtime", runtime, "--sets",
-                            f"lfw={files['shards']}", "--parallel", "3", "--batch-size", "4",
-                            "--json", str(out), "--quiet"]) == 0
+        assert (
+            verify_main(
+                [
+                    "--model",
+                    str(files[model]),
+                    "--runtime",
+                    runtime,
+                    "--sets",
+                    f"lfw={files['shards']}",
+                    "--parallel",
+                    "3",
+                    "--batch-size",
+                    "4",
+                    "--json",
+                    str(out),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         figures.append(json.loads(out.read_text())["sets"]["lfw"])
     for got in figures[1:]:
         assert got["accuracy_mean"] == figures[0]["accuracy_mean"]
@@ -78,8 +123,11 @@ def test_embeddings_of_each_runtime(files: dict[str, Path]) -> None:
     x = export_openvino.model_input(export_openvino.aligned_faces(files["shards"], 12))
     torch_emb = load_model(files["ckpt"]).embed(x)
     assert np.abs(torch_emb).max() > 0.1  # a meaningful scale for the tolerance
-    for path, runtime in ((files["onnx"], "onnxruntime"), (files["onnx"], "openvino"),
-                          (files["fp32"], "auto")):
+    for path, runtime in (
+        (files["onnx"], "onnxruntime"),
+        (files["onnx"], "openvino"),
+        (files["fp32"], "auto"),
+    ):
         model = load_model(path, runtime=runtime)
         assert model.runtime == ("onnxruntime" if runtime == "onnxruntime" else "openvino")
         np.testing.assert_allclose(model.embed(x), torch_emb, atol=1e-4)
@@ -110,13 +158,25 @@ def test_int8_is_smaller_and_quantized(files: dict[str, Path]) -> None:
     assert files["int8"].with_suffix(".bin").stat().st_size < files["fp32"].with_suffix(".bin").stat().st_size
 
 
-def test_max_drop_refusal_leaves_the_old_file_and_no_temporary(files: dict[str, Path], tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_max_drop_refusal_leaves_the_old_file_and_no_temporary(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "m.xml"
     for suffix in (".xml", ".bin"):  # a good model already there
         out.with_suffix(suffix).write_bytes(files["fp32"].with_suffix(suffix).read_bytes())
-    argv = ["--model", str(files["onnx"]), "--out", str(out), "--int8", "--calibration",
-            str(files["shards"]), "--samples", "8", "--check-sets", f"lfw={files['shards']}"]
+    argv = [
+        "--model",
+        str(files["onnx"]),
+        "--out",
+        str(out),
+        "--int8",
+        "--calibration",
+        str(files["shards"]),
+        "--samples",
+        "8",
+        "--check-sets",
+        f"lfw={files['shards']}",
+    ]
     # Every export "drops" more than -100 points: the refusal path, whatever the quantized accuracy.
     code = export_openvino.main([*argv, "--max-drop", "-100"])
     err = capsys.readouterr()
@@ -130,23 +190,41 @@ def test_max_drop_refusal_leaves_the_old_file_and_no_temporary(files: dict[str, 
     assert out.with_suffix(".bin").read_bytes() != files["fp32"].with_suffix(".bin").read_bytes()
 
 
-def test_bad_openvino_files_are_one_line(files: dict[str, Path], tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_openvino_files_are_one_line(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.xml"
     bad.write_text("<?xml version='1.0'?><net>half a model")
     bad.with_suffix(".bin").write_bytes(b"\0" * 16)
     shards = str(files["shards"])
-    one_line_error(lfw_main(["--model", str(bad), "--shards", shards]), capsys.readouterr().err,
-                   str(bad), "not a loadable OpenVINO model")
+    one_line_error(
+        lfw_main(["--model", str(bad), "--shards", shards]),
+        capsys.readouterr().err,
+        str(bad),
+        "not a loadable OpenVINO model",
+    )
     bad.with_suffix(".bin").unlink()
-    one_line_error(lfw_main(["--model", str(bad), "--shards", shards]), capsys.readouterr().err,
-                   str(bad), "bad.bin is missing")
-    one_line_error(lfw_main(["--model", str(files["fp32"]), "--shards", shards, "--runtime", "onnxruntime"]),
-                   capsys.readouterr().err, "OpenVINO only")
-    one_line_error(export_openvino.main(["--model", str(files["fp32"]), "--out", str(tmp_path / "x.xml")]),
-                   capsys.readouterr().err, "already an OpenVINO model")
-    one_line_error(export_openvino.main(["--model", str(files["onnx"]), "--out", str(tmp_path / "x.xml"),
-                                         "--int8"]), capsys.readouterr().err, "--calibration")
+    one_line_error(
+        lfw_main(["--model", str(bad), "--shards", shards]),
+        capsys.readouterr().err,
+        str(bad),
+        "bad.bin is missing",
+    )
+    one_line_error(
+        lfw_main(["--model", str(files["fp32"]), "--shards", shards, "--runtime", "onnxruntime"]),
+        capsys.readouterr().err,
+        "OpenVINO only",
+    )
+    one_line_error(
+        export_openvino.main(["--model", str(files["fp32"]), "--out", str(tmp_path / "x.xml")]),
+        capsys.readouterr().err,
+        "already an OpenVINO model",
+    )
+    one_line_error(
+        export_openvino.main(["--model", str(files["onnx"]), "--out", str(tmp_path / "x.xml"), "--int8"]),
+        capsys.readouterr().err,
+        "--calibration",
+    )
 
 
 def test_identify_loads_an_ir_with_its_fingerprint(files: dict[str, Path]) -> None:

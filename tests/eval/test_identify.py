@@ -44,8 +44,15 @@ def _detected_photos(identity: int, wanted: int) -> list[bytes]:
 
     ph, ident, out = Photographer(0), make_identity(np.random.default_rng([0, 2, identity])), []
     for j in range(40):
-        jpg, _, _ = ph.photo(ident, np.random.default_rng([0, 3, identity, j]), (200, 200), eye_px=40,
-                             angle_sd=3.0, shift_sd=(3, 3), centre_frac=(0.5, 0.48))
+        jpg, _, _ = ph.photo(
+            ident,
+            np.random.default_rng([0, 3, identity, j]),
+            (200, 200),
+            eye_px=40,
+            angle_sd=3.0,
+            shift_sd=(3, 3),
+            centre_frac=(0.5, 0.48),
+        )
         rgb = np.ascontiguousarray(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1])
         if len(detect_faces(rgb)) == 1:
             out.append(jpg)
@@ -100,8 +107,9 @@ def test_enrol_lists_bad_photos_and_stores_templates(enrolled: dict[str, Path], 
         assert data["names"].dtype.kind == "U"
 
 
-def test_a_photo_with_several_faces_is_listed_unless_use_largest(enrolled: dict[str, Path], people,
-                                                                tmp_path: Path, capsys) -> None:
+def test_a_photo_with_several_faces_is_listed_unless_use_largest(
+    enrolled: dict[str, Path], people, tmp_path: Path, capsys
+) -> None:
     duo = np.hstack([cv2.imread(str(people["bo"][1]))] * 2)  # the same face twice
     (tmp_path / "gallery").mkdir()
     cv2.imwrite(str(tmp_path / "gallery" / "duo.png"), duo)
@@ -116,8 +124,9 @@ def test_a_photo_with_several_faces_is_listed_unless_use_largest(enrolled: dict[
     assert g.names == ["duo"] and g.photo_paths == ["duo.png"] and g.skipped == []
 
 
-def test_search_labels_photos_and_writes_every_output(enrolled: dict[str, Path], people, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_search_labels_photos_and_writes_every_output(
+    enrolled: dict[str, Path], people, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"\x00" * 100)
     inputs = [people["ana"][0], people["bo"][0], garbage, tmp_path / "missing.jpg", people["ana"][2]]
@@ -148,8 +157,14 @@ def test_search_a_generated_video_end_to_end(enrolled: dict[str, Path], people, 
     video = tmp_path / "clip.mp4"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, frame.shape[1::-1])
     for n in range(6):
-        writer.write(cv2.warpAffine(frame, np.float32([[1, 0, n - 3], [0, 1, 0]]), frame.shape[1::-1],
-                                    borderMode=cv2.BORDER_REPLICATE))
+        writer.write(
+            cv2.warpAffine(
+                frame,
+                np.float32([[1, 0, n - 3], [0, 1, 0]]),
+                frame.shape[1::-1],
+                borderMode=cv2.BORDER_REPLICATE,
+            )
+        )
     writer.release()
     out = tmp_path / "out"
     assert main([*_search(enrolled), str(video), "--out", str(out), "--threshold", "0.5"]) == 0
@@ -174,8 +189,9 @@ def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-def test_another_model_or_a_bad_gallery_is_refused_in_one_line(enrolled: dict[str, Path], people,
-                                                             tmp_path: Path, capsys) -> None:
+def test_another_model_or_a_bad_gallery_is_refused_in_one_line(
+    enrolled: dict[str, Path], people, tmp_path: Path, capsys
+) -> None:
     photo = str(people["ana"][0])
     base = ["search", "--gallery", str(enrolled["npz"]), photo, "--workers", "0", "--model"]
     err = _one_line_error([*base, str(_model(tmp_path / "narrow.pt", (112, 96)))], capsys)
@@ -193,19 +209,33 @@ def test_another_model_or_a_bad_gallery_is_refused_in_one_line(enrolled: dict[st
     assert "not a readable gallery file" in err
 
 
-def test_empty_gallery_folder_and_missing_camera_are_one_line(enrolled: dict[str, Path], tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_empty_gallery_folder_and_missing_camera_are_one_line(
+    enrolled: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty" / "someone").mkdir(parents=True)
-    err = _one_line_error(["enrol", "--gallery", str(tmp_path / "empty"), "--model", str(enrolled["model"]),
-                           "--out", str(tmp_path / "g.npz")], capsys)
+    err = _one_line_error(
+        [
+            "enrol",
+            "--gallery",
+            str(tmp_path / "empty"),
+            "--model",
+            str(enrolled["model"]),
+            "--out",
+            str(tmp_path / "g.npz"),
+        ],
+        capsys,
+    )
     assert "no photos" in err and not (tmp_path / "g.npz").exists()
-    err = _one_line_error(["search", "--gallery", str(enrolled["npz"]), "--model", str(enrolled["model"]),
-                           "--camera", "57"], capsys)
+    err = _one_line_error(
+        ["search", "--gallery", str(enrolled["npz"]), "--model", str(enrolled["model"]), "--camera", "57"],
+        capsys,
+    )
     assert "--camera 57" in err
 
 
-def test_threshold_comes_from_the_metrics_json_or_the_checkpoint(enrolled: dict[str, Path], people,
-                                                                 tmp_path: Path, capsys) -> None:
+def test_threshold_comes_from_the_metrics_json_or_the_checkpoint(
+    enrolled: dict[str, Path], people, tmp_path: Path, capsys
+) -> None:
     photo = str(people["ana"][2])
     argv = [*_search(enrolled), photo]
     metrics = tmp_path / "lfw.json"
@@ -254,8 +284,10 @@ def test_rank_and_open_set_figures() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (LFW / "lfw").is_dir() or not REFERENCE.is_file(),
-                    reason=f"real LFW ({LFW}/lfw) or the reference model ({REFERENCE}) not found")
+@pytest.mark.skipif(
+    not (LFW / "lfw").is_dir() or not REFERENCE.is_file(),
+    reason=f"real LFW ({LFW}/lfw) or the reference model ({REFERENCE}) not found",
+)
 @long_real_lfw
 def test_lfw_identification_with_the_reference_model(tmp_path: Path) -> None:
     """Gallery: one photo of each of the 1,680 LFW people with two or more; probes: their other

@@ -22,8 +22,18 @@ SIZE = (112, 112)
 COLORS = {0: (230, 25, 25), 1: (25, 230, 25), 2: (25, 25, 230), 3: (200, 90, 25), 4: (230, 230, 25)}
 OFF = (25, 230, 230)  # one media of S2's second template: its one hard genuine pair
 # template -> (subject, [frames per media]); template 2s + 1 and 2s + 2 belong to subject s.
-TEMPLATES = {1: (0, [3, 1]), 2: (0, [2]), 3: (1, [1, 2]), 4: (1, [1]), 5: (2, [2, 1]), 6: (2, [1, 1]),
-             7: (3, [2]), 8: (3, [1]), 9: (4, [1, 3]), 10: (4, [2])}
+TEMPLATES = {
+    1: (0, [3, 1]),
+    2: (0, [2]),
+    3: (1, [1, 2]),
+    4: (1, [1]),
+    5: (2, [2, 1]),
+    6: (2, [1, 1]),
+    7: (3, [2]),
+    8: (3, [1]),
+    9: (4, [1, 3]),
+    10: (4, [2]),
+}
 GENUINE = [(1, 2), (3, 4), (5, 6), (9, 10)]
 IMPOSTOR = [(1, 7), (1, 3), (1, 5), (1, 9), (3, 5), (3, 7), (4, 10), (5, 9), (2, 6), (6, 8)]
 
@@ -100,8 +110,9 @@ def mini_ijb(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_scores_match_hand_media_pooling_and_known_tar(mini_ijb: tuple[Path, dict]) -> None:
     root, truth = mini_ijb
-    metrics, scores, labels = evaluate_ijb(color_model, root, SIZE, batch_size=3, workers=2,
-                                           show_progress=False)
+    metrics, scores, labels = evaluate_ijb(
+        color_model, root, SIZE, batch_size=3, workers=2, show_progress=False
+    )
     feat = {t: hand_template(f) for t, f in truth.items()}
     expected = np.array([feat[a] @ feat[b] for a, b in GENUINE + IMPOSTOR])
     # Alignment by the 5 points puts the whole crop inside the face: else black would enter the mean.
@@ -115,7 +126,8 @@ def test_scores_match_hand_media_pooling_and_known_tar(mini_ijb: tuple[Path, dic
     for far in ("1e-2", "1e-3", "1e-4", "1e-5", "1e-6"):
         assert metrics[f"tar_at_far_{far}"] == 0.75, far
     assert metrics["num_templates"] == 10 and metrics["num_faces"] == sum(
-        sum(fr) for _, fr in TEMPLATES.values())
+        sum(fr) for _, fr in TEMPLATES.values()
+    )
 
 
 def test_media_pooling_weighs_media_not_frames() -> None:
@@ -125,19 +137,39 @@ def test_media_pooling_weighs_media_not_frames() -> None:
     ids, feat = template_features(emb, tids, mids)
     assert ids.tolist() == [3, 7]
     # media 1 (three frames) and media 2 (one) weigh alike: (1, 1, 0) / sqrt 2, not (3, 1, 0) / sqrt 10
-    np.testing.assert_allclose(feat[1], [2 ** -0.5, 2 ** -0.5, 0], atol=1e-12)
+    np.testing.assert_allclose(feat[1], [2**-0.5, 2**-0.5, 0], atol=1e-12)
     np.testing.assert_allclose(feat[0], [0, 0, 1], atol=1e-12)
 
 
-def test_command_writes_json_and_roc(mini_ijb: tuple[Path, dict], tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_writes_json_and_roc(
+    mini_ijb: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root, _ = mini_ijb
     ckpt = tmp_path / "tiny.pt"
-    save_embedding_checkpoint(ckpt, {"backbone": "tiny", "embedding_size": 16, "image_size": [112, 112]},
-                              build_backbone("tiny", 16, SIZE).state_dict())
+    save_embedding_checkpoint(
+        ckpt,
+        {"backbone": "tiny", "embedding_size": 16, "image_size": [112, 112]},
+        build_backbone("tiny", 16, SIZE).state_dict(),
+    )
     out, roc = tmp_path / "m.json", tmp_path / "roc.png"
-    assert main(["--checkpoint", str(ckpt), "--ijb", str(root), "--json", str(out), "--roc", str(roc),
-                 "--batch-size", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--ijb",
+                str(root),
+                "--json",
+                str(out),
+                "--roc",
+                str(roc),
+                "--batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     line = capsys.readouterr().out.strip()
     assert line.startswith("IJBC 1:1 TAR@FAR  1e-06: ") and "14 pairs, 10 templates" in line
     m = json.loads(out.read_text())
@@ -145,8 +177,9 @@ def test_command_writes_json_and_roc(mini_ijb: tuple[Path, dict], tmp_path: Path
     assert roc.stat().st_size > 1000
 
 
-def test_layout_mistakes_are_one_line(mini_ijb: tuple[Path, dict], tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_layout_mistakes_are_one_line(
+    mini_ijb: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root, _ = mini_ijb
     with pytest.raises(UserError, match="no ijbc_face_tid_mid.txt"):
         read_ijb(tmp_path)
@@ -156,8 +189,11 @@ def test_layout_mistakes_are_one_line(mini_ijb: tuple[Path, dict], tmp_path: Pat
         (broken / "meta" / f.name).write_text(f.read_text())
     (broken / "loose_crop").mkdir()  # the images are missing
     ckpt = tmp_path / "tiny.pt"
-    save_embedding_checkpoint(ckpt, {"backbone": "tiny", "embedding_size": 16, "image_size": [112, 112]},
-                              build_backbone("tiny", 16, SIZE).state_dict())
+    save_embedding_checkpoint(
+        ckpt,
+        {"backbone": "tiny", "embedding_size": 16, "image_size": [112, 112]},
+        build_backbone("tiny", 16, SIZE).state_dict(),
+    )
     code = run_cli(main, ["--checkpoint", str(ckpt), "--ijb", str(broken), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "1.jpg: missing" in err
@@ -192,5 +228,8 @@ def test_pair_cosines_in_chunks_equal_one_gather() -> None:
     rng = np.random.default_rng(0)
     feat = rng.normal(size=(20, 8))
     rows = rng.integers(0, 20, size=(101, 2))
-    np.testing.assert_allclose(pair_cosines(feat, rows, chunk=7),
-                               np.einsum("ij,ij->i", feat[rows[:, 0]], feat[rows[:, 1]]), atol=1e-12)
+    np.testing.assert_allclose(
+        pair_cosines(feat, rows, chunk=7),
+        np.einsum("ij,ij->i", feat[rows[:, 0]], feat[rows[:, 1]]),
+        atol=1e-12,
+    )

@@ -56,12 +56,21 @@ def _write(path: Path, obj: object, protocol: int, py2: bool = False) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("protocol", "labels", "py2"), [
-    (2, "list", True), (2, "numpy", True), (2, "list", False), (2, "numpy", False),
-    (4, "list", False), (4, "numpy", False), (4, "numpy-scalars", False),
-])
-def test_pack_round_trips_pairs_folds_and_images(tmp_path: Path, protocol: int, labels: str,
-                                                 py2: bool) -> None:
+@pytest.mark.parametrize(
+    ("protocol", "labels", "py2"),
+    [
+        (2, "list", True),
+        (2, "numpy", True),
+        (2, "list", False),
+        (2, "numpy", False),
+        (4, "list", False),
+        (4, "numpy", False),
+        (4, "numpy-scalars", False),
+    ],
+)
+def test_pack_round_trips_pairs_folds_and_images(
+    tmp_path: Path, protocol: int, labels: str, py2: bool
+) -> None:
     images, same = _images(2 * N_PAIRS), _issame()
     issame = {"list": same, "numpy": np.array(same), "numpy-scalars": [np.bool_(v) for v in same]}[labels]
     pack = _write(tmp_path / "agedb_30.bin", (images, issame), protocol, py2)
@@ -106,7 +115,8 @@ class _Payload:
 
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_pack_with_a_reduce_payload_is_refused_and_the_payload_does_not_run(
-        tmp_path: Path, protocol: int, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, protocol: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     marker = tmp_path / "payload_ran"
     pack = _write(tmp_path / "evil.bin", (_images(2), [_Payload(marker)]), protocol)
     code = run_cli(main, ["--bin", str(pack), "--out", str(tmp_path / "out")])
@@ -116,12 +126,15 @@ def test_pack_with_a_reduce_payload_is_refused_and_the_payload_does_not_run(
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("obj", "what"), [
-    ((["x"], np.array([1, "a"], dtype=object)), "dtype"),   # an object array: items could be anything
-    (([b"x", b"y"], np.array([1], dtype=np.int64)), "dtype"),
-    (([b"x", b"y"], {"a": 1}), "second item"),                # plain but not the layout
-    (([b"x", b"y", b"z"], [True]), "3 images for 1 pairs"),
-])
+@pytest.mark.parametrize(
+    ("obj", "what"),
+    [
+        ((["x"], np.array([1, "a"], dtype=object)), "dtype"),  # an object array: items could be anything
+        (([b"x", b"y"], np.array([1], dtype=np.int64)), "dtype"),
+        (([b"x", b"y"], {"a": 1}), "second item"),  # plain but not the layout
+        (([b"x", b"y", b"z"], [True]), "3 images for 1 pairs"),
+    ],
+)
 def test_other_contents_are_refused_in_one_line(tmp_path: Path, obj: object, what: str) -> None:
     pack = _write(tmp_path / "x.bin", obj, 4)
     with pytest.raises(UserError, match=what):

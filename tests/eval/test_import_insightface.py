@@ -46,12 +46,17 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 # r100, r200, vit_s, vit_b, vit_l together take 40 s on 2 idle cores (vit_l 23 s; each 15-41 s on busy
 # ones) and up to 2 GB: the mapping of r18-r50 / vit_t at other sizes (their layouts are checked below
 # for every arch); FACETRAIN_LONG_TESTS=1 runs them too.
-BIG = pytest.mark.skipif(os.environ.get("FACETRAIN_LONG_TESTS") != "1",
-                         reason="FACETRAIN_LONG_TESTS=1 not set: big networks' forward passes (40 s, 2 GB)")
+BIG = pytest.mark.skipif(
+    os.environ.get("FACETRAIN_LONG_TESTS") != "1",
+    reason="FACETRAIN_LONG_TESTS=1 not set: big networks' forward passes (40 s, 2 GB)",
+)
 
 
-@pytest.mark.parametrize("arch", ["r18", "r34", "r50", "mbf", "vit_t"] + [
-    pytest.param(arch, marks=BIG) for arch in ("r100", "r200", "vit_s", "vit_b", "vit_l")])
+@pytest.mark.parametrize(
+    "arch",
+    ["r18", "r34", "r50", "mbf", "vit_t"]
+    + [pytest.param(arch, marks=BIG) for arch in ("r100", "r200", "vit_s", "vit_b", "vit_l")],
+)
 def test_embeddings_equal_insightface_code(arch):
     case = fixture()[arch]
     with torch.no_grad():
@@ -61,8 +66,10 @@ def test_embeddings_equal_insightface_code(arch):
 
 def layout_only(arch: str) -> dict[str, torch.Tensor]:
     """Their state dict's names and shapes, no numbers (meta tensors: instant even for r200)."""
-    return {name: torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device="meta")
-            for name, shape, dtype in fixture()[arch]["layout"]}
+    return {
+        name: torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device="meta")
+        for name, shape, dtype in fixture()[arch]["layout"]
+    }
 
 
 def test_each_of_their_layouts_fits_its_arch_and_no_other():
@@ -111,8 +118,12 @@ def test_imported_file_embeds_as_theirs_in_eval_and_onnx(imported_mbf, tmp_path)
     got = torch.from_numpy(model.embed(fixed_input(case["seed"])))
     assert min(cosines(got, case["embeddings"])) >= MIN_COSINE
     # the export runs onnxruntime against PyTorch and fails above 1e-4
-    assert export_main(["--model", str(imported_mbf), "--out", str(tmp_path / "mbf.onnx"),
-                        "--check-batches", "2"]) == 0
+    assert (
+        export_main(
+            ["--model", str(imported_mbf), "--out", str(tmp_path / "mbf.onnx"), "--check-batches", "2"]
+        )
+        == 0
+    )
 
 
 def one_error_line(capsys, weights: Path, arch: str) -> str:
@@ -162,10 +173,19 @@ def test_a_pickle_with_code_is_refused_never_run(capsys, tmp_path):
 
 def mbf_run(run_dir: Path, init_from: Path, **extra: object) -> list[str]:
     """Two steps of insightface_mbf on the synthetic identities at their 112x112, from `init_from`."""
-    items = tiny_overrides(run_dir, steps=2, **{
-        "data.synthetic.image_size": "[112,112]", "model.backbone": "insightface_mbf",
-        "model.embedding_size": 512, "loader.batch_size": 8, "checkpoint.save_untrained": "true",
-        "model.init_from": str(init_from), **extra})
+    items = tiny_overrides(
+        run_dir,
+        steps=2,
+        **{
+            "data.synthetic.image_size": "[112,112]",
+            "model.backbone": "insightface_mbf",
+            "model.embedding_size": 512,
+            "loader.batch_size": 8,
+            "checkpoint.save_untrained": "true",
+            "model.init_from": str(init_from),
+            **extra,
+        },
+    )
     return [item for item in items if not item.startswith("model.kwargs.width=")]  # tiny's option
 
 
@@ -187,8 +207,11 @@ def test_init_from_a_training_checkpoint(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     assert run_main(tiny_overrides(first, steps=2)).returncode == 0
     trained = first / "checkpoints" / "last.pt"
-    proc = run_main(tiny_overrides(second, steps=2, **{"model.init_from": str(trained),
-                                                        "checkpoint.save_untrained": "true"}))
+    proc = run_main(
+        tiny_overrides(
+            second, steps=2, **{"model.init_from": str(trained), "checkpoint.save_untrained": "true"}
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     start, saved = backbone_state(second / "checkpoints" / "untrained.pt"), backbone_state(trained)
     assert all(torch.equal(start[k], saved[k]) for k in saved)
@@ -220,8 +243,11 @@ def test_backbone_lr_mult_scales_the_backbones_groups_only():
 
 def test_import_prints_the_spec(imported_mbf, capsys):
     out = imported_mbf.parent / "again.pt"
-    assert import_main(["--weights", str(mbf_weights(imported_mbf.parent)), "--arch", "mbf",
-                        "--out", str(out)]) == 0
+    assert (
+        import_main(["--weights", str(mbf_weights(imported_mbf.parent)), "--arch", "mbf", "--out", str(out)])
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["backbone"] == "insightface_mbf" and printed["params"] == sum(
-        p.numel() for p in build_backbone("insightface_mbf", 512).parameters())
+        p.numel() for p in build_backbone("insightface_mbf", 512).parameters()
+    )

@@ -24,11 +24,22 @@ from shards.manifest import load_manifest, write_manifest
 from tests._eval_util import SIZE, build_lfw_shards, make_checkpoint, one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
-METRIC_KEYS = {"accuracy_mean", "accuracy_std", "same_accuracy", "diff_accuracy", "auc",
-               "threshold", "tar_at_far_1e-3", "num_pairs", "seconds"}
+METRIC_KEYS = {
+    "accuracy_mean",
+    "accuracy_std",
+    "same_accuracy",
+    "diff_accuracy",
+    "auc",
+    "threshold",
+    "tar_at_far_1e-3",
+    "num_pairs",
+    "seconds",
+}
 LFW_KEYS = {"fold_accuracies", "fold_thresholds", "flip", "model", "shards"}  # lfw.py's own, since its start
-LINE = re.compile(r"^LFW ACC: \d\.\d{4} \+- \d\.\d{4}  \(same: \d\.\d{4}, diff: \d\.\d{4}\)  "
-                  r"AUC \d\.\d{4}  threshold -?\d\.\d{4}  TAR@FAR=1e-3 \d\.\d{3}$")
+LINE = re.compile(
+    r"^LFW ACC: \d\.\d{4} \+- \d\.\d{4}  \(same: \d\.\d{4}, diff: \d\.\d{4}\)  "
+    r"AUC \d\.\d{4}  threshold -?\d\.\d{4}  TAR@FAR=1e-3 \d\.\d{3}$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +85,33 @@ def _protocol_by_hand(shards: Path, ckpt: Path) -> dict[str, float]:
         best = max(candidates, key=lambda t: (np.mean((scores[train] > t) == same[train]), -t))
         correct[test] = (scores[test] > best) == same[test]
         accuracies.append(correct[test].mean())
-    return {"accuracy_mean": float(np.mean(accuracies)), "same_accuracy": float(correct[same].mean()),
-            "diff_accuracy": float(correct[~same].mean())}
+    return {
+        "accuracy_mean": float(np.mean(accuracies)),
+        "same_accuracy": float(correct[same].mean()),
+        "diff_accuracy": float(correct[~same].mean()),
+    }
 
 
-def test_full_run_writes_metrics_roc_and_failures(lfw_dir: Path, ckpt: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_full_run_writes_metrics_roc_and_failures(
+    lfw_dir: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out_json, roc, fails = tmp_path / "m.json", tmp_path / "roc.png", tmp_path / "fail.png"
-    code, out, err = _run(capsys, "--checkpoint", str(ckpt), "--shards", str(lfw_dir),
-                          "--json", str(out_json), "--roc", str(roc), "--failures", str(fails),
-                          "--batch-size", "7", "--quiet")
+    code, out, err = _run(
+        capsys,
+        "--checkpoint",
+        str(ckpt),
+        "--shards",
+        str(lfw_dir),
+        "--json",
+        str(out_json),
+        "--roc",
+        str(roc),
+        "--failures",
+        str(fails),
+        "--batch-size",
+        "7",
+        "--quiet",
+    )
     assert code == 0, err
     assert LINE.match(out.strip().splitlines()[-1]), out
     m = json.loads(out_json.read_text())
@@ -129,8 +157,9 @@ def test_every_face_embedded_once_with_flip(lfw_dir: Path) -> None:
 def test_pairs_file_resolves_both_names(lfw_dir: Path, tmp_path: Path) -> None:
     manifest = load_manifest(lfw_dir)
     path = tmp_path / "pairs.txt"
-    path.write_text("2\t1\nPerson_A\t1\t2\nPerson_A\t1\tPerson_B\t3\n"
-                    "Person_C\t2\t3\nPerson_C\t1\tPerson_D\t2\n")
+    path.write_text(
+        "2\t1\nPerson_A\t1\t2\nPerson_A\t1\tPerson_B\t3\nPerson_C\t2\t3\nPerson_C\t1\tPerson_D\t2\n"
+    )
     pairs = set_pairs(manifest, set(shard_jpegs(manifest)), path).pairs
     assert [(p.a, p.b, p.same, p.fold) for p in pairs][:2] == [
         ("Person_A__Person_A_0001", "Person_A__Person_A_0002", True, 0),
@@ -139,24 +168,35 @@ def test_pairs_file_resolves_both_names(lfw_dir: Path, tmp_path: Path) -> None:
     assert [p.fold for p in pairs] == [0, 0, 1, 1]
 
 
-@pytest.mark.parametrize("content, where, what", [
-    ("1\t1\nPerson_A\t1\t2\nPerson_A\t1\tPerson_B\t3\t4\n", ":3:", "5 fields"),
-    ("1\t1\nPerson_A\t1\nPerson_A\t1\tPerson_B\t3\n", ":2:", "2 fields"),
-    ("1\t1\nPerson_A\t1\t2\nPerson_A\t1\tPerson_Z\t3\n", ":3:", "Person_Z__Person_Z_0003"),
-    ("1\t1\nPerson_A\tone\t2\nPerson_A\t1\tPerson_B\t3\n", ":2:", "integers"),
-    ("ten\t1\n", ":1:", "header"),
-    ("1\t2\nPerson_A\t1\t2\nPerson_A\t1\tPerson_B\t3\n", ":1:", "2 pair lines"),
-])
-def test_malformed_pairs_file_is_one_line(lfw_dir: Path, ckpt: Path, tmp_path: Path, content: str,
-                                          where: str, what: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "content, where, what",
+    [
+        ("1\t1\nPerson_A\t1\t2\nPerson_A\t1\tPerson_B\t3\t4\n", ":3:", "5 fields"),
+        ("1\t1\nPerson_A\t1\nPerson_A\t1\tPerson_B\t3\n", ":2:", "2 fields"),
+        ("1\t1\nPerson_A\t1\t2\nPerson_A\t1\tPerson_Z\t3\n", ":3:", "Person_Z__Person_Z_0003"),
+        ("1\t1\nPerson_A\tone\t2\nPerson_A\t1\tPerson_B\t3\n", ":2:", "integers"),
+        ("ten\t1\n", ":1:", "header"),
+        ("1\t2\nPerson_A\t1\t2\nPerson_A\t1\tPerson_B\t3\n", ":1:", "2 pair lines"),
+    ],
+)
+def test_malformed_pairs_file_is_one_line(
+    lfw_dir: Path,
+    ckpt: Path,
+    tmp_path: Path,
+    content: str,
+    where: str,
+    what: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     path = tmp_path / "pairs.txt"
     path.write_text(content)
     code, _, err = _run(capsys, "--checkpoint", str(ckpt), "--shards", str(lfw_dir), "--pairs", str(path))
     one_line_error(code, err, f"{path}{where}", what)
 
 
-def test_unknown_key_in_manifest_pairs(lfw_dir: Path, ckpt: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_key_in_manifest_pairs(
+    lfw_dir: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in lfw_dir.iterdir():
@@ -171,8 +211,9 @@ def test_unknown_key_in_manifest_pairs(lfw_dir: Path, ckpt: Path, tmp_path: Path
     one_line_error(code, err, str(bad / "lfw-000001.tar"), "missing")
 
 
-def test_wrong_checkpoints_are_one_line(lfw_dir: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_checkpoints_are_one_line(
+    lfw_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {"w": torch.zeros(3)}}, other)  # some other project's checkpoint
     code, _, err = _run(capsys, "--checkpoint", str(other), "--shards", str(lfw_dir))
@@ -193,17 +234,23 @@ def test_wrong_checkpoints_are_one_line(lfw_dir: Path, tmp_path: Path,
 
 def test_script_runs_as_a_file(lfw_dir: Path) -> None:
     """`python eval/lfw.py` with plain imports: --help works and a user error is one line, exit 2."""
-    help_ = subprocess.run([sys.executable, "eval/lfw.py", "--help"], cwd=ROOT, capture_output=True,
-                           text=True)
+    help_ = subprocess.run(
+        [sys.executable, "eval/lfw.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert help_.returncode == 0 and "--onnx" in help_.stdout
-    bad = subprocess.run([sys.executable, "eval/lfw.py", "--checkpoint", "/nonexistent.pt", "--shards",
-                          str(lfw_dir)], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "eval/lfw.py", "--checkpoint", "/nonexistent.pt", "--shards", str(lfw_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: /nonexistent.pt")
     assert "Traceback" not in bad.stderr
 
 
-def test_garbage_shard_or_index_is_one_line(lfw_dir: Path, ckpt: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_garbage_shard_or_index_is_one_line(
+    lfw_dir: Path, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(lfw_dir, bad)
     tar, idx = bad / "lfw-000001.tar", bad / "lfw-000001.idx"

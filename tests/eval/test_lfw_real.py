@@ -13,8 +13,10 @@ from models.model_file import save_embedding_checkpoint
 from preprocess.build_shards import main as build_main
 
 LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
-pytestmark = pytest.mark.skipif(not (LFW / "pairs.txt").is_file() or not (LFW / "lfw").is_dir(),
-                                reason=f"real LFW (lfw/ and pairs.txt) not found in {LFW}")
+pytestmark = pytest.mark.skipif(
+    not (LFW / "pairs.txt").is_file() or not (LFW / "lfw").is_dir(),
+    reason=f"real LFW (lfw/ and pairs.txt) not found in {LFW}",
+)
 
 
 @pytest.fixture(scope="session")
@@ -26,16 +28,28 @@ def real_lfw_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_untrained_network_scores_near_chance_on_every_pair(real_lfw_shards: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_untrained_network_scores_near_chance_on_every_pair(
+    real_lfw_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Embeds all 13,232 real faces (~30 s of 2 cores without flip, plus the shard build): slow."""
     ckpt = tmp_path / "untrained.pt"
     model = build_backbone("tiny", 128, (112, 112))
-    save_embedding_checkpoint(ckpt, {"backbone": "tiny", "embedding_size": 128, "image_size": [112, 112]},
-                              model.state_dict())
+    save_embedding_checkpoint(
+        ckpt, {"backbone": "tiny", "embedding_size": 128, "image_size": [112, 112]}, model.state_dict()
+    )
     out = tmp_path / "metrics.json"
-    code = main(["--checkpoint", str(ckpt), "--shards", str(real_lfw_shards), "--json", str(out),
-                 "--no-flip", "--quiet"])
+    code = main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--shards",
+            str(real_lfw_shards),
+            "--json",
+            str(out),
+            "--no-flip",
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     m = json.loads(out.read_text())
@@ -51,8 +65,9 @@ REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE.is_file(), reason=f"the reference MobileFaceNet is not at {REFERENCE}")
-def test_independently_trained_model_reaches_its_known_accuracy(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_independently_trained_model_reaches_its_known_accuracy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The whole path on real faces with a model nobody here trained (CASIA-WebFace MobileFaceNet,
     known ~98.9% on these images; 98.77% here without flip): alignment at 112x96, shards, import,
     the 10-fold protocol.

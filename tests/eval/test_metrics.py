@@ -18,8 +18,16 @@ from eval.verification.metrics import (
     verification_metrics,
 )
 
-METRIC_KEYS = {"accuracy_mean", "accuracy_std", "same_accuracy", "diff_accuracy", "auc",
-               "threshold", "tar_at_far_1e-3", "num_pairs"}
+METRIC_KEYS = {
+    "accuracy_mean",
+    "accuracy_std",
+    "same_accuracy",
+    "diff_accuracy",
+    "auc",
+    "threshold",
+    "tar_at_far_1e-3",
+    "num_pairs",
+}
 
 
 def _lfw_like(n_per_fold: int = 60, folds: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -55,8 +63,10 @@ def test_random_embeddings_score_near_chance() -> None:
     emb = rng.normal(size=(1200, 64))
     index_of = {str(i): i for i in range(1200)}
     same, fold = _lfw_like(60, 10)
-    pairs = [{"a": str(2 * i), "b": str(2 * i + 1), "same": s, "fold": f}
-             for i, (s, f) in enumerate(zip(same, fold, strict=True))]
+    pairs = [
+        {"a": str(2 * i), "b": str(2 * i + 1), "same": s, "fold": f}
+        for i, (s, f) in enumerate(zip(same, fold, strict=True))
+    ]
     m = verification_metrics(*pair_scores(emb, index_of, pairs))
     assert 0.4 < m["accuracy_mean"] < 0.6
     assert 0.4 < m["auc"] < 0.6
@@ -97,7 +107,8 @@ def test_auc_matches_pairwise_count() -> None:
     same = rng.random(300) < 0.4
     pos, neg = scores[same], scores[~same]
     brute = (np.sum(pos[:, None] > neg[None, :]) + 0.5 * np.sum(pos[:, None] == neg[None, :])) / (
-        pos.size * neg.size)
+        pos.size * neg.size
+    )
     assert auc_score(scores, same) == pytest.approx(brute)
     # ROC curve's trapezoid area is the same number.
     far, tar, _ = roc_curve(scores, same)

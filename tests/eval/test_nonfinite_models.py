@@ -32,8 +32,9 @@ def test_lfw_refuses_a_nan_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixt
     shards = build_lfw_shards(tmp_path / "lfw")
     good = make_checkpoint(tmp_path / "good.pt")
     ckpt = torch.load(good, weights_only=True)
-    state = {k: (v.fill_(float("nan")) if v.is_floating_point() else v)
-             for k, v in ckpt["backbone_state"].items()}
+    state = {
+        k: (v.fill_(float("nan")) if v.is_floating_point() else v) for k, v in ckpt["backbone_state"].items()
+    }
     nan = tmp_path / "nan.pt"
     save_embedding_checkpoint(nan, ckpt["model"], state)
     code = main(["--checkpoint", str(nan), "--shards", str(shards), "--quiet"])

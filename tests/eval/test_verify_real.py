@@ -18,8 +18,10 @@ from shards.manifest import load_manifest
 LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
 pytestmark = [
-    pytest.mark.skipif(not (LFW / "pairs.txt").is_file() or not (LFW / "lfw").is_dir(),
-                       reason=f"real LFW (lfw/ and pairs.txt) not found in {LFW}"),
+    pytest.mark.skipif(
+        not (LFW / "pairs.txt").is_file() or not (LFW / "lfw").is_dir(),
+        reason=f"real LFW (lfw/ and pairs.txt) not found in {LFW}",
+    ),
     pytest.mark.skipif(not REFERENCE.is_file(), reason=f"the reference MobileFaceNet is not at {REFERENCE}"),
 ]
 
@@ -42,9 +44,21 @@ def test_lfw_bin_scores_what_the_lfw_shards_score(tmp_path: Path, capsys: pytest
     ckpt = tmp_path / "reference.pt"
     assert mfn_main(["--source", str(REFERENCE), "--out", str(ckpt), "--image-size", "112x96"]) == 0
     out = tmp_path / "m.json"
-    code = verify_main(["--checkpoint", str(ckpt), "--sets", f"lfw={shards}",
-                        f"lfw_bin={tmp_path / 'lfw_bin'}",
-                        "--no-flip", "--batch-size", "32", "--json", str(out), "--quiet"])
+    code = verify_main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--sets",
+            f"lfw={shards}",
+            f"lfw_bin={tmp_path / 'lfw_bin'}",
+            "--no-flip",
+            "--batch-size",
+            "32",
+            "--json",
+            str(out),
+            "--quiet",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     sets = json.loads(out.read_text())["sets"]

@@ -29,20 +29,34 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     m = load_manifest(a)
     where = shard_jpegs(m)
     pack = root / "b.bin"
-    pack.write_bytes(pickle.dumps(([read_jpeg(where[k]) for p in m.pairs for k in (p.a, p.b)],
-                                   [p.same for p in m.pairs]), protocol=2))
+    pack.write_bytes(
+        pickle.dumps(
+            ([read_jpeg(where[k]) for p in m.pairs for k in (p.a, p.b)], [p.same for p in m.pairs]),
+            protocol=2,
+        )
+    )
     assert import_main(["--bin", str(pack), "--out", str(root / "b")]) == 0
     return {"a": a, "b": root / "b", "c": pair_shards(root / "c", 3, dataset="pairs")}
 
 
 def test_config_reads_sets_and_checks_best(sets: dict[str, Path], tmp_path: Path) -> None:
-    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"validation.sets.a": str(sets["a"]),
-                                                                "validation.sets.c": str(sets["c"]),
-                                                                "validation.best": "c"}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "r",
+            **{
+                "validation.sets.a": str(sets["a"]),
+                "validation.sets.c": str(sets["c"]),
+                "validation.best": "c",
+            },
+        ),
+    )
     assert cfg.validation.sets == {"a": str(sets["a"]), "c": str(sets["c"])} and cfg.validation.best == "c"
     with pytest.raises(UserError, match=r"'validation.best' must be mean or one of a, got 'x'"):
-        load_config(None, tiny_overrides(tmp_path / "r", **{"validation.sets.a": str(sets["a"]),
-                                                            "validation.best": "x"}))
+        load_config(
+            None,
+            tiny_overrides(tmp_path / "r", **{"validation.sets.a": str(sets["a"]), "validation.best": "x"}),
+        )
     with pytest.raises(UserError, match="unknown config key 'validation.sett'"):
         load_config(None, tiny_overrides(tmp_path / "r", **{"validation.sett": "{}"}))
 
@@ -54,19 +68,31 @@ def test_a_set_without_pairs_fails_before_training(tmp_path: Path) -> None:
 
 
 def _verify(ckpt: Path, sets: dict[str, Path], out: Path) -> dict:
-    argv = ["--checkpoint", str(ckpt), "--sets", *(f"{n}={d}" for n, d in sets.items()), "--json", str(out),
-            "--quiet"]
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--sets",
+        *(f"{n}={d}" for n, d in sets.items()),
+        "--json",
+        str(out),
+        "--quiet",
+    ]
     assert verify_main(argv) == 0
     return json.loads(out.read_text())["sets"]
 
 
 @pytest.mark.parametrize("best", ["mean", "c"])
 def test_training_logs_each_set_as_eval_verify_prints_it(
-        sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], best: str) -> None:
+    sets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], best: str
+) -> None:
     run = tmp_path / "run"
     extra = {f"validation.sets.{n}": str(d) for n, d in sets.items()}
-    args = tiny_overrides(run, steps=6, **extra, **{"validation.every_steps": 3, "validation.batch_size": 16,
-                                                    "validation.best": best})
+    args = tiny_overrides(
+        run,
+        steps=6,
+        **extra,
+        **{"validation.every_steps": 3, "validation.batch_size": 16, "validation.best": best},
+    )
     assert train_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     vals = [r for r in metrics(run) if "val_accuracy" in r]

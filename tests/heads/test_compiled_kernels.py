@@ -66,8 +66,9 @@ def _cases():
                 for crit in _criteria(kernel, arch):
                     why = KNOWN.get((kernel, mode, arch, crit))
                     marks = [pytest.mark.xfail(strict=True, reason=f"{why}, {ISSUE}")] if why else []
-                    yield pytest.param(kernel, mode, arch, crit, marks=marks,
-                                       id=f"{kernel}-{mode}-{arch}-{crit}")
+                    yield pytest.param(
+                        kernel, mode, arch, crit, marks=marks, id=f"{kernel}-{mode}-{arch}-{crit}"
+                    )
 
 
 @pytest.mark.skipif(not _has_cuobjdump(), reason="triton's bundled cuobjdump is missing: no SASS to read")
@@ -99,10 +100,20 @@ def test_sass_loops_and_epilogue_count():
     from bench.kernels import _loops, epilogue_count
 
     # outer loop 0x10..0x90 around an MMA loop 0x30..0x50; one instruction at 0x60 after it
-    instrs = [(0x00, "MOV", ""), (0x10, "LDG", ""), (0x20, "MOV", ""), (0x30, "HGMMA.64x128x16.F32.BF16", ""),
-              (0x40, "IADD3", ""), (0x50, "BRA", " 0x30 "), (0x60, "FMUL", ""), (0x70, "NOP", ""),
-              (0x80, "HGMMA.64x128x16.F32.BF16", ""), (0x90, "BRA", " 0x10 "), (0xa0, "EXIT", ""),
-              (0xb0, "BRA", " 0xb0")]
+    instrs = [
+        (0x00, "MOV", ""),
+        (0x10, "LDG", ""),
+        (0x20, "MOV", ""),
+        (0x30, "HGMMA.64x128x16.F32.BF16", ""),
+        (0x40, "IADD3", ""),
+        (0x50, "BRA", " 0x30 "),
+        (0x60, "FMUL", ""),
+        (0x70, "NOP", ""),
+        (0x80, "HGMMA.64x128x16.F32.BF16", ""),
+        (0x90, "BRA", " 0x10 "),
+        (0xA0, "EXIT", ""),
+        (0xB0, "BRA", " 0xb0"),
+    ]
     assert _loops(instrs) == [(0x10, 0x90), (0x30, 0x50)]
     # LDG, MOV, FMUL, BRA(0x90): not the MMA loop, the peeled HGMMA or the NOP
     assert epilogue_count(instrs) == 4
@@ -183,8 +194,9 @@ def test_the_descriptions_launch_the_kernels_they_describe():
         "print({(v.kernel, v.save_logits): v.measured_ms for v in rows})\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     assert set(measured) == {(k, saved) for k in WORK for saved in (False, True)}, measured

@@ -22,8 +22,14 @@ def interpreter_results() -> dict[str, str]:
     """case name -> "ok" or the case's traceback, from one interpreter subprocess."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-m", "tests.heads.test_fused"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.heads.test_fused"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
@@ -34,6 +40,7 @@ def interpreter_results() -> dict[str, str]:
 
 
 # ---- the cases (run only in the subprocess) --------------------------------------------------
+
 
 def _setup():
     import torch
@@ -255,7 +262,7 @@ def case_margins_after_arcface_match_float64_over_two_steps() -> None:
     small = {"fwd": FWD_CONFIGS[-1], "bwd": BWD_CONFIGS[-1]}
     for name in NEW_MARGINS:
         want, state = spec_two_steps(name, x, w, y)
-        for save in ((False, True) if name == "curricularface" else (False,)):
+        for save in (False, True) if name == "curricularface" else (False,):
             head = MarginHead(w.shape[0], w.shape[1], name, impl="fused")
             head._engines["fused"] = FusedEngine(configs=small, chunk=64, save_logits=save)
             got = head_two_steps(head, x, w, y, torch.float32)

@@ -19,8 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _loss_and_grads(impl: str, margin: str, kw: dict, x, w, y, device: str, dtype, t: float = 1.0,
-                    **head_kw):
+def _loss_and_grads(impl: str, margin: str, kw: dict, x, w, y, device: str, dtype, t: float = 1.0, **head_kw):
     # untuned fixed configs unless a test asks otherwise: each autotune compiles every config, and
     # the GPU check's time is short
     head_kw.setdefault("deterministic", True)
@@ -52,8 +51,9 @@ def test_fused_fp32_matches_float64(margin: str, kw: dict, t: float) -> None:
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
 @pytest.mark.parametrize("operands,tol", [("auto", 3e-3), ("bf16", 1e-2)])
 @pytest.mark.parametrize("margin,kw", MARGINS)
-def test_low_precision_operands_no_worse_than_the_reference_in_bf16(impl: str, operands: str, tol: float,
-                                                                    margin: str, kw: dict) -> None:
+def test_low_precision_operands_no_worse_than_the_reference_in_bf16(
+    impl: str, operands: str, tol: float, margin: str, kw: dict
+) -> None:
     """fp32 embeddings and master weight through the tensor cores (auto: fp16 operands; bf16 forced),
     fp32 accumulation: error against float64 within the reference's own error on bf16-rounded inputs
     (computed in fp32) plus a tolerance, for every margin at t = 1.1 (SV-Softmax). bf16's is wider:
@@ -63,11 +63,18 @@ def test_low_precision_operands_no_worse_than_the_reference_in_bf16(impl: str, o
     exact = _loss_and_grads("reference", margin, kw, x, w, y, "cpu", torch.float64, 1.1)
     xb, wb = x.to(torch.bfloat16).double(), w.to(torch.bfloat16).double()
     ref = _loss_and_grads("reference", margin, kw, xb, wb, y, "cuda", torch.float32, 1.1)
-    got = _loss_and_grads(impl, margin, kw, x, w, y, "cuda", torch.float32, 1.1, block=1024,
-                          operands=operands)
+    got = _loss_and_grads(
+        impl, margin, kw, x, w, y, "cuda", torch.float32, 1.1, block=1024, operands=operands
+    )
     for name, a, r, e in zip(("loss", "dX", "dW"), got, ref, exact):
-        assert _rel_err(a, e) <= _rel_err(r, e) + tol, (impl, operands, margin, name, _rel_err(a, e),
-                                                        _rel_err(r, e))
+        assert _rel_err(a, e) <= _rel_err(r, e) + tol, (
+            impl,
+            operands,
+            margin,
+            name,
+            _rel_err(a, e),
+            _rel_err(r, e),
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -86,10 +93,12 @@ def test_fused_low_precision_no_worse_than_reference(dtype, margin: str, kw: dic
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_fused_is_bitwise_deterministic(deterministic: bool) -> None:
     x, w, y = make_data(512, 20000, 256, seed=4)
-    first = _loss_and_grads("fused", "arcface", {}, x, w, y, "cuda", torch.bfloat16, 1.2,
-                            deterministic=deterministic)
-    second = _loss_and_grads("fused", "arcface", {}, x, w, y, "cuda", torch.bfloat16, 1.2,
-                             deterministic=deterministic)
+    first = _loss_and_grads(
+        "fused", "arcface", {}, x, w, y, "cuda", torch.bfloat16, 1.2, deterministic=deterministic
+    )
+    second = _loss_and_grads(
+        "fused", "arcface", {}, x, w, y, "cuda", torch.bfloat16, 1.2, deterministic=deterministic
+    )
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 

@@ -17,8 +17,21 @@ from heads import MarginHead
 from heads.sharded import ShardedMarginHead, sample_classes, sampled_rows
 
 # ops whose result the host must read (or whose output size depends on the data)
-SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere",
-           "unique", "unique_consecutive", "_unique2", "masked_select", "masked_scatter"}
+SYNCING = {
+    "item",
+    "tolist",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "nonzero",
+    "argwhere",
+    "unique",
+    "unique_consecutive",
+    "_unique2",
+    "masked_select",
+    "masked_scatter",
+}
 
 
 def _syncing_index(index) -> bool:
@@ -61,10 +74,17 @@ def checked_backward(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_detector_catches_each_kind_of_sync() -> None:
     x = torch.randn(6)
     mask = x > 0
-    for op in (lambda: x[mask], lambda: x.__setitem__(mask, 0.0), lambda: x[torch.argmax(x)],
-               lambda: x.unique(), lambda: mask.nonzero(),
-               lambda: x.sum().item(), lambda: x.tolist(), lambda: bool(mask.any()),
-               lambda: torch.masked_select(x, mask)):
+    for op in (
+        lambda: x[mask],
+        lambda: x.__setitem__(mask, 0.0),
+        lambda: x[torch.argmax(x)],
+        lambda: x.unique(),
+        lambda: mask.nonzero(),
+        lambda: x.sum().item(),
+        lambda: x.tolist(),
+        lambda: bool(mask.any()),
+        lambda: torch.masked_select(x, mask),
+    ):
         with NoHostSync(), pytest.raises(HostSyncError):
             op()
     with NoHostSync():  # what the heads use instead
@@ -75,9 +95,16 @@ SV = {"margin": "arcface", "t": 1.1}
 
 
 # bf16: the low-precision target-term fix too; the margins after ArcFace: their running state too
-@pytest.mark.parametrize("operands, margin", [("auto", SV), ("bf16", SV), ("auto", {"margin": "adaface"}),
-                                              ("auto", {"margin": "magface"}),
-                                              ("auto", {"margin": "curricularface"})])
+@pytest.mark.parametrize(
+    "operands, margin",
+    [
+        ("auto", SV),
+        ("bf16", SV),
+        ("auto", {"margin": "adaface"}),
+        ("auto", {"margin": "magface"}),
+        ("auto", {"margin": "curricularface"}),
+    ],
+)
 def test_chunked_engine_step_has_no_host_sync(operands: str, margin: dict, checked_backward: None) -> None:
     C, D, B = 50, 8, 12
     head = MarginHead(C, D, **margin, impl="chunked", block=16, operands=operands)

@@ -78,8 +78,10 @@ def test_no_margin_equals_cross_entropy_on_cosines(impl: str) -> None:
     assert torch.allclose(loss, F.cross_entropy(cos, y), atol=1e-12)
 
 
-@pytest.mark.parametrize("margin,kw,t", [("arcface", {}, 1.2), ("sphereface", {"m": 3}, 1.0),
-                                         ("combined", {}, 1.1), ("cosface", {}, 1.0)])
+@pytest.mark.parametrize(
+    "margin,kw,t",
+    [("arcface", {}, 1.2), ("sphereface", {"m": 3}, 1.0), ("combined", {}, 1.1), ("cosface", {}, 1.0)],
+)
 def test_gradcheck_chunked(margin: str, kw: dict, t: float) -> None:
     x, w, y = make_data(3, 7, 5, seed=1)
     head = _head(margin, kw, 7, 5, "chunked", t=t, s=4.0, block=3, gamma_focal=0.5)
@@ -87,15 +89,27 @@ def test_gradcheck_chunked(margin: str, kw: dict, t: float) -> None:
     w = w.requires_grad_()
 
     def f(x_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
-        rows, _ = head_rows(F.normalize(x_, dim=1), w_, y, head.margin, 0, head.s, head.t,
-                            ChunkedEngine(head.block))
+        rows, _ = head_rows(
+            F.normalize(x_, dim=1), w_, y, head.margin, 0, head.s, head.t, ChunkedEngine(head.block)
+        )
         return focal(rows, head.gamma_focal).mean()
 
     assert torch.autograd.gradcheck(f, (x, w), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("margin", [CosFace(0.35), ArcFace(0.5), SphereFace(1), SphereFace(2), SphereFace(3),
-                                    SphereFace(4), Combined(1.0, 0.3, 0.2), Combined(1.2, 0.1, 0.05)])
+@pytest.mark.parametrize(
+    "margin",
+    [
+        CosFace(0.35),
+        ArcFace(0.5),
+        SphereFace(1),
+        SphereFace(2),
+        SphereFace(3),
+        SphereFace(4),
+        Combined(1.0, 0.3, 0.2),
+        Combined(1.2, 0.1, 0.05),
+    ],
+)
 def test_dpsi_is_the_derivative_of_psi(margin) -> None:
     c = torch.linspace(-0.999, 0.999, 401, dtype=torch.float64, requires_grad=True)
     for step in (0, 50):
@@ -145,8 +159,10 @@ def test_low_precision_error_no_worse_than_reference(dtype) -> None:
 
 def test_block_size_does_not_change_the_result() -> None:
     x, w, y = make_data(10, 50, 16)
-    runs = [_run(_head("cosface", {}, 50, 16, "chunked", torch.float32, t=1.2, block=b), x.float(), w, y)
-            for b in (7, 16, 1000)]
+    runs = [
+        _run(_head("cosface", {}, 50, 16, "chunked", torch.float32, t=1.2, block=b), x.float(), w, y)
+        for b in (7, 16, 1000)
+    ]
     for other in runs[1:]:
         for a, b in zip(other, runs[0]):
             _close(a, b, 1e-5)
@@ -192,10 +208,26 @@ def test_bad_arguments() -> None:
 
 @pytest.mark.parametrize("head_class", [MarginHead, ShardedMarginHead])
 def test_both_heads_take_one_options_object_and_one_engine_factory(head_class) -> None:
-    head = head_class(20, 8, margin="sphereface", m=3, impl="chunked", block=4, operands="bf16",
-                      deterministic=True, lambda_min=0.0)
-    assert head.options == HeadOptions(margin="sphereface", m=3, impl="chunked", block=4, operands="bf16",
-                                       deterministic=True, margin_options={"lambda_min": 0.0})
+    head = head_class(
+        20,
+        8,
+        margin="sphereface",
+        m=3,
+        impl="chunked",
+        block=4,
+        operands="bf16",
+        deterministic=True,
+        lambda_min=0.0,
+    )
+    assert head.options == HeadOptions(
+        margin="sphereface",
+        m=3,
+        impl="chunked",
+        block=4,
+        operands="bf16",
+        deterministic=True,
+        margin_options={"lambda_min": 0.0},
+    )
     assert head.margin.m == 3 and head.margin.lambda_min == 0.0 and head.s == 30.0  # sphereface's scale
     engine = head.engine("chunked")
     assert isinstance(engine, ChunkedEngine) and engine.block == 4 and engine.operands == "bf16"
@@ -204,19 +236,25 @@ def test_both_heads_take_one_options_object_and_one_engine_factory(head_class) -
 
 
 @pytest.mark.parametrize("head_class", [MarginHead, ShardedMarginHead])
-@pytest.mark.parametrize("kwargs,message", [
-    ({"impl": "gpu"}, "unknown impl 'gpu'"),
-    ({"operands": "int8"}, "unknown operands 'int8'"),
-    ({"t": 0.5}, "SV-Softmax t must be >= 1"),
-    ({"gamma_focal": -1.0}, "gamma_focal must be >= 0"),
-    ({"s": 0.0}, "scale s must be positive"),
-    ({"block": 0}, "block .* must be positive"),
-    ({"margin": "nope"}, "unknown margin 'nope'"),
-    ({"margin": "sphereface", "lamda_min": 1.0},
-     r"margin sphereface does not take lamda_min \(its options: lambda_base, lambda_min, gamma, power\)"),
-    ({"margin": "cosface", "m1": 0.2}, r"margin cosface does not take m1 \(its options: none\)"),
-    ({"margin": "sphereface", "m": 2.5}, "positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"impl": "gpu"}, "unknown impl 'gpu'"),
+        ({"operands": "int8"}, "unknown operands 'int8'"),
+        ({"t": 0.5}, "SV-Softmax t must be >= 1"),
+        ({"gamma_focal": -1.0}, "gamma_focal must be >= 0"),
+        ({"s": 0.0}, "scale s must be positive"),
+        ({"block": 0}, "block .* must be positive"),
+        ({"margin": "nope"}, "unknown margin 'nope'"),
+        (
+            {"margin": "sphereface", "lamda_min": 1.0},
+            r"margin sphereface does not take lamda_min "
+            r"\(its options: lambda_base, lambda_min, gamma, power\)",
+        ),
+        ({"margin": "cosface", "m1": 0.2}, r"margin cosface does not take m1 \(its options: none\)"),
+        ({"margin": "sphereface", "m": 2.5}, "positive integer"),
+    ],
+)
 def test_bad_options_are_one_error_naming_the_option_in_both_heads(head_class, kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         head_class(10, 4, **kwargs)
@@ -256,8 +294,27 @@ def test_bench_runs_and_reports_against_the_reference() -> None:
 
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(repo))
-    cmd = [sys.executable, "-m", "bench.heads", "--device", "cpu", "--batch", "8", "--dim", "16",
-           "--classes", "300", "--margins", "arcface", "--block", "64", "--repeats", "1", "--warmup", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.heads",
+        "--device",
+        "cpu",
+        "--batch",
+        "8",
+        "--dim",
+        "16",
+        "--classes",
+        "300",
+        "--margins",
+        "arcface",
+        "--block",
+        "64",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -265,8 +322,17 @@ def test_bench_runs_and_reports_against_the_reference() -> None:
     assert out["seconds"] > 0 and out["baseline_seconds"] > 0 and out["speedup"] > 0
     assert {(r["impl"], r["classes"]) for r in out["rows"]} == {("reference", 300), ("chunked", 300)}
     assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in out["rows"])
-    for bad, key in ((["--batch", "0"], "--batch"), (["--impls", "nope"], "--impls"),
-                     (["--device", "cpu", "--impls", "fused"], "fused")):  # refused before torch loads
-        proc = subprocess.run([sys.executable, "-m", "bench.heads", *bad], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=60)
+    for bad, key in (
+        (["--batch", "0"], "--batch"),
+        (["--impls", "nope"], "--impls"),
+        (["--device", "cpu", "--impls", "fused"], "fused"),
+    ):  # refused before torch loads
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.heads", *bad],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2 and key in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

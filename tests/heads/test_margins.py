@@ -128,8 +128,11 @@ def test_dominant_subcenters_export_a_one_centre_head() -> None:
     y = torch.arange(C).repeat(5)
     x = torch.randn(len(y), D, generator=g)
     pick = torch.tensor([2, 0, 1, 1, 0, 2])  # each class's embeddings gather around one sub-center
-    x += 20.0 * head.weight.detach()[y * K + pick[y]] / head.weight.detach()[y * K + pick[y]].norm(dim=1,
-                                                                                                    keepdim=True)
+    x += (
+        20.0
+        * head.weight.detach()[y * K + pick[y]]
+        / head.weight.detach()[y * K + pick[y]].norm(dim=1, keepdim=True)
+    )
     head(x, y)  # moves the running state
     single = head.dominant_subcenters(x, y)
     assert single.subcenters == 1 and single.weight.shape == (C, D) and single.s == 30.0

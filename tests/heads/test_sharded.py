@@ -34,8 +34,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _torchrun(world: int, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           *WORKER, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        *WORKER,
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
@@ -211,9 +218,14 @@ def test_sampled_step_rows_follow_sgd() -> None:
 def test_class_state_slices_for_any_world_and_rejects_another_head() -> None:
     C, D = 11, 3
     g = torch.Generator().manual_seed(0)
-    full = {"num_classes": C, "rows": {"weight": torch.randn(C, D, generator=g),
-                                       "optim.momentum_buffer": torch.randn(C, D, generator=g)},
-            "scalars": {}}
+    full = {
+        "num_classes": C,
+        "rows": {
+            "weight": torch.randn(C, D, generator=g),
+            "optim.momentum_buffer": torch.randn(C, D, generator=g),
+        },
+        "scalars": {},
+    }
     for world in (1, 2, 3):
         weights, moms = [], []
         for r in range(world):

@@ -52,8 +52,12 @@ def test_iresnet_width_multiplier_and_depth_per_stage():
     assert len(model.stages) == 5  # blocks: 1 + 2 + 1 + 1
     assert sorted({c.out_channels for c in convs}) == [32, 64, 128, 256]
     assert build_backbone("ir18", 64, (32, 32), width_mult=0.5)(torch.randn(2, 3, 32, 32)).shape == (2, 64)
-    for bad, fragment in (({"width_mult": 0}, "width_mult"), ({"depths": [2, 2]}, "depths"),
-                          ({"depths": [1, 0, 1, 1]}, "depths"), ({"width": 0}, "width")):
+    for bad, fragment in (
+        ({"width_mult": 0}, "width_mult"),
+        ({"depths": [2, 2]}, "depths"),
+        ({"depths": [1, 0, 1, 1]}, "depths"),
+        ({"width": 0}, "width"),
+    ):
         with pytest.raises(ValueError, match=fragment):
             build_backbone("ir18", 64, (32, 32), **bad)
 
@@ -69,9 +73,21 @@ def test_ir_small_is_a_small_residual_net_that_trains(tmp_path):
     from trainer.config import load_config
     from trainer.engine import train
 
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=12, **{
-        "model.backbone": "ir_small", "model.kwargs.width": 64, "logging.every_steps": 4,
-        "checkpoint.every_steps": 100, "data.synthetic.noise": 0.3, "logging.tensorboard": "off"}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "run",
+            steps=12,
+            **{
+                "model.backbone": "ir_small",
+                "model.kwargs.width": 64,
+                "logging.every_steps": 4,
+                "checkpoint.every_steps": 100,
+                "data.synthetic.noise": 0.3,
+                "logging.tensorboard": "off",
+            },
+        ),
+    )
     assert train(cfg)["step"] == 12
     rows = metrics(tmp_path / "run")
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], rows

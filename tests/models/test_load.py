@@ -76,8 +76,13 @@ def test_a_checkpoint_and_its_onnx_export_give_the_same_embeddings(tmp_path):
 
 def test_the_threshold_comes_without_the_training_state(tmp_path):
     path = tmp_path / "trained.pt"
-    save_embedding_checkpoint(path, SPEC, _model().state_dict(), optimizer={"state": {0: torch.ones(3)}},
-                              metrics={"lfw_threshold": 0.42})
+    save_embedding_checkpoint(
+        path,
+        SPEC,
+        _model().state_dict(),
+        optimizer={"state": {0: torch.ones(3)}},
+        metrics={"lfw_threshold": 0.42},
+    )
     assert load_model(path).threshold == pytest.approx(0.42)
     assert read_model_file(path).threshold == pytest.approx(0.42)
 
@@ -103,8 +108,9 @@ def test_loading_for_evaluation_leaves_the_optimizer_state_on_disk(tmp_path):
     path = tmp_path / "big.pt"
     momentum = torch.ones(16, 2**20)  # 64 MiB
     save_embedding_checkpoint(path, SPEC, _model().state_dict(), optimizer={"momentum": momentum})
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     model_only_mib, full_mib = (float(v) for v in proc.stdout.split())
     assert full_mib > 56, (model_only_mib, full_mib)  # the full load reads the 64 MiB

@@ -24,10 +24,17 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize(("name", "params_m", "gmacs"), [
-    # GMACs: arcface_torch README, "ViT For Face Recognition" table (its FLOPs column counts
-    # multiply-adds: ViT-T 1.5, ViT-S 5.7, ViT-B 11.4, ViT-L 25.3); parameters: our count.
-    ("vit_t", 19.14, 1.5), ("vit_s", 76.02, 5.7), ("vit_b", 113.83, 11.4), ("vit_l", 255.68, 25.3)])
+@pytest.mark.parametrize(
+    ("name", "params_m", "gmacs"),
+    [
+        # GMACs: arcface_torch README, "ViT For Face Recognition" table (its FLOPs column counts
+        # multiply-adds: ViT-T 1.5, ViT-S 5.7, ViT-B 11.4, ViT-L 25.3); parameters: our count.
+        ("vit_t", 19.14, 1.5),
+        ("vit_s", 76.02, 5.7),
+        ("vit_b", 113.83, 11.4),
+        ("vit_l", 255.68, 25.3),
+    ],
+)
 def test_variant_sizes_match_the_published_ones(name, params_m, gmacs):
     with torch.device("meta"):  # sizes only: no memory, no arithmetic
         model = build_backbone(name, 512, (112, 112)).eval()
@@ -105,8 +112,12 @@ def test_bf16_autocast_and_bad_shapes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(4, 3, 32, 32))
     assert out.shape == (4, 16) and torch.isfinite(out).all()
-    for bad, fragment in (({"heads": 3}, "multiple of heads"), ({"patch": 64}, "larger than"),
-                          ({"depth": 0}, "depth"), ({"drop_path": 1.0}, "drop_path")):
+    for bad, fragment in (
+        ({"heads": 3}, "multiple of heads"),
+        ({"patch": 64}, "larger than"),
+        ({"depth": 0}, "depth"),
+        ({"drop_path": 1.0}, "drop_path"),
+    ):
         with pytest.raises(ValueError, match=fragment):
             build_backbone("vit_t", 16, (32, 32), **{**SMALL, **bad})
 
@@ -116,8 +127,11 @@ def test_exports_to_onnx_with_a_dynamic_batch(tmp_path):
 
     options = {**SMALL, "mask_ratio": 0.25, "drop_path": 0.1}  # eval: neither is in the graph
     model = build_backbone("vit_t", 16, (32, 32), **options).eval()
-    export(model, {"backbone": "vit_t", "embedding_size": 16, "image_size": [32, 32], "kwargs": options},
-           tmp_path / "vit.onnx")
+    export(
+        model,
+        {"backbone": "vit_t", "embedding_size": 16, "image_size": [32, 32], "kwargs": options},
+        tmp_path / "vit.onnx",
+    )
     worst, scale = max_abs_diff(model, tmp_path / "vit.onnx", (32, 32), [1, 3])
     assert worst < 1e-4 * max(scale, 1.0), (worst, scale)
 
@@ -133,8 +147,12 @@ def test_no_weight_decay_on_position_embedding_and_mask_token():
 
 def test_published_vit_b_recipe_loads_and_builds():
     cfg = load_config(ROOT / "configs" / "webface42m_vit_b.yaml")
-    assert (cfg.model.backbone, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("vit_b", "adamw",
-                                                                                          1e-3, 0.1)
+    assert (cfg.model.backbone, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == (
+        "vit_b",
+        "adamw",
+        1e-3,
+        0.1,
+    )
     assert (cfg.head.margin, cfg.head.m, cfg.head.sample_rate) == ("cosface", 0.4, 0.3)
     assert cfg.loader.batch_size * 8 * cfg.optim.accumulate == 24576
     with torch.device("meta"):
@@ -166,11 +184,27 @@ def test_small_vit_trains_with_adamw_warmup_cosine_and_verifies_better(tmp_path)
     from trainer.synthetic import SyntheticLoader
 
     kwargs = "{" + ", ".join(f"{k}: {v}" for k, v in TRAINED.items()) + "}"
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=24, **{
-        "model.backbone": "vit_t", "model.kwargs": kwargs, "optim.name": "adamw", "optim.lr": 1e-3,
-        "optim.weight_decay": 0.05, "schedule.warmup_steps": 4, "schedule.decay": "cosine",
-        "data.synthetic.noise": 1.0, "checkpoint.save_untrained": "true", "checkpoint.every_steps": 100,
-        "logging.every_steps": 4, "logging.tensorboard": "off"}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "run",
+            steps=24,
+            **{
+                "model.backbone": "vit_t",
+                "model.kwargs": kwargs,
+                "optim.name": "adamw",
+                "optim.lr": 1e-3,
+                "optim.weight_decay": 0.05,
+                "schedule.warmup_steps": 4,
+                "schedule.decay": "cosine",
+                "data.synthetic.noise": 1.0,
+                "checkpoint.save_untrained": "true",
+                "checkpoint.every_steps": 100,
+                "logging.every_steps": 4,
+                "logging.tensorboard": "off",
+            },
+        ),
+    )
     assert train(cfg)["step"] == 24
     rows = metrics(tmp_path / "run")
     assert rows[-1]["skipped_total"] == 0

@@ -60,8 +60,14 @@ def test_warp_is_opencvs_bilinear_warp(image_size):
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         pts = align.template(image_size) * rng.uniform(0.2, 4) + rng.uniform(-200, max(h, w), 2)
         matrix = align.similarity_transform(pts, align.template(image_size))
-        expected = cv2.warpAffine(image, matrix, image_size[::-1], flags=cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        expected = cv2.warpAffine(
+            image,
+            matrix,
+            image_size[::-1],
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
         got = align.warp(image, pts, image_size, matrix)
         assert got.shape == expected.shape and got.dtype == np.uint8
         diff = np.abs(got.astype(int) - expected)

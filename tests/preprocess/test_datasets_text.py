@@ -38,8 +38,10 @@ def test_vggface2_csv_and_list_with_a_bom(tmp_path: Path) -> None:
         (root / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / "train" / rel).write_bytes(b"x")
     points = POINTS.replace(" ", ",")
-    _bom(root / "bb_landmark" / "loose_landmark_train.csv",
-         f'NAME_ID,P1X,P1Y,P2X,P2Y,P3X,P3Y,P4X,P4Y,P5X,P5Y\n"n001/0001_01",{points}\n"n001/0002_01",{points}\n')
+    _bom(
+        root / "bb_landmark" / "loose_landmark_train.csv",
+        f'NAME_ID,P1X,P1Y,P2X,P2Y,P3X,P3Y,P4X,P4Y,P5X,P5Y\n"n001/0001_01",{points}\n"n001/0002_01",{points}\n',
+    )
     _bom(root / "train_list.txt", "n001/0001_01.jpg\nn001/0002_01.jpg\n")
     entries = read_vggface2(root, "train").entries
     assert [(e.rel, e.reason) for e in entries] == [("n001/0001_01.jpg", None), ("n001/0002_01.jpg", None)]

@@ -20,8 +20,10 @@ from tests._long import long_real_lfw
 LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 LANDMARKS = LFW / "lfw_landmark_150.txt"
 REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
-needs_lfw = pytest.mark.skipif(not LANDMARKS.is_file() or not (LFW / "lfw").is_dir(),
-                               reason=f"real LFW (lfw/ and lfw_landmark_150.txt) not found in {LFW}")
+needs_lfw = pytest.mark.skipif(
+    not LANDMARKS.is_file() or not (LFW / "lfw").is_dir(),
+    reason=f"real LFW (lfw/ and lfw_landmark_150.txt) not found in {LFW}",
+)
 SUBSET = 300  # images of the fixed random subset the CI test runs on (seed 0)
 
 
@@ -84,8 +86,9 @@ def test_blank_image_has_no_face_and_bad_arrays_are_refused() -> None:
 
 def test_missing_weights_package_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "facenet_pytorch" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "facenet_pytorch" else real(name, *a)
+    )
     with pytest.raises(UserError, match=r"pip install --no-deps facenet-pytorch==2\.6\.0") as err:
         detect.weights_dir()
     assert "\n" not in str(err.value)
@@ -137,11 +140,15 @@ def _field(number: int, payload: bytes) -> bytes:
 
 def _caffemodel(layers: dict[str, list[np.ndarray]]) -> bytes:
     """NetParameter.layer (100) -> name (1), blobs (7) -> shape (7: packed dims, 1), data (5: packed)."""
+
     def blob(array: np.ndarray) -> bytes:
         dims = b"".join(_varint(d) for d in array.shape)
         return _field(7, _field(1, dims)) + _field(5, array.astype("<f4").tobytes())
-    return b"".join(_field(100, _field(1, name.encode()) + b"".join(_field(7, blob(b)) for b in blobs))
-                    for name, blobs in layers.items())
+
+    return b"".join(
+        _field(100, _field(1, name.encode()) + b"".join(_field(7, blob(b)) for b in blobs))
+        for name, blobs in layers.items()
+    )
 
 
 def _caffe_lnet(layers: dict[str, list[np.ndarray]], patches: torch.Tensor) -> torch.Tensor:
@@ -157,8 +164,13 @@ def _caffe_lnet(layers: dict[str, list[np.ndarray]], patches: torch.Tensor) -> t
             y = f.max_pool2d(y, 3, 2, ceil_mode=True)
         feats.append(f.prelu(f.conv2d(y, *t[f"conv3_{k}"]), t[f"prelu3_{k}"][0]))
     z = f.prelu(f.linear(torch.cat(feats, 1).flatten(1), *t["fc4"]), t["prelu4"][0])
-    return torch.stack([f.linear(f.prelu(f.linear(z, *t[f"fc4_{k}"]), t[f"prelu4_{k}"][0]), *t[f"fc5_{k}"])
-                        for k in range(1, 6)], dim=1)
+    return torch.stack(
+        [
+            f.linear(f.prelu(f.linear(z, *t[f"fc4_{k}"]), t[f"prelu4_{k}"][0]), *t[f"fc5_{k}"])
+            for k in range(1, 6)
+        ],
+        dim=1,
+    )
 
 
 def test_lnet_conversion_computes_what_caffe_computed(tmp_path: Path) -> None:
@@ -167,13 +179,22 @@ def test_lnet_conversion_computes_what_caffe_computed(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     shapes = {}
     for k in range(1, 6):
-        shapes |= {f"conv1_{k}": [(28, 3, 3, 3), (28,)], f"prelu1_{k}": [(28,)],
-                   f"conv2_{k}": [(48, 28, 3, 3), (48,)], f"prelu2_{k}": [(48,)],
-                   f"conv3_{k}": [(64, 48, 2, 2), (64,)], f"prelu3_{k}": [(64,)],
-                   f"fc4_{k}": [(64, 256), (64,)], f"prelu4_{k}": [(64,)], f"fc5_{k}": [(2, 64), (2,)]}
+        shapes |= {
+            f"conv1_{k}": [(28, 3, 3, 3), (28,)],
+            f"prelu1_{k}": [(28,)],
+            f"conv2_{k}": [(48, 28, 3, 3), (48,)],
+            f"prelu2_{k}": [(48,)],
+            f"conv3_{k}": [(64, 48, 2, 2), (64,)],
+            f"prelu3_{k}": [(64,)],
+            f"fc4_{k}": [(64, 256), (64,)],
+            f"prelu4_{k}": [(64,)],
+            f"fc5_{k}": [(2, 64), (2,)],
+        }
     shapes |= {"fc4": [(256, 2880), (256,)], "prelu4": [(256,)]}
-    layers = {name: [rng.normal(0, 0.1, s).astype(np.float32) for s in blob_shapes]
-              for name, blob_shapes in shapes.items()}
+    layers = {
+        name: [rng.normal(0, 0.1, s).astype(np.float32) for s in blob_shapes]
+        for name, blob_shapes in shapes.items()
+    }
     source, out = tmp_path / "det4.caffemodel", tmp_path / "lnet.pt"
     source.write_bytes(_caffemodel(layers))
     assert convert_lnet.main(["--caffemodel", str(source), "--out", str(out)]) == 0
@@ -251,8 +272,12 @@ def test_reference_model_on_detector_aligned_lfw(tmp_path: Path) -> None:
     ckpt = tmp_path / "reference.pt"
     assert import_main(["--source", str(REFERENCE), "--out", str(ckpt), "--image-size", "112x96"]) == 0
     out = tmp_path / "metrics.json"
-    assert lfw_main(["--checkpoint", str(ckpt), "--shards", str(shards), "--json", str(out),
-                     "--quiet", "--no-flip"]) == 0
+    assert (
+        lfw_main(
+            ["--checkpoint", str(ckpt), "--shards", str(shards), "--json", str(out), "--quiet", "--no-flip"]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     print(json.dumps({k: metrics[k] for k in ("accuracy_mean", "accuracy_std", "auc", "threshold")}))
     assert metrics["num_pairs"] == 6000

@@ -45,8 +45,18 @@ def _odd_folder(root: Path) -> None:
 def test_a_folder_as_people_have_it_builds_with_each_problem_a_reject(tmp_path: Path, capsys) -> None:
     root, out = tmp_path / "photos", tmp_path / "out"
     _odd_folder(root)
-    argv = ["folders", "--aligned", "--root", str(root), "--out", str(out), "--workers", "1",
-            "--max-reject-fraction", "0.9"]
+    argv = [
+        "folders",
+        "--aligned",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--max-reject-fraction",
+        "0.9",
+    ]
     code = run_cli(build_shards.main, argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -72,8 +82,13 @@ def test_a_folder_as_people_have_it_builds_with_each_problem_a_reject(tmp_path: 
 
 
 def test_key_collisions_keep_the_first_path_and_name_it() -> None:
-    entries = [Entry("x/b.jpg", "x"), Entry("x/a.b.jpg", "x"), Entry("x/a_b.png", "x"),
-               Entry("x/c.jpg", "x", reason="image_missing"), Entry("x/c.png", "x")]
+    entries = [
+        Entry("x/b.jpg", "x"),
+        Entry("x/a.b.jpg", "x"),
+        Entry("x/a_b.png", "x"),
+        Entry("x/c.jpg", "x", reason="image_missing"),
+        Entry("x/c.png", "x"),
+    ]
     got = {e.rel: (e.reason, e.detail) for e in reject_key_collisions(entries)}
     assert got == {
         "x/b.jpg": (None, None),

@@ -21,7 +21,11 @@ def _file(tmp_path: Path, *lines: str) -> Path:
 def test_view2_header_gives_folds(tmp_path: Path) -> None:
     pairs = read_pairs(_file(tmp_path, "2\t1", SAME, DIFF, SAME, DIFF))
     assert [(p.same, p.fold, p.line) for p in pairs] == [
-        (True, 0, 2), (False, 0, 3), (True, 1, 4), (False, 1, 5)]
+        (True, 0, 2),
+        (False, 0, 3),
+        (True, 1, 4),
+        (False, 1, 5),
+    ]
     assert (pairs[1].a, pairs[1].b) == ("A/A_0001.jpg", "B/B_0003.jpg")  # the second name
 
 
@@ -37,13 +41,16 @@ def test_headerless_file_is_one_fold(tmp_path: Path) -> None:
     assert [(p.same, p.fold, p.line) for p in pairs] == [(True, 0, 1), (False, 0, 2), (False, 0, 3)]
 
 
-@pytest.mark.parametrize("lines, where, what", [
-    (("",), "pairs.txt", "empty"),
-    (("1 2 3 4 5",), "pairs.txt:1:", "header"),
-    (("1\t1", SAME, "A\t1"), "pairs.txt:3:", "2 fields"),
-    (("1\t1", "A\tx\t2", DIFF), "pairs.txt:2:", "integers"),
-    (("0\t1",), "pairs.txt:1:", "0 folds"),
-])
+@pytest.mark.parametrize(
+    "lines, where, what",
+    [
+        (("",), "pairs.txt", "empty"),
+        (("1 2 3 4 5",), "pairs.txt:1:", "header"),
+        (("1\t1", SAME, "A\t1"), "pairs.txt:3:", "2 fields"),
+        (("1\t1", "A\tx\t2", DIFF), "pairs.txt:2:", "integers"),
+        (("0\t1",), "pairs.txt:1:", "0 folds"),
+    ],
+)
 def test_errors_name_file_and_line(tmp_path: Path, lines: tuple[str, ...], where: str, what: str) -> None:
     with pytest.raises(UserError, match=what) as err:
         read_pairs(_file(tmp_path, *lines))

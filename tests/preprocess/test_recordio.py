@@ -89,15 +89,17 @@ def test_a_label_that_is_no_class_is_a_reject(pack: Path, label: float) -> None:
 
 @pytest.mark.parametrize("flag", [2, 3, 4, 7])
 def test_a_record_that_starts_with_a_continuation_flag_is_a_reject(pack: Path, flag: int) -> None:
-    length = struct.unpack_from("<I", (pack / "train.rec").read_bytes(),
-                                _damage.rec_offset(pack / "train.rec", RECORD) + 4)[0]
+    length = struct.unpack_from(
+        "<I", (pack / "train.rec").read_bytes(), _damage.rec_offset(pack / "train.rec", RECORD) + 4
+    )[0]
     _damage.set_rec_length(pack / "train.rec", RECORD, length, flag)
     _one_reject(pack, "record_corrupt", f"part flag {flag}")
 
 
 def test_a_first_part_without_its_continuation_is_a_reject(pack: Path) -> None:
-    length = struct.unpack_from("<I", (pack / "train.rec").read_bytes(),
-                                _damage.rec_offset(pack / "train.rec", RECORD) + 4)[0]
+    length = struct.unpack_from(
+        "<I", (pack / "train.rec").read_bytes(), _damage.rec_offset(pack / "train.rec", RECORD) + 4
+    )[0]
     length -= length % 4  # a first part is whole words; the next record (flag 0) follows
     _damage.set_rec_length(pack / "train.rec", RECORD, length, 1)
     _one_reject(pack, "record_corrupt", "part flag 0", "next part of the split record")
@@ -142,13 +144,21 @@ def test_a_damaged_offset_is_a_reject_of_the_build(pack: Path, tmp_path: Path, c
     assert reject["path"] == f"unreadable/{RECORD:09d}" and "outside the file" in reject["detail"]
 
 
-@pytest.mark.parametrize(("damage", "needle"), [
-    (lambda root: _damage.set_rec_label(root / "train.rec", 0, math.inf, listed=True),
-     "record 0 says the images end"),
-    (lambda root: _damage.set_rec_offset(root / "train.rec", 0, 10**30), "record 0 unreadable"),
-    (lambda root: (root / "property").write_text("0,112,112\n"), "not an InsightFace property file"),
-    (lambda root: (root / "train.idx").write_text("1\t0\n1\t8\n"), r"train\.idx:2: record 1 is listed twice"),
-])
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (
+            lambda root: _damage.set_rec_label(root / "train.rec", 0, math.inf, listed=True),
+            "record 0 says the images end",
+        ),
+        (lambda root: _damage.set_rec_offset(root / "train.rec", 0, 10**30), "record 0 unreadable"),
+        (lambda root: (root / "property").write_text("0,112,112\n"), "not an InsightFace property file"),
+        (
+            lambda root: (root / "train.idx").write_text("1\t0\n1\t8\n"),
+            r"train\.idx:2: record 1 is listed twice",
+        ),
+    ],
+)
 def test_damage_to_the_pack_as_a_whole_is_one_line(pack: Path, damage, needle: str) -> None:
     damage(pack)
     with pytest.raises(UserError, match=needle) as err:

@@ -18,8 +18,13 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
 
 
 def _accuracy(checkpoint: Path, shards: Path, out: Path) -> float:
-    assert run_cli(lfw_main, ["--checkpoint", str(checkpoint), "--shards", str(shards), "--json", str(out),
-                              "--quiet"]) == 0
+    assert (
+        run_cli(
+            lfw_main,
+            ["--checkpoint", str(checkpoint), "--shards", str(shards), "--json", str(out), "--quiet"],
+        )
+        == 0
+    )
     return json.loads(out.read_text())["accuracy_mean"]
 
 
@@ -29,13 +34,36 @@ def test_training_generalizes_to_unseen_identities(tmp_path: Path) -> None:
     backbone, then 760 LFW-protocol pairs of 40 other people (untrained 0.64 -> trained 0.95 when
     calibrated)."""
     raw, shards, run = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
-    assert synthetic.main(["--out", str(raw), "--identities", "100", "--images-per-identity", "10",
-                           "--lfw-identities", "40", "--seed", "1"]) == 0
+    assert (
+        synthetic.main(
+            [
+                "--out",
+                str(raw),
+                "--identities",
+                "100",
+                "--images-per-identity",
+                "10",
+                "--lfw-identities",
+                "40",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     for dataset, out in (("vggface2", "train"), ("lfw", "lfw")):
         assert run_cli(build_main, [dataset, "--root", str(raw / dataset), "--out", str(shards / out)]) == 0
-    overrides = [f"data.train_shards={shards / 'train'}", "validation.lfw_shards=null", f"run.dir={run}",
-                 "schedule.steps=120", "schedule.epochs=0", "schedule.warmup_steps=20",
-                 "logging.display=none", "logging.tensorboard=off", "checkpoint.every_steps=1000"]
+    overrides = [
+        f"data.train_shards={shards / 'train'}",
+        "validation.lfw_shards=null",
+        f"run.dir={run}",
+        "schedule.steps=120",
+        "schedule.epochs=0",
+        "schedule.warmup_steps=20",
+        "logging.display=none",
+        "logging.tensorboard=off",
+        "checkpoint.every_steps=1000",
+    ]
     assert train_main(["--config", str(CONFIG), *overrides]) == 0
     before = _accuracy(run / "checkpoints" / "untrained.pt", shards / "lfw", tmp_path / "before.json")
     after = _accuracy(run / "checkpoints" / "last.pt", shards / "lfw", tmp_path / "after.json")

@@ -15,8 +15,16 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RANK = {"common": -1, "shards": 0, "heads": 0, "preprocess": 1, "models": 1, "eval": 2, "trainer": 3,
-        "bench": 4}
+RANK = {
+    "common": -1,
+    "shards": 0,
+    "heads": 0,
+    "preprocess": 1,
+    "models": 1,
+    "eval": 2,
+    "trainer": 3,
+    "bench": 4,
+}
 # packages that import nothing else of the project
 STANDALONE = {"heads", "common"}
 
@@ -32,7 +40,8 @@ def _type_checking_block(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def imports_of(source: str, module: str, is_package: bool = False) -> list[tuple[str, int, str]]:
@@ -125,6 +134,7 @@ def test_the_checker_sees_imports_and_catches_a_violation():
 
 def _cycles(graph: dict[str, dict[str, set[str]]], kinds: set[str]) -> list[str]:
     """Import cycles among the modules of one package, over imports of these kinds."""
+
     def edges(mod: str) -> list[str]:
         return [t for t, used in graph[mod].items() if t.split(".")[0] == mod.split(".")[0] and used & kinds]
 
@@ -135,7 +145,7 @@ def _cycles(graph: dict[str, dict[str, set[str]]], kinds: set[str]) -> list[str]
         stack.append(mod)
         for nxt in edges(mod):
             if state.get(nxt) == 1:
-                found.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                found.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 walk(nxt, stack)
         stack.pop()
@@ -167,6 +177,11 @@ def test_models_imports_only_common():
     """models/ sits beside preprocess/ with nothing of the project under it but common/ (so eval/,
     the trainer and export read models with torch/onnxruntime and nothing else)."""
     graph = import_graph()
-    bad = [f"{mod} imports {target}" for mod, edges in graph.items() if mod.split(".")[0] == "models"
-           for target in edges if target.split(".")[0] not in ("models", "common")]
+    bad = [
+        f"{mod} imports {target}"
+        for mod, edges in graph.items()
+        if mod.split(".")[0] == "models"
+        for target in edges
+        if target.split(".")[0] not in ("models", "common")
+    ]
     assert not bad, "\n".join(bad)

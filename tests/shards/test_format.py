@@ -45,9 +45,30 @@ def test_sample_key_is_stable_and_has_no_dots():
     assert "." not in sample_key("a.b/c.d.jpg")
 
 
-@pytest.mark.parametrize("rel", [
-    "a/b.jpg", "a.b/c", "a/.hidden", "a/b.", "a/b..jpg", "b.tar.gz", "./a/b.jpg", "a//b.jpg", "a/./b.jpg",
-    "a/", "a/b/", ".", "", "a/../b.jpg", "/abs/x.png", "x", "my photos/ä.jpg", "a\\b.jpg", "a.b.c/d.e.f"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "a/b.jpg",
+        "a.b/c",
+        "a/.hidden",
+        "a/b.",
+        "a/b..jpg",
+        "b.tar.gz",
+        "./a/b.jpg",
+        "a//b.jpg",
+        "a/./b.jpg",
+        "a/",
+        "a/b/",
+        ".",
+        "",
+        "a/../b.jpg",
+        "/abs/x.png",
+        "x",
+        "my photos/ä.jpg",
+        "a\\b.jpg",
+        "a.b.c/d.e.f",
+    ],
+)
 def test_sample_key_strips_the_suffix_as_pathlib_does(rel):
     """The per-sample fast path keeps the keys pathlib's suffix rule gave (existing shards keep theirs)."""
     import re
@@ -55,8 +76,11 @@ def test_sample_key_strips_the_suffix_as_pathlib_does(rel):
 
     path = PurePosixPath(rel.replace("\\", "/"))
     stem = str(path.with_suffix("")) if path.suffix else str(path)
-    expected = re.sub(r"[^\x21-\x7d]", lambda m: "".join(f"~{b:02x}" for b in m.group().encode()),
-                      stem.replace("/", "__").replace(".", "_"))
+    expected = re.sub(
+        r"[^\x21-\x7d]",
+        lambda m: "".join(f"~{b:02x}" for b in m.group().encode()),
+        stem.replace("/", "__").replace(".", "_"),
+    )
     assert sample_key(rel) == expected
 
 

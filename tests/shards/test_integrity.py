@@ -24,8 +24,11 @@ def _read_all(root: Path, reader: str) -> list:
     manifest = load_manifest(root)
     if reader == "eval":
         return list(iter_eval_batches(manifest, batch_size=3))
-    return list(build_train_loader(manifest, batch_size=3, backend=reader, workers=0 if reader == "torch"
-                                   else 1, augment=None))
+    return list(
+        build_train_loader(
+            manifest, batch_size=3, backend=reader, workers=0 if reader == "torch" else 1, augment=None
+        )
+    )
 
 
 def _one_line(root: Path, reader: str, *needles: str) -> str:

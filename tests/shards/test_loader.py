@@ -179,8 +179,9 @@ def test_backends_make_the_same_augmentation_choices(manifest):
     boxes = AugmentConfig(flip=False, crop_scale=(0.5, 0.9), erase_p=0.5)
     x_t, _ = _collect(build_train_loader(manifest, backend="torch", augment=boxes, **common))
     x_d, _ = _collect(build_train_loader(manifest, backend="dali", augment=boxes, **common))
-    plain, _ = _collect(build_train_loader(manifest, backend="torch", augment=AugmentConfig(flip=False),
-                                           **common))
+    plain, _ = _collect(
+        build_train_loader(manifest, backend="torch", augment=AugmentConfig(flip=False), **common)
+    )
     # crops resampled by two implementations differ a little; other crops would differ a lot
     assert (x_t - x_d).abs().mean() < 0.1 * (x_t - plain).abs().mean()
     fill = ERASE_FILL / 127.5 - 1
@@ -267,8 +268,11 @@ def test_a_damaged_shard_gives_an_error_naming_it(tmp_path, backend, damage):
             list(iter_eval_batches(manifest, batch_size=8, workers=1))
         else:
             kind, _, parallel = backend.partition("-")
-            list(build_train_loader(manifest, batch_size=4, backend=kind, workers=1,
-                                    source_workers=2 if parallel else None))
+            list(
+                build_train_loader(
+                    manifest, batch_size=4, backend=kind, workers=1, source_workers=2 if parallel else None
+                )
+            )
     assert "\n" not in str(err.value)
 
 

@@ -28,19 +28,23 @@ def _readers(root: Path):
     yield lambda: shard_jpegs(manifest)
 
 
-@pytest.mark.parametrize(("ext", "field", "value", "needle"), [
-    ("jpg", "offset", "0", "not laid out as in a tar"),  # before its header: a negative seek
-    ("jpg", "offset", "100", "not laid out as in a tar"),
-    ("jpg", "offset", str(10**30), "runs past the end of the tar"),  # no int64 holds it
-    ("jpg", "size", str(2**63), "runs past the end of the tar"),
-    ("jpg", "size", "up to lbl", "not laid out as in a tar"),  # over the lbl member's header
-    ("lbl", "offset", "512", "not laid out as in a tar"),
-    ("lbl", "size", "5", "not laid out as in a tar"),
-    ("json", "offset", "1024", "not laid out as in a tar"),
-    ("json", "size", "999999", "runs past the end of the tar"),
-])
+@pytest.mark.parametrize(
+    ("ext", "field", "value", "needle"),
+    [
+        ("jpg", "offset", "0", "not laid out as in a tar"),  # before its header: a negative seek
+        ("jpg", "offset", "100", "not laid out as in a tar"),
+        ("jpg", "offset", str(10**30), "runs past the end of the tar"),  # no int64 holds it
+        ("jpg", "size", str(2**63), "runs past the end of the tar"),
+        ("jpg", "size", "up to lbl", "not laid out as in a tar"),  # over the lbl member's header
+        ("lbl", "offset", "512", "not laid out as in a tar"),
+        ("lbl", "size", "5", "not laid out as in a tar"),
+        ("json", "offset", "1024", "not laid out as in a tar"),
+        ("json", "size", "999999", "runs past the end of the tar"),
+    ],
+)
 def test_an_index_offset_or_size_that_does_not_fit_the_tar_is_one_line(
-        tmp_path: Path, ext: str, field: str, value: str, needle: str) -> None:
+    tmp_path: Path, ext: str, field: str, value: str, needle: str
+) -> None:
     root = make_shards(tmp_path / "s", [4, 5])
     if value == "up to lbl":
         jpg, lbl = (_damage.member_offset(root / "train-000001.tar", f"{KEY}.{e}") for e in ("jpg", "lbl"))
@@ -59,14 +63,18 @@ def test_the_checks_pass_every_index_the_writer_writes(tmp_path: Path) -> None:
         assert read()
 
 
-@pytest.mark.parametrize(("path", "value", "needle"), [
-    (("shards", 1, "samples"), -5, r"shards\[1\]\.samples is -5, not a count"),
-    (("shards", 1, "samples"), "5", r"shards\[1\]\.samples is '5', not a count"),
-    (("shards", 0, "bytes"), 1.5, r"shards\[0\]\.bytes is 1.5, not a count"),
-    (("num_classes",), 0, "num_classes is 0"),
-])
-def test_a_manifest_count_that_is_no_count_is_one_line(tmp_path: Path, path: tuple, value,
-                                                       needle: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "value", "needle"),
+    [
+        (("shards", 1, "samples"), -5, r"shards\[1\]\.samples is -5, not a count"),
+        (("shards", 1, "samples"), "5", r"shards\[1\]\.samples is '5', not a count"),
+        (("shards", 0, "bytes"), 1.5, r"shards\[0\]\.bytes is 1.5, not a count"),
+        (("num_classes",), 0, "num_classes is 0"),
+    ],
+)
+def test_a_manifest_count_that_is_no_count_is_one_line(
+    tmp_path: Path, path: tuple, value, needle: str
+) -> None:
     root = make_shards(tmp_path / "s", [4, 5])
     data = json.loads((root / MANIFEST_NAME).read_text())
     target = data

@@ -57,8 +57,11 @@ def test_resume_with_a_changed_run_says_what_differs(tmp_path, capsys):
         ({"model.embedding_size": 16}, "model embedding_size 32 -> 16"),
         ({"model.kwargs.width": 16}, "model kwargs {'width': 8} -> {'width': 16}"),
         ({"data.synthetic.classes": 4}, "classes 8 -> 4"),
-        ({"loader.batch_size": 8}, "loader.batch_size x processes 16 x 1 -> 8 x 1 (to keep the global batch "
-                                   "of 16 on 1 process(es), resume with loader.batch_size=16)"),
+        (
+            {"loader.batch_size": 8},
+            "loader.batch_size x processes 16 x 1 -> 8 x 1 (to keep the global batch "
+            "of 16 on 1 process(es), resume with loader.batch_size=16)",
+        ),
     ]
     for change, fragment in cases:
         assert main(tiny_overrides(run, steps=8, **{"logging.tensorboard": "off", **change})) == 2
@@ -75,8 +78,13 @@ def test_resume_on_another_process_count_keeps_the_global_batch(tmp_path):
     from trainer.checkpoint import check_resumable
 
     head = {"num_classes": 5, "rows": {"weight": torch.zeros(5, 16)}, "scalars": {}}
-    ckpt = {"optimizer": {}, "model": SPEC, "head_state": head,
-            "config": {"loader": {"batch_size": 16}}, "rng": {"per_rank": [{}, {}]}}
+    ckpt = {
+        "optimizer": {},
+        "model": SPEC,
+        "head_state": head,
+        "config": {"loader": {"batch_size": 16}},
+        "rng": {"per_rank": [{}, {}]},
+    }
     check_resumable(tmp_path / "c.pt", ckpt, SPEC, 5, 16, 2)  # the same run: fine
     check_resumable(tmp_path / "c.pt", ckpt, SPEC, 5, 32, 1)  # 2 x 16 = 1 x 32: the same global batches
     with pytest.raises(UserError, match=r"c\.pt: cannot resume: loader\.batch_size x processes 16 x 2 -> "):
@@ -84,13 +92,17 @@ def test_resume_on_another_process_count_keeps_the_global_batch(tmp_path):
     # A GPU lost: the message names the override that keeps the global batch, and it resumes.
     with pytest.raises(UserError) as info:
         check_resumable(tmp_path / "c.pt", ckpt, SPEC, 5, 16, 1)
-    assert "16 x 2 -> 16 x 1 (to keep the global batch of 32 on 1 process(es), resume with " \
-           "loader.batch_size=32)" in str(info.value)
+    assert (
+        "16 x 2 -> 16 x 1 (to keep the global batch of 32 on 1 process(es), resume with "
+        "loader.batch_size=32)" in str(info.value)
+    )
     three = {**ckpt, "rng": {"per_rank": [{}, {}, {}]}}  # 3 x 16 = 48: does not split over 5
     with pytest.raises(UserError) as info:
         check_resumable(tmp_path / "c.pt", three, SPEC, 5, 16, 5)
-    assert "(the global batch of 48 does not split over 5 processes; resume on 4 with " \
-           "loader.batch_size=12)" in str(info.value)
+    assert (
+        "(the global batch of 48 does not split over 5 processes; resume on 4 with "
+        "loader.batch_size=12)" in str(info.value)
+    )
     check_resumable(tmp_path / "c.pt", three, SPEC, 5, 12, 4)
     whole = {**ckpt, "head_state": {"weight": torch.zeros(5, 16)}}  # written before per-class heads
     with pytest.raises(UserError, match="its head was saved whole"):

@@ -21,8 +21,17 @@ SYNTH = ["data.source=synthetic", "schedule.steps=5"]
 
 
 def test_defaults_and_overrides_are_typed():
-    cfg = load_config(None, [*SYNTH, "optim.lr=1", "run.devices=[0,1]", "head.margin=arcface",
-                             "data.augment.crop_scale=[0.8,1.0]", "model.kwargs.width=16"])
+    cfg = load_config(
+        None,
+        [
+            *SYNTH,
+            "optim.lr=1",
+            "run.devices=[0,1]",
+            "head.margin=arcface",
+            "data.augment.crop_scale=[0.8,1.0]",
+            "model.kwargs.width=16",
+        ],
+    )
     assert isinstance(cfg, TrainConfig)
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.run.devices == [0, 1]
@@ -39,16 +48,22 @@ def test_on_off_choices_survive_yaml_booleans():
         load_config(None, [*SYNTH, "logging.display=off"])  # no on/off choice there: still an error
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
-    ("head.lambda_bse=1", "unknown config key 'head.lambda_bse' (did you mean 'head.sphereface.lambda_base"),
-    ("optim.lr=fast", "'optim.lr' must be float"),
-    ("schedule.steps=1.5", "'schedule.steps' must be int"),
-    ("head.margin=cosine", "'head.margin' must be one of"),
-    ("loader.batch_size=0", "'loader.batch_size' must be in [1, 16384], got 0"),
-    ("optim=3", "'optim' is a section"),
-    ("nonsense", "expected key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (
+            "head.lambda_bse=1",
+            "unknown config key 'head.lambda_bse' (did you mean 'head.sphereface.lambda_base",
+        ),
+        ("optim.lr=fast", "'optim.lr' must be float"),
+        ("schedule.steps=1.5", "'schedule.steps' must be int"),
+        ("head.margin=cosine", "'head.margin' must be one of"),
+        ("loader.batch_size=0", "'loader.batch_size' must be in [1, 16384], got 0"),
+        ("optim=3", "'optim' is a section"),
+        ("nonsense", "expected key.sub=value"),
+    ],
+)
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(UserError) as info:
         load_config(None, [*SYNTH, override])
@@ -67,9 +82,17 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
         load_config(path)  # a misspelt old flat name: the nearest key inside the section's sections
 
 
-@pytest.mark.parametrize("name", ["demo_cpu", "mobilefacenet_cosface_vggface2", "ir50_arcface_vggface2",
-                                  "ir100_adaface_ms1mv3", "ir100_magface_ms1mv3",
-                                  "ir100_curricularface_ms1mv3"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "demo_cpu",
+        "mobilefacenet_cosface_vggface2",
+        "ir50_arcface_vggface2",
+        "ir100_adaface_ms1mv3",
+        "ir100_magface_ms1mv3",
+        "ir100_curricularface_ms1mv3",
+    ],
+)
 def test_shipped_configs_load_and_round_trip(name, tmp_path):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     save_resolved(cfg, tmp_path / "config.yaml")
@@ -89,10 +112,19 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     cases = [
         ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), "optim.lrr=1"],
         ["--config", str(tmp_path / "missing.yaml")],
-        ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), f"validation.lfw_shards={tmp_path / 'nolfw'}",
-         f"run.dir={tmp_path / 'run'}"],
-        ["--config", str(ROOT / "configs" / "demo_cpu.yaml"), f"data.train_shards={tmp_path / 'noshards'}",
-         "validation.lfw_shards=null", f"run.dir={tmp_path / 'run'}"],
+        [
+            "--config",
+            str(ROOT / "configs" / "demo_cpu.yaml"),
+            f"validation.lfw_shards={tmp_path / 'nolfw'}",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+        [
+            "--config",
+            str(ROOT / "configs" / "demo_cpu.yaml"),
+            f"data.train_shards={tmp_path / 'noshards'}",
+            "validation.lfw_shards=null",
+            f"run.dir={tmp_path / 'run'}",
+        ],
     ]
     errors = []
     for argv in cases:
@@ -105,8 +137,16 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 def test_yaml_1_1_floats_are_floats(tmp_path):
     # PyYAML reads 1e-3 and 1e6 as strings (YAML 1.1 wants a dot and a signed exponent).
-    cfg = load_config(None, [*SYNTH, "optim.lr=1e-3", "optim.weight_decay=5e-4", "head.s=1e1",
-                             "data.augment.crop_scale=[8e-1,1]"])
+    cfg = load_config(
+        None,
+        [
+            *SYNTH,
+            "optim.lr=1e-3",
+            "optim.weight_decay=5e-4",
+            "head.s=1e1",
+            "data.augment.crop_scale=[8e-1,1]",
+        ],
+    )
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.head.s) == (1e-3, 5e-4, 10.0)
     assert cfg.data.augment.crop_scale == (0.8, 1.0)
     path = tmp_path / "c.yaml"
@@ -130,19 +170,25 @@ def test_an_override_error_names_the_override_a_file_error_the_file(tmp_path):
         load_config(path, ["head.s=30", "optim={lr: x}"])
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("head.impl=gpu", "'head.impl' must be one of auto, reference, chunked, fused, got 'gpu'"),
-    ("head.m=10", "'head.m' for arcface must be in [0, pi/2) radians, got 10.0"),
-    ("head.t=0.5", "'head.t' must be >= 1"),
-    ("optim.momentum=1.5", "'optim.momentum' must be in [0, 1)"),
-    ("head.combined.m1=1.0", "'head.combined.m1' applies to head.margin=combined, not arcface"),
-    ("head.m1=1.0", "'head.combined.m1' applies to head.margin=combined, not arcface"),  # the old name
-    ("head.sphereface.lambda_min=3", "'head.sphereface.lambda_min' applies to head.margin=sphereface, not"),
-    ("data.augment.blur_p=2", "'data.augment.blur_p' must be in [0, 1], got 2.0"),
-    ("data.augment.crop_scale=[0.9,0.5]", "data.augment.crop_scale=[0.9, 0.5]: need low <= high"),
-    ("run.devices=gpu", "'run.devices' must be one of auto, cpu, got 'gpu'"),
-    ("loader.workers=-1", "'loader.workers' must be in [0, 256], got -1"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("head.impl=gpu", "'head.impl' must be one of auto, reference, chunked, fused, got 'gpu'"),
+        ("head.m=10", "'head.m' for arcface must be in [0, pi/2) radians, got 10.0"),
+        ("head.t=0.5", "'head.t' must be >= 1"),
+        ("optim.momentum=1.5", "'optim.momentum' must be in [0, 1)"),
+        ("head.combined.m1=1.0", "'head.combined.m1' applies to head.margin=combined, not arcface"),
+        ("head.m1=1.0", "'head.combined.m1' applies to head.margin=combined, not arcface"),  # the old name
+        (
+            "head.sphereface.lambda_min=3",
+            "'head.sphereface.lambda_min' applies to head.margin=sphereface, not",
+        ),
+        ("data.augment.blur_p=2", "'data.augment.blur_p' must be in [0, 1], got 2.0"),
+        ("data.augment.crop_scale=[0.9,0.5]", "data.augment.crop_scale=[0.9, 0.5]: need low <= high"),
+        ("run.devices=gpu", "'run.devices' must be one of auto, cpu, got 'gpu'"),
+        ("loader.workers=-1", "'loader.workers' must be in [0, 256], got -1"),
+    ],
+)
 def test_values_out_of_range_name_the_key(override, fragment):
     with pytest.raises(UserError) as info:
         load_config(None, [*SYNTH, "head.margin=arcface", override])
@@ -153,13 +199,29 @@ def test_every_margin_option_reaches_the_head():
     from heads import MarginHead
     from trainer.config import head_kwargs
 
-    sphere = load_config(None, [*SYNTH, "head.margin=sphereface", "head.sphereface.lambda_base=100",
-                                "head.sphereface.gamma=0.5", "head.gamma_focal=2"]).head
+    sphere = load_config(
+        None,
+        [
+            *SYNTH,
+            "head.margin=sphereface",
+            "head.sphereface.lambda_base=100",
+            "head.sphereface.gamma=0.5",
+            "head.gamma_focal=2",
+        ],
+    ).head
     head = MarginHead(10, 8, **head_kwargs(sphere))
     margin = head.margin
     assert (margin.m, margin.lambda_base, margin.gamma, head.gamma_focal) == (4, 100.0, 0.5, 2.0)
-    combined = load_config(None, [*SYNTH, "head.margin=combined", "head.combined.m1=1.0",
-                                  "head.combined.m2=0.4", "head.combined.m3=0.1"]).head
+    combined = load_config(
+        None,
+        [
+            *SYNTH,
+            "head.margin=combined",
+            "head.combined.m1=1.0",
+            "head.combined.m2=0.4",
+            "head.combined.m3=0.1",
+        ],
+    ).head
     head = MarginHead(10, 8, **head_kwargs(combined))
     assert (head.margin.m1, head.margin.m2, head.margin.m3) == (1.0, 0.4, 0.1)
     with pytest.raises(UserError, match="'head.m' does not apply to head.margin=combined"):
@@ -172,12 +234,23 @@ def test_the_margins_after_arcface_reach_the_head_and_their_mistakes_name_the_ke
     from heads import MarginHead
     from trainer.config import head_kwargs
 
-    ada = load_config(None, [*SYNTH, "head.margin=adaface", "head.m=0.3", "head.adaface.h=0.5",
-                             "head.adaface.t_alpha=0.1"]).head
+    ada = load_config(
+        None, [*SYNTH, "head.margin=adaface", "head.m=0.3", "head.adaface.h=0.5", "head.adaface.t_alpha=0.1"]
+    ).head
     margin = MarginHead(10, 8, **head_kwargs(ada)).margin
     assert (margin.name, margin.m, margin.h, margin.t_alpha) == ("adaface", 0.3, 0.5, 0.1)
-    mag = load_config(None, [*SYNTH, "head.margin=magface", "head.magface.l_a=5", "head.magface.u_a=50",
-                             "head.magface.l_m=0.4", "head.magface.u_m=0.7", "head.magface.lambda_g=20"]).head
+    mag = load_config(
+        None,
+        [
+            *SYNTH,
+            "head.margin=magface",
+            "head.magface.l_a=5",
+            "head.magface.u_a=50",
+            "head.magface.l_m=0.4",
+            "head.magface.u_m=0.7",
+            "head.magface.lambda_g=20",
+        ],
+    ).head
     margin = MarginHead(10, 8, **head_kwargs(mag)).margin
     assert (margin.l_a, margin.u_a, margin.l_m, margin.u_m, margin.lambda_g) == (5, 50, 0.4, 0.7, 20)
     cur = load_config(None, [*SYNTH, "head.margin=curricularface", "head.m=0.45"]).head
@@ -199,13 +272,22 @@ def test_config_and_run_folder_mistakes_are_one_line(tmp_path, capsys):
     binary.write_bytes(bytes(range(256)) * 4)
     a_file = tmp_path / "taken"
     a_file.write_text("x")
-    synth = [*SYNTH, "run.devices=cpu", "data.synthetic.image_size=[32,32]", "model.embedding_size=16",
-             "loader.batch_size=8", "model.channels_last=false", "logging.tensorboard=off"]
+    synth = [
+        *SYNTH,
+        "run.devices=cpu",
+        "data.synthetic.image_size=[32,32]",
+        "model.embedding_size=16",
+        "loader.batch_size=8",
+        "model.channels_last=false",
+        "logging.tensorboard=off",
+    ]
     cases = [
         (["--config", str(binary)], "not a text file"),
         ([*synth, f"run.dir={a_file}"], "is a file, not a folder"),
-        ([*synth, f"run.dir={tmp_path / 'r1'}", "model.kwargs.width=0"],
-         "cannot build backbone 'tiny' (width must be positive, got 0)"),
+        (
+            [*synth, f"run.dir={tmp_path / 'r1'}", "model.kwargs.width=0"],
+            "cannot build backbone 'tiny' (width must be positive, got 0)",
+        ),
         ([*synth, f"run.dir={tmp_path / 'r2'}", "head.impl=fused"], "head.impl=fused needs a CUDA GPU"),
     ]
     for argv, fragment in cases:
@@ -218,12 +300,14 @@ def test_sphereface_from_the_command_line_trains(tmp_path):
     from tests._trainer_util import tiny_overrides
     from trainer.engine import train
 
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=2, **{"head.margin": "sphereface",
-                                                                         "head.m": "null"}))
+    cfg = load_config(
+        None, tiny_overrides(tmp_path / "run", steps=2, **{"head.margin": "sphereface", "head.m": "null"})
+    )
     assert train(cfg)["step"] == 2
 
 
 # ---- one home per key: type, default, range and help on the field (common/settings.py) -----------
+
 
 def test_every_key_has_help():
     missing = [key for key, f, _ in settings.fields(TrainConfig) if not f.metadata.get("help")]
@@ -240,8 +324,11 @@ def _outside(allowed: Range, tp) -> object:
     return [value, value] if text.startswith("[") else [value] if text.startswith("list") else value
 
 
-RANGED = [(key, f.metadata["range"], tp) for key, f, tp in settings.fields(TrainConfig)
-          if f.metadata.get("range") is not None]
+RANGED = [
+    (key, f.metadata["range"], tp)
+    for key, f, tp in settings.fields(TrainConfig)
+    if f.metadata.get("range") is not None
+]
 
 
 @pytest.mark.parametrize("key, allowed, tp", RANGED, ids=[key for key, _, _ in RANGED])
@@ -285,11 +372,28 @@ def test_flat_and_nested_names_give_the_same_config(tmp_path):
     flat, nested = load_config(tmp_path / "flat.yaml"), load_config(tmp_path / "nested.yaml")
     assert to_dict(flat) == to_dict(nested)
     assert nested.data.synthetic.image_size == (16, 24) and nested.head.sphereface.gamma == 0.5
-    by_flat = load_config(None, [*SYNTH, "head.margin=combined", "head.m1=1.1", "head.m2=0.2", "head.m3=0.1",
-                                 "data.synthetic_classes=7"])
-    by_nested = load_config(None, [*SYNTH, "head.margin=combined", "head.combined.m1=1.1",
-                                   "head.combined.m2=0.2", "head.combined.m3=0.1",
-                                   "data.synthetic.classes=7"])
+    by_flat = load_config(
+        None,
+        [
+            *SYNTH,
+            "head.margin=combined",
+            "head.m1=1.1",
+            "head.m2=0.2",
+            "head.m3=0.1",
+            "data.synthetic_classes=7",
+        ],
+    )
+    by_nested = load_config(
+        None,
+        [
+            *SYNTH,
+            "head.margin=combined",
+            "head.combined.m1=1.1",
+            "head.combined.m2=0.2",
+            "head.combined.m3=0.1",
+            "data.synthetic.classes=7",
+        ],
+    )
     assert to_dict(by_flat) == to_dict(by_nested) and by_nested.head.combined.m1 == 1.1
     # An override wins over the file in either spelling.
     assert load_config(tmp_path / "flat.yaml", ["head.sphereface.gamma=0.25"]).head.sphereface.gamma == 0.25
@@ -325,17 +429,29 @@ def test_help_config_lists_every_key(capsys):
         assert rows[key][3] == f.metadata["help"], key
         if f.metadata["range"] is not None:
             assert rows[key][2] == str(f.metadata["range"]), key
-    assert rows["head.combined.m2"] == ["float or null", "null", "in [0, pi/2)", "additive angular margin "
-                                        "(default 0.3)"]
-    assert rows["head.margin"][:3] == ["str", "cosface",
-                                       "cosface|arcface|sphereface|combined|adaface|magface|curricularface"]
+    assert rows["head.combined.m2"] == [
+        "float or null",
+        "null",
+        "in [0, pi/2)",
+        "additive angular margin (default 0.3)",
+    ]
+    assert rows["head.margin"][:3] == [
+        "str",
+        "cosface",
+        "cosface|arcface|sphereface|combined|adaface|magface|curricularface",
+    ]
     assert rows["optim.betas"][:3] == ["[float, float]", "[0.9, 0.999]", "in [0, 1)"]
     assert rows["head.sphereface"][0] == "section"
 
 
 def test_help_config_works_without_a_terminal():
     # A pipe, not a TTY, and no torch import needed: the table is plain text.
-    done = subprocess.run([sys.executable, str(ROOT / "trainer" / "main.py"), "--help-config"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "trainer" / "main.py"), "--help-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0 and done.stderr == ""
     assert len(done.stdout.splitlines()) == len(settings.all_keys(TrainConfig)) + 1

@@ -23,8 +23,14 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def _torchrun(args: list[str], faults: dict | None = None, timeout: float = 120):
     start = time.monotonic()
-    proc = subprocess.run([*TORCHRUN, *main_command(faults), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env(), cwd=ROOT)
+    proc = subprocess.run(
+        [*TORCHRUN, *main_command(faults), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=ROOT,
+    )
     return proc, time.monotonic() - start
 
 
@@ -40,9 +46,18 @@ def test_bad_sample_on_one_rank_stops_the_job(tmp_path):
     order = epoch_order(len(table), batch_size=4, rank=1, world_size=2, seed=0, epoch=0)
     bad = int(order[2 * 4])  # the first sample of rank 1's third batch; rank 0 never reads it
     corrupt_tar_header(table.shard_paths[table.shard[bad]], table.keys[bad])
-    args = tiny_overrides(tmp_path / "run", steps=8, **{
-        "data.source": "shards", "data.train_shards": str(shards), "loader.batch_size": 4,
-        "loader.workers": 0, "loader.backend": "torch", "checkpoint.every_steps": 1})
+    args = tiny_overrides(
+        tmp_path / "run",
+        steps=8,
+        **{
+            "data.source": "shards",
+            "data.train_shards": str(shards),
+            "loader.batch_size": 4,
+            "loader.workers": 0,
+            "loader.backend": "torch",
+            "checkpoint.every_steps": 1,
+        },
+    )
     proc, seconds = _torchrun(args)
     assert proc.returncode != 0 and seconds < 60, (seconds, proc.stderr[-3000:])
     lines = _rank_errors(proc.stderr)
@@ -58,8 +73,9 @@ def test_a_stalled_rank_times_out_the_others(tmp_path):
     proc, seconds = _torchrun(args, faults={"hang_rank": 1, "hang_step": 2})
     assert proc.returncode != 0 and seconds < 60, (seconds, proc.stderr[-3000:])
     lines = _rank_errors(proc.stderr)
-    assert any(line.startswith("error: rank 0 stops: a collective failed") for line in lines), \
-        proc.stderr[-3000:]
+    assert any(line.startswith("error: rank 0 stops: a collective failed") for line in lines), proc.stderr[
+        -3000:
+    ]
 
 
 @pytest.mark.slow
@@ -76,8 +92,15 @@ def test_checkpoint_write_failing_on_rank_0_stops_the_job(tmp_path):
 
     args = tiny_overrides(tmp_path / "run", steps=8, **{"checkpoint.every_steps": 2})
     start = time.monotonic()
-    proc = subprocess.run([*TORCHRUN, *main_command(), *args], capture_output=True, text=True, timeout=120,
-                          env=env(), cwd=ROOT, preexec_fn=limit_files)
+    proc = subprocess.run(
+        [*TORCHRUN, *main_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(),
+        cwd=ROOT,
+        preexec_fn=limit_files,
+    )
     seconds = time.monotonic() - start
     assert proc.returncode != 0 and seconds < 60, (seconds, proc.stderr[-3000:])
     lines = _rank_errors(proc.stderr)

@@ -49,9 +49,19 @@ def test_python_main_trains_and_writes_the_run_folder(tmp_path):
 
 
 def test_tiny_backbone_overfits_a_few_identities(tmp_path):
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=60, **{
-        "logging.every_steps": 10, "checkpoint.every_steps": 100, "schedule.warmup_steps": 5,
-        "data.synthetic.noise": 0.3}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "run",
+            steps=60,
+            **{
+                "logging.every_steps": 10,
+                "checkpoint.every_steps": 100,
+                "schedule.warmup_steps": 5,
+                "data.synthetic.noise": 0.3,
+            },
+        ),
+    )
     summary = train(cfg)
     rows = metrics(tmp_path / "run")
     assert rows[-1]["batch_acc"] >= 0.95, rows[-1]
@@ -74,9 +84,21 @@ def test_compiled_run_compiles_the_backbone_a_bounded_number_of_times(tmp_path):
 
     torch._dynamo.reset()
     run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides(run, steps=20, **{
-        "model.compile": "true", "model.compile_backend": "facetrain_counting_backend",
-        "head.margin": "sphereface", "head.m": 4, "head.s": 30.0, "head.impl": "chunked"}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            run,
+            steps=20,
+            **{
+                "model.compile": "true",
+                "model.compile_backend": "facetrain_counting_backend",
+                "head.margin": "sphereface",
+                "head.m": 4,
+                "head.s": 30.0,
+                "head.impl": "chunked",
+            },
+        ),
+    )
     summary = train(cfg)
     assert summary["step"] == 20 and summary["skipped_total"] == 0
     assert 1 <= len(graphs) <= 4, len(graphs)  # forward graph(s) of the backbone; not 20
@@ -89,8 +111,12 @@ def test_compiled_run_compiles_the_backbone_a_bounded_number_of_times(tmp_path):
 
 
 def test_unknown_compile_backend_is_one_line(tmp_path):
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", steps=2, **{
-        "model.compile": "true", "model.compile_backend": "no_such_backend"}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "run", steps=2, **{"model.compile": "true", "model.compile_backend": "no_such_backend"}
+        ),
+    )
     with pytest.raises(UserError, match="model.compile_backend='no_such_backend'"):
         train(cfg)
 

@@ -14,8 +14,12 @@ from trainer.main import main
 
 def _finite(path) -> bool:
     ckpt = load_checkpoint(path)
-    return all(bool(torch.isfinite(v).all()) for part in ("backbone_state", "head_state")
-               for v in ckpt[part].values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    return all(
+        bool(torch.isfinite(v).all())
+        for part in ("backbone_state", "head_state")
+        for v in ckpt[part].values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
 
 
 def _error_lines(err: str) -> list[str]:
@@ -25,8 +29,11 @@ def _error_lines(err: str) -> list[str]:
 def test_divergence_then_the_advised_rerun(tmp_path, capsys):
     """optim.lr=1e6 diverges; the rerun the message advises never continues the diverged state."""
     run = tmp_path / "run"
-    args = tiny_overrides(run, steps=10, **{"optim.max_nonfinite_in_row": 3, "checkpoint.every_steps": 2,
-                                            "logging.display": "plain"})
+    args = tiny_overrides(
+        run,
+        steps=10,
+        **{"optim.max_nonfinite_in_row": 3, "checkpoint.every_steps": 2, "logging.display": "plain"},
+    )
     assert main([*args, "optim.lr=1000000.0"]) == 3
     (line,) = _error_lines(capsys.readouterr().err)
     assert "training diverged" in line and "diverged-step-" in line and "never resumed from" in line

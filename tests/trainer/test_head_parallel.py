@@ -22,8 +22,15 @@ from trainer.main import main as train_main
 WORKER = ["-m", "tests._heads_sharded_worker"]  # a module: see tests/heads/test_sharded.py
 # 11 classes (not divisible by 2 or 3), 264 samples: a global batch of 48 gives 5 steps per epoch on
 # 1, 2 or 3 ranks; a low LR and noisy images keep the loss away from 0 (where ratios are meaningless)
-BASE = {"data.synthetic.classes": 11, "data.synthetic.per_class": 24, "data.synthetic.noise": 1.5,
-        "loader.batch_size": 24, "optim.lr": 0.01, "optim.clip_grad_norm": 5.0, "checkpoint.every_steps": 10}
+BASE = {
+    "data.synthetic.classes": 11,
+    "data.synthetic.per_class": 24,
+    "data.synthetic.noise": 1.5,
+    "loader.batch_size": 24,
+    "optim.lr": 0.01,
+    "optim.clip_grad_norm": 5.0,
+    "checkpoint.every_steps": 10,
+}
 
 
 def _train(world: int, run: Path, opts: dict, steps: int, **extra: object) -> subprocess.CompletedProcess:
@@ -56,9 +63,20 @@ def test_shard_trains_like_replicate(tmp_path: Path) -> None:
     last, logged = {}, {}
     for mode in ("replicate", "shard"):
         run = tmp_path / mode
-        err = _ok(_train(2, run, {"faults": {"dump_params": True}}, 4, **{
-            "head.parallel": mode, "optim.accumulate": 2, "optim.clip_grad_norm": 0.5,
-            "checkpoint.every_steps": 4}))
+        err = _ok(
+            _train(
+                2,
+                run,
+                {"faults": {"dump_params": True}},
+                4,
+                **{
+                    "head.parallel": mode,
+                    "optim.accumulate": 2,
+                    "optim.clip_grad_norm": 0.5,
+                    "checkpoint.every_steps": 4,
+                },
+            )
+        )
         last[mode] = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
         logged[mode] = [(r["loss"], r["batch_acc"]) for r in metrics(run) if "loss" in r]
         assert f"head: {mode}, {11 if mode == 'replicate' else 6} of 11 classes on this rank" in err
@@ -101,8 +119,15 @@ def test_resume_two_ranks_on_one_and_on_three(tmp_path: Path) -> None:
     for world, batch in ((1, 48), (3, 16)):
         run = tmp_path / f"on{world}"
         dump = tmp_path / f"loaded{world}.pt"
-        err = _ok(_train(world, run, {"dump_after_resume": str(dump), "record_step": 30}, 31, **{
-            "loader.batch_size": batch, "checkpoint.resume": str(saved_path)}))
+        err = _ok(
+            _train(
+                world,
+                run,
+                {"dump_after_resume": str(dump), "record_step": 30},
+                31,
+                **{"loader.batch_size": batch, "checkpoint.resume": str(saved_path)},
+            )
+        )
         assert "resumed from" in err and f"{world} process(es)" in err
         loaded = torch.load(dump, weights_only=True)
         assert loaded["num_classes"] == 11 and loaded["rows"].keys() == saved["rows"].keys()
@@ -119,8 +144,15 @@ def test_partial_fc_steps_only_the_sampled_centres(tmp_path: Path, capsys: pytes
     """One rank, head.parallel=shard, sample_rate 0.5 of 40 classes, batches of 8: after one step
     exactly 20 centres moved and have momentum; the other 20 are the initial centres, momentum 0."""
     run = tmp_path / "run"
-    extra = {**BASE, "data.synthetic.classes": 40, "data.synthetic.per_class": 4, "loader.batch_size": 8,
-             "head.parallel": "shard", "head.sample_rate": 0.5, "checkpoint.every_steps": 1}
+    extra = {
+        **BASE,
+        "data.synthetic.classes": 40,
+        "data.synthetic.per_class": 4,
+        "loader.batch_size": 8,
+        "head.parallel": "shard",
+        "head.sample_rate": 0.5,
+        "checkpoint.every_steps": 1,
+    }
     assert train_main(tiny_overrides(run, steps=1, **extra)) == 0
     assert "sample rate 0.5" in capsys.readouterr().err
     rows = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]["rows"]
@@ -142,8 +174,9 @@ def test_kill_9_of_one_rank_in_the_head_collectives_ends_the_job(tmp_path: Path)
     worker, ends rank 0 and names the cause; the gloo connection closes at once, and the process
     group's timeout (run.collective_timeout_s) bounds the wait of a rank whose peer stalls instead."""
     t0 = time.monotonic()
-    proc = _train(2, tmp_path / "run", {"kill_rank": 1, "kill_at_call": 3}, 20,
-                  **{"run.collective_timeout_s": 10})
+    proc = _train(
+        2, tmp_path / "run", {"kill_rank": 1, "kill_at_call": 3}, 20, **{"run.collective_timeout_s": 10}
+    )
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0 and elapsed < 120
     assert "Signal 9 (SIGKILL) received by PID" in proc.stderr and "rank      : 1" in proc.stderr

@@ -32,8 +32,14 @@ def reference(tmp_path_factory) -> Path:
 
 
 def _start(args: list[str], faults: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *main_command(faults), *args], env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *main_command(faults), *args],
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(path_test, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -92,8 +98,14 @@ def test_sigkill_mid_checkpoint_write_then_resume(tmp_path, reference):
     assert not list(ckdir.glob("*.tmp"))  # the resumed run cleaned the partial file away
 
 
-@pytest.mark.parametrize("args", [{"head.margin": "adaface"}, {"head.margin": "curricularface"},
-                                  {"head.margin": "curricularface", "head.subcenters": 3}])
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"head.margin": "adaface"},
+        {"head.margin": "curricularface"},
+        {"head.margin": "curricularface", "head.subcenters": 3},
+    ],
+)
 def test_sigkill_then_resume_restores_the_margins_running_state(tmp_path, args):
     """The running state (AdaFace's norm statistics, CurricularFace's t) is in every checkpoint and a
     killed run resumed from one ends with the uninterrupted run's state and loss, bit for bit (with

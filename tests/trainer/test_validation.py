@@ -26,8 +26,10 @@ def lfw(tmp_path_factory) -> Path:
 
 
 def _eval_lfw(checkpoint: Path, shards: Path, out: Path) -> dict:
-    assert lfw_main(["--checkpoint", str(checkpoint), "--shards", str(shards), "--json", str(out),
-                     "--quiet"]) == 0
+    assert (
+        lfw_main(["--checkpoint", str(checkpoint), "--shards", str(shards), "--json", str(out), "--quiet"])
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -50,14 +52,26 @@ def test_validator_equals_eval_lfw_and_keeps_the_model_mode(lfw, tmp_path):
 
 def test_training_logs_the_figure_eval_lfw_prints(lfw, tmp_path, capsys):
     run = tmp_path / "run"
-    args = tiny_overrides(run, steps=6, **{"validation.lfw_shards": str(lfw), "validation.every_steps": 3,
-                                           "validation.batch_size": 16})
+    args = tiny_overrides(
+        run,
+        steps=6,
+        **{"validation.lfw_shards": str(lfw), "validation.every_steps": 3, "validation.batch_size": 16},
+    )
     assert train_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     vals = [r for r in metrics(run) if "val_accuracy" in r]
     assert [r["step"] for r in vals] == [3, 6]
-    assert {"val_accuracy", "accuracy_std", "same_accuracy", "diff_accuracy", "auc", "tar_at_far_1e-3",
-            "threshold", "num_pairs", "val_seconds"} <= set(vals[-1])
+    assert {
+        "val_accuracy",
+        "accuracy_std",
+        "same_accuracy",
+        "diff_accuracy",
+        "auc",
+        "tar_at_far_1e-3",
+        "threshold",
+        "num_pairs",
+        "val_seconds",
+    } <= set(vals[-1])
     assert not [k for k in vals[-1] if k.startswith(("lfw_", "sets_"))]  # one set: no prefixes
     assert summary["best_accuracy"] == max(r["val_accuracy"] for r in vals)
     want = _eval_lfw(run / "checkpoints" / "last.pt", lfw, tmp_path / "last.json")
