@@ -1,4 +1,5 @@
-"""Run by tests/heads/test_sharded.py and tests/trainer/test_head_parallel.py under torchrun (gloo, CPU). Two modes:
+"""Run by tests/heads/test_sharded.py and tests/trainer/test_head_parallel.py under torchrun
+(gloo, CPU). Two modes:
 
 _heads_sharded_worker.py OUT
     the head checks: every rank builds the same global data, runs the single-process MarginHead
