@@ -75,6 +75,25 @@ def atomic_write(
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def checked_replace(path: Path | str) -> Iterator[Path]:
+    """Yield `<path>.tmp` for the caller to write and check; on a clean exit rename it onto `path`.
+
+    For outputs a command checks after writing (an export it runs): an exception inside the block
+    (the check failed) removes the temporary file and leaves the old `path`, if any, untouched.
+    """
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write it ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def atomic_write_text(path: Path | str, text: str, *, what: str = "file") -> Path:
     with atomic_write(path, "w", what=what) as f:
         f.write(text)

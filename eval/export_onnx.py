@@ -4,7 +4,9 @@
 
 The model's input spec (image size, layout, colour order, normalization) goes into the ONNX
 metadata. The export is run with onnxruntime on random inputs of two batch sizes against PyTorch;
-the max abs difference is printed and above --tolerance (1e-4) the command fails.
+the max abs difference is printed and above --tolerance (1e-4) the command fails. The file is
+written under a temporary name and replaces --out only once it has the asked opset and passed that
+check: a failed export never costs an existing good model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,11 @@ import numpy as np
 import torch
 
 from common.cli import CliParser, UserError, run_cli
-from common.fileio import atomic_write
+from common.fileio import atomic_write, checked_replace
 from models.load import add_model_arguments
 from models.model_file import INPUT_SPEC, load_embedding_model
 
+MIN_OPSET = 7  # the oldest opset torch.onnx knows; onnx.defs gives the newest
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 
@@ -49,7 +52,8 @@ def export(model: torch.nn.Module, spec: dict[str, Any], out: Path, opset: int =
     h, w = (int(v) for v in spec["image_size"])
     example = torch.zeros(2, 3, h, w)
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # exporter chatter off stdout
+    chatter = io.StringIO()
+    with warnings.catch_warnings(), redirect_stdout(chatter), redirect_stderr(chatter):  # exporter notes
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
         program = torch.onnx.export(
@@ -91,7 +95,11 @@ def max_abs_diff(
     """(largest |PyTorch - onnxruntime|, largest |PyTorch output|) over random inputs in [-1, 1]."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except RuntimeError as err:  # onnxruntime's Fail / InvalidGraph / NotImplemented (an opset it lacks)
+        first = (str(err).strip().splitlines() or ["no reason given"])[0]
+        raise UserError(f"{onnx_path}: onnxruntime cannot load the export ({first})") from None
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     scale = 0.0
@@ -117,6 +125,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         ) from None
     if not batches or min(batches) < 1:
         raise UserError(f"--check-batches: batch sizes must be positive, got {args.check_batches!r}")
+    newest = onnx_newest_opset()
+    if not MIN_OPSET <= args.opset <= newest:
+        raise UserError(f"--opset {args.opset}: the exporter writes opsets {MIN_OPSET} to {newest}")
     model, spec = load_embedding_model(args.model)
     image_size = (int(spec["image_size"][0]), int(spec["image_size"][1]))
     print(
@@ -124,26 +135,47 @@ def run(argv: Sequence[str] | None = None) -> int:
         f"from {args.model}",
         file=sys.stderr,
     )
-    export(model, spec, args.out, args.opset)
-    diff, scale = max_abs_diff(model, args.out, image_size, batches)
-    # The output scale says how much the absolute figure means (an untrained net can output ~1e-8).
-    print(
-        json.dumps(
-            {
-                "onnx": str(args.out),
-                "max_abs_diff": diff,
-                "max_abs_output": scale,
-                "batches": batches,
-                "tolerance": args.tolerance,
-            }
+    with checked_replace(args.out) as tmp:
+        export(model, spec, tmp, args.opset)
+        written = file_opset(tmp)
+        if written != args.opset:  # the exporter falls back to its own opset when it cannot convert
+            raise UserError(
+                f"--opset {args.opset}: this model cannot be exported at that opset (the exporter "
+                f"made opset {written}); {args.out} not written"
+            )
+        diff, scale = max_abs_diff(model, tmp, image_size, batches)
+        # The output scale says how much the absolute figure means (an untrained net can output ~1e-8).
+        print(
+            json.dumps(
+                {
+                    "onnx": str(args.out),
+                    "max_abs_diff": diff,
+                    "max_abs_output": scale,
+                    "batches": batches,
+                    "tolerance": args.tolerance,
+                }
+            )
         )
-    )
-    if not diff <= args.tolerance:  # also catches NaN
-        raise UserError(
-            f"{args.out}: onnxruntime differs from PyTorch by {diff:.3g} "
-            f"(> {args.tolerance:g}); the export is not faithful"
-        )
+        if not diff <= args.tolerance:  # also catches NaN
+            raise UserError(
+                f"{args.out}: onnxruntime differs from PyTorch by {diff:.3g} "
+                f"(> {args.tolerance:g}); the export is not faithful, not written"
+            )
     return 0
+
+
+def onnx_newest_opset() -> int:
+    import onnx.defs
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def file_opset(path: Path) -> int | None:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    imports = onnx.load(str(path), load_external_data=False).opset_import
+    return next((int(i.version) for i in imports if i.domain in ("", "ai.onnx")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

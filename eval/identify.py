@@ -49,6 +49,7 @@ from eval.identification.faces import (
 )
 from eval.identification.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
 from eval.identification.outputs import Outputs
+from eval.verification.metrics import NonFiniteEmbeddings, check_finite
 from models.load import add_model_arguments
 from preprocess.detect import pick_face
 
@@ -108,6 +109,10 @@ def enrol(args: argparse.Namespace) -> int:
     if not crops:
         raise UserError(f"{args.gallery}: no face could be enrolled from {len(photos)} photos")
     embeddings = embed_crops(model.embed, crops, flip=not args.no_flip)
+    try:
+        check_finite(embeddings, {path: row for row, path in enumerate(paths)})
+    except NonFiniteEmbeddings as err:
+        raise UserError(f"{args.model}: {err}; no gallery written") from None
     person = np.asarray(person_of, dtype=np.int64)
     gallery = Gallery(
         list(people),

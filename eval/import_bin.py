@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -32,6 +34,7 @@ import cv2
 import numpy as np
 
 from common.cli import CliParser, UserError, run_cli
+from common.fileio import fsync_dir, tmp_path_for
 from eval.verification.pairsets import contiguous_folds
 from shards.format import FORMAT_NAME, FORMAT_VERSION, scaled_template
 from shards.manifest import MANIFEST_NAME, Pair, ShardInfo, write_manifest
@@ -193,24 +196,61 @@ def identity_labels(issame: np.ndarray) -> np.ndarray:
     return np.array([first.setdefault(root(i), len(first)) for i in range(len(parent))], dtype=np.int64)
 
 
-def _clear(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that cannot take the shards, before anything is written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: folder is not empty (pass --overwrite to replace its shards)")
-        for p in out.iterdir():
-            if p.is_file() and (p.suffix in (".tar", ".idx", ".tmp") or p.name == MANIFEST_NAME):
-                p.unlink()
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: folder is not empty (pass --overwrite to replace its shards)")
+
+
+def _is_shard_file(path: Path) -> bool:
+    return path.is_file() and (path.suffix in (".tar", ".idx", ".tmp") or path.name == MANIFEST_NAME)
+
+
+def _publish(staged: Path, out: Path) -> None:
+    """Move the complete set from `staged` into `out`, replacing the old shards: the manifest last, so
+    `out` holds a manifest only once every shard it lists is there."""
     out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():
+        if _is_shard_file(p):
+            p.unlink()
+    files = sorted(staged.iterdir(), key=lambda p: p.name == MANIFEST_NAME)
+    for p in files:
+        os.replace(p, out / p.name)
+    fsync_dir(out)
 
 
 def import_pack(
     pack: Path, out: Path, name: str, *, overwrite: bool = False, command: str = ""
 ) -> dict[str, Any]:
-    """Write OUT/<name>-NNNNNN.tar shards and a manifest with the pairs; returns a summary."""
+    """Write OUT/<name>-NNNNNN.tar shards and a manifest with the pairs; returns a summary.
+
+    The set is written into `<out>.tmp` and moved into `out` only once complete: a pack that fails
+    half-way (an image that does not decode) leaves `out` as it was."""
     images, issame = read_pack(pack)
-    _clear(out, overwrite)
+    if len(issame) < NUM_FOLDS:
+        raise UserError(
+            f"{pack}: {len(issame)} pairs, fewer than the {NUM_FOLDS} folds of the protocol; nothing written"
+        )
+    _check_out(out, overwrite)
+    staged = tmp_path_for(out.resolve())  # a sibling folder: "." has no name of its own
+    shutil.rmtree(staged, ignore_errors=True)  # a leftover of a killed run
+    try:
+        staged.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"{staged}: cannot create the folder ({err.strerror or err})") from None
+    try:
+        summary = _write_set(images, issame, pack, staged, name, command)
+        _publish(staged, out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return {"out": str(out), **summary}
+
+
+def _write_set(
+    images: list[bytes], issame: np.ndarray, pack: Path, out: Path, name: str, command: str
+) -> dict[str, Any]:
     labels = identity_labels(issame)
     keys = [f"{name}__{i:06d}" for i in range(len(images))]
     classes = [f"{name}-{k:06d}" for k in range(int(labels.max()) + 1)]
@@ -277,7 +317,6 @@ def import_pack(
         },
     )
     return {
-        "out": str(out),
         "name": name,
         "images": len(images),
         "pairs": len(pairs),

@@ -123,8 +123,19 @@ class ModelFile:
         value = self.metrics.get("threshold", self.metrics.get("lfw_threshold"))
         return as_threshold(value)
 
+    def check_finite(self) -> None:
+        """UserError when any weight is NaN or infinite: what a diverged run saves. Every command
+        that reads a model builds it here, so none writes a gallery or an export from such weights."""
+        bad = [k for k, v in self.state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise UserError(
+                f"{self.path}: {len(bad)} of {len(self.state)} weight tensors are NaN or infinite "
+                f"(first: {bad[0]!r}); the run that saved it diverged"
+            )
+
     def build(self, map_location: str | torch.device = "cpu") -> nn.Module:
-        """The backbone the spec describes with these weights, on `map_location`, eval mode."""
+        """The backbone the spec describes with these weights (all finite), on `map_location`, eval mode."""
+        self.check_finite()
         spec, path = self.spec, self.path
         try:
             model = build_backbone(

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.cli import UserError
 from common.fileio import atomic_write_bytes
+from eval.verification.metrics import NonFiniteEmbeddings, check_finite
 
 FORMAT, VERSION = "facetrain-gallery", 1
 _KEYS = (
@@ -123,6 +124,10 @@ def load_gallery(path: Path) -> Gallery:
         or (len(person) and (person.min() < 0 or person.max() >= len(templates)))
     ):
         raise UserError(f"{path}: inconsistent gallery arrays (names, templates, embeddings, photo_person)")
+    try:  # a gallery enrolled before enrol refused NaN: every search on it would say "unknown"
+        check_finite(templates, {name: row for row, name in enumerate(arrays["names"].tolist())})
+    except NonFiniteEmbeddings as err:
+        raise UserError(f"{path}: templates: {err}; enrol again with a working model") from None
     size = tuple(int(v) for v in arrays["image_size"])
     model = ModelInfo(str(arrays["model_architecture"]), str(arrays["model_fingerprint"]), size)  # type: ignore[arg-type]
     skipped = list(zip(arrays["skipped_paths"].tolist(), arrays["skipped_reasons"].tolist()))

@@ -13,7 +13,7 @@ import torch
 
 from eval import export_onnx
 from eval.lfw import main as lfw_main
-from models.model_file import load_embedding_model
+from models.model_file import load_embedding_model, save_embedding_checkpoint
 from tests._eval_util import build_lfw_shards, make_checkpoint, one_line_error
 
 
@@ -49,7 +49,7 @@ def test_export_reports_and_fails_on_mismatch(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    ckpt, _ = exported
+    ckpt, good = exported
     other = make_checkpoint(tmp_path / "other.pt", seed=4)
     real_export = export_onnx.export
 
@@ -57,11 +57,62 @@ def test_export_reports_and_fails_on_mismatch(
         real_export(load_embedding_model(other)[0], spec, out, opset)  # a different network's weights
 
     monkeypatch.setattr(export_onnx, "export", export_other)
-    code = export_onnx.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "bad.onnx")])
+    out = tmp_path / "bad.onnx"
+    out.write_bytes(good.read_bytes())  # a good model from before: a failed export must not replace it
+    code = export_onnx.main(["--checkpoint", str(ckpt), "--out", str(out)])
     err = capsys.readouterr()
     report = json.loads(err.out.strip().splitlines()[-1])
     assert report["max_abs_diff"] > 1e-4
-    one_line_error(code, err.err, str(tmp_path / "bad.onnx"), "differs from PyTorch")
+    one_line_error(code, err.err, str(out), "differs from PyTorch", "not written")
+    assert out.read_bytes() == good.read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.onnx",
+        "other.pt",
+    ]
+
+
+def _nan_checkpoint(good: Path, path: Path) -> Path:
+    """What a diverged run saves: the same layout, every float weight NaN."""
+    ckpt = torch.load(good, weights_only=True)
+    state = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in ckpt["backbone_state"].items()
+    }
+    save_embedding_checkpoint(path, ckpt["model"], state)
+    return path
+
+
+def test_a_nan_checkpoint_is_refused_and_an_existing_export_kept(
+    exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, good = exported
+    nan = _nan_checkpoint(ckpt, tmp_path / "nan.pt")
+    fresh, existing = tmp_path / "fresh.onnx", tmp_path / "existing.onnx"
+    existing.write_bytes(good.read_bytes())
+    for out in (fresh, existing):
+        code = export_onnx.main(["--checkpoint", str(nan), "--out", str(out)])
+        captured = capsys.readouterr()
+        one_line_error(code, captured.err, str(nan), "weight tensors are NaN or infinite")
+        assert captured.out == ""
+    assert not fresh.exists() and existing.read_bytes() == good.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.onnx", "nan.pt"]
+
+
+def test_an_opset_the_exporter_cannot_honour_is_refused_and_nothing_written(
+    exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, good = exported
+    out = tmp_path / "model.onnx"
+    for opset in (6, 99):  # outside what torch.onnx / onnx know: refused before the model is read
+        code = export_onnx.main(["--checkpoint", str(ckpt), "--out", str(out), "--opset", str(opset)])
+        one_line_error(code, capsys.readouterr().err, f"--opset {opset}", "the exporter writes opsets 7 to")
+        assert not out.exists()
+    # In range, but the exporter cannot convert this network to it and falls back to its own opset.
+    out.write_bytes(good.read_bytes())
+    code = export_onnx.main(["--checkpoint", str(ckpt), "--out", str(out), "--opset", "13"])
+    captured = capsys.readouterr()
+    one_line_error(code, captured.err, "--opset 13", "cannot be exported at that opset", "not written")
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 2  # + "exporting"
+    assert out.read_bytes() == good.read_bytes() and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def test_lfw_onnx_gives_the_checkpoint_accuracy(

@@ -308,3 +308,50 @@ def test_lfw_identification_with_the_reference_model(tmp_path: Path) -> None:
 # Measured with `python bench/identify.py lfw --model reference.pt` (flip on): rank-1 0.9578, rank-5
 # 0.9884, open-set rate 0.759 at FAR 1% (threshold 0.587) and 0.322 at FAR 0.1%; 512 s on 2 cores.
 RANK1_MEASURED = 0.9578
+
+
+def _nan_model(path: Path) -> Path:
+    """What a diverged run saves: the same layout, every float weight NaN."""
+    torch.manual_seed(0)
+    net = build_backbone("tiny", 64, (112, 112))
+    state = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in net.state_dict().items()
+    }
+    spec = {"backbone": "tiny", "embedding_size": 64, "image_size": [112, 112]}
+    save_embedding_checkpoint(path, spec, state)
+    return path
+
+
+def test_enrol_with_a_nan_model_is_refused_and_writes_no_gallery(
+    enrolled: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    out = tmp_path / "GALLERY.npz"
+    nan = _nan_model(tmp_path / "nan.pt")
+    argv = ["enrol", "--gallery", str(enrolled["gallery"]), "--out", str(out), "--workers", "0", "--model"]
+    err = _one_line_error([*argv, str(nan)], capsys)
+    assert str(nan) in err and "NaN or infinite" in err and "weight tensors" in err
+    assert not out.exists()
+    # A model whose weights are finite but whose embeddings are not (an ONNX file, an overflow).
+    from eval import identify
+
+    monkeypatch.setattr(identify, "embed_crops", lambda *a, **k: np.full((3, 64), np.nan, np.float32))
+    code = run_cli(main, [*argv, str(enrolled["model"])])  # the gallery's bad photos warn first
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and all(line.startswith("warning: ") for line in lines[:-1]), lines
+    err = lines[-1]
+    assert "3 of 3 embeddings are NaN or infinite" in err and "no gallery written" in err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_search_on_a_gallery_of_nan_templates_is_refused_in_one_line(
+    enrolled: dict[str, Path], people, tmp_path: Path, capsys
+) -> None:
+    with np.load(enrolled["npz"], allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["templates"] = np.full_like(arrays["templates"], np.nan)
+    bad = tmp_path / "nan_gallery.npz"
+    np.savez(bad, **arrays)
+    model = str(enrolled["model"])
+    err = _one_line_error(["search", "--gallery", str(bad), "--model", model, str(people["ana"][0])], capsys)
+    assert str(bad) in err and "2 of 2 embeddings are NaN or infinite (first: 'ana')" in err

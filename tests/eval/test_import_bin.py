@@ -159,3 +159,37 @@ def test_out_must_be_empty_unless_overwrite(tmp_path: Path) -> None:
         import_bin.run(["--bin", str(pack), "--out", str(out)])
     assert main(["--bin", str(pack), "--out", str(out), "--overwrite"]) == 0
     assert load_manifest(out, verify="sha256").num_samples == 2 * N_PAIRS
+
+
+def _one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_fewer_pairs_than_folds_is_refused_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pack = _write(tmp_path / "tiny.bin", (_images(2 * 9), _issame(9)), 4)
+    out = tmp_path / "s"
+    err = _one_line(["--bin", str(pack), "--out", str(out)], capsys)
+    assert str(pack) in err and "9 pairs, fewer than the 10 folds" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.bin"]
+
+
+def test_a_pack_that_fails_half_way_leaves_the_old_set_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = _write(tmp_path / "lfw.bin", (_images(2 * N_PAIRS), _issame()), 4)
+    out = tmp_path / "s"
+    assert main(["--bin", str(good), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    images = _images(2 * N_PAIRS)
+    images[30] = b"not an image"
+    bad = _write(tmp_path / "bad.bin", (images, _issame()), 4)
+    err = _one_line(["--bin", str(bad), "--out", str(out), "--overwrite", "--name", "lfw"], capsys)
+    assert "image 30 does not decode" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # shards and manifest as they were
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.bin", "lfw.bin", "s"]  # no staging left
+    assert load_manifest(out, verify="sha256").num_samples == 2 * N_PAIRS
