@@ -17,6 +17,7 @@ def init_backbone(backbone: nn.Module, spec: dict[str, Any], path: str) -> None:
     where = f"model.init_from={path}"
     try:
         model_file = read_model_file(path)
+        model_file.check_finite()  # a diverged run's weights would start this run diverged
     except UserError as err:
         raise UserError(f"model.init_from: {err}") from None
     theirs = model_file.spec

@@ -18,6 +18,7 @@ from eval.import_insightface import ARCHS, convert, fitting_archs
 from eval.import_insightface import main as import_main
 from models.backbones import build_backbone
 from models.load import load_model
+from models.model_file import save_embedding_checkpoint
 from tests._insightface_util import FIXTURE, fixed_input, their_state
 from tests._trainer_util import backbone_state, metrics, run_main, tiny_overrides
 from trainer.config import OptimConfig, ScheduleConfig
@@ -215,6 +216,17 @@ def test_init_from_a_training_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     start, saved = backbone_state(second / "checkpoints" / "untrained.pt"), backbone_state(trained)
     assert all(torch.equal(start[k], saved[k]) for k in saved)
+    # a diverged run's file (NaN weights) is refused in one line, before any step
+    ckpt = torch.load(trained, weights_only=True)
+    nan_state = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in saved.items()
+    }
+    nan = tmp_path / "diverged.pt"
+    save_embedding_checkpoint(nan, ckpt["model"], nan_state)
+    proc = run_main(tiny_overrides(tmp_path / "third", steps=2, **{"model.init_from": str(nan)}))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "model.init_from" in lines[0] and "NaN or infinite" in lines[0]
 
 
 def test_init_from_another_arch_is_one_line(imported_mbf, tmp_path):
