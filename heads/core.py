@@ -178,6 +178,12 @@ def inv_norms(weight: Tensor) -> Tensor:
     return 1.0 / torch.linalg.vector_norm(weight, dim=1, dtype=dtype).clamp_min(1e-12)
 
 
+def engine_inv_norms(engine: Engine, weight: Tensor) -> Tensor:
+    """1 / |w_j| for a head's forward: an engine that makes its own copy of W (fused) supplies them from
+    the same pass, so W is read once; otherwise computed here."""
+    return getattr(engine, "inv_norms", inv_norms)(weight)
+
+
 def target_cosines(xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, subcenters: int = 1) -> Tensor:
     """c_y: each row's cosine with its class; with K sub-centers (class j's rows j K .. j K + K - 1 of
     weight) the largest of its class's K cosines (autograd-free: the engines route its gradient)."""
@@ -221,8 +227,7 @@ class _HeadFn(torch.autograd.Function):
         state: dict[str, Tensor],
         training: bool,
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        # an engine that makes its own copy of W supplies the norms from the same pass (W read once)
-        rw = getattr(engine, "inv_norms", inv_norms)(weight)
+        rw = engine_inv_norms(engine, weight)
         c_y = target_cosines(xn, weight, rw, labels, engine.subcenters)
         p, psi, t = target_terms(margin, c_y, norms, state, training, step, t)
         lse_other, max_other = engine.forward(xn, weight, rw, labels, psi, s, t)

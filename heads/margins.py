@@ -69,8 +69,9 @@ class Margin:
         return torch.ones_like(c)
 
     def dpsi_dp(self, c: Tensor, step: int, p: Tensor) -> Tensor:
-        """d psi / d p, for a margin with `norm_gradient` (p the norms)."""
-        raise NotImplementedError(self.name)
+        """d psi / d p, read only for a margin with `norm_gradient` (p the norms); psi here does not
+        depend on p."""
+        return torch.zeros_like(c)
 
     def hard_t(self, state: dict[str, Tensor]) -> Tensor | None:
         """CurricularFace's t (0-d): non-target cosines above psi of their row become c (t + c)."""

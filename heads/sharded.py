@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.core import Engine, backward_through_engine, inv_norms, target_terms
+from heads.core import Engine, backward_through_engine, engine_inv_norms, target_terms
 from heads.margin_head import HeadBase, init_centres
 from heads.margins import Margin
 from heads.options import HeadOptions
@@ -152,7 +152,7 @@ class _ShardedFn(torch.autograd.Function):
         training: bool,
         group,
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        rw = inv_norms(weight)
+        rw = engine_inv_norms(engine, weight)
         own = labels >= 0
         y = labels.clamp_min(0)
         c_own = (xn * weight[y].to(xn.dtype)).sum(1) * rw[y].to(xn.dtype)

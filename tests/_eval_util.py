@@ -16,6 +16,18 @@ from shards.writer import ShardWriter
 
 NAMES = [f"Person_{c}" for c in "ABCDEFGHIJKL"]  # 12 identities x 3 images
 SIZE = (112, 112)
+# the Metrics JSON of docs/CONTRACTS.md, as every evaluator writes it
+METRIC_KEYS = {
+    "accuracy_mean",
+    "accuracy_std",
+    "same_accuracy",
+    "diff_accuracy",
+    "auc",
+    "threshold",
+    "tar_at_far_1e-3",
+    "num_pairs",
+    "seconds",
+}
 
 
 def _face(rng: np.random.Generator, ident: int) -> np.ndarray:

@@ -21,20 +21,9 @@ from eval.verification.pairsets import set_pairs
 from eval.verification.shard_faces import read_jpeg, sample_table, shard_jpegs
 from models.model_file import load_embedding_model
 from shards.manifest import load_manifest, write_manifest
-from tests._eval_util import SIZE, build_lfw_shards, make_checkpoint, one_line_error
+from tests._eval_util import METRIC_KEYS, SIZE, build_lfw_shards, make_checkpoint, one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
-METRIC_KEYS = {
-    "accuracy_mean",
-    "accuracy_std",
-    "same_accuracy",
-    "diff_accuracy",
-    "auc",
-    "threshold",
-    "tar_at_far_1e-3",
-    "num_pairs",
-    "seconds",
-}
 LFW_KEYS = {"fold_accuracies", "fold_thresholds", "flip", "model", "shards"}  # lfw.py's own, since its start
 LINE = re.compile(
     r"^LFW ACC: \d\.\d{4} \+- \d\.\d{4}  \(same: \d\.\d{4}, diff: \d\.\d{4}\)  "

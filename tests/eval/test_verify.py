@@ -25,20 +25,10 @@ from models.model_file import save_embedding_checkpoint
 from shards.format import FORMAT_NAME, FORMAT_VERSION, sample_key, scaled_template
 from shards.manifest import Pair, load_manifest, write_manifest
 from shards.writer import ShardWriter
+from tests._eval_util import METRIC_KEYS
 
 SIZE = (112, 96)
 NAMES = [f"Person_{c}" for c in "ABCDEFGHIJ"]  # 10 identities x 3 images
-METRIC_KEYS = {
-    "accuracy_mean",
-    "accuracy_std",
-    "same_accuracy",
-    "diff_accuracy",
-    "auc",
-    "threshold",
-    "tar_at_far_1e-3",
-    "num_pairs",
-    "seconds",
-}
 
 
 def _key(name: str, i: int) -> str:
