@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heads.core import Engine, backward_through_engine, engine_inv_norms, target_terms
-from heads.margin_head import HeadBase, init_centres
+from heads.margin_head import HeadBase
 from heads.margins import Margin
 from heads.options import HeadOptions
 from heads.reference import focal
@@ -54,7 +54,6 @@ from heads.reference import focal
 __all__ = [
     "ShardedMarginHead",
     "class_range",
-    "init_centres",
     "sample_classes",
     "sampled_rows",
     "gather_class_state",

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from heads import HeadOptions, MarginHead
 from heads.chunked import ChunkedEngine
 from heads.core import head_rows
+from heads.margin_head import init_centres
 from heads.margins import ArcFace, Combined, CosFace, SphereFace, build_margin
 from heads.reference import focal
-from heads.sharded import ShardedMarginHead, init_centres
+from heads.sharded import ShardedMarginHead
 from tests._heads_util import MARGINS, make_data
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from heads.sharded import init_centres
+from heads.margin_head import init_centres
 from models.model_file import load_embedding_model
 from tests._trainer_util import ROOT, env, metrics, tiny_overrides
 from trainer.main import main as train_main
