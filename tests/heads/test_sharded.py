@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from heads.margin_head import init_centres
 from heads.sharded import (
     ShardedMarginHead,
     class_range,
     head_bytes,
-    init_centres,
     load_class_state,
     sample_classes,
     sampled_rows,
