@@ -13,33 +13,48 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "trainer" / "main.py"
+SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # every config the project ships
 
 
-def tiny_overrides(run_dir: Path, steps: int = 12, **extra: object) -> list[str]:
-    """A run of a few seconds: 8 synthetic identities at 32x32, tiny backbone of width 8."""
-    base = {
+def cpu_run(run_dir: Path, steps: int) -> dict[str, object]:
+    """Overrides that run any config `steps` steps in seconds on the CPU and leave its recipe (model,
+    head, optimizer, schedule) alone: 8 synthetic identities x 8 images at 32x32, batch 16, fp32,
+    not compiled, in `run_dir`."""
+    return {
         "data.source": "synthetic",
         "data.synthetic.classes": 8,
         "data.synthetic.per_class": 8,
         "data.synthetic.image_size": "[32,32]",
+        "loader.batch_size": 16,
+        "schedule.steps": steps,
+        "model.compile": "false",
+        "precision.dtype": "fp32",
+        "run.dir": str(run_dir),
+        "run.devices": "cpu",
+    }
+
+
+def as_overrides(values: dict[str, object]) -> list[str]:
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def tiny_overrides(run_dir: Path, steps: int = 12, **extra: object) -> list[str]:
+    """A run of a few seconds: `cpu_run` with the tiny backbone of width 8 and a plain recipe."""
+    base = {
+        **cpu_run(run_dir, steps),
         "model.backbone": "tiny",
         "model.embedding_size": 32,
         "model.kwargs.width": 8,
         "model.channels_last": "false",
-        "loader.batch_size": 16,
-        "schedule.steps": steps,
         "schedule.warmup_steps": 0,
         "optim.lr": 0.1,
         "head.s": 30.0,
         "head.m": 0.2,
         "logging.every_steps": 1,
         "checkpoint.every_steps": 4,
-        "precision.dtype": "fp32",
-        "run.dir": str(run_dir),
-        "run.devices": "cpu",
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return as_overrides(base)
 
 
 def env() -> dict[str, str]:

@@ -13,6 +13,7 @@ import yaml
 from common import settings
 from common.cli import UserError
 from common.settings import Range
+from tests._trainer_util import SHIPPED_CONFIGS
 from trainer.config import TrainConfig, from_dict, load_config, save_resolved, to_dict
 from trainer.main import main
 
@@ -82,19 +83,9 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
         load_config(path)  # a misspelt old flat name: the nearest key inside the section's sections
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "demo_cpu",
-        "mobilefacenet_cosface_vggface2",
-        "ir50_arcface_vggface2",
-        "ir100_adaface_ms1mv3",
-        "ir100_magface_ms1mv3",
-        "ir100_curricularface_ms1mv3",
-    ],
-)
-def test_shipped_configs_load_and_round_trip(name, tmp_path):
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path)
     save_resolved(cfg, tmp_path / "config.yaml")
     again = from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert to_dict(again) == to_dict(cfg)
