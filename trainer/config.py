@@ -648,6 +648,21 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
         raise UserError(f"{src.where('run.dir')}: 'run.dir' {run_dir} is a file, not a folder")
 
 
+def recipe_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that load and run but are known to train badly: one warning line each (the trainer
+    logs them at the start; `check` refuses only what cannot run)."""
+    lines = []
+    # the registered face ViTs are vit_t, vit_s, vit_b, vit_l (models/backbones/vit.py)
+    if cfg.model.backbone.startswith("vit") and cfg.optim.name == "sgd":
+        lines.append(
+            f"warning: model.backbone={cfg.model.backbone} with optim.name=sgd: vision transformers "
+            "stall or go NaN with SGD at a CNN's learning rate (insightface issues #2144, #2537); the "
+            "published recipe is AdamW (lr 1e-3, weight decay 0.1) with a warm-up: "
+            "configs/webface42m_vit_b.yaml"
+        )
+    return lines
+
+
 def _plain(value: Any) -> Any:
     """Tuples as lists, recursively: what yaml.safe_dump writes and the loader reads back."""
     if isinstance(value, dict):

@@ -42,7 +42,7 @@ from trainer.checkpoint import (
     training_checkpoint,
     unusable_reason,
 )
-from trainer.config import TrainConfig, head_kwargs, save_resolved, to_dict
+from trainer.config import TrainConfig, head_kwargs, recipe_warnings, save_resolved, to_dict
 from trainer.hooks import FinishedRun, TrainerHooks
 from trainer.init_from import init_backbone
 from trainer.metrics import MetricsLogger
@@ -542,6 +542,8 @@ class Trainer:
                 p.head, p.parallel, p.optimizer, cfg.loader.batch_size, info.world_size, info.backend
             )
         )
+        for line in recipe_warnings(cfg):
+            self.log.message(line)
         if cfg.checkpoint.save_untrained and self.state.step == 0:
             self.save_checkpoint(False, {}, name="untrained.pt")
         self.train_module.train()
