@@ -1,8 +1,8 @@
 """Every shipped config (configs/*.yaml, globbed: a new one is covered) loads as shipped, builds its
 backbone at full size, and trains two steps at reduced size on the CPU with its own recipe: the same
 backbone family, margin, head options (Partial FC sample rate, parallel mode), optimizer and schedule.
-Only what the CPU cannot hold changes: synthetic data, the backbone's width (and a ViT's depth),
-batch 8, fp32, no compile. The warning for a ViT trained with SGD is tested at the end."""
+Only what the CPU cannot hold changes: synthetic data, the backbone's width and depth, batch 8,
+fp32, no compile. The warning for a ViT trained with SGD is tested at the end."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def reduced_kwargs(backbone: str) -> dict[str, object]:
 @pytest.fixture
 def one_thread():
     """Tensors this small gain nothing from threads, and on a loaded machine a second intra-op
-    thread only waits for a core (this file runs 3x slower with two)."""
+    thread only waits for a core (this file ran several times slower with two)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
