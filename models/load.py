@@ -23,7 +23,7 @@ import argparse
 import hashlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from common.cli import UserError, cpu_count
-from models.model_file import as_threshold, read_model_file
+from models.model_file import INPUT_SPEC, as_threshold, read_model_file
 
 # float32 NCHW batch (normalized as docs/CONTRACTS.md says: "Model input") -> (N, D) float32 embeddings
 EmbedFn = Callable[[torch.Tensor], np.ndarray]
@@ -65,6 +65,9 @@ class LoadedModel:
     threshold: float | None  # the verification threshold a checkpoint's validation stored
     module: nn.Module | None  # the PyTorch network (checkpoints only)
     runtime: str = "torch"  # "torch", "onnxruntime" or "openvino"
+    # The input contract's entries (INPUT_SPEC's keys) the file states: all of them for a checkpoint
+    # (its format fixes them), those a model file's metadata records (none for a foreign ONNX file)
+    input_spec: dict[str, str] = field(default_factory=lambda: dict(INPUT_SPEC))
 
     @property
     def name(self) -> str:
@@ -93,6 +96,15 @@ class LoadedModel:
         """UserError unless the model takes faces of `size` (what `holder`, e.g. "the shards in X", holds)."""
         if tuple(size) != self.image_size:
             raise UserError(f"{self.path}: model takes {self.image_size} faces, {holder} hold {tuple(size)}")
+
+    def check_input_spec(self, holder: str) -> None:
+        """UserError when the file states an input contract other than INPUT_SPEC, which `holder`
+        (e.g. "the training data") follows; a file that states none is taken to follow it, as every
+        evaluator takes it."""
+        differs = [f"{k} {v!r}" for k, v in self.input_spec.items() if v != INPUT_SPEC[k]]
+        if differs:
+            wanted = ", ".join(f"{k} {INPUT_SPEC[k]!r}" for k in INPUT_SPEC)
+            raise UserError(f"{self.path}: model input is {', '.join(differs)}; {holder} is {wanted}")
 
 
 def model_kind(path: Path) -> str:
@@ -238,7 +250,7 @@ def _load_onnx(
     def run(images: torch.Tensor) -> np.ndarray:
         return np.asarray(sess.run(None, {name: images.numpy().astype(np.float32, copy=False)})[0])
 
-    return LoadedModel(path, "onnx", run, *info, None, "onnxruntime")
+    return LoadedModel(path, "onnx", run, *info, None, "onnxruntime", _recorded_input_spec(meta))
 
 
 def _load_openvino(
@@ -290,7 +302,12 @@ def _load_openvino(
         batch = np.ascontiguousarray(images.numpy(), dtype=np.float32)
         return np.array(requests.request.infer({0: batch})[0], dtype=np.float32)
 
-    return LoadedModel(path, kind, run, *info, None, "openvino")
+    return LoadedModel(path, kind, run, *info, None, "openvino", _recorded_input_spec(meta))
+
+
+def _recorded_input_spec(meta: Mapping[str, str]) -> dict[str, str]:
+    """The entries of the input contract (INPUT_SPEC's keys) that a model file's metadata records."""
+    return {k: str(meta[k]) for k in INPUT_SPEC if k in meta}
 
 
 def _rt_info_metadata(network: object) -> dict[str, str]:

@@ -57,6 +57,18 @@ def tiny_overrides(run_dir: Path, steps: int = 12, **extra: object) -> list[str]
     return as_overrides(base)
 
 
+def teacher_file(path: Path, embedding_size: int = 32, size: int = 32, seed: int = 0) -> Path:
+    """An untrained tiny backbone (width 8) saved as an embedding-model file: a distill.teacher."""
+    from models.backbones import build_backbone
+    from models.model_file import save_embedding_checkpoint
+
+    torch.manual_seed(seed)
+    backbone = build_backbone("tiny", embedding_size, (size, size), width=8)
+    spec = {"backbone": "tiny", "embedding_size": embedding_size, "image_size": [size, size]}
+    save_embedding_checkpoint(path, {**spec, "kwargs": {"width": 8}}, backbone.state_dict())
+    return path
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})

@@ -99,8 +99,10 @@ def training_checkpoint(
     rngs: list[dict[str, Any]],
     config: dict[str, Any],
     metrics: Mapping[str, Any],
+    teacher: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The whole training checkpoint: `parts` maps each of STATE_KEYS to its component."""
+    """The whole training checkpoint: `parts` maps each of STATE_KEYS to its component; `teacher`
+    the distillation teacher's path and sha256 (trainer/distill.py), None without one."""
     extra: dict[str, Any] = {key: parts[key].state_dict() for key in STATE_KEYS}
     extra.update(
         {
@@ -109,6 +111,7 @@ def training_checkpoint(
             "data_position": {"epoch": state.epoch, "batch": state.batch_in_epoch},
             "rng": {"per_rank": rngs},
             "config": config,
+            "teacher": dict(teacher) if teacher is not None else None,
             "metrics": {
                 "best_accuracy": state.best_accuracy,
                 "skipped_total": state.skipped_total,

@@ -221,6 +221,24 @@ def head_kwargs(head: HeadConfig) -> dict[str, Any]:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (trainer/distill.py): a frozen teacher embeds the same images; the loss
+    between the student's and the teacher's unit-length embeddings is added to the margin loss."""
+
+    teacher: str | None = setting(
+        None,
+        "the teacher: a checkpoint (.pt), ONNX (.onnx) or OpenVINO (.xml) model file, with this "
+        "run's embedding size and the data's face size; null: no distillation",
+    )
+    weight: float = setting(
+        1.0, "the distillation term's weight (0: computed and logged, not trained on)", range=AT_LEAST_0
+    )
+    loss: Literal["cosine", "l2"] = setting(
+        "cosine", "cosine: mean of 1 - cos; l2: mean of |s - t|^2, which on unit vectors is 2 x cosine"
+    )
+
+
+@dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw"] = setting("sgd", "the optimizer")
     lr: float = setting(0.1, "for the global batch of the config (no implicit scaling)", range=POSITIVE)
@@ -316,6 +334,7 @@ class TrainConfig:
     data: DataConfig = section(DataConfig, "training data")
     model: ModelConfig = section(ModelConfig, "the backbone")
     head: HeadConfig = section(HeadConfig, "the margin head")
+    distill: DistillConfig = section(DistillConfig, "knowledge distillation from a frozen teacher")
     optim: OptimConfig = section(OptimConfig, "the optimizer")
     schedule: ScheduleConfig = section(ScheduleConfig, "length and learning-rate schedule")
     precision: PrecisionConfig = section(PrecisionConfig, "mixed precision")
@@ -643,6 +662,9 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
             f"{src.where('model.backbone')}: 'model.backbone' {cfg.model.backbone!r} is not "
             f"one of {', '.join(available_backbones())}"
         )
+    teacher = cfg.distill.teacher
+    if teacher is not None and not Path(teacher).is_file():
+        raise UserError(f"{src.where('distill.teacher')}: 'distill.teacher' {teacher}: no such file")
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{src.where('run.dir')}: 'run.dir' {run_dir} is a file, not a folder")

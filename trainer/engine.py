@@ -43,6 +43,7 @@ from trainer.checkpoint import (
     unusable_reason,
 )
 from trainer.config import TrainConfig, head_kwargs, recipe_warnings, save_resolved, to_dict
+from trainer.distill import Teacher, check_same_teacher, distill_loss
 from trainer.hooks import FinishedRun, TrainerHooks
 from trainer.init_from import init_backbone
 from trainer.metrics import MetricsLogger
@@ -55,20 +56,23 @@ class TrainingDiverged(RuntimeError):
 
 
 class BackboneAndHead(nn.Module):
-    """Backbone + margin head in one module, its forward the loss: one DDP wrapper syncs both
-    (head.parallel=replicate), or the backbone alone is DDP-wrapped inside it (shard; `grad_scale` =
-    world, see head_parallel)."""
+    """Backbone + margin head in one module, its forward (the margin loss, the embeddings): one DDP
+    wrapper syncs both (head.parallel=replicate), or the backbone alone is DDP-wrapped inside it
+    (shard; `grad_scale` = world, see head_parallel). The embeddings are for the distillation term,
+    whose gradient is not scaled: it is each rank's own mean, which DDP's average makes global."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, grad_scale: float = 1.0) -> None:
         super().__init__()
         self.backbone, self.head, self.grad_scale = backbone, head, grad_scale
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, autocast: Any) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, autocast: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast:
             emb = self.backbone(images)
         # The head's softmax runs in fp32 whatever the backbone's precision.
         with torch.autocast(images.device.type, enabled=False):
-            return self.head(head_parallel.scale_grad(emb.float(), self.grad_scale), labels)
+            return self.head(head_parallel.scale_grad(emb.float(), self.grad_scale), labels), emb
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -171,6 +175,7 @@ class RunParts:
     scaler: torch.amp.GradScaler
     dtype: torch.dtype | None  # the autocast dtype; None for plain fp32
     autocast: torch.autocast
+    teacher: Teacher | None  # distill.teacher, frozen, on the device; None: no distillation
 
     def checkpointed(self) -> dict[str, Any]:
         """The components whose states a training checkpoint holds besides the backbone's."""
@@ -208,6 +213,9 @@ def build_parts(cfg: TrainConfig, info: dist_util.DistInfo) -> RunParts:
     backbone = build_configured_backbone(cfg, image_size)
     if cfg.model.init_from:
         init_backbone(backbone, spec, cfg.model.init_from)
+    teacher = None
+    if cfg.distill.teacher:
+        teacher = Teacher(cfg.distill.teacher, info.device, cfg.model.embedding_size, image_size)
     parallel = head_parallel.resolve_parallel(cfg.head.parallel, info.world_size)
     head = head_parallel.build_head(
         parallel,
@@ -241,6 +249,7 @@ def build_parts(cfg: TrainConfig, info: dist_util.DistInfo) -> RunParts:
         scaler=torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16),
         dtype=dtype,
         autocast=torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        teacher=teacher,
     )
 
 
@@ -277,7 +286,8 @@ class Window:
     """Sums over a stretch of steps, for a log record's rates (and the run's steady rate)."""
 
     loss: float = 0.0
-    n: int = 0  # finite steps (the loss average is over these)
+    distill: float = 0.0  # the distillation term, unweighted (in `loss` times distill.weight)
+    n: int = 0  # finite steps (the loss averages are over these)
     wait: float = 0.0  # seconds waiting for data
     time: float = 0.0  # seconds of whole steps
     images: int = 0
@@ -319,6 +329,7 @@ class Throughput:
 class StepResult:
     finite: bool
     loss: torch.Tensor  # 0-d, on the device: read only when logged
+    distill: torch.Tensor | None  # the unweighted distillation term, likewise; None: no teacher
     lr: float  # the LR this step ran with
     wait: float
     seconds: float
@@ -397,6 +408,7 @@ class Trainer:
             self.cfg.loader.batch_size,
             self.info.world_size,
         )
+        check_same_teacher(path, ckpt.get("teacher"), parts.teacher.record() if parts.teacher else None)
         state = restore_training(ckpt, parts.backbone, parts.checkpointed())
         ranks = ckpt["rng"].get("per_rank", [])
         if len(ranks) == self.info.world_size:  # the same process count: each rank's own streams
@@ -421,6 +433,7 @@ class Trainer:
         cfg, st, p = self.cfg, self.state, self.parts
         t_step, wait = time.perf_counter(), 0.0
         step_loss = torch.zeros((), device=self.info.device)
+        step_distill = None if p.teacher is None else torch.zeros((), device=self.info.device)
         for micro in range(cfg.optim.accumulate):
             t_wait = time.perf_counter()
             images, labels = self._next_batch()
@@ -428,7 +441,12 @@ class Trainer:
             st.batch_in_epoch += 1
             sync = micro == cfg.optim.accumulate - 1 or not self.info.enabled
             with nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
-                loss = self.hooks.micro_batch_loss(st.step, self.train_module(images, labels, p.autocast))
+                loss, emb = self.train_module(images, labels, p.autocast)
+                if p.teacher is not None:
+                    term = distill_loss(emb, p.teacher.embed(images, p.autocast), cfg.distill.loss)
+                    loss = loss + cfg.distill.weight * term
+                    step_distill += term.detach() / cfg.optim.accumulate
+                loss = self.hooks.micro_batch_loss(st.step, loss)
                 p.scaler.scale(loss / cfg.optim.accumulate).backward()
             step_loss += loss.detach().float() / cfg.optim.accumulate
         self.hooks.after_backward(st.step)
@@ -456,7 +474,7 @@ class Trainer:
         lr = p.schedule.lr
         p.schedule.advance()
         p.head.set_step(st.step)
-        return StepResult(finite, step_loss, lr, wait, time.perf_counter() - t_step)
+        return StepResult(finite, step_loss, step_distill, lr, wait, time.perf_counter() - t_step)
 
     # ---- logging, validation, checkpoints ---------------------------------------------------------
 
@@ -466,14 +484,20 @@ class Trainer:
         acc = self.parts.head.last_accuracy
         # Each rank's loss and accuracy cover its own rows with a replicated head (the global batch's
         # with a sharded one): log their mean over the ranks, so both modes log the same figure.
-        loss, acc = dist_util.mean_over_ranks(
-            [w.loss / w.n if w.n else float("nan"), float("nan") if acc is None else float(acc)], self.info
+        loss, distill, acc = dist_util.mean_over_ranks(
+            [
+                w.loss / w.n if w.n else float("nan"),
+                w.distill / w.n if w.n else float("nan"),
+                float("nan") if acc is None else float(acc),
+            ],
+            self.info,
         )
         images_per_s, data_wait = w.rates()
         record = {
             "step": st.step,
             "epoch": round(st.epoch + st.batch_in_epoch / max(1, self.parts.loader.batches_per_epoch), 4),
             "loss": None if loss != loss else loss,
+            **({"distill_loss": None if distill != distill else distill} if self.parts.teacher else {}),
             "batch_acc": None if acc != acc else acc,
             "lr": lr,
             "images_per_s": images_per_s,
@@ -509,7 +533,14 @@ class Trainer:
         if not self.info.is_main:
             return
         ckpt = training_checkpoint(
-            p.backbone_spec, p.backbone, p.checkpointed(), self.state, rngs, to_dict(self.cfg), metrics
+            p.backbone_spec,
+            p.backbone,
+            p.checkpointed(),
+            self.state,
+            rngs,
+            to_dict(self.cfg),
+            metrics,
+            teacher=p.teacher.record() if p.teacher is not None else None,
         )
         if name is not None:
             atomic_save(ckpt, self.ckdir.root / name)
@@ -555,6 +586,7 @@ class Trainer:
         cfg, st, window = self.cfg, self.state, self.throughput.window
         if res.finite:
             window.loss += float(res.loss)
+            window.distill += 0.0 if res.distill is None else float(res.distill)
             window.n += 1
         window.add(
             Window(

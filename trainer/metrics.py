@@ -120,6 +120,7 @@ class MetricsLogger:
         for key, fmt in (
             ("epoch", "ep {:.2f}"),
             ("loss", "loss {:.4f}"),
+            ("distill_loss", "distill {:.4f}"),
             ("batch_acc", "acc {:.3f}"),
             ("lr", "lr {:.2e}"),
             ("images_per_s", "{:.0f} img/s"),

@@ -13,14 +13,17 @@ import sys
 import pytest
 import torch
 
-from tests._trainer_util import ROOT, env, main_command, metrics, tiny_overrides
+from tests._trainer_util import ROOT, env, main_command, metrics, teacher_file, tiny_overrides
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_keep_parameters_identical(tmp_path):
-    """Slow: torchrun starts two Python processes and a gloo rendezvous (~10 s on 2 cores)."""
+@pytest.mark.parametrize("distill", [False, True], ids=["alone", "distilled"])
+def test_torchrun_two_ranks_keep_parameters_identical(tmp_path, distill):
+    """Slow: torchrun starts two Python processes and a gloo rendezvous (~10 s on 2 cores).
+    Distilled: each rank runs its own copy of the teacher, whose term DDP averages like the rest."""
     run = tmp_path / "run"
-    args = tiny_overrides(run, steps=6, **{"optim.accumulate": 2, "optim.clip_grad_norm": 5.0})
+    extra = {"distill.teacher": teacher_file(tmp_path / "teacher.pt")} if distill else {}
+    args = tiny_overrides(run, steps=6, **{"optim.accumulate": 2, "optim.clip_grad_norm": 5.0}, **extra)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*torchrun, *main_command({"dump_params": True}), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env(), cwd=ROOT)
@@ -36,4 +39,6 @@ def test_torchrun_two_ranks_keep_parameters_identical(tmp_path):
             assert a[key].shape == b[key].shape == (4, 32) and not torch.equal(a[key], b[key])
             continue
         assert torch.equal(a[key], b[key]), key
-    assert len(metrics(run)) == 6  # only rank 0 logs
+    rows = metrics(run)
+    assert len(rows) == 6  # only rank 0 logs
+    assert all(0 < r["distill_loss"] < 2 for r in rows) if distill else "distill_loss" not in rows[-1]
