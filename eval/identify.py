@@ -305,7 +305,11 @@ def _search_stream(
     try:
         for n, frame in _frames(capture, args.max_frames):
             if n % args.every == 0:  # frames in between show the last frame's boxes
-                faces = find_faces(np.ascontiguousarray(frame[:, :, ::-1]), matcher.model.info.image_size)
+                faces = find_faces(
+                    np.ascontiguousarray(frame[:, :, ::-1]),
+                    matcher.model.info.image_size,
+                    f"{source} frame {n}",
+                )
                 labels = matcher.label(faces)
                 outputs.add_frame(source, n, frame, faces, labels)
                 done += 1
