@@ -414,7 +414,7 @@ def test_no_impostor_pair_left_is_one_line(mini_ijb: tuple[Path, dict], tmp_path
             (broken / "loose_crop" / name).unlink()
     with pytest.raises(
         UserError,
-        match=r"IJBC: no impostor pair is left once the faces that cannot be used are left out \(image_missing 14;"
-        r" first: .*loose_crop/1.jpg: image_missing",
+        match=r"IJBC: no impostor pair is left once the faces that cannot be used are left out "
+        r"\(image_missing 14; first: .*loose_crop/1.jpg: image_missing",
     ):
         evaluate_ijb(color_model, broken, SIZE, batch_size=3, workers=1, show_progress=False)
