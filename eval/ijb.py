@@ -124,7 +124,7 @@ def _int_table(path: Path, cols: int) -> np.ndarray:
 def read_ijb(root: Path) -> IJBData:
     """The meta files of an IJB-B or IJB-C release folder, checked against each other. A damaged
     or mismatched file is a UserError naming the file and line; landmarks that are numbers but
-    cannot be aligned (NaN, a line, ...) are left to the faces' checks (`check_faces`)."""
+    cannot be aligned (NaN, a line, ...) make their face a reject when it is read (`embed_faces`)."""
     meta = root / "meta"
     prefix = next((p for p in ("ijbc", "ijbb") if (meta / f"{p}_face_tid_mid.txt").is_file()), None)
     if prefix is None:
@@ -172,6 +172,10 @@ def read_ijb(root: Path) -> IJBData:
         row = int(np.flatnonzero(unknown.any(axis=1))[0])
         t = int(pairs[row][unknown[row]][0])
         raise UserError(f"{pair_file}: pair {row + 1}: template {t} has no faces in {faces.name}")
+    if not (root / "loose_crop").is_dir():
+        raise UserError(
+            f"{root / 'loose_crop'}: no such folder (expected InsightFace's layout: meta/, loose_crop/)"
+        )
     return IJBData(
         prefix.upper(),
         [root / "loose_crop" / nm for nm in names],
@@ -184,21 +188,6 @@ def read_ijb(root: Path) -> IJBData:
     )
 
 
-def check_faces(data: IJBData, rows: np.ndarray, image_size: tuple[int, int]) -> list[Reject]:
-    """What can be told of faces `rows` before reading them: a missing image file, landmarks that
-    cannot be aligned (preprocess/align.py's check_landmarks; inside the image is checked once read)."""
-    rejects = []
-    for row in rows.tolist():
-        path = data.images[row]
-        if not path.is_file():
-            rejects.append(Reject(row, str(path), "image_missing", "no such file"))
-            continue
-        bad = check_landmarks(data.landmarks[row], image_size)
-        if bad is not None:
-            rejects.append(Reject(row, data.landmark_lines[row], *bad))
-    return rejects
-
-
 def _aligned_batch(
     data: IJBData, rows: np.ndarray, size: tuple[int, int]
 ) -> tuple[torch.Tensor, list[int], list[Reject]]:
@@ -209,7 +198,11 @@ def _aligned_batch(
         path = data.images[row]
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
-            rejects.append(Reject(row, str(path), "image_unreadable", "missing or not a decodable image"))
+            found = path.is_file()
+            reason = (
+                ("image_unreadable", "not a decodable image") if found else ("image_missing", "no such file")
+            )
+            rejects.append(Reject(row, str(path), *reason))
             continue
         bad = check_landmarks(data.landmarks[row], size, (image.shape[1], image.shape[0]))
         if bad is not None:
@@ -324,21 +317,16 @@ def evaluate_ijb(
     start = time.perf_counter()
     data = read_ijb(root)
     rows = np.flatnonzero(np.isin(data.templates, data.pairs))
-    rejects = check_faces(data, rows, image_size)
-    if len(rejects) == len(rows):
-        raise UserError(f"{root}: none of the {len(rows)} faces can be used ({_reject_summary(rejects)})")
-    usable = np.setdiff1d(rows, [r.face for r in rejects])
-    emb, embedded, unread = embed_faces(
+    emb, embedded, rejects = embed_faces(
         embed,
         data,
-        usable,
+        rows,
         image_size,
         batch_size=batch_size,
         flip=flip,
         workers=workers,
         show_progress=show_progress,
     )
-    rejects = sorted(rejects + unread, key=lambda r: r.face)
     if not embedded.size:
         raise UserError(f"{root}: none of the {len(rows)} faces can be used ({_reject_summary(rejects)})")
     tids, feat = template_features(emb, data.templates[embedded], data.media[embedded])
@@ -353,7 +341,8 @@ def evaluate_ijb(
         )
     scores = pair_cosines(feat, where[scored])
     metrics = pair_metrics(scores, labels)
-    used_templates = np.unique(data.pairs)
+    emptied = np.unique(data.pairs).size - tids.size  # templates that lost every face
+    touched = np.unique(data.templates[[r.face for r in rejects]]).size  # ... some or every face
     metrics.update(
         {
             "set": data.name,
@@ -361,13 +350,17 @@ def evaluate_ijb(
             "num_templates": int(tids.size),
             "num_faces_rejected": len(rejects),
             "rejects_by_reason": dict(Counter(r.reason for r in rejects).most_common()),
-            "templates_without_faces": int(used_templates.size - tids.size),
-            "templates_missing_faces": int(np.unique(data.templates[[r.face for r in rejects]]).size)
-            - int(used_templates.size - tids.size),
+            "templates_without_faces": int(emptied),
+            "templates_missing_faces": int(touched - emptied),
             "skipped_pairs": int((~scored).sum()),
             "skipped_genuine_pairs": int((~scored & data.labels).sum()),
             "rejected_faces": [
-                {"image": data.images[r.face].name, "where": r.where, "reason": r.reason, "detail": r.detail}
+                {
+                    "image": data.images[r.face].relative_to(root / "loose_crop").as_posix(),
+                    "where": r.where,
+                    "reason": r.reason,
+                    "detail": r.detail,
+                }
                 for r in rejects
             ],
             "flip": flip,

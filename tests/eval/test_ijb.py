@@ -401,6 +401,10 @@ def test_metadata_damage_is_one_line_naming_the_file_and_line(
     (meta / "ijbc_template_pair_label.txt").write_text(genuine_only)
     with pytest.raises(UserError, match=r"template_pair_label.txt: only genuine pairs"):
         read_ijb(broken)
+    (meta / "ijbc_template_pair_label.txt").write_text(files["ijbc_template_pair_label.txt"])
+    shutil.rmtree(broken / "loose_crop")
+    with pytest.raises(UserError, match=r"IJBC/loose_crop: no such folder"):
+        read_ijb(broken)
 
 
 def test_no_impostor_pair_left_is_one_line(mini_ijb: tuple[Path, dict], tmp_path: Path) -> None:
