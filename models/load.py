@@ -35,7 +35,6 @@ from torch import nn
 
 from common.cli import UserError, cpu_count, log
 from models.model_file import INPUT_SPEC, as_threshold, read_model_file
-from shards.format import parse_image_size
 
 # float32 NCHW batch (normalized as docs/CONTRACTS.md says: "Model input") -> (N, D) float32 embeddings
 EmbedFn = Callable[[torch.Tensor], np.ndarray]
@@ -384,10 +383,12 @@ def _recorded_size(text: str | None) -> tuple[int, int] | None:
     """The (H, W) of a metadata image_size ("H,W", "HxW", "N", "[H, W]"), None when absent or unreadable."""
     if text is None:
         return None
+    parts = re.split(r"\s*[,xX]\s*", text.strip().strip("[]() "))
     try:
-        return parse_image_size(text.strip().strip("[]()"))
-    except argparse.ArgumentTypeError:
+        h, w = (int(p) for p in (parts * 2 if len(parts) == 1 else parts))
+    except ValueError:  # not numbers, or not two of them
         return None
+    return (h, w) if h > 0 and w > 0 else None
 
 
 def _not_ours(path: Path, key: str, value: str, instead: str) -> None:
