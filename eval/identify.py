@@ -305,7 +305,11 @@ def _search_stream(
     try:
         for n, frame in _frames(capture, args.max_frames):
             if n % args.every == 0:  # frames in between show the last frame's boxes
-                faces = find_faces(np.ascontiguousarray(frame[:, :, ::-1]), matcher.model.info.image_size)
+                faces = find_faces(
+                    np.ascontiguousarray(frame[:, :, ::-1]),
+                    matcher.model.info.image_size,
+                    f"{source} frame {n}",
+                )
                 labels = matcher.label(faces)
                 outputs.add_frame(source, n, frame, faces, labels)
                 done += 1
@@ -327,11 +331,31 @@ def _search_video(path: Path, matcher: Matcher, outputs: Outputs, args: argparse
 
 
 def _open_camera(index: int) -> cv2.VideoCapture:
+    """Camera `index`, checked before and after opening: some OpenCV builds crash (a segmentation
+    fault, no message) opening a camera that is not there, so on Linux its device file must exist
+    first; then it must open and give a picture (the first frame is dropped)."""
+    device = Path(f"/dev/video{index}")
+    if sys.platform.startswith("linux") and not device.exists():
+        raise UserError(f"--camera {index}: no camera {index} here ({device} does not exist)")
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # no backend-by-backend warnings
     capture = cv2.VideoCapture(index)
     if not capture.isOpened():
         raise UserError(f"--camera {index}: no camera {index} can be opened here")
+    if not capture.read()[0]:
+        capture.release()
+        raise UserError(f"--camera {index}: camera {index} opens but gives no picture")
     return capture
+
+
+def _camera_number(text: str) -> int:
+    """argparse type of --camera: 0, 1, ... (OpenCV's -1, "any camera", crashes some builds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a camera number 0, 1, ..., got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a camera number 0, 1, ..., got {text}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -362,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="label the faces in photos, folders, videos or a camera")
     s.add_argument("inputs", nargs="*", type=Path, help="photos, folders (recursively), video files")
     s.add_argument("--gallery", type=Path, required=True, help="GALLERY.npz from enrol")
-    s.add_argument("--camera", type=int, help="read camera N (stop with Ctrl-C or --max-frames)")
+    s.add_argument("--camera", type=_camera_number, help="read camera N (stop with Ctrl-C or --max-frames)")
     s.add_argument(
         "--out", type=Path, help="folder for annotated images/videos, detections.jsonl, report.html"
     )

@@ -13,6 +13,14 @@ is the cosine of its two templates. Reported: TAR at FAR 1e-6 ... 1e-1 (at most 
 impostors) impostor pairs above the threshold, as eval/verification/metrics.py) and AUC; --roc draws the
 curve. Only faces of templates that some pair uses are read. Faces are read and aligned by
 --workers threads, a few batches ahead of the model.
+
+Damaged meta files (a wrong field count, a template id or landmark that is not a number, an image
+name outside loose_crop/, a face without points, a pair of an unknown template) stop the run before
+any face is read, with one line naming the file and line. A face that cannot be used (its image
+missing or unreadable, landmarks that preprocess/align.py's check_landmarks refuses: NaN, outside
+the image, on a line, eyes on one spot, ...) is a reject: a warning names the file (and line), its
+template pools its other faces, a pair whose template has no face left is left out of the figures,
+and a summary line says how many; --json lists every reject.
 """
 
 from __future__ import annotations
@@ -22,22 +30,23 @@ import json
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from common.cli import CliParser, UserError, cpu_count, progress, run_cli
+from common.cli import CliParser, UserError, cpu_count, log, progress, run_cli
 from common.fileio import atomic_write_text
 from eval.embed import EmbedFn, flip_embed
 from eval.verification.metrics import auc_score, tar_at_far
 from models.load import add_model_arguments, model_from_args
-from preprocess.align import warp
+from preprocess.align import check_landmarks, warp
 from shards.format import parse_image_size
 from shards.torch_pipeline import to_model_input
 
@@ -49,10 +58,21 @@ class IJBData:
     name: str  # "IJBC" / "IJBB", from the meta file prefix
     images: list[Path]  # per face
     landmarks: np.ndarray  # [faces, 5, 2]
+    landmark_lines: list[str]  # per face: "file:line" of its 5 points, for reject messages
     templates: np.ndarray  # [faces] template id
     media: np.ndarray  # [faces] media id
     pairs: np.ndarray  # [pairs, 2] template ids
     labels: np.ndarray  # [pairs] bool, genuine
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A face left out of its template: the file (and line) at fault, and why."""
+
+    face: int  # row in IJBData
+    where: str
+    reason: str
+    detail: str
 
 
 def _rows(path: Path, fields: int | None) -> Iterator[tuple[int, list[str]]]:
@@ -102,7 +122,9 @@ def _int_table(path: Path, cols: int) -> np.ndarray:
 
 
 def read_ijb(root: Path) -> IJBData:
-    """The meta files of an IJB-B or IJB-C release folder, checked against each other."""
+    """The meta files of an IJB-B or IJB-C release folder, checked against each other. A damaged
+    or mismatched file is a UserError naming the file and line; landmarks that are numbers but
+    cannot be aligned (NaN, a line, ...) make their face a reject when it is read (`embed_faces`)."""
     meta = root / "meta"
     prefix = next((p for p in ("ijbc", "ijbb") if (meta / f"{p}_face_tid_mid.txt").is_file()), None)
     if prefix is None:
@@ -110,17 +132,28 @@ def read_ijb(root: Path) -> IJBData:
     faces = meta / f"{prefix}_face_tid_mid.txt"
     names, tids, mids = [], [], []
     for n, (name, t, m) in _rows(faces, 3):
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise UserError(f"{faces}:{n}: image name {name!r} is not a file under loose_crop/")
         names.append(name)
         tid, mid = _ints(faces, n, (t, m))
         tids.append(tid)
         mids.append(mid)
+    if not names:
+        raise UserError(f"{faces}: no faces listed")
     pts_file = meta / f"{prefix}_name_5pts_score.txt"
     points: dict[str, np.ndarray] = {}
+    lines: dict[str, int] = {}
     for n, parts in _rows(pts_file, 12):
         try:
-            points[parts[0]] = np.array(parts[1:11], dtype=np.float64).reshape(5, 2)
+            values = np.array(parts[1:11], dtype=np.float64).reshape(5, 2)
         except ValueError:
-            raise UserError(f"{pts_file}:{n}: landmarks must be numbers") from None
+            raise UserError(
+                f"{pts_file}:{n}: landmarks must be numbers, got {' '.join(parts[1:11])!r}"
+            ) from None
+        name = parts[0]
+        if name in points and not np.array_equal(points[name], values, equal_nan=True):
+            raise UserError(f"{pts_file}:{n}: other points for face {name!r} than on line {lines[name]}")
+        points[name], lines[name] = values, n
     missing = next((nm for nm in names if nm not in points), None)
     if missing is not None:
         raise UserError(f"{pts_file}: no 5 points for face {missing!r} of {faces.name}")
@@ -132,10 +165,22 @@ def read_ijb(root: Path) -> IJBData:
     if bad.size:
         raise UserError(f"{pair_file}: pair {bad[0] + 1}: label must be 0 or 1, got {table[bad[0], 2]}")
     pairs, labels = table[:, :2], table[:, 2] == 1
+    if labels.all() or not labels.any():
+        raise UserError(f"{pair_file}: only {'genuine' if labels.all() else 'impostor'} pairs (label 1 / 0)")
+    unknown = ~np.isin(pairs, np.array(tids, np.int64))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.any(axis=1))[0])
+        t = int(pairs[row][unknown[row]][0])
+        raise UserError(f"{pair_file}: pair {row + 1}: template {t} has no faces in {faces.name}")
+    if not (root / "loose_crop").is_dir():
+        raise UserError(
+            f"{root / 'loose_crop'}: no such folder (expected InsightFace's layout: meta/, loose_crop/)"
+        )
     return IJBData(
         prefix.upper(),
         [root / "loose_crop" / nm for nm in names],
         np.stack([points[nm] for nm in names]),
+        [f"{pts_file}:{lines[nm]}" for nm in names],
         np.array(tids, np.int64),
         np.array(mids, np.int64),
         pairs,
@@ -143,14 +188,29 @@ def read_ijb(root: Path) -> IJBData:
     )
 
 
-def _aligned_batch(paths: Sequence[Path], points: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    out = np.empty((len(paths), size[0], size[1], 3), np.uint8)
-    for k, path in enumerate(paths):
+def _aligned_batch(
+    data: IJBData, rows: np.ndarray, size: tuple[int, int]
+) -> tuple[torch.Tensor, list[int], list[Reject]]:
+    """(model input of the faces that could be read and aligned, their positions in `rows`, rejects)."""
+    out = np.empty((len(rows), size[0], size[1], 3), np.uint8)
+    kept, rejects = [], []
+    for k, row in enumerate(rows.tolist()):
+        path = data.images[row]
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
-            raise UserError(f"{path}: missing or not a decodable image")
-        out[k] = cv2.cvtColor(warp(image, points[k], size), cv2.COLOR_BGR2RGB)
-    return to_model_input(torch.from_numpy(out), torch.device("cpu"), False)
+            found = path.is_file()
+            reason = (
+                ("image_unreadable", "not a decodable image") if found else ("image_missing", "no such file")
+            )
+            rejects.append(Reject(row, str(path), *reason))
+            continue
+        bad = check_landmarks(data.landmarks[row], size, (image.shape[1], image.shape[0]))
+        if bad is not None:
+            rejects.append(Reject(row, data.landmark_lines[row], *bad))
+            continue
+        out[len(kept)] = cv2.cvtColor(warp(image, data.landmarks[row], size), cv2.COLOR_BGR2RGB)
+        kept.append(k)
+    return to_model_input(torch.from_numpy(out[: len(kept)]), torch.device("cpu"), False), kept, rejects
 
 
 def embed_faces(
@@ -163,30 +223,32 @@ def embed_faces(
     flip: bool = True,
     workers: int = 2,
     show_progress: bool = True,
-) -> np.ndarray:
-    """L2-normalized embeddings of faces `rows` (aligned on the fly), in that order."""
+) -> tuple[np.ndarray, np.ndarray, list[Reject]]:
+    """(L2-normalized embeddings, the rows they are of, rejects) of faces `rows`, aligned on the
+    fly; a face that cannot be read or aligned is a reject, never the end of the run."""
     chunks = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     feats: list[np.ndarray] = []
+    embedded: list[np.ndarray] = []
+    rejects: list[Reject] = []
     done = 0
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, progress("[bold]{task.description}") as bar:
         task = bar.add_task(data.name, total=len(rows), visible=show_progress)
         ahead = max(workers, 1) + 1
-        jobs = [
-            pool.submit(_aligned_batch, [data.images[i] for i in c], data.landmarks[c], image_size)
-            for c in chunks[:ahead]
-        ]
+        jobs = [pool.submit(_aligned_batch, data, c, image_size) for c in chunks[:ahead]]
         for i, chunk in enumerate(chunks):
-            images = jobs[i].result()
+            images, kept, bad = jobs[i].result()
             jobs[i] = None  # type: ignore[call-overload]
             if i + ahead < len(chunks):
-                c = chunks[i + ahead]
-                jobs.append(
-                    pool.submit(_aligned_batch, [data.images[j] for j in c], data.landmarks[c], image_size)
-                )
-            feats.append(flip_embed(embed, images, flip))
+                jobs.append(pool.submit(_aligned_batch, data, chunks[i + ahead], image_size))
+            if kept:
+                feats.append(flip_embed(embed, images, flip))
+                embedded.append(chunk[kept])
+            rejects += bad
             done += len(chunk)
             bar.update(task, completed=done)
-    return np.concatenate(feats)
+    if not feats:
+        return np.empty((0, 0), np.float32), np.empty(0, np.int64), rejects
+    return np.concatenate(feats), np.concatenate(embedded), rejects
 
 
 def template_features(
@@ -246,12 +308,16 @@ def evaluate_ijb(
     workers: int = 2,
     show_progress: bool = True,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """(metrics, pair scores, pair labels) of the 1:1 protocol."""
+    """(metrics, pair scores, pair labels) of the 1:1 protocol.
+
+    A face that cannot be used (image missing or unreadable, landmarks that cannot be aligned) is
+    left out of its template, which pools its other faces; a pair whose template has no face left
+    is left out of the figures. The metrics count both ("rejected_faces" lists every face, where
+    and why); a UserError when no genuine or no impostor pair is left."""
     start = time.perf_counter()
     data = read_ijb(root)
-    used = np.isin(data.templates, data.pairs)
-    rows = np.flatnonzero(used)
-    emb = embed_faces(
+    rows = np.flatnonzero(np.isin(data.templates, data.pairs))
+    emb, embedded, rejects = embed_faces(
         embed,
         data,
         rows,
@@ -261,25 +327,74 @@ def evaluate_ijb(
         workers=workers,
         show_progress=show_progress,
     )
-    tids, feat = template_features(emb, data.templates[rows], data.media[rows])
-    where = np.searchsorted(tids, data.pairs)
-    where = np.minimum(where, len(tids) - 1)
-    absent = tids[where] != data.pairs
-    if absent.any():
-        t = int(data.pairs[absent][0])
-        raise UserError(f"{root / 'meta'}: template {t} of the pair list has no faces in face_tid_mid")
-    scores = pair_cosines(feat, where)
-    metrics = pair_metrics(scores, data.labels)
+    if not embedded.size:
+        raise UserError(f"{root}: none of the {len(rows)} faces can be used ({_reject_summary(rejects)})")
+    tids, feat = template_features(emb, data.templates[embedded], data.media[embedded])
+    where = np.minimum(np.searchsorted(tids, data.pairs), len(tids) - 1)
+    scored = (tids[where] == data.pairs).all(axis=1)
+    labels = data.labels[scored]
+    if labels.all() or not labels.any():
+        lacking = "impostor pair" if labels.any() else "genuine pair" if labels.size else "pair"
+        raise UserError(
+            f"{root}: no {lacking} is left once the faces that cannot be used are left out "
+            f"({_reject_summary(rejects)})"
+        )
+    scores = pair_cosines(feat, where[scored])
+    metrics = pair_metrics(scores, labels)
+    emptied = np.unique(data.pairs).size - tids.size  # templates that lost every face
+    touched = np.unique(data.templates[[r.face for r in rejects]]).size  # ... some or every face
     metrics.update(
         {
             "set": data.name,
-            "num_faces": int(rows.size),
+            "num_faces": int(embedded.size),
             "num_templates": int(tids.size),
+            "num_faces_rejected": len(rejects),
+            "rejects_by_reason": dict(Counter(r.reason for r in rejects).most_common()),
+            "templates_without_faces": int(emptied),
+            "templates_missing_faces": int(touched - emptied),
+            "skipped_pairs": int((~scored).sum()),
+            "skipped_genuine_pairs": int((~scored & data.labels).sum()),
+            "rejected_faces": [
+                {
+                    "image": data.images[r.face].relative_to(root / "loose_crop").as_posix(),
+                    "where": r.where,
+                    "reason": r.reason,
+                    "detail": r.detail,
+                }
+                for r in rejects
+            ],
             "flip": flip,
             "seconds": round(time.perf_counter() - start, 3),
         }
     )
-    return metrics, scores, data.labels
+    return metrics, scores, labels
+
+
+def _reject_summary(rejects: Sequence[Reject]) -> str:
+    """'image_missing 3, landmarks_nan 1; first: FILE:LINE: landmarks_nan (detail)'."""
+    counts = ", ".join(f"{reason} {n}" for reason, n in Counter(r.reason for r in rejects).most_common())
+    first = rejects[0]
+    return f"{counts}; first: {first.where}: {first.reason} ({first.detail})"
+
+
+def report_rejects(metrics: dict[str, Any], shown: int = 10) -> None:
+    """The rejected faces (the first `shown` of them) and what they do to the figures, on stderr."""
+    rejected = metrics["rejected_faces"]
+    if not rejected:
+        return
+    for r in rejected[:shown]:
+        log(f"warning: {r['where']}: {r['reason']} ({r['detail']}), face {r['image']} not embedded")
+    if len(rejected) > shown:
+        log(f"warning: ... and {len(rejected) - shown} more faces (--json lists them all)")
+    counts = ", ".join(f"{reason} {n}" for reason, n in metrics["rejects_by_reason"].items())
+    total = metrics["num_pairs"] + metrics["skipped_pairs"]
+    genuine, skipped = metrics["skipped_genuine_pairs"], metrics["skipped_pairs"]
+    log(
+        f"warning: {metrics['set']}: {len(rejected)} of {len(rejected) + metrics['num_faces']} faces not "
+        f"embedded ({counts}); {metrics['templates_missing_faces']} templates pooled from their other "
+        f"faces; {metrics['templates_without_faces']} templates with no face left: {skipped} of {total} "
+        f"pairs ({genuine} genuine, {skipped - genuine} impostor) left out of the figures"
+    )
 
 
 def load_model(args: argparse.Namespace) -> tuple[EmbedFn, str, tuple[int, int]]:
@@ -327,6 +442,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         show_progress=not args.quiet,
     )
     metrics["model"] = model_name
+    report_rejects(metrics)
     tars = "  ".join(f"{far:.0e}: {metrics[far_key(far)]:.4f}" for far in FARS)
     print(
         f"{metrics['set']} 1:1 TAR@FAR  {tars}  AUC {metrics['auc']:.4f}  "

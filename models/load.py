@@ -14,13 +14,16 @@ busy 2-core CPU the reference MobileFaceNet ran 1.8-2.7x (batch 1) and 2.2x (bat
 it (`python -m bench.deploy`, two runs), with the same LFW figures (tests/eval/test_export_openvino.py).
 OpenVINO runs in float32 (its CPU default on bf16-capable CPUs is bf16, which moves the figures).
 The model's metadata (eval/export_onnx.py's ONNX metadata_props, eval/export_openvino.py's rt_info
-under "facetrain") gives its face size, embedding size, backbone and threshold.
+under "facetrain") gives its face size, embedding size, backbone and threshold; metadata another
+tool wrote is read where it can be, else replaced by what the graph says, with a warning
+(`_describe` has the rules).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import UserError, cpu_count
+from common.cli import UserError, cpu_count, log
 from models.model_file import INPUT_SPEC, as_threshold, read_model_file
 
 # float32 NCHW batch (normalized as docs/CONTRACTS.md says: "Model input") -> (N, D) float32 embeddings
@@ -243,8 +246,12 @@ def _load_onnx(
         )
     shape = inputs[0].shape
     meta = sess.get_modelmeta().custom_metadata_map
+    if inputs[0].type != "tensor(float)":
+        raise UserError(
+            f"{path}: input {inputs[0].name} is {inputs[0].type}, the commands feed tensor(float)"
+        )
     outputs = sess.get_outputs()
-    info = _describe(path, "onnx", meta, shape, outputs[0].shape[-1] if outputs else None, image_size)
+    info = _describe(path, "onnx", meta, shape, outputs[0].shape if outputs else [], image_size)
     name = inputs[0].name
 
     def run(images: torch.Tensor) -> np.ndarray:
@@ -280,10 +287,11 @@ def _load_openvino(
         )
     dims = [d.get_length() if d.is_static else None for d in shape]
     outputs = network.outputs
-    out_dims = list(outputs[0].get_partial_shape()) if outputs else []
-    out_dim = out_dims[-1].get_length() if out_dims and out_dims[-1].is_static else None
+    out_dims = (
+        [d.get_length() if d.is_static else None for d in outputs[0].get_partial_shape()] if outputs else []
+    )
     meta = _rt_info_metadata(network) if kind == "openvino" else onnx_metadata(path)
-    info = _describe(path, kind, meta, dims, out_dim, image_size)
+    info = _describe(path, kind, meta, dims, out_dims, image_size)
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:  # callers run several batches at once: a stream of `threads` per core
         streams = max(1, cpu_count() // threads)
@@ -334,17 +342,35 @@ def _describe(
     kind: str,
     meta: Mapping[str, str],
     input_shape: Sequence[object],
-    out_dim: object,
+    output_shape: Sequence[object],
     image_size: tuple[int, int] | None,
 ) -> tuple[str, int | None, tuple[int, int], float | None]:
-    """(backbone, embedding size, face size, threshold) of a model file from its metadata and its
-    input shape (NCHW; None or a name for a dynamic dimension) and output width. The backbone
-    defaults to the file's kind."""
+    """(backbone, embedding size, face size, threshold) of a model file from its metadata, its input
+    shape (NCHW; None or a name for a dynamic dimension) and its output shape (N, D).
+
+    Metadata written by another tool is read where it can be: a face size as "H,W", "HxW" or "N";
+    a key that is absent or that does not read as ours (a size "112 by 112", an embedding size
+    "512d", a threshold outside [-1, 1]) is taken from the graph instead (the input's fixed H and W,
+    the output's width; no threshold), with a warning naming the file and key. A face size that
+    neither gives is `image_size`, else a UserError; so is metadata that says the model takes
+    other input than the commands feed (layout, colour order, mean and std)."""
     if input_shape[1] not in (3, None) and not isinstance(input_shape[1], str):
         raise UserError(f"{path}: input has {input_shape[1]} channels, the shards hold RGB (3)")
+    if output_shape and len(output_shape) != 2:  # no shape: a graph that does not say
+        raise UserError(f"{path}: expected an (N, D) embedding output, the model's is {list(output_shape)}")
+    _check_input_spec(path, meta)
     hw = input_shape[2:]
     fixed = tuple(hw) if all(isinstance(v, int) and v > 0 for v in hw) else None
-    size = _recorded_size(path, meta.get("image_size")) or fixed or image_size
+    recorded = meta.get("image_size")
+    size = _recorded_size(recorded)
+    if recorded is not None and size is None:
+        if fixed is None and image_size is None:
+            raise UserError(
+                f"{path}: metadata image_size {recorded!r} is not 'H,W' and the model's input shape "
+                f"does not fix the face size"
+            )
+        _not_ours(path, "image_size", recorded, "the input shape's" if fixed else "the given")
+    size = size or fixed or image_size
     if size is None:
         raise UserError(f"{path}: the model records no input size (export it with eval/export_onnx.py)")
     size = (int(size[0]), int(size[1]))
@@ -352,24 +378,59 @@ def _describe(
         raise UserError(
             f"{path}: model input is {fixed[0]}x{fixed[1]}, its metadata says {size[0]}x{size[1]}"
         )
-    recorded = meta.get("embedding_size", "")
-    embedding = int(recorded) if recorded.isdigit() else out_dim if isinstance(out_dim, int) else None
-    threshold = meta.get("threshold")
+    width = output_shape[-1] if output_shape else None
+    out_dim = width if isinstance(width, int) and width > 0 else None
+    text = meta.get("embedding_size")
+    embedding = int(text) if text is not None and text.strip().isdigit() and int(text) > 0 else None
+    if text is not None and embedding is None:
+        _not_ours(path, "embedding_size", text, "the output's")
+    if embedding is not None and out_dim is not None and embedding != out_dim:
+        raise UserError(f"{path}: metadata embedding_size {embedding}, the model outputs {out_dim} numbers")
+    text = meta.get("threshold")
     try:
-        value = as_threshold(float(threshold)) if threshold is not None else None
+        threshold = as_threshold(float(text)) if text is not None else None
     except ValueError:
-        raise UserError(f"{path}: metadata threshold {threshold!r} is not a number") from None
-    return meta.get("backbone", kind), embedding or None, size, value
+        threshold = None
+    if text is not None and threshold is None:
+        _not_ours(path, "threshold", text, "no")
+    return meta.get("backbone", kind), embedding or out_dim, size, threshold
 
 
-def _recorded_size(path: Path, text: str | None) -> tuple[int, int] | None:
+def _recorded_size(text: str | None) -> tuple[int, int] | None:
+    """The (H, W) of a metadata image_size ("H,W", "HxW", "N", "[H, W]"), None when absent or unreadable."""
     if text is None:
         return None
+    parts = re.split(r"\s*[,xX]\s*", text.strip().strip("[]() "))
     try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{path}: metadata image_size {text!r} is not 'H,W'") from None
-    return h, w
+        h, w = (int(p) for p in (parts * 2 if len(parts) == 1 else parts))
+    except ValueError:  # not numbers, or not two of them
+        return None
+    return (h, w) if h > 0 and w > 0 else None
+
+
+def _not_ours(path: Path, key: str, value: str, instead: str) -> None:
+    """The warning for a metadata value another tool wrote, and what is used instead."""
+    log(f"warning: {path}: metadata {key} {value!r} is not in facetrain's form; {instead} {key} is used")
+
+
+def _check_input_spec(path: Path, meta: Mapping[str, str]) -> None:
+    """UserError when the metadata says the model takes other input than the commands feed every
+    model (docs/CONTRACTS.md "Model input": NCHW, RGB, (pixel / 255 - 0.5) / 0.5)."""
+    for key in ("layout", "color"):
+        value = meta.get(key)
+        if value is not None and value.strip().upper() != INPUT_SPEC[key]:
+            raise UserError(f"{path}: metadata {key} {value!r}: the commands feed {INPUT_SPEC[key]} faces")
+    for key in ("mean", "std"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        numbers = [float(v) for v in re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", value)]
+        # 0.5 on pixels scaled to [0, 1], or 127.5 on 0..255: the same normalization
+        if not numbers or not any(all(abs(v - ours) < 1e-3 * ours for v in numbers) for ours in (0.5, 127.5)):
+            raise UserError(
+                f"{path}: metadata {key} {value!r}: the commands feed (pixel / 255 - 0.5) / 0.5 "
+                f"(mean and std 0.5, or 127.5 on 0..255)"
+            )
 
 
 # ------------------------------------------------------------------ the one --model argument

@@ -170,9 +170,7 @@ def run(job: Job) -> Outcome:
     if job.mode == "detect":
         return _run_detect(job, data)
     pts = np.asarray(job.landmarks, dtype=np.float64).reshape(5, 2)
-    if size is not None and not _inside(job.landmarks, size):
-        return Outcome(None, "landmarks_outside_image", f"points outside the {size[0]}x{size[1]} image")
-    bad = align.check_geometry(pts, job.image_size)
+    bad = align.check_landmarks(pts, job.image_size, size)  # size None: not a JPEG, checked once decoded
     if bad is not None:
         return Outcome(None, *bad)
     reduction = 1
@@ -185,8 +183,9 @@ def run(job: Job) -> Outcome:
     decoded = (image.shape[1], image.shape[0])
     if size is None:  # not a JPEG (PNG etc.): the decoded image is the full one
         size = decoded
-        if not _inside(job.landmarks, size):
-            return Outcome(None, "landmarks_outside_image", f"points outside the {size[0]}x{size[1]} image")
+        bad = align.check_landmarks(pts, job.image_size, size)
+        if bad is not None:
+            return Outcome(None, *bad)
     if decoded != size:
         expected = (math.ceil(size[0] / reduction), math.ceil(size[1] / reduction))
         if decoded != expected:
@@ -228,7 +227,7 @@ def _run_detect(job: Job, data: bytes) -> Outcome:
         return Outcome(None, "multiple_faces", f"the detector found {len(faces)} faces")
     face = pick_face(faces, image.shape)
     pts = np.asarray(face.landmarks, dtype=np.float64).reshape(5, 2)
-    bad = align.check_geometry(pts, job.image_size)
+    bad = align.check_landmarks(pts, job.image_size, (image.shape[1], image.shape[0]))
     if bad is not None:
         return Outcome(None, *bad)
     found = {
@@ -249,12 +248,6 @@ def detector():
     from preprocess import detect  # a dictionary lookup after the first call
 
     return detect.detect_faces, detect.pick_face
-
-
-def _inside(landmarks: tuple[float, ...], size: tuple[int, int]) -> bool:
-    width, height = size
-    xs, ys = landmarks[0::2], landmarks[1::2]
-    return min(xs) >= 0 and max(xs) <= width and min(ys) >= 0 and max(ys) <= height
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """5-point face alignment: a least-squares similarity transform onto the standard template.
 
-The transform is Umeyama's closed form restricted to rotations (no reflection). Inputs whose best
-fit would need a reflection (eyes swapped) or whose points are (nearly) collinear are refused by
-`check_geometry`, because any crop made from them is not a face in the template's pose.
+The transform is Umeyama's closed form restricted to rotations (no reflection). `check_landmarks`
+is the one test every caller (build_shards' jobs, eval/ijb.py, eval/identify.py's faces) runs
+before aligning: points that are not finite, lie outside the image, coincide, lie on a line, put
+the two eyes on one spot, need a reflection (eyes swapped) or a scale no face has are refused with
+a (reason, detail) pair, because any crop made from them is not a face in the template's pose.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from shards.format import scaled_template
 _COLLINEAR_RATIO = 0.02
 # Below this spread (source pixels) the points coincide.
 _MIN_SPREAD_PX = 1.0
+# Below this ratio of the eye distance to the points' larger spread, the eyes are one point (a
+# profile face still keeps about a tenth of the frontal ratio, 0.9).
+_MIN_EYE_RATIO = 0.02
+# Output pixels per source pixel (for a 112-pixel high output) outside this range: eyes under 2
+# source pixels apart, or 17,000 apart (landmarks in other units than pixels).
+_ZOOM_RANGE = (1 / 500, 20.0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -80,9 +88,19 @@ def transform_scale(matrix: np.ndarray) -> float:
     return float(math.hypot(matrix[0, 0], matrix[1, 0]))
 
 
-def check_geometry(landmarks: np.ndarray, image_size: tuple[int, int] = (112, 112)) -> tuple[str, str] | None:
-    """None when the 5 points can be aligned; else (reason, detail) for rejects.jsonl."""
-    _, _, centred = _centred(_points(landmarks))
+def check_landmarks(
+    landmarks: np.ndarray,
+    image_size: tuple[int, int] = (112, 112),
+    source_wh: tuple[int, int] | None = None,
+) -> tuple[str, str] | None:
+    """None when the 5 points can be aligned onto the (H, W) template; else (reason, detail) for
+    rejects.jsonl and reports. `source_wh`: the (width, height) of the image they lie in, when known."""
+    points = _points(landmarks)
+    if not all(math.isfinite(v) for xy in points for v in xy):
+        return "landmarks_nan", "a landmark is NaN or infinite"
+    if source_wh is not None and not _inside(points, source_wh):
+        return "landmarks_outside_image", f"points outside the {source_wh[0]}x{source_wh[1]} image"
+    _, _, centred = _centred(points)
     # The points' spread along their two principal axes: the square roots of the eigenvalues of
     # the 2x2 scatter matrix (the singular values of the centred points), in closed form.
     sxx, syy = sum(x * x for x, _ in centred), sum(y * y for _, y in centred)
@@ -93,6 +111,9 @@ def check_geometry(landmarks: np.ndarray, image_size: tuple[int, int] = (112, 11
         return "landmarks_degenerate", "the five points coincide"
     if spread[1] < _COLLINEAR_RATIO * spread[0]:
         return "landmarks_collinear", f"points lie on a line (spread ratio {spread[1] / spread[0]:.4f})"
+    eyes = math.dist(points[0], points[1])
+    if eyes < _MIN_EYE_RATIO * spread[0]:
+        return "landmarks_degenerate", f"the two eyes are {eyes:.2g} pixels apart"
     # A mirror image: the cross-covariance with the template has a negative determinant.
     tpl = _centred_template(tuple(image_size))
     c00 = sum(u * x for (u, _), (x, _) in zip(tpl, centred))
@@ -104,7 +125,16 @@ def check_geometry(landmarks: np.ndarray, image_size: tuple[int, int] = (112, 11
             "landmarks_reflected",
             "the best fit to the template is a mirror image (eyes or mouth swapped?)",
         )
+    a, b, _, _ = _fit(points, _points(template(image_size)))
+    zoom = math.hypot(a, b) * 112 / image_size[0]  # the template scales with the output's height
+    if not _ZOOM_RANGE[0] <= zoom <= _ZOOM_RANGE[1]:
+        return "landmarks_scale", f"aligning scales the face by {zoom:.3g} (no face is that size in pixels)"
     return None
+
+
+def _inside(points: list[tuple[float, float]], source_wh: tuple[int, int]) -> bool:
+    width, height = source_wh
+    return all(0 <= x <= width and 0 <= y <= height for x, y in points)
 
 
 def reduction_for(scale: float, choices: tuple[int, ...] = (8, 4, 2)) -> int:

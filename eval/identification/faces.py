@@ -18,12 +18,12 @@ import cv2
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.cli import UserError, log
 from eval.embed import flip_embed
 from eval.identification.gallery import ModelInfo
 from models.load import EmbedFn, load_model
 from models.model_file import as_threshold
-from preprocess.align import check_geometry, warp
+from preprocess.align import check_landmarks, warp
 from preprocess.detect import Face, detect_faces
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -73,12 +73,18 @@ def read_rgb(path: Path) -> np.ndarray | None:
     return None if image is None else np.ascontiguousarray(image[:, :, ::-1])
 
 
-def find_faces(rgb: np.ndarray, image_size: tuple[int, int]) -> list[FoundFace]:
-    """Every detected face whose landmarks can be aligned, with its aligned crop; best score first."""
+def find_faces(rgb: np.ndarray, image_size: tuple[int, int], source: object = "an image") -> list[FoundFace]:
+    """Every detected face whose landmarks can be aligned, with its aligned crop; best score first.
+    A face whose landmarks cannot (preprocess/align.py's check_landmarks) is left out with a warning
+    naming `source` (the photo, or the video and frame)."""
     found = []
     for face in detect_faces(rgb):
-        if check_geometry(face.landmarks, image_size) is None:
+        bad = check_landmarks(face.landmarks, image_size, (rgb.shape[1], rgb.shape[0]))
+        if bad is None:
             found.append(FoundFace(face, warp(rgb, face.landmarks, image_size)))
+        else:
+            box = ",".join(str(round(float(v))) for v in face.box)
+            log(f"warning: {source}: the face at x,y,w,h {box} is left out: {bad[0]} ({bad[1]})")
     return found
 
 
@@ -104,7 +110,7 @@ def _init_worker(image_size: tuple[int, int]) -> None:
 
 def _analyse(path: Path) -> tuple[Path, list[FoundFace] | None]:
     rgb = read_rgb(path)
-    return path, None if rgb is None else find_faces(rgb, _worker_size)
+    return path, None if rgb is None else find_faces(rgb, _worker_size, path)
 
 
 def analyse_photos(
@@ -115,7 +121,7 @@ def analyse_photos(
     if workers <= 0 or len(paths) < 2:
         for path in paths:
             rgb = read_rgb(path)
-            yield path, None if rgb is None else find_faces(rgb, image_size)
+            yield path, None if rgb is None else find_faces(rgb, image_size, path)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a parent that holds torch threads
     with ctx.Pool(workers, initializer=_init_worker, initargs=(image_size,)) as pool:

@@ -27,21 +27,22 @@ from common.fileio import atomic_write_bytes
 from eval.verification.metrics import NonFiniteEmbeddings, check_finite
 
 FORMAT, VERSION = "facetrain-gallery", 1
-_KEYS = (
-    "format",
-    "version",
-    "names",
-    "templates",
-    "embeddings",
-    "photo_person",
-    "photo_paths",
-    "root",
-    "model_architecture",
-    "model_fingerprint",
-    "image_size",
-    "skipped_paths",
-    "skipped_reasons",
-)
+# What each entry must be: (dtype kinds, number of dimensions). "U": text, "i"/"u": integers, "f": floats.
+_ENTRY_TYPES = {
+    "format": ("U", 0),
+    "version": ("iu", 0),
+    "names": ("U", 1),
+    "templates": ("f", 2),
+    "embeddings": ("f", 2),
+    "photo_person": ("iu", 1),
+    "photo_paths": ("U", 1),
+    "root": ("U", 0),
+    "model_architecture": ("U", 0),
+    "model_fingerprint": ("U", 0),
+    "image_size": ("iu", 1),
+    "skipped_paths": ("U", 1),
+    "skipped_reasons": ("U", 1),
+}
 
 
 @dataclass(frozen=True)
@@ -103,27 +104,8 @@ def load_gallery(path: Path) -> Gallery:
     """The gallery in `path`; UserError naming the file when it is missing or not a gallery."""
     if not path.is_file():
         raise UserError(f"{path}: gallery file not found")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in _KEYS if k not in data.files]
-            if missing or str(data["format"]) != FORMAT:
-                raise UserError(f"{path}: not a {FORMAT} file (missing {', '.join(missing) or 'format'})")
-            arrays = {k: data[k] for k in _KEYS}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise UserError(f"{path}: not a readable gallery file ({type(err).__name__})") from None
-    if int(arrays["version"]) != VERSION:
-        raise UserError(f"{path}: gallery version {int(arrays['version'])}, this tool reads {VERSION}")
-    templates, embeddings = arrays["templates"], arrays["embeddings"]
-    person = arrays["photo_person"]
-    if (
-        templates.ndim != 2
-        or embeddings.ndim != 2
-        or templates.shape[1] != embeddings.shape[1]
-        or len(arrays["names"]) != len(templates)
-        or len(person) != len(embeddings)
-        or (len(person) and (person.min() < 0 or person.max() >= len(templates)))
-    ):
-        raise UserError(f"{path}: inconsistent gallery arrays (names, templates, embeddings, photo_person)")
+    arrays = _read_arrays(path)
+    templates, embeddings, person = arrays["templates"], arrays["embeddings"], arrays["photo_person"]
     try:  # a gallery enrolled before enrol refused NaN: every search on it would say "unknown"
         check_finite(templates, {name: row for row, name in enumerate(arrays["names"].tolist())})
     except NonFiniteEmbeddings as err:
@@ -141,6 +123,78 @@ def load_gallery(path: Path) -> Gallery:
         model,
         skipped,
     )
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The gallery's entries, each of the type and rank it must have, in a gallery of this version;
+    UserError naming the file and what is wrong with it (another kind of file, damage, another
+    version, an entry of the wrong type)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head[:2] != b"PK":  # an .npz is a zip archive
+        kind = (
+            "a single NumPy array (.npy)"
+            if head == b"\x93NUMPY"
+            else "a Python pickle (not read: loading it could run code)"
+            if head[:1] == b"\x80"
+            else "not a NumPy .npz archive"
+        )
+        raise UserError(f"{path}: {kind}; a gallery is the .npz that identify.py enrol writes")
+    key = None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in _ENTRY_TYPES if k not in data.files]
+            if missing:
+                raise UserError(f"{path}: not a {FORMAT} file (missing {', '.join(missing)})")
+            arrays = {}
+            for key in _ENTRY_TYPES:
+                arrays[key] = data[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        where = f"entry {key!r}" if key else "the archive"
+        if "Object arrays" in str(err):  # numpy's refusal under allow_pickle=False
+            raise UserError(
+                f"{path}: {where} holds Python objects (not read: loading them could run code)"
+            ) from None
+        raise UserError(
+            f"{path}: {where} cannot be read, damaged or truncated? ({type(err).__name__}: {err})"
+        ) from None
+    if arrays["format"].shape != () or str(arrays["format"]) != FORMAT:
+        raise UserError(f"{path}: not a {FORMAT} file (format {arrays['format'].tolist()!r})")
+    version = arrays["version"]
+    if version.dtype.kind not in "iu" or version.shape != ():
+        raise UserError(f"{path}: version {version.tolist()!r} is not a whole number")
+    if int(version) != VERSION:
+        newer = "a newer facetrain wrote it" if int(version) > VERSION else "enrol again"
+        raise UserError(f"{path}: gallery version {int(version)}, this facetrain reads {VERSION} ({newer})")
+    for key, (kinds, ndim) in _ENTRY_TYPES.items():
+        value = arrays[key]
+        if value.dtype.kind not in kinds or value.ndim != ndim:
+            what = {"U": "text", "iu": "whole numbers", "f": "floating-point numbers"}[kinds]
+            found = f"a {value.ndim}-d {value.dtype} array"
+            raise UserError(f"{path}: entry {key!r} is {found}, a gallery's is {ndim}-d {what}")
+    names, templates, embeddings = arrays["names"], arrays["templates"], arrays["embeddings"]
+    person, photos = arrays["photo_person"], len(arrays["photo_paths"])
+    inside = person[(person >= 0) & (person < len(names))].astype(np.int64)
+    problems = [
+        (not len(names), "no people"),
+        (
+            templates.shape != (len(names), embeddings.shape[1]),
+            f"templates {templates.shape} for {len(names)} names",
+        ),
+        (len(embeddings) != photos, f"{len(embeddings)} embeddings for {photos} photo_paths"),
+        (len(person) != photos, f"{len(person)} photo_person entries for {photos} photo_paths"),
+        (len(inside) != len(person), f"photo_person outside 0..{len(names) - 1}"),
+        ((np.bincount(inside, minlength=len(names)) == 0).any(), "a person without photos"),
+        (
+            len(arrays["skipped_paths"]) != len(arrays["skipped_reasons"]),
+            "skipped_paths and skipped_reasons differ",
+        ),
+        (arrays["image_size"].shape != (2,) or (arrays["image_size"] < 1).any(), "image_size is not (H, W)"),
+    ]
+    problem = next((text for bad, text in problems if bad), None)
+    if problem:
+        raise UserError(f"{path}: inconsistent gallery arrays: {problem}")
+    return arrays
 
 
 def faiss_available() -> bool:

@@ -206,7 +206,7 @@ def test_another_model_or_a_bad_gallery_is_refused_in_one_line(
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"junk")
     err = _one_line_error(["search", "--gallery", str(junk), "--model", model, photo], capsys)
-    assert "not a readable gallery file" in err
+    assert "not a NumPy .npz archive" in err
 
 
 def test_empty_gallery_folder_and_missing_camera_are_one_line(

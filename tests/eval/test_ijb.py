@@ -4,6 +4,7 @@ pooling against a hand computation, and TAR at FAR on pairs whose order is known
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -196,7 +197,12 @@ def test_layout_mistakes_are_one_line(
     )
     code = run_cli(main, ["--checkpoint", str(ckpt), "--ijb", str(broken), "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "1.jpg: missing" in err
+    assert (
+        code == 2
+        and len(err.splitlines()) == 1
+        and "none of the 24 faces can be used (image_missing 24;" in err
+    )
+    assert "loose_crop/1.jpg: image_missing" in err
     pts = broken / "meta" / "ijbc_name_5pts_score.txt"
     pts.write_text(pts.read_text().replace(" 0.99\n", "\n", 1))
     with pytest.raises(UserError, match=r"ijbc_name_5pts_score.txt:1: 11 fields, expected 12"):
@@ -233,3 +239,186 @@ def test_pair_cosines_in_chunks_equal_one_gather() -> None:
         np.einsum("ij,ij->i", feat[rows[:, 0]], feat[rows[:, 1]]),
         atol=1e-12,
     )
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "IJBC"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def _edit_points(root: Path, edits: dict[int, np.ndarray]) -> None:
+    """Replaces the 5 points of faces `edits` (face number -> (5, 2) points) in the landmarks file."""
+    pts = root / "meta" / "ijbc_name_5pts_score.txt"
+    rows = pts.read_text().splitlines()
+    for n, points in edits.items():
+        rows[n - 1] = f"{n}.jpg " + " ".join(str(v) for v in np.asarray(points).reshape(-1)) + " 0.99"
+    pts.write_text("\n".join(rows) + "\n")
+
+
+def _points(root: Path, n: int) -> np.ndarray:
+    row = (root / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines()[n - 1].split()
+    return np.array(row[1:11], np.float64).reshape(5, 2)
+
+
+def test_faces_that_cannot_be_used_are_rejects_and_the_rest_is_scored(
+    mini_ijb: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NaN landmark, a missing and an empty image, points on a line, outside the image or with
+    the eyes on one spot: each face is left out of its template (the others pool the rest); template
+    8 loses its only face, so its one pair (6, 8) is left out of the figures, and every reject is
+    reported with its file and line."""
+    root, truth = mini_ijb
+    broken = _copy(root, tmp_path)
+    one_eye = _points(root, 18)
+    one_eye[1] = one_eye[0]
+    line = np.stack([np.linspace(100, 300, 5), np.linspace(100, 200, 5)], axis=1)
+    _edit_points(
+        broken,
+        {2: np.where(np.eye(5, 2, dtype=bool), np.nan, _points(root, 2)), 12: line, 18: one_eye},
+    )
+    _edit_points(broken, {20: _points(root, 20) + [1000.0, 0.0]})
+    (broken / "loose_crop" / "4.jpg").unlink()
+    (broken / "loose_crop" / "8.jpg").write_bytes(b"")
+    rejected = {2: "landmarks_nan", 4: "image_missing", 8: "image_unreadable", 12: "landmarks_collinear"}
+    rejected |= {18: "landmarks_degenerate", 20: "landmarks_outside_image"}
+    metrics, scores, labels = evaluate_ijb(
+        color_model, broken, SIZE, batch_size=3, workers=2, show_progress=False
+    )
+    faces, n = {}, 0  # template -> the faces that remain, as make_ijb numbered them
+    for tid, face_list in truth.items():
+        faces[tid] = []
+        for face in face_list:
+            n += 1
+            if n not in rejected:
+                faces[tid].append(face)
+    feat = {t: hand_template(f) for t, f in faces.items() if f}
+    pairs = [p for p in GENUINE + IMPOSTOR if p != (6, 8)]
+    np.testing.assert_allclose(scores, [feat[a] @ feat[b] for a, b in pairs], atol=2e-3)
+    assert labels.tolist() == [True] * 4 + [False] * 9
+    assert metrics["num_faces"] == 18 and metrics["num_faces_rejected"] == 6
+    assert metrics["rejects_by_reason"] == {r: 1 for r in rejected.values()}
+    assert (
+        metrics["num_pairs"] == 13 and metrics["skipped_pairs"] == 1 and metrics["skipped_genuine_pairs"] == 0
+    )
+    assert metrics["templates_without_faces"] == 1 and metrics["templates_missing_faces"] == 4
+    pts_file = str(broken / "meta" / "ijbc_name_5pts_score.txt")
+    assert [(r["image"], r["reason"], r["where"]) for r in metrics["rejected_faces"]] == [
+        (
+            f"{n}.jpg",
+            reason,
+            str(broken / "loose_crop" / f"{n}.jpg") if reason.startswith("image") else f"{pts_file}:{n}",
+        )
+        for n, reason in rejected.items()
+    ]
+    # The command: one warning line per reject, naming the file (and line), then what they cost.
+    ckpt = tmp_path / "tiny.pt"
+    save_embedding_checkpoint(
+        ckpt,
+        {"backbone": "tiny", "embedding_size": 16, "image_size": [112, 112]},
+        build_backbone("tiny", 16, SIZE).state_dict(),
+    )
+    out = tmp_path / "m.json"
+    assert main(["--checkpoint", str(ckpt), "--ijb", str(broken), "--json", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 7 and warnings[0].startswith(f"warning: {pts_file}:2: landmarks_nan (")
+    missing = broken / "loose_crop" / "4.jpg"
+    assert warnings[1] == f"warning: {missing}: image_missing (no such file), face 4.jpg not embedded"
+    assert warnings[-1] == (
+        "warning: IJBC: 6 of 24 faces not embedded (landmarks_nan 1, image_missing 1, image_unreadable 1, "
+        "landmarks_collinear 1, landmarks_degenerate 1, landmarks_outside_image 1); 4 templates pooled from "
+        "their other faces; 1 templates with no face left: 1 of 14 pairs (0 genuine, 1 impostor) left out of "
+        "the figures"
+    )
+    assert "13 pairs, 9 templates, 18 faces" in captured.out
+    assert json.loads(out.read_text())["skipped_pairs"] == 1
+
+
+def test_metadata_damage_is_one_line_naming_the_file_and_line(
+    mini_ijb: tuple[Path, dict], tmp_path: Path
+) -> None:
+    root, _ = mini_ijb
+    broken = _copy(root, tmp_path)
+    meta = broken / "meta"
+    files = {f.name: f.read_text() for f in meta.iterdir()}
+    cases = [
+        (
+            "ijbc_face_tid_mid.txt",
+            "2.jpg 1 101",
+            "/etc/passwd 1 101",
+            r"face_tid_mid.txt:2: image name '/etc/passwd' is not a file under loose_crop/",
+        ),
+        (
+            "ijbc_face_tid_mid.txt",
+            "2.jpg 1 101",
+            "../2.jpg 1 101",
+            r"face_tid_mid.txt:2: image name '../2.jpg' is not",
+        ),
+        ("ijbc_face_tid_mid.txt", "2.jpg 1 101", "2.jpg 1", r"face_tid_mid.txt:2: 2 fields, expected 3"),
+        (
+            "ijbc_face_tid_mid.txt",
+            "2.jpg 1 101",
+            "2.jpg one 101",
+            r"face_tid_mid.txt:2: expected integers, got 'one 101'",
+        ),
+        (
+            "ijbc_name_5pts_score.txt",
+            "2.jpg ",
+            "2.jpg x",
+            r"5pts_score.txt:2: landmarks must be numbers, got 'x",
+        ),
+        (
+            "ijbc_template_pair_label.txt",
+            "3 4 1",
+            "3 99 1",
+            r"template_pair_label.txt: pair 2: template 99 has no faces in ijbc_face_tid_mid.txt",
+        ),
+    ]
+    for name, old, new, message in cases:
+        (meta / name).write_text(files[name].replace(old, new, 1))
+        with pytest.raises(UserError, match=message):
+            read_ijb(broken)
+        (meta / name).write_text(files[name])
+    first_points = files["ijbc_name_5pts_score.txt"].splitlines()[0]
+    (meta / "ijbc_name_5pts_score.txt").write_text(
+        files["ijbc_name_5pts_score.txt"] + first_points.replace("1.jpg 1", "1.jpg 2") + "\n"
+    )
+    with pytest.raises(UserError, match=r"5pts_score.txt:25: other points for face '1.jpg' than on line 1"):
+        read_ijb(broken)
+    (meta / "ijbc_name_5pts_score.txt").write_text(files["ijbc_name_5pts_score.txt"] + first_points + "\n")
+    assert read_ijb(broken).landmark_lines[0].endswith("5pts_score.txt:25")  # the same row twice: harmless
+    (meta / "ijbc_face_tid_mid.txt").write_text("\n")
+    with pytest.raises(UserError, match=r"face_tid_mid.txt: no faces listed"):
+        read_ijb(broken)
+    (meta / "ijbc_face_tid_mid.txt").write_bytes(b"1.jpg 1 \xff\n")
+    with pytest.raises(UserError, match=r"face_tid_mid.txt: unreadable"):
+        read_ijb(broken)
+    (meta / "ijbc_face_tid_mid.txt").write_text(files["ijbc_face_tid_mid.txt"])
+    genuine_only = "".join(
+        line + "\n" for line in files["ijbc_template_pair_label.txt"].splitlines() if line.endswith(" 1")
+    )
+    (meta / "ijbc_template_pair_label.txt").write_text(genuine_only)
+    with pytest.raises(UserError, match=r"template_pair_label.txt: only genuine pairs"):
+        read_ijb(broken)
+    (meta / "ijbc_template_pair_label.txt").write_text(files["ijbc_template_pair_label.txt"])
+    shutil.rmtree(broken / "loose_crop")
+    with pytest.raises(UserError, match=r"IJBC/loose_crop: no such folder"):
+        read_ijb(broken)
+
+
+def test_no_impostor_pair_left_is_one_line(mini_ijb: tuple[Path, dict], tmp_path: Path) -> None:
+    """Every impostor pair uses template 1, 3, 4, 5, 6 or 8: their faces all missing leaves only
+    the genuine pair (9, 10), and the figures would mean nothing."""
+    root, _ = mini_ijb
+    broken = _copy(root, tmp_path)
+    for line in (broken / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines():
+        name, tid, _ = line.split()
+        if int(tid) in (1, 3, 4, 5, 6, 8):
+            (broken / "loose_crop" / name).unlink()
+    with pytest.raises(
+        UserError,
+        match=r"IJBC: no impostor pair is left once the faces that cannot be used are left out "
+        r"\(image_missing 14; first: .*loose_crop/1.jpg: image_missing",
+    ):
+        evaluate_ijb(color_model, broken, SIZE, batch_size=3, workers=1, show_progress=False)

@@ -34,16 +34,55 @@ def test_fit_never_reflects_even_for_mirrored_points():
     mirrored[:, 0] = 200 - mirrored[:, 0]  # a mirror image: the best unconstrained fit is a reflection
     matrix = align.similarity_transform(mirrored, tpl)
     assert np.linalg.det(matrix[:, :2]) > 0
-    assert align.check_geometry(mirrored)[0] == "landmarks_reflected"
+    assert align.check_landmarks(mirrored)[0] == "landmarks_reflected"
     swapped = tpl[[1, 0, 2, 4, 3]]  # left/right labels swapped
-    assert align.check_geometry(swapped)[0] == "landmarks_reflected"
-    assert align.check_geometry(tpl * 3 + 40) is None
+    assert align.check_landmarks(swapped)[0] == "landmarks_reflected"
+    assert align.check_landmarks(tpl * 3 + 40) is None
 
 
-def test_degenerate_points_are_refused():
-    line = np.stack([np.linspace(10, 90, 5), np.linspace(20, 60, 5)], axis=1)
-    assert align.check_geometry(line)[0] == "landmarks_collinear"
-    assert align.check_geometry(np.full((5, 2), 50.0))[0] == "landmarks_degenerate"
+def _face(eye_px: float, at=(200.0, 150.0)) -> np.ndarray:
+    """The template scaled to eyes `eye_px` apart, centred near `at`."""
+    tpl = align.template()
+    return (tpl - tpl.mean(0)) * eye_px / (tpl[1, 0] - tpl[0, 0]) + at
+
+
+DEGENERATE = {
+    "nan": (np.where(np.eye(5, 2, dtype=bool), np.nan, _face(40)), "landmarks_nan"),
+    "inf": (_face(40) + [[np.inf, 0], [0, 0], [0, 0], [0, 0], [0, 0]], "landmarks_nan"),
+    "outside": (_face(40, at=(395.0, 150.0)), "landmarks_outside_image"),
+    "negative": (_face(40, at=(10.0, 150.0)), "landmarks_outside_image"),
+    "coincide": (np.full((5, 2), 50.0), "landmarks_degenerate"),
+    "collinear": (np.stack([np.linspace(10, 90, 5), np.linspace(20, 60, 5)], axis=1), "landmarks_collinear"),
+    "eyes_on_one_spot": (_face(40)[[0, 0, 2, 3, 4]], "landmarks_degenerate"),
+    "reflected": (_face(40)[[1, 0, 2, 4, 3]], "landmarks_reflected"),
+    "tiny_face": (_face(1.5), "landmarks_scale"),
+    "units_not_pixels": (_face(40) * 1000, "landmarks_scale"),  # no image size given: only the scale
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_degenerate_points_are_refused(case):
+    points, reason = DEGENERATE[case]
+    source = None if case == "units_not_pixels" else (400, 300)
+    bad = align.check_landmarks(points, (112, 112), source)
+    assert bad is not None and bad[0] == reason and bad[1], case
+
+
+@pytest.mark.parametrize("image_size", [(112, 112), (112, 96), (1024, 1024)])
+def test_faces_that_can_be_aligned_pass(image_size):
+    """Small, large, turned and near-profile faces (eyes a tenth of the frontal distance apart) pass."""
+    assert align.check_landmarks(_face(4), image_size, (400, 300)) is None
+    assert align.check_landmarks(_face(150), image_size, (400, 300)) is None
+    assert (
+        align.check_landmarks(
+            _face(40, at=(0.0, 0.0)) @ [[0.8, 0.6], [-0.6, 0.8]] + (200, 150), image_size, (400, 300)
+        )
+        is None
+    )
+    profile = _face(40)
+    profile[1] = profile[0] + [4, 0]
+    assert align.check_landmarks(profile, image_size, (400, 300)) is None
+    assert align.check_landmarks(_face(20, at=(20.0, 16.0)), image_size, (40, 32)) is None
 
 
 @pytest.mark.parametrize("image_size", [(112, 112), (112, 96), (56, 48)])
@@ -143,3 +182,28 @@ def test_outcomes_for_bad_files(tmp_path):
         assert out.jpeg is None and out.reason == reason, name
     outside = tuple(v + 1000 for v in job.landmarks)
     assert _work.run(_work.Job(job.path, outside, (112, 112), 95)).reason == "landmarks_outside_image"
+    nan = (float("nan"), *job.landmarks[1:])
+    assert _work.run(_work.Job(job.path, nan, (112, 112), 95)).reason == "landmarks_nan"
+    one_eye = job.landmarks[:2] * 2 + job.landmarks[4:]
+    assert _work.run(_work.Job(job.path, one_eye, (112, 112), 95)).reason == "landmarks_degenerate"
+    png = tmp_path / "face.png"  # no JPEG header: the image size is known once decoded
+    cv2.imwrite(str(png), cv2.imread(job.path))
+    assert _work.run(_work.Job(str(png), outside, (112, 112), 95)).reason == "landmarks_outside_image"
+
+
+def test_detected_landmarks_are_checked_like_a_files(tmp_path, monkeypatch):
+    """--detect: the detector's points go through the same check (here a detector that puts the
+    five points on one spot, and one that puts them outside the image)."""
+    from preprocess.detect import Face
+
+    job, _ = _marker_job(tmp_path, 300, 300, (60, 80))
+    for points, reason in (
+        (np.full((5, 2), 150.0), "landmarks_degenerate"),
+        (_face(40, at=(290.0, 150.0)), "landmarks_outside_image"),
+    ):
+        face = Face(box=(100.0, 100.0, 100.0, 100.0), score=0.99, landmarks=points)
+        monkeypatch.setattr(
+            _work, "detector", lambda face=face: (lambda rgb: [face], lambda faces, shape: faces[0])
+        )
+        out = _work.run(_work.Job(job.path, (), (112, 112), 95, mode="detect"))
+        assert out.jpeg is None and out.reason == reason

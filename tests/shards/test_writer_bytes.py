@@ -79,6 +79,6 @@ def test_closed_form_fit_equals_umeyama_and_geometry_matches_svd():
             src[:, 0] = 250 - src[:, 0]
         np.testing.assert_allclose(align.similarity_transform(src, tpl), _umeyama(src, tpl), atol=1e-9)
     line = np.stack([np.linspace(0, 100, 5), np.linspace(0, 1, 5)], 1)
-    assert align.check_geometry(line)[0] == "landmarks_collinear"
+    assert align.check_landmarks(line)[0] == "landmarks_collinear"
     spread = np.linalg.svd(line - line.mean(0), compute_uv=False)
     assert spread[1] / spread[0] < 0.02
