@@ -51,7 +51,7 @@ from eval.identification.gallery import Gallery, TemplateIndex, load_gallery, pe
 from eval.identification.outputs import Outputs
 from eval.verification.metrics import NonFiniteEmbeddings, check_finite
 from models.load import add_model_arguments
-from preprocess.detect import pick_face
+from preprocess.face_choice import pick_face
 
 DEFAULT_THRESHOLD = 0.3
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
