@@ -4,7 +4,9 @@ The file is a NumPy .npz of plain arrays only (read with allow_pickle=False, so 
 code): `format`, `version`, `names` (P,), `templates` (P, D) float32 (each person's mean embedding,
 L2-normalized), `embeddings` (N, D) float32 (every enrolled photo), `photo_person` (N,) int32,
 `photo_paths` (N,) (relative to `root`), `root`, `model_architecture`, `model_fingerprint`,
-`image_size` (2,) int32, and `skipped_paths` / `skipped_reasons` (photos not used, and why).
+`image_size` (2,) int32, `skipped_paths` / `skipped_reasons` (photos not used, and why), and
+`face_policy` (which face of a photo with several was enrolled: preprocess/face_choice.py's policy
+name; galleries written before it was recorded load without it, as "not recorded").
 
 Search is one matrix product of the L2-normalized queries with the templates (cosine similarity),
 then a partial sort for the top k; with `faiss-cpu` installed, `TemplateIndex(backend="faiss")` runs
@@ -61,6 +63,11 @@ class Gallery:
     root: str
     model: ModelInfo
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    face_policy: str | None = None  # None: enrolled before the policy was recorded
+
+    @property
+    def face_policy_text(self) -> str:
+        return self.face_policy or "not recorded"
 
     def photo_path(self, i: int) -> Path:
         return Path(self.root) / self.photo_paths[i]
@@ -94,6 +101,8 @@ def save_gallery(path: Path, gallery: Gallery) -> Path:
         "skipped_paths": np.array([p for p, _ in gallery.skipped], dtype=str),
         "skipped_reasons": np.array([r for _, r in gallery.skipped], dtype=str),
     }
+    if gallery.face_policy is not None:
+        arrays["face_policy"] = np.array(gallery.face_policy)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue(), what="gallery")
@@ -109,6 +118,7 @@ def load_gallery(path: Path) -> Gallery:
             if missing or str(data["format"]) != FORMAT:
                 raise UserError(f"{path}: not a {FORMAT} file (missing {', '.join(missing) or 'format'})")
             arrays = {k: data[k] for k in _KEYS}
+            policy = str(data["face_policy"]) if "face_policy" in data.files else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise UserError(f"{path}: not a readable gallery file ({type(err).__name__})") from None
     if int(arrays["version"]) != VERSION:
@@ -140,6 +150,7 @@ def load_gallery(path: Path) -> Gallery:
         str(arrays["root"]),
         model,
         skipped,
+        policy,
     )
 
 
