@@ -194,7 +194,8 @@ def test_search_labels_photos_and_writes_every_output(
     assert records[1]["identity"] == "bo" and records[1]["score"] > 0.99  # bo's only photo: his template
     assert sorted(p.name for p in (out / "annotated").iterdir()) == ["ana_0.jpg", "ana_2.jpg", "bo_0.jpg"]
     report = (out / "report.html").read_text()
-    assert report.count("<tr><td><img src='data:image/jpeg;base64,") == 3
+    assert report.count("<section data-source=") == 3  # one per photo read (not the garbage one)
+    assert report.count("'><td><img src='data:image/jpeg;base64,") == 3  # one face row under each
     assert report.count("data:image/jpeg;base64,") == 6  # each face beside its matched gallery photo
 
 
@@ -223,6 +224,9 @@ def test_search_a_generated_video_end_to_end(enrolled: dict[str, Path], people, 
     while annotated.read()[0]:
         frames += 1
     assert frames == 6
+    report = (out / "report.html").read_text()  # a section per frame, each linking to the annotated video
+    assert report.count("frame 5 <small>1 face &middot; <a href='clip.annotated.mp4'>") == 1
+    assert report.count("<a href='clip.annotated.mp4'>") == 6 and "<th>video frames</th><td>6</td>" in report
 
 
 def _search(enrolled: dict[str, Path]) -> list[str]:
