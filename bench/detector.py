@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from common.cli import CliParser, UserError, run_cli
-from preprocess.detect import default_detector, landmark_error, pick_face
+from preprocess.detect import default_detector, landmark_error
+from preprocess.face_choice import pick_face
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lfw"
 

@@ -8,8 +8,10 @@ Enrol: DIR holds one folder per person (DIR/<person>/*.jpg, any number of photos
 files named after the person (DIR/<person>.jpg; a trailing _N, -N or " (N)" is dropped, so
 alice_1.jpg and alice_2.jpg are both "alice"). Each photo is detected (preprocess/detect.py),
 aligned to the template at the model's image size and embedded with its mirror image; a person's
-template is the L2-normalized mean of their photos' embeddings. Photos that cannot be read, show
-no face or several faces (unless --use-largest) are listed and left out.
+template is the L2-normalized mean of their photos' embeddings. Of several faces in a photo, the
+largest one nearest the centre is enrolled (preprocess/face_choice.py, the rule of build_shards.py
+--detect); with --single-face-only such a photo is left out instead. The gallery records which.
+Photos that cannot be read or show no face are listed and left out.
 
 Search: every face found in the inputs is compared with every template (cosine similarity, one
 matrix product; or FAISS with --index faiss) and labelled with the best person, or "unknown" below
@@ -51,7 +53,7 @@ from eval.identification.gallery import Gallery, TemplateIndex, load_gallery, pe
 from eval.identification.outputs import Outputs
 from eval.verification.metrics import NonFiniteEmbeddings, check_finite
 from models.load import add_model_arguments
-from preprocess.detect import pick_face
+from preprocess.face_choice import LARGEST_CENTRAL, SINGLE_FACE_ONLY, choose_face
 
 DEFAULT_THRESHOLD = 0.3
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
@@ -95,12 +97,11 @@ def enrol(args: argparse.Namespace) -> int:
     found = analyse_photos([p for _, p in photos], model.info.image_size, args.workers)
     for (person, path), (_, faces) in zip(photos, found):
         rel = path.relative_to(args.gallery).as_posix()
-        reason = _unusable(faces, args.use_largest)
-        if reason:
+        face, reason = _enrolled_face(faces, path, args.face_policy)
+        if face is None:
             warn(f"{path}: {reason}, not enrolled")
             skipped.append((rel, reason))
             continue
-        face = _chosen(faces, path)
         crops.append(face.crop)
         person_of.append(people.setdefault(person, len(people)))
         paths.append(rel)
@@ -123,6 +124,7 @@ def enrol(args: argparse.Namespace) -> int:
         str(args.gallery.resolve()),
         model.info,
         skipped,
+        args.face_policy,
     )
     save_gallery(args.out, gallery)
     summary = {
@@ -130,6 +132,7 @@ def enrol(args: argparse.Namespace) -> int:
         "people": len(people),
         "photos": len(paths),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "face_policy": args.face_policy,
         "model": model.where,
         "image_size": list(model.info.image_size),
     }
@@ -141,22 +144,20 @@ def enrol(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unusable(faces: list[FoundFace] | None, use_largest: bool) -> str | None:
+def _enrolled_face(faces: list[FoundFace] | None, path: Path, policy: str) -> tuple[FoundFace | None, str]:
+    """The face a gallery photo adds under `policy` (preprocess/face_choice.py), or None and why not."""
     if faces is None:
-        return "unreadable image"
-    if not faces:
-        return "no face found"
-    if len(faces) > 1 and not use_largest:
-        return f"{len(faces)} faces (use --use-largest to take the largest near the centre)"
-    return None
-
-
-def _chosen(faces: list[FoundFace], path: Path) -> FoundFace:
-    if len(faces) == 1:
-        return faces[0]
-    rgb = read_rgb(path)  # only for several faces: pick_face needs the image size
-    best = pick_face([f.face for f in faces], rgb.shape if rgb is not None else (0, 0))
-    return next(f for f in faces if f.face is best)
+        return None, "unreadable image"
+    shape: tuple[int, ...] = (0, 0)
+    if len(faces) > 1:  # only then: choosing among several needs the image size
+        rgb = read_rgb(path)
+        shape = rgb.shape if rgb is not None else shape
+    best, reject = choose_face([f.face for f in faces], shape, policy)
+    if reject == "no_face":
+        return None, "no face found"
+    if reject == "multiple_faces":
+        return None, f"{len(faces)} faces ({SINGLE_FACE_ONLY})"
+    return next(f for f in faces if f.face is best), ""
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -231,8 +232,8 @@ def search(args: argparse.Namespace) -> int:
     camera = _open_camera(args.camera) if args.camera is not None else None
     index = TemplateIndex(gallery.templates, backend=args.index)
     print(
-        f"{len(gallery.names)} people in {args.gallery}; threshold {threshold:.3f} ({origin}); "
-        f"{index.backend} search",
+        f"{len(gallery.names)} people in {args.gallery} (faces: {gallery.face_policy_text}); "
+        f"threshold {threshold:.3f} ({origin}); {index.backend} search",
         file=sys.stderr,
     )
     matcher = Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
@@ -378,11 +379,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--gallery", type=Path, required=True, help="folder: DIR/<person>/*.jpg or DIR/<person>.jpg"
     )
     e.add_argument("--out", type=Path, required=True, help="the gallery file to write (.npz)")
-    e.add_argument(
-        "--use-largest",
-        action="store_true",
-        help="photos with several faces: enrol the largest face nearest the centre",
+    several = e.add_mutually_exclusive_group()
+    several.add_argument(
+        "--single-face-only",
+        dest="face_policy",
+        action="store_const",
+        const=SINGLE_FACE_ONLY,
+        help="leave out a photo with several faces (listed with the reason); default: enrol the "
+        "largest face nearest the centre, as build_shards.py --detect",
     )
+    several.add_argument(
+        "--use-largest",
+        dest="face_policy",
+        action="store_const",
+        const=LARGEST_CENTRAL,
+        help="the default, kept as an alias: of several faces, enrol the largest nearest the centre",
+    )
+    e.set_defaults(face_policy=LARGEST_CENTRAL)
     s = sub.add_parser("search", help="label the faces in photos, folders, videos or a camera")
     s.add_argument("inputs", nargs="*", type=Path, help="photos, folders (recursively), video files")
     s.add_argument("--gallery", type=Path, required=True, help="GALLERY.npz from enrol")

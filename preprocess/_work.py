@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from preprocess import align
+from preprocess.face_choice import LARGEST_CENTRAL, SINGLE_FACE_ONLY, choose_face
 from preprocess.recordio import read_ranges
 from shards.format import MIN_IMAGE_SIDE, sample_key
 from shards.writer import Members, encode_sample
@@ -219,13 +220,13 @@ def _run_detect(job: Job, data: bytes) -> Outcome:
     image = _decode(data, cv2.IMREAD_COLOR, data[:2] == b"\xff\xd8")
     if isinstance(image, Outcome):
         return image
-    detect_faces, pick_face = detector()
-    faces = detect_faces(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    if not faces:
-        return Outcome(None, "no_face", "the detector found no face")
-    if len(faces) > 1 and job.single_face_only:
-        return Outcome(None, "multiple_faces", f"the detector found {len(faces)} faces")
-    face = pick_face(faces, image.shape)
+    faces = detector()(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    face, reject = choose_face(
+        faces, image.shape, SINGLE_FACE_ONLY if job.single_face_only else LARGEST_CENTRAL
+    )
+    if face is None:
+        found = f"{len(faces)} faces" if faces else "no face"
+        return Outcome(None, reject, f"the detector found {found}")
     pts = np.asarray(face.landmarks, dtype=np.float64).reshape(5, 2)
     bad = align.check_landmarks(pts, job.image_size, (image.shape[1], image.shape[0]))
     if bad is not None:
@@ -240,14 +241,12 @@ def _run_detect(job: Job, data: bytes) -> Outcome:
 
 
 def detector():
-    """(detect_faces, pick_face) of preprocess/detect.py, imported on first use (only --detect needs it).
-
-    detect_faces(RGB image) -> faces with `.box` (x, y, w, h), `.score`, `.landmarks` (5 points in
-    the template's order); pick_face(faces, image shape) -> the largest face nearest the centre.
-    """
+    """detect_faces of preprocess/detect.py, imported on first use (only --detect needs it):
+    RGB image -> faces with `.box` (x, y, w, h), `.score`, `.landmarks` (5 points in the template's
+    order), best score first."""
     from preprocess import detect  # a dictionary lookup after the first call
 
-    return detect.detect_faces, detect.pick_face
+    return detect.detect_faces
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Face detection with 5 landmarks: the MTCNN cascade (P-Net, R-Net, O-Net) and the landmark net
 of MTCNN's extended version (L-Net), written here.
 
-    from preprocess.detect import detect_faces, pick_face
+    from preprocess.detect import detect_faces
     faces = detect_faces(image_rgb)            # list[Face], best score first
-    face = pick_face(faces, image_rgb.shape)   # the largest face nearest the centre, or None
+
+Which of several faces to use is preprocess/face_choice.py's rule (pick_face, choose_face).
 
 The cascade's weights are the published MTCNN networks as shipped, in PyTorch state-dict form, by the
 `facenet-pytorch` package (MIT; `facenet_pytorch/data/{p,r,o}net.pt`, 2 MB together). That package is
@@ -421,20 +422,6 @@ def detect_faces(
     the time on 150x150 photos."""
     faces = default_detector()(image_rgb, min_size, thresholds, refine_landmarks)
     return sorted(faces, key=lambda f: -f.score)
-
-
-def pick_face(faces: list[Face], image_shape: tuple[int, ...]) -> Face | None:
-    """The largest face nearest the centre: box area minus twice its centre's squared distance
-    from the image centre (pixels^2), so a big face wins unless it sits far off-centre."""
-    if not faces:
-        return None
-    cy, cx = image_shape[0] / 2, image_shape[1] / 2
-
-    def merit(face: Face) -> float:
-        x, y, w, h = face.box
-        return w * h - 2.0 * ((x + w / 2 - cx) ** 2 + (y + h / 2 - cy) ** 2)
-
-    return max(faces, key=merit)
 
 
 def landmark_error(predicted: np.ndarray, reference: np.ndarray) -> float:

@@ -4,7 +4,9 @@ The file is a NumPy .npz of plain arrays only (read with allow_pickle=False, so 
 code): `format`, `version`, `names` (P,), `templates` (P, D) float32 (each person's mean embedding,
 L2-normalized), `embeddings` (N, D) float32 (every enrolled photo), `photo_person` (N,) int32,
 `photo_paths` (N,) (relative to `root`), `root`, `model_architecture`, `model_fingerprint`,
-`image_size` (2,) int32, and `skipped_paths` / `skipped_reasons` (photos not used, and why).
+`image_size` (2,) int32, `skipped_paths` / `skipped_reasons` (photos not used, and why), and
+`face_policy` (which face of a photo with several was enrolled: preprocess/face_choice.py's policy
+name; galleries written before it was recorded load without it, as "not recorded").
 
 Search is one matrix product of the L2-normalized queries with the templates (cosine similarity),
 then a partial sort for the top k; with `faiss-cpu` installed, `TemplateIndex(backend="faiss")` runs
@@ -43,6 +45,7 @@ _ENTRY_TYPES = {
     "skipped_paths": ("U", 1),
     "skipped_reasons": ("U", 1),
 }
+_OPTIONAL_TYPES = {"face_policy": ("U", 0)}  # absent from galleries enrolled before it was recorded
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ class Gallery:
     root: str
     model: ModelInfo
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    face_policy: str | None = None  # None: enrolled before the policy was recorded
+
+    @property
+    def face_policy_text(self) -> str:
+        return self.face_policy or "not recorded"
 
     def photo_path(self, i: int) -> Path:
         return Path(self.root) / self.photo_paths[i]
@@ -95,6 +103,8 @@ def save_gallery(path: Path, gallery: Gallery) -> Path:
         "skipped_paths": np.array([p for p, _ in gallery.skipped], dtype=str),
         "skipped_reasons": np.array([r for _, r in gallery.skipped], dtype=str),
     }
+    if gallery.face_policy is not None:
+        arrays["face_policy"] = np.array(gallery.face_policy)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue(), what="gallery")
@@ -106,6 +116,7 @@ def load_gallery(path: Path) -> Gallery:
         raise UserError(f"{path}: gallery file not found")
     arrays = _read_arrays(path)
     templates, embeddings, person = arrays["templates"], arrays["embeddings"], arrays["photo_person"]
+    policy = str(arrays["face_policy"]) if "face_policy" in arrays else None
     try:  # a gallery enrolled before enrol refused NaN: every search on it would say "unknown"
         check_finite(templates, {name: row for row, name in enumerate(arrays["names"].tolist())})
     except NonFiniteEmbeddings as err:
@@ -122,6 +133,7 @@ def load_gallery(path: Path) -> Gallery:
         str(arrays["root"]),
         model,
         skipped,
+        policy,
     )
 
 
@@ -147,7 +159,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             if missing:
                 raise UserError(f"{path}: not a {FORMAT} file (missing {', '.join(missing)})")
             arrays = {}
-            for key in _ENTRY_TYPES:
+            for key in [*_ENTRY_TYPES, *(k for k in _OPTIONAL_TYPES if k in data.files)]:
                 arrays[key] = data[key]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         where = f"entry {key!r}" if key else "the archive"
@@ -166,8 +178,10 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if int(version) != VERSION:
         newer = "a newer facetrain wrote it" if int(version) > VERSION else "enrol again"
         raise UserError(f"{path}: gallery version {int(version)}, this facetrain reads {VERSION} ({newer})")
-    for key, (kinds, ndim) in _ENTRY_TYPES.items():
-        value = arrays[key]
+    for key, (kinds, ndim) in {**_ENTRY_TYPES, **_OPTIONAL_TYPES}.items():
+        value = arrays.get(key)
+        if value is None:
+            continue
         if value.dtype.kind not in kinds or value.ndim != ndim:
             what = {"U": "text", "iu": "whole numbers", "f": "floating-point numbers"}[kinds]
             found = f"a {value.ndim}-d {value.dtype} array"

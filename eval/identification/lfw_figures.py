@@ -18,7 +18,7 @@ import numpy as np
 from common.cli import UserError
 from eval.identification.faces import analyse_photos, embed_crops, load_face_model
 from eval.identification.gallery import TemplateIndex, open_set_rate, rank_k_accuracy
-from preprocess.detect import pick_face
+from preprocess.face_choice import pick_face
 
 
 def lfw_split(images: Path) -> tuple[list[tuple[int, Path]], list[tuple[int, Path]], list[Path], list[str]]:

@@ -3,17 +3,15 @@
 detections.jsonl, one line per face found:
   {"source": input path, "frame": n or null, "box": [x, y, w, h], "identity": name or "unknown",
    "score": s, "top": [[name, score], ...]}
-report.html is one self-contained page (thumbnails inlined as JPEG data URIs): each face beside the
-enrolled photo of the person it matched best, up to `report_limit` faces.
+report.html: a summary, then each photo's faces beside the enrolled photo of the person each matched
+best, with a filter by name (eval/identification/report.py).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -22,8 +20,8 @@ from common.cli import UserError
 from common.fileio import atomic_write_text
 from eval.identification.faces import FoundFace, read_rgb
 from eval.identification.gallery import Gallery
+from eval.identification.report import Report
 
-THUMB_HEIGHT = 112
 _KNOWN, _UNKNOWN = (60, 200, 60), (40, 40, 230)  # BGR box colours
 
 
@@ -46,24 +44,6 @@ def draw(frame_bgr: np.ndarray, faces: list[FoundFace], labels: list[dict]) -> n
             cv2.LINE_AA,
         )
     return frame_bgr
-
-
-def _thumb_uri(image_bgr: np.ndarray | None) -> str:
-    if image_bgr is None or image_bgr.size == 0:
-        return ""
-    h, w = image_bgr.shape[:2]
-    size = (max(1, round(w * THUMB_HEIGHT / h)), THUMB_HEIGHT)
-    thumb = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
-    ok, jpeg = cv2.imencode(".jpg", thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg.tobytes()).decode() if ok else ""
-
-
-def _face_region(frame_bgr: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
-    x, y, w, h = box
-    m = 0.15 * max(w, h)  # a little context around the box
-    x1, y1 = max(int(x - m), 0), max(int(y - m), 0)
-    x2, y2 = min(int(x + w + m), frame_bgr.shape[1]), min(int(y + h + m), frame_bgr.shape[0])
-    return frame_bgr[y1:y2, x1:x2]
 
 
 class _VideoWriter:
@@ -89,11 +69,11 @@ class Outputs:
     """Collects every face found; writes the files under `out` (nothing but stdout lines without it)."""
 
     def __init__(self, out: Path | None, gallery: Gallery, report_limit: int = 500) -> None:
-        self.out, self.gallery, self.report_limit = out, gallery, report_limit
+        self.out, self.gallery = out, gallery
         self.faces = 0
-        self._rows: list[str] = []
+        self.report = Report(gallery, report_limit)
         self._names: set[str] = set()
-        self._photo_thumbs: dict[int, str] = {}
+        self._videos: dict[str, Path] = {}  # source -> its annotated video
         self._jsonl = None
         if out is not None:
             try:
@@ -115,19 +95,21 @@ class Outputs:
         if self.out is not None:
             rgb = read_rgb(path)
             frame = np.ascontiguousarray(rgb[:, :, ::-1]) if rgb is not None else None
-        self._record(str(path), None, frame, faces, labels)
-        if frame is not None:
-            target = self._unique(f"annotated/{path.stem}.jpg")
+        target = None if frame is None else self._unique(f"annotated/{path.stem}.jpg")
+        self._record(str(path), None, frame, faces, labels, target)
+        if target is not None:
             target.parent.mkdir(exist_ok=True)
             cv2.imwrite(str(target), draw(frame, faces, labels))
 
     def add_frame(
         self, source: str, n: int, frame_bgr: np.ndarray, faces: list[FoundFace], labels: list[dict]
     ) -> None:
-        self._record(source, n, frame_bgr, faces, labels)
+        self._record(source, n, frame_bgr, faces, labels, self._videos.get(source))
 
     def video_writer(self, source: str, fps: float) -> _VideoWriter:
         path = None if self.out is None else self._unique(f"{Path(source).stem}.annotated.mp4")
+        if path is not None:
+            self._videos[source] = path
         return _VideoWriter(path, fps)
 
     def _record(
@@ -137,6 +119,7 @@ class Outputs:
         image_bgr: np.ndarray | None,
         faces: list[FoundFace],
         labels: list[dict],
+        annotated: Path | None,
     ) -> None:
         for found, label in zip(faces, labels):
             self.faces += 1
@@ -153,37 +136,14 @@ class Outputs:
             print(f"{where}\t{label['identity']}\t{label['score']:.3f}", flush=True)
             if self._jsonl is not None:
                 self._jsonl.write(json.dumps(rec) + "\n")
-            if self.out is not None and len(self._rows) < self.report_limit and image_bgr is not None:
-                self._rows.append(self._row(rec, label, _face_region(image_bgr, found.face.box)))
-
-    def _row(self, rec: dict, label: dict, region: np.ndarray) -> str:
-        photo = label["photo"]
-        if photo not in self._photo_thumbs:
-            rgb = read_rgb(self.gallery.photo_path(photo))
-            self._photo_thumbs[photo] = _thumb_uri(None if rgb is None else rgb[:, :, ::-1])
-        where = rec["source"] if rec["frame"] is None else f"{rec['source']} frame {rec['frame']}"
-        top = ", ".join(f"{html.escape(n)} {s:.3f}" for n, s in rec["top"])
-        below = " (below threshold)" if label["identity"] == "unknown" else ""
-        matched = html.escape(label["nearest"]) + below
-        return (
-            f"<tr><td><img src='{_thumb_uri(region)}'></td>"
-            f"<td><img src='{self._photo_thumbs[photo]}'></td>"
-            f"<td><b>{html.escape(rec['identity'])}</b> {rec['score']:.3f}<br>nearest: {matched}"
-            f"<br><small>{html.escape(where)}<br>top: {top}</small></td></tr>"
-        )
+        if self.out is not None:
+            link = None if annotated is None else PurePosixPath(annotated.relative_to(self.out).as_posix())
+            self.report.add(source, frame, link, image_bgr, faces, labels)
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self.out is None:
             return
-        more = self.faces - len(self._rows)
-        note = f"<p>{more} more faces are in detections.jsonl.</p>" if more > 0 else ""
-        page = (
-            "<!doctype html><meta charset='utf-8'><title>identify report</title>"
-            "<style>body{font-family:sans-serif}td{padding:4px;vertical-align:top}</style>"
-            f"<h1>{self.faces} faces</h1><table><tr><th>face</th><th>matched gallery photo</th>"
-            f"<th>result</th></tr>{''.join(self._rows)}</table>{note}"
-        )
-        atomic_write_text(self.out / "report.html", page, what="report")
+        atomic_write_text(self.out / "report.html", self.report.page(), what="report")
         print(f"report: {self.out / 'report.html'}", file=sys.stderr)

@@ -107,21 +107,68 @@ def test_enrol_lists_bad_photos_and_stores_templates(enrolled: dict[str, Path], 
         assert data["names"].dtype.kind == "U"
 
 
-def test_a_photo_with_several_faces_is_listed_unless_use_largest(
+def _two_people(people: dict[str, list[Path]]) -> np.ndarray:
+    """bo's photo in the centre of a wider canvas, ana's smaller in the top right corner (BGR)."""
+    canvas = np.full((300, 480, 3), 128, np.uint8)
+    canvas[50:250, 140:340] = cv2.imread(str(people["bo"][1]))
+    small = cv2.resize(cv2.imread(str(people["ana"][0])), (140, 140), interpolation=cv2.INTER_AREA)
+    canvas[0:140, 340:480] = small
+    assert len(detect_faces(np.ascontiguousarray(canvas[:, :, ::-1]))) == 2
+    return canvas
+
+
+def test_a_photo_with_two_faces_enrols_the_central_one_unless_single_face_only(
     enrolled: dict[str, Path], people, tmp_path: Path, capsys
 ) -> None:
-    duo = np.hstack([cv2.imread(str(people["bo"][1]))] * 2)  # the same face twice
-    (tmp_path / "gallery").mkdir()
-    cv2.imwrite(str(tmp_path / "gallery" / "duo.png"), duo)
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "duo.png"), _two_people(people))
+    (folder / "bo.jpg").write_bytes(people["bo"][1].read_bytes())
+    (folder / "ana.jpg").write_bytes(people["ana"][0].read_bytes())
     model = str(enrolled["model"])
-    argv = ["enrol", "--gallery", str(tmp_path / "gallery"), "--model", model, "--workers", "0"]
-    assert run_cli(main, [*argv, "--out", str(tmp_path / "a.npz")]) == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert "duo.png: 2 faces (use --use-largest" in lines[0]  # listed ...
-    assert lines[-1].endswith("no face could be enrolled from 1 photos")  # ... and not used
+    argv = ["enrol", "--gallery", str(folder), "--model", model, "--workers", "0"]
+    # Default: the large central face (bo), as build_shards --detect keeps; recorded in the gallery.
+    assert main([*argv, "--out", str(tmp_path / "a.npz")]) == 0
+    assert json.loads(capsys.readouterr().out)["face_policy"] == "largest-central"
+    g = load_gallery(tmp_path / "a.npz")
+    assert g.names == ["ana", "bo", "duo"]
+    duo, ana, bo = (g.embeddings[g.photo_paths.index(n)] for n in ("duo.png", "ana.jpg", "bo.jpg"))
+    assert float(duo @ bo) > 0.9 and float(duo @ bo) > float(duo @ ana) + 0.1
+    assert g.face_policy == "largest-central" and g.skipped == []
+    # --use-largest is the default's alias: the same gallery.
     assert main([*argv, "--out", str(tmp_path / "b.npz"), "--use-largest"]) == 0
-    g = load_gallery(tmp_path / "b.npz")
-    assert g.names == ["duo"] and g.photo_paths == ["duo.png"] and g.skipped == []
+    same = load_gallery(tmp_path / "b.npz")
+    assert np.array_equal(same.embeddings, g.embeddings) and same.face_policy == "largest-central"
+    capsys.readouterr()
+    # --single-face-only: the photo is left out with its reason, and the policy is recorded.
+    assert main([*argv, "--out", str(tmp_path / "c.npz"), "--single-face-only"]) == 0
+    assert (
+        f"warning: {folder / 'duo.png'}: 2 faces (single-face-only), not enrolled" in capsys.readouterr().err
+    )
+    strict = load_gallery(tmp_path / "c.npz")
+    assert "duo.png" not in strict.photo_paths and strict.skipped == [
+        ("duo.png", "2 faces (single-face-only)")
+    ]
+    assert strict.face_policy == "single-face-only"
+    err = _one_line_error(
+        [*argv, "--out", str(tmp_path / "d.npz"), "--use-largest", "--single-face-only"], capsys
+    )
+    assert "not allowed with" in err
+
+
+def test_a_gallery_written_before_the_face_policy_still_loads_and_searches(
+    enrolled: dict[str, Path], people, tmp_path: Path, capsys
+) -> None:
+    with np.load(enrolled["npz"], allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if k != "face_policy"}
+        assert str(data["face_policy"]) == "largest-central"
+    old = tmp_path / "old.npz"
+    np.savez(old, **arrays)
+    g = load_gallery(old)
+    assert g.face_policy is None and g.face_policy_text == "not recorded" and g.names == ["ana", "bo"]
+    search = ["search", "--gallery", str(old), "--model", str(enrolled["model"]), "--workers", "0"]
+    assert main([*search, str(people["bo"][0])]) == 0
+    assert "2 people in " + str(old) + " (faces: not recorded)" in capsys.readouterr().err
 
 
 def test_search_labels_photos_and_writes_every_output(
@@ -147,7 +194,8 @@ def test_search_labels_photos_and_writes_every_output(
     assert records[1]["identity"] == "bo" and records[1]["score"] > 0.99  # bo's only photo: his template
     assert sorted(p.name for p in (out / "annotated").iterdir()) == ["ana_0.jpg", "ana_2.jpg", "bo_0.jpg"]
     report = (out / "report.html").read_text()
-    assert report.count("<tr><td><img src='data:image/jpeg;base64,") == 3
+    assert report.count("<section data-source=") == 3  # one per photo read (not the garbage one)
+    assert report.count("'><td><img src='data:image/jpeg;base64,") == 3  # one face row under each
     assert report.count("data:image/jpeg;base64,") == 6  # each face beside its matched gallery photo
 
 
@@ -176,6 +224,9 @@ def test_search_a_generated_video_end_to_end(enrolled: dict[str, Path], people, 
     while annotated.read()[0]:
         frames += 1
     assert frames == 6
+    report = (out / "report.html").read_text()  # a section per frame, each linking to the annotated video
+    assert report.count("frame 5 <small>1 face &middot; <a href='clip.annotated.mp4'>") == 1
+    assert report.count("<a href='clip.annotated.mp4'>") == 6 and "<th>video frames</th><td>6</td>" in report
 
 
 def _search(enrolled: dict[str, Path]) -> list[str]:

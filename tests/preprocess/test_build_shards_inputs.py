@@ -207,12 +207,7 @@ def test_folders_needs_exactly_one_way_to_the_face(tmp_path, capsys):
 def _fake_detector(monkeypatch, faces_for):
     """preprocess.detect replaced by a module whose detect_faces answers from `faces_for(image)`."""
     module = types.ModuleType("preprocess.detect")
-    module.detect_faces = faces_for
-
-    def pick_face(faces, shape):
-        return max(faces, key=lambda f: f.box[2] * f.box[3])
-
-    module.pick_face = pick_face
+    module.detect_faces = faces_for  # which face is used stays preprocess/face_choice.py's rule
     monkeypatch.setitem(sys.modules, "preprocess.detect", module)
     import preprocess
 

@@ -14,7 +14,8 @@ import torch
 
 from common.cli import UserError
 from preprocess import convert_lnet, detect
-from preprocess.detect import Face, detect_faces, landmark_error, nms, pick_face, pyramid_scales
+from preprocess.detect import Face, detect_faces, landmark_error, nms, pyramid_scales
+from preprocess.face_choice import pick_face
 from tests._long import long_real_lfw
 
 LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
@@ -40,10 +41,6 @@ def _rgb(name: str) -> np.ndarray:
     return np.ascontiguousarray(cv2.imread(str(LFW / "lfw" / name))[:, :, ::-1])
 
 
-def _face(x: float, y: float, w: float, h: float, score: float = 0.9) -> Face:
-    return Face(box=(x, y, w, h), score=score, landmarks=np.zeros((5, 2)))
-
-
 # ------------------------------------------------------------------------------ helpers, no data
 
 
@@ -64,16 +61,6 @@ def test_pyramid_covers_min_size_to_the_whole_image() -> None:
     assert pyramid_scales(10, 10, min_size=20) == []
     with pytest.raises(ValueError, match="min_size"):
         pyramid_scales(100, 100, min_size=0)
-
-
-def test_pick_face_prefers_the_large_face_near_the_centre() -> None:
-    shape = (200, 200, 3)
-    centre_small = _face(80, 80, 40, 40)
-    corner_big = _face(0, 0, 60, 60)  # larger, but its centre is 99 px from the image centre
-    centre_big = _face(60, 60, 80, 80)
-    assert pick_face([centre_small, corner_big], shape) is centre_small
-    assert pick_face([centre_small, corner_big, centre_big], shape) is centre_big
-    assert pick_face([], shape) is None
 
 
 def test_blank_image_has_no_face_and_bad_arrays_are_refused() -> None:
