@@ -49,8 +49,8 @@ def _face(eye_px: float, at=(200.0, 150.0)) -> np.ndarray:
 DEGENERATE = {
     "nan": (np.where(np.eye(5, 2, dtype=bool), np.nan, _face(40)), "landmarks_nan"),
     "inf": (_face(40) + [[np.inf, 0], [0, 0], [0, 0], [0, 0], [0, 0]], "landmarks_nan"),
-    "outside": (_face(40, at=(395.0, 150.0)), "landmarks_outside_image"),
-    "negative": (_face(40, at=(10.0, 150.0)), "landmarks_outside_image"),
+    "outside": (_face(40, at=(405.0, 150.0)), "landmarks_outside_image"),
+    "negative": (_face(40, at=(-5.0, 150.0)), "landmarks_outside_image"),
     "coincide": (np.full((5, 2), 50.0), "landmarks_degenerate"),
     "collinear": (np.stack([np.linspace(10, 90, 5), np.linspace(20, 60, 5)], axis=1), "landmarks_collinear"),
     "eyes_on_one_spot": (_face(40)[[0, 0, 2, 3, 4]], "landmarks_degenerate"),
@@ -58,6 +58,13 @@ DEGENERATE = {
     "tiny_face": (_face(1.5), "landmarks_scale"),
     "units_not_pixels": (_face(40) * 1000, "landmarks_scale"),  # no image size given: only the scale
 }
+
+
+def test_points_just_past_the_edge_are_a_cut_face_not_a_bad_one():
+    """A face at the photo's edge: the detector puts an eye a few pixels outside; the crop pads."""
+    edge = _face(40, at=(385.0, 150.0))  # the right eye ~5 px (0.12 eye distances) past x=400
+    assert edge[:, 0].max() > 400
+    assert align.check_landmarks(edge, (112, 112), (400, 300)) is None
 
 
 @pytest.mark.parametrize("case", DEGENERATE)
@@ -199,11 +206,9 @@ def test_detected_landmarks_are_checked_like_a_files(tmp_path, monkeypatch):
     job, _ = _marker_job(tmp_path, 300, 300, (60, 80))
     for points, reason in (
         (np.full((5, 2), 150.0), "landmarks_degenerate"),
-        (_face(40, at=(290.0, 150.0)), "landmarks_outside_image"),
+        (_face(40, at=(305.0, 150.0)), "landmarks_outside_image"),
     ):
         face = Face(box=(100.0, 100.0, 100.0, 100.0), score=0.99, landmarks=points)
-        monkeypatch.setattr(
-            _work, "detector", lambda face=face: (lambda rgb: [face], lambda faces, shape: faces[0])
-        )
+        monkeypatch.setattr(_work, "detector", lambda face=face: lambda rgb: [face])
         out = _work.run(_work.Job(job.path, (), (112, 112), 95, mode="detect"))
         assert out.jpeg is None and out.reason == reason
