@@ -28,18 +28,18 @@ import json
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from common.cli import CliParser, UserError, cpu_count, run_cli
+from common.cli import CliParser, UserError, cpu_count, progress, run_cli
 from common.walk import regular_files
 from eval.identification.faces import (
     IMAGE_EXTS,
     FaceModel,
     FoundFace,
+    PhotoAnalyser,
     analyse_photos,
     embed_crops,
     find_faces,
@@ -48,6 +48,7 @@ from eval.identification.faces import (
     threshold_from_metrics,
 )
 from eval.identification.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
+from eval.identification.matcher import Matcher, label_photos
 from eval.identification.outputs import Outputs
 from eval.verification.metrics import NonFiniteEmbeddings, check_finite
 from models.load import add_model_arguments
@@ -162,40 +163,6 @@ def _chosen(faces: list[FoundFace], path: Path) -> FoundFace:
 # ---------------------------------------------------------------------------------------- search
 
 
-@dataclass
-class Matcher:
-    gallery: Gallery
-    model: FaceModel
-    index: TemplateIndex
-    threshold: float
-    top_k: int
-    flip: bool
-
-    def label(self, faces: list[FoundFace]) -> list[dict]:
-        """For each face: identity (or "unknown"), score, top-k, and the best gallery photo."""
-        if not faces:
-            return []
-        queries = embed_crops(self.model.embed, [f.crop for f in faces], flip=self.flip)
-        idx, scores = self.index.search(queries, self.top_k)
-        results = []
-        for q, row, row_scores in zip(queries, idx, scores):
-            best, score = int(row[0]), float(row_scores[0])
-            photos = np.flatnonzero(self.gallery.photo_person == best)
-            photo = int(photos[np.argmax(self.gallery.embeddings[photos] @ q)])
-            results.append(
-                {
-                    "identity": self.gallery.names[best] if score >= self.threshold else "unknown",
-                    "nearest": self.gallery.names[best],
-                    "score": round(score, 4),
-                    "photo": photo,
-                    "top": [
-                        [self.gallery.names[int(i)], round(float(s), 4)] for i, s in zip(row, row_scores)
-                    ],
-                }
-            )
-        return results
-
-
 def check_compatible(gallery: Gallery, model: FaceModel, gallery_path: Path) -> None:
     g, m = gallery.model, model.info
     if g.architecture != m.architecture or tuple(g.image_size) != tuple(m.image_size):
@@ -224,29 +191,34 @@ def resolve_threshold(args: argparse.Namespace, model: FaceModel) -> tuple[float
 def search(args: argparse.Namespace) -> int:
     if not args.inputs and args.camera is None:
         raise UserError("search: give INPUT files or folders, or --camera N")
+    images, videos = _expand_inputs(args.inputs)
     gallery = load_gallery(args.gallery)
-    model = load_face_model(args.model, args.device, args.runtime)
-    check_compatible(gallery, model, args.gallery)
-    threshold, origin = resolve_threshold(args, model)
-    camera = _open_camera(args.camera) if args.camera is not None else None
-    index = TemplateIndex(gallery.templates, backend=args.index)
-    print(
-        f"{len(gallery.names)} people in {args.gallery}; threshold {threshold:.3f} ({origin}); "
-        f"{index.backend} search",
-        file=sys.stderr,
-    )
-    matcher = Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
-    outputs = Outputs(args.out, gallery, report_limit=args.report_limit)
-    done = 0
-    try:
-        images, videos = _expand_inputs(args.inputs)
-        done += _search_images(images, matcher, outputs, args.workers)
-        for video in videos:
-            done += _search_video(video, matcher, outputs, args)
-        if camera is not None:
-            done += _search_stream(camera, f"camera{args.camera}", matcher, outputs, args)
-    finally:
-        outputs.close()
+    # The detection processes start first: their start-up overlaps the model's loading.
+    with PhotoAnalyser(gallery.model.image_size, args.workers if len(images) > 1 else 0) as analyser:
+        # Each detection process keeps a core busy: the embedder takes what is left (at least one).
+        threads = max(1, cpu_count() - analyser.workers) if analyser.workers else None
+        model = load_face_model(args.model, args.device, args.runtime, threads)
+        check_compatible(gallery, model, args.gallery)
+        threshold, origin = resolve_threshold(args, model)
+        camera = _open_camera(args.camera) if args.camera is not None else None
+        index = TemplateIndex(gallery.templates, backend=args.index)
+        print(
+            f"{len(gallery.names)} people in {args.gallery}; threshold {threshold:.3f} ({origin}); "
+            f"{index.backend} search",
+            file=sys.stderr,
+        )
+        matcher = Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
+        outputs = Outputs(args.out, gallery, report_limit=args.report_limit)
+        done = 0
+        try:
+            done += _search_images(images, analyser, matcher, outputs)
+            analyser.close()
+            for video in videos:
+                done += _search_video(video, matcher, outputs, args)
+            if camera is not None:
+                done += _search_stream(camera, f"camera{args.camera}", matcher, outputs, args)
+        finally:
+            outputs.close()
     print(
         f"{outputs.faces} faces in {done} images/frames" + (f"; outputs in {args.out}" if args.out else ""),
         file=sys.stderr,
@@ -270,17 +242,23 @@ def _expand_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return images, videos
 
 
-def _search_images(images: list[Path], matcher: Matcher, outputs: Outputs, workers: int) -> int:
+def _search_images(images: list[Path], analyser: PhotoAnalyser, matcher: Matcher, outputs: Outputs) -> int:
+    """Photos are detected ahead in the analyser's processes while the faces of the last ones are
+    embedded and searched together here, in batches (eval/identification/matcher.py)."""
+    if not images:
+        return 0
     done = 0
-    for path, faces in analyse_photos(images, matcher.model.info.image_size, workers):
-        if faces is None:
-            warn(f"{path}: unreadable image, skipped")
-            continue
-        done += 1
-        labels = matcher.label(faces)
-        if not faces:
-            warn(f"{path}: no face found")
-        outputs.add_image(path, faces, labels)
+    with progress("[bold]search", ("faces",), unit="photo") as bar:
+        task = bar.add_task("search", total=len(images), faces=0)
+        for path, faces, labels in label_photos(analyser.analyse(images), matcher):
+            if faces is None:
+                warn(f"{path}: unreadable image, skipped")
+            else:
+                done += 1
+                if not faces:
+                    warn(f"{path}: no face found")
+                outputs.add_image(path, faces, labels)
+            bar.update(task, advance=1, faces=outputs.faces)
     return done
 
 
