@@ -52,7 +52,7 @@ from eval.identification.matcher import Matcher, label_photos
 from eval.identification.outputs import Outputs
 from eval.verification.metrics import NonFiniteEmbeddings, check_finite
 from models.load import add_model_arguments
-from preprocess.detect import pick_face
+from preprocess.detect import DEFAULT_MIN_SIZE, pick_face
 
 DEFAULT_THRESHOLD = 0.3
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
@@ -194,7 +194,8 @@ def search(args: argparse.Namespace) -> int:
     images, videos = _expand_inputs(args.inputs)
     gallery = load_gallery(args.gallery)
     # The detection processes start first: their start-up overlaps the model's loading.
-    with PhotoAnalyser(gallery.model.image_size, args.workers if len(images) > 1 else 0) as analyser:
+    workers = args.workers if len(images) > 1 else 0
+    with PhotoAnalyser(gallery.model.image_size, workers, args.min_face) as analyser:
         # Each detection process keeps a core busy: the embedder takes what is left (at least one).
         threads = max(1, cpu_count() - analyser.workers) if analyser.workers else None
         model = load_face_model(args.model, args.device, args.runtime, threads)
@@ -283,7 +284,8 @@ def _search_stream(
     try:
         for n, frame in _frames(capture, args.max_frames):
             if n % args.every == 0:  # frames in between show the last frame's boxes
-                faces = find_faces(np.ascontiguousarray(frame[:, :, ::-1]), matcher.model.info.image_size)
+                rgb = np.ascontiguousarray(frame[:, :, ::-1])
+                faces = find_faces(rgb, matcher.model.info.image_size, args.min_face)
                 labels = matcher.label(faces)
                 outputs.add_frame(source, n, frame, faces, labels)
                 done += 1
@@ -352,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("numpy", "faiss"),
         default="numpy",
         help="search backend: one numpy matrix product (default) or FAISS (faiss-cpu installed)",
+    )
+    s.add_argument(
+        "--min-face",
+        type=_positive,
+        default=DEFAULT_MIN_SIZE,
+        help=f"smallest face side looked for, in pixels (default {DEFAULT_MIN_SIZE}); larger is faster: "
+        "40 detects 250x250 photos about 1.5x faster",
     )
     s.add_argument("--every", type=_positive, default=1, help="video: search every Nth frame (default 1)")
     s.add_argument("--max-frames", type=_positive, help="video/camera: stop after this many frames")

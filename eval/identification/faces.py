@@ -26,10 +26,9 @@ from eval.identification.gallery import ModelInfo
 from models.load import EmbedFn, load_model
 from models.model_file import as_threshold
 from preprocess.align import check_geometry, warp
-from preprocess.detect import Face, default_detector, detect_faces
+from preprocess.detect import DEFAULT_MIN_SIZE, Face, default_detector, detect_faces
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-_worker_size: tuple[int, int] = (112, 112)  # a detection process's face size (_init_worker)
 
 
 @dataclass
@@ -81,10 +80,13 @@ def read_rgb(path: Path) -> np.ndarray | None:
     return None if image is None else np.ascontiguousarray(image[:, :, ::-1])
 
 
-def find_faces(rgb: np.ndarray, image_size: tuple[int, int]) -> list[FoundFace]:
-    """Every detected face whose landmarks can be aligned, with its aligned crop; best score first."""
+def find_faces(
+    rgb: np.ndarray, image_size: tuple[int, int], min_face: float = DEFAULT_MIN_SIZE
+) -> list[FoundFace]:
+    """Every detected face whose landmarks can be aligned, with its aligned crop; best score first.
+    min_face: the smallest face side looked for, in pixels (larger is faster)."""
     found = []
-    for face in detect_faces(rgb):
+    for face in detect_faces(rgb, min_size=min_face):
         if check_geometry(face.landmarks, image_size) is None:
             found.append(FoundFace(face, warp(rgb, face.landmarks, image_size)))
     return found
@@ -104,37 +106,44 @@ def embed_crops(embed: EmbedFn, crops: list[np.ndarray], flip: bool = True, batc
 IN_FLIGHT_PER_WORKER = 16  # photos queued per detection process: enough to ride out a batch embedding
 
 
-def _init_worker(image_size: tuple[int, int]) -> None:
-    global _worker_size
-    _worker_size = image_size
+_worker_sizes: tuple[tuple[int, int], float] = ((112, 112), DEFAULT_MIN_SIZE)  # a detection process's
+
+
+def _init_worker(image_size: tuple[int, int], min_face: float) -> None:
+    global _worker_sizes
+    _worker_sizes = image_size, min_face
     torch.set_num_threads(1)  # one thread per process: the detector's rule (preprocess/detect.py)
     cv2.setNumThreads(1)
     default_detector()  # built now, while the parent loads its model
 
 
-def _analyse(path: Path, image_size: tuple[int, int] | None = None) -> tuple[Path, list[FoundFace] | None]:
+def _analyse(
+    path: Path, sizes: tuple[tuple[int, int], float] | None = None
+) -> tuple[Path, list[FoundFace] | None]:
     rgb = read_rgb(path)
-    return path, None if rgb is None else find_faces(rgb, image_size or _worker_size)
+    return path, None if rgb is None else find_faces(rgb, *(sizes or _worker_sizes))
 
 
 class PhotoAnalyser:
     """Reads, detects and aligns photos: in `workers` processes, started at once so that their
     start-up overlaps the caller's (one detector thread each), or in this process with workers=0.
-    A context manager; `analyse` may be called more than once."""
+    A context manager; `analyse` may be called more than once. min_face: as find_faces."""
 
-    def __init__(self, image_size: tuple[int, int], workers: int = 0) -> None:
-        self.image_size, self.workers = image_size, max(workers, 0)
+    def __init__(
+        self, image_size: tuple[int, int], workers: int = 0, min_face: float = DEFAULT_MIN_SIZE
+    ) -> None:
+        self.sizes, self.workers = (image_size, min_face), max(workers, 0)
         self._pool = None
         if self.workers:
             ctx = multiprocessing.get_context("spawn")  # no fork of a parent that holds torch threads
-            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(image_size,))
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=self.sizes)
 
     def analyse(self, paths: Iterable[Path]) -> Iterator[tuple[Path, list[FoundFace] | None]]:
         """(path, faces or None when unreadable) for each photo, in order. With workers, at most
         IN_FLIGHT_PER_WORKER photos per process are queued or done but not yet taken, so a slower
         consumer holds a bounded number of results."""
         if self._pool is None:
-            yield from (_analyse(path, self.image_size) for path in paths)
+            yield from (_analyse(path, self.sizes) for path in paths)
             return
         todo = iter(paths)
         pending = deque(

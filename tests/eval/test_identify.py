@@ -225,6 +225,15 @@ def test_search_with_detection_processes_repeats_the_per_photo_path(
         assert abs(record["score"] - label["score"]) <= 1e-4
 
 
+def test_min_face_reaches_the_detector(enrolled: dict[str, Path], people, tmp_path: Path, capsys) -> None:
+    photo = str(people["ana"][0])  # 200x200, the face box about 80x100 pixels
+    assert main([*_search(enrolled), photo, "--min-face", "30"]) == 0
+    assert capsys.readouterr().out.count("\t") == 2  # one face: source, identity, score
+    assert main([*_search(enrolled), photo, "--min-face", "150"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"warning: {photo}: no face found" in captured.err
+
+
 def test_search_a_generated_video_end_to_end(enrolled: dict[str, Path], people, tmp_path: Path) -> None:
     """Six frames of one generated face moving a few pixels, through an mp4 and back."""
     frame = cv2.imread(str(people["bo"][0]))
