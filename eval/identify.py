@@ -18,7 +18,11 @@ else the one the checkpoint's LFW validation stored, else DEFAULT_THRESHOLD (0.3
 similarity: typical of margin-softmax models on aligned faces; calibrate with eval/lfw.py). Outputs
 under --out: annotated images, an annotated .mp4 per video or camera, detections.jsonl (one line per
 face: source, frame, box, identity, score, top), and report.html. A model with another
-architecture, image size or weights than the gallery's is refused.
+architecture, image size or weights than the gallery's is refused. Photos are read and detected
+ahead in --workers processes (one thread each) while the faces of the last ones are embedded and
+searched here, 32 or more at a time (eval/identification/matcher.py), on the cores the detectors
+leave; the output is the same as photo by photo. --min-face (default 20 pixels) is the smallest face
+the detector looks for: larger is faster. Videos and the camera go frame by frame.
 """
 
 from __future__ import annotations
@@ -196,19 +200,8 @@ def search(args: argparse.Namespace) -> int:
     # The detection processes start first: their start-up overlaps the model's loading.
     workers = args.workers if len(images) > 1 else 0
     with PhotoAnalyser(gallery.model.image_size, workers, args.min_face) as analyser:
-        # Each detection process keeps a core busy: the embedder takes what is left (at least one).
-        threads = max(1, cpu_count() - analyser.workers) if analyser.workers else None
-        model = load_face_model(args.model, args.device, args.runtime, threads)
-        check_compatible(gallery, model, args.gallery)
-        threshold, origin = resolve_threshold(args, model)
+        matcher = _matcher(args, gallery, analyser.workers)
         camera = _open_camera(args.camera) if args.camera is not None else None
-        index = TemplateIndex(gallery.templates, backend=args.index)
-        print(
-            f"{len(gallery.names)} people in {args.gallery}; threshold {threshold:.3f} ({origin}); "
-            f"{index.backend} search",
-            file=sys.stderr,
-        )
-        matcher = Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
         outputs = Outputs(args.out, gallery, report_limit=args.report_limit)
         done = 0
         try:
@@ -225,6 +218,22 @@ def search(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0 if done else 1
+
+
+def _matcher(args: argparse.Namespace, gallery: Gallery, detectors: int) -> Matcher:
+    """The model (checked against the gallery), threshold and index; the embedder takes the cores
+    that the `detectors` processes, one busy core each, leave (at least one)."""
+    threads = max(1, cpu_count() - detectors) if detectors else None
+    model = load_face_model(args.model, args.device, args.runtime, threads)
+    check_compatible(gallery, model, args.gallery)
+    threshold, origin = resolve_threshold(args, model)
+    index = TemplateIndex(gallery.templates, backend=args.index)
+    print(
+        f"{len(gallery.names)} people in {args.gallery}; threshold {threshold:.3f} ({origin}); "
+        f"{index.backend} search",
+        file=sys.stderr,
+    )
+    return Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
 
 
 def _expand_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
