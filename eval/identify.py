@@ -197,11 +197,11 @@ def search(args: argparse.Namespace) -> int:
         raise UserError("search: give INPUT files or folders, or --camera N")
     images, videos = _expand_inputs(args.inputs)
     gallery = load_gallery(args.gallery)
+    camera = _open_camera(args.camera) if args.camera is not None else None
     # The detection processes start first: their start-up overlaps the model's loading.
     workers = args.workers if len(images) > 1 else 0
     with PhotoAnalyser(gallery.model.image_size, workers, args.min_face) as analyser:
         matcher = _matcher(args, gallery, analyser.workers)
-        camera = _open_camera(args.camera) if args.camera is not None else None
         outputs = Outputs(args.out, gallery, report_limit=args.report_limit)
         done = 0
         try:
