@@ -100,4 +100,8 @@ def progress(label: str, fields: tuple[str, ...] = (), *, unit: str = "img", tex
     columns += [TextColumn(f"{{task.fields[{name}]}} {name}") for name in fields]
     if text_field:
         columns.append(TextColumn(f"{{task.fields[{text_field}]}}"))
-    return Progress(*columns, console=Console(stderr=True), refresh_per_second=4)
+    # While the bar shows, rich sends what the program prints through its console (stderr, above
+    # the bar); stdout only when it is the terminal too, so that results piped to a file stay there.
+    return Progress(
+        *columns, console=Console(stderr=True), refresh_per_second=4, redirect_stdout=sys.stdout.isatty()
+    )

@@ -20,7 +20,11 @@ else the one the checkpoint's LFW validation stored, else DEFAULT_THRESHOLD (0.3
 similarity: typical of margin-softmax models on aligned faces; calibrate with eval/lfw.py). Outputs
 under --out: annotated images, an annotated .mp4 per video or camera, detections.jsonl (one line per
 face: source, frame, box, identity, score, top), and report.html. A model with another
-architecture, image size or weights than the gallery's is refused.
+architecture, image size or weights than the gallery's is refused. Photos are read and detected
+ahead in --workers processes (one thread each) while the faces of the last ones are embedded and
+searched here, 32 or more at a time (eval/identification/matcher.py), on the cores the detectors
+leave; the output is the same as photo by photo. --min-face (default 20 pixels) is the smallest face
+the detector looks for: larger is faster. Videos and the camera go frame by frame.
 """
 
 from __future__ import annotations
@@ -30,18 +34,18 @@ import json
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from common.cli import CliParser, UserError, cpu_count, run_cli
+from common.cli import CliParser, UserError, cpu_count, progress, run_cli
 from common.walk import regular_files
 from eval.identification.faces import (
     IMAGE_EXTS,
     FaceModel,
     FoundFace,
+    PhotoAnalyser,
     analyse_photos,
     embed_crops,
     find_faces,
@@ -50,9 +54,11 @@ from eval.identification.faces import (
     threshold_from_metrics,
 )
 from eval.identification.gallery import Gallery, TemplateIndex, load_gallery, person_templates, save_gallery
+from eval.identification.matcher import Matcher, label_photos
 from eval.identification.outputs import Outputs
 from eval.verification.metrics import NonFiniteEmbeddings, check_finite
 from models.load import add_model_arguments
+from preprocess.detect import DEFAULT_MIN_SIZE
 from preprocess.face_choice import LARGEST_CENTRAL, SINGLE_FACE_ONLY, choose_face
 
 DEFAULT_THRESHOLD = 0.3
@@ -163,40 +169,6 @@ def _enrolled_face(faces: list[FoundFace] | None, path: Path, policy: str) -> tu
 # ---------------------------------------------------------------------------------------- search
 
 
-@dataclass
-class Matcher:
-    gallery: Gallery
-    model: FaceModel
-    index: TemplateIndex
-    threshold: float
-    top_k: int
-    flip: bool
-
-    def label(self, faces: list[FoundFace]) -> list[dict]:
-        """For each face: identity (or "unknown"), score, top-k, and the best gallery photo."""
-        if not faces:
-            return []
-        queries = embed_crops(self.model.embed, [f.crop for f in faces], flip=self.flip)
-        idx, scores = self.index.search(queries, self.top_k)
-        results = []
-        for q, row, row_scores in zip(queries, idx, scores):
-            best, score = int(row[0]), float(row_scores[0])
-            photos = np.flatnonzero(self.gallery.photo_person == best)
-            photo = int(photos[np.argmax(self.gallery.embeddings[photos] @ q)])
-            results.append(
-                {
-                    "identity": self.gallery.names[best] if score >= self.threshold else "unknown",
-                    "nearest": self.gallery.names[best],
-                    "score": round(score, 4),
-                    "photo": photo,
-                    "top": [
-                        [self.gallery.names[int(i)], round(float(s), 4)] for i, s in zip(row, row_scores)
-                    ],
-                }
-            )
-        return results
-
-
 def check_compatible(gallery: Gallery, model: FaceModel, gallery_path: Path) -> None:
     g, m = gallery.model, model.info
     if g.architecture != m.architecture or tuple(g.image_size) != tuple(m.image_size):
@@ -225,34 +197,45 @@ def resolve_threshold(args: argparse.Namespace, model: FaceModel) -> tuple[float
 def search(args: argparse.Namespace) -> int:
     if not args.inputs and args.camera is None:
         raise UserError("search: give INPUT files or folders, or --camera N")
+    images, videos = _expand_inputs(args.inputs)
     gallery = load_gallery(args.gallery)
-    model = load_face_model(args.model, args.device, args.runtime)
+    camera = _open_camera(args.camera) if args.camera is not None else None
+    # The detection processes start first: their start-up overlaps the model's loading.
+    workers = args.workers if len(images) > 1 else 0
+    with PhotoAnalyser(gallery.model.image_size, workers, args.min_face) as analyser:
+        matcher = _matcher(args, gallery, analyser.workers)
+        outputs = Outputs(args.out, gallery, report_limit=args.report_limit)
+        done = 0
+        try:
+            done += _search_images(images, analyser, matcher, outputs)
+            analyser.close()
+            for video in videos:
+                done += _search_video(video, matcher, outputs, args)
+            if camera is not None:
+                done += _search_stream(camera, f"camera{args.camera}", matcher, outputs, args)
+        finally:
+            outputs.close()
+    print(
+        f"{outputs.faces} faces in {done} images/frames" + (f"; outputs in {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
+    return 0 if done else 1
+
+
+def _matcher(args: argparse.Namespace, gallery: Gallery, detectors: int) -> Matcher:
+    """The model (checked against the gallery), threshold and index; the embedder takes the cores
+    that the `detectors` processes, one busy core each, leave (at least one)."""
+    threads = max(1, cpu_count() - detectors) if detectors else None
+    model = load_face_model(args.model, args.device, args.runtime, threads)
     check_compatible(gallery, model, args.gallery)
     threshold, origin = resolve_threshold(args, model)
-    camera = _open_camera(args.camera) if args.camera is not None else None
     index = TemplateIndex(gallery.templates, backend=args.index)
     print(
         f"{len(gallery.names)} people in {args.gallery} (faces: {gallery.face_policy_text}); "
         f"threshold {threshold:.3f} ({origin}); {index.backend} search",
         file=sys.stderr,
     )
-    matcher = Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
-    outputs = Outputs(args.out, gallery, report_limit=args.report_limit)
-    done = 0
-    try:
-        images, videos = _expand_inputs(args.inputs)
-        done += _search_images(images, matcher, outputs, args.workers)
-        for video in videos:
-            done += _search_video(video, matcher, outputs, args)
-        if camera is not None:
-            done += _search_stream(camera, f"camera{args.camera}", matcher, outputs, args)
-    finally:
-        outputs.close()
-    print(
-        f"{outputs.faces} faces in {done} images/frames" + (f"; outputs in {args.out}" if args.out else ""),
-        file=sys.stderr,
-    )
-    return 0 if done else 1
+    return Matcher(gallery, model, index, threshold, args.top_k, not args.no_flip)
 
 
 def _expand_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
@@ -271,17 +254,23 @@ def _expand_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return images, videos
 
 
-def _search_images(images: list[Path], matcher: Matcher, outputs: Outputs, workers: int) -> int:
+def _search_images(images: list[Path], analyser: PhotoAnalyser, matcher: Matcher, outputs: Outputs) -> int:
+    """Photos are detected ahead in the analyser's processes while the faces of the last ones are
+    embedded and searched together here, in batches (eval/identification/matcher.py)."""
+    if not images:
+        return 0
     done = 0
-    for path, faces in analyse_photos(images, matcher.model.info.image_size, workers):
-        if faces is None:
-            warn(f"{path}: unreadable image, skipped")
-            continue
-        done += 1
-        labels = matcher.label(faces)
-        if not faces:
-            warn(f"{path}: no face found")
-        outputs.add_image(path, faces, labels)
+    with progress("[bold]search", ("faces",), unit="photo") as bar:
+        task = bar.add_task("search", total=len(images), faces=0)
+        for path, faces, labels in label_photos(analyser.analyse(images), matcher):
+            if faces is None:
+                warn(f"{path}: unreadable image, skipped")
+            else:
+                done += 1
+                if not faces:
+                    warn(f"{path}: no face found")
+                outputs.add_image(path, faces, labels)
+            bar.update(task, advance=1, faces=outputs.faces)
     return done
 
 
@@ -310,6 +299,7 @@ def _search_stream(
                     np.ascontiguousarray(frame[:, :, ::-1]),
                     matcher.model.info.image_size,
                     f"{source} frame {n}",
+                    args.min_face,
                 )
                 labels = matcher.label(faces)
                 outputs.add_frame(source, n, frame, faces, labels)
@@ -411,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("numpy", "faiss"),
         default="numpy",
         help="search backend: one numpy matrix product (default) or FAISS (faiss-cpu installed)",
+    )
+    s.add_argument(
+        "--min-face",
+        type=_positive,
+        default=DEFAULT_MIN_SIZE,
+        help=f"smallest face side looked for, in pixels (default {DEFAULT_MIN_SIZE}); larger is faster: "
+        "40 detects 250x250 photos about 1.5x faster",
     )
     s.add_argument("--every", type=_positive, default=1, help="video: search every Nth frame (default 1)")
     s.add_argument("--max-frames", type=_positive, help="video/camera: stop after this many frames")

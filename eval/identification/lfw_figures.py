@@ -37,10 +37,12 @@ def lfw_split(images: Path) -> tuple[list[tuple[int, Path]], list[tuple[int, Pat
     return gallery, probes, impostors, names
 
 
-def identification_figures(images: Path, model_path: Path, workers: int = 2, flip: bool = True) -> dict:
+def identification_figures(
+    images: Path, model_path: Path, workers: int = 2, flip: bool = True, runtime: str = "auto"
+) -> dict:
     start = time.perf_counter()
     gallery, probes, impostors, names = lfw_split(images)
-    model = load_face_model(model_path)
+    model = load_face_model(model_path, runtime=runtime)
     paths = [p for _, p in gallery] + [p for _, p in probes] + impostors
     crops: list[np.ndarray | None] = []
     for _, faces in analyse_photos(paths, model.info.image_size, workers):

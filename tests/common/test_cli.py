@@ -1,5 +1,6 @@
 """Every command answers a mistake in its arguments, or a file that is not what it should be, with
-one line naming the problem and exit status 2 (no usage dump, no traceback)."""
+one line naming the problem and exit status 2 (no usage dump, no traceback); and common/cli.py's
+progress bar keeps a piped stdout."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from common.cli import progress
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [
@@ -52,3 +55,14 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert str(bogus) in lines[0] and "not a readable checkpoint" in lines[0]
+
+
+def test_progress_leaves_a_piped_stdout_alone(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """With stderr a terminal, rich would send what is printed while the bar shows through its
+    console; results on a stdout piped to a file must still land there."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich takes stderr for a terminal; stdout is captured
+    with progress("bar") as shown:
+        shown.add_task("task", total=1)
+        print("result")
+    captured = capsys.readouterr()
+    assert captured.out == "result\n" and "result" not in captured.err

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from common.cli import run_cli
+from eval.identification import faces as faces_module
+from eval.identification.faces import embed_crops, find_faces, load_face_model, read_rgb
 from eval.identification.gallery import (
     TemplateIndex,
     faiss_available,
@@ -20,6 +22,7 @@ from eval.identification.gallery import (
     open_set_rate,
     rank_k_accuracy,
 )
+from eval.identification.matcher import Matcher, label_photos
 from eval.identify import main
 from models.backbones import build_backbone
 from models.model_file import save_embedding_checkpoint
@@ -197,6 +200,86 @@ def test_search_labels_photos_and_writes_every_output(
     assert report.count("<section data-source=") == 3  # one per photo read (not the garbage one)
     assert report.count("'><td><img src='data:image/jpeg;base64,") == 3  # one face row under each
     assert report.count("data:image/jpeg;base64,") == 6  # each face beside its matched gallery photo
+
+
+def _per_photo(enrolled: dict[str, Path], photos: list[Path], top_k: int) -> tuple[Matcher, list[tuple]]:
+    """What search found photo by photo before it batched faces across photos: (path, faces, labels)
+    with each photo read, detected, embedded and searched on its own."""
+    gallery, model = load_gallery(enrolled["npz"]), load_face_model(enrolled["model"])
+    matcher = Matcher(gallery, model, TemplateIndex(gallery.templates), 0.5, top_k, True)
+    found = []
+    for path in photos:
+        rgb = read_rgb(path)
+        faces = None if rgb is None else find_faces(rgb, model.info.image_size)
+        found.append((path, faces, matcher.label(faces or [])))
+    return matcher, found
+
+
+def _several_photos(people: dict[str, list[Path]], tmp_path: Path) -> list[Path]:
+    duo = tmp_path / "duo.png"  # two faces in one photo
+    cv2.imwrite(str(duo), np.hstack([cv2.imread(str(people["bo"][1]))] * 2))
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\x00" * 100)
+    return [
+        people["ana"][0],
+        duo,
+        garbage,
+        people["bo"][0],
+        people["ana"][1],
+        people["ana"][2],
+        people["bo"][1],
+    ]
+
+
+def test_faces_labelled_in_batches_across_photos_match_the_per_photo_path(
+    enrolled: dict[str, Path], people, tmp_path: Path
+) -> None:
+    photos = _several_photos(people, tmp_path)
+    matcher, expected = _per_photo(enrolled, photos, top_k=2)
+    found = [(path, faces) for path, faces, _ in expected]
+    for batch in (1, 2, 3, 100):  # a batch may end inside a photo's faces' worth or span them all
+        got = list(label_photos(iter(found), matcher, batch=batch))
+        assert [(p, f) for p, f, _ in got] == found
+        for (_, _, labels), (_, _, want) in zip(got, expected):
+            assert [lab["identity"] for lab in labels] == [w["identity"] for w in want]
+            assert [[n for n, _ in lab["top"]] for lab in labels] == [[n for n, _ in w["top"]] for w in want]
+            assert np.allclose([lab["score"] for lab in labels], [w["score"] for w in want], atol=1e-4)
+    # The matched gallery photo: the person's enrolled photo most like the face.
+    g = matcher.gallery
+    for faces, labels in ((f, lab) for _, f, lab in expected if f):
+        for face, label in zip(faces, labels):
+            q = embed_crops(matcher.model.embed, [face.crop])[0]
+            mine = np.flatnonzero(g.photo_person == g.names.index(label["nearest"]))
+            assert label["photo"] == mine[np.argmax(g.embeddings[mine] @ q)]
+
+
+def test_search_with_detection_processes_repeats_the_per_photo_path(
+    enrolled: dict[str, Path], people, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two detection processes, one photo in flight each (so the queue refills as results are taken),
+    every face of the folder embedded in one batch: the same records, in the same order."""
+    monkeypatch.setattr(faces_module, "IN_FLIGHT_PER_WORKER", 1)
+    photos = _several_photos(people, tmp_path)
+    _, expected = _per_photo(enrolled, photos, top_k=2)
+    out = tmp_path / "out"
+    argv = [*_search(enrolled)[:-2], "--workers", "2", *map(str, photos), "--out", str(out)]
+    assert main([*argv, "--threshold", "0.5", "--top-k", "2"]) == 0
+    records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    want = [(str(p), f, lab) for p, faces, labels in expected for f, lab in zip(faces or [], labels)]
+    assert len(records) == len(want) == 7  # 5 photos of one face, the duo's two
+    for record, (source, face, label) in zip(records, want):
+        assert record["source"] == source and record["box"] == [round(float(v), 1) for v in face.face.box]
+        assert record["identity"] == label["identity"] and record["top"][0][0] == label["top"][0][0]
+        assert abs(record["score"] - label["score"]) <= 1e-4
+
+
+def test_min_face_reaches_the_detector(enrolled: dict[str, Path], people, tmp_path: Path, capsys) -> None:
+    photo = str(people["ana"][0])  # 200x200, the face box about 80x100 pixels
+    assert main([*_search(enrolled), photo, "--min-face", "30"]) == 0
+    assert capsys.readouterr().out.count("\t") == 2  # one face: source, identity, score
+    assert main([*_search(enrolled), photo, "--min-face", "150"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"warning: {photo}: no face found" in captured.err
 
 
 def test_search_a_generated_video_end_to_end(enrolled: dict[str, Path], people, tmp_path: Path) -> None:
