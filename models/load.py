@@ -22,10 +22,13 @@ tool wrote is read where it can be, else replaced by what the graph says, with a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import hashlib
 import re
+import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,7 +302,8 @@ def _load_openvino(
             PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams, INFERENCE_NUM_THREADS=streams * threads
         )
     try:
-        compiled = core.compile_model(network, "CPU", config)
+        with _signal_stack_kept():
+            compiled = core.compile_model(network, "CPU", config)
     except Exception as err:
         raise UserError(f"{path}: OpenVINO cannot compile the model ({type(err).__name__})") from None
     requests = threading.local()  # an infer request serves one call at a time: one per calling thread
@@ -311,6 +315,33 @@ def _load_openvino(
         return np.array(requests.request.infer({0: batch})[0], dtype=np.float32)
 
     return LoadedModel(path, kind, run, *info, None, "openvino", _recorded_input_spec(meta))
+
+
+@contextlib.contextmanager
+def _signal_stack_kept() -> Iterator[None]:
+    """Give the calling thread back its alternate signal stack after OpenVINO's compile_model.
+
+    compile_model (2026.4, CPU) points the thread's sigaltstack at memory of its own and puts back, when
+    the model goes, the stack it found, which may be another model's, freed by then. The next signal
+    delivered on that stack (Python's handlers and faulthandler's use it; torch's DataLoader adds one
+    for SIGCHLD) kills the process with SIGSEGV: a test run died so in `subprocess.run` after an
+    OpenVINO test. With ours restored, every model finds and puts back the same valid stack."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = _StackT()
+    libc.sigaltstack(None, ctypes.byref(before))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(before), None)
+
+
+class _StackT(ctypes.Structure):
+    """Linux's stack_t (sigaltstack's argument)."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
 def _recorded_input_spec(meta: Mapping[str, str]) -> dict[str, str]:

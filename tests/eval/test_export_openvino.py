@@ -4,6 +4,9 @@ file kind giving eval/lfw.py the same figures, the --max-drop refusal, metadata,
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from models.load import RT_INFO_KEY, load_model
 from models.model_file import atomic_save, load_checkpoint
 from tests._eval_util import build_lfw_shards, make_checkpoint, one_line_error
 
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("accuracy_mean", "accuracy_std", "same_accuracy", "diff_accuracy", "tar_at_far_1e-3")
 
 
@@ -233,3 +237,46 @@ def test_identify_loads_an_ir_with_its_fingerprint(files: dict[str, Path]) -> No
     assert (fp32.info.architecture, fp32.info.image_size) == ("tiny/32", (112, 112))
     assert fp32.info.fingerprint == again.info.fingerprint != int8.info.fingerprint
     assert fp32.threshold == pytest.approx(0.42)
+
+
+_SIGNAL_STACK_CHECK = """
+import ctypes, faulthandler, sys
+import torch
+from models.load import load_model
+
+class StackT(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+def stack():
+    now = StackT()
+    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(now))
+    return (now.sp or 0, now.flags, now.size)
+
+faulthandler.enable()  # as pytest does: the thread has a signal stack of Python's
+before = stack()
+models = []
+for path in sys.argv[1:]:
+    models.append(load_model(path, runtime="openvino"))
+    models[-1].embed(torch.zeros(1, 3, 112, 112))
+    assert stack() == before, ("loaded", path, before, stack())
+while models:  # the first loaded goes first: OpenVINO then put back the second's stack, freed next
+    del models[0]
+    assert stack() == before, ("released", before, stack())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack checked on Linux only")
+def test_loading_an_openvino_model_keeps_the_threads_signal_stack(files: dict[str, Path]) -> None:
+    """OpenVINO's compile_model repoints the calling thread's alternate signal stack at memory it later
+    frees; a signal delivered there (SIGCHLD, once torch's DataLoader set a handler) killed a test run
+    with SIGSEGV. models/load.py gives the thread its own stack back. In a fresh process: OpenVINO
+    does it on its first compile in a process, and puts back a stale stack when models go out of order."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_STACK_CHECK, str(files["fp32"]), str(files["onnx"])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
