@@ -2,8 +2,11 @@
 
 The one place to update when heads/fused.py changes its launch structure is `WORK` below: one small
 function per autotuned kernel (the name is the Triton function's, less `_` and `_kernel`: `_fwd_kernel`
--> "fwd"), plus `LIBRARY` for the step's work outside the autotuned kernels (the plain Triton pass
-that makes Wn and the inverse norms once per weight version, and the cuBLAS product dX += G Wn).
+-> "fwd"), plus `LIBRARY` for the forward's and backward's work outside the autotuned kernels (the
+plain Triton pass that makes Wn and the inverse norms once per weight version, and the cuBLAS product
+dX += G Wn) and `STEP` for the head's optimizer step that follows (the gradient norm the trainer reads
+every step, then SGD with momentum over the fp32 C x D weight and state: ~10 GB at C = 1M, as much
+time as the whole bf16 floor, so the model counts it).
 A `Shape` carries the mode: recompute (the backward recomputes the cosines, the default) or
 save_logits (the forward writes them, the backward reads them). Each function reads the code's own
 launch structure -- grid, loop trip counts, which operand each loop re-reads -- and returns a `Work`:
@@ -318,14 +321,41 @@ def dx_product(s: Shape, op: str, arch: Arch) -> Work:
     return Work((1,), 2 * launches, 2.0 * s.B * s.C * s.D, streams)
 
 
+def grad_norm(s: Shape, op: str, arch: Arch) -> Work:
+    """The trainer's `head_parallel.clip_grad_norm`, every step (the divergence guard reads the norm
+    even with clipping off): torch's foreach norm reads the fp32 C x D head gradient once."""
+    return Work((1,), 1, 0.0, [Stream("dW (fp32)", s.C * s.D * 4)])
+
+
+def sgd_torch(s: Shape, op: str, arch: Arch) -> Work:
+    """torch.optim.SGD's foreach step on the fp32 C x D head with the trainer's defaults (momentum,
+    weight decay, no Nesterov), four passes: d = dW + wd W (a temporary), m *= mu, m += d, W -= lr m."""
+    n = s.C * s.D * 4
+    streams = [
+        Stream("W", n, reads=2),
+        Stream("dW", n),
+        Stream("d", n),
+        Stream("momentum", n, reads=3),
+        Stream("d (temporary)", n, write=True),
+        Stream("momentum (written twice)", 2 * n, write=True),
+        Stream("W (written)", n, write=True),
+    ]
+    return Work((1,), 4, 0.0, streams)
+
+
 _OPK = {"fp32": 0, "bf16": 1, "fp16": 2}
 _LOG2E = 1.0 / math.log(2.0)
 # kernel name -> its description; the step's Triton kernels in launch order
 WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "bwd": bwd}
-# the step's work outside the autotuned kernels, in launch order
+# the forward's and backward's work outside the autotuned kernels, in launch order
 LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {
     "normalize (Triton, W -> Wn, r)": normalize,
     "dx (cuBLAS G @ Wn + add)": dx_product,
+}
+# the head's optimizer step after the backward (the trainer's order: the gradient's norm, then SGD)
+STEP: dict[str, Callable[[Shape, str, Arch], Work]] = {
+    "grad norm (torch, clip and guard)": grad_norm,
+    "SGD step (torch foreach)": sgd_torch,
 }
 
 

@@ -27,7 +27,8 @@ saved _bwd). A static count: predicated branches inside the body count once.
 
 The step table (per arch, dtype and mode) models the step with each kernel's first config (what
 deterministic mode runs) and with the config the model rates fastest, plus `LIBRARY`'s parts (the
-Wn pass, the cuBLAS dX product), against the bf16 floor.
+Wn pass, the cuBLAS dX product): forward + backward against the bf16 floor; then with `STEP`'s parts
+added (the head's optimizer step: the gradient norm the trainer reads, SGD with momentum).
 --time (on a CUDA machine: bench/gpu_check.sh's kernels stage) also launches each variant of the local
 arch at the headline shape and adds its measured time per step beside the predicted one.
 Files: DIR/kernels.md (the tables, also printed) and DIR/kernels.json; the last stdout line is JSON.
@@ -51,6 +52,7 @@ from bench.kernel_model import (
     ARCHS,
     HEADLINE,
     LIBRARY,
+    STEP,
     WORK,
     Arch,
     Buf,
@@ -326,6 +328,7 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
         for n in names
     }
     lib = {n: predict(f(shape, dtype, arch), arch) for n, f in LIBRARY.items()}
+    step = {n: predict(f(shape, dtype, arch), arch) for n, f in STEP.items()}
     floor_ms = floor_seconds(shape, arch) * 1e3
     lines = [
         f"step model, {arch.name} ({arch.gpu}), {dtype}, cosines {MODES[shape.save_logits]}, "
@@ -339,16 +342,23 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
             f"| {n} | {first[n].config} | {first[n].predicted_ms:.3f} ({first[n].bound}) | "
             f"{best[n].config} | {best[n].predicted_ms:.3f} ({best[n].bound}) |"
         )
-    for n, p in lib.items():
-        ms = p.seconds * 1e3
-        lines.append(f"| {n} | - | {ms:.3f} ({p.bound}) | - | {ms:.3f} |")
-    lib_ms = sum(p.seconds for p in lib.values()) * 1e3
-    tot_first = sum(v.predicted_ms for v in first.values()) + lib_ms
-    tot_best = sum(v.predicted_ms for v in best.values()) + lib_ms
-    lines.append(
-        f"| step | | {tot_first:.3f} ({tot_first / floor_ms:.2f}x floor) | | "
-        f"{tot_best:.3f} ({tot_best / floor_ms:.2f}x floor) |"
-    )
+
+    def add(parts: dict, total_first: float, total_best: float, label: str) -> tuple[float, float]:
+        for n, p in parts.items():
+            ms = p.seconds * 1e3
+            lines.append(f"| {n} | - | {ms:.3f} ({p.bound}) | - | {ms:.3f} |")
+        ms = sum(p.seconds for p in parts.values()) * 1e3
+        total_first, total_best = total_first + ms, total_best + ms
+        lines.append(
+            f"| **{label}** | | {total_first:.3f} ({total_first / floor_ms:.2f}x floor) | | "
+            f"{total_best:.3f} ({total_best / floor_ms:.2f}x floor) |"
+        )
+        return total_first, total_best
+
+    kernels_first = sum(v.predicted_ms for v in first.values())
+    kernels_best = sum(v.predicted_ms for v in best.values())
+    tot_first, tot_best = add(lib, kernels_first, kernels_best, "forward + backward")
+    with_first, with_best = add(step, tot_first, tot_best, "forward + backward + optimizer step")
     lines.append(f"| bf16 floor (6BCD at {arch.mma_flops / 1e12:.0f} TFLOP/s) | | {floor_ms:.3f} | | |")
     summary = {
         "arch": arch.name,
@@ -357,7 +367,10 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
         "first_ms": round(tot_first, 3),
         "fastest_ms": round(tot_best, 3),
         "floor_ms": round(floor_ms, 3),
-        "library_ms": round(lib_ms, 3),
+        "library_ms": round(tot_first - kernels_first, 3),
+        "step_ms": round(with_first - tot_first, 3),
+        "with_step_first_ms": round(with_first, 3),
+        "with_step_fastest_ms": round(with_best, 3),
     }
     if all(v.measured_ms is not None for v in first.values()):
         measured = sum(v.measured_ms for v in first.values())
