@@ -3,10 +3,10 @@
 The one place to update when heads/fused.py changes its launch structure is `WORK` below: one small
 function per autotuned kernel (the name is the Triton function's, less `_` and `_kernel`: `_fwd_kernel`
 -> "fwd"), plus `LIBRARY` for the forward's and backward's work outside the autotuned kernels (the
-plain Triton pass that makes Wn and the inverse norms once per weight version, and the cuBLAS product
-dX += G Wn) and `STEP` for the head's optimizer step that follows (the gradient norm the trainer reads
-every step, then SGD with momentum over the fp32 C x D weight and state: ~10 GB at C = 1M, as much
-time as the whole bf16 floor, so the model counts it).
+cuBLAS product dX += G Wn) and `STEP` for the head's optimizer step that follows (the gradient norm
+the trainer reads every step, then heads.fused_step's one pass: SGD with momentum over the fp32
+C x D weight and state, ~10 GB at C = 1M, as much time as the whole bf16 floor, which also makes the
+next forward's Wn and inverse norms, so the forward has no normalize pass).
 A `Shape` carries the mode: recompute (the backward recomputes the cosines, the default) or
 save_logits (the forward writes them, the backward reads them). Each function reads the code's own
 launch structure -- grid, loop trip counts, which operand each loop re-reads -- and returns a `Work`:
@@ -292,20 +292,6 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     return Work((grid,), launches, products * 2.0 * s.B * s.C * s.D, streams, args, elems=elems, tile=tile)
 
 
-def normalize(s: Shape, op: str, arch: Arch) -> Work:
-    """FusedEngine._normalize, once per weight version (once per training step): `_normalize_kernel`
-    (a plain Triton kernel, no MMA, `normalize_block(D)` whole rows a program) reads each fp32 row
-    once (its norm and its scaled copy from the same registers) and writes Wn (operand dtype) and r."""
-    from heads.fused import normalize_block
-
-    streams = [
-        Stream("W (fp32)", s.C * s.D * 4),
-        Stream("Wn", s.C * s.D * BYTES[op], write=True),
-        Stream("RW", s.C * 4, write=True),
-    ]
-    return Work((_cdiv(s.C, normalize_block(s.D)[0]),), 1, 0.0, streams)
-
-
 def dx_product(s: Shape, op: str, arch: Arch) -> Work:
     """FusedEngine.backward's `mm_f32(G, Wn[c0:c0+ck], out=dx)` per chunk: cuBLAS reads G and the Wn
     chunk (both just read by _bwd_kernel: from L2 as far as the two fit) into an fp32 product, then
@@ -327,20 +313,22 @@ def grad_norm(s: Shape, op: str, arch: Arch) -> Work:
     return Work((1,), 1, 0.0, [Stream("dW (fp32)", s.C * s.D * 4)])
 
 
-def sgd_torch(s: Shape, op: str, arch: Arch) -> Work:
-    """torch.optim.SGD's foreach step on the fp32 C x D head with the trainer's defaults (momentum,
-    weight decay, no Nesterov), four passes: d = dW + wd W (a temporary), m *= mu, m += d, W -= lr m."""
+def sgd_step(s: Shape, op: str, arch: Arch) -> Work:
+    """heads.fused_step's `_sgd_step_kernel` (FusedHeadSGD, the trainer's SGD, with the fused engine):
+    one pass, `normalize_block(D)` whole rows a program, reads W, dW and the momentum (fp32), writes W
+    and the momentum, and from the new W in registers the inverse norms and Wn (operand dtype) that
+    the next forward reads (so no normalize pass: 22 bytes per element against torch's foreach SGD's
+    44 and the normalize pass's 6)."""
+    from heads.fused import normalize_block
+
     n = s.C * s.D * 4
     streams = [
-        Stream("W", n, reads=2),
-        Stream("dW", n),
-        Stream("d", n),
-        Stream("momentum", n, reads=3),
-        Stream("d (temporary)", n, write=True),
-        Stream("momentum (written twice)", 2 * n, write=True),
-        Stream("W (written)", n, write=True),
+        Stream("W, dW, momentum (fp32)", 3 * n),
+        Stream("W, momentum (written)", 2 * n, write=True),
+        Stream("Wn", s.C * s.D * BYTES[op], write=True),
+        Stream("RW", s.C * 4, write=True),
     ]
-    return Work((1,), 4, 0.0, streams)
+    return Work((_cdiv(s.C, normalize_block(s.D)[0]),), 1, 0.0, streams)
 
 
 _OPK = {"fp32": 0, "bf16": 1, "fp16": 2}
@@ -349,13 +337,12 @@ _LOG2E = 1.0 / math.log(2.0)
 WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "bwd": bwd}
 # the forward's and backward's work outside the autotuned kernels, in launch order
 LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {
-    "normalize (Triton, W -> Wn, r)": normalize,
     "dx (cuBLAS G @ Wn + add)": dx_product,
 }
 # the head's optimizer step after the backward (the trainer's order: the gradient's norm, then SGD)
 STEP: dict[str, Callable[[Shape, str, Arch], Work]] = {
     "grad norm (torch, clip and guard)": grad_norm,
-    "SGD step (torch foreach)": sgd_torch,
+    "SGD step + Wn, r (Triton, fused)": sgd_step,
 }
 
 

@@ -27,8 +27,8 @@ saved _bwd). A static count: predicated branches inside the body count once.
 
 The step table (per arch, dtype and mode) models the step with each kernel's first config (what
 deterministic mode runs) and with the config the model rates fastest, plus `LIBRARY`'s parts (the
-Wn pass, the cuBLAS dX product): forward + backward against the bf16 floor; then with `STEP`'s parts
-added (the head's optimizer step: the gradient norm the trainer reads, SGD with momentum).
+cuBLAS dX product): forward + backward against the bf16 floor; then with `STEP`'s parts added (the
+head's optimizer step: the gradient norm the trainer reads, the fused SGD pass that also makes Wn).
 --time (on a CUDA machine: bench/gpu_check.sh's kernels stage) also launches each variant of the local
 arch at the headline shape and adds its measured time per step beside the predicted one.
 Files: DIR/kernels.md (the tables, also printed) and DIR/kernels.json; the last stdout line is JSON.
