@@ -294,31 +294,35 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
 
 def dx_product(s: Shape, op: str, arch: Arch) -> Work:
     """FusedEngine.backward's `mm_f32(G, Wn[c0:c0+ck], out=dx)` per chunk: cuBLAS reads G and the Wn
-    chunk (both just read by _bwd_kernel: from L2 as far as the two fit) into an fp32 product, then
-    adds it into dX (two launches per chunk)."""
+    chunk (both just read by _bwd_kernel: from L2 as far as the two fit) and accumulates into the
+    fp32 dX, one torch.addmm(out_dtype=float32) launch per chunk (where the torch build refuses an
+    fp32 sum with 16-bit operands, heads.core falls back to a product and an add: two)."""
     ck = _chunk(s, op)
     launches = _cdiv(s.C, ck)
     both = (ck * s.D + s.B * ck) * BYTES[op]  # the Wn chunk and G, in L2 together
     streams = [
         Stream("Wn chunk", s.C * s.D * BYTES[op], fresh=True, live=both),
         Stream("G", s.B * s.C * BYTES[op], fresh=True, live=both),  # _bwd_kernel wrote it
-        Stream("dX", s.B * s.D * 4, reads=2 * launches, live=s.B * s.D * 4),
+        Stream("dX", s.B * s.D * 4, reads=launches, live=s.B * s.D * 4),
     ]
-    return Work((1,), 2 * launches, 2.0 * s.B * s.C * s.D, streams)
+    return Work((1,), launches, 2.0 * s.B * s.C * s.D, streams)
 
 
 def grad_norm(s: Shape, op: str, arch: Arch) -> Work:
     """The trainer's `head_parallel.clip_grad_norm`, every step (the divergence guard reads the norm
-    even with clipping off): torch's foreach norm reads the fp32 C x D head gradient once."""
+    even with clipping off): torch's foreach norm reads the fp32 C x D head gradient once. The clip's
+    multiply by min(1, max / norm) is none with clipping off, and folded into the fused SGD pass with
+    it on (FusedHeadSGD.defer_grad_scale)."""
     return Work((1,), 1, 0.0, [Stream("dW (fp32)", s.C * s.D * 4)])
 
 
 def sgd_step(s: Shape, op: str, arch: Arch) -> Work:
     """heads.fused_step's `_sgd_step_kernel` (FusedHeadSGD, the trainer's SGD, with the fused engine):
-    one pass, `normalize_block(D)` whole rows a program, reads W, dW and the momentum (fp32), writes W
-    and the momentum, and from the new W in registers the inverse norms and Wn (operand dtype) that
-    the next forward reads (so no normalize pass: 22 bytes per element against torch's foreach SGD's
-    44 and the normalize pass's 6)."""
+    one pass, `normalize_block(D)` whole rows a program, reads W, dW (times the clip's factor as it
+    reads it: no clip pass) and the momentum (fp32), writes W and the momentum, and from the new W in
+    registers the inverse norms and Wn (operand dtype) that the next forward reads (so no normalize
+    pass: 22 bytes per element against torch's foreach SGD's 44, the clip's multiply's 8 and the
+    normalize pass's 6)."""
     from heads.fused import normalize_block
 
     n = s.C * s.D * 4
@@ -337,11 +341,11 @@ _LOG2E = 1.0 / math.log(2.0)
 WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "bwd": bwd}
 # the forward's and backward's work outside the autotuned kernels, in launch order
 LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {
-    "dx (cuBLAS G @ Wn + add)": dx_product,
+    "dx (cuBLAS addmm into fp32 dX)": dx_product,
 }
 # the head's optimizer step after the backward (the trainer's order: the gradient's norm, then SGD)
 STEP: dict[str, Callable[[Shape, str, Arch], Work]] = {
-    "grad norm (torch, clip and guard)": grad_norm,
+    "grad norm (torch, for the clip and the guard)": grad_norm,
     "SGD step + Wn, r (Triton, fused)": sgd_step,
 }
 

@@ -30,6 +30,7 @@ if triton is not None:
     def _sgd_step_kernel(
         W,
         GRAD,
+        SCALE,
         BUF,
         RW,
         WN,
@@ -39,6 +40,7 @@ if triton is not None:
         wd,
         momentum,
         keep,
+        SCALED: tl.constexpr,
         DECAY: tl.constexpr,
         MOMENTUM: tl.constexpr,
         FIRST: tl.constexpr,
@@ -47,7 +49,8 @@ if triton is not None:
         BD: tl.constexpr,
     ):
         # BR whole rows (BD >= D) a program, W, dW and the momentum contiguous (stride D); keep is
-        # 1 - dampening. torch's "a.add(b, alpha=x)" is one fma(b, x, a) on the CPU and the GPU.
+        # 1 - dampening; SCALED: dW times the 0-d SCALE first (the clip's factor, as its in-place
+        # multiply would). torch's "a.add(b, alpha=x)" is one fma(b, x, a) on the CPU and the GPU.
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = rows < C
         ds = tl.arange(0, BD)
@@ -55,6 +58,8 @@ if triton is not None:
         at = rows.to(tl.int64)[:, None] * D + ds[None, :]
         w = tl.load(W + at, mask=m, other=0.0)
         d = tl.load(GRAD + at, mask=m, other=0.0)
+        if SCALED:
+            d = d * tl.load(SCALE)
         if DECAY:
             d = tl.fma(w, wd, d)
         if MOMENTUM:
@@ -89,9 +94,11 @@ def sgd_step_normalized(
     dampening: float,
     nesterov: bool,
     first: bool,
+    grad_scale: Tensor | None = None,
 ) -> None:
-    """One SGD step of `weight` in place (and of `momentum_buffer`, written whole when `first`),
-    handing the engine the new weight's inverse norms and Wn. All three tensors contiguous fp32."""
+    """One SGD step of `weight` in place (and of `momentum_buffer`, written whole when `first`) with
+    the gradient times `grad_scale` (a 0-d fp32 tensor on the device; None: 1), handing the engine
+    the new weight's inverse norms and Wn. The three C x D tensors contiguous fp32."""
     C, D = weight.shape
     op = engine.operand_dtype(weight)
     wn = engine.spare_normalized(weight.shape, op, weight.device)
@@ -103,6 +110,7 @@ def sgd_step_normalized(
         _sgd_step_kernel[(triton.cdiv(C, br),)](
             weight,
             grad,
+            grad if grad_scale is None else grad_scale,  # not read unless SCALED
             buf,
             rw,
             wn,
@@ -112,6 +120,7 @@ def sgd_step_normalized(
             float(weight_decay),
             float(momentum),
             1.0 - float(dampening),
+            SCALED=grad_scale is not None,
             DECAY=weight_decay != 0,
             MOMENTUM=momentum != 0,
             FIRST=first,

@@ -8,7 +8,10 @@ the backbone's parameters, a head on the chunked engine, Partial FC's sampled ro
 `sampled_rows` steps a stand-in parameter in the weight's place); trainer/optim.py builds torch's
 AdamW for "adamw", and the normalize pass then stays. The trainer's order is unchanged: GradScaler
 unscales and skips a step with infinite gradients, and the clip by the global norm runs, before
-`step()`, which reads the gradient as they left it. Triton is imported only when the fused step runs.
+`step()`, which reads the gradient as they left it; the clip's multiply of the head's gradient may
+be handed to the step (`defer_grad_scale`: the kernel multiplies as it reads, as the clip's own
+in-place multiply would round, and no pass over the C x D gradient is made for it). Triton is
+imported only when the fused step runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,24 @@ class FusedHeadSGD(torch.optim.SGD):
             raise ValueError("FusedHeadSGD: fused=True is torch's fused SGD; use torch.optim.SGD for it")
         super().__init__(params, **sgd)
         self.head = head  # a heads head: MarginHead or ShardedMarginHead
+        self._grad_scales: dict[Tensor, Tensor] = {}  # parameter -> factor its next step applies
+
+    def defer_grad_scale(self, p: Tensor, scale: Tensor) -> bool:
+        """Take `p.grad *= scale` (a 0-d fp32 tensor on p's device: the clip's min(1, max / norm))
+        into the next step instead of a pass over the gradient: True when the fused step applies to
+        `p` (its kernel multiplies as it reads, the same rounding), else False (the caller
+        multiplies). Until that step or zero_grad(), p.grad stays unscaled."""
+        group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+        if group is None or self._fused_engine(group, p) is None:
+            return False
+        if p in self._grad_scales:  # a second factor: the first one is applied now, in order
+            p.grad.mul_(self._grad_scales.pop(p))
+        self._grad_scales[p] = scale
+        return True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_scales.clear()  # a skipped step drops its gradients' factors with them
+        super().zero_grad(set_to_none)
 
     def _fused_engine(self, group: dict, p: Tensor):
         """The fused engine the step hands Wn to, or None where torch's step runs."""
@@ -38,6 +59,8 @@ class FusedHeadSGD(torch.optim.SGD):
         if isinstance(group["lr"], Tensor) or isinstance(group["weight_decay"], Tensor):
             return None  # a float() of either would wait for the device
         if head.resolved_impl(p.device) != "fused":  # its forward refused a device Triton cannot run on
+            return None
+        if getattr(head, "sampled", None) is not None:  # Partial FC: sampled_rows steps a stand-in
             return None
         buf = self.state.get(p, {}).get("momentum_buffer")
         tensors = (p, p.grad) if buf is None else (p, p.grad, buf)
@@ -58,6 +81,8 @@ class FusedHeadSGD(torch.optim.SGD):
                 if engine is not None:
                     fused.append((group, p, p.grad, engine))
                     p.grad = None  # torch's step skips a parameter without a gradient
+                elif p in self._grad_scales:  # deferred, but the fused step no longer applies
+                    p.grad.mul_(self._grad_scales.pop(p))
         try:
             super().step()
         finally:
@@ -86,6 +111,7 @@ class FusedHeadSGD(torch.optim.SGD):
             dampening=group["dampening"],
             nesterov=group["nesterov"],
             first=first,
+            grad_scale=self._grad_scales.pop(p, None),
         )
         if mu != 0:
             self.state[p]["momentum_buffer"] = buf

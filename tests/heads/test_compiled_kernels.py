@@ -90,8 +90,8 @@ def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion):
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_the_fused_sgd_step_compiles_without_spills(arch: str) -> None:
     """heads/fused_step.py's one pass at D = 512 (its block: normalize_block(512) rows, STEP_WARPS
-    warps), momentum and weight decay on: no spills (W, dW and the momentum of a block held at
-    once), and two blocks per SM at least, so enough loads are in flight for the HBM."""
+    warps), the clip's factor, momentum and weight decay on: no spills (W, dW and the momentum of a
+    block held at once), and two blocks per SM at least, so enough loads are in flight for the HBM."""
     from bench.kernels import _REGS, _SPILL, blocks_per_sm, compile_variant
     from heads.fused import normalize_block
     from heads.fused_step import STEP_WARPS, _sgd_step_kernel
@@ -99,9 +99,9 @@ def test_the_fused_sgd_step_compiles_without_spills(arch: str) -> None:
     C, D = HEADLINE.C, HEADLINE.D
     br, bd = normalize_block(D)
     big = (C, D)
-    args = dict(W=Buf("fp32", big), GRAD=Buf("fp32", big), BUF=Buf("fp32", big), RW=Buf("fp32", (C,)))
-    args.update(WN=Buf("bf16", big), C=C, D=D, lr=0.1, wd=5e-4, momentum=0.9, keep=1.0)
-    args.update(DECAY=True, MOMENTUM=True, FIRST=False, NESTEROV=False)
+    args = dict(W=Buf("fp32", big), GRAD=Buf("fp32", big), SCALE=Buf("fp32", (1,)), BUF=Buf("fp32", big))
+    args.update(RW=Buf("fp32", (C,)), WN=Buf("bf16", big), C=C, D=D, lr=0.1, wd=5e-4, momentum=0.9, keep=1.0)
+    args.update(SCALED=True, DECAY=True, MOMENTUM=True, FIRST=False, NESTEROV=False)
     compiled, log = compile_variant(
         _sgd_step_kernel, args, Config((("BR", br), ("BD", bd)), STEP_WARPS, 1), ARCHS[arch]
     )

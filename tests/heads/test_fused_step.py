@@ -97,7 +97,9 @@ def case_fused_step_equals_torch_sgd_and_hands_over_wn() -> None:
 def case_scaler_skip_and_clipping_as_the_trainer_runs_them() -> None:
     """The trainer's sequence (GradScaler scale, backward, unscale_, clip by the global norm, scaler
     step, update) with FusedHeadSGD equals it with torch.optim.SGD; a step whose gradient holds an
-    inf is skipped by both (W, momentum and the engine's Wn untouched)."""
+    inf is skipped by both (W, momentum and the engine's Wn untouched). FusedHeadSGD takes the clip's
+    factor into its step (`defer_grad_scale`, as trainer/head_parallel.py hands it: the gradient is
+    not touched before the step), torch's SGD gets the clip's in-place multiply."""
     from heads.fused import _weight_key
 
     head = _fused_head(seed=3)
@@ -117,8 +119,14 @@ def case_scaler_skip_and_clipping_as_the_trainer_runs_them() -> None:
         before = (head.weight.detach().clone(), engine._wn)
         for scaler, opt, p in zip(scalers, (fused, plain), (head.weight, mirror)):
             scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_([p], 0.05)
+            norm = torch.nn.utils.get_total_norm([p.grad])
             assert step == 2 or norm > 0.05, norm  # it clips
+            if opt is fused:
+                unscaled = p.grad.clone()
+                assert opt.defer_grad_scale(p, torch.clamp(0.05 / (norm + 1e-6), max=1.0))
+                assert torch.equal(p.grad, unscaled)
+            else:
+                torch.nn.utils.clip_grads_with_norm_([p], 0.05, norm)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad()
