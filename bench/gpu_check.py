@@ -516,7 +516,7 @@ def stage_kernels(check: Check) -> Stage:
     stage.figures = {
         f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}": s[k]
         for s in r["steps"]
-        for k in ("first_ms", "measured_first_ms", "floor_ms")
+        for k in ("first_ms", "measured_first_ms", "floor_ms", "with_step_first_ms", "measured_step_pass_ms")
         if k in s
     }
     stage.figures["variants"] = json.loads((folder / "kernels.json").read_text())["variants"]

@@ -332,7 +332,15 @@ def sgd_step(s: Shape, op: str, arch: Arch) -> Work:
         Stream("Wn", s.C * s.D * BYTES[op], write=True),
         Stream("RW", s.C * 4, write=True),
     ]
-    return Work((_cdiv(s.C, normalize_block(s.D)[0]),), 1, 0.0, streams)
+    br, bd = normalize_block(s.D)
+    big = Buf("fp32", (s.C, s.D))
+    # the trainer's defaults, clipping on: every branch but Nesterov's
+    args = dict(
+        W=big, GRAD=big, SCALE=Buf("fp32", (1,)), BUF=big, RW=Buf("fp32", (s.C,)), WN=Buf(op, (s.C, s.D))
+    )
+    args.update(C=s.C, D=s.D, lr=0.1, wd=5e-4, momentum=0.9, keep=1.0)
+    args.update(SCALED=True, DECAY=True, MOMENTUM=True, FIRST=False, NESTEROV=False, BR=br, BD=bd)
+    return Work((_cdiv(s.C, br),), 1, 0.0, streams, args)
 
 
 _OPK = {"fp32": 0, "bf16": 1, "fp16": 2}

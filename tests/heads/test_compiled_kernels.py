@@ -93,18 +93,10 @@ def test_the_fused_sgd_step_compiles_without_spills(arch: str) -> None:
     warps), the clip's factor, momentum and weight decay on: no spills (W, dW and the momentum of a
     block held at once), and two blocks per SM at least, so enough loads are in flight for the HBM."""
     from bench.kernels import _REGS, _SPILL, blocks_per_sm, compile_variant
-    from heads.fused import normalize_block
     from heads.fused_step import STEP_WARPS, _sgd_step_kernel
 
-    C, D = HEADLINE.C, HEADLINE.D
-    br, bd = normalize_block(D)
-    big = (C, D)
-    args = dict(W=Buf("fp32", big), GRAD=Buf("fp32", big), SCALE=Buf("fp32", (1,)), BUF=Buf("fp32", big))
-    args.update(RW=Buf("fp32", (C,)), WN=Buf("bf16", big), C=C, D=D, lr=0.1, wd=5e-4, momentum=0.9, keep=1.0)
-    args.update(SCALED=True, DECAY=True, MOMENTUM=True, FIRST=False, NESTEROV=False)
-    compiled, log = compile_variant(
-        _sgd_step_kernel, args, Config((("BR", br), ("BD", bd)), STEP_WARPS, 1), ARCHS[arch]
-    )
+    args = STEP["SGD step + Wn, r (Triton, fused)"](HEADLINE, "bf16", ARCHS[arch]).args
+    compiled, log = compile_variant(_sgd_step_kernel, args, Config((), STEP_WARPS, 1), ARCHS[arch])
     assert _SPILL.search(log).groups() == ("0", "0"), log
     regs = int(_REGS.search(log).group(1))
     assert blocks_per_sm(ARCHS[arch], regs, compiled.metadata.shared, STEP_WARPS) >= 2, regs
@@ -209,26 +201,27 @@ def test_descriptions_follow_the_launch_structure():
 
 def test_the_descriptions_launch_the_kernels_they_describe():
     """Each kernel launched with its description's arguments and grid (bench/kernels.py --time's
-    path), in both modes, at a toy shape under TRITON_INTERPRET=1, in a subprocess (the variable must
-    be set before triton is imported): a description that no longer matches its kernel's signature
-    fails here."""
+    path), in both modes, and the head step's Triton pass with STEP's, at a toy shape under
+    TRITON_INTERPRET=1, in a subprocess (the variable must be set before triton is imported): a
+    description that no longer matches its kernel's signature fails here."""
     code = (
-        "from bench.kernels import Variant, kernels, time_variants\n"
+        "from bench.kernels import Variant, kernels, time_step_pass, time_variants\n"
         "from bench.kernel_model import ARCHS, Shape\n"
         "found = kernels()\n"
         "rows = [Variant(n, 'fp16', c[0].tag, 'sm_90', True, saved, 0, 0, 0, 0, 1, [], [], None, 0.0, '')\n"
         "        for n, (fn, c) in found.items() for saved in (False, True)]\n"
         "time_variants(rows, found, Shape(64, 64, 256), device='cpu', arch=ARCHS['sm_90'], repeats=1)\n"
-        "print({(v.kernel, v.save_logits): v.measured_ms for v in rows})\n"
+        "step = time_step_pass(Shape(64, 64, 256), ARCHS['sm_90'], 'fp16', device='cpu', repeats=1)\n"
+        "print(({(v.kernel, v.save_logits): v.measured_ms for v in rows}, step))\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    measured = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    measured, step = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     assert set(measured) == {(k, saved) for k in WORK for saved in (False, True)}, measured
-    assert all(ms > 0 for ms in measured.values()), measured
+    assert all(ms > 0 for ms in measured.values()) and step > 0, (measured, step)
 
 
 def test_the_mma_check_reads_the_operand_types():
