@@ -142,6 +142,23 @@ def case_scaler_skip_and_clipping_as_the_trainer_runs_them() -> None:
     assert scalers[0].get_scale() == scalers[1].get_scale() < 1024.0
 
 
+def case_fused_step_and_the_deferred_clip_make_no_host_sync() -> None:
+    """The step's selection, its launch, the engine's handover and the deferred clip factor run
+    under tests/heads/test_host_syncs.py's NoHostSync (no .item(), no truth value of a tensor)."""
+    from tests.heads.test_host_syncs import NoHostSync
+
+    head = _fused_head(seed=5)
+    opt = FusedHeadSGD(head.parameters(), head=head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(2):
+        head(torch.randn(8, 40), torch.randint(0, 70, (8,))).backward()
+        with NoHostSync():
+            norm = torch.nn.utils.get_total_norm([head.weight.grad])
+            assert opt.defer_grad_scale(head.weight, torch.clamp(0.01 / (norm + 1e-6), max=1.0))
+            opt.step()
+            opt.zero_grad()
+    assert head.engine("fused")._wn[0][1] == head.weight._version
+
+
 CASES = cases_in(globals())
 
 
