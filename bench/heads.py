@@ -5,7 +5,10 @@ matrix-multiply floor measured in the same run.
     python -m bench.heads --device cpu --classes 50000      # CPU: chunked vs reference
 
 CUDA: one process; each (classes, margin, impl) runs warm-up steps (compilation, autotuning), then
-`--repeats` steps timed by CUDA events: forward, backward and their sum, the median of each. Peak =
+`--repeats` steps timed by CUDA events: forward, backward and their sum, the median of each, and the
+head's optimizer step as the trainer makes it (`step_ms`: the gradient norm its clip and guard read,
+then heads.head_sgd.FusedHeadSGD: with the fused engine one Triton pass that also makes the next
+forward's Wn, so the fused forward has no normalize pass; else torch's SGD). Peak =
 torch.cuda.max_memory_allocated during one step beyond what was allocated before it; working = peak
 minus dW and dX (the gradients any implementation returns). The floor: the three bf16 matrix products
 of a B x C x D head (X W^T forward, 2BCD flops; G W and G^T X backward, 4BCD), timed the same way at
@@ -41,23 +44,36 @@ def _median_ms(samples: list[float]) -> float:
 def _cuda_step_times(head, x, y, warmup: int, repeats: int) -> dict:
     import torch
 
-    fwd, bwd = [], []
+    from heads.head_sgd import FusedHeadSGD
+
+    # the trainer's head step after the backward: the gradient norm its clip and guard read, then its
+    # SGD (the fused engine's head: one Triton pass that also makes the next forward's Wn, so the
+    # fused forward measured here makes none; the others: torch's foreach SGD). A small lr keeps the
+    # weights where they started.
+    opt = FusedHeadSGD([head.weight], head=head, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    fwd, bwd, step = [], [], []
     for i in range(warmup + repeats):
         head.weight.grad, x.grad = None, None
-        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0, e1, e2, e3 = (torch.cuda.Event(enable_timing=True) for _ in range(4))
         e0.record()
         loss = head(x, y)
         e1.record()
         loss.backward()
         e2.record()
+        torch.nn.utils.clip_grad_norm_([head.weight], float("inf"))
+        opt.step()
+        e3.record()
         torch.cuda.synchronize()
         if i >= warmup:
             fwd.append(e0.elapsed_time(e1))
             bwd.append(e1.elapsed_time(e2))
+            step.append(e2.elapsed_time(e3))
     return {
         "fwd_ms": _median_ms(fwd),
         "bwd_ms": _median_ms(bwd),
         "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)]),
+        "step_ms": _median_ms(step),
+        "with_step_ms": _median_ms([a + b + c for a, b, c in zip(fwd, bwd, step)]),
     }
 
 
@@ -217,6 +233,8 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
         floor = floors.get(r["classes"])
         if floor and "total_ms" in r:
             r["x_bf16_floor"] = round(r["total_ms"] / floor["bf16_total_ms"], 2)
+        if floor and "with_step_ms" in r:
+            r["with_step_x_bf16_floor"] = round(r["with_step_ms"] / floor["bf16_total_ms"], 2)
     ok = [r for r in rows if "total_ms" in r]
     top = max(args.classes)
     at_top = [r for r in ok if r["classes"] == top and r["margin"] == args.margins[0]]
@@ -250,9 +268,10 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
 
 
 def _print_table(rows: list[dict], floors: dict[int, dict]) -> None:
+    nan = float("nan")
     print(
         f"{'impl':>9} {'C':>8} {'margin':>14} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
-        f"{'x bf16 floor':>12} {'peak MiB':>9} {'work MiB':>9}"
+        f"{'x bf16 floor':>12} {'step ms':>8} {'x with step':>11} {'peak MiB':>9} {'work MiB':>9}"
     )
     for r in rows:
         if "error" in r:
@@ -260,8 +279,8 @@ def _print_table(rows: list[dict], floors: dict[int, dict]) -> None:
             continue
         print(
             f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14} {r['fwd_ms']:9.2f} {r['bwd_ms']:9.2f} "
-            f"{r['total_ms']:9.2f} {r.get('x_bf16_floor', float('nan')):12.2f} {r['peak_mib']:9.1f} "
-            f"{r['working_mib']:9.1f}"
+            f"{r['total_ms']:9.2f} {r.get('x_bf16_floor', nan):12.2f} {r.get('step_ms', nan):8.2f} "
+            f"{r.get('with_step_x_bf16_floor', nan):11.2f} {r['peak_mib']:9.1f} {r['working_mib']:9.1f}"
         )
     for f in floors.values():
         print(

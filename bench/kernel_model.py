@@ -2,8 +2,11 @@
 
 The one place to update when heads/fused.py changes its launch structure is `WORK` below: one small
 function per autotuned kernel (the name is the Triton function's, less `_` and `_kernel`: `_fwd_kernel`
--> "fwd"), plus `LIBRARY` for the step's work outside the autotuned kernels (the plain Triton pass
-that makes Wn and the inverse norms once per weight version, and the cuBLAS product dX += G Wn).
+-> "fwd"), plus `LIBRARY` for the forward's and backward's work outside the autotuned kernels (the
+cuBLAS product dX += G Wn) and `STEP` for the head's optimizer step that follows (the gradient norm
+the trainer reads every step, then heads.fused_step's one pass: SGD with momentum over the fp32
+C x D weight and state, ~10 GB at C = 1M, as much time as the whole bf16 floor, which also makes the
+next forward's Wn and inverse norms, so the forward has no normalize pass).
 A `Shape` carries the mode: recompute (the backward recomputes the cosines, the default) or
 save_logits (the forward writes them, the backward reads them). Each function reads the code's own
 launch structure -- grid, loop trip counts, which operand each loop re-reads -- and returns a `Work`:
@@ -289,43 +292,69 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     return Work((grid,), launches, products * 2.0 * s.B * s.C * s.D, streams, args, elems=elems, tile=tile)
 
 
-def normalize(s: Shape, op: str, arch: Arch) -> Work:
-    """FusedEngine._normalize, once per weight version (once per training step): `_normalize_kernel`
-    (a plain Triton kernel, no MMA, `normalize_block(D)` whole rows a program) reads each fp32 row
-    once (its norm and its scaled copy from the same registers) and writes Wn (operand dtype) and r."""
-    from heads.fused import normalize_block
-
-    streams = [
-        Stream("W (fp32)", s.C * s.D * 4),
-        Stream("Wn", s.C * s.D * BYTES[op], write=True),
-        Stream("RW", s.C * 4, write=True),
-    ]
-    return Work((_cdiv(s.C, normalize_block(s.D)[0]),), 1, 0.0, streams)
-
-
 def dx_product(s: Shape, op: str, arch: Arch) -> Work:
     """FusedEngine.backward's `mm_f32(G, Wn[c0:c0+ck], out=dx)` per chunk: cuBLAS reads G and the Wn
-    chunk (both just read by _bwd_kernel: from L2 as far as the two fit) into an fp32 product, then
-    adds it into dX (two launches per chunk)."""
+    chunk (both just read by _bwd_kernel: from L2 as far as the two fit) and accumulates into the
+    fp32 dX, one torch.addmm(out_dtype=float32) launch per chunk (where the torch build refuses an
+    fp32 sum with 16-bit operands, heads.core falls back to a product and an add: two)."""
     ck = _chunk(s, op)
     launches = _cdiv(s.C, ck)
     both = (ck * s.D + s.B * ck) * BYTES[op]  # the Wn chunk and G, in L2 together
     streams = [
         Stream("Wn chunk", s.C * s.D * BYTES[op], fresh=True, live=both),
         Stream("G", s.B * s.C * BYTES[op], fresh=True, live=both),  # _bwd_kernel wrote it
-        Stream("dX", s.B * s.D * 4, reads=2 * launches, live=s.B * s.D * 4),
+        Stream("dX", s.B * s.D * 4, reads=launches, live=s.B * s.D * 4),
     ]
-    return Work((1,), 2 * launches, 2.0 * s.B * s.C * s.D, streams)
+    return Work((1,), launches, 2.0 * s.B * s.C * s.D, streams)
+
+
+def grad_norm(s: Shape, op: str, arch: Arch) -> Work:
+    """The trainer's `head_parallel.clip_grad_norm`, every step (the divergence guard reads the norm
+    even with clipping off): torch's foreach norm reads the fp32 C x D head gradient once. The clip's
+    multiply by min(1, max / norm) is none with clipping off, and folded into the fused SGD pass with
+    it on (FusedHeadSGD.defer_grad_scale)."""
+    return Work((1,), 1, 0.0, [Stream("dW (fp32)", s.C * s.D * 4)])
+
+
+def sgd_step(s: Shape, op: str, arch: Arch) -> Work:
+    """heads.fused_step's `_sgd_step_kernel` (FusedHeadSGD, the trainer's SGD, with the fused engine):
+    one pass, `normalize_block(D)` whole rows a program, reads W, dW (times the clip's factor as it
+    reads it: no clip pass) and the momentum (fp32), writes W and the momentum, and from the new W in
+    registers the inverse norms and Wn (operand dtype) that the next forward reads (so no normalize
+    pass: 22 bytes per element against torch's foreach SGD's 44, the clip's multiply's 8 and the
+    normalize pass's 6)."""
+    from heads.fused import normalize_block
+
+    n = s.C * s.D * 4
+    streams = [
+        Stream("W, dW, momentum (fp32)", 3 * n),
+        Stream("W, momentum (written)", 2 * n, write=True),
+        Stream("Wn", s.C * s.D * BYTES[op], write=True),
+        Stream("RW", s.C * 4, write=True),
+    ]
+    br, bd = normalize_block(s.D)
+    big = Buf("fp32", (s.C, s.D))
+    # the trainer's defaults, clipping on: every branch but Nesterov's
+    args = dict(
+        W=big, GRAD=big, SCALE=Buf("fp32", (1,)), BUF=big, RW=Buf("fp32", (s.C,)), WN=Buf(op, (s.C, s.D))
+    )
+    args.update(C=s.C, D=s.D, lr=0.1, wd=5e-4, momentum=0.9, keep=1.0)
+    args.update(SCALED=True, DECAY=True, MOMENTUM=True, FIRST=False, NESTEROV=False, BR=br, BD=bd)
+    return Work((_cdiv(s.C, br),), 1, 0.0, streams, args)
 
 
 _OPK = {"fp32": 0, "bf16": 1, "fp16": 2}
 _LOG2E = 1.0 / math.log(2.0)
 # kernel name -> its description; the step's Triton kernels in launch order
 WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "bwd": bwd}
-# the step's work outside the autotuned kernels, in launch order
+# the forward's and backward's work outside the autotuned kernels, in launch order
 LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {
-    "normalize (Triton, W -> Wn, r)": normalize,
-    "dx (cuBLAS G @ Wn + add)": dx_product,
+    "dx (cuBLAS addmm into fp32 dX)": dx_product,
+}
+# the head's optimizer step after the backward (the trainer's order: the gradient's norm, then SGD)
+STEP: dict[str, Callable[[Shape, str, Arch], Work]] = {
+    "grad norm (torch, for the clip and the guard)": grad_norm,
+    "SGD step + Wn, r (Triton, fused)": sgd_step,
 }
 
 

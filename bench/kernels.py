@@ -27,9 +27,11 @@ saved _bwd). A static count: predicated branches inside the body count once.
 
 The step table (per arch, dtype and mode) models the step with each kernel's first config (what
 deterministic mode runs) and with the config the model rates fastest, plus `LIBRARY`'s parts (the
-Wn pass, the cuBLAS dX product), against the bf16 floor.
+cuBLAS dX product): forward + backward against the bf16 floor; then with `STEP`'s parts added (the
+head's optimizer step: the gradient norm the trainer reads, the fused SGD pass that also makes Wn).
 --time (on a CUDA machine: bench/gpu_check.sh's kernels stage) also launches each variant of the local
-arch at the headline shape and adds its measured time per step beside the predicted one.
+arch at the headline shape and adds its measured time per step beside the predicted one, and the
+head step's Triton pass (heads/fused_step.py) beside its prediction.
 Files: DIR/kernels.md (the tables, also printed) and DIR/kernels.json; the last stdout line is JSON.
 """
 
@@ -51,6 +53,7 @@ from bench.kernel_model import (
     ARCHS,
     HEADLINE,
     LIBRARY,
+    STEP,
     WORK,
     Arch,
     Buf,
@@ -58,6 +61,7 @@ from bench.kernel_model import (
     Shape,
     floor_seconds,
     predict,
+    sgd_step,
 )
 from common.cli import CliParser, UserError, run_cli
 
@@ -309,9 +313,11 @@ def variant_table(rows: list[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tuple[str, dict]:
+def step_table(
+    rows: list[Variant], arch: Arch, dtype: str, shape: Shape, step_pass_ms: float | None = None
+) -> tuple[str, dict]:
     """The modelled step on one arch, dtype and mode (shape.save_logits): first configs and the model's
-    fastest per kernel."""
+    fastest per kernel; `step_pass_ms`, the head step's Triton pass as measured (--time)."""
     mine = [
         v for v in rows if v.arch == arch.name and v.dtype == dtype and v.save_logits == shape.save_logits
     ]
@@ -326,6 +332,7 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
         for n in names
     }
     lib = {n: predict(f(shape, dtype, arch), arch) for n, f in LIBRARY.items()}
+    step = {n: predict(f(shape, dtype, arch), arch) for n, f in STEP.items()}
     floor_ms = floor_seconds(shape, arch) * 1e3
     lines = [
         f"step model, {arch.name} ({arch.gpu}), {dtype}, cosines {MODES[shape.save_logits]}, "
@@ -339,16 +346,23 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
             f"| {n} | {first[n].config} | {first[n].predicted_ms:.3f} ({first[n].bound}) | "
             f"{best[n].config} | {best[n].predicted_ms:.3f} ({best[n].bound}) |"
         )
-    for n, p in lib.items():
-        ms = p.seconds * 1e3
-        lines.append(f"| {n} | - | {ms:.3f} ({p.bound}) | - | {ms:.3f} |")
-    lib_ms = sum(p.seconds for p in lib.values()) * 1e3
-    tot_first = sum(v.predicted_ms for v in first.values()) + lib_ms
-    tot_best = sum(v.predicted_ms for v in best.values()) + lib_ms
-    lines.append(
-        f"| step | | {tot_first:.3f} ({tot_first / floor_ms:.2f}x floor) | | "
-        f"{tot_best:.3f} ({tot_best / floor_ms:.2f}x floor) |"
-    )
+
+    def add(parts: dict, total_first: float, total_best: float, label: str) -> tuple[float, float]:
+        for n, p in parts.items():
+            ms = p.seconds * 1e3
+            lines.append(f"| {n} | - | {ms:.3f} ({p.bound}) | - | {ms:.3f} |")
+        ms = sum(p.seconds for p in parts.values()) * 1e3
+        total_first, total_best = total_first + ms, total_best + ms
+        lines.append(
+            f"| **{label}** | | {total_first:.3f} ({total_first / floor_ms:.2f}x floor) | | "
+            f"{total_best:.3f} ({total_best / floor_ms:.2f}x floor) |"
+        )
+        return total_first, total_best
+
+    kernels_first = sum(v.predicted_ms for v in first.values())
+    kernels_best = sum(v.predicted_ms for v in best.values())
+    tot_first, tot_best = add(lib, kernels_first, kernels_best, "forward + backward")
+    with_first, with_best = add(step, tot_first, tot_best, "forward + backward + optimizer step")
     lines.append(f"| bf16 floor (6BCD at {arch.mma_flops / 1e12:.0f} TFLOP/s) | | {floor_ms:.3f} | | |")
     summary = {
         "arch": arch.name,
@@ -357,8 +371,17 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
         "first_ms": round(tot_first, 3),
         "fastest_ms": round(tot_best, 3),
         "floor_ms": round(floor_ms, 3),
-        "library_ms": round(lib_ms, 3),
+        "library_ms": round(tot_first - kernels_first, 3),
+        "step_ms": round(with_first - tot_first, 3),
+        "with_step_first_ms": round(with_first, 3),
+        "with_step_fastest_ms": round(with_best, 3),
     }
+    if step_pass_ms is not None:
+        predicted = predict(sgd_step(shape, dtype, arch), arch).seconds * 1e3
+        summary["measured_step_pass_ms"] = step_pass_ms
+        lines.append(
+            f"| the step's Triton pass: measured | | {step_pass_ms:.3f} (predicted {predicted:.3f}) | | |"
+        )
     if all(v.measured_ms is not None for v in first.values()):
         measured = sum(v.measured_ms for v in first.values())
         summary["measured_first_ms"] = round(measured, 3)
@@ -402,6 +425,25 @@ def time_variants(
         del buffers
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def time_step_pass(shape: Shape, arch: Arch, dtype: str, device: str = "cuda", repeats: int = 5) -> float:
+    """The head step's Triton pass (heads/fused_step.py) launched with its description's arguments
+    (bench/kernel_model.py `sgd_step`) at the shape: its median ms (wall-clock on the CPU)."""
+    import torch
+
+    from heads.fused_step import STEP_WARPS, _sgd_step_kernel
+
+    work = sgd_step(shape, dtype, arch)
+    buffers: dict = {}
+    values = {n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a for n, a in work.args.items()}
+    launch = functools.partial(_sgd_step_kernel[work.grid], **values, num_warps=STEP_WARPS)
+    launch()  # compiles
+    samples = sorted(_elapsed_ms(launch, device) for _ in range(repeats))
+    del buffers, values
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return round(samples[len(samples) // 2], 4)
 
 
 def _elapsed_ms(launch, device: str) -> float:
@@ -463,14 +505,20 @@ def compile_and_model(
                             file=sys.stderr,
                             flush=True,
                         )
+    step_measured: dict[tuple[str, str], float] = {}
     if timing:
         time_variants(rows, found, shape)
+        import torch
+
+        local = "sm_{}{}".format(*torch.cuda.get_device_capability())
+        for dtype in dtypes if local in ARCHS else ():
+            step_measured[(local, dtype)] = time_step_pass(shape, ARCHS[local], dtype)
     text = variant_table(rows)
     summaries = []
     for arch in archs:
         for dtype in dtypes:
             for mode in modes:
-                table, summary = step_table(rows, arch, dtype, mode)
+                table, summary = step_table(rows, arch, dtype, mode, step_measured.get((arch.name, dtype)))
                 text += "\n" + table
                 summaries.append(summary)
     return rows, text, summaries

@@ -43,6 +43,10 @@ a few B x block fp32 temporaries, fused 12 x B bytes per program forward and a B
 bytes each) plus a chunk of W in fp16 backward (see heads/fused.py). The reference holds several
 B x C tensors.
 
+Optimizer: `heads.head_sgd.FusedHeadSGD(params, head=head, **sgd_options)` is torch.optim.SGD whose
+step of `head.weight` on the fused engine is one Triton pass that also makes the next forward's
+16-bit copy of W (heads/fused_step.py); the trainer's "sgd" is it.
+
 The forward is kept out of `torch.compile` graphs (`torch.compiler.disable`): compile the backbone;
 the head runs eagerly, so its Python-int training step (`set_step`) never becomes a Dynamo guard
 that would recompile the graph at every step.

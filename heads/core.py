@@ -82,15 +82,20 @@ def operand_dtype(
 def mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a @ b with an fp32 (or float64) result; low-precision operands accumulate in fp32 in cuBLAS.
 
-    With `out` given, the product is added into it (out += a @ b)."""
+    With `out` given, the product is added into it (out += a @ b): one cuBLAS call accumulating into
+    the fp32 `out` where torch.addmm(out_dtype=float32) takes an fp32 `out` with 16-bit operands (some
+    torch versions ask for the operands' dtype), else the product and an add."""
     if a.dtype in (torch.float32, torch.float64):
         return torch.mm(a, b) if out is None else out.addmm_(a, b)
+    if out is not None and _runs("mm", a.device, a.dtype) and _runs("addmm", a.device, a.dtype):
+        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     prod = _low_precision_mm(a, b)
     return prod if out is None else out.add_(prod)
 
 
-# per (device type, operand dtype): whether torch.mm(..., out_dtype=float32) runs there (probed once)
-_OUT_DTYPE_MM: dict[tuple[str, torch.dtype], bool] = {}
+# per (op, device type, operand dtype): whether torch.mm(..., out_dtype=float32), or torch.addmm(acc,
+# ..., out_dtype=float32, out=acc) into an fp32 accumulator, runs there (probed once)
+_CAPABLE: dict[tuple[str, str, torch.dtype], bool] = {}
 
 
 def _low_precision_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -99,33 +104,49 @@ def _low_precision_mm(a: Tensor, b: Tensor) -> Tensor:
     CPU's bf16 product would round its result to bf16; a slower product beats a wrong one). Only the
     capability probe decides the fallback: an error of the real product (out of memory, a bad shape)
     propagates, and the next call takes the fast path again."""
-    if _out_dtype_mm_runs(a.device, a.dtype):
+    if _runs("mm", a.device, a.dtype):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 
 
-def _out_dtype_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Probe once per (device type, dtype) with a 1 x 1 product; say once when the answer is no."""
-    key = (device.type, dtype)
-    if key not in _OUT_DTYPE_MM:
-        one = torch.ones(1, 1, dtype=dtype, device=device)
+def _probe_mm(one: Tensor) -> None:
+    torch.mm(one, one, out_dtype=torch.float32)
+
+
+def _probe_addmm(one: Tensor) -> None:
+    acc = torch.zeros(1, 1, device=one.device)
+    torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+
+
+# each probe, and what its "no" costs (said once in a RuntimeWarning)
+_PROBES = {
+    "mm": (_probe_mm, "the class products widen their operands to fp32 instead (same result, slower)"),
+    "addmm": (_probe_addmm, "a product into an fp32 sum is a product and an add (same result)"),
+}
+
+
+def _runs(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Probe torch.<op>(out_dtype=float32) once per (device type, dtype) with a 1 x 1 product; say
+    once when the answer is no."""
+    probe, otherwise = _PROBES[op]
+    key = (op, device.type, dtype)
+    if key not in _CAPABLE:
         try:
-            torch.mm(one, one, out_dtype=torch.float32)
-            _OUT_DTYPE_MM[key] = True
+            probe(torch.ones(1, 1, dtype=dtype, device=device))
+            _CAPABLE[key] = True
         except torch.OutOfMemoryError:
             raise  # says nothing about the capability
         except (TypeError, NotImplementedError, RuntimeError) as err:
             # TypeError: torch < 2.8 has no out_dtype; NotImplementedError: no kernel for this
             # device (the CPU); RuntimeError: this dtype/device combination refused
-            _OUT_DTYPE_MM[key] = False
+            _CAPABLE[key] = False
             warnings.warn(
-                f"heads: torch.mm(out_dtype=float32) does not run for {dtype} on {device.type} "
-                f"({type(err).__name__}); the class products widen their operands to fp32 "
-                "instead (same result, slower)",
+                f"heads: torch.{op}(out_dtype=float32) does not run for {dtype} on {device.type} "
+                f"({type(err).__name__}); {otherwise}",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _OUT_DTYPE_MM[key]
+    return _CAPABLE[key]
 
 
 def fix_target_terms(

@@ -6,7 +6,9 @@ Normalized weight: once per weight version the engine makes Wn = W * r (r the in
 the operand dtype and keeps it (keyed on the weight's storage, `_version`, shape and dtypes: an
 optimizer step or any in-place write makes a new one; writes through `weight.data` are not seen).
 One Triton pass (`_normalize_kernel`) makes r and Wn together when the head asks the engine for the
-norms (`inv_norms`), so the fp32 master W is read from memory once per step. Every kernel reads
+norms (`inv_norms`), so the fp32 master W is read from memory once per step; with the trainer's SGD
+the optimizer step makes them instead, in its own pass over W (heads/fused_step.py: `adopt`), and
+the forward makes none. Every kernel reads
 Wn, 16-bit on the GPU: the products take it from shared memory as it arrives (no cast in
 registers), and its elements lie in [-1, 1] (fp16's range is never at risk). Cost: C x D x 2
 bytes (1 GB at C = 1M, D = 512), freed before the next one is made.
@@ -384,6 +386,12 @@ if triton is not None:
             dwp += 2 * BD
 
     @triton.jit
+    def _inv_norms(w, BR: tl.constexpr):
+        # 1 / max(|w|, 1e-12) of each fp32 row in registers, correctly rounded (as torch's)
+        ss = tl.sum(w * w, axis=1)
+        return tl.div_rn(tl.full((BR,), 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
+
+    @triton.jit
     def _normalize_kernel(
         W, RW, WN, C, D, stride_w, stride_n, NORMS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr
     ):
@@ -396,8 +404,7 @@ if triton is not None:
         m = rmask[:, None] & (ds < D)[None, :]
         w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + ds[None, :], mask=m, other=0.0).to(tl.float32)
         if NORMS:
-            ss = tl.sum(w * w, axis=1)
-            r = tl.div_rn(tl.full((BR,), 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
+            r = _inv_norms(w, BR)
             tl.store(RW + rows, r, mask=rmask)
         else:
             r = tl.load(RW + rows, mask=rmask, other=0.0)
@@ -518,6 +525,19 @@ class FusedEngine:
             )
         self._wn = (key, rw, wn)
         return rw, wn
+
+    def spare_normalized(self, shape: torch.Size, op: torch.dtype, device: torch.device) -> Tensor | None:
+        """The kept Wn's buffer, handed to an optimizer step that is about to replace it (one C x D
+        copy at a time; heads.fused_step), or None when there is none of that shape and dtype."""
+        kept, self._wn = self._wn, None
+        if kept is None or (kept[2].shape, kept[2].dtype, kept[2].device) != (shape, op, device):
+            return None
+        return kept[2]
+
+    def adopt(self, weight: Tensor, rw: Tensor, wn: Tensor) -> None:
+        """(rw, Wn) of `weight` as it is now, made by the optimizer step that wrote it
+        (heads.fused_step): the next forward makes no normalize pass."""
+        self._wn = (_weight_key(weight, wn.dtype), rw, wn)
 
     def _launch(
         self,

@@ -13,6 +13,7 @@ optimizer state, for both modes) and the start-up line of memory and traffic fig
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -82,21 +83,38 @@ def scale_grad(x: Tensor, scale: float) -> Tensor:
     return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
 
 
-def clip_grad_norm(backbone: list[Tensor], head: list[Tensor], max_norm: float, sharded: bool) -> Tensor:
-    """clip_grad_norm_ over backbone + head with the norm of the whole model: the head's shards'
-    squared norms are summed over the ranks, so every rank clips by the same factor."""
+def clip_grad_norm(
+    backbone: list[Tensor],
+    head: list[Tensor],
+    max_norm: float,
+    sharded: bool,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Tensor:
+    """The gradients' norm over backbone + head (a sharded head's squared norms summed over the
+    ranks, so every rank clips by the same factor), and the clip to `max_norm` as torch's
+    clip_grad_norm_ makes it: each gradient times min(1, max_norm / (norm + 1e-6)). Not at all with
+    clipping off (max_norm inf: torch would multiply every gradient by 1, a read and write of the
+    C x D head gradient); a parameter whose multiply `optimizer.defer_grad_scale` takes (the fused
+    head step: no pass over the gradient) is left to the step."""
     if not sharded:
-        return torch.nn.utils.clip_grad_norm_(backbone + head, max_norm)
-    squares = []
-    for params in (backbone, head):
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=head[0].device)
-        squares.append(norm.float() ** 2)
-    sq_b, sq_h = squares
-    if dist.is_initialized():
-        dist.all_reduce(sq_h)  # the head's rows are split over the ranks; the backbone's are copies
-    total = torch.sqrt(sq_b + sq_h)
-    torch.nn.utils.clip_grads_with_norm_(backbone + head, max_norm, total)
+        total = torch.nn.utils.get_total_norm([p.grad for p in backbone + head if p.grad is not None])
+    else:
+        squares = []
+        for params in (backbone, head):
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=head[0].device)
+            squares.append(norm.float() ** 2)
+        sq_b, sq_h = squares
+        if dist.is_initialized():
+            dist.all_reduce(sq_h)  # the head's rows are split over the ranks; the backbone's are copies
+        total = torch.sqrt(sq_b + sq_h)
+    if math.isfinite(max_norm):
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's factor, as it computes it
+        defer = getattr(optimizer, "defer_grad_scale", None)
+        rest = [
+            p for p in backbone + head if p.grad is not None and not (defer and defer(p, scale.to(p.device)))
+        ]
+        torch.nn.utils.clip_grads_with_norm_(rest, max_norm, total)
     return total
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernel_model import ARCHS, HEADLINE, LIBRARY, WORK, Buf, Config, Shape, Stream, Work, predict
+from bench.kernel_model import ARCHS, HEADLINE, LIBRARY, STEP, WORK, Buf, Config, Shape, Stream, Work, predict
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
@@ -85,6 +85,21 @@ def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion):
         assert v.blocks_per_sm >= 1
     else:
         assert v.in_flight, f"{kernel} {arch}: wgmma.wait_group depths {v.wgmma_waits}"
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_the_fused_sgd_step_compiles_without_spills(arch: str) -> None:
+    """heads/fused_step.py's one pass at D = 512 (its block: normalize_block(512) rows, STEP_WARPS
+    warps), the clip's factor, momentum and weight decay on: no spills (W, dW and the momentum of a
+    block held at once), and two blocks per SM at least, so enough loads are in flight for the HBM."""
+    from bench.kernels import _REGS, _SPILL, blocks_per_sm, compile_variant
+    from heads.fused_step import STEP_WARPS, _sgd_step_kernel
+
+    args = STEP["SGD step + Wn, r (Triton, fused)"](HEADLINE, "bf16", ARCHS[arch]).args
+    compiled, log = compile_variant(_sgd_step_kernel, args, Config((), STEP_WARPS, 1), ARCHS[arch])
+    assert _SPILL.search(log).groups() == ("0", "0"), log
+    regs = int(_REGS.search(log).group(1))
+    assert blocks_per_sm(ARCHS[arch], regs, compiled.metadata.shared, STEP_WARPS) >= 2, regs
 
 
 def test_every_autotuned_kernel_in_heads_fused_has_a_description():
@@ -174,33 +189,39 @@ def test_descriptions_follow_the_launch_structure():
     assert stream(d, "X").reads == 2 * stream(ds, "X").reads
     assert stream(d, "G (phase 2)").reads == 512 // 128  # once per D slab (2 BD wide)
     assert ds.args["SAVED"] and ds.args["Z"].shape == (512, 1_000_000)
-    # the W -> Wn pass reads the fp32 master and writes the 16-bit copy
-    norm = LIBRARY["normalize (Triton, W -> Wn, r)"](s, "bf16", arch)
-    assert stream(norm, "Wn").write and stream(norm, "W (fp32)").bytes == 1_000_000 * 512 * 4
+    # the optimizer step: the gradient norm reads dW; the fused SGD pass reads W, dW and the momentum,
+    # writes W and the momentum, and the 16-bit Wn (so no normalize pass in LIBRARY)
+    assert not any("normalize" in name for name in LIBRARY)
+    n = 1_000_000 * 512
+    norm, sgd = (f(s, "bf16", arch) for f in STEP.values())
+    assert sum(st.bytes for st in norm.streams) == 4 * n
+    assert stream(sgd, "W, dW, momentum (fp32)").bytes == 12 * n and stream(sgd, "Wn").bytes == 2 * n
+    assert sum(st.bytes for st in sgd.streams if st.write) == 10 * n + 4 * 1_000_000
 
 
 def test_the_descriptions_launch_the_kernels_they_describe():
     """Each kernel launched with its description's arguments and grid (bench/kernels.py --time's
-    path), in both modes, at a toy shape under TRITON_INTERPRET=1, in a subprocess (the variable must
-    be set before triton is imported): a description that no longer matches its kernel's signature
-    fails here."""
+    path), in both modes, and the head step's Triton pass with STEP's, at a toy shape under
+    TRITON_INTERPRET=1, in a subprocess (the variable must be set before triton is imported): a
+    description that no longer matches its kernel's signature fails here."""
     code = (
-        "from bench.kernels import Variant, kernels, time_variants\n"
+        "from bench.kernels import Variant, kernels, time_step_pass, time_variants\n"
         "from bench.kernel_model import ARCHS, Shape\n"
         "found = kernels()\n"
         "rows = [Variant(n, 'fp16', c[0].tag, 'sm_90', True, saved, 0, 0, 0, 0, 1, [], [], None, 0.0, '')\n"
         "        for n, (fn, c) in found.items() for saved in (False, True)]\n"
         "time_variants(rows, found, Shape(64, 64, 256), device='cpu', arch=ARCHS['sm_90'], repeats=1)\n"
-        "print({(v.kernel, v.save_logits): v.measured_ms for v in rows})\n"
+        "step = time_step_pass(Shape(64, 64, 256), ARCHS['sm_90'], 'fp16', device='cpu', repeats=1)\n"
+        "print(({(v.kernel, v.save_logits): v.measured_ms for v in rows}, step))\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    measured = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    measured, step = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     assert set(measured) == {(k, saved) for k in WORK for saved in (False, True)}, measured
-    assert all(ms > 0 for ms in measured.values()), measured
+    assert all(ms > 0 for ms in measured.values()) and step > 0, (measured, step)
 
 
 def test_the_mma_check_reads_the_operand_types():

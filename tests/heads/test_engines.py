@@ -151,7 +151,7 @@ def test_out_dtype_product_falls_back_only_where_the_probe_fails(monkeypatch: py
         return real(a, b) if out_dtype is None else real(a.float(), b.float())
 
     monkeypatch.setattr(torch, "mm", mm)
-    monkeypatch.setattr(core, "_OUT_DTYPE_MM", {})
+    monkeypatch.setattr(core, "_CAPABLE", {})
     a, b = torch.randn(4, 3).half(), torch.randn(3, 5).half()
     exact = real(a.float(), b.float())
     assert torch.equal(core.mm_f32(a, b), exact) and calls == [torch.float32, torch.float32]  # probe, product
@@ -168,7 +168,7 @@ def test_out_dtype_product_unsupported_falls_back_with_one_warning(monkeypatch: 
 
     from heads import core
 
-    monkeypatch.setattr(core, "_OUT_DTYPE_MM", {})
+    monkeypatch.setattr(core, "_CAPABLE", {})
     a, b = torch.randn(4, 3).bfloat16(), torch.randn(3, 5).bfloat16()
     with pytest.warns(RuntimeWarning, match="does not run for torch.bfloat16 on cpu"):
         got = core.mm_f32(a, b)  # this CPU build has no mm.dtype kernel
@@ -176,6 +176,42 @@ def test_out_dtype_product_unsupported_falls_back_with_one_warning(monkeypatch: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         core.mm_f32(a, b)  # said once
+
+
+@pytest.mark.parametrize("addmm_runs", [True, False])
+def test_product_into_an_fp32_sum_is_one_addmm_where_it_runs(addmm_runs: bool, monkeypatch) -> None:
+    """out += a @ b with 16-bit operands (the fused backward's dX per chunk): one
+    torch.addmm(out_dtype=float32) into the fp32 sum where the probe finds it runs (CUDA; emulated
+    here), else torch.mm(out_dtype=float32) and an add, said once; the same sum either way."""
+    import warnings
+
+    from heads import core
+
+    real_mm, real_addmm, calls = torch.mm, torch.addmm, []
+
+    def mm(a, b, *, out_dtype=None):
+        calls.append("mm")
+        return real_mm(a, b) if out_dtype is None else real_mm(a.float(), b.float())
+
+    def addmm(acc, a, b, *, out_dtype=None, out=None):
+        calls.append("addmm")
+        if not addmm_runs:
+            raise RuntimeError("self and mat2 must have the same dtype")
+        return out.copy_(real_addmm(acc, a.float(), b.float()))
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(core, "_CAPABLE", {})
+    a, b = torch.randn(4, 3).half(), torch.randn(3, 5).half()
+    acc = torch.ones(4, 5)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            core.mm_f32(a, b, out=acc)
+    assert torch.allclose(acc, 1 + 2 * (a.float() @ b.float()), atol=1e-6)
+    probes = ["mm", "addmm"]  # each probed once, then every product
+    assert calls == probes + (["addmm"] * 2 if addmm_runs else ["mm"] * 2)
+    assert len(said) == (0 if addmm_runs else 1)
 
 
 @pytest.mark.parametrize("margin,kw", MARGINS)

@@ -8,35 +8,16 @@ file as a module (`python -m tests.heads.test_fused`) in a fresh interpreter: it
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import traceback
-
 import pytest
+
+from tests._interpreter import cases_in, run_cases
+from tests._interpreter import interpreter_results as run_in_interpreter
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, str]:
     """case name -> "ok" or the case's traceback, from one interpreter subprocess."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.heads.test_fused"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            results[record["case"]] = record["result"]
-    assert results, f"the interpreter reported no case (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
-    return results
+    return run_in_interpreter("tests.heads.test_fused")
 
 
 # ---- the cases (run only in the subprocess) --------------------------------------------------
@@ -272,22 +253,7 @@ def case_margins_after_arcface_match_float64_over_two_steps() -> None:
             assert state_matches(head, state, 1e-6), (name, state, dict(head.named_buffers()))
 
 
-def _main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("set TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    failed = 0
-    for name in CASES:
-        try:
-            globals()[name]()
-            result = "ok"
-        except Exception:  # reported to the pytest item of this case, which fails with it
-            result, failed = traceback.format_exc(), failed + 1
-        print(json.dumps({"case": name, "result": result}), flush=True)
-    return 1 if failed else 0
-
-
-CASES = sorted(name for name in globals() if name.startswith("case_"))
+CASES = cases_in(globals())
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -297,4 +263,4 @@ def test_fused_case(case: str, interpreter_results: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(run_cases(globals()))

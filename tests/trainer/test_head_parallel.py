@@ -182,3 +182,38 @@ def test_kill_9_of_one_rank_in_the_head_collectives_ends_the_job(tmp_path: Path)
     assert "Signal 9 (SIGKILL) received by PID" in proc.stderr and "rank      : 1" in proc.stderr
     assert "done:" not in proc.stderr
     assert max(r["step"] for r in metrics(tmp_path / "run")) == 2
+
+
+@pytest.mark.parametrize("max_norm", [float("inf"), 0.05])
+def test_clip_is_torchs_and_hands_the_head_factor_to_an_optimizer_that_takes_it(max_norm: float) -> None:
+    """clip_grad_norm: torch's norm; with clipping on, torch's in-place multiply for the gradients an
+    optimizer does not take into its step, and the factor torch would use for those it takes
+    (FusedHeadSGD.defer_grad_scale: the head's); with clipping off no multiply at all (torch's
+    clip_grad_norm_ would multiply every gradient by 1)."""
+    from trainer.head_parallel import clip_grad_norm
+
+    backbone, head = [torch.nn.Parameter(torch.randn(5, 3))], [torch.nn.Parameter(torch.randn(7, 3))]
+    mirror = [torch.nn.Parameter(p.detach().clone()) for p in backbone + head]
+    for p in backbone + head + mirror:
+        p.grad = torch.ones_like(p) * 0.3
+    grads = [p.grad for p in backbone + head]
+    want = torch.nn.utils.clip_grad_norm_(mirror, max_norm)
+
+    class TakesTheHead:
+        def __init__(self) -> None:
+            self.taken: dict = {}
+
+        def defer_grad_scale(self, p, scale):
+            if p is head[0]:
+                self.taken[p] = scale
+            return p is head[0]
+
+    opt = TakesTheHead()
+    got = clip_grad_norm(backbone, head, max_norm, sharded=False, optimizer=opt)
+    assert torch.equal(got, want) and all(p.grad is g for p, g in zip(backbone + head, grads))
+    assert torch.equal(backbone[0].grad, mirror[0].grad)  # torch's multiply (by 1: none)
+    assert torch.equal(head[0].grad, torch.full_like(head[0].grad, 0.3)), "the step multiplies it"
+    if max_norm == float("inf"):
+        assert not opt.taken
+    else:
+        assert torch.equal(head[0].grad * opt.taken[head[0]], mirror[1].grad)
