@@ -167,6 +167,38 @@ def test_partial_fc_steps_only_the_sampled_centres(tmp_path: Path, capsys: pytes
     assert "head.sample_rate=0.5: Partial FC needs head.parallel=shard" in capsys.readouterr().err
 
 
+def test_subcenters_train_sharded_with_partial_fc_and_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One rank, head.parallel=shard, head.subcenters=2, Partial FC at 0.5 of 40 classes: a step
+    moves exactly the sampled classes' rows, both rows of each (a class's K rows are sampled
+    together); the checkpoint holds 40 x 2 rows, and a second run resumes from it."""
+    run = tmp_path / "run"
+    extra = {
+        **BASE,
+        "data.synthetic.classes": 40,
+        "data.synthetic.per_class": 4,
+        "loader.batch_size": 8,
+        "head.parallel": "shard",
+        "head.sample_rate": 0.5,
+        "head.subcenters": 2,
+        "checkpoint.every_steps": 1,
+    }
+    assert train_main(tiny_overrides(run, steps=1, **extra)) == 0
+    assert "head: shard, 40 of 40 classes (2 sub-centers each) on this rank" in capsys.readouterr().err
+    head = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]
+    assert head["subcenters"] == 2 and head["num_classes"] == 80 and head["rows"]["weight"].shape == (80, 32)
+    moved = (head["rows"]["optim.momentum_buffer"].abs().sum(1) > 0).view(40, 2)
+    assert int(moved.all(1).sum()) == 20 and torch.equal(moved.all(1), moved.any(1)), "whole classes"
+    start = init_centres(80, 32, 0, 80, seed=0)
+    still = ~moved.flatten()
+    assert torch.equal(head["rows"]["weight"][still], start[still])
+    assert train_main(tiny_overrides(run, steps=2, **extra)) == 0
+    assert "resumed from" in capsys.readouterr().err
+    again = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]
+    assert again["rows"]["weight"].shape == (80, 32) and not torch.equal(again["rows"]["weight"], start)
+
+
 @pytest.mark.slow
 def test_kill_9_of_one_rank_in_the_head_collectives_ends_the_job(tmp_path: Path) -> None:
     """Slow: a 2-rank torchrun launch (~20 s on 2 cores). Rank 1 SIGKILLs itself entering the head's
