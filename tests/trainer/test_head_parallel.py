@@ -140,19 +140,23 @@ def test_resume_two_ranks_on_one_and_on_three(tmp_path: Path) -> None:
         assert first["loss"] == pytest.approx(next_loss["loss"], rel=0.25), world
 
 
+# one rank, sharded, Partial FC at 0.5 of 40 classes, batches of 8, a checkpoint every step
+PARTIAL_FC = {
+    **BASE,
+    "data.synthetic.classes": 40,
+    "data.synthetic.per_class": 4,
+    "loader.batch_size": 8,
+    "head.parallel": "shard",
+    "head.sample_rate": 0.5,
+    "checkpoint.every_steps": 1,
+}
+
+
 def test_partial_fc_steps_only_the_sampled_centres(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """One rank, head.parallel=shard, sample_rate 0.5 of 40 classes, batches of 8: after one step
     exactly 20 centres moved and have momentum; the other 20 are the initial centres, momentum 0."""
     run = tmp_path / "run"
-    extra = {
-        **BASE,
-        "data.synthetic.classes": 40,
-        "data.synthetic.per_class": 4,
-        "loader.batch_size": 8,
-        "head.parallel": "shard",
-        "head.sample_rate": 0.5,
-        "checkpoint.every_steps": 1,
-    }
+    extra = PARTIAL_FC
     assert train_main(tiny_overrides(run, steps=1, **extra)) == 0
     assert "sample rate 0.5" in capsys.readouterr().err
     rows = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]["rows"]
@@ -174,16 +178,7 @@ def test_subcenters_train_sharded_with_partial_fc_and_resume(
     moves exactly the sampled classes' rows, both rows of each (a class's K rows are sampled
     together); the checkpoint holds 40 x 2 rows, and a second run resumes from it."""
     run = tmp_path / "run"
-    extra = {
-        **BASE,
-        "data.synthetic.classes": 40,
-        "data.synthetic.per_class": 4,
-        "loader.batch_size": 8,
-        "head.parallel": "shard",
-        "head.sample_rate": 0.5,
-        "head.subcenters": 2,
-        "checkpoint.every_steps": 1,
-    }
+    extra = {**PARTIAL_FC, "head.subcenters": 2}
     assert train_main(tiny_overrides(run, steps=1, **extra)) == 0
     assert "head: shard, 40 of 40 classes (2 sub-centers each) on this rank" in capsys.readouterr().err
     head = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]
