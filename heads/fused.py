@@ -226,17 +226,19 @@ if triton is not None:
         # sub-centers the largest of class j's K rows j K .. j K + K - 1, the first on ties as torch's
         # max in the chunked engine, so both route the gradient to one row. BB .. K: constexprs.
         if K == 1:
-            return _cos_tile(
-                X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
-            ), 0
-        best = _cos_tile(X, WN, rows, cols * K, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D)
-        arg = tl.zeros((BB, BC), dtype=tl.int32)
-        for k in tl.static_range(1, K):
-            cos = _cos_tile(
-                X, WN, rows, cols * K + k, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+            best = _cos_tile(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D)
+            arg = 0
+        else:
+            best = _cos_tile(
+                X, WN, rows, cols * K, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
             )
-            arg = tl.where(cos > best, k, arg)
-            best = tl.maximum(best, cos)
+            arg = tl.zeros((BB, BC), dtype=tl.int32)
+            for k in tl.static_range(1, K):
+                cos = _cos_tile(
+                    X, WN, rows, cols * K + k, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+                )
+                arg = tl.where(cos > best, k, arg)
+                best = tl.maximum(best, cos)
         return best, arg
 
     @triton.jit
