@@ -2,14 +2,16 @@
 compiler made of it; beside it, a model of the step's time at the headline shape.
 
     python -m bench.kernels --out DIR [--arch sm_90,sm_80] [--dtypes fp16,bf16] [--configs all|first]
-                            [--time]
+                            [--subcenters K] [--time]
 
 Kernels: every autotuned Triton kernel in heads.fused (found by type, with the config list its tuner
 holds); each needs its description in bench/kernel_model.py `WORK` (a missing one is one error line).
 For each (kernel, mode, config, operand dtype, arch) at B=512, D=512, C=1,000,000 it writes
 DIR/<kernel>[_saved]_<dtype>_<config>_<arch>.ptx and .cubin, and a row (mode: "recompute", the
 backward recomputes the cosines, the default; "saved", FusedEngine(save_logits=True): the forward
-writes them and the backward reads them; the SAVE/SAVED constexprs compile different code):
+writes them and the backward reads them; the SAVE/SAVED constexprs compile different code;
+`--subcenters K` > 1: sub-center ArcFace's K rows a class, the K constexpr, C K rows of W, files
+<kernel>[_saved]_k<K>_..., the configs a launch with K > 1 may take, `heads.fused.configs_for`):
 registers and spill bytes (ptxas -v), shared memory (Triton's launch request), blocks per SM
 (registers in 256-register warp units, shared memory with 1 KB reserved per block, and warps, against
 the arch's limits), the MMA instructions in the PTX, the wgmma wait depths (N of
@@ -98,6 +100,7 @@ class Variant:
     predicted_ms: float
     bound: str
     measured_ms: float | None = None
+    subcenters: int = 1  # K: the sub-center rows a class
 
     @property
     def mma_16bit(self) -> bool:
@@ -260,7 +263,8 @@ def inspect(
     compiled, log = compile_variant(fn, work.args, cfg, arch)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     if out is not None:
-        stem = out / f"{name}{_MODE_FILE[shape.save_logits]}_{dtype}_{cfg.tag}_{arch.name}"
+        k = f"_k{shape.subcenters}" if shape.subcenters > 1 else ""
+        stem = out / f"{name}{_MODE_FILE[shape.save_logits]}{k}_{dtype}_{cfg.tag}_{arch.name}"
         stem.with_suffix(".ptx").write_text(ptx)
         stem.with_suffix(".cubin").write_bytes(cubin)
     spills, regs = _SPILL.search(log), _REGS.search(log)
@@ -292,6 +296,7 @@ def inspect(
         None if per_elem is None else round(per_elem, 2),
         round(p.seconds * 1e3, 4),
         p.bound,
+        subcenters=shape.subcenters,
     )
 
 
@@ -304,13 +309,18 @@ def variant_table(rows: list[Variant]) -> str:
     for v in rows:
         mma = ", ".join(m.replace(".sync.aligned", "") for m in v.mma) or "none (FMA)"
         lines.append(
-            f"| {v.kernel}{' *' if v.first else ''} | {MODES[v.save_logits]} | {v.dtype} | {v.config} | "
+            f"| {v.kernel}{' *' if v.first else ''} | {_mode(v.save_logits, v.subcenters)} | {v.dtype} | "
+            f"{v.config} | "
             f"{v.arch} | {v.regs} | "
             f"{v.spill_stores}/{v.spill_loads} | {v.shared / 1024:.0f} | {v.blocks_per_sm} | {mma} | "
             f"{','.join(map(str, v.wgmma_waits)) or '-'} | {v.epilogue_per_elem} | {v.predicted_ms} | "
             f"{v.bound} | {'-' if v.measured_ms is None else v.measured_ms} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _mode(save_logits: bool, subcenters: int) -> str:
+    return MODES[save_logits] + (f", K={subcenters}" if subcenters > 1 else "")
 
 
 def step_table(
@@ -335,7 +345,8 @@ def step_table(
     step = {n: predict(f(shape, dtype, arch), arch) for n, f in STEP.items()}
     floor_ms = floor_seconds(shape, arch) * 1e3
     lines = [
-        f"step model, {arch.name} ({arch.gpu}), {dtype}, cosines {MODES[shape.save_logits]}, "
+        f"step model, {arch.name} ({arch.gpu}), {dtype}, "
+        f"cosines {_mode(shape.save_logits, shape.subcenters)}, "
         f"B={shape.B} D={shape.D} C={shape.C:,}:",
         "",
         "| part | first config | ms | fastest config | ms |",
@@ -368,6 +379,7 @@ def step_table(
         "arch": arch.name,
         "dtype": dtype,
         "save_logits": shape.save_logits,
+        "subcenters": shape.subcenters,
         "first_ms": round(tot_first, 3),
         "fastest_ms": round(tot_best, 3),
         "floor_ms": round(floor_ms, 3),
@@ -412,7 +424,8 @@ def time_variants(
             if arch is None or v.arch != arch.name or v.kernel != name:
                 continue
             cfg = next(c for c in configs if c.tag == v.config)
-            work = WORK[name](replace(shape, save_logits=v.save_logits), cfg, v.dtype, arch, arch.sms)
+            mode = replace(shape, save_logits=v.save_logits, subcenters=v.subcenters)
+            work = WORK[name](mode, cfg, v.dtype, arch, arch.sms)
             values = {
                 n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a for n, a in work.args.items()
             }
@@ -473,8 +486,9 @@ def _tensor(cache: dict, name: str, buf: Buf, device: str):
             "fp16": torch.float16,
             "i64": torch.int64,
             "i32": torch.int32,
+            "i8": torch.int8,
         }[buf.dtype]
-        if dtype in (torch.int64, torch.int32):
+        if dtype in (torch.int64, torch.int32, torch.int8):
             t = torch.randint(0, 64, buf.shape, device=device, dtype=dtype)
         else:
             t = torch.randn(buf.shape, device=device).mul_(0.03).to(dtype)
@@ -490,6 +504,8 @@ def compile_and_model(
     shape: Shape = HEADLINE,
     timing: bool = False,
 ) -> tuple[list[Variant], str, list[dict]]:
+    from heads.fused import configs_for
+
     found = kernels()
     modes = [replace(shape, save_logits=saved) for saved in MODES]
     rows = []
@@ -497,6 +513,7 @@ def compile_and_model(
         for dtype in dtypes:
             for mode in modes:
                 for name, (fn, configs) in found.items():
+                    configs = configs_for(configs, shape.subcenters)  # what a launch with K may take
                     for i, cfg in enumerate(configs if all_configs else configs[:1]):
                         rows.append(inspect(name, fn, cfg, i == 0, dtype, arch, mode, out))
                         print(
@@ -535,8 +552,13 @@ def run(argv: list[str] | None = None) -> int:
         default="all",
         help="every config the tuner may pick, or each kernel's first (deterministic mode's)",
     )
+    p.add_argument(
+        "--subcenters", type=int, default=1, help="K: sub-center rows per class (sub-center ArcFace), >= 1"
+    )
     p.add_argument("--time", action="store_true", help="also launch and time each variant on this CUDA GPU")
     a = p.parse_args(argv)
+    if a.subcenters < 1:
+        raise UserError(f"--subcenters must be at least 1, got {a.subcenters}")
     archs, dtypes = a.arch.split(","), a.dtypes.split(",")
     bad = [x for x in archs if x not in ARCHS] + [x for x in dtypes if x not in DTYPES]
     if bad:
@@ -549,8 +571,9 @@ def run(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    shape = replace(HEADLINE, subcenters=a.subcenters)
     rows, text, summaries = compile_and_model(
-        out, [ARCHS[x] for x in archs], dtypes, a.configs == "all", timing=a.time
+        out, [ARCHS[x] for x in archs], dtypes, a.configs == "all", shape, timing=a.time
     )
     (out / "kernels.md").write_text(text)
     (out / "kernels.json").write_text(

@@ -45,8 +45,11 @@ class Engine(Protocol):
         dcy: Tensor,
         s: float,
         t: float | Tensor,
+        target_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(dL/dxn (B x D), dL/dweight (C x D) in weight's dtype) given g = dL/d(row loss), dcy = dL/dc_y.
+        `target_rows`: the row of weight each c_y came from (`target_cosines`; -1 for a sharded head's
+        rows another rank owns), which takes dcy; None: the labels (one row per class).
         The dW returned becomes weight.grad as it is (no copy), so engines allocate it once, C x D."""
         ...
 
@@ -205,14 +208,23 @@ def engine_inv_norms(engine: Engine, weight: Tensor) -> Tensor:
     return getattr(engine, "inv_norms", inv_norms)(weight)
 
 
-def target_cosines(xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, subcenters: int = 1) -> Tensor:
-    """c_y: each row's cosine with its class; with K sub-centers (class j's rows j K .. j K + K - 1 of
-    weight) the largest of its class's K cosines (autograd-free: the engines route its gradient)."""
+def subcenter_rows(classes: Tensor, subcenters: int) -> Tensor:
+    """(N, K): the rows of weight that hold each class's K sub-centers (class j's rows j K .. j K + K - 1)."""
+    return classes[:, None] * subcenters + torch.arange(subcenters, device=classes.device)
+
+
+def target_cosines(
+    xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, subcenters: int = 1
+) -> tuple[Tensor, Tensor]:
+    """(c_y, the row of weight it comes from): each row's cosine with its class; with K sub-centers
+    (class j's rows j K .. j K + K - 1 of weight) the largest of its class's K cosines and its row,
+    the first on ties as torch's max (autograd-free: the engines route dc_y to that row)."""
     if subcenters == 1:
-        return (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype)
-    rows = labels[:, None] * subcenters + torch.arange(subcenters, device=labels.device)
+        return (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype), labels
+    rows = subcenter_rows(labels, subcenters)
     cands = (xn[:, None, :] * weight[rows].to(xn.dtype)).sum(2) * rw[rows].to(xn.dtype)
-    return cands.amax(1)
+    best = cands.max(1)
+    return best.values, labels * subcenters + best.indices
 
 
 def target_terms(
@@ -249,12 +261,12 @@ class _HeadFn(torch.autograd.Function):
         training: bool,
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         rw = engine_inv_norms(engine, weight)
-        c_y = target_cosines(xn, weight, rw, labels, engine.subcenters)
+        c_y, rows = target_cosines(xn, weight, rw, labels, engine.subcenters)
         p, psi, t = target_terms(margin, c_y, norms, state, training, step, t)
         lse_other, max_other = engine.forward(xn, weight, rw, labels, psi, s, t)
         tgt = s * psi
         lse = torch.logaddexp(lse_other.to(xn.dtype), tgt)
-        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse, p)
+        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse, p, rows)
         ctx.margin, ctx.step, ctx.s, ctx.t, ctx.engine = margin, step, s, t, engine
         correct = (c_y >= max_other.to(xn.dtype)).to(xn.dtype)
         ctx.mark_non_differentiable(correct)
@@ -273,7 +285,7 @@ def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor | No
     gradient, so no engine code that indexes by label can pick one up (nor, for MagFace, a norm
     gradient: the owner's rank gives it).
     """
-    xn, weight, labels, rw, c_y, psi, lse, p = ctx.saved_tensors
+    xn, weight, labels, rw, c_y, psi, lse, p, rows = ctx.saved_tensors
     s, margin = ctx.s, ctx.margin
     dpsi = g * (torch.exp(s * psi - lse) - 1.0) * s
     dpsi = torch.where(labels >= 0, dpsi, torch.zeros_like(dpsi))
@@ -281,7 +293,7 @@ def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor | No
     dnorms = dpsi * margin.dpsi_dp(c_y, ctx.step, p) if margin.norm_gradient else None
     # backward may run on a thread with autocast on; the head's contract is fp32
     with torch.autocast(xn.device.type, enabled=False):
-        dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
+        dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t, rows)
     # engines write dW in weight's dtype: handed to autograd as it is, it becomes weight.grad
     # without a second C x D buffer (with zero_grad(set_to_none=True), PyTorch's default)
     return dxn, dw.to(weight.dtype), dnorms

@@ -23,7 +23,8 @@ def _loss_and_grads(impl: str, margin: str, kw: dict, x, w, y, device: str, dtyp
     # untuned fixed configs unless a test asks otherwise: each autotune compiles every config, and
     # the GPU check's time is short
     head_kw.setdefault("deterministic", True)
-    head = MarginHead(w.shape[0], w.shape[1], margin=margin, impl=impl, t=t, **head_kw, **kw).to(
+    classes = w.shape[0] // head_kw.get("subcenters", 1)
+    head = MarginHead(classes, w.shape[1], margin=margin, impl=impl, t=t, **head_kw, **kw).to(
         device=device, dtype=dtype
     )
     with torch.no_grad():
@@ -46,6 +47,35 @@ def test_fused_fp32_matches_float64(margin: str, kw: dict, t: float) -> None:
     got = _loss_and_grads("fused", margin, kw, x, w, y, "cuda", torch.float32, t, operands="fp32")
     for name, a, e in zip(("loss", "dX", "dW"), got, exact):
         assert _rel_err(a, e) < 1e-4, (margin, t, name, _rel_err(a, e))
+
+
+@pytest.mark.parametrize("save_logits", [False, True])
+@pytest.mark.parametrize("K", [2, 3])
+def test_fused_subcenters_match_float64(K: int, save_logits: bool) -> None:
+    """Sub-center heads compiled for this GPU (the K constexpr, K > 1's configs), recomputing or
+    saving the cosines: exact fp32 operands against float64; the default fp16 operands within the
+    reference's own error on fp16-rounded inputs plus 3e-3 (5e-3 reading the saved fp16 cosines)."""
+    x, _, y = make_data(133, 1030, 96)
+    w = torch.randn(1030 * K, 96, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kw = {"subcenters": K, "save_logits": save_logits}
+    exact = _loss_and_grads("reference", "arcface", {}, x, w, y, "cpu", torch.float64, subcenters=K)
+    rounded = _loss_and_grads(
+        "reference",
+        "arcface",
+        {},
+        x.half().double(),
+        w.half().double(),
+        y,
+        "cpu",
+        torch.float64,
+        subcenters=K,
+    )
+    fp32 = _loss_and_grads("fused", "arcface", {}, x, w, y, "cuda", torch.float32, operands="fp32", **kw)
+    fp16 = _loss_and_grads("fused", "arcface", {}, x, w, y, "cuda", torch.float32, **kw)
+    tol = 5e-3 if save_logits else 3e-3
+    for name, a, b, r, e in zip(("loss", "dX", "dW"), fp32, fp16, rounded, exact):
+        assert _rel_err(a, e) < 1e-4, (K, save_logits, name, _rel_err(a, e))
+        assert _rel_err(b, e) <= _rel_err(r, e) + tol, (K, save_logits, name, _rel_err(b, e))
 
 
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
