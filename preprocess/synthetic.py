@@ -233,7 +233,9 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
     results: dict[tuple[str, str], list] = {}
     start = time.perf_counter()
     workers = max(1, min(args.workers, len(tasks)))
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # forkserver, not fork: a parent that already runs OpenCV's or a runtime's thread pool (a test
+    # process, a notebook) hands a forked child locks that no thread will release: it hangs
+    ctx = multiprocessing.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
     with progress("synthetic faces") as bar:
         job = bar.add_task("render", total=total)
         if workers == 1:

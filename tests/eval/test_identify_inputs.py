@@ -35,7 +35,7 @@ def test_a_detected_face_with_degenerate_landmarks_is_left_out_with_a_warning(mo
         Face(box=(10.0, 10.0, 30.0, 30.0), score=0.98, landmarks=np.full((5, 2), 20.0)),
         Face(box=(150.0, 10.0, 80.0, 80.0), score=0.97, landmarks=good + [150.0, 0.0]),  # past the edge
     ]
-    monkeypatch.setattr(faces, "detect_faces", lambda rgb: detected)
+    monkeypatch.setattr(faces, "detect_faces", lambda rgb, **kw: detected)
     found = faces.find_faces(np.zeros((200, 240, 3), np.uint8), (112, 112), "photo.jpg")
     assert [f.face for f in found] == detected[:1] and found[0].crop.shape == (112, 112, 3)
     err = capsys.readouterr().err.splitlines()
