@@ -513,7 +513,7 @@ def compile_and_model(
         for dtype in dtypes:
             for mode in modes:
                 for name, (fn, configs) in found.items():
-                    configs = configs_for(configs, shape.subcenters)  # what a launch with K may take
+                    configs = configs_for(name, configs, shape.subcenters)  # what a launch with K may take
                     for i, cfg in enumerate(configs if all_configs else configs[:1]):
                         rows.append(inspect(name, fn, cfg, i == 0, dtype, arch, mode, out))
                         print(

@@ -49,7 +49,7 @@ columns a class (sub-center k's at k ck + local, zero but at the argmax), phase 
 sub-center row, and dX takes K cuBLAS products a chunk (every K-th row of Wn). dc_y goes to the row
 c_y came from (TROW: `heads.core.target_cosines`, the first max on ties, as torch's max in the
 chunked engine), which the exact target terms use too. K = 1 compiles to the one-row code (constexpr
-branches); K > 1 launches skip each kernel's first config (`configs_for`).
+branches); K > 1 launches skip the configs that spill with it (`configs_for`).
 
 Configs: a few per kernel (below), pruned by the device's shared memory, autotuned on CUDA by Triton
 keyed on (B, D) and the tensors' dtypes. `deterministic=True` skips the tuner and uses each kernel's
@@ -119,10 +119,12 @@ FWD_CONFIGS = (
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
-# backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping BB batch rows per stage.
-# Both phases' tiles take ~255 registers at these shapes: 128 x 128 (at 8 or 16 warps) and 128 x 64 at
-# 4 warps spill.
+# backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping `phase2_rows` batch rows
+# per stage. 128 x 128 (one read of each Wn tile per 128 batch rows, not 64: 1.87 vs 2.28 ms modelled
+# on the H200) spills nothing since phase 2 steps 64 rows and the SV-Softmax logit takes one select;
+# at 16 warps it spills (128 registers a thread), as 128 x 64 at 4 warps does.
 BWD_CONFIGS = (
+    TileConfig(128, 128, 64, 8, 3),
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(128, 64, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 3),
@@ -130,13 +132,25 @@ BWD_CONFIGS = (
 )
 _BD = 64
 assert all(c.bd == _BD for c in FWD_CONFIGS + BWD_CONFIGS)
+# phase 2's batch step (the K dimension of its G^T X product): BB, but at most P2_ELEMS // BC rows,
+# so its G tiles are never larger than 64 x 128 (128 x 128 spilled with 128-row ones; 128 x 64 at
+# K = 2 spills with 64-row ones); a smaller step only adds trips, no traffic
+P2_ELEMS = 8192
+# K > 1 sub-centers: how many leading configs of each list a launch skips, whose wide fp32 tiles next
+# to the running max and argmax of the K cosines spill (compiled at K = 2 for sm_90 and sm_80,
+# bench/kernels.py --subcenters 2: fwd 128 x 128; bwd 128 x 128 and 64 x 128; the next spill nothing)
+ONE_ROW_ONLY = {"fwd": 1, "bwd": 2}
 
 
-def configs_for(configs: tuple, subcenters: int) -> tuple:
-    """The configs a kernel launches with K sub-centers: all of them for K = 1; for K > 1 all but the
-    first, whose wide fp32 tiles next to the running max and argmax of the K cosines spill (compiled
-    at K = 2 for sm_90 and sm_80, bench/kernels.py --subcenters 2: the second spills nothing)."""
-    return configs if subcenters == 1 else configs[1:]
+def phase2_rows(bb: int, bc: int) -> int:
+    """Phase 2's batch step for a (BB, BC) tile (`_bwd_kernel`'s P2)."""
+    return min(bb, P2_ELEMS // bc)
+
+
+def configs_for(kernel: str, configs: tuple, subcenters: int) -> tuple:
+    """The configs `kernel` ("fwd", "bwd") launches with K sub-centers: all of them for K = 1; for
+    K > 1 all but its `ONE_ROW_ONLY` leading ones."""
+    return configs if subcenters == 1 else configs[ONE_ROW_ONLY[kernel] :]
 
 
 def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_bytes: int) -> int:
@@ -144,7 +158,7 @@ def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_byt
     backward's two phases run one after the other: the larger of the two)."""
     cos = cfg.bb * cfg.bd * x_bytes + cfg.bc * cfg.bd * w_bytes
     if kernel == "bwd":
-        return cfg.stages * max(cos, cfg.bb * cfg.bc * g_bytes + cfg.bb * 2 * cfg.bd * x_bytes)
+        return cfg.stages * max(cos, phase2_rows(cfg.bb, cfg.bc) * (cfg.bc * g_bytes + 2 * cfg.bd * x_bytes))
     return cfg.stages * cos
 
 
@@ -172,13 +186,14 @@ def _pruner(kernel: str, configs: tuple[TileConfig, ...]):
         size = {k: v.element_size() for k, v in named_args.items() if hasattr(v, "element_size")}
         op = size.get("X", 2)
         mine = tuple(by_kwargs[tuple(sorted(tc.kwargs.items()))] for tc in tconfigs)
-        keep = set(fitting(configs_for(mine, kwargs.get("K", 1)), kernel, _smem_limit(), op, op, op))
+        keep = set(fitting(configs_for(kernel, mine, kwargs.get("K", 1)), kernel, _smem_limit(), op, op, op))
         return [tc for tc, c in zip(tconfigs, mine) if c in keep]
 
     return prune
 
 
 if triton is not None:
+    P2_ELEMS_C = tl.constexpr(P2_ELEMS)
 
     @triton.jit
     def _mma(a, b, acc, OPK: tl.constexpr):
@@ -364,6 +379,7 @@ if triton is not None:
         OPK: tl.constexpr,
         EVEN_D: tl.constexpr,
     ):
+        P2: tl.constexpr = min(BB, P2_ELEMS_C // BC)  # phase2_rows(BB, BC)
         local = tl.program_id(0) * BC + tl.arange(0, BC)  # column in this chunk
         cmask = local < ck
         cols = c0 + local
@@ -397,13 +413,14 @@ if triton is not None:
                 dc = tl.exp2(logit - lse2[:, None]) * (gs[:, None] * slope)
             elif HARD:
                 thr = tl.load(THR + rows, mask=rmask, other=0.0)
-                hard = cos > thr[:, None]
-                logit = tl.where(hard, cos * (s2 * t) + s2 * (t - 1.0), cos * s2)
-                dc = tl.exp2(logit - lse2[:, None]) * tl.where(hard, gs[:, None] * t, gs[:, None])
+                # one select: a = t on hard negatives, 1 elsewhere (logit cos s2 + 0, slope gs), the
+                # same values as two selects, one fp32 tile fewer live (128 x 128 spilled with two)
+                a = tl.where(cos > thr[:, None], t, 1.0)
+                logit = cos * (s2 * a) + s2 * (a - 1.0)
+                dc = tl.exp2(logit - lse2[:, None]) * (gs[:, None] * a)
             else:
                 dc = tl.exp2(cos * s2 - lse2[:, None]) * gs[:, None]
             dc = tl.where(cols[None, :] == lab[:, None], dcy[:, None], dc)
-            dc = tl.where(rmask[:, None] & cmask[None, :], dc, 0.0)
             if K == 1:
                 h += tl.sum(dc * cos, axis=0)
                 gp = G + rows[:, None] * stride_g + local[None, :]
@@ -437,8 +454,8 @@ if triton is not None:
                 ds = d0 + tl.arange(0, 2 * BD)
                 dmask = ds < D
                 acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
-                for b0 in range(0, B, BB):
-                    rows = b0 + tl.arange(0, BB)
+                for b0 in range(0, B, P2):
+                    rows = b0 + tl.arange(0, P2)
                     rmask = rows < B
                     g = tl.load(
                         G + rows[:, None] * stride_g + gcols[None, :],
@@ -633,7 +650,7 @@ class FusedEngine:
                 compiled = tuned[grid](*args, **const)
             cfg = tuned.best_config
         else:
-            cfg = self.configs.get(name, configs_for(configs, const["K"])[0])
+            cfg = self.configs.get(name, configs_for(name, configs, const["K"])[0])
             with _on(device):
                 compiled = plain[grid](
                     *args, **const, **cfg.kwargs(), num_warps=cfg.warps, num_stages=cfg.stages
