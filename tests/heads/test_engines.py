@@ -9,7 +9,16 @@ import torch
 
 from heads import MarginHead
 from heads.core import operand_dtype
-from heads.fused import BWD_CONFIGS, FWD_CONFIGS, TileConfig, default_chunk, fitting, shared_bytes
+from heads.fused import (
+    BWD_CONFIGS,
+    FWD_CONFIGS,
+    ONE_ROW_ONLY,
+    TileConfig,
+    configs_for,
+    default_chunk,
+    fitting,
+    shared_bytes,
+)
 from tests._heads_util import MARGINS, make_data
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -32,9 +41,10 @@ def test_operand_dtype_by_device_and_dtype() -> None:
 
 
 def test_configs_are_pruned_by_shared_memory() -> None:
-    # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G (BB x BC)
-    # and X in slabs of 2 BD (BB x 2BD)
+    # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G (P2 x BC)
+    # and X in slabs of 2 BD (P2 x 2BD), P2 = BB but at most 8192 / BC rows
     assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "fwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
+    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
     assert shared_bytes(TileConfig(64, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
     assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 128 * 2)
     hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
@@ -49,6 +59,14 @@ def test_configs_are_pruned_by_shared_memory() -> None:
     assert fitting(FWD_CONFIGS, "fwd", 1024, 2, 2, 2) == [FWD_CONFIGS[-1]]
     # every config has tiles of at least 64 (the interpreter's practical minimum, and wgmma's M)
     assert all(min(c.bb, c.bc, c.bd) >= 64 for c in FWD_CONFIGS + BWD_CONFIGS)
+
+
+def test_subcenter_launches_skip_the_configs_that_spill_with_k() -> None:
+    assert configs_for("bwd", BWD_CONFIGS, 1) == BWD_CONFIGS
+    for kernel, configs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)):
+        assert configs_for(kernel, configs, 2) == configs[ONE_ROW_ONLY[kernel] :]
+    # the backward's first config (128 x 128) and 64 x 128 spill at K = 2: the first left is 128 x 64
+    assert (configs_for("bwd", BWD_CONFIGS, 2)[0].bb, configs_for("bwd", BWD_CONFIGS, 2)[0].bc) == (128, 64)
 
 
 def test_backward_chunk_sizes_the_gradient_block_for_l2() -> None:
