@@ -138,7 +138,8 @@ assert all(c.bd == _BD for c in FWD_CONFIGS + BWD_CONFIGS)
 P2_ELEMS = 8192
 # K > 1 sub-centers: how many leading configs of each list a launch skips, whose wide fp32 tiles next
 # to the running max and argmax of the K cosines spill (compiled at K = 2 for sm_90 and sm_80,
-# bench/kernels.py --subcenters 2: fwd 128 x 128; bwd 128 x 128 and 64 x 128; the next spill nothing)
+# bench/kernels.py --subcenters 2: fwd 128 x 128; bwd 128 x 128 and 64 x 128; the next, 128 x 64,
+# spills nothing with SV-Softmax or CurricularFace, 16-28 B with no hard negatives on sm_90, as before)
 ONE_ROW_ONLY = {"fwd": 1, "bwd": 2}
 
 
@@ -421,6 +422,9 @@ if triton is not None:
             else:
                 dc = tl.exp2(cos * s2 - lse2[:, None]) * gs[:, None]
             dc = tl.where(cols[None, :] == lab[:, None], dcy[:, None], dc)
+            # no mask of rows and columns outside B and the chunk (one fp32 tile less): rows past B
+            # load gs = dcy = 0 and a cosine of 0 (dc = 0), G's stores are masked, and a column past
+            # the chunk has its own h, which phase 2 never stores
             if K == 1:
                 h += tl.sum(dc * cos, axis=0)
                 gp = G + rows[:, None] * stride_g + local[None, :]
