@@ -472,6 +472,9 @@ def stage_head_bench(check: Check, classes: int) -> Stage:
         figures[f"{key}_ms"] = row.get("total_ms", row.get("error"))
         if "x_bf16_floor" in row:
             figures[f"{key}_x_floor"] = row["x_bf16_floor"]
+        if "with_step_x_bf16_floor" in row:  # forward, backward and the head's optimizer step
+            figures[f"{key}_step_ms"] = row["step_ms"]
+            figures[f"{key}_with_step_x_floor"] = row["with_step_x_bf16_floor"]
     for floor in r["floors"]:
         figures.update(
             bf16_floor_ms=floor["bf16_total_ms"],
@@ -513,7 +516,7 @@ def stage_kernels(check: Check) -> Stage:
     stage.figures = {
         f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}": s[k]
         for s in r["steps"]
-        for k in ("first_ms", "measured_first_ms", "floor_ms")
+        for k in ("first_ms", "measured_first_ms", "floor_ms", "with_step_first_ms", "measured_step_pass_ms")
         if k in s
     }
     stage.figures["variants"] = json.loads((folder / "kernels.json").read_text())["variants"]

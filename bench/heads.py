@@ -5,7 +5,10 @@ matrix-multiply floor measured in the same run.
     python -m bench.heads --device cpu --classes 50000      # CPU: chunked vs reference
 
 CUDA: one process; each (classes, margin, impl) runs warm-up steps (compilation, autotuning), then
-`--repeats` steps timed by CUDA events: forward, backward and their sum, the median of each. Peak =
+`--repeats` steps timed by CUDA events: forward, backward and their sum, the median of each, and the
+head's optimizer step as the trainer makes it (`step_ms`: the gradient norm its clip and guard read,
+then heads.head_sgd.FusedHeadSGD: with the fused engine one Triton pass that also makes the next
+forward's Wn, so the fused forward has no normalize pass; else torch's SGD). Peak =
 torch.cuda.max_memory_allocated during one step beyond what was allocated before it; working = peak
 minus dW and dX (the gradients any implementation returns). The floor: the three bf16 matrix products
 of a B x C x D head (X W^T forward, 2BCD flops; G W and G^T X backward, 4BCD), timed the same way at
@@ -13,8 +16,11 @@ the same shapes, and the fp32 (no TF32) floor beside it; every implementation's 
 multiple of the bf16 floor.
 CPU: each (classes, margin, impl) in a fresh child process (its working memory is the peak resident
 set minus the resident set before the first step), wall-clock timing, no floor.
-The last stdout line is JSON: every row, the floors, and the headline at the largest C (first margin):
-the fastest non-reference implementation against the reference.
+Sub-centers: one more row, the head with `--subcenters K` rows a class (default 3; 1: none) at the
+largest C and the first margin, in the non-reference implementation (fused on CUDA, chunked on the
+CPU), its time and working memory against the same head with one row a class.
+The last stdout line is JSON: every row, the floors, the headline at the largest C (first margin):
+the fastest non-reference implementation against the reference, and the sub-center row's ratios.
 """
 
 from __future__ import annotations
@@ -41,23 +47,36 @@ def _median_ms(samples: list[float]) -> float:
 def _cuda_step_times(head, x, y, warmup: int, repeats: int) -> dict:
     import torch
 
-    fwd, bwd = [], []
+    from heads.head_sgd import FusedHeadSGD
+
+    # the trainer's head step after the backward: the gradient norm its clip and guard read, then its
+    # SGD (the fused engine's head: one Triton pass that also makes the next forward's Wn, so the
+    # fused forward measured here makes none; the others: torch's foreach SGD). A small lr keeps the
+    # weights where they started.
+    opt = FusedHeadSGD([head.weight], head=head, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    fwd, bwd, step = [], [], []
     for i in range(warmup + repeats):
         head.weight.grad, x.grad = None, None
-        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0, e1, e2, e3 = (torch.cuda.Event(enable_timing=True) for _ in range(4))
         e0.record()
         loss = head(x, y)
         e1.record()
         loss.backward()
         e2.record()
+        torch.nn.utils.clip_grad_norm_([head.weight], float("inf"))
+        opt.step()
+        e3.record()
         torch.cuda.synchronize()
         if i >= warmup:
             fwd.append(e0.elapsed_time(e1))
             bwd.append(e1.elapsed_time(e2))
+            step.append(e2.elapsed_time(e3))
     return {
         "fwd_ms": _median_ms(fwd),
         "bwd_ms": _median_ms(bwd),
         "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)]),
+        "step_ms": _median_ms(step),
+        "with_step_ms": _median_ms([a + b + c for a, b, c in zip(fwd, bwd, step)]),
     }
 
 
@@ -75,7 +94,7 @@ def _cuda_memory(head, x, y) -> dict:
     return {"peak_mib": round(peak / 2**20, 1), "working_mib": round(max(0, peak - grads) / 2**20, 1)}
 
 
-def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device: str):
+def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device: str, subcenters: int = 1):
     import torch
 
     from heads import MarginHead
@@ -83,19 +102,26 @@ def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device
     torch.manual_seed(0)
     t = 1.0 if margin == "curricularface" else args.t  # CurricularFace has its own hard-negative rule
     head = MarginHead(
-        classes, args.dim, margin=margin, t=t, impl=impl, block=args.block, operands=args.operands
+        classes,
+        args.dim,
+        margin=margin,
+        t=t,
+        impl=impl,
+        block=args.block,
+        operands=args.operands,
+        subcenters=subcenters,
     ).to(device)
     x = torch.randn(args.batch, args.dim, device=device, requires_grad=True)
     y = torch.randint(0, classes, (args.batch,), device=device)
     return head, x, y
 
 
-def _cuda_row(args: argparse.Namespace, impl: str, classes: int, margin: str) -> dict:
+def _cuda_row(args: argparse.Namespace, impl: str, classes: int, margin: str, subcenters: int = 1) -> dict:
     import torch
 
-    row = {"impl": impl, "classes": classes, "margin": margin}
+    row = {"impl": impl, "classes": classes, "margin": margin, "subcenters": subcenters}
     try:
-        head, x, y = _make(args, impl, classes, margin, "cuda")
+        head, x, y = _make(args, impl, classes, margin, "cuda", subcenters)
         row.update(_cuda_step_times(head, x, y, args.warmup, args.repeats))
         row.update(_cuda_memory(head, x, y))
         if impl == "fused":
@@ -160,7 +186,7 @@ def cuda_floor(batch: int, classes: int, dim: int, repeats: int) -> dict:
 
 
 def _cpu_child(args: argparse.Namespace) -> dict:
-    head, x, y = _make(args, args.impls[0], args.classes[0], args.margins[0], "cpu")
+    head, x, y = _make(args, args.impls[0], args.classes[0], args.margins[0], "cpu", args.subcenters)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     fwd, bwd = [], []
     for i in range(args.warmup + args.repeats):
@@ -180,6 +206,7 @@ def _cpu_child(args: argparse.Namespace) -> dict:
         "impl": args.impls[0],
         "classes": args.classes[0],
         "margin": args.margins[0],
+        "subcenters": args.subcenters,
         "fwd_ms": _median_ms(fwd),
         "bwd_ms": _median_ms(bwd),
         "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)]),
@@ -188,7 +215,7 @@ def _cpu_child(args: argparse.Namespace) -> dict:
     }
 
 
-def _cpu_row(args: argparse.Namespace, impl: str, classes: int, margin: str) -> dict:
+def _cpu_row(args: argparse.Namespace, impl: str, classes: int, margin: str, subcenters: int = 1) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -202,6 +229,8 @@ def _cpu_row(args: argparse.Namespace, impl: str, classes: int, margin: str) -> 
         str(classes),
         "--margins",
         margin,
+        "--subcenters",
+        str(subcenters),
     ]
     for key in ("batch", "dim", "t", "repeats", "warmup", "operands") + (("block",) if args.block else ()):
         cmd += [f"--{key}", str(getattr(args, key))]
@@ -217,7 +246,9 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
         floor = floors.get(r["classes"])
         if floor and "total_ms" in r:
             r["x_bf16_floor"] = round(r["total_ms"] / floor["bf16_total_ms"], 2)
-    ok = [r for r in rows if "total_ms" in r]
+        if floor and "with_step_ms" in r:
+            r["with_step_x_bf16_floor"] = round(r["with_step_ms"] / floor["bf16_total_ms"], 2)
+    ok = [r for r in rows if "total_ms" in r and r["subcenters"] == 1]
     top = max(args.classes)
     at_top = [r for r in ok if r["classes"] == top and r["margin"] == args.margins[0]]
     ref = next((r for r in at_top if r["impl"] == "reference"), None)
@@ -246,22 +277,35 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
         out["memory_ratio"] = round(ref["working_mib"] / max(best["working_mib"], 0.1), 2)
     if best is not None and top in floors:
         out["x_bf16_floor"] = best.get("x_bf16_floor")
+    sub = next((r for r in rows if r["subcenters"] > 1 and "total_ms" in r), None)
+    one = next((r for r in at_top if sub is not None and r["impl"] == sub["impl"]), None)
+    if sub is not None and one is not None:
+        out["subcenters"] = {
+            "K": sub["subcenters"],
+            "impl": sub["impl"],
+            "total_ms": sub["total_ms"],
+            "working_mib": sub["working_mib"],
+            "x_time_vs_k1": round(sub["total_ms"] / one["total_ms"], 2),
+            "x_working_memory_vs_k1": round(sub["working_mib"] / max(one["working_mib"], 0.1), 2),
+        }
     return out
 
 
 def _print_table(rows: list[dict], floors: dict[int, dict]) -> None:
+    nan = float("nan")
     print(
-        f"{'impl':>9} {'C':>8} {'margin':>14} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
-        f"{'x bf16 floor':>12} {'peak MiB':>9} {'work MiB':>9}"
+        f"{'impl':>9} {'C':>8} {'margin':>14} {'K':>2} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
+        f"{'x bf16 floor':>12} {'step ms':>8} {'x with step':>11} {'peak MiB':>9} {'work MiB':>9}"
     )
     for r in rows:
         if "error" in r:
-            print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14}  {r['error']}")
+            print(f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14} {r['subcenters']:>2}  {r['error']}")
             continue
         print(
-            f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14} {r['fwd_ms']:9.2f} {r['bwd_ms']:9.2f} "
-            f"{r['total_ms']:9.2f} {r.get('x_bf16_floor', float('nan')):12.2f} {r['peak_mib']:9.1f} "
-            f"{r['working_mib']:9.1f}"
+            f"{r['impl']:>9} {r['classes']:>8} {r['margin']:>14} {r['subcenters']:>2} {r['fwd_ms']:9.2f} "
+            f"{r['bwd_ms']:9.2f} {r['total_ms']:9.2f} {r.get('x_bf16_floor', nan):12.2f} "
+            f"{r.get('step_ms', nan):8.2f} {r.get('with_step_x_bf16_floor', nan):11.2f} "
+            f"{r['peak_mib']:9.1f} {r['working_mib']:9.1f}"
         )
     for f in floors.values():
         print(
@@ -307,6 +351,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3 CUDA, 1 CPU)")
+    p.add_argument(
+        "--subcenters",
+        type=int,
+        default=3,
+        help="K of the sub-center row (fused on CUDA, chunked on the CPU, largest C, first margin); 1: none",
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -314,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> None:
     """Mistakes in the arguments, before torch is imported (one line each)."""
-    for key in ("batch", "dim", "repeats"):
+    for key in ("batch", "dim", "repeats", "subcenters"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1")
     if (args.warmup is not None and args.warmup < 0) or (
@@ -356,6 +406,15 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _progress(row: dict) -> None:
+    print(
+        f"  {row['impl']} C={row['classes']} {row['margin']} K={row['subcenters']}: "
+        f"{row.get('total_ms', row.get('error'))}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _resolve(_parser().parse_args(argv))
     if args.child:
@@ -369,11 +428,11 @@ def run(argv: list[str] | None = None) -> int:
         for margin in args.margins:
             for impl in args.impls:
                 rows.append(row(args, impl, classes, margin))
-                print(
-                    f"  {impl} C={classes} {margin}: {rows[-1].get('total_ms', rows[-1].get('error'))}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _progress(rows[-1])
+    fast = [impl for impl in args.impls if impl != "reference"]
+    if args.subcenters > 1 and fast:  # the sub-center row, beside its K = 1 row
+        rows.append(row(args, fast[-1], max(args.classes), args.margins[0], args.subcenters))
+        _progress(rows[-1])
     _print_table(rows, floors)
     print(json.dumps(_summary(args, rows, floors)))
     return 0

@@ -2,11 +2,16 @@
 
 The one place to update when heads/fused.py changes its launch structure is `WORK` below: one small
 function per autotuned kernel (the name is the Triton function's, less `_` and `_kernel`: `_fwd_kernel`
--> "fwd"), plus `LIBRARY` for the step's work outside the autotuned kernels (the plain Triton pass
-that makes Wn and the inverse norms once per weight version, and the cuBLAS product dX += G Wn).
+-> "fwd"), plus `LIBRARY` for the forward's and backward's work outside the autotuned kernels (the
+cuBLAS product dX += G Wn) and `STEP` for the head's optimizer step that follows (the gradient norm
+the trainer reads every step, then heads.fused_step's one pass: SGD with momentum over the fp32
+C x D weight and state, ~10 GB at C = 1M, as much time as the whole bf16 floor, which also makes the
+next forward's Wn and inverse norms, so the forward has no normalize pass).
 A `Shape` carries the mode: recompute (the backward recomputes the cosines, the default) or
-save_logits (the forward writes them, the backward reads them). Each function reads the code's own
-launch structure -- grid, loop trip counts, which operand each loop re-reads -- and returns a `Work`:
+save_logits (the forward writes them, the backward reads them), and the sub-centers per class K
+(`subcenters`: W holds C K rows; every product, Wn, G and dW scale with K, the logits do not).
+Each function reads the code's own launch structure -- grid, loop trip counts, which operand each
+loop re-reads -- and returns a `Work`:
 
 - `args`: every kernel argument at this shape, pointers as `Buf(dtype, shape)` (bench/kernels.py
   compiles from them ahead of time and allocates them to time the kernel on a GPU);
@@ -71,17 +76,24 @@ ARCHS = {
 
 @dataclass(frozen=True)
 class Shape:
-    """The step: its sizes, and whether the forward keeps the B x C cosines for the backward
-    (FusedEngine(save_logits=True)) instead of the backward recomputing them."""
+    """The step: its sizes, whether the forward keeps the B x C cosines for the backward
+    (FusedEngine(save_logits=True)) instead of the backward recomputing them, and the sub-centers
+    per class (K: W has C K rows)."""
 
     B: int
     D: int
     C: int
     save_logits: bool = False
+    subcenters: int = 1
+
+    @property
+    def rows(self) -> int:
+        """Rows of W (and Wn, dW): C K."""
+        return self.C * self.subcenters
 
 
 HEADLINE = Shape(512, 512, 1_000_000)
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "i64": 8, "i32": 4}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "i64": 8, "i32": 4, "i8": 1}
 
 
 @dataclass(frozen=True)
@@ -159,26 +171,28 @@ def _cdiv(a: int, b: int) -> int:
 def _chunk(s: Shape, op: str) -> int:
     from heads.fused import default_chunk
 
-    return default_chunk(s.B, s.C, BYTES[op])
+    return default_chunk(s.B * s.subcenters, s.C, BYTES[op])  # G: B x K chunk
 
 
 def _wn_x_streams(
     s: Shape, cfg: Config, op: str, resident: int, w_reads: float, x_passes: int
 ) -> list[Stream]:
     """Wn and X as `_cos_tile`'s sweeps touch them: each program keeps its class tile's Wn rows
-    (16-bit) hot while it re-reads them `w_reads` times (once per batch tile, and again in an
-    epilogue), and reads all of X (operand dtype) `x_passes` times per class tile."""
+    (16-bit; K rows a class) hot while it re-reads them `w_reads` times (once per batch tile, and
+    again in an epilogue), and reads all of X (operand dtype) `x_passes` times per class tile."""
+    live = resident * cfg.bc * s.subcenters * s.D * BYTES[op]
     return [
-        Stream("Wn", s.C * s.D * BYTES[op], reads=w_reads, live=resident * cfg.bc * s.D * BYTES[op]),
+        Stream("Wn", s.rows * s.D * BYTES[op], reads=w_reads, live=live),
         Stream("X", s.B * s.D * BYTES[op], reads=x_passes * _cdiv(s.C, cfg.bc), live=s.B * s.D * BYTES[op]),
     ]
 
 
 def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     """`_fwd_kernel`: n_prog programs, each a contiguous range of class tiles; per class tile every
-    batch tile: the cosine tile (MMA loop over D), then the online log-sum-exp whose 3 row partials it
-    reads and writes per trip. With save_logits it also writes the B x C cosines (read back by the
-    backward much later: from memory)."""
+    batch tile: the cosine tile (MMA loop over D; K of them with sub-centers, X re-read for each),
+    then the online log-sum-exp whose 3 row partials it reads and writes per trip. With save_logits
+    it also writes the B x C cosines (and with sub-centers each class's argmax row, 1 byte a logit;
+    read back by the backward much later: from memory)."""
     from heads.fused import FWD_CONFIGS
 
     # FusedEngine._programs: 2 programs per SM, at most one per smallest class tile
@@ -187,15 +201,17 @@ def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     rows = n_prog * per * _cdiv(s.B, cfg.bb) * cfg.bb  # (class tile, batch tile) trips x rows
     f32 = Buf("fp32", (n_prog, s.B))
     z = (s.B, s.C) if s.save_logits else (1, 1)
+    K = s.subcenters
     args = dict(
         X=Buf(op, (s.B, s.D)),
-        WN=Buf(op, (s.C, s.D)),
+        WN=Buf(op, (s.rows, s.D)),
         LAB=Buf("i32", (s.B,)),
         THR=Buf("fp32", (s.B,)),
         M=f32,
         L=f32,
         MX=f32,
         Z=Buf(op, z),
+        ZA=Buf("i8", z if K > 1 else (1, 1)),
         B=s.B,
         C=s.C,
         D=s.D,
@@ -206,16 +222,20 @@ def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         t=1.1,
         HARD=True,
         SAVE=s.save_logits,
+        K=K,
         OPK=_OPK[op],
         EVEN_D=s.D % cfg.bd == 0,
     )
-    streams = _wn_x_streams(s, cfg, op, min(resident, n_prog), _cdiv(s.B, cfg.bb), 1) + [
+    streams = _wn_x_streams(s, cfg, op, min(resident, n_prog), _cdiv(s.B, cfg.bb), K) + [
         Stream("row partials", n_prog * s.B * 12, reads=2 * rows / (n_prog * s.B), live=n_prog * s.B * 12),
         Stream("LAB, THR", s.B * 8, reads=rows / s.B, live=s.B * 8),
     ]
     if s.save_logits:
         streams.append(Stream("cosines (saved)", s.B * s.C * BYTES[op], write=True))
-    return Work((n_prog,), 1, 2.0 * s.B * s.C * s.D, streams, args, elems=s.B * s.C, tile=cfg.bb * cfg.bc)
+        if K > 1:
+            streams.append(Stream("argmax rows (saved)", s.B * s.C, write=True))
+    flops = 2.0 * s.B * s.rows * s.D
+    return Work((n_prog,), 1, flops, streams, args, elems=s.B * s.C, tile=cfg.bb * cfg.bc)
 
 
 def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
@@ -224,27 +244,32 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     G = dL/dcos written into the B x ck block (it stays in L2 for phase 2 and the dX product), h in
     registers. Phase 2, per D slab (2 BD wide): dW tile = G^T X over the batch (the program's G
     columns re-read once per slab, from L2; X once more per class tile), the Wn tile in the epilogue,
-    dW written in W's dtype (fp32). Epilogue SASS (bench/kernels.py's first MMA loop's surround): per logit of
-    phase 1 when it recomputes; per dW element of phase 2 with saved cosines (phase 1 then has no
-    MMA loop and its per-logit instructions are not counted)."""
+    dW written in W's dtype (fp32). With K sub-centers: phase 1 K cosine tiles (their max and argmax),
+    G K columns a class (zero but at the argmax), phase 2 once per sub-center row. Epilogue SASS
+    (bench/kernels.py's first MMA loop's surround): per logit of phase 1 when it recomputes; per dW
+    element of phase 2 with saved cosines (phase 1 then has no MMA loop and its per-logit
+    instructions are not counted)."""
     ck_max = _chunk(s, op)
     ck = min(ck_max, s.C)  # FusedEngine.backward: the last chunk may be shorter
     launches = _cdiv(s.C, ck_max)
     grid = _cdiv(ck, cfg.bc)
     row = Buf("fp32", (s.B,))
     z = (s.B, s.C) if s.save_logits else (1, 1)
+    K = s.subcenters
     args = dict(
         X=Buf(op, (s.B, s.D)),
-        WN=Buf(op, (s.C, s.D)),
-        RW=Buf("fp32", (s.C,)),
+        WN=Buf(op, (s.rows, s.D)),
+        RW=Buf("fp32", (s.rows,)),
         LAB=Buf("i32", (s.B,)),
         THR=row,
         LSE2=row,
         GS=row,
         DCY=row,
         Z=Buf(op, z),
-        G=Buf(op, (s.B, ck_max)),
-        DW=Buf("fp32", (s.C, s.D)),
+        ZA=Buf("i8", z if K > 1 else (1, 1)),
+        G=Buf(op, (s.B, ck_max * K)),
+        DW=Buf("fp32", (s.rows, s.D)),
+        TROW=Buf("i32", (s.B,)),
         B=s.B,
         D=s.D,
         c0=0,
@@ -252,26 +277,32 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         stride_x=s.D,
         stride_w=s.D,
         stride_z=z[1],
-        stride_g=ck_max,
+        stride_g=ck_max * K,
         stride_dw=s.D,
         s2=64.0 * _LOG2E,
         t=1.1,
         HARD=True,
         SAVED=s.save_logits,
+        K=K,
+        KP=1 << (K - 1).bit_length(),
         OPK=_OPK[op],
         EVEN_D=s.D % cfg.bd == 0,
     )
     tiles = launches * grid  # class tiles over the step
-    g_bytes = s.B * s.C * BYTES[op]
+    g_bytes = s.B * s.rows * BYTES[op]
     resident = min(resident, grid)
-    if s.save_logits:  # Wn only in phase 2's epilogue, X only in phase 2
-        streams = _wn_x_streams(s, cfg, op, resident, 1, 1) + [Stream("cosines (saved)", g_bytes)]
-    else:  # Wn once per batch tile and in the epilogue; X in both phases
-        streams = _wn_x_streams(s, cfg, op, resident, _cdiv(s.B, cfg.bb) + 1, 2)
+    if s.save_logits:  # Wn only in phase 2's epilogue, X only in phase 2 (once per sub-center)
+        streams = _wn_x_streams(s, cfg, op, resident, 1, K) + [
+            Stream("cosines (saved)", s.B * s.C * BYTES[op])
+        ]
+        if K > 1:
+            streams.append(Stream("argmax rows (saved)", s.B * s.C))
+    else:  # Wn once per batch tile and in the epilogue; X in both phases, per sub-center
+        streams = _wn_x_streams(s, cfg, op, resident, _cdiv(s.B, cfg.bb) + 1, 2 * K)
     streams += [
         Stream("row inputs", s.B * 20, reads=tiles, live=s.B * 20),
-        Stream("RW", s.C * 4),
-        Stream("G", g_bytes, write=True, stays=True, live=s.B * ck * BYTES[op]),
+        Stream("RW", s.rows * 4),
+        Stream("G", g_bytes, write=True, stays=True, live=s.B * ck * K * BYTES[op]),
         Stream(
             "G (phase 2)",
             g_bytes,
@@ -279,53 +310,87 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
             fresh=True,
             live=resident * s.B * cfg.bc * BYTES[op],
         ),
-        Stream("DW", s.C * s.D * 4, write=True),
+        Stream("DW", s.rows * s.D * 4, write=True),
     ]
     products = 1 if s.save_logits else 2
     if s.save_logits:
-        elems, tile = s.C * s.D, cfg.bc * 2 * cfg.bd
+        elems, tile = s.rows * s.D, cfg.bc * 2 * cfg.bd
     else:
         elems, tile = s.B * s.C, cfg.bb * cfg.bc
-    return Work((grid,), launches, products * 2.0 * s.B * s.C * s.D, streams, args, elems=elems, tile=tile)
-
-
-def normalize(s: Shape, op: str, arch: Arch) -> Work:
-    """FusedEngine._normalize, once per weight version (once per training step): `_normalize_kernel`
-    (a plain Triton kernel, no MMA, `normalize_block(D)` whole rows a program) reads each fp32 row
-    once (its norm and its scaled copy from the same registers) and writes Wn (operand dtype) and r."""
-    from heads.fused import normalize_block
-
-    streams = [
-        Stream("W (fp32)", s.C * s.D * 4),
-        Stream("Wn", s.C * s.D * BYTES[op], write=True),
-        Stream("RW", s.C * 4, write=True),
-    ]
-    return Work((_cdiv(s.C, normalize_block(s.D)[0]),), 1, 0.0, streams)
+    flops = products * 2.0 * s.B * s.rows * s.D
+    return Work((grid,), launches, flops, streams, args, elems=elems, tile=tile)
 
 
 def dx_product(s: Shape, op: str, arch: Arch) -> Work:
-    """FusedEngine.backward's `mm_f32(G, Wn[c0:c0+ck], out=dx)` per chunk: cuBLAS reads G and the Wn
-    chunk (both just read by _bwd_kernel: from L2 as far as the two fit) into an fp32 product, then
-    adds it into dX (two launches per chunk)."""
+    """FusedEngine.backward's `mm_f32(G, Wn[c0:c0+ck], out=dx)` per chunk (per sub-center with K > 1:
+    its rows of the chunk): cuBLAS reads G and the Wn chunk (both just read by _bwd_kernel: from L2 as
+    far as the two fit) and accumulates into the fp32 dX, one torch.addmm(out_dtype=float32) launch
+    each (where the torch build refuses an fp32 sum with 16-bit operands, heads.core falls back to a
+    product and an add: two)."""
+    K = s.subcenters
     ck = _chunk(s, op)
-    launches = _cdiv(s.C, ck)
-    both = (ck * s.D + s.B * ck) * BYTES[op]  # the Wn chunk and G, in L2 together
+    launches = _cdiv(s.C, ck) * K
+    both = (ck * s.D + s.B * ck) * K * BYTES[op]  # the Wn chunk and G, in L2 together
     streams = [
-        Stream("Wn chunk", s.C * s.D * BYTES[op], fresh=True, live=both),
-        Stream("G", s.B * s.C * BYTES[op], fresh=True, live=both),  # _bwd_kernel wrote it
-        Stream("dX", s.B * s.D * 4, reads=2 * launches, live=s.B * s.D * 4),
+        Stream("Wn chunk", s.rows * s.D * BYTES[op], fresh=True, live=both),
+        Stream("G", s.B * s.rows * BYTES[op], fresh=True, live=both),  # _bwd_kernel wrote it
+        Stream("dX", s.B * s.D * 4, reads=launches, live=s.B * s.D * 4),
     ]
-    return Work((1,), 2 * launches, 2.0 * s.B * s.C * s.D, streams)
+    return Work((1,), launches, 2.0 * s.B * s.rows * s.D, streams)
+
+
+def grad_norm(s: Shape, op: str, arch: Arch) -> Work:
+    """The trainer's `head_parallel.clip_grad_norm`, every step (the divergence guard reads the norm
+    even with clipping off): torch's foreach norm reads the fp32 C x D head gradient once. The clip's
+    multiply by min(1, max / norm) is none with clipping off, and folded into the fused SGD pass with
+    it on (FusedHeadSGD.defer_grad_scale)."""
+    return Work((1,), 1, 0.0, [Stream("dW (fp32)", s.rows * s.D * 4)])
+
+
+def sgd_step(s: Shape, op: str, arch: Arch) -> Work:
+    """heads.fused_step's `_sgd_step_kernel` (FusedHeadSGD, the trainer's SGD, with the fused engine):
+    one pass, `normalize_block(D)` whole rows a program, reads W, dW (times the clip's factor as it
+    reads it: no clip pass) and the momentum (fp32), writes W and the momentum, and from the new W in
+    registers the inverse norms and Wn (operand dtype) that the next forward reads (so no normalize
+    pass: 22 bytes per element against torch's foreach SGD's 44, the clip's multiply's 8 and the
+    normalize pass's 6)."""
+    from heads.fused import normalize_block
+
+    n = s.rows * s.D * 4
+    streams = [
+        Stream("W, dW, momentum (fp32)", 3 * n),
+        Stream("W, momentum (written)", 2 * n, write=True),
+        Stream("Wn", s.rows * s.D * BYTES[op], write=True),
+        Stream("RW", s.rows * 4, write=True),
+    ]
+    br, bd = normalize_block(s.D)
+    big = Buf("fp32", (s.rows, s.D))
+    # the trainer's defaults, clipping on: every branch but Nesterov's
+    args = dict(
+        W=big,
+        GRAD=big,
+        SCALE=Buf("fp32", (1,)),
+        BUF=big,
+        RW=Buf("fp32", (s.rows,)),
+        WN=Buf(op, (s.rows, s.D)),
+    )
+    args.update(C=s.rows, D=s.D, lr=0.1, wd=5e-4, momentum=0.9, keep=1.0)
+    args.update(SCALED=True, DECAY=True, MOMENTUM=True, FIRST=False, NESTEROV=False, BR=br, BD=bd)
+    return Work((_cdiv(s.rows, br),), 1, 0.0, streams, args)
 
 
 _OPK = {"fp32": 0, "bf16": 1, "fp16": 2}
 _LOG2E = 1.0 / math.log(2.0)
 # kernel name -> its description; the step's Triton kernels in launch order
 WORK: dict[str, Callable[[Shape, Config, str, Arch, int], Work]] = {"fwd": fwd, "bwd": bwd}
-# the step's work outside the autotuned kernels, in launch order
+# the forward's and backward's work outside the autotuned kernels, in launch order
 LIBRARY: dict[str, Callable[[Shape, str, Arch], Work]] = {
-    "normalize (Triton, W -> Wn, r)": normalize,
-    "dx (cuBLAS G @ Wn + add)": dx_product,
+    "dx (cuBLAS addmm into fp32 dX)": dx_product,
+}
+# the head's optimizer step after the backward (the trainer's order: the gradient's norm, then SGD)
+STEP: dict[str, Callable[[Shape, str, Arch], Work]] = {
+    "grad norm (torch, for the clip and the guard)": grad_norm,
+    "SGD step + Wn, r (Triton, fused)": sgd_step,
 }
 
 
@@ -377,5 +442,5 @@ def predict(
 
 
 def floor_seconds(s: Shape, arch: Arch) -> float:
-    """The bf16 floor: the three B x C x D products of a forward and backward (6 BCD flops)."""
-    return 6.0 * s.B * s.C * s.D / arch.mma_flops
+    """The bf16 floor: the three B x C K x D products of a forward and backward (6 BCKD flops)."""
+    return 6.0 * s.B * s.rows * s.D / arch.mma_flops

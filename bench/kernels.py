@@ -2,14 +2,16 @@
 compiler made of it; beside it, a model of the step's time at the headline shape.
 
     python -m bench.kernels --out DIR [--arch sm_90,sm_80] [--dtypes fp16,bf16] [--configs all|first]
-                            [--time]
+                            [--subcenters K] [--time]
 
 Kernels: every autotuned Triton kernel in heads.fused (found by type, with the config list its tuner
 holds); each needs its description in bench/kernel_model.py `WORK` (a missing one is one error line).
 For each (kernel, mode, config, operand dtype, arch) at B=512, D=512, C=1,000,000 it writes
 DIR/<kernel>[_saved]_<dtype>_<config>_<arch>.ptx and .cubin, and a row (mode: "recompute", the
 backward recomputes the cosines, the default; "saved", FusedEngine(save_logits=True): the forward
-writes them and the backward reads them; the SAVE/SAVED constexprs compile different code):
+writes them and the backward reads them; the SAVE/SAVED constexprs compile different code;
+`--subcenters K` > 1: sub-center ArcFace's K rows a class, the K constexpr, C K rows of W, files
+<kernel>[_saved]_k<K>_..., the configs a launch with K > 1 may take, `heads.fused.configs_for`):
 registers and spill bytes (ptxas -v), shared memory (Triton's launch request), blocks per SM
 (registers in 256-register warp units, shared memory with 1 KB reserved per block, and warps, against
 the arch's limits), the MMA instructions in the PTX, the wgmma wait depths (N of
@@ -27,9 +29,11 @@ saved _bwd). A static count: predicated branches inside the body count once.
 
 The step table (per arch, dtype and mode) models the step with each kernel's first config (what
 deterministic mode runs) and with the config the model rates fastest, plus `LIBRARY`'s parts (the
-Wn pass, the cuBLAS dX product), against the bf16 floor.
+cuBLAS dX product): forward + backward against the bf16 floor; then with `STEP`'s parts added (the
+head's optimizer step: the gradient norm the trainer reads, the fused SGD pass that also makes Wn).
 --time (on a CUDA machine: bench/gpu_check.sh's kernels stage) also launches each variant of the local
-arch at the headline shape and adds its measured time per step beside the predicted one.
+arch at the headline shape and adds its measured time per step beside the predicted one, and the
+head step's Triton pass (heads/fused_step.py) beside its prediction.
 Files: DIR/kernels.md (the tables, also printed) and DIR/kernels.json; the last stdout line is JSON.
 """
 
@@ -51,6 +55,7 @@ from bench.kernel_model import (
     ARCHS,
     HEADLINE,
     LIBRARY,
+    STEP,
     WORK,
     Arch,
     Buf,
@@ -58,6 +63,7 @@ from bench.kernel_model import (
     Shape,
     floor_seconds,
     predict,
+    sgd_step,
 )
 from common.cli import CliParser, UserError, run_cli
 
@@ -94,6 +100,7 @@ class Variant:
     predicted_ms: float
     bound: str
     measured_ms: float | None = None
+    subcenters: int = 1  # K: the sub-center rows a class
 
     @property
     def mma_16bit(self) -> bool:
@@ -256,7 +263,8 @@ def inspect(
     compiled, log = compile_variant(fn, work.args, cfg, arch)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     if out is not None:
-        stem = out / f"{name}{_MODE_FILE[shape.save_logits]}_{dtype}_{cfg.tag}_{arch.name}"
+        k = f"_k{shape.subcenters}" if shape.subcenters > 1 else ""
+        stem = out / f"{name}{_MODE_FILE[shape.save_logits]}{k}_{dtype}_{cfg.tag}_{arch.name}"
         stem.with_suffix(".ptx").write_text(ptx)
         stem.with_suffix(".cubin").write_bytes(cubin)
     spills, regs = _SPILL.search(log), _REGS.search(log)
@@ -288,6 +296,7 @@ def inspect(
         None if per_elem is None else round(per_elem, 2),
         round(p.seconds * 1e3, 4),
         p.bound,
+        subcenters=shape.subcenters,
     )
 
 
@@ -300,7 +309,8 @@ def variant_table(rows: list[Variant]) -> str:
     for v in rows:
         mma = ", ".join(m.replace(".sync.aligned", "") for m in v.mma) or "none (FMA)"
         lines.append(
-            f"| {v.kernel}{' *' if v.first else ''} | {MODES[v.save_logits]} | {v.dtype} | {v.config} | "
+            f"| {v.kernel}{' *' if v.first else ''} | {_mode(v.save_logits, v.subcenters)} | {v.dtype} | "
+            f"{v.config} | "
             f"{v.arch} | {v.regs} | "
             f"{v.spill_stores}/{v.spill_loads} | {v.shared / 1024:.0f} | {v.blocks_per_sm} | {mma} | "
             f"{','.join(map(str, v.wgmma_waits)) or '-'} | {v.epilogue_per_elem} | {v.predicted_ms} | "
@@ -309,9 +319,15 @@ def variant_table(rows: list[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tuple[str, dict]:
+def _mode(save_logits: bool, subcenters: int) -> str:
+    return MODES[save_logits] + (f", K={subcenters}" if subcenters > 1 else "")
+
+
+def step_table(
+    rows: list[Variant], arch: Arch, dtype: str, shape: Shape, step_pass_ms: float | None = None
+) -> tuple[str, dict]:
     """The modelled step on one arch, dtype and mode (shape.save_logits): first configs and the model's
-    fastest per kernel."""
+    fastest per kernel; `step_pass_ms`, the head step's Triton pass as measured (--time)."""
     mine = [
         v for v in rows if v.arch == arch.name and v.dtype == dtype and v.save_logits == shape.save_logits
     ]
@@ -326,9 +342,11 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
         for n in names
     }
     lib = {n: predict(f(shape, dtype, arch), arch) for n, f in LIBRARY.items()}
+    step = {n: predict(f(shape, dtype, arch), arch) for n, f in STEP.items()}
     floor_ms = floor_seconds(shape, arch) * 1e3
     lines = [
-        f"step model, {arch.name} ({arch.gpu}), {dtype}, cosines {MODES[shape.save_logits]}, "
+        f"step model, {arch.name} ({arch.gpu}), {dtype}, "
+        f"cosines {_mode(shape.save_logits, shape.subcenters)}, "
         f"B={shape.B} D={shape.D} C={shape.C:,}:",
         "",
         "| part | first config | ms | fastest config | ms |",
@@ -339,26 +357,43 @@ def step_table(rows: list[Variant], arch: Arch, dtype: str, shape: Shape) -> tup
             f"| {n} | {first[n].config} | {first[n].predicted_ms:.3f} ({first[n].bound}) | "
             f"{best[n].config} | {best[n].predicted_ms:.3f} ({best[n].bound}) |"
         )
-    for n, p in lib.items():
-        ms = p.seconds * 1e3
-        lines.append(f"| {n} | - | {ms:.3f} ({p.bound}) | - | {ms:.3f} |")
-    lib_ms = sum(p.seconds for p in lib.values()) * 1e3
-    tot_first = sum(v.predicted_ms for v in first.values()) + lib_ms
-    tot_best = sum(v.predicted_ms for v in best.values()) + lib_ms
-    lines.append(
-        f"| step | | {tot_first:.3f} ({tot_first / floor_ms:.2f}x floor) | | "
-        f"{tot_best:.3f} ({tot_best / floor_ms:.2f}x floor) |"
-    )
+
+    def add(parts: dict, total_first: float, total_best: float, label: str) -> tuple[float, float]:
+        for n, p in parts.items():
+            ms = p.seconds * 1e3
+            lines.append(f"| {n} | - | {ms:.3f} ({p.bound}) | - | {ms:.3f} |")
+        ms = sum(p.seconds for p in parts.values()) * 1e3
+        total_first, total_best = total_first + ms, total_best + ms
+        lines.append(
+            f"| **{label}** | | {total_first:.3f} ({total_first / floor_ms:.2f}x floor) | | "
+            f"{total_best:.3f} ({total_best / floor_ms:.2f}x floor) |"
+        )
+        return total_first, total_best
+
+    kernels_first = sum(v.predicted_ms for v in first.values())
+    kernels_best = sum(v.predicted_ms for v in best.values())
+    tot_first, tot_best = add(lib, kernels_first, kernels_best, "forward + backward")
+    with_first, with_best = add(step, tot_first, tot_best, "forward + backward + optimizer step")
     lines.append(f"| bf16 floor (6BCD at {arch.mma_flops / 1e12:.0f} TFLOP/s) | | {floor_ms:.3f} | | |")
     summary = {
         "arch": arch.name,
         "dtype": dtype,
         "save_logits": shape.save_logits,
+        "subcenters": shape.subcenters,
         "first_ms": round(tot_first, 3),
         "fastest_ms": round(tot_best, 3),
         "floor_ms": round(floor_ms, 3),
-        "library_ms": round(lib_ms, 3),
+        "library_ms": round(tot_first - kernels_first, 3),
+        "step_ms": round(with_first - tot_first, 3),
+        "with_step_first_ms": round(with_first, 3),
+        "with_step_fastest_ms": round(with_best, 3),
     }
+    if step_pass_ms is not None:
+        predicted = predict(sgd_step(shape, dtype, arch), arch).seconds * 1e3
+        summary["measured_step_pass_ms"] = step_pass_ms
+        lines.append(
+            f"| the step's Triton pass: measured | | {step_pass_ms:.3f} (predicted {predicted:.3f}) | | |"
+        )
     if all(v.measured_ms is not None for v in first.values()):
         measured = sum(v.measured_ms for v in first.values())
         summary["measured_first_ms"] = round(measured, 3)
@@ -389,7 +424,8 @@ def time_variants(
             if arch is None or v.arch != arch.name or v.kernel != name:
                 continue
             cfg = next(c for c in configs if c.tag == v.config)
-            work = WORK[name](replace(shape, save_logits=v.save_logits), cfg, v.dtype, arch, arch.sms)
+            mode = replace(shape, save_logits=v.save_logits, subcenters=v.subcenters)
+            work = WORK[name](mode, cfg, v.dtype, arch, arch.sms)
             values = {
                 n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a for n, a in work.args.items()
             }
@@ -402,6 +438,25 @@ def time_variants(
         del buffers
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def time_step_pass(shape: Shape, arch: Arch, dtype: str, device: str = "cuda", repeats: int = 5) -> float:
+    """The head step's Triton pass (heads/fused_step.py) launched with its description's arguments
+    (bench/kernel_model.py `sgd_step`) at the shape: its median ms (wall-clock on the CPU)."""
+    import torch
+
+    from heads.fused_step import STEP_WARPS, _sgd_step_kernel
+
+    work = sgd_step(shape, dtype, arch)
+    buffers: dict = {}
+    values = {n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a for n, a in work.args.items()}
+    launch = functools.partial(_sgd_step_kernel[work.grid], **values, num_warps=STEP_WARPS)
+    launch()  # compiles
+    samples = sorted(_elapsed_ms(launch, device) for _ in range(repeats))
+    del buffers, values
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return round(samples[len(samples) // 2], 4)
 
 
 def _elapsed_ms(launch, device: str) -> float:
@@ -431,8 +486,9 @@ def _tensor(cache: dict, name: str, buf: Buf, device: str):
             "fp16": torch.float16,
             "i64": torch.int64,
             "i32": torch.int32,
+            "i8": torch.int8,
         }[buf.dtype]
-        if dtype in (torch.int64, torch.int32):
+        if dtype in (torch.int64, torch.int32, torch.int8):
             t = torch.randint(0, 64, buf.shape, device=device, dtype=dtype)
         else:
             t = torch.randn(buf.shape, device=device).mul_(0.03).to(dtype)
@@ -448,6 +504,8 @@ def compile_and_model(
     shape: Shape = HEADLINE,
     timing: bool = False,
 ) -> tuple[list[Variant], str, list[dict]]:
+    from heads.fused import configs_for
+
     found = kernels()
     modes = [replace(shape, save_logits=saved) for saved in MODES]
     rows = []
@@ -455,6 +513,7 @@ def compile_and_model(
         for dtype in dtypes:
             for mode in modes:
                 for name, (fn, configs) in found.items():
+                    configs = configs_for(name, configs, shape.subcenters)  # what a launch with K may take
                     for i, cfg in enumerate(configs if all_configs else configs[:1]):
                         rows.append(inspect(name, fn, cfg, i == 0, dtype, arch, mode, out))
                         print(
@@ -463,14 +522,20 @@ def compile_and_model(
                             file=sys.stderr,
                             flush=True,
                         )
+    step_measured: dict[tuple[str, str], float] = {}
     if timing:
         time_variants(rows, found, shape)
+        import torch
+
+        local = "sm_{}{}".format(*torch.cuda.get_device_capability())
+        for dtype in dtypes if local in ARCHS else ():
+            step_measured[(local, dtype)] = time_step_pass(shape, ARCHS[local], dtype)
     text = variant_table(rows)
     summaries = []
     for arch in archs:
         for dtype in dtypes:
             for mode in modes:
-                table, summary = step_table(rows, arch, dtype, mode)
+                table, summary = step_table(rows, arch, dtype, mode, step_measured.get((arch.name, dtype)))
                 text += "\n" + table
                 summaries.append(summary)
     return rows, text, summaries
@@ -487,8 +552,13 @@ def run(argv: list[str] | None = None) -> int:
         default="all",
         help="every config the tuner may pick, or each kernel's first (deterministic mode's)",
     )
+    p.add_argument(
+        "--subcenters", type=int, default=1, help="K: sub-center rows per class (sub-center ArcFace), >= 1"
+    )
     p.add_argument("--time", action="store_true", help="also launch and time each variant on this CUDA GPU")
     a = p.parse_args(argv)
+    if a.subcenters < 1:
+        raise UserError(f"--subcenters must be at least 1, got {a.subcenters}")
     archs, dtypes = a.arch.split(","), a.dtypes.split(",")
     bad = [x for x in archs if x not in ARCHS] + [x for x in dtypes if x not in DTYPES]
     if bad:
@@ -501,8 +571,9 @@ def run(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    shape = replace(HEADLINE, subcenters=a.subcenters)
     rows, text, summaries = compile_and_model(
-        out, [ARCHS[x] for x in archs], dtypes, a.configs == "all", timing=a.time
+        out, [ARCHS[x] for x in archs], dtypes, a.configs == "all", shape, timing=a.time
     )
     (out / "kernels.md").write_text(text)
     (out / "kernels.json").write_text(

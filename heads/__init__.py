@@ -18,10 +18,13 @@ combined `m1, m2, m3`; adaface `m, h, t_alpha`; magface `l_a, u_a, l_m, u_m, lam
 regularizer is part of the returned loss); curricularface `m` (not with t > 1). AdaFace's norm
 statistics and CurricularFace's t are buffers of the head (`margin_batch_mean`, `margin_batch_std`,
 `margin_t`): they move in a training forward only (`head.eval()` freezes them), from the global batch
-when sharded, and travel in `state_dict()` and the trainer's checkpoints. `subcenters=K` (any margin;
-reference and chunked, one process): `weight` is (C K, D), class j's rows j K .. j K + K - 1, a class's
-cosine the largest of its rows'; `head.dominant_subcenters(embeddings, labels)` returns the K=1 head
-of each class's dominant sub-center (the paper's cleaning step). `gamma_focal` > 0 adds the focal
+when sharded, and travel in `state_dict()` and the trainer's checkpoints. `subcenters=K` (any margin,
+every implementation, MarginHead and the sharded head): `weight` is (C K, D), class j's rows
+j K .. j K + K - 1, a class's cosine the largest of its rows' (its gradient to that row alone, the
+first on ties; the fused kernels take K as a constexpr, heads/fused.py); a sharded rank owns whole
+classes and Partial FC samples all K rows of a class. `head.dominant_subcenters(embeddings, labels)`
+returns the K=1 head of each class's dominant sub-center (the paper's cleaning step; a collective on
+a sharded head). `gamma_focal` > 0 adds the focal
 term. Inputs may be fp32, bf16 or fp16; the head computes in fp32 (float64 inputs stay float64 in
 reference and chunked, for tests).
 `block` (chunked only) is the number of classes per block. `operands` ("auto", "fp32", "bf16",
@@ -40,8 +43,12 @@ buffer the engine writes becomes `weight.grad` without a copy when the optimizer
 `set_to_none=True`, PyTorch's default; otherwise autograd adds it into the existing gradient), and
 the optimizer's state (SGD momentum: 4 D bytes). Working memory does not grow with C: chunked holds
 a few B x block fp32 temporaries, fused 12 x B bytes per program forward and a B x chunk block (2
-bytes each) plus a chunk of W in fp16 backward (see heads/fused.py). The reference holds several
-B x C tensors.
+bytes each; K columns a class with sub-centers, the chunk 1/K as wide) plus a chunk of W in fp16
+backward (see heads/fused.py). The reference holds several B x C tensors.
+
+Optimizer: `heads.head_sgd.FusedHeadSGD(params, head=head, **sgd_options)` is torch.optim.SGD whose
+step of `head.weight` on the fused engine is one Triton pass that also makes the next forward's
+16-bit copy of W (heads/fused_step.py); the trainer's "sgd" is it.
 
 The forward is kept out of `torch.compile` graphs (`torch.compiler.disable`): compile the backbone;
 the head runs eagerly, so its Python-int training step (`set_step`) never becomes a Dynamo guard

@@ -84,12 +84,14 @@ class ChunkedEngine:
         dcy: Tensor,
         s: float,
         t: float | Tensor,
+        target_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         K = self.subcenters
         C = weight.shape[0] // K
         dxn = torch.zeros_like(xn)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        target_row = labels * K  # the weight row of each row's target (its argmax sub-center, below)
+        target_rows = labels if target_rows is None else target_rows
+        target_sub = target_rows - labels * K  # the sub-center each c_y came from
         for c0 in range(0, C, self.block):
             c1 = min(C, c0 + self.block)
             xo, wo = self._operands(xn, weight, c0 * K, c1 * K)
@@ -103,10 +105,8 @@ class ChunkedEngine:
                 dc *= slope
             target = _TargetColumn(labels, c0, c1)
             target.fill(dc, dcy)
-            if arg is not None:
-                target_row = torch.where(
-                    target.inside[:, 0], target_row + arg.gather(1, target.col)[:, 0], target_row
-                )
+            if arg is not None:  # dc_y goes to the row c_y came from
+                target.fill(arg, target_sub)
             dc = self._row_grad(dc, arg)
             # d c_ij / d w_j = r_j (xn_i - c_ij r_j w_j): the projection of the normalization
             h = (dc * cos_rows).sum(0)
@@ -116,7 +116,7 @@ class ChunkedEngine:
             dwb -= (r * r * h)[:, None] * weight[c0 * K : c1 * K].to(xn.dtype)
             dw[c0 * K : c1 * K] = dwb
         xo = xn.to(operand_dtype(xn.device, xn.dtype, operands=self.operands))
-        fix_target_terms(xn, xo, weight, rw, target_row, dcy, dxn, dw)
+        fix_target_terms(xn, xo, weight, rw, target_rows, dcy, dxn, dw)
         return dxn, dw
 
 

@@ -45,8 +45,11 @@ class Engine(Protocol):
         dcy: Tensor,
         s: float,
         t: float | Tensor,
+        target_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(dL/dxn (B x D), dL/dweight (C x D) in weight's dtype) given g = dL/d(row loss), dcy = dL/dc_y.
+        `target_rows`: the row of weight each c_y came from (`target_cosines`; -1 for a sharded head's
+        rows another rank owns), which takes dcy; None: the labels (one row per class).
         The dW returned becomes weight.grad as it is (no copy), so engines allocate it once, C x D."""
         ...
 
@@ -82,15 +85,20 @@ def operand_dtype(
 def mm_f32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a @ b with an fp32 (or float64) result; low-precision operands accumulate in fp32 in cuBLAS.
 
-    With `out` given, the product is added into it (out += a @ b)."""
+    With `out` given, the product is added into it (out += a @ b): one cuBLAS call accumulating into
+    the fp32 `out` where torch.addmm(out_dtype=float32) takes an fp32 `out` with 16-bit operands (some
+    torch versions ask for the operands' dtype), else the product and an add."""
     if a.dtype in (torch.float32, torch.float64):
         return torch.mm(a, b) if out is None else out.addmm_(a, b)
+    if out is not None and _runs("mm", a.device, a.dtype) and _runs("addmm", a.device, a.dtype):
+        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     prod = _low_precision_mm(a, b)
     return prod if out is None else out.add_(prod)
 
 
-# per (device type, operand dtype): whether torch.mm(..., out_dtype=float32) runs there (probed once)
-_OUT_DTYPE_MM: dict[tuple[str, torch.dtype], bool] = {}
+# per (op, device type, operand dtype): whether torch.mm(..., out_dtype=float32), or torch.addmm(acc,
+# ..., out_dtype=float32, out=acc) into an fp32 accumulator, runs there (probed once)
+_CAPABLE: dict[tuple[str, str, torch.dtype], bool] = {}
 
 
 def _low_precision_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -99,33 +107,49 @@ def _low_precision_mm(a: Tensor, b: Tensor) -> Tensor:
     CPU's bf16 product would round its result to bf16; a slower product beats a wrong one). Only the
     capability probe decides the fallback: an error of the real product (out of memory, a bad shape)
     propagates, and the next call takes the fast path again."""
-    if _out_dtype_mm_runs(a.device, a.dtype):
+    if _runs("mm", a.device, a.dtype):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 
 
-def _out_dtype_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Probe once per (device type, dtype) with a 1 x 1 product; say once when the answer is no."""
-    key = (device.type, dtype)
-    if key not in _OUT_DTYPE_MM:
-        one = torch.ones(1, 1, dtype=dtype, device=device)
+def _probe_mm(one: Tensor) -> None:
+    torch.mm(one, one, out_dtype=torch.float32)
+
+
+def _probe_addmm(one: Tensor) -> None:
+    acc = torch.zeros(1, 1, device=one.device)
+    torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+
+
+# each probe, and what its "no" costs (said once in a RuntimeWarning)
+_PROBES = {
+    "mm": (_probe_mm, "the class products widen their operands to fp32 instead (same result, slower)"),
+    "addmm": (_probe_addmm, "a product into an fp32 sum is a product and an add (same result)"),
+}
+
+
+def _runs(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Probe torch.<op>(out_dtype=float32) once per (device type, dtype) with a 1 x 1 product; say
+    once when the answer is no."""
+    probe, otherwise = _PROBES[op]
+    key = (op, device.type, dtype)
+    if key not in _CAPABLE:
         try:
-            torch.mm(one, one, out_dtype=torch.float32)
-            _OUT_DTYPE_MM[key] = True
+            probe(torch.ones(1, 1, dtype=dtype, device=device))
+            _CAPABLE[key] = True
         except torch.OutOfMemoryError:
             raise  # says nothing about the capability
         except (TypeError, NotImplementedError, RuntimeError) as err:
             # TypeError: torch < 2.8 has no out_dtype; NotImplementedError: no kernel for this
             # device (the CPU); RuntimeError: this dtype/device combination refused
-            _OUT_DTYPE_MM[key] = False
+            _CAPABLE[key] = False
             warnings.warn(
-                f"heads: torch.mm(out_dtype=float32) does not run for {dtype} on {device.type} "
-                f"({type(err).__name__}); the class products widen their operands to fp32 "
-                "instead (same result, slower)",
+                f"heads: torch.{op}(out_dtype=float32) does not run for {dtype} on {device.type} "
+                f"({type(err).__name__}); {otherwise}",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _OUT_DTYPE_MM[key]
+    return _CAPABLE[key]
 
 
 def fix_target_terms(
@@ -184,14 +208,23 @@ def engine_inv_norms(engine: Engine, weight: Tensor) -> Tensor:
     return getattr(engine, "inv_norms", inv_norms)(weight)
 
 
-def target_cosines(xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, subcenters: int = 1) -> Tensor:
-    """c_y: each row's cosine with its class; with K sub-centers (class j's rows j K .. j K + K - 1 of
-    weight) the largest of its class's K cosines (autograd-free: the engines route its gradient)."""
+def subcenter_rows(classes: Tensor, subcenters: int) -> Tensor:
+    """(N, K): the rows of weight that hold each class's K sub-centers (class j's rows j K .. j K + K - 1)."""
+    return classes[:, None] * subcenters + torch.arange(subcenters, device=classes.device)
+
+
+def target_cosines(
+    xn: Tensor, weight: Tensor, rw: Tensor, labels: Tensor, subcenters: int = 1
+) -> tuple[Tensor, Tensor]:
+    """(c_y, the row of weight it comes from): each row's cosine with its class; with K sub-centers
+    (class j's rows j K .. j K + K - 1 of weight) the largest of its class's K cosines and its row,
+    the first on ties as torch's max (autograd-free: the engines route dc_y to that row)."""
     if subcenters == 1:
-        return (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype)
-    rows = labels[:, None] * subcenters + torch.arange(subcenters, device=labels.device)
+        return (xn * weight[labels].to(xn.dtype)).sum(1) * rw[labels].to(xn.dtype), labels
+    rows = subcenter_rows(labels, subcenters)
     cands = (xn[:, None, :] * weight[rows].to(xn.dtype)).sum(2) * rw[rows].to(xn.dtype)
-    return cands.amax(1)
+    best = cands.max(1)
+    return best.values, labels * subcenters + best.indices
 
 
 def target_terms(
@@ -228,12 +261,12 @@ class _HeadFn(torch.autograd.Function):
         training: bool,
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         rw = engine_inv_norms(engine, weight)
-        c_y = target_cosines(xn, weight, rw, labels, engine.subcenters)
+        c_y, rows = target_cosines(xn, weight, rw, labels, engine.subcenters)
         p, psi, t = target_terms(margin, c_y, norms, state, training, step, t)
         lse_other, max_other = engine.forward(xn, weight, rw, labels, psi, s, t)
         tgt = s * psi
         lse = torch.logaddexp(lse_other.to(xn.dtype), tgt)
-        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse, p)
+        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse, p, rows)
         ctx.margin, ctx.step, ctx.s, ctx.t, ctx.engine = margin, step, s, t, engine
         correct = (c_y >= max_other.to(xn.dtype)).to(xn.dtype)
         ctx.mark_non_differentiable(correct)
@@ -252,7 +285,7 @@ def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor | No
     gradient, so no engine code that indexes by label can pick one up (nor, for MagFace, a norm
     gradient: the owner's rank gives it).
     """
-    xn, weight, labels, rw, c_y, psi, lse, p = ctx.saved_tensors
+    xn, weight, labels, rw, c_y, psi, lse, p, rows = ctx.saved_tensors
     s, margin = ctx.s, ctx.margin
     dpsi = g * (torch.exp(s * psi - lse) - 1.0) * s
     dpsi = torch.where(labels >= 0, dpsi, torch.zeros_like(dpsi))
@@ -260,7 +293,7 @@ def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor | No
     dnorms = dpsi * margin.dpsi_dp(c_y, ctx.step, p) if margin.norm_gradient else None
     # backward may run on a thread with autocast on; the head's contract is fp32
     with torch.autocast(xn.device.type, enabled=False):
-        dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t)
+        dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t, rows)
     # engines write dW in weight's dtype: handed to autograd as it is, it becomes weight.grad
     # without a second C x D buffer (with zero_grad(set_to_none=True), PyTorch's default)
     return dxn, dw.to(weight.dtype), dnorms

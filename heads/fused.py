@@ -6,7 +6,9 @@ Normalized weight: once per weight version the engine makes Wn = W * r (r the in
 the operand dtype and keeps it (keyed on the weight's storage, `_version`, shape and dtypes: an
 optimizer step or any in-place write makes a new one; writes through `weight.data` are not seen).
 One Triton pass (`_normalize_kernel`) makes r and Wn together when the head asks the engine for the
-norms (`inv_norms`), so the fp32 master W is read from memory once per step. Every kernel reads
+norms (`inv_norms`), so the fp32 master W is read from memory once per step; with the trainer's SGD
+the optimizer step makes them instead, in its own pass over W (heads/fused_step.py: `adopt`), and
+the forward makes none. Every kernel reads
 Wn, 16-bit on the GPU: the products take it from shared memory as it arrives (no cast in
 registers), and its elements lie in [-1, 1] (fp16's range is never at risk). Cost: C x D x 2
 bytes (1 GB at C = 1M, D = 512), freed before the next one is made.
@@ -38,12 +40,24 @@ Hard negatives (`HARD`, constexpr): 0 none, True SV-Softmax (s (t c + t - 1) abo
 2 CurricularFace (s c (tc + c) above psi, derivative s (tc + 2 c)): its t rides after the B
 thresholds in THR (2B floats), so the kernels' signatures and the other variants' code are unchanged.
 
+Sub-centers (`K`, constexpr; `subcenters=K`): W holds K rows a class, class j's rows j K .. j K + K - 1.
+A program's class tile sweeps its K rows in turn (`_class_cos`: K products into one accumulator, the
+running max and the first argmax kept on chip); a class's cosine is the max. The backward recomputes
+max and argmax, or with `save_logits` reads the saved per-class maxima and each one's argmax row
+(int8, 1 byte a logit: cheaper than redoing the K products the saved mode exists to skip). G holds K
+columns a class (sub-center k's at k ck + local, zero but at the argmax), phase 2 runs once per
+sub-center row, and dX takes K cuBLAS products a chunk (every K-th row of Wn). dc_y goes to the row
+c_y came from (TROW: `heads.core.target_cosines`, the first max on ties, as torch's max in the
+chunked engine), which the exact target terms use too. K = 1 compiles to the one-row code (constexpr
+branches); K > 1 launches skip the configs that spill with it (`configs_for`).
+
 Configs: a few per kernel (below), pruned by the device's shared memory, autotuned on CUDA by Triton
 keyed on (B, D) and the tensors' dtypes. `deterministic=True` skips the tuner and uses each kernel's
 first config: bitwise the same result in every process on a given GPU model. The tuned default
 picks by timing, so two processes may pick different tiles and differ in the last bits (never more
 than the fp32 accumulation order). Memory beyond W, dW and Wn: forward 12 bytes x B x programs;
-backward G (B x chunk, 2 bytes: 32 MiB at B=512), h and dX; with `save_logits` the B x C cosines.
+backward G (B x chunk x K, 2 bytes: 32 MiB at B=512, the chunk 1/K as wide), h and dX; with
+`save_logits` the B x C cosines (and with K > 1 their B x C argmax rows, 1 byte each).
 """
 
 from __future__ import annotations
@@ -105,10 +119,12 @@ FWD_CONFIGS = (
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
-# backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping BB batch rows per stage.
-# Both phases' tiles take ~255 registers at these shapes: 128 x 128 (at 8 or 16 warps) and 128 x 64 at
-# 4 warps spill.
+# backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping `phase2_rows` batch rows
+# per stage. 128 x 128 (one read of each Wn tile per 128 batch rows, not 64: 1.87 vs 2.28 ms modelled
+# on the H200) spills nothing since phase 2 steps 64 rows and the SV-Softmax logit takes one select;
+# at 16 warps it spills (128 registers a thread), as 128 x 64 at 4 warps does.
 BWD_CONFIGS = (
+    TileConfig(128, 128, 64, 8, 3),
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(128, 64, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 3),
@@ -116,6 +132,26 @@ BWD_CONFIGS = (
 )
 _BD = 64
 assert all(c.bd == _BD for c in FWD_CONFIGS + BWD_CONFIGS)
+# phase 2's batch step (the K dimension of its G^T X product): BB, but at most P2_ELEMS // BC rows,
+# so its G tiles are never larger than 64 x 128 (128 x 128 spilled with 128-row ones; 128 x 64 at
+# K = 2 spills with 64-row ones); a smaller step only adds trips, no traffic
+P2_ELEMS = 8192
+# K > 1 sub-centers: how many leading configs of each list a launch skips, whose wide fp32 tiles next
+# to the running max and argmax of the K cosines spill (compiled at K = 2 for sm_90 and sm_80,
+# bench/kernels.py --subcenters 2: fwd 128 x 128; bwd 128 x 128 and 64 x 128; the next, 128 x 64,
+# spills nothing with SV-Softmax or CurricularFace, 16-28 B with no hard negatives on sm_90, as before)
+ONE_ROW_ONLY = {"fwd": 1, "bwd": 2}
+
+
+def phase2_rows(bb: int, bc: int) -> int:
+    """Phase 2's batch step for a (BB, BC) tile (`_bwd_kernel`'s P2)."""
+    return min(bb, P2_ELEMS // bc)
+
+
+def configs_for(kernel: str, configs: tuple, subcenters: int) -> tuple:
+    """The configs `kernel` ("fwd", "bwd") launches with K sub-centers: all of them for K = 1; for
+    K > 1 all but its `ONE_ROW_ONLY` leading ones."""
+    return configs if subcenters == 1 else configs[ONE_ROW_ONLY[kernel] :]
 
 
 def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_bytes: int) -> int:
@@ -123,7 +159,7 @@ def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_byt
     backward's two phases run one after the other: the larger of the two)."""
     cos = cfg.bb * cfg.bd * x_bytes + cfg.bc * cfg.bd * w_bytes
     if kernel == "bwd":
-        return cfg.stages * max(cos, cfg.bb * cfg.bc * g_bytes + cfg.bb * 2 * cfg.bd * x_bytes)
+        return cfg.stages * max(cos, phase2_rows(cfg.bb, cfg.bc) * (cfg.bc * g_bytes + 2 * cfg.bd * x_bytes))
     return cfg.stages * cos
 
 
@@ -151,13 +187,14 @@ def _pruner(kernel: str, configs: tuple[TileConfig, ...]):
         size = {k: v.element_size() for k, v in named_args.items() if hasattr(v, "element_size")}
         op = size.get("X", 2)
         mine = tuple(by_kwargs[tuple(sorted(tc.kwargs.items()))] for tc in tconfigs)
-        keep = set(fitting(mine, kernel, _smem_limit(), op, op, op))
+        keep = set(fitting(configs_for(kernel, mine, kwargs.get("K", 1)), kernel, _smem_limit(), op, op, op))
         return [tc for tc, c in zip(tconfigs, mine) if c in keep]
 
     return prune
 
 
 if triton is not None:
+    P2_ELEMS_C = tl.constexpr(P2_ELEMS)
 
     @triton.jit
     def _mma(a, b, acc, OPK: tl.constexpr):
@@ -202,6 +239,27 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _class_cos(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K):
+        # (each class's cosine, which of its rows it is): K = 1 the class row's (_cos_tile alone);
+        # sub-centers the largest of class j's K rows j K .. j K + K - 1, the first on ties as torch's
+        # max in the chunked engine, so both route the gradient to one row. BB .. K: constexprs.
+        if K == 1:
+            best = _cos_tile(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D)
+            arg = 0
+        else:
+            best = _cos_tile(
+                X, WN, rows, cols * K, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+            )
+            arg = tl.zeros((BB, BC), dtype=tl.int32)
+            for k in tl.static_range(1, K):
+                cos = _cos_tile(
+                    X, WN, rows, cols * K + k, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+                )
+                arg = tl.where(cos > best, k, arg)
+                best = tl.maximum(best, cos)
+        return best, arg
+
+    @triton.jit
     def _logit2(cos, thr, tc, s2, t, HARD: tl.constexpr):
         # the logit in base 2 (s2 = s log2 e); hard negatives (cos > psi of the row) get, HARD=1
         # (SV-Softmax): s (t cos + t - 1); HARD=2 (CurricularFace, tc its t per row): s cos (tc + cos)
@@ -230,6 +288,7 @@ if triton is not None:
         L,
         MX,
         Z,
+        ZA,
         B,
         C,
         D,
@@ -240,6 +299,7 @@ if triton is not None:
         t,
         HARD: tl.constexpr,
         SAVE: tl.constexpr,
+        K: tl.constexpr,
         BB: tl.constexpr,
         BC: tl.constexpr,
         BD: tl.constexpr,
@@ -254,12 +314,15 @@ if triton is not None:
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
                 rmask = rows < B
-                cos = _cos_tile(
-                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+                cos, arg = _class_cos(
+                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K
                 )
                 if SAVE:
                     zp = Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
                     tl.store(zp, cos.to(Z.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+                    if K > 1:  # and each class's argmax sub-center (1 byte), for the backward
+                        zap = ZA + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
+                        tl.store(zap, arg.to(tl.int8), mask=rmask[:, None] & cmask[None, :])
                 lab = tl.load(LAB + rows, mask=rmask, other=-1)  # int32
                 valid = cmask[None, :] & (cols[None, :] != lab[:, None])
                 thr = tl.load(THR + rows, mask=rmask, other=0.0)
@@ -291,7 +354,9 @@ if triton is not None:
         LSE2,
         GS,
         DCY,
+        TROW,
         Z,
+        ZA,
         G,
         DW,
         B,
@@ -307,26 +372,34 @@ if triton is not None:
         t,
         HARD: tl.constexpr,
         SAVED: tl.constexpr,
+        K: tl.constexpr,
+        KP: tl.constexpr,
         BB: tl.constexpr,
         BC: tl.constexpr,
         BD: tl.constexpr,
         OPK: tl.constexpr,
         EVEN_D: tl.constexpr,
     ):
+        P2: tl.constexpr = min(BB, P2_ELEMS_C // BC)  # phase2_rows(BB, BC)
         local = tl.program_id(0) * BC + tl.arange(0, BC)  # column in this chunk
         cmask = local < ck
         cols = c0 + local
         # phase 1: G = dL/dcos for the tile, over every batch tile; h_j = sum_i G_ij cos_ij
         h = tl.zeros((BC,), dtype=tl.float32)
+        hs = tl.zeros((BC, KP), dtype=tl.float32)  # sub-centers: h of row j K + k in column k
+        ks = tl.arange(0, KP)
         for b0 in range(0, B, BB):
             rows = b0 + tl.arange(0, BB)
             rmask = rows < B
             if SAVED:
                 zp = Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
                 cos = tl.load(zp, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                if K > 1:
+                    zap = ZA + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
+                    arg = tl.load(zap, mask=rmask[:, None] & cmask[None, :], other=0).to(tl.int32)
             else:
-                cos = _cos_tile(
-                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+                cos, arg = _class_cos(
+                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K
                 )
             lab = tl.load(LAB + rows, mask=rmask, other=-1)  # int32
             lse2 = tl.load(LSE2 + rows, mask=rmask, other=0.0)
@@ -341,47 +414,77 @@ if triton is not None:
                 dc = tl.exp2(logit - lse2[:, None]) * (gs[:, None] * slope)
             elif HARD:
                 thr = tl.load(THR + rows, mask=rmask, other=0.0)
-                hard = cos > thr[:, None]
-                logit = tl.where(hard, cos * (s2 * t) + s2 * (t - 1.0), cos * s2)
-                dc = tl.exp2(logit - lse2[:, None]) * tl.where(hard, gs[:, None] * t, gs[:, None])
+                # one select: a = t on hard negatives, 1 elsewhere (logit cos s2 + 0, slope gs), the
+                # same values as two selects, one fp32 tile fewer live (128 x 128 spilled with two)
+                a = tl.where(cos > thr[:, None], t, 1.0)
+                logit = cos * (s2 * a) + s2 * (a - 1.0)
+                dc = tl.exp2(logit - lse2[:, None]) * (gs[:, None] * a)
             else:
                 dc = tl.exp2(cos * s2 - lse2[:, None]) * gs[:, None]
             dc = tl.where(cols[None, :] == lab[:, None], dcy[:, None], dc)
-            dc = tl.where(rmask[:, None] & cmask[None, :], dc, 0.0)
-            h += tl.sum(dc * cos, axis=0)
-            gp = G + rows[:, None] * stride_g + local[None, :]
-            tl.store(gp, dc.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            # no mask of rows and columns outside B and the chunk (one fp32 tile less): rows past B
+            # load gs = dcy = 0 and a cosine of 0 (dc = 0), G's stores are masked, and a column past
+            # the chunk has its own h, which phase 2 never stores
+            if K == 1:
+                h += tl.sum(dc * cos, axis=0)
+                gp = G + rows[:, None] * stride_g + local[None, :]
+                tl.store(gp, dc.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            else:
+                # a class's gradient goes to its argmax row alone, the target's to the row its c_y came
+                # from (TROW: heads.core.target_cosines); G's columns k ck + local hold sub-center k's
+                trow = tl.load(TROW + rows, mask=rmask, other=0)
+                arg = tl.where(cols[None, :] == lab[:, None], (trow - lab * K)[:, None], arg)
+                for k in tl.static_range(K):
+                    dck = tl.where(arg == k, dc, 0.0)
+                    hs += tl.where(ks[None, :] == k, tl.sum(dck * cos, axis=0)[:, None], 0.0)
+                    gp = G + rows[:, None] * stride_g + (k * ck + local)[None, :]
+                    tl.store(gp, dck.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         # phase 2 reads the G block this program's threads wrote: a barrier makes it visible
         tl.debug_barrier()
-        # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
-        rw = tl.load(RW + cols, mask=cmask, other=0.0)
-        wp = WN + cols.to(tl.int64)[:, None] * stride_w + tl.arange(0, 2 * BD)[None, :]
-        dwp = DW + cols.to(tl.int64)[:, None] * stride_dw + tl.arange(0, 2 * BD)[None, :]
-        for d0 in range(0, D, 2 * BD):
-            ds = d0 + tl.arange(0, 2 * BD)
-            dmask = ds < D
-            acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
-            for b0 in range(0, B, BB):
-                rows = b0 + tl.arange(0, BB)
-                rmask = rows < B
-                g = tl.load(
-                    G + rows[:, None] * stride_g + local[None, :],
-                    mask=rmask[:, None] & cmask[None, :],
-                    other=0.0,
-                )
-                x = tl.load(
-                    X + rows[:, None] * stride_x + ds[None, :],
-                    mask=rmask[:, None] & dmask[None, :],
-                    other=0.0,
-                )
-                acc = _mma(tl.trans(g), x, acc, OPK)
-            # d c_ij / d w_j = r_j (xn_i - c_ij Wn_j): the normalization's projection, as an epilogue
-            wm = cmask[:, None] & dmask[None, :]
-            wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
-            dw = rw[:, None] * (acc - h[:, None] * wn)
-            tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
-            wp += 2 * BD
-            dwp += 2 * BD
+        for k in tl.static_range(K):
+            # sub-center k's rows cols K + k, their G columns k ck + local and h (K = 1: the class rows)
+            wrows = cols if K == 1 else cols * K + k
+            gcols = local if K == 1 else k * ck + local
+            hk = h if K == 1 else tl.sum(tl.where(ks[None, :] == k, hs, 0.0), axis=1)
+            # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
+            rw = tl.load(RW + wrows, mask=cmask, other=0.0)
+            if k == 0:
+                wp = WN + wrows.to(tl.int64)[:, None] * stride_w + tl.arange(0, 2 * BD)[None, :]
+                dwp = DW + wrows.to(tl.int64)[:, None] * stride_dw + tl.arange(0, 2 * BD)[None, :]
+            else:  # the next row on from where the slabs left them: no second set of row pointers
+                wp += stride_w - tl.cdiv(D, 2 * BD) * 2 * BD
+                dwp += stride_dw - tl.cdiv(D, 2 * BD) * 2 * BD
+            for d0 in range(0, D, 2 * BD):
+                ds = d0 + tl.arange(0, 2 * BD)
+                dmask = ds < D
+                acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
+                for b0 in range(0, B, P2):
+                    rows = b0 + tl.arange(0, P2)
+                    rmask = rows < B
+                    g = tl.load(
+                        G + rows[:, None] * stride_g + gcols[None, :],
+                        mask=rmask[:, None] & cmask[None, :],
+                        other=0.0,
+                    )
+                    x = tl.load(
+                        X + rows[:, None] * stride_x + ds[None, :],
+                        mask=rmask[:, None] & dmask[None, :],
+                        other=0.0,
+                    )
+                    acc = _mma(tl.trans(g), x, acc, OPK)
+                # d c_ij / d w_j = r_j (xn_i - c_ij Wn_j): the normalization's projection, as an epilogue
+                wm = cmask[:, None] & dmask[None, :]
+                wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
+                dw = rw[:, None] * (acc - hk[:, None] * wn)
+                tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
+                wp += 2 * BD
+                dwp += 2 * BD
+
+    @triton.jit
+    def _inv_norms(w, BR: tl.constexpr):
+        # 1 / max(|w|, 1e-12) of each fp32 row in registers, correctly rounded (as torch's)
+        ss = tl.sum(w * w, axis=1)
+        return tl.div_rn(tl.full((BR,), 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
 
     @triton.jit
     def _normalize_kernel(
@@ -396,8 +499,7 @@ if triton is not None:
         m = rmask[:, None] & (ds < D)[None, :]
         w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + ds[None, :], mask=m, other=0.0).to(tl.float32)
         if NORMS:
-            ss = tl.sum(w * w, axis=1)
-            r = tl.div_rn(tl.full((BR,), 1.0, tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
+            r = _inv_norms(w, BR)
             tl.store(RW + rows, r, mask=rmask)
         else:
             r = tl.load(RW + rows, mask=rmask, other=0.0)
@@ -406,7 +508,7 @@ if triton is not None:
 
     def _autotuned(kernel, configs: tuple[TileConfig, ...], kind: str):
         prune = {"early_config_prune": _pruner(kind, configs)}
-        return triton.autotune(_to_triton(configs), key=["B", "D"], prune_configs_by=prune)(kernel)
+        return triton.autotune(_to_triton(configs), key=["B", "D", "K"], prune_configs_by=prune)(kernel)
 
     _fwd_tuned = _autotuned(_fwd_kernel, FWD_CONFIGS, "fwd")
     _bwd_tuned = _autotuned(_bwd_kernel, BWD_CONFIGS, "bwd")
@@ -453,7 +555,8 @@ class FusedEngine:
     reproducible across processes). `configs` ({"fwd"|"bwd": TileConfig}) pins configs (tests);
     `operands` as `heads.core.operand_dtype`; `chunk` classes per backward chunk; `programs` the
     forward's program count (default 2 per SM); `save_logits=True` keeps the forward's B x C cosines
-    (operand dtype) for the backward instead of recomputing them. `kernels` holds the last launch of
+    (operand dtype) for the backward instead of recomputing them; `subcenters` K: weight rows per
+    class (sub-center ArcFace; the K constexpr of the kernels). `kernels` holds the last launch of
     each kernel: config, registers and spills."""
 
     def __init__(
@@ -464,11 +567,12 @@ class FusedEngine:
         chunk: int | None = None,
         programs: int | None = None,
         save_logits: bool = False,
+        subcenters: int = 1,
     ) -> None:
         if triton is None:
             raise RuntimeError("impl='fused' needs triton; use impl='chunked'")
         self.deterministic = deterministic
-        self.subcenters = 1  # the kernels take one row per class (sub-centers: impl="chunked")
+        self.subcenters = int(subcenters)
         self.configs = dict(configs or {})
         self.operands = operands
         self.chunk = chunk
@@ -476,7 +580,8 @@ class FusedEngine:
         self.save_logits = save_logits
         self.kernels: dict[str, dict] = {}
         self._wn: tuple[tuple, Tensor, Tensor] | None = None  # (weight key, rw, Wn)
-        self._saved: tuple[tuple, Tensor] | None = None  # (key of the forward's inputs, cosines)
+        # (key of the forward's inputs, cosines, sub-centers: their argmax rows)
+        self._saved: tuple[tuple, Tensor, Tensor] | None = None
 
     def _check(self, t: Tensor) -> None:
         if t.device.type != "cuda" and not _interpreting():
@@ -519,6 +624,19 @@ class FusedEngine:
         self._wn = (key, rw, wn)
         return rw, wn
 
+    def spare_normalized(self, shape: torch.Size, op: torch.dtype, device: torch.device) -> Tensor | None:
+        """The kept Wn's buffer, handed to an optimizer step that is about to replace it (one C x D
+        copy at a time; heads.fused_step), or None when there is none of that shape and dtype."""
+        kept, self._wn = self._wn, None
+        if kept is None or (kept[2].shape, kept[2].dtype, kept[2].device) != (shape, op, device):
+            return None
+        return kept[2]
+
+    def adopt(self, weight: Tensor, rw: Tensor, wn: Tensor) -> None:
+        """(rw, Wn) of `weight` as it is now, made by the optimizer step that wrote it
+        (heads.fused_step): the next forward makes no normalize pass."""
+        self._wn = (_weight_key(weight, wn.dtype), rw, wn)
+
     def _launch(
         self,
         name: str,
@@ -536,7 +654,7 @@ class FusedEngine:
                 compiled = tuned[grid](*args, **const)
             cfg = tuned.best_config
         else:
-            cfg = self.configs.get(name, configs[0])
+            cfg = self.configs.get(name, configs_for(name, configs, const["K"])[0])
             with _on(device):
                 compiled = plain[grid](
                     *args, **const, **cfg.kwargs(), num_warps=cfg.warps, num_stages=cfg.stages
@@ -571,11 +689,15 @@ class FusedEngine:
         thr, t, hard = self._hard(thr, t)
         op, x, wn = self._inputs(xn, weight, rw)
         B, D = x.shape
-        C = wn.shape[0]
+        K = self.subcenters
+        C = wn.shape[0] // K
         n_prog = self._programs(C, x.device)
         m, l_, mx = (torch.empty((n_prog, B), device=x.device) for _ in range(3))
         self._saved = None
         cos = torch.empty((B, C) if self.save_logits else (1, 1), dtype=op, device=x.device)
+        # with sub-centers the saved cosines are each class's largest, and this its row (1 byte a
+        # logit, where recomputing it in the backward would redo the K products)
+        arg = torch.empty((B, C) if self.save_logits and K > 1 else (1, 1), dtype=torch.int8, device=x.device)
         self._launch(
             "fwd",
             _fwd_kernel,
@@ -591,6 +713,7 @@ class FusedEngine:
             l_,
             mx,
             cos,
+            arg,
             B,
             C,
             D,
@@ -601,11 +724,12 @@ class FusedEngine:
             t,
             HARD=hard,
             SAVE=self.save_logits,
+            K=K,
             OPK=_OPK[op],
             EVEN_D=D % _BD == 0,
         )
         if self.save_logits:
-            self._saved = (self._saved_key(xn, weight, labels), cos)
+            self._saved = (self._saved_key(xn, weight, labels), cos, arg)
         top = m.amax(0)
         lse2 = top + torch.log2((l_ * torch.exp2(m - top)).sum(0))
         return lse2 / LOG2E, mx.amax(0)
@@ -626,17 +750,25 @@ class FusedEngine:
         dcy: Tensor,
         s: float,
         t: float | Tensor,
+        target_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         op, x, wn = self._inputs(xn, weight, rw)
         thr, t, hard = self._hard(thr, t)
         B, D = x.shape
-        C = wn.shape[0]
+        K = self.subcenters
+        C = wn.shape[0] // K
         # the saved cosines, when they are this forward's (another forward in between: recompute)
         saved = self._saved if self._saved and self._saved[0] == self._saved_key(xn, weight, labels) else None
         self._saved = None
-        cos = saved[1] if saved else torch.empty((1, 1), dtype=op, device=x.device)
-        ck_max = self.chunk or default_chunk(B, C, torch.finfo(op).bits // 8)
-        gbuf = torch.empty((B, ck_max), dtype=op, device=x.device)
+        cos, arg = (
+            saved[1:]
+            if saved
+            else (torch.empty((1, 1), dtype=dt, device=x.device) for dt in (op, torch.int8))
+        )
+        # chunk classes: G holds K columns a class (sub-center k's at k ck + local), B K x chunk in all
+        ck_max = self.chunk or default_chunk(B * K, C, torch.finfo(op).bits // 8)
+        gbuf = torch.empty((B, ck_max * K), dtype=op, device=x.device)
+        target_rows = labels if target_rows is None else target_rows
         dx = torch.zeros((B, D), dtype=torch.float32, device=x.device)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         rows = (
@@ -645,6 +777,7 @@ class FusedEngine:
             (lse.float() * LOG2E).contiguous(),
             (g.float() * s).contiguous(),
             dcy.float().contiguous(),
+            target_rows.to(torch.int32),
         )
         for c0 in range(0, C, ck_max):
             ck = min(ck_max, C - c0)
@@ -660,6 +793,7 @@ class FusedEngine:
                 rw,
                 *rows,
                 cos,
+                arg,
                 gbuf,
                 dw,
                 B,
@@ -675,9 +809,12 @@ class FusedEngine:
                 t,
                 HARD=hard,
                 SAVED=saved is not None,
+                K=K,
+                KP=triton.next_power_of_2(K),
                 OPK=_OPK[op],
                 EVEN_D=D % _BD == 0,
             )
-            mm_f32(gbuf[:, :ck], wn[c0 : c0 + ck], out=dx)  # cuBLAS: the sum over classes
-        fix_target_terms(xn, x, weight, rw, labels, dcy, dx, dw, normalized=True)
+            for k in range(K):  # cuBLAS: the sum over classes (sub-center k's rows: every K-th)
+                mm_f32(gbuf[:, k * ck : (k + 1) * ck], wn[c0 * K + k : (c0 + ck) * K : K], out=dx)
+        fix_target_terms(xn, x, weight, rw, target_rows, dcy, dx, dw, normalized=True)
         return dx.to(xn.dtype), dw

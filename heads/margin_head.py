@@ -88,6 +88,37 @@ class HeadBase(nn.Module):
         self.last_accuracy = acc.detach()
         return (loss, self.last_accuracy) if return_accuracy else loss
 
+    def one_row_options(self) -> dict:
+        """This head's options as constructor keywords (margin's own included), with one row a class."""
+        own = {f.name: getattr(self.options, f.name) for f in fields(self.options)}
+        del own["margin"], own["margin_options"]
+        return {**own, **self.options.margin_options, "subcenters": 1}
+
+    @torch.no_grad()
+    def dominant_rows(self, xn: Tensor, labels: Tensor) -> Tensor:
+        """Sub-center ArcFace's cleaning step for this head's classes: per class the row of `weight`
+        most of its embeddings (`xn`, normalized; `labels`, global class ids) are nearest to, the
+        first of its K when none is given; (classes here) x D. Labels of other classes vote into a
+        spare slot (no boolean indexing, so no host sync)."""
+        K, (rows, D) = self.subcenters, self.weight.shape
+        C = rows // K
+        local = labels.long().to(self.weight.device) - self.class_start
+        here = (local >= 0) & (local < C)
+        local = local.clamp(0, C - 1)
+        wn = F.normalize(self.weight.float(), dim=1).view(C, K, D)
+        nearest = torch.einsum("bd,bkd->bk", xn.float(), wn[local]).argmax(1)
+        slot = torch.where(here, local * K + nearest, C * K)
+        votes = torch.bincount(slot, minlength=C * K + 1)[: C * K].view(C, K)
+        return self.weight.view(C, K, D)[torch.arange(C, device=self.weight.device), votes.argmax(1)]
+
+    @torch.no_grad()
+    def with_rows(self, single: HeadBase, weight: Tensor) -> HeadBase:
+        """`single` (a one-row head of the same classes) holding `weight` and this head's margin state."""
+        single.weight.copy_(weight)
+        for name, value in self.named_buffers():
+            getattr(single, name).copy_(value)
+        return single.to(self.weight.device)
+
 
 class MarginHead(HeadBase):
     """The whole head on one process (the API is in heads/__init__.py's docstring)."""
@@ -145,32 +176,11 @@ class MarginHead(HeadBase):
         """Sub-center ArcFace's cleaning step: a one-row-per-class head (same options and state) whose
         class j keeps the sub-center most of j's given embeddings are closest to (the first of j's rows
         when none is given). Pass the training set's embeddings, in batches' concatenation."""
-        K, (rows, D) = self.subcenters, self.weight.shape
-        C = rows // K
-        labels = labels.long().to(self.weight.device)
-        wn = F.normalize(self.weight.float(), dim=1).view(C, K, D)
         xn = F.normalize(embeddings.float().to(self.weight.device), dim=1)
-        nearest = torch.einsum("bd,bkd->bk", xn, wn[labels]).argmax(1)
-        votes = torch.bincount(labels * K + nearest, minlength=C * K).view(C, K)
         single = MarginHead(
-            C,
-            D,
-            self.margin.name,
-            seed=self.seed,
-            **{
-                **{
-                    f.name: getattr(self.options, f.name)
-                    for f in fields(self.options)
-                    if f.name not in ("margin", "margin_options")
-                },
-                **self.options.margin_options,
-                "subcenters": 1,
-            },
+            self.num_classes, self.weight.shape[1], self.margin.name, seed=self.seed, **self.one_row_options()
         )
-        single.weight.copy_(self.weight.view(C, K, D)[torch.arange(C), votes.argmax(1)])
-        for name, value in self.named_buffers():
-            getattr(single, name).copy_(value)
-        return single.to(self.weight.device)
+        return self.with_rows(single, self.dominant_rows(xn, labels))
 
     def extra_repr(self) -> str:
         C, D = self.weight.shape

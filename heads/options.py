@@ -28,7 +28,7 @@ class HeadOptions:
     SV-Softmax t, implementation, focal gamma, chunked block, fused determinism, product operands,
     whether the fused forward keeps its B x C cosines for the backward (`save_logits`: 2 bytes per
     logit, the backward skips recomputing them), sub-centers per class (`subcenters`, K: sub-center
-    ArcFace, any margin; reference and chunked), and the margin's own options (`margin_options`)."""
+    ArcFace, any margin, every implementation), and the margin's own options (`margin_options`)."""
 
     margin: str = "cosface"
     s: float | None = None
@@ -63,10 +63,6 @@ class HeadOptions:
             raise ValueError(f"scale s must be positive, got {self.s}")
         if int(self.subcenters) != self.subcenters or self.subcenters < 1:
             raise ValueError(f"subcenters must be a positive integer, got {self.subcenters}")
-        if self.subcenters > 1 and self.impl == "fused":
-            raise ValueError(
-                "subcenters > 1 runs on impl reference or chunked (the fused kernels take one row per class)"
-            )
         if self.block is not None and self.block < 1:
             raise ValueError(f"block (classes per chunked block) must be positive, got {self.block}")
         margin = self.build_margin()  # the margin's name, options and values, checked now, not at first use
@@ -84,9 +80,9 @@ class HeadOptions:
         return float(DEFAULT_SCALE[self.margin] if self.s is None else self.s)
 
     def resolved_impl(self, device: torch.device) -> str:
-        """impl, with auto resolved: fused on CUDA (chunked with sub-centers), chunked elsewhere."""
+        """impl, with auto resolved: fused on CUDA, chunked elsewhere."""
         if self.impl == "auto":
-            return "fused" if device.type == "cuda" and self.subcenters == 1 else "chunked"
+            return "fused" if device.type == "cuda" else "chunked"
         return self.impl
 
     def make_engine(self, impl: str) -> Engine:
@@ -101,5 +97,8 @@ class HeadOptions:
 
         # `block` sizes the chunked engine's class blocks; the kernels keep their own tiles
         return FusedEngine(
-            deterministic=self.deterministic, operands=self.operands, save_logits=self.save_logits
+            deterministic=self.deterministic,
+            operands=self.operands,
+            save_logits=self.save_logits,
+            subcenters=int(self.subcenters),
         )

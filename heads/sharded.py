@@ -21,8 +21,13 @@ One forward pass:
 
 Traffic per step is O(W B D) (`step_traffic`), whatever C is; the head is not wrapped in DDP.
 
-Partial FC (`sample_rate` < 1): each forward keeps, per rank, the centres of every label of the
-global batch that the rank owns plus uniformly drawn other classes, `sample_size` in all:
+Sub-centers (`subcenters=K`): a rank owns whole classes, all K rows of each (its `weight` holds rows
+class_start K .. class_end K - 1); the owner computes c_y as the max over the class's K rows and
+routes dc_y to that row. `dominant_subcenters` is a collective returning the one-row sharded head.
+
+Partial FC (`sample_rate` < 1): each forward keeps, per rank, the centres (all K rows of a class)
+of every label of the global batch that the rank owns plus uniformly drawn other classes,
+`sample_size` classes in all:
 int(sample_rate x C_local), raised to the global batch's row count N where that is larger (so every
 positive fits) -- a size fixed by shapes, so sampling needs no host sync (seeded by seed, rank and
 step: deterministic). `sampled_rows` makes the optimizer step touch only those rows: their
@@ -31,8 +36,8 @@ stay exactly as they were (a centre's momentum does not decay while it is not sa
 decay skips it too: Partial FC's sparse update). Adam's scalar step count is shared by all rows.
 
 Per-class state for checkpoints (`gather_class_state`, `slice_class_state`, `load_class_state`):
-the weight and every row-shaped optimizer state tensor as full C-row tensors, so a run saved on N
-ranks resumes on M.
+the weight and every row-shaped optimizer state tensor as full C K-row tensors (K rows a class,
+whole classes per rank), so a run saved on N ranks resumes on M.
 """
 
 from __future__ import annotations
@@ -45,7 +50,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.core import Engine, backward_through_engine, engine_inv_norms, target_terms
+from heads.core import (
+    Engine,
+    backward_through_engine,
+    engine_inv_norms,
+    subcenter_rows,
+    target_cosines,
+    target_terms,
+)
 from heads.margin_head import HeadBase
 from heads.margins import Margin
 from heads.options import HeadOptions
@@ -85,6 +97,13 @@ def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(num_classes, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def row_range(num_rows: int, subcenters: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of the weight rows rank `rank` owns when `num_rows` = classes x K sub-centers:
+    the K rows of each of its classes (`class_range`), so a class is never split over ranks."""
+    start, end = class_range(num_rows // subcenters, rank, world)
+    return start * subcenters, end * subcenters
 
 
 class _GatherRows(torch.autograd.Function):
@@ -153,15 +172,15 @@ class _ShardedFn(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         rw = engine_inv_norms(engine, weight)
         own = labels >= 0
-        y = labels.clamp_min(0)
-        c_own = (xn * weight[y].to(xn.dtype)).sum(1) * rw[y].to(xn.dtype)
+        c_own, rows = target_cosines(xn, weight, rw, labels.clamp_min(0), engine.subcenters)
+        rows = torch.where(own, rows, -1)  # the row of weight each c_y came from, on its owner
         c_y = _all_reduce(torch.where(own, c_own, torch.zeros_like(c_own)), SUM, group)
         # every rank has the global batch's c_y and norms: the running state moves alike everywhere
         p, psi, t = target_terms(margin, c_y, norms, state, training, step, t)
         lse_r, max_r = engine.forward(xn, weight, rw, labels, psi, s, t)
         tgt = s * psi
         lse, max_other = _global_lse(lse_r.to(xn.dtype), tgt, max_r, group)
-        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse, p)
+        ctx.save_for_backward(xn, weight, labels, rw, c_y, psi, lse, p, rows)
         ctx.margin, ctx.step, ctx.s, ctx.t, ctx.engine = margin, step, s, t, engine
         correct = (c_y >= max_other).to(xn.dtype)
         ctx.mark_non_differentiable(correct)
@@ -205,7 +224,8 @@ class ShardedMarginHead(HeadBase):
     loss for this rank's rows. Every rank must pass the same number of rows. Without a process group
     it is the whole head on one process. Options as MarginHead's (heads.options.HeadOptions), but
     not impl="reference" (it holds the B x C logits). With sampling, call `set_step` every step (the
-    trainer does): `sampled` collects the draws of every forward until the next step begins.
+    trainer does): `sampled` collects the draws of every forward until the next step begins (rows
+    of `weight`: the K rows of each drawn class).
     """
 
     def __init__(
@@ -222,8 +242,6 @@ class ShardedMarginHead(HeadBase):
         opts = HeadOptions.from_kwargs(margin=margin, **options)
         if opts.impl == "reference":
             raise ValueError("sharded head impl 'reference': expected auto, chunked or fused")
-        if opts.subcenters > 1:
-            raise ValueError("subcenters > 1 is single-process for now: use head.parallel=replicate")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         rank, world = _rank(group), _world(group)
@@ -232,7 +250,7 @@ class ShardedMarginHead(HeadBase):
         super().__init__(num_classes, embed_dim, opts, seed, *class_range(num_classes, rank, world))
         self.sample_rate, self.group, self.rank, self.world = float(sample_rate), group, rank, world
         self._draws = 0
-        # local ids of the classes this step's forwards used (None: all); sampled_rows steps only these
+        # rows of weight this step's forwards used (None: all); sampled_rows steps only these
         self.sampled: Tensor | None = None
 
     @property
@@ -257,9 +275,10 @@ class ShardedMarginHead(HeadBase):
             index = None
             weight = self.weight
             if self.sample_rate < 1.0:
-                index = sample_classes(local, self.num_local, self.sample_rate, self._generator(xn.device))
+                drawn = sample_classes(local, self.num_local, self.sample_rate, self._generator(xn.device))
+                index = subcenter_rows(drawn, self.subcenters).flatten()  # their K rows each
                 weight = self.weight[index]
-                local = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
+                local = torch.searchsorted(drawn, local.clamp(0, self.num_local - 1))
             local = torch.where(owned, local, torch.full_like(local, -1))
             rows, correct = _ShardedFn.apply(
                 xn,
@@ -298,11 +317,31 @@ class ShardedMarginHead(HeadBase):
         key = ((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.step) * 64 + self._draws
         return torch.Generator(device=device).manual_seed(key % (1 << 63))
 
+    @torch.no_grad()
+    def dominant_subcenters(self, embeddings: Tensor, labels: Tensor) -> ShardedMarginHead:
+        """MarginHead.dominant_subcenters, sharded: a collective (every rank calls it with its own
+        embeddings and labels, the same number of rows on each, as in forward), gathered so each rank
+        votes for its own classes; returns the one-row sharded head of the same classes, group,
+        sample rate, options and margin state."""
+        xn = gather_rows(F.normalize(embeddings.float().to(self.weight.device), dim=1), self.group)
+        labels = gather_labels(labels.long().to(self.weight.device), self.group)
+        single = ShardedMarginHead(
+            self.num_classes,
+            self.weight.shape[1],
+            self.margin.name,
+            sample_rate=self.sample_rate,
+            seed=self.seed,
+            group=self.group,
+            **self.one_row_options(),
+        )
+        return self.with_rows(single, self.dominant_rows(xn, labels))
+
     def extra_repr(self) -> str:
         return (
             f"classes={self.num_classes} [{self.class_start}, {self.class_end}) of rank {self.rank}/"
             f"{self.world}, dim={self.weight.shape[1]}, margin={self.margin.name}, s={self.s}, "
-            f"t={self.t}, focal={self.gamma_focal}, sample_rate={self.sample_rate}"
+            f"t={self.t}, focal={self.gamma_focal}, sample_rate={self.sample_rate}, "
+            f"subcenters={self.subcenters}"
         )
 
 
@@ -363,18 +402,21 @@ def gather_class_state(
     group=None,
     dst: int = 0,
     replicated: bool = False,
+    subcenters: int = 1,
 ) -> dict | None:
     """The whole head as per-class tensors on rank `dst` (None elsewhere): independent of the world size.
 
-    {"num_classes": C, "rows": {"weight": C x D, "optim.momentum_buffer": C x D, ...}, "scalars": {...}}
-    on the CPU. A collective for a sharded head (every rank of the group calls it); `replicated`: every
-    rank holds all C rows, nothing is gathered.
+    {"num_classes": N, "subcenters": K, "rows": {"weight": N x D, "optim.momentum_buffer": N x D, ...},
+    "scalars": {...}} on the CPU, N = `num_classes` the rows of the whole head (classes x K
+    sub-centers; each rank holds whole classes, `row_range`). A collective for a sharded head (every
+    rank of the group calls it); `replicated`: every rank holds all N rows, nothing is gathered.
     """
     world, rank = (1, 0) if replicated else (_world(group), _rank(group))
     mine = shard_state(weight, optimizer)
     if world == 1:
         return {
             "num_classes": num_classes,
+            "subcenters": subcenters,
             "rows": {k: v.cpu().clone() for k, v in mine["rows"].items()},
             "scalars": mine["scalars"],
         }
@@ -382,7 +424,7 @@ def gather_class_state(
     dist.all_gather_object(keys, sorted(mine["rows"]), group=group)
     if any(k != keys[0] for k in keys):
         raise RuntimeError(f"ranks disagree on the head's optimizer state: {keys}")
-    most = class_range(num_classes, 0, world)[1]  # rank 0 holds the most rows
+    most = row_range(num_classes, subcenters, 0, world)[1]  # rank 0 holds the most rows
     out: dict[str, Tensor] = {}
     for key in keys[0]:
         t = mine["rows"][key]
@@ -391,18 +433,21 @@ def gather_class_state(
         parts = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
         dist.gather(padded, parts, dst=dst, group=group)
         if parts is not None:
-            sizes = [class_range(num_classes, r, world) for r in range(world)]
+            sizes = [row_range(num_classes, subcenters, r, world) for r in range(world)]
             out[key] = torch.cat([p[: b - a].cpu() for p, (a, b) in zip(parts, sizes)])
     if rank != dst:
         return None
-    return {"num_classes": num_classes, "rows": out, "scalars": mine["scalars"]}
+    return {"num_classes": num_classes, "subcenters": subcenters, "rows": out, "scalars": mine["scalars"]}
 
 
 def slice_class_state(full: dict, rank: int, world: int) -> dict:
-    """The rows rank `rank` of `world` owns, from a gather_class_state dict."""
-    a, b = class_range(int(full["num_classes"]), rank, world)
+    """The rows rank `rank` of `world` owns (whole classes: all K rows of each), from a
+    gather_class_state dict."""
+    K = int(full.get("subcenters", 1))
+    a, b = row_range(int(full["num_classes"]), K, rank, world)
     return {
         "num_classes": full["num_classes"],
+        "subcenters": K,
         "rows": {k: v[a:b] for k, v in full["rows"].items()},
         "scalars": dict(full["scalars"]),
     }
@@ -415,16 +460,21 @@ def load_class_state(
     num_classes: int,
     rank: int = 0,
     world: int = 1,
+    subcenters: int = 1,
 ) -> None:
     """Put this rank's slice of a per-class state into `weight` and the optimizer's state for it.
+    `num_classes`: the head's rows (classes x `subcenters`), as gather_class_state's.
 
-    Raises ValueError (one line) when the class count or the embedding size differs."""
+    Raises ValueError (one line) when the class count, the sub-centers or the embedding size differs."""
     saved_c, saved_d = int(full["num_classes"]), int(full["rows"]["weight"].shape[1])
     if (saved_c, saved_d) != (num_classes, weight.shape[1]):
         raise ValueError(
             f"the checkpoint's head has {saved_c} classes x {saved_d} dims, this run's "
             f"{num_classes} x {weight.shape[1]} (another class count or embedding size)"
         )
+    saved_k = int(full.get("subcenters", 1))
+    if saved_k != subcenters:
+        raise ValueError(f"the checkpoint's head has {saved_k} sub-centers a class, this run's {subcenters}")
     part = slice_class_state(full, rank, world)
     saved = part["rows"]["weight"]
     if saved.shape != weight.shape:

@@ -6,7 +6,8 @@ _heads_sharded_worker.py OUT
     (the float64 reference) on the whole batch and the ShardedMarginHead on its own rows and
     classes, and writes the largest relative differences (and what the sampling checks saw) to
     OUT/rank{r}.json; rank 0 also saves the gathered per-class state after two SGD steps; and the
-    trainer's sharded head starts from the replicated head's rows with the same first loss.
+    trainer's sharded head starts from the replicated head's rows with the same first loss. The head
+    checks run again with K = 2 sub-centers (keys "..._k2"), with dominant_subcenters.
 _heads_sharded_worker.py train '{"dump_after_resume": FILE, "record_step": S, "kill_rank": R,
                                  "kill_at_call": K, "signal": "SIGKILL", "faults": {...}}' [main args]
     trainer/main.py with tests/_trainer_faults.py's FaultHooks(**faults); dump_after_resume: the
@@ -28,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from heads import MarginHead
-from heads.sharded import ShardedMarginHead, class_range, gather_class_state, sampled_rows
+from heads.core import subcenter_rows
+from heads.sharded import ShardedMarginHead, class_range, gather_class_state, row_range, sampled_rows
 
 C, D, B = 11, 6, 4  # C % 2 and C % 3 != 0; B rows per rank
 CASES = [  # name, MarginHead kwargs
@@ -44,17 +46,18 @@ CASES = [  # name, MarginHead kwargs
 ]
 
 
-def global_data(world: int, classes: int = C, per_rank: int = B, seed: int = 0):
-    """x (N x D), w (C x D), y (N): a label in every rank's range, the last class, a fallback row."""
+def global_data(world: int, classes: int = C, per_rank: int = B, seed: int = 0, subcenters: int = 1):
+    """x (N x D), w (C K x D), y (N): a label in every rank's range, the last class, a fallback row
+    (its class's first sub-center)."""
     g = torch.Generator().manual_seed(seed)
     n = per_rank * world
     x = torch.randn(n, D, generator=g, dtype=torch.float64)
-    w = torch.randn(classes, D, generator=g, dtype=torch.float64)
+    w = torch.randn(classes * subcenters, D, generator=g, dtype=torch.float64)
     y = torch.randint(0, classes, (n,), generator=g)
     for r in range(world):
         y[r * per_rank] = class_range(classes, r, world)[0]  # each rank's first row: a class it owns
     y[-1] = classes - 1
-    x[1] = -w[y[1]]  # theta = pi: arcface's fallback branch
+    x[1] = -w[y[1] * subcenters]  # theta = pi: arcface's fallback branch (for K = 1)
     return x, w, y
 
 
@@ -69,17 +72,17 @@ def loss_and_grads(head, x, y):
     return loss.detach(), gx, gw
 
 
-def check_margins(rank: int, world: int) -> dict[str, list[float]]:
-    x, w, y = global_data(world)
-    a, b = class_range(C, rank, world)
+def check_margins(rank: int, world: int, K: int = 1) -> dict[str, list[float]]:
+    x, w, y = global_data(world, subcenters=K)
+    a, b = row_range(C * K, K, rank, world)
     rows = slice(rank * B, (rank + 1) * B)
     out = {}
     for name, kw in CASES:
         xc = x.clone()
         if name == "magface":  # no fallback branch: at c_y = -1 acos would turn the last bit into 1e-8
             xc[1] += 0.5
-        ref = MarginHead(C, D, impl="reference", **kw).double()
-        sh = ShardedMarginHead(C, D, impl="chunked", block=2, **kw).double()
+        ref = MarginHead(C, D, impl="reference", subcenters=K, **kw).double()
+        sh = ShardedMarginHead(C, D, impl="chunked", block=2, subcenters=K, **kw).double()
         with torch.no_grad():
             ref.weight.copy_(w)
             sh.weight.copy_(w[a:b])
@@ -96,26 +99,30 @@ def check_margins(rank: int, world: int) -> dict[str, list[float]]:
     return out
 
 
-def check_sampled_vs_reference(rank: int, world: int) -> dict:
-    """rate 0.1 of 1000 classes: the loss equals MarginHead over exactly the sampled classes."""
+def check_sampled_vs_reference(rank: int, world: int, K: int = 1) -> dict:
+    """rate 0.1 of 1000 classes: the loss equals MarginHead over exactly the sampled classes (with K
+    sub-centers: all K rows of each; `sampled` lists those rows)."""
     classes = 1000
-    x, w, y = global_data(world, classes, per_rank=6, seed=1)
+    x, w, y = global_data(world, classes, per_rank=6, seed=1, subcenters=K)
     a, b = class_range(classes, rank, world)
-    sh = ShardedMarginHead(classes, D, impl="chunked", block=16, sample_rate=0.1, seed=7).double()
+    sh = ShardedMarginHead(classes, D, impl="chunked", block=16, sample_rate=0.1, seed=7, subcenters=K)
+    sh = sh.double()
     with torch.no_grad():
-        sh.weight.copy_(w[a:b])
+        sh.weight.copy_(w[a * K : b * K])
     sh.set_step(3)
     rows = slice(rank * 6, (rank + 1) * 6)
     loss = sh(x[rows], y[rows])
-    mine = (sh.sampled + a).tolist()
+    drawn = sh.sampled[::K] // K  # the drawn classes (local ids), each followed by its other rows
+    whole = torch.equal(sh.sampled, subcenter_rows(drawn, K).flatten())
+    mine = (drawn + a).tolist()
     every: list = [None] * world
     dist.all_gather_object(every, mine)
     kept = torch.tensor(sorted(c for part in every for c in part))
-    ref = MarginHead(len(kept), D, impl="reference").double()
+    ref = MarginHead(len(kept), D, impl="reference", subcenters=K).double()
     with torch.no_grad():
-        ref.weight.copy_(w[kept])
+        ref.weight.copy_(w[subcenter_rows(kept, K).flatten()])
     ref_loss = ref(x, torch.searchsorted(kept, y)).detach()
-    again = ShardedMarginHead(classes, D, impl="chunked", sample_rate=0.1, seed=7).double()
+    again = ShardedMarginHead(classes, D, impl="chunked", sample_rate=0.1, seed=7, subcenters=K).double()
     again.set_step(3)
     again(x[rows], y[rows])
     owned = y[(y >= a) & (y < b)] - a
@@ -124,23 +131,24 @@ def check_sampled_vs_reference(rank: int, world: int) -> dict:
         "kept": len(mine),
         "local": b - a,
         "positives": sorted(set(owned.tolist())),
-        "sampled": sorted(sh.sampled.tolist()),
+        "sampled": sorted(drawn.tolist()),
+        "whole_classes": whole,
         "same_seed_same_sample": bool(torch.equal(again.sampled, sh.sampled)),
     }
 
 
-def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
+def check_sgd_step_and_state(rank: int, world: int, out: Path, K: int = 1) -> dict:
     """One SGD (momentum, weight decay) step of the sharded head equals the full head's; the gathered
     per-class state equals the full head's weight and momentum. The step runs through `sampled_rows`
     with a sample that holds every class (positives cover them all), so that path is checked too."""
-    x, w, y = global_data(world, 7, per_rank=8, seed=2)
+    x, w, y = global_data(world, 7, per_rank=8, seed=2, subcenters=K)
     y[:7] = torch.arange(7)
-    a, b = class_range(7, rank, world)
+    a, b = row_range(7 * K, K, rank, world)
     rows = slice(rank * 8, (rank + 1) * 8)
     res = {}
     for rate in (1.0, 0.1):
-        ref = MarginHead(7, D, impl="reference").double()
-        sh = ShardedMarginHead(7, D, impl="chunked", sample_rate=rate).double()
+        ref = MarginHead(7, D, impl="reference", subcenters=K).double()
+        sh = ShardedMarginHead(7, D, impl="chunked", sample_rate=rate, subcenters=K).double()
         with torch.no_grad():
             ref.weight.copy_(w)
             sh.weight.copy_(w[a:b])
@@ -151,7 +159,7 @@ def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
                 h(xx, yy).backward()
                 with sampled_rows(opt, h.weight, getattr(h, "sampled", None)):
                     opt.step()
-        state = gather_class_state(sh.weight, opts[1], 7)
+        state = gather_class_state(sh.weight, opts[1], 7 * K, subcenters=K)
         if rank == 0:
             mom = opts[0].state[ref.weight]["momentum_buffer"]
             res[f"rate{rate}"] = [
@@ -159,8 +167,30 @@ def check_sgd_step_and_state(rank: int, world: int, out: Path) -> dict:
                 rel(state["rows"]["optim.momentum_buffer"], mom),
                 sh.sampled is None or set(sh.sampled.tolist()) == set(range(b - a)),
             ]
-            torch.save(state, out / f"state_rate{rate}.pt")
+            torch.save(state, out / f"state_rate{rate}{'_k' + str(K) if K > 1 else ''}.pt")
     return res
+
+
+def check_dominant_subcenters(rank: int, world: int, K: int = 2) -> dict:
+    """The sharded head's dominant_subcenters (a collective over every rank's rows) is the rows of the
+    single-process head's, with its margin state; the one-row sharded head computes MarginHead's loss."""
+    x, w, y = global_data(world, subcenters=K)
+    a, b = class_range(C, rank, world)
+    rows = slice(rank * B, (rank + 1) * B)
+    full = MarginHead(C, D, "adaface", impl="chunked", subcenters=K).double()
+    sh = ShardedMarginHead(C, D, "adaface", impl="chunked", subcenters=K).double()
+    with torch.no_grad():
+        full.weight.copy_(w)
+        sh.weight.copy_(w[a * K : b * K])
+    full(x, y), sh(x[rows], y[rows])  # training forwards: the running state moves alike
+    single, one = full.dominant_subcenters(x, y), sh.dominant_subcenters(x[rows], y[rows])
+    loss_full, loss_sh = single.double()(x, y), one.double()(x[rows], y[rows])
+    buffers = zip(one.named_buffers(), single.named_buffers())
+    return {
+        "same_rows": torch.equal(one.weight, single.weight[a:b]) and one.subcenters == 1,
+        "same_state": all(torch.equal(p, q) for (_, p), (_, q) in buffers),
+        "loss_rel": rel(loss_sh.detach(), loss_full.detach()),
+    }
 
 
 def check_seeded_start(rank: int, world: int) -> dict:
@@ -240,6 +270,10 @@ def main() -> int:
         "sampled": check_sampled_vs_reference(rank, world),
         "sgd": check_sgd_step_and_state(rank, world, out),
         "start": check_seeded_start(rank, world),
+        "margins_k2": check_margins(rank, world, K=2),
+        "sampled_k2": check_sampled_vs_reference(rank, world, K=2),
+        "sgd_k2": check_sgd_step_and_state(rank, world, out, K=2),
+        "dominant_k2": check_dominant_subcenters(rank, world),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()

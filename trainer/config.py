@@ -182,7 +182,7 @@ class HeadConfig:
     subcenters: int = setting(
         1,
         "sub-center ArcFace (any margin): K centres per class, a class's cosine the "
-        "largest of its K; > 1: head.parallel=replicate, impl chunked or auto",
+        "largest of its K; every impl, replicated or sharded (whole classes per rank)",
         range=POSITIVE,
     )
     sphereface: SphereFaceConfig = section(SphereFaceConfig, "head.margin=sphereface: the annealing")

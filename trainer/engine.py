@@ -453,7 +453,11 @@ class Trainer:
         p.scaler.unscale_(p.optimizer)
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
         grad_norm = head_parallel.clip_grad_norm(
-            p.backbone_params, p.head_params, max_norm, p.parallel == "shard" and self.info.enabled
+            p.backbone_params,
+            p.head_params,
+            max_norm,
+            p.parallel == "shard" and self.info.enabled,
+            p.optimizer,
         )
         # One host sync per step for the guard; DDP has averaged the gradients (and a sharded head's
         # norm is summed over the ranks), so every rank sees the same norm, and the loss flag is

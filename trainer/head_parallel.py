@@ -13,6 +13,7 @@ optimizer state, for both modes) and the start-up line of memory and traffic fig
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -82,21 +83,38 @@ def scale_grad(x: Tensor, scale: float) -> Tensor:
     return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
 
 
-def clip_grad_norm(backbone: list[Tensor], head: list[Tensor], max_norm: float, sharded: bool) -> Tensor:
-    """clip_grad_norm_ over backbone + head with the norm of the whole model: the head's shards'
-    squared norms are summed over the ranks, so every rank clips by the same factor."""
+def clip_grad_norm(
+    backbone: list[Tensor],
+    head: list[Tensor],
+    max_norm: float,
+    sharded: bool,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Tensor:
+    """The gradients' norm over backbone + head (a sharded head's squared norms summed over the
+    ranks, so every rank clips by the same factor), and the clip to `max_norm` as torch's
+    clip_grad_norm_ makes it: each gradient times min(1, max_norm / (norm + 1e-6)). Not at all with
+    clipping off (max_norm inf: torch would multiply every gradient by 1, a read and write of the
+    C x D head gradient); a parameter whose multiply `optimizer.defer_grad_scale` takes (the fused
+    head step: no pass over the gradient) is left to the step."""
     if not sharded:
-        return torch.nn.utils.clip_grad_norm_(backbone + head, max_norm)
-    squares = []
-    for params in (backbone, head):
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=head[0].device)
-        squares.append(norm.float() ** 2)
-    sq_b, sq_h = squares
-    if dist.is_initialized():
-        dist.all_reduce(sq_h)  # the head's rows are split over the ranks; the backbone's are copies
-    total = torch.sqrt(sq_b + sq_h)
-    torch.nn.utils.clip_grads_with_norm_(backbone + head, max_norm, total)
+        total = torch.nn.utils.get_total_norm([p.grad for p in backbone + head if p.grad is not None])
+    else:
+        squares = []
+        for params in (backbone, head):
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=head[0].device)
+            squares.append(norm.float() ** 2)
+        sq_b, sq_h = squares
+        if dist.is_initialized():
+            dist.all_reduce(sq_h)  # the head's rows are split over the ranks; the backbone's are copies
+        total = torch.sqrt(sq_b + sq_h)
+    if math.isfinite(max_norm):
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's factor, as it computes it
+        defer = getattr(optimizer, "defer_grad_scale", None)
+        rest = [
+            p for p in backbone + head if p.grad is not None and not (defer and defer(p, scale.to(p.device)))
+        ]
+        torch.nn.utils.clip_grads_with_norm_(rest, max_norm, total)
     return total
 
 
@@ -106,25 +124,22 @@ def optimizer_step(optimizer: torch.optim.Optimizer, head: nn.Module, step_fn) -
         step_fn()
 
 
-def _num_classes(head: nn.Module) -> int:
-    return int(head.num_classes if isinstance(head, ShardedMarginHead) else head.weight.shape[0])
+def _num_rows(head: nn.Module) -> int:
+    """The whole head's rows: classes x sub-centers (a shard holds whole classes of them)."""
+    return int(head.num_classes) * int(head.subcenters)
 
 
 def head_checkpoint(head: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
     """The head as per-class tensors (weights and optimizer state) on rank 0, None elsewhere. Every
     rank calls it (a sharded head gathers)."""
     sharded = isinstance(head, ShardedMarginHead)
-    num_classes = _num_classes(head)
-    full = gather_class_state(head.weight, optimizer, num_classes, replicated=not sharded)
+    full = gather_class_state(
+        head.weight, optimizer, _num_rows(head), replicated=not sharded, subcenters=head.subcenters
+    )
     if full is None or (not sharded and dist.is_initialized() and dist.get_rank() != 0):
         return None
     # the margin's running state (AdaFace's norm statistics, CurricularFace's t): the same on every rank
-    # rows: classes x sub-centers (a replicated head's rows are saved as its "classes")
-    return {
-        **full,
-        "buffers": {k: v.detach().cpu().clone() for k, v in head.named_buffers()},
-        "subcenters": int(getattr(head, "subcenters", 1)),
-    }
+    return {**full, "buffers": {k: v.detach().cpu().clone() for k, v in head.named_buffers()}}
 
 
 def optimizer_checkpoint(optimizer: torch.optim.Optimizer, head: nn.Module) -> dict:
@@ -143,10 +158,9 @@ def optimizer_checkpoint(optimizer: torch.optim.Optimizer, head: nn.Module) -> d
 def load_head(head: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, where: str) -> None:
     """This rank's rows of a head checkpoint into the head and its optimizer state."""
     sharded = isinstance(head, ShardedMarginHead)
-    num_classes = _num_classes(head)
     rank, world = (head.rank, head.world) if sharded else (0, 1)
     try:
-        load_class_state(head.weight, optimizer, saved, num_classes, rank, world)
+        load_class_state(head.weight, optimizer, saved, _num_rows(head), rank, world, head.subcenters)
     except ValueError as err:
         raise UserError(f"{where}: cannot resume: {err}") from None
     buffers = saved.get("buffers", {})
@@ -170,7 +184,7 @@ def describe(
     backend: str | None,
 ) -> str:
     """One line: the head's bytes per rank (weight, gradient, optimizer state) and its traffic per step."""
-    C, D = _num_classes(head), int(head.weight.shape[1])
+    C, D = _num_rows(head), int(head.weight.shape[1])
     group = optimizer.param_groups[0]
     slots = 2 if "betas" in group else (1 if group.get("momentum", 0.0) else 0)
     rate = getattr(head, "sample_rate", 1.0)
@@ -178,10 +192,13 @@ def describe(
     sent = step_traffic(C, D, batch_per_rank, world, parallel, backend or "nccl")
     extra = f", sampled copies {_size(b['sampled_copies'])}" if "sampled_copies" in b else ""
     how = "all-reduce of its gradient" if parallel == "replicate" else "embedding gather + dX reduce"
-    rows = C if parallel == "replicate" else head.weight.shape[0]
+    K = int(head.subcenters)
+    here = (C if parallel == "replicate" else head.weight.shape[0]) // K
+    each = f" ({K} sub-centers each)" if K > 1 else ""
     return (
-        f"head: {parallel}, {rows} of {C} classes on this rank; per rank weight {_size(b['weight'])}, "
-        f"gradient {_size(b['grad'])}, optimizer state {_size(b['optimizer'])}{extra}; "
+        f"head: {parallel}, {here} of {C // K} classes{each} on this rank; "
+        f"per rank weight {_size(b['weight'])}, gradient {_size(b['grad'])}, "
+        f"optimizer state {_size(b['optimizer'])}{extra}; "
         f"sends {_size(sent)} per step ({how})" + (f", sample rate {rate}" if rate < 1.0 else "")
     )
 

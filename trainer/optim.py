@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from heads.head_sgd import FusedHeadSGD
 from trainer.config import OptimConfig, ScheduleConfig
 
 
@@ -33,7 +34,9 @@ def build_optimizer(backbone: nn.Module, head: nn.Module, cfg: OptimConfig) -> t
     groups = param_groups(backbone, cfg.weight_decay, cfg.backbone_lr_mult) + param_groups(head, head_wd)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))  # type: ignore[arg-type]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    # torch's SGD, whose step of the head's weight is one Triton pass that also makes the next
+    # forward's normalized copy when the head runs the fused engine (heads/head_sgd.py)
+    return FusedHeadSGD(groups, head=head, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:

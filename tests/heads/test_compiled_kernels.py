@@ -6,7 +6,9 @@ and on sm_90 at least one wgmma left in flight across its wait (wait depth > 0).
 The reduced run: bf16 operands, each kernel's first config (the one deterministic mode launches, with
 no pruning; the tuner's first candidate), in both modes (the backward recomputing the cosines, and
 save_logits: the SAVE/SAVED constexprs compile different code), at B=512, D=512, C=1M, for sm_90 and
-sm_80 (~40 s on 2 cores; the full table is `python -m bench.kernels`). A criterion a kernel fails
+sm_80 (~40 s on 2 cores; the full table is `python -m bench.kernels`), and the same with K = 2
+sub-centers (`--subcenters 2`: the K constexpr's code, launched with `heads.fused.configs_for`'s
+first config). A criterion a kernel fails
 would be a strict xfail in KNOWN naming the measured defect (it turns red once fixed); the kernels
 of the redesign (_fwd, _bwd) meet all of them. Also unit tests of the tool's own arithmetic: SASS
 loop spans, blocks per SM, the model."""
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.kernel_model import ARCHS, HEADLINE, LIBRARY, WORK, Buf, Config, Shape, Stream, Work, predict
+from bench.kernel_model import ARCHS, HEADLINE, LIBRARY, STEP, WORK, Buf, Config, Shape, Stream, Work, predict
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
@@ -42,13 +44,17 @@ def _has_cuobjdump() -> bool:
     return shutil.which(_tool("cuobjdump")) is not None
 
 
+SUBCENTERS = (1, 2)  # K: one row a class, and sub-center ArcFace's max over 2
+
+
 @functools.cache
-def _variant(kernel: str, mode: str, arch: str):
+def _variant(kernel: str, mode: str, arch: str, K: int):
     from bench.kernels import inspect, kernels
+    from heads.fused import configs_for
 
     fn, configs = kernels()[kernel]
-    shape = replace(HEADLINE, save_logits=MODES[mode])
-    return inspect(kernel, fn, configs[0], True, "bf16", ARCHS[arch], shape)
+    shape = replace(HEADLINE, save_logits=MODES[mode], subcenters=K)
+    return inspect(kernel, fn, configs_for(kernel, configs, K)[0], True, "bf16", ARCHS[arch], shape)
 
 
 def _criteria(kernel: str, arch: str):
@@ -60,21 +66,23 @@ def _criteria(kernel: str, arch: str):
 
 
 def _cases():
-    for kernel in WORK:
-        for mode in MODES:
-            for arch in ("sm_90", "sm_80"):
-                for crit in _criteria(kernel, arch):
-                    why = KNOWN.get((kernel, mode, arch, crit))
-                    marks = [pytest.mark.xfail(strict=True, reason=f"{why}, {ISSUE}")] if why else []
-                    yield pytest.param(
-                        kernel, mode, arch, crit, marks=marks, id=f"{kernel}-{mode}-{arch}-{crit}"
-                    )
+    for K in SUBCENTERS:
+        for kernel in WORK:
+            for mode in MODES:
+                for arch in ("sm_90", "sm_80"):
+                    for crit in _criteria(kernel, arch):
+                        why = KNOWN.get((kernel, mode, arch, crit))
+                        marks = [pytest.mark.xfail(strict=True, reason=f"{why}, {ISSUE}")] if why else []
+                        k = f"-k{K}" if K > 1 else ""
+                        yield pytest.param(
+                            kernel, mode, arch, crit, K, marks=marks, id=f"{kernel}-{mode}{k}-{arch}-{crit}"
+                        )
 
 
 @pytest.mark.skipif(not _has_cuobjdump(), reason="triton's bundled cuobjdump is missing: no SASS to read")
-@pytest.mark.parametrize(("kernel", "mode", "arch", "criterion"), list(_cases()))
-def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion):
-    v = _variant(kernel, mode, arch)
+@pytest.mark.parametrize(("kernel", "mode", "arch", "criterion", "K"), list(_cases()))
+def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion, K):
+    v = _variant(kernel, mode, arch, K)
     if criterion == "tensor_cores_16bit":
         assert v.mma_16bit, f"{kernel} {arch}: MMA instructions {v.mma or 'none (FMA units)'}"
     elif criterion == "no_spills":
@@ -85,6 +93,21 @@ def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion):
         assert v.blocks_per_sm >= 1
     else:
         assert v.in_flight, f"{kernel} {arch}: wgmma.wait_group depths {v.wgmma_waits}"
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_the_fused_sgd_step_compiles_without_spills(arch: str) -> None:
+    """heads/fused_step.py's one pass at D = 512 (its block: normalize_block(512) rows, STEP_WARPS
+    warps), the clip's factor, momentum and weight decay on: no spills (W, dW and the momentum of a
+    block held at once), and two blocks per SM at least, so enough loads are in flight for the HBM."""
+    from bench.kernels import _REGS, _SPILL, blocks_per_sm, compile_variant
+    from heads.fused_step import STEP_WARPS, _sgd_step_kernel
+
+    args = STEP["SGD step + Wn, r (Triton, fused)"](HEADLINE, "bf16", ARCHS[arch]).args
+    compiled, log = compile_variant(_sgd_step_kernel, args, Config((), STEP_WARPS, 1), ARCHS[arch])
+    assert _SPILL.search(log).groups() == ("0", "0"), log
+    regs = int(_REGS.search(log).group(1))
+    assert blocks_per_sm(ARCHS[arch], regs, compiled.metadata.shared, STEP_WARPS) >= 2, regs
 
 
 def test_every_autotuned_kernel_in_heads_fused_has_a_description():
@@ -174,33 +197,51 @@ def test_descriptions_follow_the_launch_structure():
     assert stream(d, "X").reads == 2 * stream(ds, "X").reads
     assert stream(d, "G (phase 2)").reads == 512 // 128  # once per D slab (2 BD wide)
     assert ds.args["SAVED"] and ds.args["Z"].shape == (512, 1_000_000)
-    # the W -> Wn pass reads the fp32 master and writes the 16-bit copy
-    norm = LIBRARY["normalize (Triton, W -> Wn, r)"](s, "bf16", arch)
-    assert stream(norm, "Wn").write and stream(norm, "W (fp32)").bytes == 1_000_000 * 512 * 4
+    # the optimizer step: the gradient norm reads dW; the fused SGD pass reads W, dW and the momentum,
+    # writes W and the momentum, and the 16-bit Wn (so no normalize pass in LIBRARY)
+    assert not any("normalize" in name for name in LIBRARY)
+    n = 1_000_000 * 512
+    norm, sgd = (f(s, "bf16", arch) for f in STEP.values())
+    assert sum(st.bytes for st in norm.streams) == 4 * n
+    assert stream(sgd, "W, dW, momentum (fp32)").bytes == 12 * n and stream(sgd, "Wn").bytes == 2 * n
+    assert sum(st.bytes for st in sgd.streams if st.write) == 10 * n + 4 * 1_000_000
+    # K = 2 sub-centers: W, its products, G and dW twice as large, the logits (and saved cosines) not
+    s2 = replace(s, subcenters=2)
+    f2, d2 = WORK["fwd"](s2, cfg, "bf16", arch, 264), WORK["bwd"](s2, cfg, "bf16", arch, 264)
+    assert f2.flops == 2 * bcd and f2.elems == f.elems and f2.args["K"] == 2
+    assert stream(f2, "Wn").bytes == 2 * wn.bytes and stream(f2, "X").reads == 2 * stream(f, "X").reads
+    assert d2.flops == 4 * bcd and d2.args["G"].shape[1] == 2 * d2.args["ck"] and d2.args["KP"] == 2
+    assert d2.args["DW"].shape == (2_000_000, 512) and stream(d2, "G").bytes == 2 * stream(d, "G").bytes
+    ds2 = WORK["bwd"](replace(saved, subcenters=2), cfg, "bf16", arch, 264)
+    assert stream(ds2, "argmax rows (saved)").bytes == 512 * 1_000_000  # 1 byte a logit
+    assert ds2.args["ZA"].shape == (512, 1_000_000) and ds2.args["ZA"].dtype == "i8"
+    assert LIBRARY["dx (cuBLAS addmm into fp32 dX)"](s2, "bf16", arch).flops == 2 * bcd
 
 
 def test_the_descriptions_launch_the_kernels_they_describe():
     """Each kernel launched with its description's arguments and grid (bench/kernels.py --time's
-    path), in both modes, at a toy shape under TRITON_INTERPRET=1, in a subprocess (the variable must
-    be set before triton is imported): a description that no longer matches its kernel's signature
-    fails here."""
+    path), in both modes, with and without sub-centers, and the head step's Triton pass with STEP's,
+    at a toy shape under TRITON_INTERPRET=1, in a subprocess (the variable must be set before triton
+    is imported): a description that no longer matches its kernel's signature fails here."""
     code = (
-        "from bench.kernels import Variant, kernels, time_variants\n"
+        "from bench.kernels import Variant, kernels, time_step_pass, time_variants\n"
         "from bench.kernel_model import ARCHS, Shape\n"
         "found = kernels()\n"
-        "rows = [Variant(n, 'fp16', c[0].tag, 'sm_90', True, saved, 0, 0, 0, 0, 1, [], [], None, 0.0, '')\n"
-        "        for n, (fn, c) in found.items() for saved in (False, True)]\n"
+        "rows = [Variant(n, 'fp16', c[-1].tag, 'sm_90', True, saved, 0, 0, 0, 0, 1, [], [], None, 0.0, '',\n"
+        "                subcenters=k)\n"
+        "        for n, (fn, c) in found.items() for saved in (False, True) for k in (1, 2)]\n"
         "time_variants(rows, found, Shape(64, 64, 256), device='cpu', arch=ARCHS['sm_90'], repeats=1)\n"
-        "print({(v.kernel, v.save_logits): v.measured_ms for v in rows})\n"
+        "step = time_step_pass(Shape(64, 64, 256), ARCHS['sm_90'], 'fp16', device='cpu', repeats=1)\n"
+        "print(({(v.kernel, v.save_logits, v.subcenters): v.measured_ms for v in rows}, step))\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    measured = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
-    assert set(measured) == {(k, saved) for k in WORK for saved in (False, True)}, measured
-    assert all(ms > 0 for ms in measured.values()), measured
+    measured, step = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    assert set(measured) == {(n, saved, k) for n in WORK for saved in (False, True) for k in (1, 2)}, measured
+    assert all(ms > 0 for ms in measured.values()) and step > 0, (measured, step)
 
 
 def test_the_mma_check_reads_the_operand_types():

@@ -9,7 +9,16 @@ import torch
 
 from heads import MarginHead
 from heads.core import operand_dtype
-from heads.fused import BWD_CONFIGS, FWD_CONFIGS, TileConfig, default_chunk, fitting, shared_bytes
+from heads.fused import (
+    BWD_CONFIGS,
+    FWD_CONFIGS,
+    ONE_ROW_ONLY,
+    TileConfig,
+    configs_for,
+    default_chunk,
+    fitting,
+    shared_bytes,
+)
 from tests._heads_util import MARGINS, make_data
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -32,9 +41,10 @@ def test_operand_dtype_by_device_and_dtype() -> None:
 
 
 def test_configs_are_pruned_by_shared_memory() -> None:
-    # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G (BB x BC)
-    # and X in slabs of 2 BD (BB x 2BD)
+    # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G (P2 x BC)
+    # and X in slabs of 2 BD (P2 x 2BD), P2 = BB but at most 8192 / BC rows
     assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "fwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
+    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
     assert shared_bytes(TileConfig(64, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
     assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 128 * 2)
     hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
@@ -49,6 +59,14 @@ def test_configs_are_pruned_by_shared_memory() -> None:
     assert fitting(FWD_CONFIGS, "fwd", 1024, 2, 2, 2) == [FWD_CONFIGS[-1]]
     # every config has tiles of at least 64 (the interpreter's practical minimum, and wgmma's M)
     assert all(min(c.bb, c.bc, c.bd) >= 64 for c in FWD_CONFIGS + BWD_CONFIGS)
+
+
+def test_subcenter_launches_skip_the_configs_that_spill_with_k() -> None:
+    assert configs_for("bwd", BWD_CONFIGS, 1) == BWD_CONFIGS
+    for kernel, configs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)):
+        assert configs_for(kernel, configs, 2) == configs[ONE_ROW_ONLY[kernel] :]
+    # the backward's first config (128 x 128) and 64 x 128 spill at K = 2: the first left is 128 x 64
+    assert (configs_for("bwd", BWD_CONFIGS, 2)[0].bb, configs_for("bwd", BWD_CONFIGS, 2)[0].bc) == (128, 64)
 
 
 def test_backward_chunk_sizes_the_gradient_block_for_l2() -> None:
@@ -151,7 +169,7 @@ def test_out_dtype_product_falls_back_only_where_the_probe_fails(monkeypatch: py
         return real(a, b) if out_dtype is None else real(a.float(), b.float())
 
     monkeypatch.setattr(torch, "mm", mm)
-    monkeypatch.setattr(core, "_OUT_DTYPE_MM", {})
+    monkeypatch.setattr(core, "_CAPABLE", {})
     a, b = torch.randn(4, 3).half(), torch.randn(3, 5).half()
     exact = real(a.float(), b.float())
     assert torch.equal(core.mm_f32(a, b), exact) and calls == [torch.float32, torch.float32]  # probe, product
@@ -168,7 +186,7 @@ def test_out_dtype_product_unsupported_falls_back_with_one_warning(monkeypatch: 
 
     from heads import core
 
-    monkeypatch.setattr(core, "_OUT_DTYPE_MM", {})
+    monkeypatch.setattr(core, "_CAPABLE", {})
     a, b = torch.randn(4, 3).bfloat16(), torch.randn(3, 5).bfloat16()
     with pytest.warns(RuntimeWarning, match="does not run for torch.bfloat16 on cpu"):
         got = core.mm_f32(a, b)  # this CPU build has no mm.dtype kernel
@@ -176,6 +194,42 @@ def test_out_dtype_product_unsupported_falls_back_with_one_warning(monkeypatch: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         core.mm_f32(a, b)  # said once
+
+
+@pytest.mark.parametrize("addmm_runs", [True, False])
+def test_product_into_an_fp32_sum_is_one_addmm_where_it_runs(addmm_runs: bool, monkeypatch) -> None:
+    """out += a @ b with 16-bit operands (the fused backward's dX per chunk): one
+    torch.addmm(out_dtype=float32) into the fp32 sum where the probe finds it runs (CUDA; emulated
+    here), else torch.mm(out_dtype=float32) and an add, said once; the same sum either way."""
+    import warnings
+
+    from heads import core
+
+    real_mm, real_addmm, calls = torch.mm, torch.addmm, []
+
+    def mm(a, b, *, out_dtype=None):
+        calls.append("mm")
+        return real_mm(a, b) if out_dtype is None else real_mm(a.float(), b.float())
+
+    def addmm(acc, a, b, *, out_dtype=None, out=None):
+        calls.append("addmm")
+        if not addmm_runs:
+            raise RuntimeError("self and mat2 must have the same dtype")
+        return out.copy_(real_addmm(acc, a.float(), b.float()))
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(core, "_CAPABLE", {})
+    a, b = torch.randn(4, 3).half(), torch.randn(3, 5).half()
+    acc = torch.ones(4, 5)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            core.mm_f32(a, b, out=acc)
+    assert torch.allclose(acc, 1 + 2 * (a.float() @ b.float()), atol=1e-6)
+    probes = ["mm", "addmm"]  # each probed once, then every product
+    assert calls == probes + (["addmm"] * 2 if addmm_runs else ["mm"] * 2)
+    assert len(said) == (0 if addmm_runs else 1)
 
 
 @pytest.mark.parametrize("margin,kw", MARGINS)

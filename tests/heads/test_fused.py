@@ -8,35 +8,16 @@ file as a module (`python -m tests.heads.test_fused`) in a fresh interpreter: it
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import traceback
-
 import pytest
+
+from tests._interpreter import cases_in, run_cases
+from tests._interpreter import interpreter_results as run_in_interpreter
 
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, str]:
     """case name -> "ok" or the case's traceback, from one interpreter subprocess."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.heads.test_fused"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            results[record["case"]] = record["result"]
-    assert results, f"the interpreter reported no case (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
-    return results
+    return run_in_interpreter("tests.heads.test_fused")
 
 
 # ---- the cases (run only in the subprocess) --------------------------------------------------
@@ -272,22 +253,134 @@ def case_margins_after_arcface_match_float64_over_two_steps() -> None:
             assert state_matches(head, state, 1e-6), (name, state, dict(head.named_buffers()))
 
 
-def _main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("set TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    failed = 0
-    for name in CASES:
-        try:
-            globals()[name]()
-            result = "ok"
-        except Exception:  # reported to the pytest item of this case, which fails with it
-            result, failed = traceback.format_exc(), failed + 1
-        print(json.dumps({"case": name, "result": result}), flush=True)
-    return 1 if failed else 0
+def _subcenter_heads(K: int, name: str, **engine):
+    """A float64 reference head and a fused head (engine options `engine`) with K sub-centers."""
+    from heads import MarginHead
+    from heads.fused import BWD_CONFIGS, FWD_CONFIGS, FusedEngine
+
+    C, D = 70, 40
+    ref = MarginHead(C, D, name, impl="reference", subcenters=K).double()
+    fused = MarginHead(C, D, name, impl="fused", subcenters=K)
+    pinned = (
+        {} if engine.get("deterministic") else {"configs": {"fwd": FWD_CONFIGS[-1], "bwd": BWD_CONFIGS[-1]}}
+    )
+    fused._engines["fused"] = FusedEngine(chunk=32, subcenters=K, **{**pinned, **engine})
+    return ref, fused
 
 
-CASES = sorted(name for name in globals() if name.startswith("case_"))
+def _subcenters_match_float64(K: int) -> None:
+    """Sub-center heads (K rows a class, the class cosine their max): fused against the float64
+    reference over two training steps (the running state moves): ArcFace, CosFace and CurricularFace
+    (its HARD=2 branch and state), the backward recomputing the cosines and reading the saved ones
+    (with each class's argmax row), and deterministic mode (its own configs, bitwise repeatable);
+    70 classes in chunks of 32: three chunks, a label in the last."""
+    import torch
+
+    from tests._margins_spec import data, head_two_steps, rel_err
+
+    x, _, y = data()
+    w = torch.randn(70 * K, x.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for name in ("arcface", "cosface", "curricularface"):
+        for engine in ({}, {"save_logits": True}, {"deterministic": True}):
+            ref, fused = _subcenter_heads(K, name, **engine)
+            want, got = head_two_steps(ref, x, w, y), head_two_steps(fused, x, w, y, torch.float32)
+            errs = [rel_err(a, b) for g, e in zip(got, want) for a, b in zip(g, e)]
+            print(f"fused K={K} {name} {engine}: max relative error vs float64 {max(errs):.1e}")
+            assert max(errs) < 1e-5, (K, name, engine, errs)
+            for (key, a), (_, b) in zip(fused.named_buffers(), ref.named_buffers()):
+                assert abs(a.item() - b.item()) <= 1e-6 * abs(b.item()), (K, name, key)
+            if engine.get("deterministic"):
+                again = head_two_steps(_subcenter_heads(K, name, **engine)[1], x, w, y, torch.float32)
+                assert all(torch.equal(a, b) for g, e in zip(again, got) for a, b in zip(g, e)), "not bitwise"
+
+
+def case_subcenters_2_match_float64_over_two_steps() -> None:
+    _subcenters_match_float64(2)
+
+
+def case_subcenters_3_match_float64_over_two_steps() -> None:
+    _subcenters_match_float64(3)
+
+
+def case_subcenters_route_the_gradient_to_one_row_and_break_ties_as_chunked() -> None:
+    """Each class's gradient reaches its argmax row alone; on exact ties (a class whose two rows are
+    equal) the first, as the chunked engine (torch's max) does, so the engines agree; dc_y goes to
+    the row c_y came from (heads.core.target_cosines), which the exact target terms also use."""
+    import torch
+
+    import heads.fused as fused_mod
+    from heads import MarginHead
+    from tests._margins_spec import data, rel_err
+
+    K, C = 2, 70
+    x, _, y = data()
+    w = torch.randn(C * K, x.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    w[1::K][: C // 2] = w[0::K][: C // 2]  # the first half of the classes: two equal rows
+    seen = []
+    fix = fused_mod.fix_target_terms
+
+    def spy(xn, xo, weight, rw, rows, *args, **kwargs):
+        seen.append(rows.clone())
+        return fix(xn, xo, weight, rw, rows, *args, **kwargs)
+
+    fused_mod.fix_target_terms = spy
+    try:
+        heads = {"chunked": MarginHead(C, x.shape[1], "cosface", impl="chunked", block=16, subcenters=K)}
+        for save in (False, True):
+            heads[f"fused save_logits={save}"] = _subcenter_heads(K, "cosface", save_logits=save)[1]
+        for head in heads.values():
+            with torch.no_grad():
+                head.weight.copy_(w)
+            head(x.float(), y).backward()
+    finally:
+        fused_mod.fix_target_terms = fix
+    cands = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=1).t()
+    assert torch.equal(seen[0], y * K + cands.view(len(y), C, K)[torch.arange(len(y)), y].argmax(1))
+    assert torch.equal(seen[0], seen[1])
+    chunked = heads["chunked"].weight.grad
+    assert float(chunked[1::K][: C // 2].abs().max()) == 0.0  # tied classes: the second row gets nothing
+    for name, head in heads.items():
+        assert rel_err(head.weight.grad, chunked) < 1e-5, name
+        assert torch.equal(head.weight.grad[1::K][: C // 2] == 0, chunked[1::K][: C // 2] == 0), name
+
+
+def case_subcenters_fp16_operands_as_on_the_gpu() -> None:
+    """K = 3 with the GPU's fp16 operands (and the saved fp16 cosines with their int8 argmax rows):
+    error against float64 within the reference's own on fp16-rounded inputs plus the K = 1 margins
+    of case_fp16_operands_as_on_the_gpu."""
+    torch, build_margin, data, ref, fused, close = _setup()
+    import torch.nn.functional as F
+
+    from heads.core import head_rows
+    from heads.fused import BWD_CONFIGS, FWD_CONFIGS, FusedEngine
+    from heads.reference import reference_forward
+
+    K = 3
+    x, _, y = data(40, 90, 64, seed=6)
+    w = torch.randn(90 * K, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    margin = build_margin("arcface", 0.5)
+
+    def exact(xx, ww):
+        xx, ww = xx.clone().requires_grad_(), ww.clone().requires_grad_()
+        loss, _ = reference_forward(xx, ww, y, margin, 30.0, 1.0, subcenters=K)
+        return (loss.detach(), *torch.autograd.grad(loss, [xx, ww]))
+
+    want, rounded = exact(x, w), exact(x.half().double(), w.half().double())
+    small = {"fwd": FWD_CONFIGS[-1], "bwd": BWD_CONFIGS[-1]}
+    for save, tol in ((False, 1e-3), (True, 5e-3)):
+        engine = FusedEngine(configs=small, chunk=64, operands="fp16", save_logits=save, subcenters=K)
+        xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+        rows, _ = head_rows(F.normalize(xf, dim=1), wf, y, margin, 0, 30.0, 1.0, engine)
+        loss = rows.mean()
+        got = (loss.detach(), *torch.autograd.grad(loss, [xf, wf]))
+        for part, a, r, e in zip(("loss", "dX", "dW"), got, rounded, want):
+            scale = e.abs().max().item()
+            err_got = (a.double() - e).abs().max().item() / scale
+            err_ref = (r - e).abs().max().item() / scale
+            assert err_got <= err_ref + tol, (save, part, err_got, err_ref)
+
+
+CASES = cases_in(globals())
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -297,4 +390,4 @@ def test_fused_case(case: str, interpreter_results: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(run_cases(globals()))

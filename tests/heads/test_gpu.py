@@ -1,7 +1,7 @@
 """The fused Triton head on a real CUDA device: every margin against a float64 reference with exact
 fp32 operands and with the default bf16 tensor-core operands, bf16/fp16 inputs, the chunked engine's
-cuBLAS bf16 path, determinism, the kernels' registers and spills, and no B x C allocation at a million
-classes.
+cuBLAS bf16 path, determinism, the kernels' registers and spills, no B x C allocation at a million
+classes, and the fused SGD step (heads/fused_step.py) against torch.optim.SGD.
 
 Run by bench/gpu_check.sh; skipped on machines without CUDA (the CPU path of the same kernels is
 tested under TRITON_INTERPRET=1 in tests/heads/test_fused.py)."""
@@ -23,7 +23,8 @@ def _loss_and_grads(impl: str, margin: str, kw: dict, x, w, y, device: str, dtyp
     # untuned fixed configs unless a test asks otherwise: each autotune compiles every config, and
     # the GPU check's time is short
     head_kw.setdefault("deterministic", True)
-    head = MarginHead(w.shape[0], w.shape[1], margin=margin, impl=impl, t=t, **head_kw, **kw).to(
+    classes = w.shape[0] // head_kw.get("subcenters", 1)
+    head = MarginHead(classes, w.shape[1], margin=margin, impl=impl, t=t, **head_kw, **kw).to(
         device=device, dtype=dtype
     )
     with torch.no_grad():
@@ -46,6 +47,35 @@ def test_fused_fp32_matches_float64(margin: str, kw: dict, t: float) -> None:
     got = _loss_and_grads("fused", margin, kw, x, w, y, "cuda", torch.float32, t, operands="fp32")
     for name, a, e in zip(("loss", "dX", "dW"), got, exact):
         assert _rel_err(a, e) < 1e-4, (margin, t, name, _rel_err(a, e))
+
+
+@pytest.mark.parametrize("save_logits", [False, True])
+@pytest.mark.parametrize("K", [2, 3])
+def test_fused_subcenters_match_float64(K: int, save_logits: bool) -> None:
+    """Sub-center heads compiled for this GPU (the K constexpr, K > 1's configs), recomputing or
+    saving the cosines: exact fp32 operands against float64; the default fp16 operands within the
+    reference's own error on fp16-rounded inputs plus 3e-3 (5e-3 reading the saved fp16 cosines)."""
+    x, _, y = make_data(133, 1030, 96)
+    w = torch.randn(1030 * K, 96, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kw = {"subcenters": K, "save_logits": save_logits}
+    exact = _loss_and_grads("reference", "arcface", {}, x, w, y, "cpu", torch.float64, subcenters=K)
+    rounded = _loss_and_grads(
+        "reference",
+        "arcface",
+        {},
+        x.half().double(),
+        w.half().double(),
+        y,
+        "cpu",
+        torch.float64,
+        subcenters=K,
+    )
+    fp32 = _loss_and_grads("fused", "arcface", {}, x, w, y, "cuda", torch.float32, operands="fp32", **kw)
+    fp16 = _loss_and_grads("fused", "arcface", {}, x, w, y, "cuda", torch.float32, **kw)
+    tol = 5e-3 if save_logits else 3e-3
+    for name, a, b, r, e in zip(("loss", "dX", "dW"), fp32, fp16, rounded, exact):
+        assert _rel_err(a, e) < 1e-4, (K, save_logits, name, _rel_err(a, e))
+        assert _rel_err(b, e) <= _rel_err(r, e) + tol, (K, save_logits, name, _rel_err(b, e))
 
 
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
@@ -144,3 +174,40 @@ def test_million_classes_without_a_batch_by_class_tensor() -> None:
     # partials and some B x D vectors: far below one B x C fp32 tensor (the normalized fp16 copy
     # of W, C x D x 2 bytes, is made once per weight version: the warm-up's is still current)
     assert working - grad_w_bytes < logits_bytes / 8, (working, grad_w_bytes, logits_bytes)
+
+
+def test_fused_sgd_step_is_torch_sgd_and_makes_the_next_wn() -> None:
+    """heads.head_sgd.FusedHeadSGD on CUDA over three steps: W and momentum within 2 units in the last
+    place of torch.optim.SGD's (foreach) on the same gradients (the same fused multiply-adds: expected
+    bitwise), the engine's Wn and 1/|w| those of the normalize pass on the new W (fp16 Wn within one
+    rounding), and the next forward launching no normalize pass (the engine keeps the step's copy)."""
+    from heads.fused import FusedEngine
+    from heads.head_sgd import FusedHeadSGD
+
+    x, w, y = make_data(64, 3000, 128, seed=5)
+    head = MarginHead(3000, 128, "arcface", impl="fused", deterministic=True).cuda()
+    with torch.no_grad():
+        head.weight.copy_(w.float())
+    mirror = head.weight.detach().clone().requires_grad_()
+    fused = FusedHeadSGD([head.weight], head=head, lr=0.5, momentum=0.9, weight_decay=5e-4)
+    plain = torch.optim.SGD([mirror], lr=0.5, momentum=0.9, weight_decay=5e-4, foreach=True)
+    engine = head.engine("fused")
+    for _ in range(3):
+        head(x.float().cuda(), y.cuda()).backward()
+        mirror.grad = head.weight.grad.clone()
+        fused.step()
+        plain.step()
+        fused.zero_grad()
+        plain.zero_grad()
+        for got, want in (
+            (head.weight, mirror),
+            (fused.state[head.weight]["momentum_buffer"], plain.state[mirror]["momentum_buffer"]),
+        ):
+            err = (got.detach() - want.detach()).abs().max().item()
+            assert err <= 2 * 2.0**-24 * want.abs().max().item(), err
+        _, rw, wn = engine._wn
+        fresh = FusedEngine()
+        assert (fresh.inv_norms(head.weight) - rw).abs().max().item() <= 2.0**-22 * rw.abs().max().item()
+        assert (fresh._wn[2].float() - wn.float()).abs().max().item() <= 2.0**-10
+        head(x.float().cuda(), y.cuda())
+        assert engine._wn[2] is wn, "the forward remade Wn"

@@ -285,8 +285,9 @@ def test_autocast_does_not_lower_the_head_precision() -> None:
 
 
 def test_bench_runs_and_reports_against_the_reference() -> None:
-    """`python -m bench.heads` on the CPU: chunked against the reference, every row and a headline
-    (~20 s on 2 idle cores: three interpreters import torch)."""
+    """`python -m bench.heads` on the CPU: chunked against the reference, every row and a headline,
+    and the sub-center row (chunked, K = 3) against its K = 1 row (~25 s on 2 idle cores: four
+    interpreters import torch)."""
     import json
     import os
     import subprocess
@@ -321,10 +322,14 @@ def test_bench_runs_and_reports_against_the_reference() -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["baseline"] == "reference" and out["impl"] == "chunked"
     assert out["seconds"] > 0 and out["baseline_seconds"] > 0 and out["speedup"] > 0
-    assert {(r["impl"], r["classes"]) for r in out["rows"]} == {("reference", 300), ("chunked", 300)}
+    rows = {(r["impl"], r["classes"], r["subcenters"]) for r in out["rows"]}
+    assert rows == {("reference", 300, 1), ("chunked", 300, 1), ("chunked", 300, 3)}
     assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in out["rows"])
+    sub = out["subcenters"]
+    assert sub["K"] == 3 and sub["impl"] == "chunked" and sub["x_time_vs_k1"] > 0
     for bad, key in (
         (["--batch", "0"], "--batch"),
+        (["--subcenters", "0"], "--subcenters"),
         (["--impls", "nope"], "--impls"),
         (["--device", "cpu", "--impls", "fused"], "fused"),
     ):  # refused before torch loads

@@ -144,8 +144,6 @@ def test_dominant_subcenters_export_a_one_centre_head() -> None:
 def test_subcenter_options_are_checked() -> None:
     with pytest.raises(ValueError, match="subcenters must be a positive integer, got 0"):
         MarginHead(10, 4, "arcface", subcenters=0)
-    with pytest.raises(ValueError, match="subcenters > 1 runs on impl reference or chunked"):
-        MarginHead(10, 4, "arcface", subcenters=2, impl="fused")
-    with pytest.raises(ValueError, match="subcenters > 1 is single-process for now"):
-        ShardedMarginHead(10, 4, "arcface", subcenters=2)
-    assert MarginHead(10, 4, "arcface", subcenters=2).resolved_impl(torch.device("cuda")) == "chunked"
+    assert ShardedMarginHead(10, 4, "arcface", subcenters=2).weight.shape == (20, 4)  # whole classes
+    assert MarginHead(10, 4, "arcface", subcenters=2).resolved_impl(torch.device("cuda")) == "fused"
+    assert MarginHead(10, 4, "arcface", subcenters=2, impl="fused").weight.shape == (20, 4)

@@ -67,27 +67,32 @@ def launch(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=SLOW), pytest.param(3, marks=SLOW)])
 def test_sharded_equals_single_process_head(world: int, launch) -> None:
     """Slow for 2 and 3 ranks: torchrun starts that many Python processes and a gloo rendezvous
-    (~17 s and ~23 s on 2 cores); one launch checks every margin, the sampling and the SGD step.
+    (~17 s and ~23 s on 2 cores); one launch checks every margin, the sampling and the SGD step, with
+    one row a class and with K = 2 sub-centers (and then the sharded dominant_subcenters).
 
     Tolerances: gradients 1e-12 relative. The loss 1e-9: the combined margin's acos amplifies the last
     bit of the fallback row's c_y = -1 (d acos/dc is unbounded there); the chunked MarginHead differs
     from the reference by the same 2e-10."""
     ranks = launch(world)
-    for r, res in enumerate(ranks):
-        for name, (d_loss, d_x, d_w, d_state) in res["margins"].items():
-            assert d_loss < 1e-9 and d_x < 1e-12 and d_w < 1e-12, (world, r, name, d_loss, d_x, d_w)
-            assert d_state < 1e-14, (world, r, name, "the running state moves alike", d_state)
-        s = res["sampled"]
-        assert s["loss_rel"] < 1e-12, "the sampled loss is MarginHead's over exactly the kept classes"
-        assert set(s["positives"]) <= set(s["sampled"]), "every positive is kept"
-        assert s["kept"] == int(0.1 * s["local"]) == len(s["sampled"]), "positives + negatives = 10%"
-        assert s["same_seed_same_sample"]
-    assert sum(res["sampled"]["local"] for res in ranks) == 1000
-    for rate in ("rate1.0", "rate0.1"):
-        d_w, d_mom, all_classes = ranks[0]["sgd"][rate]
-        assert d_w < 1e-12 and d_mom < 1e-12 and all_classes, (world, rate, d_w, d_mom)
-    if world > 1:  # the ranks drew different negatives
-        assert ranks[0]["sampled"]["sampled"] != ranks[1]["sampled"]["sampled"]
+    for k in ("", "_k2"):  # one row a class, and K = 2 sub-centers (a rank owns whole classes)
+        for r, res in enumerate(ranks):
+            for name, (d_loss, d_x, d_w, d_state) in res["margins" + k].items():
+                assert d_loss < 1e-9 and d_x < 1e-12 and d_w < 1e-12, (world, r, k, name, d_loss, d_x, d_w)
+                assert d_state < 1e-14, (world, r, k, name, "the running state moves alike", d_state)
+            s = res["sampled" + k]
+            assert s["loss_rel"] < 1e-12, "the sampled loss is MarginHead's over exactly the kept classes"
+            assert set(s["positives"]) <= set(s["sampled"]), "every positive is kept"
+            assert s["kept"] == int(0.1 * s["local"]) == len(s["sampled"]), "positives + negatives = 10%"
+            assert s["same_seed_same_sample"] and s["whole_classes"]
+        assert sum(res["sampled" + k]["local"] for res in ranks) == 1000
+        for rate in ("rate1.0", "rate0.1"):
+            d_w, d_mom, all_classes = ranks[0]["sgd" + k][rate]
+            assert d_w < 1e-12 and d_mom < 1e-12 and all_classes, (world, k, rate, d_w, d_mom)
+        if world > 1:  # the ranks drew different negatives
+            assert ranks[0]["sampled" + k]["sampled"] != ranks[1]["sampled" + k]["sampled"]
+    for r, res in enumerate(ranks):  # the cleaning step, sharded: the single-process head's rows
+        dom = res["dominant_k2"]
+        assert dom["same_rows"] and dom["same_state"] and dom["loss_rel"] < 1e-12, (world, r, dom)
 
 
 @pytest.mark.parametrize("world", [pytest.param(2, marks=SLOW), pytest.param(3, marks=SLOW)])

@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from common.cli import UserError
+from heads import MarginHead
+from heads.head_sgd import FusedHeadSGD
 from models.backbones import build_backbone
 from models.model_file import load_embedding_model
 from tests._trainer_faults import FaultHooks
 from tests._trainer_util import metrics, run_main, tiny_overrides
 from trainer.checkpoint import load_checkpoint
-from trainer.config import ScheduleConfig, load_config
+from trainer.config import OptimConfig, ScheduleConfig, load_config
 from trainer.engine import train
 from trainer.main import main
-from trainer.optim import lr_factor, param_groups
+from trainer.optim import build_optimizer, lr_factor, param_groups
 
 
 def test_python_main_trains_and_writes_the_run_folder(tmp_path):
@@ -167,3 +169,10 @@ def test_schedule_warms_up_then_decays(decay):
         assert f[-1] < 0.15
     if decay == "step":
         assert f[49] == 1.0 and f[50] == pytest.approx(0.1)
+
+
+def test_trainer_builds_the_fused_sgd_and_torch_adamw() -> None:
+    head, backbone = MarginHead(30, 8, "cosface"), torch.nn.Linear(8, 8)
+    sgd = build_optimizer(backbone, head, OptimConfig(momentum=0.9, nesterov=True))
+    assert type(sgd) is FusedHeadSGD and sgd.head is head and sgd.param_groups[-1]["nesterov"]
+    assert type(build_optimizer(backbone, head, OptimConfig(name="adamw"))) is torch.optim.AdamW

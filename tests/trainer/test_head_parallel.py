@@ -140,19 +140,23 @@ def test_resume_two_ranks_on_one_and_on_three(tmp_path: Path) -> None:
         assert first["loss"] == pytest.approx(next_loss["loss"], rel=0.25), world
 
 
+# one rank, sharded, Partial FC at 0.5 of 40 classes, batches of 8, a checkpoint every step
+PARTIAL_FC = {
+    **BASE,
+    "data.synthetic.classes": 40,
+    "data.synthetic.per_class": 4,
+    "loader.batch_size": 8,
+    "head.parallel": "shard",
+    "head.sample_rate": 0.5,
+    "checkpoint.every_steps": 1,
+}
+
+
 def test_partial_fc_steps_only_the_sampled_centres(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """One rank, head.parallel=shard, sample_rate 0.5 of 40 classes, batches of 8: after one step
     exactly 20 centres moved and have momentum; the other 20 are the initial centres, momentum 0."""
     run = tmp_path / "run"
-    extra = {
-        **BASE,
-        "data.synthetic.classes": 40,
-        "data.synthetic.per_class": 4,
-        "loader.batch_size": 8,
-        "head.parallel": "shard",
-        "head.sample_rate": 0.5,
-        "checkpoint.every_steps": 1,
-    }
+    extra = PARTIAL_FC
     assert train_main(tiny_overrides(run, steps=1, **extra)) == 0
     assert "sample rate 0.5" in capsys.readouterr().err
     rows = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]["rows"]
@@ -165,6 +169,29 @@ def test_partial_fc_steps_only_the_sampled_centres(tmp_path: Path, capsys: pytes
     again = tiny_overrides(tmp_path / "rep", steps=1, **{**extra, "head.parallel": "replicate"})
     assert train_main(again) == 2
     assert "head.sample_rate=0.5: Partial FC needs head.parallel=shard" in capsys.readouterr().err
+
+
+def test_subcenters_train_sharded_with_partial_fc_and_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One rank, head.parallel=shard, head.subcenters=2, Partial FC at 0.5 of 40 classes: a step
+    moves exactly the sampled classes' rows, both rows of each (a class's K rows are sampled
+    together); the checkpoint holds 40 x 2 rows, and a second run resumes from it."""
+    run = tmp_path / "run"
+    extra = {**PARTIAL_FC, "head.subcenters": 2}
+    assert train_main(tiny_overrides(run, steps=1, **extra)) == 0
+    assert "head: shard, 40 of 40 classes (2 sub-centers each) on this rank" in capsys.readouterr().err
+    head = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]
+    assert head["subcenters"] == 2 and head["num_classes"] == 80 and head["rows"]["weight"].shape == (80, 32)
+    moved = (head["rows"]["optim.momentum_buffer"].abs().sum(1) > 0).view(40, 2)
+    assert int(moved.all(1).sum()) == 20 and torch.equal(moved.all(1), moved.any(1)), "whole classes"
+    start = init_centres(80, 32, 0, 80, seed=0)
+    still = ~moved.flatten()
+    assert torch.equal(head["rows"]["weight"][still], start[still])
+    assert train_main(tiny_overrides(run, steps=2, **extra)) == 0
+    assert "resumed from" in capsys.readouterr().err
+    again = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]
+    assert again["rows"]["weight"].shape == (80, 32) and not torch.equal(again["rows"]["weight"], start)
 
 
 @pytest.mark.slow
@@ -182,3 +209,38 @@ def test_kill_9_of_one_rank_in_the_head_collectives_ends_the_job(tmp_path: Path)
     assert "Signal 9 (SIGKILL) received by PID" in proc.stderr and "rank      : 1" in proc.stderr
     assert "done:" not in proc.stderr
     assert max(r["step"] for r in metrics(tmp_path / "run")) == 2
+
+
+@pytest.mark.parametrize("max_norm", [float("inf"), 0.05])
+def test_clip_is_torchs_and_hands_the_head_factor_to_an_optimizer_that_takes_it(max_norm: float) -> None:
+    """clip_grad_norm: torch's norm; with clipping on, torch's in-place multiply for the gradients an
+    optimizer does not take into its step, and the factor torch would use for those it takes
+    (FusedHeadSGD.defer_grad_scale: the head's); with clipping off no multiply at all (torch's
+    clip_grad_norm_ would multiply every gradient by 1)."""
+    from trainer.head_parallel import clip_grad_norm
+
+    backbone, head = [torch.nn.Parameter(torch.randn(5, 3))], [torch.nn.Parameter(torch.randn(7, 3))]
+    mirror = [torch.nn.Parameter(p.detach().clone()) for p in backbone + head]
+    for p in backbone + head + mirror:
+        p.grad = torch.ones_like(p) * 0.3
+    grads = [p.grad for p in backbone + head]
+    want = torch.nn.utils.clip_grad_norm_(mirror, max_norm)
+
+    class TakesTheHead:
+        def __init__(self) -> None:
+            self.taken: dict = {}
+
+        def defer_grad_scale(self, p, scale):
+            if p is head[0]:
+                self.taken[p] = scale
+            return p is head[0]
+
+    opt = TakesTheHead()
+    got = clip_grad_norm(backbone, head, max_norm, sharded=False, optimizer=opt)
+    assert torch.equal(got, want) and all(p.grad is g for p, g in zip(backbone + head, grads))
+    assert torch.equal(backbone[0].grad, mirror[0].grad)  # torch's multiply (by 1: none)
+    assert torch.equal(head[0].grad, torch.full_like(head[0].grad, 0.3)), "the step multiplies it"
+    if max_norm == float("inf"):
+        assert not opt.taken
+    else:
+        assert torch.equal(head[0].grad * opt.taken[head[0]], mirror[1].grad)
