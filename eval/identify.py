@@ -39,7 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common.cli import CliParser, UserError, cpu_count, progress, run_cli
+from common.cli import CliParser, UserError, cpu_count, progress, run_cli, whole_number
 from common.walk import regular_files
 from eval.identification.faces import (
     IMAGE_EXTS,
@@ -338,15 +338,8 @@ def _open_camera(index: int) -> cv2.VideoCapture:
     return capture
 
 
-def _camera_number(text: str) -> int:
-    """argparse type of --camera: 0, 1, ... (OpenCV's -1, "any camera", crashes some builds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a camera number 0, 1, ..., got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a camera number 0, 1, ..., got {text}")
-    return value
+# OpenCV's -1, "any camera", crashes some builds when there is none
+_camera_number = whole_number(0, "a camera number 0, 1, ...")
 
 
 # ------------------------------------------------------------------------------------------- CLI
