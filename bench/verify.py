@@ -6,7 +6,7 @@ The baseline is what one writes by hand: read the JPEGs of the faces the pairs u
 shards (tarfile), decode them with OpenCV, run them through an onnxruntime session (its default
 threads) 8 faces at a time with their mirror images, add and normalize, score the pairs and run the
 same k-fold metrics. eval/verify.py runs with its defaults (`--runtime auto`: OpenVINO on the CPU
-when installed; 32 faces a batch, one batch per core, decoding ahead in a thread). Both are timed
+when installed; 4 faces a batch, one batch per core, decoding ahead in a thread). Both are timed
 end to end (model loading included) and alternate (ABBA with --repeats 2), because these machines
 are shared: the load average is printed with each run, then the ratio of the medians. Last line:
 one JSON.
