@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=0,
-        help="accepted for old command lines; faces are decoded one batch ahead in a thread",
+        help="accepted for old command lines; faces are decoded two batches ahead in a thread",
     )
     return p
 

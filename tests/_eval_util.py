@@ -142,3 +142,48 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def make_onnx(path: Path, seed: int = 0, size: tuple[int, int] = SIZE) -> Path:
+    """A tiny random ONNX embedding model written with onnx.helper (a torch export takes tens of
+    seconds): a 2x2 stride-16 convolution, PReLU, a linear layer to 32-d. Its kernels respond mostly
+    to pixel-to-pixel differences, i.e. to each image's noise, so build_lfw_shards' faces score an
+    imperfect 0.80 accuracy (figures that can move). Metadata as eval/export_onnx.py writes it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    cells = (size[0] // 16) * (size[1] // 16)
+    conv_w = rng.normal(0, 0.05, (1, 3, 2, 2))
+    weights = {
+        "conv_w": conv_w - 0.9 * conv_w.mean(axis=(2, 3), keepdims=True),  # little of the mean colour
+        "conv_b": np.zeros(1),
+        "slope": np.full((1, 1, 1), 0.25),
+        "fc_w": rng.normal(0, 0.05, (cells, 32)),
+        "fc_b": np.zeros(32),
+        "shape": np.array([0, -1]),
+    }
+    nodes = [
+        helper.make_node("Conv", ["faces", "conv_w", "conv_b"], ["c"], kernel_shape=[2, 2], strides=[16, 16]),
+        helper.make_node("PRelu", ["c", "slope"], ["p"]),
+        helper.make_node("Reshape", ["p", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["embedding"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("faces", TensorProto.FLOAT, ["batch", 3, *size])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 32])],
+        [
+            numpy_helper.from_array(v.astype(np.int64 if k == "shape" else np.float32), k)
+            for k, v in weights.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what onnxruntime and OpenVINO both read
+    helper.set_model_props(
+        model, {"backbone": "tiny-onnx", "embedding_size": "32", "image_size": f"{size[0]},{size[1]}"}
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

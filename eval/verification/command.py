@@ -26,7 +26,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="faces per forward (x2 with flip); default 8 on cpu, 256 on cuda",
+        help="faces per forward (x2 with flip); default 4 on cpu, 256 on cuda",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument(
@@ -40,8 +40,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_batch_size(args: argparse.Namespace) -> int:
-    # On 2 CPU cores small batches are fastest (bench/verify.py); a GPU wants large ones.
-    size = args.batch_size if args.batch_size is not None else (256 if args.device == "cuda" else 8)
+    # On the CPU small batches are fastest (measured on 2 cores, docs/benchmarks.md "verification"):
+    # forwards of 4-8 images ran ~20% more images per CPU-second than 32-128 under OpenVINO, ~10%
+    # under onnxruntime, ~1.8x under PyTorch (a few images' activations stay in the core's cache,
+    # presumably). A GPU wants large ones.
+    size = args.batch_size if args.batch_size is not None else (256 if args.device == "cuda" else 4)
     if size < 1:
         raise UserError(f"--batch-size must be at least 1, got {size}")
     return size

@@ -2,8 +2,9 @@
 
 The faces are picked by row from the sample table (the DALI .idx files) and read by
 `shards.torch_pipeline.BatchDecoder` (every read checked: tar header, label range, CRC32), in shard
-order, one batch ahead in a thread (pread and OpenCV release the GIL) while the model runs the
-current batch. The flip rule is eval/embed.py's `flip_embed`.
+order, in one thread that decodes two batches ahead and makes each the model's input with its
+mirror images (eval/embed.py's `flip_input`: numpy, no torch threads; pread, OpenCV and numpy
+release the GIL), while `parallel` threads run the model on the batches already made.
 """
 
 from __future__ import annotations
@@ -16,29 +17,34 @@ import numpy as np
 import torch
 
 from common.cli import UserError, progress
-from eval.embed import EmbedFn, flip_embed
+from eval.embed import EmbedFn, flip_input, flip_output
 from shards.manifest import Manifest
 from shards.sample_index import SampleTable
-from shards.torch_pipeline import BatchDecoder, to_model_input
+from shards.torch_pipeline import BatchDecoder
 
 
-def _decode(decoder: BatchDecoder, rows: np.ndarray) -> torch.Tensor:
+def _decode(decoder: BatchDecoder, rows: np.ndarray, flip: bool) -> torch.Tensor:
+    """The model input of these faces (with their mirror images after them when flip)."""
     item = decoder[((0,), rows)]
     if isinstance(item, str):  # the decoder's one-line error
         raise UserError(item)
-    return to_model_input(item[0], torch.device("cpu"), False)
+    return flip_input(item[0].numpy(), flip)
 
 
-def _batches(decoder: BatchDecoder, rows: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+def _batches(decoder: BatchDecoder, rows: np.ndarray, batch_size: int, flip: bool) -> Iterator[torch.Tensor]:
     chunks = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = deque(pool.submit(_decode, decoder, c) for c in chunks[:2])
+        pending = deque(pool.submit(_decode, decoder, c, flip) for c in chunks[:2])
         for c in chunks[2:]:
             images = pending.popleft().result()
-            pending.append(pool.submit(_decode, decoder, c))
+            pending.append(pool.submit(_decode, decoder, c, flip))
             yield images
         while pending:
             yield pending.popleft().result()
+
+
+def _embed(embed: EmbedFn, images: torch.Tensor, n: int, flip: bool) -> np.ndarray:
+    return flip_output(embed(images), n, flip)
 
 
 class _NoBar:
@@ -73,8 +79,9 @@ def embed_keys(
     with keys), read in shard order.
 
     parallel > 1 runs that many batches through `embed` at once from threads: for a model that
-    releases the GIL and uses one thread itself (onnxruntime with one intra-op thread), which on a
-    busy small CPU beats one model spreading each small batch over the cores (bench/verify.py).
+    releases the GIL and uses one thread per call (OpenVINO with one stream per core, onnxruntime
+    with one intra-op thread), which on a busy small CPU beats one model spreading each batch over
+    the cores (bench/verify.py).
     """
     row_of = {k: i for i, k in enumerate(table.keys or [])}
     rows = np.array(sorted({row_of[k] for k in keys}), dtype=np.int64)
@@ -82,7 +89,7 @@ def embed_keys(
     decoder = BatchDecoder(table, tuple(manifest.image_size), None)  # type: ignore[arg-type]
     feats: list[np.ndarray] = []
     done = 0
-    batches = _batches(decoder, rows, batch_size)
+    batches = _batches(decoder, rows, batch_size, flip)
     bar_cm = progress("[bold]{task.description}") if show_progress else _NoBar()
     with bar_cm as bar, ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
         task = bar.add_task(label, total=len(order), visible=show_progress)
@@ -96,7 +103,8 @@ def embed_keys(
             bar.update(task, completed=done)
 
         for images in batches:
-            running.append((len(images), pool.submit(flip_embed, embed, images, flip)))
+            n = len(images) // 2 if flip else len(images)
+            running.append((n, pool.submit(_embed, embed, images, n, flip)))
             while len(running) >= max(parallel, 1):
                 collect()
         while running:
