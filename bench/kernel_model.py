@@ -171,7 +171,7 @@ def _cdiv(a: int, b: int) -> int:
 def _chunk(s: Shape, op: str) -> int:
     from heads.fused import default_chunk
 
-    return default_chunk(s.B * s.subcenters, s.C, BYTES[op])  # G: B x K chunk
+    return default_chunk(s.B * s.subcenters, s.C, BYTES[op], s.save_logits)  # G: B x K chunk
 
 
 def _wn_x_streams(

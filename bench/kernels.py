@@ -219,19 +219,17 @@ def epilogue_count(instrs) -> int | None:
     def holds_mma(span):
         return any(span[0] <= a <= span[1] for a in mma_addrs)
 
-    mma_loops = [
-        s
-        for s in loops
-        if holds_mma(s) and not any(o != s and s[0] <= o[0] and o[1] <= s[1] and holds_mma(o) for o in loops)
-    ]
+    # the innermost loop holding MMAs (the smallest span: the pipeliner may let the loop around it
+    # branch back into its middle, so spans need not nest) and the smallest loop around it
+    mma_loops = [s for s in loops if holds_mma(s)]
     if not mma_loops:
         return None
-    inner = mma_loops[0]
+    inner = min(mma_loops, key=lambda s: s[1] - s[0])
     around = [s for s in loops if s[0] <= inner[0] and inner[1] <= s[1] and s != inner]
     lo, hi = min(around, key=lambda s: s[1] - s[0]) if around else (instrs[0][0], instrs[-1][0])
 
     def in_mma(addr, op):
-        return op.split(".")[0] in MMA_SASS or any(s[0] <= addr <= s[1] for s in mma_loops)
+        return op.split(".")[0] in MMA_SASS or inner[0] <= addr <= inner[1]
 
     return sum(1 for a, op, _ in instrs if lo <= a <= hi and op != "NOP" and not in_mma(a, op))
 

@@ -24,8 +24,9 @@ so the backward skips the recompute; their rounding (up to 2^-11 relative in fp1
 by up to s * 2^-11 * |cos| relative (1.6% at s = 64, cos = 0.5), where a recomputed cosine is off
 by ~5e-5 (fp16 operands' roundings, random over D = 512 terms).
 
-Backward (`_bwd_kernel`), per chunk of `chunk` classes (sized so its B x chunk block of dL/dcos
-mostly stays in L2), one program per class tile, two phases:
+Backward (`_bwd_kernel`), per chunk of `chunk` classes (`default_chunk`: with saved cosines its B x
+chunk block of dL/dcos mostly stays in L2; recomputing, larger: fewer launches), one program per
+class tile, two phases:
 1. over all batch tiles: the tile's cosines (recomputed, or the saved ones), G = dL/dcos (operand
    dtype, into a B x chunk buffer) and h_j = sum_i G_ij cos_ij (fp32, in registers);
 2. dW for the tile, D slab (2 BD columns) by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product
@@ -56,7 +57,7 @@ keyed on (B, D) and the tensors' dtypes. `deterministic=True` skips the tuner an
 first config: bitwise the same result in every process on a given GPU model. The tuned default
 picks by timing, so two processes may pick different tiles and differ in the last bits (never more
 than the fp32 accumulation order). Memory beyond W, dW and Wn: forward 12 bytes x B x programs;
-backward G (B x chunk x K, 2 bytes: 32 MiB at B=512, the chunk 1/K as wide), h and dX; with
+backward G (B x chunk x K, 2 bytes: at most 256 MiB, 32 MiB with saved cosines), h and dX; with
 `save_logits` the B x C cosines (and with K > 1 their B x C argmax rows, 1 byte each).
 """
 
@@ -205,56 +206,42 @@ if triton is not None:
             return tl.dot(a, b, acc)  # bf16/fp16 from shared memory, fp32 accumulator
 
     @triton.jit
-    def _cos_tile(
-        X,
-        WN,
-        rows,
-        cols,
-        rmask,
-        cmask,
-        D,
-        stride_x,
-        stride_w,
-        BB: tl.constexpr,
-        BC: tl.constexpr,
-        BD: tl.constexpr,
-        OPK: tl.constexpr,
-        EVEN_D: tl.constexpr,
-    ):
-        # int64 row offsets: cols * stride_w passes 2^31 once C * D >= 2^31. The tile pointers are
-        # rebuilt from the scalar d0 each step: carried across steps, 2 pointer tensors cost
-        # ~2 registers per element and spill.
-        xrow = X + rows[:, None] * stride_x
-        wrow = WN + cols.to(tl.int64)[:, None] * stride_w
+    def _x_desc(X, B, D, stride_x, BR: tl.constexpr, BDc: tl.constexpr):
+        # X (B x D) in (BR x BDc) blocks. A tensor descriptor (TMA on Hopper): the load fills what lies
+        # past B and D with zeros and holds no per-element pointers (2 registers an element as
+        # pointer tensors: those made 128 x 256 tiles spill)
+        return tl.make_tensor_descriptor(X, shape=[B, D], strides=[stride_x, 1], block_shape=[BR, BDc])
+
+    @triton.jit
+    def _rows_desc(W, n, K: tl.constexpr, D, stride, BR: tl.constexpr, BDc: tl.constexpr):
+        # a (n K x D) row block (Wn, dW) seen as [class, sub-center, column]: (BR x 1 x BDc) blocks of
+        # one sub-center's rows, bounded by its own D columns and the n classes
+        return tl.make_tensor_descriptor(
+            W, shape=[n, K, D], strides=[K * stride, stride, 1], block_shape=[BR, 1, BDc]
+        )
+
+    @triton.jit
+    def _cos_tile(xd, wd, r0, c0, k, D, BB: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, OPK: tl.constexpr):
+        # the (BB x BC) cosines of rows r0.. and sub-center k of classes c0..; zeros past B, C and D
         acc = tl.zeros((BB, BC), dtype=tl.float32)
         for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
-            if EVEN_D:
-                x = tl.load(xrow + ds[None, :], mask=rmask[:, None], other=0.0)
-                w = tl.load(wrow + ds[None, :], mask=cmask[:, None], other=0.0)
-            else:
-                x = tl.load(xrow + ds[None, :], mask=rmask[:, None] & (ds < D)[None, :], other=0.0)
-                w = tl.load(wrow + ds[None, :], mask=cmask[:, None] & (ds < D)[None, :], other=0.0)
+            x = xd.load([r0, d0])
+            w = wd.load([c0, k, d0]).reshape(BC, BD)
             acc = _mma(x, tl.trans(w), acc, OPK)
         return acc
 
     @triton.jit
-    def _class_cos(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K):
+    def _class_cos(xd, wd, r0, c0, D, BB, BC, BD, OPK, K):
         # (each class's cosine, which of its rows it is): K = 1 the class row's (_cos_tile alone);
         # sub-centers the largest of class j's K rows j K .. j K + K - 1, the first on ties as torch's
         # max in the chunked engine, so both route the gradient to one row. BB .. K: constexprs.
+        best = _cos_tile(xd, wd, r0, c0, 0, D, BB, BC, BD, OPK)
         if K == 1:
-            best = _cos_tile(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D)
             arg = 0
         else:
-            best = _cos_tile(
-                X, WN, rows, cols * K, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
-            )
             arg = tl.zeros((BB, BC), dtype=tl.int32)
             for k in tl.static_range(1, K):
-                cos = _cos_tile(
-                    X, WN, rows, cols * K + k, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
-                )
+                cos = _cos_tile(xd, wd, r0, c0, k, D, BB, BC, BD, OPK)
                 arg = tl.where(cos > best, k, arg)
                 best = tl.maximum(best, cos)
         return best, arg
@@ -308,15 +295,16 @@ if triton is not None:
     ):
         pid = tl.program_id(0)
         per = tl.cdiv(tl.cdiv(C, BC), tl.num_programs(0))  # class tiles per program
+        xd = _x_desc(X, B, D, stride_x, BB, BD)
+        wd = _rows_desc(WN, C, K, D, stride_w, BC, BD)
         for i in range(0, per):
-            cols = (pid * per + i) * BC + tl.arange(0, BC)
+            c0 = (pid * per + i) * BC
+            cols = c0 + tl.arange(0, BC)
             cmask = cols < C
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
                 rmask = rows < B
-                cos, arg = _class_cos(
-                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K
-                )
+                cos, arg = _class_cos(xd, wd, b0, c0, D, BB, BC, BD, OPK, K)
                 if SAVE:
                     zp = Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
                     tl.store(zp, cos.to(Z.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -381,9 +369,12 @@ if triton is not None:
         EVEN_D: tl.constexpr,
     ):
         P2: tl.constexpr = min(BB, P2_ELEMS_C // BC)  # phase2_rows(BB, BC)
-        local = tl.program_id(0) * BC + tl.arange(0, BC)  # column in this chunk
+        l0 = tl.program_id(0) * BC
+        local = l0 + tl.arange(0, BC)  # column in this chunk
         cmask = local < ck
         cols = c0 + local
+        xd = _x_desc(X, B, D, stride_x, BB, BD)
+        wd = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, BD)
         # phase 1: G = dL/dcos for the tile, over every batch tile; h_j = sum_i G_ij cos_ij
         h = tl.zeros((BC,), dtype=tl.float32)
         hs = tl.zeros((BC, KP), dtype=tl.float32)  # sub-centers: h of row j K + k in column k
@@ -398,9 +389,7 @@ if triton is not None:
                     zap = ZA + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
                     arg = tl.load(zap, mask=rmask[:, None] & cmask[None, :], other=0).to(tl.int32)
             else:
-                cos, arg = _class_cos(
-                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K
-                )
+                cos, arg = _class_cos(xd, wd, b0, l0, D, BB, BC, BD, OPK, K)
             lab = tl.load(LAB + rows, mask=rmask, other=-1)  # int32
             lse2 = tl.load(LSE2 + rows, mask=rmask, other=0.0)
             gs = tl.load(GS + rows, mask=rmask, other=0.0)  # dL/d(row loss) * s
@@ -441,22 +430,17 @@ if triton is not None:
                     tl.store(gp, dck.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         # phase 2 reads the G block this program's threads wrote: a barrier makes it visible
         tl.debug_barrier()
+        # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
+        xd2 = _x_desc(X, B, D, stride_x, P2, 2 * BD)
+        wd2 = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, 2 * BD)
+        dwd = _rows_desc(DW + c0.to(tl.int64) * K * stride_dw, ck, K, D, stride_dw, BC, 2 * BD)
         for k in tl.static_range(K):
             # sub-center k's rows cols K + k, their G columns k ck + local and h (K = 1: the class rows)
             wrows = cols if K == 1 else cols * K + k
             gcols = local if K == 1 else k * ck + local
             hk = h if K == 1 else tl.sum(tl.where(ks[None, :] == k, hs, 0.0), axis=1)
-            # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
             rw = tl.load(RW + wrows, mask=cmask, other=0.0)
-            if k == 0:
-                wp = WN + wrows.to(tl.int64)[:, None] * stride_w + tl.arange(0, 2 * BD)[None, :]
-                dwp = DW + wrows.to(tl.int64)[:, None] * stride_dw + tl.arange(0, 2 * BD)[None, :]
-            else:  # the next row on from where the slabs left them: no second set of row pointers
-                wp += stride_w - tl.cdiv(D, 2 * BD) * 2 * BD
-                dwp += stride_dw - tl.cdiv(D, 2 * BD) * 2 * BD
             for d0 in range(0, D, 2 * BD):
-                ds = d0 + tl.arange(0, 2 * BD)
-                dmask = ds < D
                 acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
                 for b0 in range(0, B, P2):
                     rows = b0 + tl.arange(0, P2)
@@ -466,19 +450,11 @@ if triton is not None:
                         mask=rmask[:, None] & cmask[None, :],
                         other=0.0,
                     )
-                    x = tl.load(
-                        X + rows[:, None] * stride_x + ds[None, :],
-                        mask=rmask[:, None] & dmask[None, :],
-                        other=0.0,
-                    )
-                    acc = _mma(tl.trans(g), x, acc, OPK)
+                    acc = _mma(tl.trans(g), xd2.load([b0, d0]), acc, OPK)
                 # d c_ij / d w_j = r_j (xn_i - c_ij Wn_j): the normalization's projection, as an epilogue
-                wm = cmask[:, None] & dmask[None, :]
-                wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
+                wn = wd2.load([l0, k, d0]).reshape(BC, 2 * BD).to(tl.float32)
                 dw = rw[:, None] * (acc - hk[:, None] * wn)
-                tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
-                wp += 2 * BD
-                dwp += 2 * BD
+                dwd.store([l0, k, d0], dw.to(DW.dtype.element_ty).reshape(BC, 1, 2 * BD))
 
     @triton.jit
     def _inv_norms(w, BR: tl.constexpr):
@@ -525,13 +501,17 @@ def kernel_report(compiled, config) -> dict:
     }
 
 
-def default_chunk(B: int, C: int, g_bytes: int) -> int:
-    """Classes per backward chunk: a power of two whose B x chunk gradient block is at most 32 MiB
-    (it mostly stays in the 50-60 MB L2 between the kernel that writes it and the product that
-    reads it; fewer, larger chunks keep the 2 launches per chunk from making the pass launch-bound)."""
-    fit = max(1, (32 << 20) // max(1, B * g_bytes))
+def default_chunk(B: int, C: int, g_bytes: int, saved: bool = False) -> int:
+    """Classes per backward chunk: a power of two (at least 1024) whose B x chunk block of dL/dcos fits
+    a budget. With saved cosines the backward is bound by memory, so the block is at most 32 MiB: it
+    mostly stays in the 50-60 MB L2 between the kernel that writes it and the dX product that reads
+    it. Recomputing, the backward is bound by its products' L2 reads and the dX product by the tensor
+    cores, so the block's trip through memory costs nothing there; it may be 256 MiB, which makes 4
+    chunks at B = 512, C = 1M instead of 31, and 8 launches (each with a tail) instead of 62
+    (bench/kernel_model.py: 3.39 -> 3.15 ms on the H200)."""
+    fit = max(1, ((32 if saved else 256) << 20) // max(1, B * g_bytes))
     chunk = 1 << (fit.bit_length() - 1)
-    return max(1024, min(65536, chunk, triton.next_power_of_2(C) if triton else C))
+    return max(1024, min(chunk, triton.next_power_of_2(C) if triton else C))
 
 
 def normalize_block(D: int) -> tuple[int, int]:
@@ -766,7 +746,7 @@ class FusedEngine:
             else (torch.empty((1, 1), dtype=dt, device=x.device) for dt in (op, torch.int8))
         )
         # chunk classes: G holds K columns a class (sub-center k's at k ck + local), B K x chunk in all
-        ck_max = self.chunk or default_chunk(B * K, C, torch.finfo(op).bits // 8)
+        ck_max = self.chunk or default_chunk(B * K, C, torch.finfo(op).bits // 8, saved is not None)
         gbuf = torch.empty((B, ck_max * K), dtype=op, device=x.device)
         target_rows = labels if target_rows is None else target_rows
         dx = torch.zeros((B, D), dtype=torch.float32, device=x.device)
