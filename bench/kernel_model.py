@@ -225,6 +225,7 @@ def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         K=K,
         OPK=_OPK[op],
         EVEN_D=s.D % cfg.bd == 0,
+        TMA=arch.cc >= 90,
     )
     streams = _wn_x_streams(s, cfg, op, min(resident, n_prog), _cdiv(s.B, cfg.bb), K) + [
         Stream("row partials", n_prog * s.B * 12, reads=2 * rows / (n_prog * s.B), live=n_prog * s.B * 12),
@@ -287,6 +288,7 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         KP=1 << (K - 1).bit_length(),
         OPK=_OPK[op],
         EVEN_D=s.D % cfg.bd == 0,
+        TMA=arch.cc >= 90,
     )
     tiles = launches * grid  # class tiles over the step
     g_bytes = s.B * s.rows * BYTES[op]

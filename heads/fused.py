@@ -72,6 +72,7 @@ import torch
 from torch import Tensor
 
 from heads.core import fix_target_terms, mm_f32, operand_dtype
+from heads.options import FUSED_DIM_MULTIPLE
 
 try:
     import triton
@@ -205,43 +206,155 @@ if triton is not None:
         else:
             return tl.dot(a, b, acc)  # bf16/fp16 from shared memory, fp32 accumulator
 
+    # Tiles of X (B x D) and of one sub-center's rows of a (n K x D) row block (Wn, dW: rows c K + k).
+    # TMA (sm_90+): through tensor descriptors made once per program: a load fills what lies past the
+    # bounds with zeros and holds no per-element pointers (2 registers an element as pointer tensors:
+    # those made 128 x 256 tiles spill). Otherwise (sm_80, which has no TMA and on which descriptors
+    # lower to the same pointer loads, spilling) pointer tiles with masks, D's only where EVEN_D is off.
     @triton.jit
-    def _x_desc(X, B, D, stride_x, BR: tl.constexpr, BDc: tl.constexpr):
-        # X (B x D) in (BR x BDc) blocks. A tensor descriptor (TMA on Hopper): the load fills what lies
-        # past B and D with zeros and holds no per-element pointers (2 registers an element as
-        # pointer tensors: those made 128 x 256 tiles spill)
-        return tl.make_tensor_descriptor(X, shape=[B, D], strides=[stride_x, 1], block_shape=[BR, BDc])
+    def _x_desc(X, B, D, stride_x, BR: tl.constexpr, BDc: tl.constexpr, TMA: tl.constexpr):
+        if TMA:
+            return tl.make_tensor_descriptor(X, shape=[B, D], strides=[stride_x, 1], block_shape=[BR, BDc])
+        else:
+            return X
 
     @triton.jit
-    def _rows_desc(W, n, K: tl.constexpr, D, stride, BR: tl.constexpr, BDc: tl.constexpr):
-        # a (n K x D) row block (Wn, dW) seen as [class, sub-center, column]: (BR x 1 x BDc) blocks of
-        # one sub-center's rows, bounded by its own D columns and the n classes
-        return tl.make_tensor_descriptor(
-            W, shape=[n, K, D], strides=[K * stride, stride, 1], block_shape=[BR, 1, BDc]
-        )
+    def _rows_desc(W, n, K: tl.constexpr, D, stride, BR: tl.constexpr, BDc: tl.constexpr, TMA: tl.constexpr):
+        # [class, sub-center, column] view: (BR x 1 x BDc) blocks bounded by n classes and D columns
+        if TMA:
+            return tl.make_tensor_descriptor(
+                W, shape=[n, K, D], strides=[K * stride, stride, 1], block_shape=[BR, 1, BDc]
+            )
+        else:
+            return W
 
     @triton.jit
-    def _cos_tile(xd, wd, r0, c0, k, D, BB: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, OPK: tl.constexpr):
-        # the (BB x BC) cosines of rows r0.. and sub-center k of classes c0..; zeros past B, C and D
+    def _x_tile(
+        xd,
+        r0,
+        d0,
+        B,
+        D,
+        stride_x,
+        BR: tl.constexpr,
+        BDc: tl.constexpr,
+        TMA: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
+        if TMA:
+            return xd.load([r0, d0])
+        else:
+            rows = r0 + tl.arange(0, BR)
+            ds = d0 + tl.arange(0, BDc)
+            m = (rows < B)[:, None] & ((ds < D)[None, :] | EVEN_D)
+            return tl.load(xd + rows[:, None] * stride_x + ds[None, :], mask=m, other=0.0)
+
+    @triton.jit
+    def _row_ptrs(
+        wd,
+        c0,
+        k,
+        d0,
+        n,
+        K: tl.constexpr,
+        D,
+        stride,
+        BR: tl.constexpr,
+        BDc: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
+        # pointers and mask of the (BR x BDc) tile of rows (c0 + i) K + k, columns d0..; int64 rows:
+        # rows x stride passes 2^31 once C K D does
+        cls = c0 + tl.arange(0, BR)
+        ds = d0 + tl.arange(0, BDc)
+        ptrs = wd + (cls.to(tl.int64) * K + k)[:, None] * stride + ds[None, :]
+        return ptrs, (cls < n)[:, None] & ((ds < D)[None, :] | EVEN_D)
+
+    @triton.jit
+    def _w_tile(
+        wd,
+        c0,
+        k,
+        d0,
+        n,
+        K: tl.constexpr,
+        D,
+        stride,
+        BR: tl.constexpr,
+        BDc: tl.constexpr,
+        TMA: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
+        if TMA:
+            return wd.load([c0, k, d0]).reshape(BR, BDc)
+        else:
+            ptrs, m = _row_ptrs(wd, c0, k, d0, n, K, D, stride, BR, BDc, EVEN_D)
+            return tl.load(ptrs, mask=m, other=0.0)
+
+    @triton.jit
+    def _w_store(
+        wd,
+        c0,
+        k,
+        d0,
+        n,
+        K: tl.constexpr,
+        D,
+        stride,
+        val,
+        BR: tl.constexpr,
+        BDc: tl.constexpr,
+        TMA: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
+        if TMA:
+            wd.store([c0, k, d0], val.reshape(BR, 1, BDc))
+        else:
+            ptrs, m = _row_ptrs(wd, c0, k, d0, n, K, D, stride, BR, BDc, EVEN_D)
+            tl.store(ptrs, val, mask=m)
+
+    @triton.jit
+    def _cos_tile(
+        xd,
+        wd,
+        r0,
+        c0,
+        k,
+        B,
+        n,
+        D,
+        stride_x,
+        stride_w,
+        BB: tl.constexpr,
+        BC: tl.constexpr,
+        BD: tl.constexpr,
+        OPK: tl.constexpr,
+        K: tl.constexpr,
+        TMA: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
+        # the (BB x BC) cosines of rows r0.. and sub-center k of classes c0..; zeros past B, n and D
         acc = tl.zeros((BB, BC), dtype=tl.float32)
         for d0 in range(0, D, BD):
-            x = xd.load([r0, d0])
-            w = wd.load([c0, k, d0]).reshape(BC, BD)
+            x = _x_tile(xd, r0, d0, B, D, stride_x, BB, BD, TMA, EVEN_D)
+            w = _w_tile(wd, c0, k, d0, n, K, D, stride_w, BC, BD, TMA, EVEN_D)
             acc = _mma(x, tl.trans(w), acc, OPK)
         return acc
 
     @triton.jit
-    def _class_cos(xd, wd, r0, c0, D, BB, BC, BD, OPK, K):
+    def _class_cos(xd, wd, r0, c0, B, n, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D):
         # (each class's cosine, which of its rows it is): K = 1 the class row's (_cos_tile alone);
         # sub-centers the largest of class j's K rows j K .. j K + K - 1, the first on ties as torch's
-        # max in the chunked engine, so both route the gradient to one row. BB .. K: constexprs.
-        best = _cos_tile(xd, wd, r0, c0, 0, D, BB, BC, BD, OPK)
+        # max in the chunked engine, so both route the gradient to one row. BB .. EVEN_D: constexprs.
+        best = _cos_tile(xd, wd, r0, c0, 0, B, n, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D)
         if K == 1:
             arg = 0
         else:
             arg = tl.zeros((BB, BC), dtype=tl.int32)
             for k in tl.static_range(1, K):
-                cos = _cos_tile(xd, wd, r0, c0, k, D, BB, BC, BD, OPK)
+                cos = _cos_tile(
+                    xd, wd, r0, c0, k, B, n, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D
+                )
                 arg = tl.where(cos > best, k, arg)
                 best = tl.maximum(best, cos)
         return best, arg
@@ -292,11 +405,12 @@ if triton is not None:
         BD: tl.constexpr,
         OPK: tl.constexpr,
         EVEN_D: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         pid = tl.program_id(0)
         per = tl.cdiv(tl.cdiv(C, BC), tl.num_programs(0))  # class tiles per program
-        xd = _x_desc(X, B, D, stride_x, BB, BD)
-        wd = _rows_desc(WN, C, K, D, stride_w, BC, BD)
+        xd = _x_desc(X, B, D, stride_x, BB, BD, TMA)
+        wd = _rows_desc(WN, C, K, D, stride_w, BC, BD, TMA)
         for i in range(0, per):
             c0 = (pid * per + i) * BC
             cols = c0 + tl.arange(0, BC)
@@ -304,7 +418,9 @@ if triton is not None:
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
                 rmask = rows < B
-                cos, arg = _class_cos(xd, wd, b0, c0, D, BB, BC, BD, OPK, K)
+                cos, arg = _class_cos(
+                    xd, wd, b0, c0, B, C, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D
+                )
                 if SAVE:
                     zp = Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
                     tl.store(zp, cos.to(Z.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -367,14 +483,15 @@ if triton is not None:
         BD: tl.constexpr,
         OPK: tl.constexpr,
         EVEN_D: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         P2: tl.constexpr = min(BB, P2_ELEMS_C // BC)  # phase2_rows(BB, BC)
         l0 = tl.program_id(0) * BC
         local = l0 + tl.arange(0, BC)  # column in this chunk
         cmask = local < ck
         cols = c0 + local
-        xd = _x_desc(X, B, D, stride_x, BB, BD)
-        wd = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, BD)
+        xd = _x_desc(X, B, D, stride_x, BB, BD, TMA)
+        wd = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, BD, TMA)
         # phase 1: G = dL/dcos for the tile, over every batch tile; h_j = sum_i G_ij cos_ij
         h = tl.zeros((BC,), dtype=tl.float32)
         hs = tl.zeros((BC, KP), dtype=tl.float32)  # sub-centers: h of row j K + k in column k
@@ -389,7 +506,9 @@ if triton is not None:
                     zap = ZA + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
                     arg = tl.load(zap, mask=rmask[:, None] & cmask[None, :], other=0).to(tl.int32)
             else:
-                cos, arg = _class_cos(xd, wd, b0, l0, D, BB, BC, BD, OPK, K)
+                cos, arg = _class_cos(
+                    xd, wd, b0, l0, B, ck, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D
+                )
             lab = tl.load(LAB + rows, mask=rmask, other=-1)  # int32
             lse2 = tl.load(LSE2 + rows, mask=rmask, other=0.0)
             gs = tl.load(GS + rows, mask=rmask, other=0.0)  # dL/d(row loss) * s
@@ -431,9 +550,9 @@ if triton is not None:
         # phase 2 reads the G block this program's threads wrote: a barrier makes it visible
         tl.debug_barrier()
         # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
-        xd2 = _x_desc(X, B, D, stride_x, P2, 2 * BD)
-        wd2 = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, 2 * BD)
-        dwd = _rows_desc(DW + c0.to(tl.int64) * K * stride_dw, ck, K, D, stride_dw, BC, 2 * BD)
+        xd2 = _x_desc(X, B, D, stride_x, P2, 2 * BD, TMA)
+        wd2 = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, 2 * BD, TMA)
+        dwd = _rows_desc(DW + c0.to(tl.int64) * K * stride_dw, ck, K, D, stride_dw, BC, 2 * BD, TMA)
         for k in tl.static_range(K):
             # sub-center k's rows cols K + k, their G columns k ck + local and h (K = 1: the class rows)
             wrows = cols if K == 1 else cols * K + k
@@ -450,11 +569,15 @@ if triton is not None:
                         mask=rmask[:, None] & cmask[None, :],
                         other=0.0,
                     )
-                    acc = _mma(tl.trans(g), xd2.load([b0, d0]), acc, OPK)
+                    x = _x_tile(xd2, b0, d0, B, D, stride_x, P2, 2 * BD, TMA, False)
+                    acc = _mma(tl.trans(g), x, acc, OPK)
                 # d c_ij / d w_j = r_j (xn_i - c_ij Wn_j): the normalization's projection, as an epilogue
-                wn = wd2.load([l0, k, d0]).reshape(BC, 2 * BD).to(tl.float32)
+                wn = _w_tile(wd2, l0, k, d0, ck, K, D, stride_w, BC, 2 * BD, TMA, False).to(tl.float32)
                 dw = rw[:, None] * (acc - hk[:, None] * wn)
-                dwd.store([l0, k, d0], dw.to(DW.dtype.element_ty).reshape(BC, 1, 2 * BD))
+                # slabs are 2 BD wide: D is masked whatever EVEN_D says
+                _w_store(
+                    dwd, l0, k, d0, ck, K, D, stride_dw, dw.to(DW.dtype.element_ty), BC, 2 * BD, TMA, False
+                )
 
     @triton.jit
     def _inv_norms(w, BR: tl.constexpr):
@@ -521,6 +644,18 @@ def normalize_block(D: int) -> tuple[int, int]:
     return max(1, 8192 // bd), bd
 
 
+def _tma(device: torch.device) -> bool:
+    """Whether the kernels read and write through tensor descriptors: on sm_90 and later (TMA), and
+    in the interpreter (which checks their bounds and alignment the same way)."""
+    return _interpreting() or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> Tensor:
+    """Scratch memory for the tensor descriptors a kernel makes (`triton.set_allocator`)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
 def _same(a: Tensor, b: Tensor) -> bool:
     """The same tensor data: storage and version (a saved tensor comes back as another object)."""
     return a.data_ptr() == b.data_ptr() and a._version == b._version and a.dtype == b.dtype
@@ -571,6 +706,11 @@ class FusedEngine:
             )
         if t.dtype == torch.float64:
             raise RuntimeError("impl='fused' computes in fp32; float64 is for the reference and chunked")
+        if t.shape[-1] % FUSED_DIM_MULTIPLE:
+            raise RuntimeError(
+                f"impl='fused' needs an embedding size that is a multiple of {FUSED_DIM_MULTIPLE} (its "
+                f"kernels read 16-byte rows), not {t.shape[-1]}; use impl='chunked' (or 'auto')"
+            )
 
     def operand_dtype(self, xn: Tensor) -> torch.dtype:
         return operand_dtype(xn.device, xn.dtype, _interpreting(), self.operands)
@@ -628,6 +768,8 @@ class FusedEngine:
         *args,
         **const,
     ) -> None:
+        # the kernels make their tensor descriptors on the device, in scratch memory Triton asks for
+        triton.set_allocator(_descriptor_scratch)
         tune = device.type == "cuda" and not _interpreting() and not self.deterministic
         if tune and name not in self.configs:
             with _on(device):
@@ -707,6 +849,7 @@ class FusedEngine:
             K=K,
             OPK=_OPK[op],
             EVEN_D=D % _BD == 0,
+            TMA=_tma(x.device),
         )
         if self.save_logits:
             self._saved = (self._saved_key(xn, weight, labels), cos, arg)
@@ -793,6 +936,7 @@ class FusedEngine:
                 KP=triton.next_power_of_2(K),
                 OPK=_OPK[op],
                 EVEN_D=D % _BD == 0,
+                TMA=_tma(x.device),
             )
             for k in range(K):  # cuBLAS: the sum over classes (sub-center k's rows: every K-th)
                 mm_f32(gbuf[:, k * ck : (k + 1) * ck], wn[c0 * K + k : (c0 + ck) * K : K], out=dx)
