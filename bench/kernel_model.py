@@ -142,6 +142,8 @@ class Config:
     tiles: tuple[tuple[str, int], ...]
     warps: int
     stages: int
+    tma: bool = False  # as heads.fused.TileConfig's flags (`configs_for` reads them)
+    one_row: bool = False
 
     @property
     def kwargs(self) -> dict[str, int]:

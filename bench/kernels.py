@@ -122,9 +122,10 @@ def kernels() -> dict[str, tuple[object, list[Config]]]:
         if isinstance(obj, Autotuner):
             fn = obj.fn
             name = fn.__name__.strip("_").removesuffix("_kernel")
+            tiles = fused.KERNEL_CONFIGS[name]  # the TileConfigs behind obj.configs, with their flags
             found[name] = (
                 fn,
-                [Config(tuple(c.kwargs.items()), c.num_warps, c.num_stages) for c in obj.configs],
+                [Config(tuple(c.kwargs().items()), c.warps, c.stages, c.tma, c.one_row) for c in tiles],
             )
     missing = sorted(set(found) - set(WORK))
     if missing:
@@ -511,7 +512,7 @@ def compile_and_model(
         for dtype in dtypes:
             for mode in modes:
                 for name, (fn, configs) in found.items():
-                    configs = configs_for(name, configs, shape.subcenters)  # what a launch with K may take
+                    configs = configs_for(configs, shape.subcenters, arch.cc >= 90)  # what a launch may take
                     for i, cfg in enumerate(configs if all_configs else configs[:1]):
                         rows.append(inspect(name, fn, cfg, i == 0, dtype, arch, mode, out))
                         print(

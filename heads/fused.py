@@ -95,54 +95,57 @@ def _on(device: torch.device):
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One kernel configuration: tile sizes (batch, class, D) and launch shape."""
+    """One kernel configuration: tile sizes (batch, class, D) and launch shape. `tma`: only where the
+    kernels read through tensor descriptors (sm_90+; through pointer tiles it spills); `one_row`: only
+    with one row a class (next to the running max and argmax of K sub-center cosines it spills)."""
 
     bb: int
     bc: int
     bd: int
     warps: int = 4
     stages: int = 3
+    tma: bool = False
+    one_row: bool = False
 
     def kwargs(self) -> dict[str, int]:
         return {"BB": self.bb, "BC": self.bc, "BD": self.bd}
 
 
 # Tiles for Hopper (227 KB shared memory per block) that stay valid on an A100 (163 KB); configs that
-# do not fit a smaller card are pruned. The first of each list is the deterministic mode's choice: the
-# one bench/kernels.py's model rates fastest among those that, compiled for sm_90 and sm_80 at
-# B = D = 512 in both modes, spill nothing. Its BB x BC fp32 accumulator is spread over 8 warps (64
-# registers a thread at 128 x 128); one program per SM, whose epilogue overlaps the wgmma it leaves in
-# flight. Larger class tiles cut the re-reads of X (once per class tile) from L2; 256 x 128 and wider
-# spill. BD is 64 everywhere, so whether D needs masking is known before tuning.
+# do not fit a smaller card are pruned. The first a launch may take (`configs_for`) is the
+# deterministic mode's choice: the one bench/kernels.py's model rates fastest among those that,
+# compiled for sm_90 and sm_80 at B = D = 512 in both modes, spill nothing. Tensor descriptors (sm_90)
+# free the registers pointer tiles take, so the forward's 256 x 128 tile fits 8 warps there (254
+# registers, 0 spilled): X tiles twice as tall halve the re-reads of each Wn tile, and the forward is
+# bound by the tensor cores, not L2 (0.67 vs 0.73 ms modelled on the H200). 128 x 256 spills. BD is 64
+# everywhere, so whether D needs masking is known before tuning.
 # forward: (BB x BD) X tiles and (BC x BD) Wn tiles per stage
 FWD_CONFIGS = (
-    TileConfig(128, 128, 64, 8, 3),
+    TileConfig(256, 128, 64, 8, 3, tma=True, one_row=True),
+    TileConfig(128, 128, 64, 8, 3, one_row=True),
     TileConfig(128, 64, 64, 8, 3),
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
 # backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping `phase2_rows` batch rows
-# per stage. 128 x 128 (one read of each Wn tile per 128 batch rows, not 64: 1.87 vs 2.28 ms modelled
+# per stage. 128 x 128 (one read of each Wn tile per 128 batch rows, not 64: 1.68 vs 2.09 ms modelled
 # on the H200) spills nothing since phase 2 steps 64 rows and the SV-Softmax logit takes one select;
-# at 16 warps it spills (128 registers a thread), as 128 x 64 at 4 warps does.
+# 256 x 128 and 128 x 256 spill 400-800 B even through descriptors (phase 2's G tiles are pointer
+# tiles: G is written by the same program, which a descriptor read would not be ordered after).
 BWD_CONFIGS = (
-    TileConfig(128, 128, 64, 8, 3),
-    TileConfig(64, 128, 64, 8, 3),
+    TileConfig(128, 128, 64, 8, 3, one_row=True),
+    TileConfig(64, 128, 64, 8, 3, one_row=True),
     TileConfig(128, 64, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
+KERNEL_CONFIGS = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}
 _BD = 64
 assert all(c.bd == _BD for c in FWD_CONFIGS + BWD_CONFIGS)
 # phase 2's batch step (the K dimension of its G^T X product): BB, but at most P2_ELEMS // BC rows,
 # so its G tiles are never larger than 64 x 128 (128 x 128 spilled with 128-row ones; 128 x 64 at
 # K = 2 spills with 64-row ones); a smaller step only adds trips, no traffic
 P2_ELEMS = 8192
-# K > 1 sub-centers: how many leading configs of each list a launch skips, whose wide fp32 tiles next
-# to the running max and argmax of the K cosines spill (compiled at K = 2 for sm_90 and sm_80,
-# bench/kernels.py --subcenters 2: fwd 128 x 128; bwd 128 x 128 and 64 x 128; the next, 128 x 64,
-# spills nothing with SV-Softmax or CurricularFace, 16-28 B with no hard negatives on sm_90, as before)
-ONE_ROW_ONLY = {"fwd": 1, "bwd": 2}
 
 
 def phase2_rows(bb: int, bc: int) -> int:
@@ -150,10 +153,13 @@ def phase2_rows(bb: int, bc: int) -> int:
     return min(bb, P2_ELEMS // bc)
 
 
-def configs_for(kernel: str, configs: tuple, subcenters: int) -> tuple:
-    """The configs `kernel` ("fwd", "bwd") launches with K sub-centers: all of them for K = 1; for
-    K > 1 all but its `ONE_ROW_ONLY` leading ones."""
-    return configs if subcenters == 1 else configs[ONE_ROW_ONLY[kernel] :]
+def configs_for(configs: tuple, subcenters: int, tma: bool) -> tuple:
+    """The configs a launch may take: with K > 1 sub-centers none marked `one_row` (compiled at K = 2
+    for sm_90 and sm_80, bench/kernels.py --subcenters 2: the forward's 256 x 128 and 128 x 128, the
+    backward's 128 x 128 and 64 x 128 spill; the next, 128 x 64, spills nothing with SV-Softmax or
+    CurricularFace, 16-28 B with no hard negatives on sm_90); without tensor descriptors none marked
+    `tma`."""
+    return tuple(c for c in configs if (tma or not c.tma) and (subcenters == 1 or not c.one_row))
 
 
 def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_bytes: int) -> int:
@@ -189,7 +195,8 @@ def _pruner(kernel: str, configs: tuple[TileConfig, ...]):
         size = {k: v.element_size() for k, v in named_args.items() if hasattr(v, "element_size")}
         op = size.get("X", 2)
         mine = tuple(by_kwargs[tuple(sorted(tc.kwargs.items()))] for tc in tconfigs)
-        keep = set(fitting(configs_for(kernel, mine, kwargs.get("K", 1)), kernel, _smem_limit(), op, op, op))
+        usable = configs_for(mine, kwargs.get("K", 1), kwargs.get("TMA", True))
+        keep = set(fitting(usable, kernel, _smem_limit(), op, op, op))
         return [tc for tc, c in zip(tconfigs, mine) if c in keep]
 
     return prune
@@ -776,7 +783,7 @@ class FusedEngine:
                 compiled = tuned[grid](*args, **const)
             cfg = tuned.best_config
         else:
-            cfg = self.configs.get(name, configs_for(name, configs, const["K"])[0])
+            cfg = self.configs.get(name, configs_for(configs, const["K"], const["TMA"])[0])
             with _on(device):
                 compiled = plain[grid](
                     *args, **const, **cfg.kwargs(), num_warps=cfg.warps, num_stages=cfg.stages

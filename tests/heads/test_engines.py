@@ -12,7 +12,6 @@ from heads.core import operand_dtype
 from heads.fused import (
     BWD_CONFIGS,
     FWD_CONFIGS,
-    ONE_ROW_ONLY,
     TileConfig,
     configs_for,
     default_chunk,
@@ -49,24 +48,28 @@ def test_configs_are_pruned_by_shared_memory() -> None:
     assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 128 * 2)
     hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
     assert fitting(FWD_CONFIGS, "fwd", hopper, 2, 2, 2) == list(FWD_CONFIGS)
-    assert fitting(FWD_CONFIGS, "fwd", a100, 2, 2, 2) == list(FWD_CONFIGS)
+    assert fitting(FWD_CONFIGS, "fwd", a100, 2, 2, 2) == list(FWD_CONFIGS)  # 256 x 128: 144 KB
     assert fitting(BWD_CONFIGS, "bwd", a100, 2, 2, 2) == list(BWD_CONFIGS)
     small = fitting(FWD_CONFIGS, "fwd", 64 * 1024, 2, 2, 2)
     assert 0 < len(small) < len(FWD_CONFIGS)
     assert all(shared_bytes(c, "fwd", 2, 2, 2) <= 64 * 1024 for c in small)
-    assert fitting(FWD_CONFIGS, "fwd", consumer, 2, 2, 2) == list(FWD_CONFIGS)
+    # a consumer card (99 KB) drops the 256 x 128 forward tile (144 KB), keeps the rest
+    assert fitting(FWD_CONFIGS, "fwd", consumer, 2, 2, 2) == [c for c in FWD_CONFIGS if c.bb * c.bc < 256 * 128]
     # nothing fits: the smallest config still runs (the compiler may then lower its stages)
     assert fitting(FWD_CONFIGS, "fwd", 1024, 2, 2, 2) == [FWD_CONFIGS[-1]]
     # every config has tiles of at least 64 (the interpreter's practical minimum, and wgmma's M)
     assert all(min(c.bb, c.bc, c.bd) >= 64 for c in FWD_CONFIGS + BWD_CONFIGS)
 
 
-def test_subcenter_launches_skip_the_configs_that_spill_with_k() -> None:
-    assert configs_for("bwd", BWD_CONFIGS, 1) == BWD_CONFIGS
-    for kernel, configs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)):
-        assert configs_for(kernel, configs, 2) == configs[ONE_ROW_ONLY[kernel] :]
+def test_launches_skip_the_configs_that_spill_with_k_or_without_descriptors() -> None:
+    assert configs_for(BWD_CONFIGS, 1, tma=True) == BWD_CONFIGS
+    for configs in (FWD_CONFIGS, BWD_CONFIGS):
+        assert configs_for(configs, 2, tma=True) == tuple(c for c in configs if not c.one_row)
+        assert configs_for(configs, 1, tma=False) == tuple(c for c in configs if not c.tma)
     # the backward's first config (128 x 128) and 64 x 128 spill at K = 2: the first left is 128 x 64
-    assert (configs_for("bwd", BWD_CONFIGS, 2)[0].bb, configs_for("bwd", BWD_CONFIGS, 2)[0].bc) == (128, 64)
+    assert (configs_for(BWD_CONFIGS, 2, True)[0].bb, configs_for(BWD_CONFIGS, 2, True)[0].bc) == (128, 64)
+    # the forward's 256 x 128 tile needs descriptors (sm_90): an A100 starts at 128 x 128
+    assert (configs_for(FWD_CONFIGS, 1, True)[0].bb, configs_for(FWD_CONFIGS, 1, False)[0].bb) == (256, 128)
 
 
 def test_backward_chunk_sizes_the_gradient_block() -> None:
