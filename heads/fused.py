@@ -299,28 +299,6 @@ if triton is not None:
             return tl.load(ptrs, mask=m, other=0.0)
 
     @triton.jit
-    def _w_store(
-        wd,
-        c0,
-        k,
-        d0,
-        n,
-        K: tl.constexpr,
-        D,
-        stride,
-        val,
-        BR: tl.constexpr,
-        BDc: tl.constexpr,
-        TMA: tl.constexpr,
-        EVEN_D: tl.constexpr,
-    ):
-        if TMA:
-            wd.store([c0, k, d0], val.reshape(BR, 1, BDc))
-        else:
-            ptrs, m = _row_ptrs(wd, c0, k, d0, n, K, D, stride, BR, BDc, EVEN_D)
-            tl.store(ptrs, val, mask=m)
-
-    @triton.jit
     def _cos_tile(
         xd,
         wd,
@@ -566,6 +544,13 @@ if triton is not None:
             gcols = local if K == 1 else k * ck + local
             hk = h if K == 1 else tl.sum(tl.where(ks[None, :] == k, hs, 0.0), axis=1)
             rw = tl.load(RW + wrows, mask=cmask, other=0.0)
+            if not TMA:  # row pointers made once, moved along the slabs (sm_80 spills making them per slab)
+                if k == 0:
+                    wp = WN + wrows.to(tl.int64)[:, None] * stride_w + tl.arange(0, 2 * BD)[None, :]
+                    dwp = DW + wrows.to(tl.int64)[:, None] * stride_dw + tl.arange(0, 2 * BD)[None, :]
+                else:  # the next row on from where the slabs left them: no second set of row pointers
+                    wp += stride_w - tl.cdiv(D, 2 * BD) * 2 * BD
+                    dwp += stride_dw - tl.cdiv(D, 2 * BD) * 2 * BD
             for d0 in range(0, D, 2 * BD):
                 acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
                 for b0 in range(0, B, P2):
@@ -579,12 +564,17 @@ if triton is not None:
                     x = _x_tile(xd2, b0, d0, B, D, stride_x, P2, 2 * BD, TMA, False)
                     acc = _mma(tl.trans(g), x, acc, OPK)
                 # d c_ij / d w_j = r_j (xn_i - c_ij Wn_j): the normalization's projection, as an epilogue
-                wn = _w_tile(wd2, l0, k, d0, ck, K, D, stride_w, BC, 2 * BD, TMA, False).to(tl.float32)
-                dw = rw[:, None] * (acc - hk[:, None] * wn)
-                # slabs are 2 BD wide: D is masked whatever EVEN_D says
-                _w_store(
-                    dwd, l0, k, d0, ck, K, D, stride_dw, dw.to(DW.dtype.element_ty), BC, 2 * BD, TMA, False
-                )
+                if TMA:
+                    wn = wd2.load([l0, k, d0]).reshape(BC, 2 * BD).to(tl.float32)
+                    dw = rw[:, None] * (acc - hk[:, None] * wn)
+                    dwd.store([l0, k, d0], dw.to(DW.dtype.element_ty).reshape(BC, 1, 2 * BD))
+                else:
+                    wm = cmask[:, None] & (d0 + tl.arange(0, 2 * BD) < D)[None, :]
+                    wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
+                    dw = rw[:, None] * (acc - hk[:, None] * wn)
+                    tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
+                    wp += 2 * BD
+                    dwp += 2 * BD
 
     @triton.jit
     def _inv_norms(w, BR: tl.constexpr):
