@@ -415,8 +415,11 @@ def time_variants(
     per step into measured_ms. On the CPU (under TRITON_INTERPRET=1: tests) wall-clock time."""
     import torch
 
+    from heads.fused import enable_descriptors
+
     if arch is None:
         arch = ARCHS.get("sm_{}{}".format(*torch.cuda.get_device_capability()))
+    enable_descriptors()
     for name, (fn, configs) in found.items():
         buffers: dict = {}  # one kernel's tensors, shared by its variants
         for v in rows:

@@ -654,9 +654,14 @@ def _tma(device: torch.device) -> bool:
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> Tensor:
-    """Scratch memory for the tensor descriptors a kernel makes (`triton.set_allocator`)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def enable_descriptors() -> None:
+    """Before launching the kernels: they make their tensor descriptors on the device, in scratch
+    memory Triton asks this process's allocator for."""
+    triton.set_allocator(_descriptor_scratch)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -771,8 +776,7 @@ class FusedEngine:
         *args,
         **const,
     ) -> None:
-        # the kernels make their tensor descriptors on the device, in scratch memory Triton asks for
-        triton.set_allocator(_descriptor_scratch)
+        enable_descriptors()
         tune = device.type == "cuda" and not _interpreting() and not self.deterministic
         if tune and name not in self.configs:
             with _on(device):
