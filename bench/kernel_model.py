@@ -162,6 +162,11 @@ class Config:
         return self.kwargs["BD"]
 
     @property
+    def slab(self) -> int:
+        """The backward's phase-2 slab in BD columns (SLAB)."""
+        return self.kwargs.get("SLAB", 2)
+
+    @property
     def tag(self) -> str:
         return "x".join(str(v) for _, v in self.tiles) + f"w{self.warps}s{self.stages}"
 
@@ -310,7 +315,7 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         Stream(
             "G (phase 2)",
             g_bytes,
-            reads=_cdiv(s.D, 2 * cfg.bd),
+            reads=_cdiv(s.D, cfg.slab * cfg.bd),
             fresh=True,
             live=resident * s.B * cfg.bc * BYTES[op],
         ),
@@ -318,7 +323,7 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     ]
     products = 1 if s.save_logits else 2
     if s.save_logits:
-        elems, tile = s.rows * s.D, cfg.bc * 2 * cfg.bd
+        elems, tile = s.rows * s.D, cfg.bc * cfg.slab * cfg.bd
     else:
         elems, tile = s.B * s.C, cfg.bb * cfg.bc
     flops = products * 2.0 * s.B * s.rows * s.D

@@ -29,7 +29,7 @@ chunk block of dL/dcos mostly stays in L2; recomputing, larger: fewer launches),
 class tile, two phases:
 1. over all batch tiles: the tile's cosines (recomputed, or the saved ones), G = dL/dcos (operand
    dtype, into a B x chunk buffer) and h_j = sum_i G_ij cos_ij (fp32, in registers);
-2. dW for the tile, D slab (2 BD columns) by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product
+2. dW for the tile, D slab (SLAB BD columns, 128 or 256) by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product
    over the batch reading back the G block the program just wrote (from L2), written straight into the
    C x D gradient in W's dtype; that buffer is handed to autograd as weight.grad.
 Then dX += G @ Wn_chunk: one cuBLAS product with an fp32 result (the sum over classes, which a
@@ -112,9 +112,10 @@ class TileConfig:
     stages: int = 3
     tma: bool = False
     one_row: bool = False
+    slab: int = 0  # the backward's phase-2 dW slab, in BD columns (its SLAB); 0 for the forward
 
     def kwargs(self) -> dict[str, int]:
-        return {"BB": self.bb, "BC": self.bc, "BD": self.bd}
+        return {"BB": self.bb, "BC": self.bc, "BD": self.bd, **({"SLAB": self.slab} if self.slab else {})}
 
 
 # Tiles for Hopper (227 KB shared memory per block) that stay valid on an A100 (163 KB); configs that
@@ -133,30 +134,34 @@ FWD_CONFIGS = (
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
-# backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping `phase2_rows` batch rows
-# per stage. 128 x 128 (one read of each Wn tile per 128 batch rows, not 64: 1.68 vs 2.09 ms modelled
-# on the H200) spills nothing since phase 2 steps 64 rows and the SV-Softmax logit takes one select;
-# 256 x 128 and 128 x 256 spill 400-800 B even through descriptors (phase 2's G tiles are pointer
-# tiles: G is written by the same program, which a descriptor read would not be ordered after).
+# backward: phase 1 as the forward; phase 2 a (BC x SLAB BD) dW tile, stepping `phase2_rows` batch
+# rows per stage; each slab re-reads the program's G columns. 128 x 128 (one read of each Wn tile per
+# 128 batch rows, not 64: 1.68 vs 2.09 ms modelled on the H200) spills nothing since phase 2 steps 64
+# rows and the SV-Softmax logit takes one select. Through descriptors (sm_90) it fits 16 warps with
+# 256-wide slabs (128 registers, 0 spilled; phase 2 steps 32 rows): half the re-reads of G, 1.47 vs
+# 1.68 ms modelled; its 4 warpgroups split the tile into m64n64 wgmmas, a rate the model takes as
+# m64n128's (for the GPU to confirm). 256 x 128 and 128 x 256 spill 200-800 B even through
+# descriptors: their phase-1 epilogue holds two 128-register tiles (the cosines and dL/dcos).
 BWD_CONFIGS = (
-    TileConfig(128, 128, 64, 8, 3, one_row=True),
-    TileConfig(64, 128, 64, 8, 3, one_row=True),
-    TileConfig(128, 64, 64, 8, 3),
-    TileConfig(64, 64, 64, 4, 3),
-    TileConfig(64, 64, 64, 4, 2),
+    TileConfig(128, 128, 64, 16, 3, tma=True, one_row=True, slab=4),
+    TileConfig(128, 128, 64, 8, 3, one_row=True, slab=2),
+    TileConfig(64, 128, 64, 8, 3, one_row=True, slab=2),
+    TileConfig(128, 64, 64, 8, 3, slab=2),
+    TileConfig(64, 64, 64, 4, 3, slab=2),
+    TileConfig(64, 64, 64, 4, 2, slab=2),
 )
 KERNEL_CONFIGS = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}
 _BD = 64
 assert all(c.bd == _BD for c in FWD_CONFIGS + BWD_CONFIGS)
-# phase 2's batch step (the K dimension of its G^T X product): BB, but at most P2_ELEMS // BC rows,
-# so its G tiles are never larger than 64 x 128 (128 x 128 spilled with 128-row ones; 128 x 64 at
-# K = 2 spills with 64-row ones); a smaller step only adds trips, no traffic
+# phase 2's batch step (the K dimension of its G^T X product): BB, but at most P2_ELEMS // BC rows
+# (halved with 256-wide slabs), so its G tiles are never larger than 64 x 128 (128 x 128 spilled with
+# 128-row ones; 128 x 64 at K = 2 spills with 64-row ones); a smaller step only adds trips, no traffic
 P2_ELEMS = 8192
 
 
-def phase2_rows(bb: int, bc: int) -> int:
-    """Phase 2's batch step for a (BB, BC) tile (`_bwd_kernel`'s P2)."""
-    return min(bb, P2_ELEMS // bc)
+def phase2_rows(bb: int, bc: int, slab: int = 2) -> int:
+    """Phase 2's batch step for a (BB, BC) tile with SLAB-BD-wide slabs (`_bwd_kernel`'s P2)."""
+    return min(bb, P2_ELEMS // bc // (slab // 2))
 
 
 def configs_for(configs: tuple, subcenters: int, tma: bool) -> tuple:
@@ -173,7 +178,8 @@ def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_byt
     backward's two phases run one after the other: the larger of the two)."""
     cos = cfg.bb * cfg.bd * x_bytes + cfg.bc * cfg.bd * w_bytes
     if kernel == "bwd":
-        return cfg.stages * max(cos, phase2_rows(cfg.bb, cfg.bc) * (cfg.bc * g_bytes + 2 * cfg.bd * x_bytes))
+        p2 = phase2_rows(cfg.bb, cfg.bc, cfg.slab)
+        return cfg.stages * max(cos, p2 * (cfg.bc * g_bytes + cfg.slab * cfg.bd * x_bytes))
     return cfg.stages * cos
 
 
@@ -475,8 +481,10 @@ if triton is not None:
         OPK: tl.constexpr,
         EVEN_D: tl.constexpr,
         TMA: tl.constexpr,
+        SLAB: tl.constexpr,
     ):
-        P2: tl.constexpr = min(BB, P2_ELEMS_C // BC)  # phase2_rows(BB, BC)
+        P2: tl.constexpr = min(BB, P2_ELEMS_C // BC // (SLAB // 2))  # phase2_rows(BB, BC, SLAB)
+        SW: tl.constexpr = SLAB * BD  # phase 2's slab width
         l0 = tl.program_id(0) * BC
         local = l0 + tl.arange(0, BC)  # column in this chunk
         cmask = local < ck
@@ -540,10 +548,10 @@ if triton is not None:
                     tl.store(gp, dck.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         # phase 2 reads the G block this program's threads wrote: a barrier makes it visible
         tl.debug_barrier()
-        # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
-        xd2 = _x_desc(X, B, D, stride_x, P2, 2 * BD, TMA)
-        wd2 = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, 2 * BD, TMA)
-        dwd = _rows_desc(DW + c0.to(tl.int64) * K * stride_dw, ck, K, D, stride_dw, BC, 2 * BD, TMA)
+        # slabs of SW columns: each re-reads the program's G columns, so wider slabs mean fewer re-reads
+        xd2 = _x_desc(X, B, D, stride_x, P2, SW, TMA)
+        wd2 = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, SW, TMA)
+        dwd = _rows_desc(DW + c0.to(tl.int64) * K * stride_dw, ck, K, D, stride_dw, BC, SW, TMA)
         for k in tl.static_range(K):
             # sub-center k's rows cols K + k, their G columns k ck + local and h (K = 1: the class rows)
             wrows = cols if K == 1 else cols * K + k
@@ -552,13 +560,13 @@ if triton is not None:
             rw = tl.load(RW + wrows, mask=cmask, other=0.0)
             if not TMA:  # row pointers made once, moved along the slabs (sm_80 spills making them per slab)
                 if k == 0:
-                    wp = WN + wrows.to(tl.int64)[:, None] * stride_w + tl.arange(0, 2 * BD)[None, :]
-                    dwp = DW + wrows.to(tl.int64)[:, None] * stride_dw + tl.arange(0, 2 * BD)[None, :]
+                    wp = WN + wrows.to(tl.int64)[:, None] * stride_w + tl.arange(0, SW)[None, :]
+                    dwp = DW + wrows.to(tl.int64)[:, None] * stride_dw + tl.arange(0, SW)[None, :]
                 else:  # the next row on from where the slabs left them: no second set of row pointers
-                    wp += stride_w - tl.cdiv(D, 2 * BD) * 2 * BD
-                    dwp += stride_dw - tl.cdiv(D, 2 * BD) * 2 * BD
-            for d0 in range(0, D, 2 * BD):
-                acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
+                    wp += stride_w - tl.cdiv(D, SW) * SW
+                    dwp += stride_dw - tl.cdiv(D, SW) * SW
+            for d0 in range(0, D, SW):
+                acc = tl.zeros((BC, SW), dtype=tl.float32)
                 for b0 in range(0, B, P2):
                     rows = b0 + tl.arange(0, P2)
                     rmask = rows < B
@@ -567,20 +575,20 @@ if triton is not None:
                         mask=rmask[:, None] & cmask[None, :],
                         other=0.0,
                     )
-                    x = _x_tile(xd2, b0, d0, B, D, stride_x, P2, 2 * BD, TMA, False)
+                    x = _x_tile(xd2, b0, d0, B, D, stride_x, P2, SW, TMA, False)
                     acc = _mma(tl.trans(g), x, acc, OPK)
                 # d c_ij / d w_j = r_j (xn_i - c_ij Wn_j): the normalization's projection, as an epilogue
                 if TMA:
-                    wn = wd2.load([l0, k, d0]).reshape(BC, 2 * BD).to(tl.float32)
+                    wn = wd2.load([l0, k, d0]).reshape(BC, SW).to(tl.float32)
                     dw = rw[:, None] * (acc - hk[:, None] * wn)
-                    dwd.store([l0, k, d0], dw.to(DW.dtype.element_ty).reshape(BC, 1, 2 * BD))
+                    dwd.store([l0, k, d0], dw.to(DW.dtype.element_ty).reshape(BC, 1, SW))
                 else:
-                    wm = cmask[:, None] & (d0 + tl.arange(0, 2 * BD) < D)[None, :]
+                    wm = cmask[:, None] & (d0 + tl.arange(0, SW) < D)[None, :]
                     wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
                     dw = rw[:, None] * (acc - hk[:, None] * wn)
                     tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
-                    wp += 2 * BD
-                    dwp += 2 * BD
+                    wp += SW
+                    dwp += SW
 
     @triton.jit
     def _inv_norms(w, BR: tl.constexpr):
@@ -679,8 +687,9 @@ class FusedEngine:
     `operands` as `heads.core.operand_dtype`; `chunk` classes per backward chunk; `programs` the
     forward's program count (default 2 per SM); `save_logits=True` keeps the forward's B x C cosines
     (operand dtype) for the backward instead of recomputing them; `subcenters` K: weight rows per
-    class (sub-center ArcFace; the K constexpr of the kernels). `kernels` holds the last launch of
-    each kernel: config, registers and spills."""
+    class (sub-center ArcFace; the K constexpr of the kernels); `tma` tensor descriptors or pointer
+    tiles (default: descriptors on sm_90+ and in the interpreter; False runs an A100's code, tests).
+    `kernels` holds the last launch of each kernel: config, registers and spills."""
 
     def __init__(
         self,
@@ -691,6 +700,7 @@ class FusedEngine:
         programs: int | None = None,
         save_logits: bool = False,
         subcenters: int = 1,
+        tma: bool | None = None,
     ) -> None:
         if triton is None:
             raise RuntimeError("impl='fused' needs triton; use impl='chunked'")
@@ -701,6 +711,7 @@ class FusedEngine:
         self.chunk = chunk
         self.programs = programs
         self.save_logits = save_logits
+        self.tma = tma
         self.kernels: dict[str, dict] = {}
         self._wn: tuple[tuple, Tensor, Tensor] | None = None  # (weight key, rw, Wn)
         # (key of the forward's inputs, cosines, sub-centers: their argmax rows)
@@ -856,7 +867,7 @@ class FusedEngine:
             K=K,
             OPK=_OPK[op],
             EVEN_D=D % _BD == 0,
-            TMA=_tma(x.device),
+            TMA=_tma(x.device) if self.tma is None else self.tma,
         )
         if self.save_logits:
             self._saved = (self._saved_key(xn, weight, labels), cos, arg)
@@ -943,7 +954,7 @@ class FusedEngine:
                 KP=triton.next_power_of_2(K),
                 OPK=_OPK[op],
                 EVEN_D=D % _BD == 0,
-                TMA=_tma(x.device),
+                TMA=_tma(x.device) if self.tma is None else self.tma,
             )
             for k in range(K):  # cuBLAS: the sum over classes (sub-center k's rows: every K-th)
                 mm_f32(gbuf[:, k * ck : (k + 1) * ck], wn[c0 * K + k : (c0 + ck) * K : K], out=dx)
