@@ -173,22 +173,39 @@ def configs_for(configs: tuple, subcenters: int, tma: bool) -> tuple:
     return tuple(c for c in configs if (tma or not c.tma) and (subcenters == 1 or not c.one_row))
 
 
-def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_bytes: int) -> int:
+def shared_bytes(
+    cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_bytes: int, dw_bytes: int = 0
+) -> int:
     """Shared memory a config's software pipeline needs: `stages` copies of the tiles it streams (the
-    backward's two phases run one after the other: the larger of the two)."""
+    backward's two phases run one after the other: the larger of the two); `dw_bytes` the bytes of a
+    dW element where the backward stores dW through a descriptor, which stages each (BC x slab) tile
+    in shared memory (0 with pointer stores)."""
     cos = cfg.bb * cfg.bd * x_bytes + cfg.bc * cfg.bd * w_bytes
     if kernel == "bwd":
+        width = cfg.slab * cfg.bd
         p2 = phase2_rows(cfg.bb, cfg.bc, cfg.slab)
-        return cfg.stages * max(cos, p2 * (cfg.bc * g_bytes + cfg.slab * cfg.bd * x_bytes))
+        return max(
+            cfg.stages * cos,
+            cfg.stages * p2 * (cfg.bc * g_bytes + width * x_bytes) + cfg.bc * width * dw_bytes,
+        )
     return cfg.stages * cos
 
 
 def fitting(
-    configs: tuple[TileConfig, ...], kernel: str, limit: int, x_bytes: int, w_bytes: int, g_bytes: int
+    configs: tuple[TileConfig, ...],
+    kernel: str,
+    limit: int,
+    x_bytes: int,
+    w_bytes: int,
+    g_bytes: int,
+    dw_bytes: int = 0,
 ) -> list[TileConfig]:
     """The configs whose pipeline fits `limit` bytes of shared memory (at least the smallest one)."""
-    keep = [c for c in configs if shared_bytes(c, kernel, x_bytes, w_bytes, g_bytes) <= limit]
-    return keep or [min(configs, key=lambda c: shared_bytes(c, kernel, x_bytes, w_bytes, g_bytes))]
+
+    def need(c: TileConfig) -> int:
+        return shared_bytes(c, kernel, x_bytes, w_bytes, g_bytes, dw_bytes)
+
+    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
 
 
 def _smem_limit() -> int:
@@ -207,8 +224,9 @@ def _pruner(kernel: str, configs: tuple[TileConfig, ...]):
         size = {k: v.element_size() for k, v in named_args.items() if hasattr(v, "element_size")}
         op = size.get("X", 2)
         mine = tuple(by_kwargs[tuple(sorted(tc.kwargs.items()))] for tc in tconfigs)
-        usable = configs_for(mine, kwargs.get("K", 1), kwargs.get("TMA", True))
-        keep = set(fitting(usable, kernel, _smem_limit(), op, op, op))
+        tma = kwargs.get("TMA", True)
+        dw = size.get("DW", 4) if tma and kernel == "bwd" else 0  # dW tiles staged for the descriptor
+        keep = set(fitting(configs_for(mine, kwargs.get("K", 1), tma), kernel, _smem_limit(), op, op, op, dw))
         return [tc for tc, c in zip(tconfigs, mine) if c in keep]
 
     return prune

@@ -43,13 +43,26 @@ def test_configs_are_pruned_by_shared_memory() -> None:
     # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G (P2 x BC)
     # and X in slabs of 2 BD (P2 x 2BD), P2 = BB but at most 8192 / BC rows
     assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "fwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
-    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
-    assert shared_bytes(TileConfig(64, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
-    assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 128 * 2)
+    bwd = TileConfig(128, 128, 64, 8, 3, slab=2)
+    assert shared_bytes(bwd, "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
+    # stored through a descriptor, each fp32 (128 x 128) dW tile is staged in shared memory too
+    assert shared_bytes(bwd, "bwd", 2, 2, 2, dw_bytes=4) == 3 * (64 * 128 * 2 + 64 * 128 * 2) + 128 * 128 * 4
+    assert shared_bytes(TileConfig(64, 128, 64, 8, 3, slab=2), "bwd", 2, 2, 2) == 3 * (
+        64 * 128 * 2 + 64 * 128 * 2
+    )
+    assert shared_bytes(TileConfig(128, 64, 64, 4, 3, slab=2), "bwd", 2, 2, 2) == 3 * (
+        128 * 64 * 2 + 128 * 128 * 2
+    )
+    # 256-wide slabs step 32 batch rows: G (32 x 128) and X (32 x 256) tiles, a (128 x 256) dW tile
+    wide = TileConfig(128, 128, 64, 16, 3, slab=4)
+    assert shared_bytes(wide, "bwd", 2, 2, 2, 4) == 3 * (32 * 128 * 2 + 32 * 256 * 2) + 128 * 256 * 4
     hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
     assert fitting(FWD_CONFIGS, "fwd", hopper, 2, 2, 2) == list(FWD_CONFIGS)
     assert fitting(FWD_CONFIGS, "fwd", a100, 2, 2, 2) == list(FWD_CONFIGS)  # 256 x 128: 144 KB
     assert fitting(BWD_CONFIGS, "bwd", a100, 2, 2, 2) == list(BWD_CONFIGS)
+    # with descriptor stores (sm_90) the first backward config needs 200 KB: a Hopper's, not 99 KB
+    assert fitting(BWD_CONFIGS, "bwd", hopper, 2, 2, 2, 4)[0] == BWD_CONFIGS[0]
+    assert BWD_CONFIGS[0] not in fitting(BWD_CONFIGS, "bwd", consumer, 2, 2, 2, 4)
     small = fitting(FWD_CONFIGS, "fwd", 64 * 1024, 2, 2, 2)
     assert 0 < len(small) < len(FWD_CONFIGS)
     assert all(shared_bytes(c, "fwd", 2, 2, 2) <= 64 * 1024 for c in small)
