@@ -142,6 +142,8 @@ class Config:
     tiles: tuple[tuple[str, int], ...]
     warps: int
     stages: int
+    tma: bool = False  # as heads.fused.TileConfig's flags (`configs_for` reads them)
+    one_row: bool = False
 
     @property
     def kwargs(self) -> dict[str, int]:
@@ -160,6 +162,11 @@ class Config:
         return self.kwargs["BD"]
 
     @property
+    def slab(self) -> int:
+        """The backward's phase-2 slab in BD columns (SLAB)."""
+        return self.kwargs.get("SLAB", 2)
+
+    @property
     def tag(self) -> str:
         return "x".join(str(v) for _, v in self.tiles) + f"w{self.warps}s{self.stages}"
 
@@ -171,7 +178,7 @@ def _cdiv(a: int, b: int) -> int:
 def _chunk(s: Shape, op: str) -> int:
     from heads.fused import default_chunk
 
-    return default_chunk(s.B * s.subcenters, s.C, BYTES[op])  # G: B x K chunk
+    return default_chunk(s.B * s.subcenters, s.C, BYTES[op], s.save_logits)  # G: B x K chunk
 
 
 def _wn_x_streams(
@@ -225,6 +232,7 @@ def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         K=K,
         OPK=_OPK[op],
         EVEN_D=s.D % cfg.bd == 0,
+        TMA=arch.cc >= 90,
     )
     streams = _wn_x_streams(s, cfg, op, min(resident, n_prog), _cdiv(s.B, cfg.bb), K) + [
         Stream("row partials", n_prog * s.B * 12, reads=2 * rows / (n_prog * s.B), live=n_prog * s.B * 12),
@@ -287,6 +295,7 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         KP=1 << (K - 1).bit_length(),
         OPK=_OPK[op],
         EVEN_D=s.D % cfg.bd == 0,
+        TMA=arch.cc >= 90,
     )
     tiles = launches * grid  # class tiles over the step
     g_bytes = s.B * s.rows * BYTES[op]
@@ -306,7 +315,7 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         Stream(
             "G (phase 2)",
             g_bytes,
-            reads=_cdiv(s.D, 2 * cfg.bd),
+            reads=_cdiv(s.D, cfg.slab * cfg.bd),
             fresh=True,
             live=resident * s.B * cfg.bc * BYTES[op],
         ),
@@ -314,7 +323,7 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
     ]
     products = 1 if s.save_logits else 2
     if s.save_logits:
-        elems, tile = s.rows * s.D, cfg.bc * 2 * cfg.bd
+        elems, tile = s.rows * s.D, cfg.bc * cfg.slab * cfg.bd
     else:
         elems, tile = s.B * s.C, cfg.bb * cfg.bc
     flops = products * 2.0 * s.B * s.rows * s.D

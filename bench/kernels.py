@@ -122,9 +122,10 @@ def kernels() -> dict[str, tuple[object, list[Config]]]:
         if isinstance(obj, Autotuner):
             fn = obj.fn
             name = fn.__name__.strip("_").removesuffix("_kernel")
+            tiles = fused.KERNEL_CONFIGS[name]  # the TileConfigs behind obj.configs, with their flags
             found[name] = (
                 fn,
-                [Config(tuple(c.kwargs.items()), c.num_warps, c.num_stages) for c in obj.configs],
+                [Config(tuple(c.kwargs().items()), c.warps, c.stages, c.tma, c.one_row) for c in tiles],
             )
     missing = sorted(set(found) - set(WORK))
     if missing:
@@ -219,19 +220,17 @@ def epilogue_count(instrs) -> int | None:
     def holds_mma(span):
         return any(span[0] <= a <= span[1] for a in mma_addrs)
 
-    mma_loops = [
-        s
-        for s in loops
-        if holds_mma(s) and not any(o != s and s[0] <= o[0] and o[1] <= s[1] and holds_mma(o) for o in loops)
-    ]
+    # the innermost loop holding MMAs (the smallest span: the pipeliner may let the loop around it
+    # branch back into its middle, so spans need not nest) and the smallest loop around it
+    mma_loops = [s for s in loops if holds_mma(s)]
     if not mma_loops:
         return None
-    inner = mma_loops[0]
+    inner = min(mma_loops, key=lambda s: s[1] - s[0])
     around = [s for s in loops if s[0] <= inner[0] and inner[1] <= s[1] and s != inner]
     lo, hi = min(around, key=lambda s: s[1] - s[0]) if around else (instrs[0][0], instrs[-1][0])
 
     def in_mma(addr, op):
-        return op.split(".")[0] in MMA_SASS or any(s[0] <= addr <= s[1] for s in mma_loops)
+        return op.split(".")[0] in MMA_SASS or inner[0] <= addr <= inner[1]
 
     return sum(1 for a, op, _ in instrs if lo <= a <= hi and op != "NOP" and not in_mma(a, op))
 
@@ -416,8 +415,11 @@ def time_variants(
     per step into measured_ms. On the CPU (under TRITON_INTERPRET=1: tests) wall-clock time."""
     import torch
 
+    from heads.fused import enable_descriptors
+
     if arch is None:
         arch = ARCHS.get("sm_{}{}".format(*torch.cuda.get_device_capability()))
+    enable_descriptors()
     for name, (fn, configs) in found.items():
         buffers: dict = {}  # one kernel's tensors, shared by its variants
         for v in rows:
@@ -513,7 +515,7 @@ def compile_and_model(
         for dtype in dtypes:
             for mode in modes:
                 for name, (fn, configs) in found.items():
-                    configs = configs_for(name, configs, shape.subcenters)  # what a launch with K may take
+                    configs = configs_for(configs, shape.subcenters, arch.cc >= 90)  # what a launch may take
                     for i, cfg in enumerate(configs if all_configs else configs[:1]):
                         rows.append(inspect(name, fn, cfg, i == 0, dtype, arch, mode, out))
                         print(

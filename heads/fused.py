@@ -24,11 +24,12 @@ so the backward skips the recompute; their rounding (up to 2^-11 relative in fp1
 by up to s * 2^-11 * |cos| relative (1.6% at s = 64, cos = 0.5), where a recomputed cosine is off
 by ~5e-5 (fp16 operands' roundings, random over D = 512 terms).
 
-Backward (`_bwd_kernel`), per chunk of `chunk` classes (sized so its B x chunk block of dL/dcos
-mostly stays in L2), one program per class tile, two phases:
+Backward (`_bwd_kernel`), per chunk of `chunk` classes (`default_chunk`: with saved cosines its B x
+chunk block of dL/dcos mostly stays in L2; recomputing, larger: fewer launches), one program per
+class tile, two phases:
 1. over all batch tiles: the tile's cosines (recomputed, or the saved ones), G = dL/dcos (operand
    dtype, into a B x chunk buffer) and h_j = sum_i G_ij cos_ij (fp32, in registers);
-2. dW for the tile, D slab (2 BD columns) by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product
+2. dW for the tile, D slab (SLAB BD columns, 128 or 256) by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product
    over the batch reading back the G block the program just wrote (from L2), written straight into the
    C x D gradient in W's dtype; that buffer is handed to autograd as weight.grad.
 Then dX += G @ Wn_chunk: one cuBLAS product with an fp32 result (the sum over classes, which a
@@ -51,12 +52,18 @@ c_y came from (TROW: `heads.core.target_cosines`, the first max on ties, as torc
 chunked engine), which the exact target terms use too. K = 1 compiles to the one-row code (constexpr
 branches); K > 1 launches skip the configs that spill with it (`configs_for`).
 
+Tiles move through tensor descriptors on sm_90 and later (TMA: bounds and zero fill in hardware, no
+per-element pointers in registers; the rows of X, Wn and dW must be whole 16-byte units, so D is a
+multiple of 8 and `impl='auto'` picks the chunked engine otherwise) and through masked pointer tiles
+on sm_80, which has no TMA (`TMA`, constexpr). The backward's G stays a pointer tile: its program
+writes it in phase 1 and reads it in phase 2, an order a descriptor read would not keep.
+
 Configs: a few per kernel (below), pruned by the device's shared memory, autotuned on CUDA by Triton
 keyed on (B, D) and the tensors' dtypes. `deterministic=True` skips the tuner and uses each kernel's
 first config: bitwise the same result in every process on a given GPU model. The tuned default
 picks by timing, so two processes may pick different tiles and differ in the last bits (never more
 than the fp32 accumulation order). Memory beyond W, dW and Wn: forward 12 bytes x B x programs;
-backward G (B x chunk x K, 2 bytes: 32 MiB at B=512, the chunk 1/K as wide), h and dX; with
+backward G (B x chunk x K, 2 bytes: at most 256 MiB, 32 MiB with saved cosines), h and dX; with
 `save_logits` the B x C cosines (and with K > 1 their B x C argmax rows, 1 byte each).
 """
 
@@ -71,6 +78,7 @@ import torch
 from torch import Tensor
 
 from heads.core import fix_target_terms, mm_f32, operand_dtype
+from heads.options import FUSED_DIM_MULTIPLE
 
 try:
     import triton
@@ -93,82 +101,111 @@ def _on(device: torch.device):
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One kernel configuration: tile sizes (batch, class, D) and launch shape."""
+    """One kernel configuration: tile sizes (batch, class, D) and launch shape. `tma`: only where the
+    kernels read through tensor descriptors (sm_90+; through pointer tiles it spills); `one_row`: only
+    with one row a class (next to the running max and argmax of K sub-center cosines it spills)."""
 
     bb: int
     bc: int
     bd: int
     warps: int = 4
     stages: int = 3
+    tma: bool = False
+    one_row: bool = False
+    slab: int = 0  # the backward's phase-2 dW slab, in BD columns (its SLAB); 0 for the forward
 
     def kwargs(self) -> dict[str, int]:
-        return {"BB": self.bb, "BC": self.bc, "BD": self.bd}
+        return {"BB": self.bb, "BC": self.bc, "BD": self.bd, **({"SLAB": self.slab} if self.slab else {})}
 
 
 # Tiles for Hopper (227 KB shared memory per block) that stay valid on an A100 (163 KB); configs that
-# do not fit a smaller card are pruned. The first of each list is the deterministic mode's choice: the
-# one bench/kernels.py's model rates fastest among those that, compiled for sm_90 and sm_80 at
-# B = D = 512 in both modes, spill nothing. Its BB x BC fp32 accumulator is spread over 8 warps (64
-# registers a thread at 128 x 128); one program per SM, whose epilogue overlaps the wgmma it leaves in
-# flight. Larger class tiles cut the re-reads of X (once per class tile) from L2; 256 x 128 and wider
-# spill. BD is 64 everywhere, so whether D needs masking is known before tuning.
+# do not fit a smaller card are pruned. The first a launch may take (`configs_for`) is the
+# deterministic mode's choice: the one bench/kernels.py's model rates fastest among those that,
+# compiled for sm_90 and sm_80 at B = D = 512 in both modes, spill nothing. Tensor descriptors (sm_90)
+# free the registers pointer tiles take, so the forward's 256 x 128 tile fits 8 warps there (254
+# registers, 0 spilled): X tiles twice as tall halve the re-reads of each Wn tile, and the forward is
+# bound by the tensor cores, not L2 (0.67 vs 0.73 ms modelled on the H200). 128 x 256 spills. BD is 64
+# everywhere, so whether D needs masking is known before tuning.
 # forward: (BB x BD) X tiles and (BC x BD) Wn tiles per stage
 FWD_CONFIGS = (
-    TileConfig(128, 128, 64, 8, 3),
+    TileConfig(256, 128, 64, 8, 3, tma=True, one_row=True),
+    TileConfig(128, 128, 64, 8, 3, one_row=True),
     TileConfig(128, 64, 64, 8, 3),
     TileConfig(64, 128, 64, 8, 3),
     TileConfig(64, 64, 64, 4, 2),
 )
-# backward: phase 1 as the forward; phase 2 a (BC x 2 BD) dW tile, stepping `phase2_rows` batch rows
-# per stage. 128 x 128 (one read of each Wn tile per 128 batch rows, not 64: 1.87 vs 2.28 ms modelled
-# on the H200) spills nothing since phase 2 steps 64 rows and the SV-Softmax logit takes one select;
-# at 16 warps it spills (128 registers a thread), as 128 x 64 at 4 warps does.
+# backward: phase 1 as the forward; phase 2 a (BC x SLAB BD) dW tile, stepping `phase2_rows` batch
+# rows per stage; each slab re-reads the program's G columns. 128 x 128 (one read of each Wn tile per
+# 128 batch rows, not 64: 1.68 vs 2.09 ms modelled on the H200) spills nothing since phase 2 steps 64
+# rows and the SV-Softmax logit takes one select. Through descriptors (sm_90) it fits 16 warps with
+# 256-wide slabs (128 registers, 0 spilled; phase 2 steps 32 rows): half the re-reads of G, 1.47 vs
+# 1.68 ms modelled; its 4 warpgroups split the tile into m64n64 wgmmas, a rate the model takes as
+# m64n128's (for the GPU to confirm). 256 x 128 and 128 x 256 spill 200-800 B even through
+# descriptors: their phase-1 epilogue holds two 128-register tiles (the cosines and dL/dcos).
 BWD_CONFIGS = (
-    TileConfig(128, 128, 64, 8, 3),
-    TileConfig(64, 128, 64, 8, 3),
-    TileConfig(128, 64, 64, 8, 3),
-    TileConfig(64, 64, 64, 4, 3),
-    TileConfig(64, 64, 64, 4, 2),
+    TileConfig(128, 128, 64, 16, 3, tma=True, one_row=True, slab=4),
+    TileConfig(128, 128, 64, 8, 3, one_row=True, slab=2),
+    TileConfig(64, 128, 64, 8, 3, one_row=True, slab=2),
+    TileConfig(128, 64, 64, 8, 3, slab=2),
+    TileConfig(64, 64, 64, 4, 3, slab=2),
+    TileConfig(64, 64, 64, 4, 2, slab=2),
 )
+KERNEL_CONFIGS = {"fwd": FWD_CONFIGS, "bwd": BWD_CONFIGS}
 _BD = 64
 assert all(c.bd == _BD for c in FWD_CONFIGS + BWD_CONFIGS)
-# phase 2's batch step (the K dimension of its G^T X product): BB, but at most P2_ELEMS // BC rows,
-# so its G tiles are never larger than 64 x 128 (128 x 128 spilled with 128-row ones; 128 x 64 at
-# K = 2 spills with 64-row ones); a smaller step only adds trips, no traffic
+# phase 2's batch step (the K dimension of its G^T X product): BB, but at most P2_ELEMS // BC rows
+# (halved with 256-wide slabs), so its G tiles are never larger than 64 x 128 (128 x 128 spilled with
+# 128-row ones; 128 x 64 at K = 2 spills with 64-row ones); a smaller step only adds trips, no traffic
 P2_ELEMS = 8192
-# K > 1 sub-centers: how many leading configs of each list a launch skips, whose wide fp32 tiles next
-# to the running max and argmax of the K cosines spill (compiled at K = 2 for sm_90 and sm_80,
-# bench/kernels.py --subcenters 2: fwd 128 x 128; bwd 128 x 128 and 64 x 128; the next, 128 x 64,
-# spills nothing with SV-Softmax or CurricularFace, 16-28 B with no hard negatives on sm_90, as before)
-ONE_ROW_ONLY = {"fwd": 1, "bwd": 2}
 
 
-def phase2_rows(bb: int, bc: int) -> int:
-    """Phase 2's batch step for a (BB, BC) tile (`_bwd_kernel`'s P2)."""
-    return min(bb, P2_ELEMS // bc)
+def phase2_rows(bb: int, bc: int, slab: int = 2) -> int:
+    """Phase 2's batch step for a (BB, BC) tile with SLAB-BD-wide slabs (`_bwd_kernel`'s P2)."""
+    return min(bb, P2_ELEMS // bc // (slab // 2))
 
 
-def configs_for(kernel: str, configs: tuple, subcenters: int) -> tuple:
-    """The configs `kernel` ("fwd", "bwd") launches with K sub-centers: all of them for K = 1; for
-    K > 1 all but its `ONE_ROW_ONLY` leading ones."""
-    return configs if subcenters == 1 else configs[ONE_ROW_ONLY[kernel] :]
+def configs_for(configs: tuple, subcenters: int, tma: bool) -> tuple:
+    """The configs a launch may take: with K > 1 sub-centers none marked `one_row` (compiled at K = 2
+    for sm_90 and sm_80, bench/kernels.py --subcenters 2: the forward's 256 x 128 and 128 x 128, the
+    backward's 128 x 128 and 64 x 128 spill; the next, 128 x 64, spills nothing with SV-Softmax or
+    CurricularFace, 16-28 B with no hard negatives on sm_90); without tensor descriptors none marked
+    `tma`."""
+    return tuple(c for c in configs if (tma or not c.tma) and (subcenters == 1 or not c.one_row))
 
 
-def shared_bytes(cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_bytes: int) -> int:
+def shared_bytes(
+    cfg: TileConfig, kernel: str, x_bytes: int, w_bytes: int, g_bytes: int, dw_bytes: int = 0
+) -> int:
     """Shared memory a config's software pipeline needs: `stages` copies of the tiles it streams (the
-    backward's two phases run one after the other: the larger of the two)."""
+    backward's two phases run one after the other: the larger of the two); `dw_bytes` the bytes of a
+    dW element where the backward stores dW through a descriptor, which stages each (BC x slab) tile
+    in shared memory (0 with pointer stores)."""
     cos = cfg.bb * cfg.bd * x_bytes + cfg.bc * cfg.bd * w_bytes
     if kernel == "bwd":
-        return cfg.stages * max(cos, phase2_rows(cfg.bb, cfg.bc) * (cfg.bc * g_bytes + 2 * cfg.bd * x_bytes))
+        width = cfg.slab * cfg.bd
+        p2 = phase2_rows(cfg.bb, cfg.bc, cfg.slab)
+        return max(
+            cfg.stages * cos,
+            cfg.stages * p2 * (cfg.bc * g_bytes + width * x_bytes) + cfg.bc * width * dw_bytes,
+        )
     return cfg.stages * cos
 
 
 def fitting(
-    configs: tuple[TileConfig, ...], kernel: str, limit: int, x_bytes: int, w_bytes: int, g_bytes: int
+    configs: tuple[TileConfig, ...],
+    kernel: str,
+    limit: int,
+    x_bytes: int,
+    w_bytes: int,
+    g_bytes: int,
+    dw_bytes: int = 0,
 ) -> list[TileConfig]:
     """The configs whose pipeline fits `limit` bytes of shared memory (at least the smallest one)."""
-    keep = [c for c in configs if shared_bytes(c, kernel, x_bytes, w_bytes, g_bytes) <= limit]
-    return keep or [min(configs, key=lambda c: shared_bytes(c, kernel, x_bytes, w_bytes, g_bytes))]
+
+    def need(c: TileConfig) -> int:
+        return shared_bytes(c, kernel, x_bytes, w_bytes, g_bytes, dw_bytes)
+
+    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
 
 
 def _smem_limit() -> int:
@@ -187,7 +224,9 @@ def _pruner(kernel: str, configs: tuple[TileConfig, ...]):
         size = {k: v.element_size() for k, v in named_args.items() if hasattr(v, "element_size")}
         op = size.get("X", 2)
         mine = tuple(by_kwargs[tuple(sorted(tc.kwargs.items()))] for tc in tconfigs)
-        keep = set(fitting(configs_for(kernel, mine, kwargs.get("K", 1)), kernel, _smem_limit(), op, op, op))
+        tma = kwargs.get("TMA", True)
+        dw = size.get("DW", 4) if tma and kernel == "bwd" else 0  # dW tiles staged for the descriptor
+        keep = set(fitting(configs_for(mine, kwargs.get("K", 1), tma), kernel, _smem_limit(), op, op, op, dw))
         return [tc for tc, c in zip(tconfigs, mine) if c in keep]
 
     return prune
@@ -204,14 +243,100 @@ if triton is not None:
         else:
             return tl.dot(a, b, acc)  # bf16/fp16 from shared memory, fp32 accumulator
 
+    # Tiles of X (B x D) and of one sub-center's rows of a (n K x D) row block (Wn, dW: rows c K + k).
+    # TMA (sm_90+): through tensor descriptors made once per program: a load fills what lies past the
+    # bounds with zeros and holds no per-element pointers (2 registers an element as pointer tensors:
+    # those made 128 x 256 tiles spill). Otherwise (sm_80, which has no TMA and on which descriptors
+    # lower to the same pointer loads, spilling) pointer tiles with masks, D's only where EVEN_D is off.
+    @triton.jit
+    def _x_desc(X, B, D, stride_x, BR: tl.constexpr, BDc: tl.constexpr, TMA: tl.constexpr):
+        if TMA:
+            return tl.make_tensor_descriptor(X, shape=[B, D], strides=[stride_x, 1], block_shape=[BR, BDc])
+        else:
+            return X
+
+    @triton.jit
+    def _rows_desc(W, n, K: tl.constexpr, D, stride, BR: tl.constexpr, BDc: tl.constexpr, TMA: tl.constexpr):
+        # [class, sub-center, column] view: (BR x 1 x BDc) blocks bounded by n classes and D columns
+        if TMA:
+            return tl.make_tensor_descriptor(
+                W, shape=[n, K, D], strides=[K * stride, stride, 1], block_shape=[BR, 1, BDc]
+            )
+        else:
+            return W
+
+    @triton.jit
+    def _x_tile(
+        xd,
+        r0,
+        d0,
+        B,
+        D,
+        stride_x,
+        BR: tl.constexpr,
+        BDc: tl.constexpr,
+        TMA: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
+        if TMA:
+            return xd.load([r0, d0])
+        else:
+            rows = r0 + tl.arange(0, BR)
+            ds = d0 + tl.arange(0, BDc)
+            m = (rows < B)[:, None] & ((ds < D)[None, :] | EVEN_D)
+            return tl.load(xd + rows[:, None] * stride_x + ds[None, :], mask=m, other=0.0)
+
+    @triton.jit
+    def _row_ptrs(
+        wd,
+        c0,
+        k,
+        d0,
+        n,
+        K: tl.constexpr,
+        D,
+        stride,
+        BR: tl.constexpr,
+        BDc: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
+        # pointers and mask of the (BR x BDc) tile of rows (c0 + i) K + k, columns d0..; int64 rows:
+        # rows x stride passes 2^31 once C K D does
+        cls = c0 + tl.arange(0, BR)
+        ds = d0 + tl.arange(0, BDc)
+        ptrs = wd + (cls.to(tl.int64) * K + k)[:, None] * stride + ds[None, :]
+        return ptrs, (cls < n)[:, None] & ((ds < D)[None, :] | EVEN_D)
+
+    @triton.jit
+    def _w_tile(
+        wd,
+        c0,
+        k,
+        d0,
+        n,
+        K: tl.constexpr,
+        D,
+        stride,
+        BR: tl.constexpr,
+        BDc: tl.constexpr,
+        TMA: tl.constexpr,
+        EVEN_D: tl.constexpr,
+    ):
+        if TMA:
+            return wd.load([c0, k, d0]).reshape(BR, BDc)
+        else:
+            ptrs, m = _row_ptrs(wd, c0, k, d0, n, K, D, stride, BR, BDc, EVEN_D)
+            return tl.load(ptrs, mask=m, other=0.0)
+
     @triton.jit
     def _cos_tile(
-        X,
-        WN,
-        rows,
-        cols,
-        rmask,
-        cmask,
+        xd,
+        wd,
+        r0,
+        c0,
+        k,
+        B,
+        n,
         D,
         stride_x,
         stride_w,
@@ -219,41 +344,31 @@ if triton is not None:
         BC: tl.constexpr,
         BD: tl.constexpr,
         OPK: tl.constexpr,
+        K: tl.constexpr,
+        TMA: tl.constexpr,
         EVEN_D: tl.constexpr,
     ):
-        # int64 row offsets: cols * stride_w passes 2^31 once C * D >= 2^31. The tile pointers are
-        # rebuilt from the scalar d0 each step: carried across steps, 2 pointer tensors cost
-        # ~2 registers per element and spill.
-        xrow = X + rows[:, None] * stride_x
-        wrow = WN + cols.to(tl.int64)[:, None] * stride_w
+        # the (BB x BC) cosines of rows r0.. and sub-center k of classes c0..; zeros past B, n and D
         acc = tl.zeros((BB, BC), dtype=tl.float32)
         for d0 in range(0, D, BD):
-            ds = d0 + tl.arange(0, BD)
-            if EVEN_D:
-                x = tl.load(xrow + ds[None, :], mask=rmask[:, None], other=0.0)
-                w = tl.load(wrow + ds[None, :], mask=cmask[:, None], other=0.0)
-            else:
-                x = tl.load(xrow + ds[None, :], mask=rmask[:, None] & (ds < D)[None, :], other=0.0)
-                w = tl.load(wrow + ds[None, :], mask=cmask[:, None] & (ds < D)[None, :], other=0.0)
+            x = _x_tile(xd, r0, d0, B, D, stride_x, BB, BD, TMA, EVEN_D)
+            w = _w_tile(wd, c0, k, d0, n, K, D, stride_w, BC, BD, TMA, EVEN_D)
             acc = _mma(x, tl.trans(w), acc, OPK)
         return acc
 
     @triton.jit
-    def _class_cos(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K):
+    def _class_cos(xd, wd, r0, c0, B, n, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D):
         # (each class's cosine, which of its rows it is): K = 1 the class row's (_cos_tile alone);
         # sub-centers the largest of class j's K rows j K .. j K + K - 1, the first on ties as torch's
-        # max in the chunked engine, so both route the gradient to one row. BB .. K: constexprs.
+        # max in the chunked engine, so both route the gradient to one row. BB .. EVEN_D: constexprs.
+        best = _cos_tile(xd, wd, r0, c0, 0, B, n, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D)
         if K == 1:
-            best = _cos_tile(X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D)
             arg = 0
         else:
-            best = _cos_tile(
-                X, WN, rows, cols * K, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
-            )
             arg = tl.zeros((BB, BC), dtype=tl.int32)
             for k in tl.static_range(1, K):
                 cos = _cos_tile(
-                    X, WN, rows, cols * K + k, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D
+                    xd, wd, r0, c0, k, B, n, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D
                 )
                 arg = tl.where(cos > best, k, arg)
                 best = tl.maximum(best, cos)
@@ -305,17 +420,21 @@ if triton is not None:
         BD: tl.constexpr,
         OPK: tl.constexpr,
         EVEN_D: tl.constexpr,
+        TMA: tl.constexpr,
     ):
         pid = tl.program_id(0)
         per = tl.cdiv(tl.cdiv(C, BC), tl.num_programs(0))  # class tiles per program
+        xd = _x_desc(X, B, D, stride_x, BB, BD, TMA)
+        wd = _rows_desc(WN, C, K, D, stride_w, BC, BD, TMA)
         for i in range(0, per):
-            cols = (pid * per + i) * BC + tl.arange(0, BC)
+            c0 = (pid * per + i) * BC
+            cols = c0 + tl.arange(0, BC)
             cmask = cols < C
             for b0 in range(0, B, BB):
                 rows = b0 + tl.arange(0, BB)
                 rmask = rows < B
                 cos, arg = _class_cos(
-                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K
+                    xd, wd, b0, c0, B, C, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D
                 )
                 if SAVE:
                     zp = Z + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
@@ -379,11 +498,17 @@ if triton is not None:
         BD: tl.constexpr,
         OPK: tl.constexpr,
         EVEN_D: tl.constexpr,
+        TMA: tl.constexpr,
+        SLAB: tl.constexpr,
     ):
-        P2: tl.constexpr = min(BB, P2_ELEMS_C // BC)  # phase2_rows(BB, BC)
-        local = tl.program_id(0) * BC + tl.arange(0, BC)  # column in this chunk
+        P2: tl.constexpr = min(BB, P2_ELEMS_C // BC // (SLAB // 2))  # phase2_rows(BB, BC, SLAB)
+        SW: tl.constexpr = SLAB * BD  # phase 2's slab width
+        l0 = tl.program_id(0) * BC
+        local = l0 + tl.arange(0, BC)  # column in this chunk
         cmask = local < ck
         cols = c0 + local
+        xd = _x_desc(X, B, D, stride_x, BB, BD, TMA)
+        wd = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, BD, TMA)
         # phase 1: G = dL/dcos for the tile, over every batch tile; h_j = sum_i G_ij cos_ij
         h = tl.zeros((BC,), dtype=tl.float32)
         hs = tl.zeros((BC, KP), dtype=tl.float32)  # sub-centers: h of row j K + k in column k
@@ -399,7 +524,7 @@ if triton is not None:
                     arg = tl.load(zap, mask=rmask[:, None] & cmask[None, :], other=0).to(tl.int32)
             else:
                 cos, arg = _class_cos(
-                    X, WN, rows, cols, rmask, cmask, D, stride_x, stride_w, BB, BC, BD, OPK, EVEN_D, K
+                    xd, wd, b0, l0, B, ck, D, stride_x, stride_w, BB, BC, BD, OPK, K, TMA, EVEN_D
                 )
             lab = tl.load(LAB + rows, mask=rmask, other=-1)  # int32
             lse2 = tl.load(LSE2 + rows, mask=rmask, other=0.0)
@@ -441,23 +566,25 @@ if triton is not None:
                     tl.store(gp, dck.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         # phase 2 reads the G block this program's threads wrote: a barrier makes it visible
         tl.debug_barrier()
+        # slabs of SW columns: each re-reads the program's G columns, so wider slabs mean fewer re-reads
+        xd2 = _x_desc(X, B, D, stride_x, P2, SW, TMA)
+        wd2 = _rows_desc(WN + c0.to(tl.int64) * K * stride_w, ck, K, D, stride_w, BC, SW, TMA)
+        dwd = _rows_desc(DW + c0.to(tl.int64) * K * stride_dw, ck, K, D, stride_dw, BC, SW, TMA)
         for k in tl.static_range(K):
             # sub-center k's rows cols K + k, their G columns k ck + local and h (K = 1: the class rows)
             wrows = cols if K == 1 else cols * K + k
             gcols = local if K == 1 else k * ck + local
             hk = h if K == 1 else tl.sum(tl.where(ks[None, :] == k, hs, 0.0), axis=1)
-            # slabs of 2 BD columns: each slab re-reads the program's G columns, so half as many re-reads
             rw = tl.load(RW + wrows, mask=cmask, other=0.0)
-            if k == 0:
-                wp = WN + wrows.to(tl.int64)[:, None] * stride_w + tl.arange(0, 2 * BD)[None, :]
-                dwp = DW + wrows.to(tl.int64)[:, None] * stride_dw + tl.arange(0, 2 * BD)[None, :]
-            else:  # the next row on from where the slabs left them: no second set of row pointers
-                wp += stride_w - tl.cdiv(D, 2 * BD) * 2 * BD
-                dwp += stride_dw - tl.cdiv(D, 2 * BD) * 2 * BD
-            for d0 in range(0, D, 2 * BD):
-                ds = d0 + tl.arange(0, 2 * BD)
-                dmask = ds < D
-                acc = tl.zeros((BC, 2 * BD), dtype=tl.float32)
+            if not TMA:  # row pointers made once, moved along the slabs (sm_80 spills making them per slab)
+                if k == 0:
+                    wp = WN + wrows.to(tl.int64)[:, None] * stride_w + tl.arange(0, SW)[None, :]
+                    dwp = DW + wrows.to(tl.int64)[:, None] * stride_dw + tl.arange(0, SW)[None, :]
+                else:  # the next row on from where the slabs left them: no second set of row pointers
+                    wp += stride_w - tl.cdiv(D, SW) * SW
+                    dwp += stride_dw - tl.cdiv(D, SW) * SW
+            for d0 in range(0, D, SW):
+                acc = tl.zeros((BC, SW), dtype=tl.float32)
                 for b0 in range(0, B, P2):
                     rows = b0 + tl.arange(0, P2)
                     rmask = rows < B
@@ -466,19 +593,20 @@ if triton is not None:
                         mask=rmask[:, None] & cmask[None, :],
                         other=0.0,
                     )
-                    x = tl.load(
-                        X + rows[:, None] * stride_x + ds[None, :],
-                        mask=rmask[:, None] & dmask[None, :],
-                        other=0.0,
-                    )
+                    x = _x_tile(xd2, b0, d0, B, D, stride_x, P2, SW, TMA, False)
                     acc = _mma(tl.trans(g), x, acc, OPK)
                 # d c_ij / d w_j = r_j (xn_i - c_ij Wn_j): the normalization's projection, as an epilogue
-                wm = cmask[:, None] & dmask[None, :]
-                wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
-                dw = rw[:, None] * (acc - hk[:, None] * wn)
-                tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
-                wp += 2 * BD
-                dwp += 2 * BD
+                if TMA:
+                    wn = wd2.load([l0, k, d0]).reshape(BC, SW).to(tl.float32)
+                    dw = rw[:, None] * (acc - hk[:, None] * wn)
+                    dwd.store([l0, k, d0], dw.to(DW.dtype.element_ty).reshape(BC, 1, SW))
+                else:
+                    wm = cmask[:, None] & (d0 + tl.arange(0, SW) < D)[None, :]
+                    wn = tl.load(wp, mask=wm, other=0.0).to(tl.float32)
+                    dw = rw[:, None] * (acc - hk[:, None] * wn)
+                    tl.store(dwp, dw.to(DW.dtype.element_ty), mask=wm)
+                    wp += SW
+                    dwp += SW
 
     @triton.jit
     def _inv_norms(w, BR: tl.constexpr):
@@ -525,13 +653,17 @@ def kernel_report(compiled, config) -> dict:
     }
 
 
-def default_chunk(B: int, C: int, g_bytes: int) -> int:
-    """Classes per backward chunk: a power of two whose B x chunk gradient block is at most 32 MiB
-    (it mostly stays in the 50-60 MB L2 between the kernel that writes it and the product that
-    reads it; fewer, larger chunks keep the 2 launches per chunk from making the pass launch-bound)."""
-    fit = max(1, (32 << 20) // max(1, B * g_bytes))
+def default_chunk(B: int, C: int, g_bytes: int, saved: bool = False) -> int:
+    """Classes per backward chunk: a power of two (at least 1024) whose B x chunk block of dL/dcos fits
+    a budget. With saved cosines the backward is bound by memory, so the block is at most 32 MiB: it
+    mostly stays in the 50-60 MB L2 between the kernel that writes it and the dX product that reads
+    it. Recomputing, the backward is bound by its products' L2 reads and the dX product by the tensor
+    cores, so the block's trip through memory costs nothing there; it may be 256 MiB, which makes 4
+    chunks at B = 512, C = 1M instead of 31, and 8 launches (each with a tail) instead of 62
+    (bench/kernel_model.py: forward + backward 3.39 -> 3.09 ms on the H200)."""
+    fit = max(1, ((32 if saved else 256) << 20) // max(1, B * g_bytes))
     chunk = 1 << (fit.bit_length() - 1)
-    return max(1024, min(65536, chunk, triton.next_power_of_2(C) if triton else C))
+    return max(1024, min(chunk, triton.next_power_of_2(C) if triton else C))
 
 
 def normalize_block(D: int) -> tuple[int, int]:
@@ -539,6 +671,23 @@ def normalize_block(D: int) -> tuple[int, int]:
     (64 fp32 registers a thread at 4 warps), so each row is read once."""
     bd = 1 << max(0, (D - 1).bit_length())
     return max(1, 8192 // bd), bd
+
+
+def _tma(device: torch.device) -> bool:
+    """Whether the kernels read and write through tensor descriptors: on sm_90 and later (TMA), and
+    in the interpreter (which checks their bounds and alignment the same way)."""
+    return _interpreting() or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> Tensor:
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def enable_descriptors() -> None:
+    """Before launching the kernels: they make their tensor descriptors on the device, in scratch
+    memory Triton asks this process's allocator for."""
+    triton.set_allocator(_descriptor_scratch)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -556,8 +705,9 @@ class FusedEngine:
     `operands` as `heads.core.operand_dtype`; `chunk` classes per backward chunk; `programs` the
     forward's program count (default 2 per SM); `save_logits=True` keeps the forward's B x C cosines
     (operand dtype) for the backward instead of recomputing them; `subcenters` K: weight rows per
-    class (sub-center ArcFace; the K constexpr of the kernels). `kernels` holds the last launch of
-    each kernel: config, registers and spills."""
+    class (sub-center ArcFace; the K constexpr of the kernels); `tma` tensor descriptors or pointer
+    tiles (default: descriptors on sm_90+ and in the interpreter; False runs an A100's code, tests).
+    `kernels` holds the last launch of each kernel: config, registers and spills."""
 
     def __init__(
         self,
@@ -568,6 +718,7 @@ class FusedEngine:
         programs: int | None = None,
         save_logits: bool = False,
         subcenters: int = 1,
+        tma: bool | None = None,
     ) -> None:
         if triton is None:
             raise RuntimeError("impl='fused' needs triton; use impl='chunked'")
@@ -578,6 +729,7 @@ class FusedEngine:
         self.chunk = chunk
         self.programs = programs
         self.save_logits = save_logits
+        self.tma = tma
         self.kernels: dict[str, dict] = {}
         self._wn: tuple[tuple, Tensor, Tensor] | None = None  # (weight key, rw, Wn)
         # (key of the forward's inputs, cosines, sub-centers: their argmax rows)
@@ -591,6 +743,11 @@ class FusedEngine:
             )
         if t.dtype == torch.float64:
             raise RuntimeError("impl='fused' computes in fp32; float64 is for the reference and chunked")
+        if t.shape[-1] % FUSED_DIM_MULTIPLE:
+            raise RuntimeError(
+                f"impl='fused' needs an embedding size that is a multiple of {FUSED_DIM_MULTIPLE} (its "
+                f"kernels read 16-byte rows), not {t.shape[-1]}; use impl='chunked' (or 'auto')"
+            )
 
     def operand_dtype(self, xn: Tensor) -> torch.dtype:
         return operand_dtype(xn.device, xn.dtype, _interpreting(), self.operands)
@@ -648,13 +805,14 @@ class FusedEngine:
         *args,
         **const,
     ) -> None:
+        enable_descriptors()
         tune = device.type == "cuda" and not _interpreting() and not self.deterministic
         if tune and name not in self.configs:
             with _on(device):
                 compiled = tuned[grid](*args, **const)
             cfg = tuned.best_config
         else:
-            cfg = self.configs.get(name, configs_for(name, configs, const["K"])[0])
+            cfg = self.configs.get(name, configs_for(configs, const["K"], const["TMA"])[0])
             with _on(device):
                 compiled = plain[grid](
                     *args, **const, **cfg.kwargs(), num_warps=cfg.warps, num_stages=cfg.stages
@@ -727,6 +885,7 @@ class FusedEngine:
             K=K,
             OPK=_OPK[op],
             EVEN_D=D % _BD == 0,
+            TMA=_tma(x.device) if self.tma is None else self.tma,
         )
         if self.save_logits:
             self._saved = (self._saved_key(xn, weight, labels), cos, arg)
@@ -766,7 +925,7 @@ class FusedEngine:
             else (torch.empty((1, 1), dtype=dt, device=x.device) for dt in (op, torch.int8))
         )
         # chunk classes: G holds K columns a class (sub-center k's at k ck + local), B K x chunk in all
-        ck_max = self.chunk or default_chunk(B * K, C, torch.finfo(op).bits // 8)
+        ck_max = self.chunk or default_chunk(B * K, C, torch.finfo(op).bits // 8, saved is not None)
         gbuf = torch.empty((B, ck_max * K), dtype=op, device=x.device)
         target_rows = labels if target_rows is None else target_rows
         dx = torch.zeros((B, D), dtype=torch.float32, device=x.device)
@@ -813,6 +972,7 @@ class FusedEngine:
                 KP=triton.next_power_of_2(K),
                 OPK=_OPK[op],
                 EVEN_D=D % _BD == 0,
+                TMA=_tma(x.device) if self.tma is None else self.tma,
             )
             for k in range(K):  # cuBLAS: the sum over classes (sub-center k's rows: every K-th)
                 mm_f32(gbuf[:, k * ck : (k + 1) * ck], wn[c0 * K + k : (c0 + ck) * K : K], out=dx)

@@ -72,7 +72,7 @@ class HeadBase(nn.Module):
         self.step = int(step)
 
     def resolved_impl(self, device: torch.device) -> str:
-        return self.options.resolved_impl(device)
+        return self.options.resolved_impl(device, self.weight.shape[1])
 
     def engine(self, impl: str) -> Engine:
         """The chunked or fused engine, made on first use and kept (the fused one records its kernels)."""

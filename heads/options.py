@@ -20,6 +20,9 @@ from heads.margins import DEFAULT_SCALE, Margin, build_margin
 
 IMPLS = ("auto", "reference", "chunked", "fused")
 DEFAULT_BLOCK = 8192  # classes per block of the chunked engine
+# the fused kernels read X, Wn and write dW through tensor descriptors (TMA on Hopper), whose rows must
+# be whole 16-byte units: 8 elements of the 16-bit operands
+FUSED_DIM_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,12 @@ class HeadOptions:
     def scale(self) -> float:
         return float(DEFAULT_SCALE[self.margin] if self.s is None else self.s)
 
-    def resolved_impl(self, device: torch.device) -> str:
-        """impl, with auto resolved: fused on CUDA, chunked elsewhere."""
+    def resolved_impl(self, device: torch.device, dim: int | None = None) -> str:
+        """impl, with auto resolved: fused on CUDA (for an embedding size `dim` the kernels take: a
+        multiple of FUSED_DIM_MULTIPLE), chunked elsewhere."""
         if self.impl == "auto":
-            return "fused" if device.type == "cuda" else "chunked"
+            fits = dim is None or dim % FUSED_DIM_MULTIPLE == 0
+            return "fused" if device.type == "cuda" and fits else "chunked"
         return self.impl
 
     def make_engine(self, impl: str) -> Engine:

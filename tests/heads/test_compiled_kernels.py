@@ -54,7 +54,9 @@ def _variant(kernel: str, mode: str, arch: str, K: int):
 
     fn, configs = kernels()[kernel]
     shape = replace(HEADLINE, save_logits=MODES[mode], subcenters=K)
-    return inspect(kernel, fn, configs_for(kernel, configs, K)[0], True, "bf16", ARCHS[arch], shape)
+    return inspect(
+        kernel, fn, configs_for(configs, K, ARCHS[arch].cc >= 90)[0], True, "bf16", ARCHS[arch], shape
+    )
 
 
 def _criteria(kernel: str, arch: str):

@@ -12,7 +12,6 @@ from heads.core import operand_dtype
 from heads.fused import (
     BWD_CONFIGS,
     FWD_CONFIGS,
-    ONE_ROW_ONLY,
     TileConfig,
     configs_for,
     default_chunk,
@@ -44,36 +43,57 @@ def test_configs_are_pruned_by_shared_memory() -> None:
     # 16-bit X and Wn: bytes per stage = BB*BD*2 + BC*BD*2; the backward's phase 2 streams G (P2 x BC)
     # and X in slabs of 2 BD (P2 x 2BD), P2 = BB but at most 8192 / BC rows
     assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "fwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 64 * 2)
-    assert shared_bytes(TileConfig(128, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
-    assert shared_bytes(TileConfig(64, 128, 64, 8, 3), "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
-    assert shared_bytes(TileConfig(128, 64, 64, 4, 3), "bwd", 2, 2, 2) == 3 * (128 * 64 * 2 + 128 * 128 * 2)
+    bwd = TileConfig(128, 128, 64, 8, 3, slab=2)
+    assert shared_bytes(bwd, "bwd", 2, 2, 2) == 3 * (64 * 128 * 2 + 64 * 128 * 2)
+    # stored through a descriptor, each fp32 (128 x 128) dW tile is staged in shared memory too
+    assert shared_bytes(bwd, "bwd", 2, 2, 2, dw_bytes=4) == 3 * (64 * 128 * 2 + 64 * 128 * 2) + 128 * 128 * 4
+    assert shared_bytes(TileConfig(64, 128, 64, 8, 3, slab=2), "bwd", 2, 2, 2) == 3 * (
+        64 * 128 * 2 + 64 * 128 * 2
+    )
+    assert shared_bytes(TileConfig(128, 64, 64, 4, 3, slab=2), "bwd", 2, 2, 2) == 3 * (
+        128 * 64 * 2 + 128 * 128 * 2
+    )
+    # 256-wide slabs step 32 batch rows: G (32 x 128) and X (32 x 256) tiles, a (128 x 256) dW tile
+    wide = TileConfig(128, 128, 64, 16, 3, slab=4)
+    assert shared_bytes(wide, "bwd", 2, 2, 2, 4) == 3 * (32 * 128 * 2 + 32 * 256 * 2) + 128 * 256 * 4
     hopper, a100, consumer = 227 * 1024, 163 * 1024, 99 * 1024
     assert fitting(FWD_CONFIGS, "fwd", hopper, 2, 2, 2) == list(FWD_CONFIGS)
-    assert fitting(FWD_CONFIGS, "fwd", a100, 2, 2, 2) == list(FWD_CONFIGS)
+    assert fitting(FWD_CONFIGS, "fwd", a100, 2, 2, 2) == list(FWD_CONFIGS)  # 256 x 128: 144 KB
     assert fitting(BWD_CONFIGS, "bwd", a100, 2, 2, 2) == list(BWD_CONFIGS)
+    # with descriptor stores (sm_90) the first backward config needs 200 KB: a Hopper's, not 99 KB
+    assert fitting(BWD_CONFIGS, "bwd", hopper, 2, 2, 2, 4)[0] == BWD_CONFIGS[0]
+    assert BWD_CONFIGS[0] not in fitting(BWD_CONFIGS, "bwd", consumer, 2, 2, 2, 4)
     small = fitting(FWD_CONFIGS, "fwd", 64 * 1024, 2, 2, 2)
     assert 0 < len(small) < len(FWD_CONFIGS)
     assert all(shared_bytes(c, "fwd", 2, 2, 2) <= 64 * 1024 for c in small)
-    assert fitting(FWD_CONFIGS, "fwd", consumer, 2, 2, 2) == list(FWD_CONFIGS)
+    # a consumer card (99 KB) drops the 256 x 128 forward tile (144 KB), keeps the rest
+    narrower = [c for c in FWD_CONFIGS if c.bb * c.bc < 256 * 128]
+    assert fitting(FWD_CONFIGS, "fwd", consumer, 2, 2, 2) == narrower
     # nothing fits: the smallest config still runs (the compiler may then lower its stages)
     assert fitting(FWD_CONFIGS, "fwd", 1024, 2, 2, 2) == [FWD_CONFIGS[-1]]
     # every config has tiles of at least 64 (the interpreter's practical minimum, and wgmma's M)
     assert all(min(c.bb, c.bc, c.bd) >= 64 for c in FWD_CONFIGS + BWD_CONFIGS)
 
 
-def test_subcenter_launches_skip_the_configs_that_spill_with_k() -> None:
-    assert configs_for("bwd", BWD_CONFIGS, 1) == BWD_CONFIGS
-    for kernel, configs in (("fwd", FWD_CONFIGS), ("bwd", BWD_CONFIGS)):
-        assert configs_for(kernel, configs, 2) == configs[ONE_ROW_ONLY[kernel] :]
+def test_launches_skip_the_configs_that_spill_with_k_or_without_descriptors() -> None:
+    assert configs_for(BWD_CONFIGS, 1, tma=True) == BWD_CONFIGS
+    for configs in (FWD_CONFIGS, BWD_CONFIGS):
+        assert configs_for(configs, 2, tma=True) == tuple(c for c in configs if not c.one_row)
+        assert configs_for(configs, 1, tma=False) == tuple(c for c in configs if not c.tma)
     # the backward's first config (128 x 128) and 64 x 128 spill at K = 2: the first left is 128 x 64
-    assert (configs_for("bwd", BWD_CONFIGS, 2)[0].bb, configs_for("bwd", BWD_CONFIGS, 2)[0].bc) == (128, 64)
+    assert (configs_for(BWD_CONFIGS, 2, True)[0].bb, configs_for(BWD_CONFIGS, 2, True)[0].bc) == (128, 64)
+    # the forward's 256 x 128 tile needs descriptors (sm_90): an A100 starts at 128 x 128
+    assert (configs_for(FWD_CONFIGS, 1, True)[0].bb, configs_for(FWD_CONFIGS, 1, False)[0].bb) == (256, 128)
 
 
-def test_backward_chunk_sizes_the_gradient_block_for_l2() -> None:
-    assert default_chunk(512, 1_000_000, 2) == 32768  # 512 x 32768 bf16 = 32 MiB
-    assert default_chunk(512, 1_000_000, 4) == 16384
+def test_backward_chunk_sizes_the_gradient_block() -> None:
+    # saved cosines: the block stays in L2 for the dX product (32 MiB)
+    assert default_chunk(512, 1_000_000, 2, saved=True) == 32768  # 512 x 32768 bf16 = 32 MiB
+    assert default_chunk(512, 1_000_000, 4, saved=True) == 16384
+    # recomputing: up to 256 MiB, few launches
+    assert default_chunk(512, 1_000_000, 2) == 262144
+    assert default_chunk(64, 1_000_000, 2) == 1 << 20  # the whole class count, a power of two
     assert default_chunk(8, 300, 4) == 1024  # at least 1024 classes
-    assert default_chunk(64, 1_000_000, 2) == 65536  # at most 65536
 
 
 @pytest.mark.parametrize("impl", ["chunked", "reference"])

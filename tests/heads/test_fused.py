@@ -174,12 +174,39 @@ def case_interpreter_uses_fp32_operands() -> None:
 def case_small_shapes() -> None:
     torch, build_margin, data, ref, fused, close = _setup()
     margin = build_margin("cosface", 0.35)
-    for B, C, D in ((1, 5, 8), (3, 1, 8), (2, 31, 33)):  # B = 1; C below one tile; one class only
+    for B, C, D in ((1, 5, 8), (3, 1, 8), (2, 31, 40)):  # B = 1; C below one tile; one class only
         x, w, y = data(B, C, D)
         e = ref(x, w, y, margin, 30.0, 1.2)
         g = fused(x, w, y, margin, 30.0, 1.2)
         for a, b in zip(g[:3], e[:3]):
             close(a, b, 2e-5)
+
+
+def case_pointer_tiles_as_on_an_a100() -> None:
+    """The kernels' sm_80 code (pointer tiles with masks, `tma=False`; the other cases run the tensor
+    descriptors of sm_90), each config an A100 launch may take, with and without saved cosines, one
+    row a class and 2 sub-centers: float64's results."""
+    torch, build_margin, data, ref, fused, close = _setup()
+    from heads.fused import BWD_CONFIGS, FWD_CONFIGS, configs_for
+
+    x, w, y = data(70, 150, 72, seed=5)  # D = 72: a partial 64-wide tile and a partial 128-wide slab
+    margin = build_margin("arcface", 0.5)
+    e = ref(x, w, y, margin, 30.0, 1.2)
+    fwd, bwd = configs_for(FWD_CONFIGS, 1, tma=False), configs_for(BWD_CONFIGS, 1, tma=False)
+    for i in range(max(len(fwd), len(bwd))):
+        configs = {"fwd": fwd[i % len(fwd)], "bwd": bwd[i % len(bwd)]}
+        g = fused(x, w, y, margin, 30.0, 1.2, tma=False, configs=configs, save_logits=i % 2 == 1)
+        for a, b in zip(g[:3], e[:3]):
+            close(a, b, 2e-5)
+    from tests._margins_spec import data as spec_data
+    from tests._margins_spec import head_two_steps, rel_err
+
+    xs, _, ys = spec_data()
+    ws = torch.randn(140, xs.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for save in (False, True):  # the K = 2 configs an A100 launch takes first
+        ref2, head = _subcenter_heads(2, "arcface", tma=False, save_logits=save, deterministic=True)
+        want, got = head_two_steps(ref2, xs, ws, ys), head_two_steps(head, xs, ws, ys, torch.float32)
+        assert max(rel_err(p, q) for g, e in zip(got, want) for p, q in zip(g, e)) < 1e-5, save
 
 
 def case_extremes_finite() -> None:

@@ -145,5 +145,7 @@ def test_subcenter_options_are_checked() -> None:
     with pytest.raises(ValueError, match="subcenters must be a positive integer, got 0"):
         MarginHead(10, 4, "arcface", subcenters=0)
     assert ShardedMarginHead(10, 4, "arcface", subcenters=2).weight.shape == (20, 4)  # whole classes
-    assert MarginHead(10, 4, "arcface", subcenters=2).resolved_impl(torch.device("cuda")) == "fused"
+    assert MarginHead(10, 8, "arcface", subcenters=2).resolved_impl(torch.device("cuda")) == "fused"
+    # the kernels read 16-byte rows: an embedding size not a multiple of 8 goes to the chunked engine
+    assert MarginHead(10, 4, "arcface", subcenters=2).resolved_impl(torch.device("cuda")) == "chunked"
     assert MarginHead(10, 4, "arcface", subcenters=2, impl="fused").weight.shape == (20, 4)
