@@ -638,6 +638,14 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
         key, value, allowed = outside
         raise UserError(f"{src.where(key)}: '{key}' must be {allowed}, got {_plain(value)}")
     _check_head(cfg.head, src)
+    from heads.options import FUSED_DIM_MULTIPLE
+
+    if cfg.head.impl == "fused" and cfg.model.embedding_size % FUSED_DIM_MULTIPLE:
+        raise UserError(
+            f"{src.where('head.impl')}: 'head.impl' fused needs model.embedding_size to be a multiple "
+            f"of {FUSED_DIM_MULTIPLE} (its kernels read 16-byte rows), got {cfg.model.embedding_size}; "
+            "use head.impl=auto (chunked for this size)"
+        )
     _check_validation(cfg.validation, src)
     try:
         dataclasses.replace(cfg.data.augment).validate()  # its rules across keys; on a copy: it edits

@@ -49,6 +49,14 @@ def test_on_off_choices_survive_yaml_booleans():
         load_config(None, [*SYNTH, "logging.display=off"])  # no on/off choice there: still an error
 
 
+def test_fused_head_needs_an_embedding_size_its_kernels_read() -> None:
+    with pytest.raises(
+        UserError, match=r"'head\.impl' fused needs model\.embedding_size to be a multiple of 8"
+    ):
+        load_config(None, [*SYNTH, "head.impl=fused", "model.embedding_size=100"])
+    assert load_config(None, [*SYNTH, "head.impl=auto", "model.embedding_size=100"]).head.impl == "auto"
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [
