@@ -830,7 +830,10 @@ class FusedEngine:
 
     def _inputs(self, xn: Tensor, weight: Tensor, rw: Tensor):
         op = self.operand_dtype(xn)
-        return op, xn.to(op).contiguous(), self.normalized_weight(weight, rw, op)
+        x = xn.to(op).contiguous()
+        if x.data_ptr() % 16:  # a view at an odd offset: tensor descriptors need 16-byte aligned bases
+            x = x.clone()
+        return op, x, self.normalized_weight(weight, rw, op)
 
     @staticmethod
     def _hard(thr: Tensor, t: float | Tensor) -> tuple[Tensor, float, int | bool]:
