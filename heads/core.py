@@ -54,6 +54,9 @@ class Engine(Protocol):
         ...
 
 
+# the fused kernels read X, Wn and write dW through tensor descriptors (TMA on Hopper), whose rows must
+# be whole 16-byte units: 8 elements of the 16-bit operands (heads.options' "auto" picks chunked else)
+FUSED_DIM_MULTIPLE = 8
 OPERANDS = ("auto", "fp32", "bf16", "fp16")
 _NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -77,8 +77,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from heads.core import fix_target_terms, mm_f32, operand_dtype
-from heads.options import FUSED_DIM_MULTIPLE
+from heads.core import FUSED_DIM_MULTIPLE, fix_target_terms, mm_f32, operand_dtype
 
 try:
     import triton

@@ -15,14 +15,11 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from heads.chunked import ChunkedEngine
-from heads.core import OPERANDS, Engine
+from heads.core import FUSED_DIM_MULTIPLE, OPERANDS, Engine
 from heads.margins import DEFAULT_SCALE, Margin, build_margin
 
 IMPLS = ("auto", "reference", "chunked", "fused")
 DEFAULT_BLOCK = 8192  # classes per block of the chunked engine
-# the fused kernels read X, Wn and write dW through tensor descriptors (TMA on Hopper), whose rows must
-# be whole 16-byte units: 8 elements of the 16-bit operands
-FUSED_DIM_MULTIPLE = 8
 
 
 @dataclass(frozen=True)

@@ -638,7 +638,7 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
         key, value, allowed = outside
         raise UserError(f"{src.where(key)}: '{key}' must be {allowed}, got {_plain(value)}")
     _check_head(cfg.head, src)
-    from heads.options import FUSED_DIM_MULTIPLE
+    from heads.core import FUSED_DIM_MULTIPLE
 
     if cfg.head.impl == "fused" and cfg.model.embedding_size % FUSED_DIM_MULTIPLE:
         raise UserError(
