@@ -23,12 +23,14 @@ RESULT_FILES = {"gpu_check.json", "gpu_check.md", "logs.tgz"}
 
 
 def _env(scratch: Path) -> dict[str, str]:
-    # TMPDIR: the check's scratch folder lands under the test's tmp_path (a killed run cannot remove it)
+    # TMPDIR: the check's scratch folder lands under the test's tmp_path (a killed run cannot remove it);
+    # OMP_WAIT_POLICY: the suite's (tests/conftest.py), for the stages' torch
     return {
         "PATH": "/usr/bin:/bin",
         "PY": sys.executable,
         "HOME": os.environ.get("HOME", "/tmp"),
         "TMPDIR": str(scratch),
+        **{k: v for k, v in os.environ.items() if k == "OMP_WAIT_POLICY"},
     }
 
 
