@@ -99,7 +99,7 @@ def test_smoke_runs_every_stage_and_writes_only_the_result_files(tmp_path):
     for name in ("train_mobilefacenet", "train_ir50"):
         assert stages[name]["steps"] == 4 and stages[name]["images_per_s"] > 0
         assert 0.0 <= stages[name]["data_wait"] <= 1.0
-        assert stages[name]["steps_per_epoch"] == 20 * 8 // 8
+        assert stages[name]["steps_per_epoch"] == 20 * 8 // 4
     if "loader_dali" in result["skipped"]:
         assert stages["loader_dali"]["note"].startswith("skipped: nvidia.dali is not importable")
     elif "loader_dali" in stages:
