@@ -166,6 +166,12 @@ class BatchWorkers:
         try:
             for item in it:
                 yield _check(item)
+        except UserError:
+            # A worker met a damaged sample: the pass is over. Stop its workers now (persistent or
+            # not); left to the garbage collector, an abandoned pass's shutdown waited 5 s.
+            it._shutdown_workers()
+            self.loader = None
+            raise
         finally:
             self.active = False
 

@@ -6,9 +6,17 @@ session: ROOT/vggface2/ and ROOT/lfw/ in the real layouts. Treat it as read-only
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# OpenMP threads that wait for work sleep instead of spinning (set before anything loads torch's
+# libgomp; subprocesses inherit it). On a busy 2-core machine the spinning threads of one process
+# take the cores the others need: torch's CPU work ran 5-15x slower than with this policy (measured:
+# a MobileFaceNet forward, tests/trainer/test_engine_faults.py), at the same results (each op is
+# split over the same threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Small but complete: every fold gets two LFW identities (the minimum for different-person pairs).
 SYNTHETIC_ARGS = (

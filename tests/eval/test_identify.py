@@ -28,9 +28,7 @@ from models.backbones import build_backbone
 from models.model_file import save_embedding_checkpoint
 from preprocess.detect import detect_faces
 from tests._long import long_real_lfw
-
-LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
-REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
+from tests._real_lfw import LFW, REFERENCE
 
 
 def _model(path: Path, image_size: tuple[int, int] = (112, 112), seed: int = 0, **extra) -> Path:

@@ -11,8 +11,8 @@ from eval.lfw import main
 from models.backbones import build_backbone
 from models.model_file import save_embedding_checkpoint
 from preprocess.build_shards import main as build_main
+from tests._real_lfw import LFW, REFERENCE
 
-LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 pytestmark = pytest.mark.skipif(
     not (LFW / "pairs.txt").is_file() or not (LFW / "lfw").is_dir(),
     reason=f"real LFW (lfw/ and pairs.txt) not found in {LFW}",
@@ -60,25 +60,17 @@ def test_untrained_network_scores_near_chance_on_every_pair(
     assert captured.out.startswith("LFW ACC: ")
 
 
-REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE.is_file(), reason=f"the reference MobileFaceNet is not at {REFERENCE}")
 def test_independently_trained_model_reaches_its_known_accuracy(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reference_lfw: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The whole path on real faces with a model nobody here trained (CASIA-WebFace MobileFaceNet,
-    known ~98.9% on these images; 98.77% here without flip): alignment at 112x96, shards, import,
-    the 10-fold protocol.
-    A wrong template, colour order or landmark order costs several points. Slow: a 112x96 build of
-    all LFW and 13,232 MobileFaceNet forwards (~100 s on 2 cores; flip TTA would double it)."""
-    from eval.import_mobilefacenet import main as import_main
-
-    shards = tmp_path / "lfw-112x96"
-    assert build_main(["lfw", "--root", str(LFW), "--out", str(shards), "--image-size", "112x96"]) == 0
-    ckpt = tmp_path / "reference.pt"
-    assert import_main(["--source", str(REFERENCE), "--out", str(ckpt), "--image-size", "112x96"]) == 0
+    known ~98.9% on these images; 98.77% here without flip): alignment at 112x96, shards, import
+    (the session's `reference_lfw`), the 10-fold protocol.
+    A wrong template, colour order or landmark order costs several points. Slow: 7,701 MobileFaceNet
+    forwards (~60 s on 2 cores; flip TTA would double it), plus the fixture's build if it runs first."""
+    shards, ckpt = reference_lfw
     out = tmp_path / "metrics.json"
     argv = ["--checkpoint", str(ckpt), "--shards", str(shards), "--json", str(out), "--quiet", "--no-flip"]
     code = main(argv)

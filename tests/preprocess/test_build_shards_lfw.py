@@ -14,8 +14,8 @@ from common.cli import run_cli
 from preprocess import align
 from preprocess.build_shards import main
 from shards.manifest import load_manifest
+from tests._real_lfw import LFW
 
-LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 pytestmark = pytest.mark.skipif(
     not (LFW / "lfw_landmark_150.txt").is_file(), reason=f"real LFW (lfw_landmark_150.txt) not found in {LFW}"
 )

@@ -17,10 +17,9 @@ from preprocess import convert_lnet, detect
 from preprocess.detect import Face, detect_faces, landmark_error, nms, pyramid_scales
 from preprocess.face_choice import pick_face
 from tests._long import long_real_lfw
+from tests._real_lfw import LFW, REFERENCE
 
-LFW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lfw"
 LANDMARKS = LFW / "lfw_landmark_150.txt"
-REFERENCE = LFW.parent / "reference" / "mobilefacenet_112x96_casia.ckpt"
 needs_lfw = pytest.mark.skipif(
     not LANDMARKS.is_file() or not (LFW / "lfw").is_dir(),
     reason=f"real LFW (lfw/ and lfw_landmark_150.txt) not found in {LFW}",
