@@ -162,6 +162,23 @@ def test_int8_is_smaller_and_quantized(files: dict[str, Path]) -> None:
     assert files["int8"].with_suffix(".bin").stat().st_size < files["fp32"].with_suffix(".bin").stat().st_size
 
 
+@pytest.mark.skipif(
+    "INT8" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+    reason="this CPU has no INT8 kernels",
+)
+def test_int8_runs_every_convolution_in_int8(files: dict[str, Path]) -> None:
+    """The CPU plugin runs each convolution, the depthwise ones included, on 8-bit input: an IR read
+    with Core.read_model kept the depthwise ones in float32 with a Reorder after each."""
+    compiled = ov.Core().compile_model(str(files["int8"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    precisions = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":  # depthwise ones too, in the runtime model
+            precisions[op.get_friendly_name()] = info["runtimePrecision"].astype(str)
+    assert len(precisions) == 12  # tiny: the stem, 5 depthwise, 5 pointwise and the GDC
+    assert {name: p for name, p in precisions.items() if p not in ("u8", "i8")} == {}
+
+
 def test_max_drop_refusal_leaves_the_old_file_and_no_temporary(
     files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
