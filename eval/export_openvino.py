@@ -131,7 +131,11 @@ def convert(onnx_path: Path, meta: dict[str, str], calibration: np.ndarray | Non
     """Write the IR `out` (.xml + .bin), float32 weights, quantized when `calibration` is given."""
     import openvino as ov
 
-    network = ov.Core().read_model(str(onnx_path))
+    # convert_model, not Core.read_model: read_model leaves each grouped convolution's weight reshape
+    # and each bias broadcast as ShapeOf subgraphs, which NNCF quantizes around and the CPU plugin
+    # then cannot run in INT8: MobileFaceNet's 17 depthwise convolutions stayed float32, with a
+    # Reorder to u8 after each (1.6x slower at batch 32; python -m bench.deploy)
+    network = ov.convert_model(str(onnx_path))
     if calibration is not None:
         network = quantize(network, calibration)
     for key, value in meta.items():

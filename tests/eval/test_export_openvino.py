@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from eval import export_onnx, export_openvino
 from eval.identification.faces import load_face_model
 from eval.lfw import main as lfw_main
 from eval.verify import main as verify_main
-from models.load import RT_INFO_KEY, load_model
+from models.load import OPENVINO_CHUNK, RT_INFO_KEY, load_model
 from models.model_file import atomic_save, load_checkpoint
 from tests._eval_util import build_lfw_shards, make_checkpoint, one_line_error
 
@@ -139,6 +140,25 @@ def test_embeddings_of_each_runtime(files: dict[str, Path]) -> None:
     assert export_openvino.min_cosine(int8, torch_emb) > 0.95
 
 
+def test_large_batches_run_in_chunks_in_order(files: dict[str, Path]) -> None:
+    """A batch larger than OPENVINO_CHUNK runs as chunks on the streams (the last one short): its rows
+    are each image's own, whether the model has all cores or a thread per stream, from two threads at
+    once."""
+    x = export_openvino.model_input(export_openvino.aligned_faces(files["shards"], 2 * OPENVINO_CHUNK + 5))
+    expected = load_model(files["onnx"], runtime="onnxruntime").embed(x)
+    for kind in ("fp32", "int8"):
+        model = load_model(files[kind])
+        one_by_one = np.concatenate([model.embed(x[i : i + 1]) for i in range(len(x))])
+        np.testing.assert_allclose(model.embed(x), one_by_one, atol=1e-5)
+        if kind == "fp32":
+            np.testing.assert_allclose(one_by_one, expected, atol=1e-4)
+        per_thread = load_model(files[kind], onnx_threads=1)
+        with ThreadPoolExecutor(2) as pool:
+            halves = list(pool.map(per_thread.embed, [x, x.flip(0)]))
+        np.testing.assert_allclose(halves[0], one_by_one, atol=1e-5)
+        np.testing.assert_allclose(halves[1], one_by_one[::-1], atol=1e-5)
+
+
 def test_auto_runs_onnx_under_openvino_on_the_cpu(files: dict[str, Path]) -> None:
     assert load_model(files["onnx"]).runtime == "openvino"
     assert load_model(files["onnx"], runtime="onnxruntime").runtime == "onnxruntime"
@@ -160,6 +180,23 @@ def test_int8_is_smaller_and_quantized(files: dict[str, Path]) -> None:
     ops = {op.get_type_name() for op in ov.Core().read_model(str(files["int8"])).get_ops()}
     assert "FakeQuantize" in ops
     assert files["int8"].with_suffix(".bin").stat().st_size < files["fp32"].with_suffix(".bin").stat().st_size
+
+
+@pytest.mark.skipif(
+    "INT8" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+    reason="this CPU has no INT8 kernels",
+)
+def test_int8_runs_every_convolution_in_int8(files: dict[str, Path]) -> None:
+    """The CPU plugin runs each convolution, the depthwise ones included, on 8-bit input: an IR read
+    with Core.read_model kept the depthwise ones in float32 with a Reorder after each."""
+    compiled = ov.Core().compile_model(str(files["int8"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    precisions = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":  # depthwise ones too, in the runtime model
+            precisions[op.get_friendly_name()] = info["runtimePrecision"].astype(str)
+    assert len(precisions) == 12  # tiny: the stem, 5 depthwise, 5 pointwise and the GDC
+    assert {name: p for name, p in precisions.items() if p not in ("u8", "i8")} == {}
 
 
 def test_max_drop_refusal_leaves_the_old_file_and_no_temporary(
