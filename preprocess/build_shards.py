@@ -208,6 +208,9 @@ def _rows(inputs: DatasetInputs, part: list[tuple[Entry, int]]) -> list[_work.Ro
     ]
 
 
+POOL_PRELOAD = ("preprocess._work",)  # what the pool's forkserver imports once, not each worker
+
+
 def _pool_context():
     """The forkserver context of the worker pool.
 
@@ -216,7 +219,7 @@ def _pool_context():
     module once; each worker forks from that clean process in milliseconds.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["preprocess._work"])
+    ctx.set_forkserver_preload(list(POOL_PRELOAD))
     return ctx
 
 

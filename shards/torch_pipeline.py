@@ -78,13 +78,17 @@ class BatchDecoder(torch.utils.data.Dataset):
         raise TypeError("BatchDecoder is indexed by tasks")
 
 
+# what the forkserver imports once, not each worker; the guard first, so a kill during the slow
+# imports is covered
+WORKER_PRELOAD = ("shards.forkserver_guard", "torch", "cv2", "shards.torch_pipeline")
+
+
 def _worker_context():
     import multiprocessing as mp
 
     os.environ[OWNER_ENV] = str(os.getpid())  # read by shards.forkserver_guard in the forkserver
     ctx = mp.get_context("forkserver")
-    # import once, not per worker; the guard first, so a kill during the slow imports is covered
-    ctx.set_forkserver_preload(["shards.forkserver_guard", "torch", "cv2", "shards.torch_pipeline"])
+    ctx.set_forkserver_preload(list(WORKER_PRELOAD))
     return ctx
 
 

@@ -41,3 +41,22 @@ def synthetic_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic_raw")
     assert synthetic.main(["--out", str(root), *SYNTHETIC_ARGS]) == 0
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_forkserver_for_builds_and_loaders() -> None:
+    """Python runs one forkserver per process and it preloads what its first user asked for: in a
+    session that builds shards (preprocess) before it reads them (shards), each DataLoader worker
+    would import torch and cv2 when it starts (~1-2 s; test_loader.py's torch tests took 3-10x
+    longer). Started here with both preload lists, as each command has its own when it runs alone
+    (the shards guard first: the server ends with this process)."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    from preprocess.build_shards import POOL_PRELOAD
+    from shards.lifeline import OWNER_ENV
+    from shards.torch_pipeline import WORKER_PRELOAD
+
+    os.environ[OWNER_ENV] = str(os.getpid())
+    multiprocessing.get_context("forkserver").set_forkserver_preload([*WORKER_PRELOAD, *POOL_PRELOAD])
+    forkserver.ensure_running()
