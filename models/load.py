@@ -303,19 +303,18 @@ OPENVINO_CHUNK = 8  # images per inference when a batch is cut into chunks, one 
 
 
 def _openvino_embedder(core: object, network: object, path: Path, threads: int | None) -> EmbedFn:
-    """Run batches on the CPU in float32 on `streams`, each of `threads` (default 1) threads, one
-    per core; UserError naming the file when OpenVINO cannot compile the model.
+    """Run batches on the CPU in float32; UserError naming the file when OpenVINO cannot compile the
+    model.
 
-    A batch of more than OPENVINO_CHUNK images is cut into chunks of that size, which run at once,
-    one per stream (AsyncInferQueue): on the 2-core CPU the INT8 MobileFaceNet ran batches of 32 so
-    ~1.3x faster than as one inference spread over both cores (python -m bench.deploy), whose
-    threads meet after each layer, over activations of 32 faces that leave the cores' caches. A
-    smaller batch, with `threads` not given, is one inference over all cores (a second compilation,
-    made on first use): 1.7x faster than one core for one face on an idle CPU."""
+    `threads` given (callers run batches at once from several threads, or leave cores to other
+    work): a stream of `threads` threads per that many cores, each call one inference on one stream.
+    Not given, the model has every core: a batch of up to OPENVINO_CHUNK images is one inference
+    over all cores (1.6-1.7x one core's speed for 1 face), a larger one is cut into chunks of that
+    size that run at once, one per core on single-threaded streams (AsyncInferQueue; a second
+    compilation, made on first use): on the 2-core CPU batches of 32 so ran 1.02-1.06x (idle) to
+    1.2x (busy) faster under INT8 MobileFaceNet, and 1.1-1.5x under float32, than as one inference
+    over both cores, whose threads wait for each other after every layer (docs/benchmarks.md)."""
     import openvino as ov
-
-    per_stream = threads or 1
-    streams = max(1, cpu_count() // per_stream)
 
     def compiled(hint: dict[str, object]) -> object:
         try:
@@ -324,14 +323,18 @@ def _openvino_embedder(core: object, network: object, path: Path, threads: int |
         except Exception as err:
             raise UserError(f"{path}: OpenVINO cannot compile the model ({type(err).__name__})") from None
 
-    chunked = compiled(
-        {
+    def streams_of(count: int, per_stream: int) -> dict[str, object]:
+        return {
             "PERFORMANCE_HINT": "THROUGHPUT",
-            "NUM_STREAMS": streams,
-            "INFERENCE_NUM_THREADS": streams * per_stream,
+            "NUM_STREAMS": count,
+            "INFERENCE_NUM_THREADS": count * per_stream,
         }
-    )
-    whole: list[object] = []  # the all-core compilation, once made
+
+    if threads is not None:  # chunk_streams: the single-threaded streams a large batch's chunks share
+        whole, chunk_streams = compiled(streams_of(max(1, cpu_count() // threads), threads)), 1
+    else:
+        whole, chunk_streams = compiled({"PERFORMANCE_HINT": "LATENCY"}), cpu_count()
+    chunked: list[object] = []  # the per-core compilation, once made
     lock = threading.Lock()
     local = threading.local()  # a request serves one call at a time: each calling thread has its own
 
@@ -339,17 +342,12 @@ def _openvino_embedder(core: object, network: object, path: Path, threads: int |
         parts, start = where
         parts[start] = np.array(request.get_output_tensor(0).data, dtype=np.float32)  # type: ignore[attr-defined]
 
-    def run(images: torch.Tensor) -> np.ndarray:
-        batch = np.ascontiguousarray(images.numpy(), dtype=np.float32)
-        if len(batch) <= OPENVINO_CHUNK and threads is None and streams > 1:
-            if not hasattr(local, "whole"):
-                with lock:
-                    if not whole:
-                        whole.append(compiled({"PERFORMANCE_HINT": "LATENCY"}))
-                local.whole = whole[0].create_infer_request()  # type: ignore[attr-defined]
-            return np.array(local.whole.infer({0: batch}, share_inputs=True)[0], dtype=np.float32)
+    def in_chunks(batch: np.ndarray) -> np.ndarray:
         if not hasattr(local, "queue"):
-            local.queue = ov.AsyncInferQueue(chunked, streams)
+            with lock:
+                if not chunked:
+                    chunked.append(compiled(streams_of(chunk_streams, 1)))
+            local.queue = ov.AsyncInferQueue(chunked[0], chunk_streams)
             local.queue.set_callback(keep)
         parts: dict[int, np.ndarray] = {}
         for start in range(0, len(batch), OPENVINO_CHUNK):
@@ -358,6 +356,14 @@ def _openvino_embedder(core: object, network: object, path: Path, threads: int |
             )
         local.queue.wait_all()
         return np.concatenate([parts[start] for start in sorted(parts)])
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        batch = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        if len(batch) > OPENVINO_CHUNK and chunk_streams > 1:
+            return in_chunks(batch)
+        if not hasattr(local, "request"):
+            local.request = whole.create_infer_request()  # type: ignore[attr-defined]
+        return np.array(local.request.infer({0: batch}, share_inputs=True)[0], dtype=np.float32)
 
     return run
 

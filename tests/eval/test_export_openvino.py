@@ -141,9 +141,9 @@ def test_embeddings_of_each_runtime(files: dict[str, Path]) -> None:
 
 
 def test_large_batches_run_in_chunks_in_order(files: dict[str, Path]) -> None:
-    """A batch larger than OPENVINO_CHUNK runs as chunks on the streams (the last one short): its rows
-    are each image's own, whether the model has all cores or a thread per stream, from two threads at
-    once."""
+    """With every core, a batch larger than OPENVINO_CHUNK runs as chunks on per-core streams (the
+    last one short), a smaller one as one inference: the rows are each image's own either way, as
+    with a thread count given (one inference per call, here from two threads at once)."""
     x = export_openvino.model_input(export_openvino.aligned_faces(files["shards"], 2 * OPENVINO_CHUNK + 5))
     expected = load_model(files["onnx"], runtime="onnxruntime").embed(x)
     for kind in ("fp32", "int8"):
