@@ -10,8 +10,9 @@ through models/model_file.py, so its optimizer and head states are never read.
 
 Runtimes: a checkpoint runs under PyTorch, an OpenVINO IR under OpenVINO. An ONNX file runs under
 onnxruntime or OpenVINO (`--runtime`); `auto` picks OpenVINO on the CPU when it is installed: on the
-busy 2-core CPU the reference MobileFaceNet ran 1.8-2.7x (batch 1) and 2.2x (batch 32) faster under
-it (`python -m bench.deploy`, two runs), with the same LFW figures (tests/eval/test_export_openvino.py).
+2-core CPU the reference MobileFaceNet ran 2.6x (batch 1) and 2.2x (batch 32) faster under it nearly
+idle, 2.4-5x with other work on the cores (`python -m bench.deploy`), with the same LFW figures
+(tests/eval/test_export_openvino.py). `_openvino_embedder` says how batches use the cores.
 OpenVINO runs in float32 (its CPU default on bf16-capable CPUs is bf16, which moves the figures).
 The model's metadata (eval/export_onnx.py's ONNX metadata_props, eval/export_openvino.py's rt_info
 under "facetrain") gives its face size, embedding size, backbone and threshold; metadata another
@@ -309,11 +310,12 @@ def _openvino_embedder(core: object, network: object, path: Path, threads: int |
     `threads` given (callers run batches at once from several threads, or leave cores to other
     work): a stream of `threads` threads per that many cores, each call one inference on one stream.
     Not given, the model has every core: a batch of up to OPENVINO_CHUNK images is one inference
-    over all cores (1.6-1.7x one core's speed for 1 face), a larger one is cut into chunks of that
-    size that run at once, one per core on single-threaded streams (AsyncInferQueue; a second
-    compilation, made on first use): on the 2-core CPU batches of 32 so ran 1.02-1.06x (idle) to
-    1.2x (busy) faster under INT8 MobileFaceNet, and 1.1-1.5x under float32, than as one inference
-    over both cores, whose threads wait for each other after every layer (docs/benchmarks.md)."""
+    over all cores (for 1 face 1.6-1.7x one core's speed at load 3 on the 2-core CPU), a larger
+    one is cut into chunks of that size that run at once, one per core on single-threaded streams
+    (AsyncInferQueue; a second compilation, made on first use). Batches of 32 so ran 1.02-1.05x
+    (nearly idle) to 1.1-1.2x (busy) faster under INT8 MobileFaceNet, and 1.1-1.5x under float32,
+    than as one inference over both cores, whose threads wait for each other after every layer
+    (docs/benchmarks.md, "CPU deployment")."""
     import openvino as ov
 
     def compiled(hint: dict[str, object]) -> object:
