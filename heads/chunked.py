@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from heads.core import fix_target_terms, mm_f32, operand_dtype
+from heads.core import fix_target_terms, gradient_dtype, mm_f32, operand_dtype
 
 
 class ChunkedEngine:
@@ -89,7 +89,7 @@ class ChunkedEngine:
         K = self.subcenters
         C = weight.shape[0] // K
         dxn = torch.zeros_like(xn)
-        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        dw = torch.empty(weight.shape, dtype=gradient_dtype(weight), device=weight.device)
         target_rows = labels if target_rows is None else target_rows
         target_sub = target_rows - labels * K  # the sub-center each c_y came from
         for c0 in range(0, C, self.block):

@@ -47,9 +47,10 @@ class Engine(Protocol):
         t: float | Tensor,
         target_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(dL/dxn (B x D), dL/dweight (C x D) in weight's dtype) given g = dL/d(row loss), dcy = dL/dc_y.
-        `target_rows`: the row of weight each c_y came from (`target_cosines`; -1 for a sharded head's
-        rows another rank owns), which takes dcy; None: the labels (one row per class).
+        """(dL/dxn (B x D), dL/dweight (C x D) in `gradient_dtype(weight)`) given g = dL/d(row
+        loss), dcy = dL/dc_y. `target_rows`: the row of weight each c_y came from (`target_cosines`;
+        -1 for a sharded head's rows another rank owns), which takes dcy; None: the labels (one row
+        per class).
         The dW returned becomes weight.grad as it is (no copy), so engines allocate it once, C x D."""
         ...
 
@@ -59,6 +60,14 @@ class Engine(Protocol):
 FUSED_DIM_MULTIPLE = 8
 OPERANDS = ("auto", "fp32", "bf16", "fp16")
 _NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gradient_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype autograd keeps weight.grad in: torch's `grad_dtype` where it is set (a bf16 gradient of
+    the fp32 head weight halves the backward's largest write, C x D; heads/head_sgd.py's step reads
+    it), else weight's own. Engines write dW in it, so autograd takes their buffer without a cast. A
+    non-leaf (Partial FC's sampled rows) has none: its gradient flows on, cast where it lands."""
+    return (weight.is_leaf and getattr(weight, "grad_dtype", None)) or weight.dtype
 
 
 def operand_dtype(
@@ -297,9 +306,9 @@ def backward_through_engine(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor | No
     # backward may run on a thread with autocast on; the head's contract is fp32
     with torch.autocast(xn.device.type, enabled=False):
         dxn, dw = ctx.engine.backward(xn, weight, rw, labels, psi, lse, g, dcy, s, ctx.t, rows)
-    # engines write dW in weight's dtype: handed to autograd as it is, it becomes weight.grad
+    # engines write dW in the gradient's dtype: handed to autograd as it is, it becomes weight.grad
     # without a second C x D buffer (with zero_grad(set_to_none=True), PyTorch's default)
-    return dxn, dw.to(weight.dtype), dnorms
+    return dxn, dw.to(gradient_dtype(weight)), dnorms
 
 
 def head_rows(

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from heads.core import FUSED_DIM_MULTIPLE, fix_target_terms, mm_f32, operand_dtype
+from heads.core import FUSED_DIM_MULTIPLE, fix_target_terms, gradient_dtype, mm_f32, operand_dtype
 
 try:
     import triton
@@ -931,7 +931,7 @@ class FusedEngine:
         gbuf = torch.empty((B, ck_max * K), dtype=op, device=x.device)
         target_rows = labels if target_rows is None else target_rows
         dx = torch.zeros((B, D), dtype=torch.float32, device=x.device)
-        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        dw = torch.empty(weight.shape, dtype=gradient_dtype(weight), device=weight.device)
         rows = (
             labels.to(torch.int32),
             thr,

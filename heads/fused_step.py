@@ -57,7 +57,7 @@ if triton is not None:
         m = rmask[:, None] & (ds < D)[None, :]
         at = rows.to(tl.int64)[:, None] * D + ds[None, :]
         w = tl.load(W + at, mask=m, other=0.0)
-        d = tl.load(GRAD + at, mask=m, other=0.0)
+        d = tl.load(GRAD + at, mask=m, other=0.0).to(tl.float32)  # fp32 or bf16 (weight.grad_dtype)
         if SCALED:
             d = d * tl.load(SCALE)
         if DECAY:
