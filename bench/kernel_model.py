@@ -77,14 +77,15 @@ ARCHS = {
 @dataclass(frozen=True)
 class Shape:
     """The step: its sizes, whether the forward keeps the B x C cosines for the backward
-    (FusedEngine(save_logits=True)) instead of the backward recomputing them, and the sub-centers
-    per class (K: W has C K rows)."""
+    (FusedEngine(save_logits=True)) instead of the backward recomputing them, the sub-centers
+    per class (K: W has C K rows), and the dtype the backward writes dW in and the step reads."""
 
     B: int
     D: int
     C: int
     save_logits: bool = False
     subcenters: int = 1
+    grad: str = "fp32"  # the head weight's gradient (weight.grad_dtype): fp32, or bf16 (half the bytes)
 
     @property
     def rows(self) -> int:
@@ -247,16 +248,16 @@ def fwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
 
 
 def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
-    """`_bwd_kernel`, once per chunk of ck classes, one program per class tile. Phase 1, per batch
-    tile: the cosine tile (recomputed: Wn tile and X re-read; or the saved cosines read from memory),
-    G = dL/dcos written into the B x ck block (it stays in L2 for phase 2 and the dX product), h in
-    registers. Phase 2, per D slab (2 BD wide): dW tile = G^T X over the batch (the program's G
-    columns re-read once per slab, from L2; X once more per class tile), the Wn tile in the epilogue,
-    dW written in W's dtype (fp32). With K sub-centers: phase 1 K cosine tiles (their max and argmax),
-    G K columns a class (zero but at the argmax), phase 2 once per sub-center row. Epilogue SASS
-    (bench/kernels.py's first MMA loop's surround): per logit of phase 1 when it recomputes; per dW
-    element of phase 2 with saved cosines (phase 1 then has no MMA loop and its per-logit
-    instructions are not counted)."""
+    """`_bwd_kernel`, once per chunk of ck classes, one program per class tile. Phase 1, per batch tile:
+    the cosine tile (recomputed: Wn tile and X re-read; or the saved cosines read from memory), G =
+    dL/dcos written into the B x ck block (it stays in L2 for phase 2 and the dX product), h in
+    registers. Phase 2, per D slab (2 BD wide): dW tile = G^T X over the batch (the program's G columns
+    re-read once per slab, from L2; X once more per class tile), the Wn tile in the epilogue, dW written
+    in the gradient's dtype (`Shape.grad`: fp32, or bf16). With K sub-centers: phase 1 K cosine tiles
+    (their max and argmax), G K columns a class (zero but at the argmax), phase 2 once per sub-center
+    row. Epilogue SASS (bench/kernels.py's first MMA loop's surround): per logit of phase 1 when it
+    recomputes; per dW element of phase 2 with saved cosines (phase 1 then has no MMA loop and its
+    per-logit instructions are not counted)."""
     ck_max = _chunk(s, op)
     ck = min(ck_max, s.C)  # FusedEngine.backward: the last chunk may be shorter
     launches = _cdiv(s.C, ck_max)
@@ -276,7 +277,7 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
         Z=Buf(op, z),
         ZA=Buf("i8", z if K > 1 else (1, 1)),
         G=Buf(op, (s.B, ck_max * K)),
-        DW=Buf("fp32", (s.rows, s.D)),
+        DW=Buf(s.grad, (s.rows, s.D)),
         TROW=Buf("i32", (s.B,)),
         B=s.B,
         D=s.D,
@@ -319,7 +320,7 @@ def bwd(s: Shape, cfg: Config, op: str, arch: Arch, resident: int) -> Work:
             fresh=True,
             live=resident * s.B * cfg.bc * BYTES[op],
         ),
-        Stream("DW", s.rows * s.D * 4, write=True),
+        Stream("DW", s.rows * s.D * BYTES[s.grad], write=True),
     ]
     products = 1 if s.save_logits else 2
     if s.save_logits:
@@ -350,24 +351,25 @@ def dx_product(s: Shape, op: str, arch: Arch) -> Work:
 
 def grad_norm(s: Shape, op: str, arch: Arch) -> Work:
     """The trainer's `head_parallel.clip_grad_norm`, every step (the divergence guard reads the norm
-    even with clipping off): torch's foreach norm reads the fp32 C x D head gradient once. The clip's
+    even with clipping off): one norm reads the C x D head gradient once (fp32 or bf16). The clip's
     multiply by min(1, max / norm) is none with clipping off, and folded into the fused SGD pass with
     it on (FusedHeadSGD.defer_grad_scale)."""
-    return Work((1,), 1, 0.0, [Stream("dW (fp32)", s.rows * s.D * 4)])
+    return Work((1,), 1, 0.0, [Stream(f"dW ({s.grad})", s.rows * s.D * BYTES[s.grad])])
 
 
 def sgd_step(s: Shape, op: str, arch: Arch) -> Work:
     """heads.fused_step's `_sgd_step_kernel` (FusedHeadSGD, the trainer's SGD, with the fused engine):
-    one pass, `normalize_block(D)` whole rows a program, reads W, dW (times the clip's factor as it
-    reads it: no clip pass) and the momentum (fp32), writes W and the momentum, and from the new W in
-    registers the inverse norms and Wn (operand dtype) that the next forward reads (so no normalize
-    pass: 22 bytes per element against torch's foreach SGD's 44, the clip's multiply's 8 and the
-    normalize pass's 6)."""
+    one pass, `normalize_block(D)` whole rows a program, reads W and the momentum (fp32) and dW (fp32
+    or bf16; times the clip's factor as it reads it: no clip pass), writes W and the momentum, and
+    from the new W in registers the inverse norms and Wn (operand dtype) that the next forward reads
+    (so no normalize pass: 22 bytes per element, 20 with a bf16 dW, against torch's foreach SGD's 44,
+    the clip's multiply's 8 and the normalize pass's 6)."""
     from heads.fused import normalize_block
 
     n = s.rows * s.D * 4
     streams = [
-        Stream("W, dW, momentum (fp32)", 3 * n),
+        Stream("W, momentum (fp32)", 2 * n),
+        Stream(f"dW ({s.grad})", s.rows * s.D * BYTES[s.grad]),
         Stream("W, momentum (written)", 2 * n, write=True),
         Stream("Wn", s.rows * s.D * BYTES[op], write=True),
         Stream("RW", s.rows * 4, write=True),
@@ -377,7 +379,7 @@ def sgd_step(s: Shape, op: str, arch: Arch) -> Work:
     # the trainer's defaults, clipping on: every branch but Nesterov's
     args = dict(
         W=big,
-        GRAD=big,
+        GRAD=Buf(s.grad, (s.rows, s.D)),
         SCALE=Buf("fp32", (1,)),
         BUF=big,
         RW=Buf("fp32", (s.rows,)),

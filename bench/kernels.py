@@ -2,7 +2,7 @@
 compiler made of it; beside it, a model of the step's time at the headline shape.
 
     python -m bench.kernels --out DIR [--arch sm_90,sm_80] [--dtypes fp16,bf16] [--configs all|first]
-                            [--subcenters K] [--time]
+                            [--subcenters K] [--grad-dtype fp32|bf16] [--time]
 
 Kernels: every autotuned Triton kernel in heads.fused (found by type, with the config list its tuner
 holds); each needs its description in bench/kernel_model.py `WORK` (a missing one is one error line).
@@ -11,7 +11,9 @@ DIR/<kernel>[_saved]_<dtype>_<config>_<arch>.ptx and .cubin, and a row (mode: "r
 backward recomputes the cosines, the default; "saved", FusedEngine(save_logits=True): the forward
 writes them and the backward reads them; the SAVE/SAVED constexprs compile different code;
 `--subcenters K` > 1: sub-center ArcFace's K rows a class, the K constexpr, C K rows of W, files
-<kernel>[_saved]_k<K>_..., the configs a launch with K > 1 may take, `heads.fused.configs_for`):
+<kernel>[_saved]_k<K>_..., the configs a launch with K > 1 may take, `heads.fused.configs_for`;
+`--grad-dtype bf16`: the head weight's gradient in bf16 (weight.grad_dtype, the trainer's
+head.grad_dtype): the backward writes dW in it and the step reads it, files bwd[_saved]_gbf16_...):
 registers and spill bytes (ptxas -v), shared memory (Triton's launch request), blocks per SM
 (registers in 256-register warp units, shared memory with 1 KB reserved per block, and warps, against
 the arch's limits), the MMA instructions in the PTX, the wgmma wait depths (N of
@@ -68,6 +70,7 @@ from bench.kernel_model import (
 from common.cli import CliParser, UserError, run_cli
 
 DTYPES = ("fp16", "bf16")
+GRAD_DTYPES = ("fp32", "bf16")  # Shape.grad
 # Shape.save_logits -> the mode's name: the backward recomputes the cosines, or reads the saved ones
 MODES = {False: "recompute", True: "saved"}
 _MODE_FILE = {False: "", True: "_saved"}
@@ -101,6 +104,7 @@ class Variant:
     bound: str
     measured_ms: float | None = None
     subcenters: int = 1  # K: the sub-center rows a class
+    grad: str = "fp32"  # the dW dtype the backward writes (Shape.grad)
 
     @property
     def mma_16bit(self) -> bool:
@@ -263,6 +267,7 @@ def inspect(
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     if out is not None:
         k = f"_k{shape.subcenters}" if shape.subcenters > 1 else ""
+        k += f"_g{shape.grad}" if shape.grad != "fp32" and "DW" in work.args else ""
         stem = out / f"{name}{_MODE_FILE[shape.save_logits]}{k}_{dtype}_{cfg.tag}_{arch.name}"
         stem.with_suffix(".ptx").write_text(ptx)
         stem.with_suffix(".cubin").write_bytes(cubin)
@@ -296,6 +301,7 @@ def inspect(
         round(p.seconds * 1e3, 4),
         p.bound,
         subcenters=shape.subcenters,
+        grad=shape.grad if "DW" in work.args else "fp32",
     )
 
 
@@ -308,8 +314,8 @@ def variant_table(rows: list[Variant]) -> str:
     for v in rows:
         mma = ", ".join(m.replace(".sync.aligned", "") for m in v.mma) or "none (FMA)"
         lines.append(
-            f"| {v.kernel}{' *' if v.first else ''} | {_mode(v.save_logits, v.subcenters)} | {v.dtype} | "
-            f"{v.config} | "
+            f"| {v.kernel}{' *' if v.first else ''} | {_mode(v.save_logits, v.subcenters, v.grad)} | "
+            f"{v.dtype} | {v.config} | "
             f"{v.arch} | {v.regs} | "
             f"{v.spill_stores}/{v.spill_loads} | {v.shared / 1024:.0f} | {v.blocks_per_sm} | {mma} | "
             f"{','.join(map(str, v.wgmma_waits)) or '-'} | {v.epilogue_per_elem} | {v.predicted_ms} | "
@@ -318,8 +324,12 @@ def variant_table(rows: list[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mode(save_logits: bool, subcenters: int) -> str:
-    return MODES[save_logits] + (f", K={subcenters}" if subcenters > 1 else "")
+def _mode(save_logits: bool, subcenters: int, grad: str = "fp32") -> str:
+    return (
+        MODES[save_logits]
+        + (f", K={subcenters}" if subcenters > 1 else "")
+        + (f", dW {grad}" if grad != "fp32" else "")
+    )
 
 
 def step_table(
@@ -345,7 +355,7 @@ def step_table(
     floor_ms = floor_seconds(shape, arch) * 1e3
     lines = [
         f"step model, {arch.name} ({arch.gpu}), {dtype}, "
-        f"cosines {_mode(shape.save_logits, shape.subcenters)}, "
+        f"cosines {_mode(shape.save_logits, shape.subcenters, shape.grad)}, "
         f"B={shape.B} D={shape.D} C={shape.C:,}:",
         "",
         "| part | first config | ms | fastest config | ms |",
@@ -379,6 +389,7 @@ def step_table(
         "dtype": dtype,
         "save_logits": shape.save_logits,
         "subcenters": shape.subcenters,
+        "grad": shape.grad,
         "first_ms": round(tot_first, 3),
         "fastest_ms": round(tot_best, 3),
         "floor_ms": round(floor_ms, 3),
@@ -426,7 +437,7 @@ def time_variants(
             if arch is None or v.arch != arch.name or v.kernel != name:
                 continue
             cfg = next(c for c in configs if c.tag == v.config)
-            mode = replace(shape, save_logits=v.save_logits, subcenters=v.subcenters)
+            mode = replace(shape, save_logits=v.save_logits, subcenters=v.subcenters, grad=v.grad)
             work = WORK[name](mode, cfg, v.dtype, arch, arch.sms)
             values = {
                 n: _tensor(buffers, n, a, device) if isinstance(a, Buf) else a for n, a in work.args.items()
@@ -557,6 +568,12 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--subcenters", type=int, default=1, help="K: sub-center rows per class (sub-center ArcFace), >= 1"
     )
+    p.add_argument(
+        "--grad-dtype",
+        choices=GRAD_DTYPES,
+        default="fp32",
+        help="the head weight's gradient (weight.grad_dtype): the dW the backward writes, the step reads",
+    )
     p.add_argument("--time", action="store_true", help="also launch and time each variant on this CUDA GPU")
     a = p.parse_args(argv)
     if a.subcenters < 1:
@@ -573,7 +590,7 @@ def run(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    shape = replace(HEADLINE, subcenters=a.subcenters)
+    shape = replace(HEADLINE, subcenters=a.subcenters, grad=a.grad_dtype)
     rows, text, summaries = compile_and_model(
         out, [ARCHS[x] for x in archs], dtypes, a.configs == "all", shape, timing=a.time
     )

@@ -31,7 +31,9 @@ class tile, two phases:
    dtype, into a B x chunk buffer) and h_j = sum_i G_ij cos_ij (fp32, in registers);
 2. dW for the tile, D slab (SLAB BD columns, 128 or 256) by slab: r_j (sum_i G_ij x_i - h_j Wn_j), the product
    over the batch reading back the G block the program just wrote (from L2), written straight into the
-   C x D gradient in W's dtype; that buffer is handed to autograd as weight.grad.
+   C x D gradient in `heads.core.gradient_dtype(weight)` (W's, or torch's weight.grad_dtype: a bf16
+   dW is half the saved mode's largest write, 1 of its 4 GB at C = 1M, D = 512; the sums stay fp32
+   until the one rounding); that buffer is handed to autograd as weight.grad.
 Then dX += G @ Wn_chunk: one cuBLAS product with an fp32 result (the sum over classes, which a
 class-parallel kernel would have to pass through memory per tile). The target column's entries,
 rounded in G, are made exact afterwards (`heads.core.fix_target_terms(normalized=True)`). No

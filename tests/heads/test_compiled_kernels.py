@@ -48,12 +48,12 @@ SUBCENTERS = (1, 2)  # K: one row a class, and sub-center ArcFace's max over 2
 
 
 @functools.cache
-def _variant(kernel: str, mode: str, arch: str, K: int):
+def _variant(kernel: str, mode: str, arch: str, K: int, grad: str = "fp32"):
     from bench.kernels import inspect, kernels
     from heads.fused import configs_for
 
     fn, configs = kernels()[kernel]
-    shape = replace(HEADLINE, save_logits=MODES[mode], subcenters=K)
+    shape = replace(HEADLINE, save_logits=MODES[mode], subcenters=K, grad=grad)
     return inspect(
         kernel, fn, configs_for(configs, K, ARCHS[arch].cc >= 90)[0], True, "bf16", ARCHS[arch], shape
     )
@@ -68,23 +68,31 @@ def _criteria(kernel: str, arch: str):
 
 
 def _cases():
-    for K in SUBCENTERS:
-        for kernel in WORK:
-            for mode in MODES:
-                for arch in ("sm_90", "sm_80"):
-                    for crit in _criteria(kernel, arch):
-                        why = KNOWN.get((kernel, mode, arch, crit))
-                        marks = [pytest.mark.xfail(strict=True, reason=f"{why}, {ISSUE}")] if why else []
-                        k = f"-k{K}" if K > 1 else ""
-                        yield pytest.param(
-                            kernel, mode, arch, crit, K, marks=marks, id=f"{kernel}-{mode}{k}-{arch}-{crit}"
-                        )
+    # K sub-centers; and the backward writing a bf16 dW (weight.grad_dtype: other dW tiles to store)
+    variants = [(kernel, K, "fp32") for K in SUBCENTERS for kernel in WORK] + [("bwd", 1, "bf16")]
+    for kernel, K, grad in variants:
+        for mode in MODES:
+            for arch in ("sm_90", "sm_80"):
+                for crit in _criteria(kernel, arch):
+                    why = KNOWN.get((kernel, mode, arch, crit))
+                    marks = [pytest.mark.xfail(strict=True, reason=f"{why}, {ISSUE}")] if why else []
+                    tag = (f"-k{K}" if K > 1 else "") + (f"-g{grad}" if grad != "fp32" else "")
+                    yield pytest.param(
+                        kernel,
+                        mode,
+                        arch,
+                        crit,
+                        K,
+                        grad,
+                        marks=marks,
+                        id=f"{kernel}-{mode}{tag}-{arch}-{crit}",
+                    )
 
 
 @pytest.mark.skipif(not _has_cuobjdump(), reason="triton's bundled cuobjdump is missing: no SASS to read")
-@pytest.mark.parametrize(("kernel", "mode", "arch", "criterion", "K"), list(_cases()))
-def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion, K):
-    v = _variant(kernel, mode, arch, K)
+@pytest.mark.parametrize(("kernel", "mode", "arch", "criterion", "K", "grad"), list(_cases()))
+def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion, K, grad):
+    v = _variant(kernel, mode, arch, K, grad)
     if criterion == "tensor_cores_16bit":
         assert v.mma_16bit, f"{kernel} {arch}: MMA instructions {v.mma or 'none (FMA units)'}"
     elif criterion == "no_spills":
@@ -97,15 +105,19 @@ def test_compiled_kernel_meets_issue_23(kernel, mode, arch, criterion, K):
         assert v.in_flight, f"{kernel} {arch}: wgmma.wait_group depths {v.wgmma_waits}"
 
 
+@pytest.mark.parametrize("grad", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-def test_the_fused_sgd_step_compiles_without_spills(arch: str) -> None:
+def test_the_fused_sgd_step_compiles_without_spills(arch: str, grad: str) -> None:
     """heads/fused_step.py's one pass at D = 512 (its block: normalize_block(512) rows, STEP_WARPS
-    warps), the clip's factor, momentum and weight decay on: no spills (W, dW and the momentum of a
-    block held at once), and two blocks per SM at least, so enough loads are in flight for the HBM."""
+    warps), the clip's factor, momentum and weight decay on, an fp32 or bf16 gradient: no spills (W,
+    dW and the momentum of a block held at once), and two blocks per SM at least, so enough loads are
+    in flight for the HBM."""
     from bench.kernels import _REGS, _SPILL, blocks_per_sm, compile_variant
     from heads.fused_step import STEP_WARPS, _sgd_step_kernel
 
-    args = STEP["SGD step + Wn, r (Triton, fused)"](HEADLINE, "bf16", ARCHS[arch]).args
+    shape = replace(HEADLINE, grad=grad)
+    args = STEP["SGD step + Wn, r (Triton, fused)"](shape, "bf16", ARCHS[arch]).args
+    assert args["GRAD"].dtype == grad
     compiled, log = compile_variant(_sgd_step_kernel, args, Config((), STEP_WARPS, 1), ARCHS[arch])
     assert _SPILL.search(log).groups() == ("0", "0"), log
     regs = int(_REGS.search(log).group(1))
@@ -205,8 +217,16 @@ def test_descriptions_follow_the_launch_structure():
     n = 1_000_000 * 512
     norm, sgd = (f(s, "bf16", arch) for f in STEP.values())
     assert sum(st.bytes for st in norm.streams) == 4 * n
-    assert stream(sgd, "W, dW, momentum (fp32)").bytes == 12 * n and stream(sgd, "Wn").bytes == 2 * n
+    assert stream(sgd, "W, momentum (fp32)").bytes == 8 * n and stream(sgd, "dW (fp32)").bytes == 4 * n
+    assert stream(sgd, "Wn").bytes == 2 * n
     assert sum(st.bytes for st in sgd.streams if st.write) == 10 * n + 4 * 1_000_000
+    # a bf16 gradient (weight.grad_dtype): the backward writes, the norm and the step read half the bytes
+    g16 = replace(saved, grad="bf16")
+    db = WORK["bwd"](g16, cfg, "bf16", arch, 264)
+    assert db.args["DW"].dtype == "bf16" and stream(db, "DW").bytes == stream(ds, "DW").bytes / 2
+    norm16, sgd16 = (f(g16, "bf16", arch) for f in STEP.values())
+    assert sum(st.bytes for st in norm16.streams) == 2 * n
+    assert stream(sgd16, "dW (bf16)").bytes == 2 * n and sgd16.args["GRAD"].dtype == "bf16"
     # K = 2 sub-centers: W, its products, G and dW twice as large, the logits (and saved cosines) not
     s2 = replace(s, subcenters=2)
     f2, d2 = WORK["fwd"](s2, cfg, "bf16", arch, 264), WORK["bwd"](s2, cfg, "bf16", arch, 264)
@@ -222,7 +242,8 @@ def test_descriptions_follow_the_launch_structure():
 
 def test_the_descriptions_launch_the_kernels_they_describe():
     """Each kernel launched with its description's arguments and grid (bench/kernels.py --time's
-    path), in both modes, with and without sub-centers, and the head step's Triton pass with STEP's,
+    path), in both modes, with and without sub-centers, the backward also writing a bf16 dW, and the
+    head step's Triton pass with STEP's (fp32 and bf16 gradients),
     at a toy shape under TRITON_INTERPRET=1, in a subprocess (the variable must be set before triton
     is imported): a description that no longer matches its kernel's signature fails here."""
     code = (
@@ -232,9 +253,12 @@ def test_the_descriptions_launch_the_kernels_they_describe():
         "rows = [Variant(n, 'fp16', c[-1].tag, 'sm_90', True, saved, 0, 0, 0, 0, 1, [], [], None, 0.0, '',\n"
         "                subcenters=k)\n"
         "        for n, (fn, c) in found.items() for saved in (False, True) for k in (1, 2)]\n"
+        "rows += [Variant('bwd', 'fp16', found['bwd'][1][-1].tag, 'sm_90', True, saved, 0, 0, 0, 0, 1, [],\n"
+        "                 [], None, 0.0, '', grad='bf16') for saved in (False, True)]\n"
         "time_variants(rows, found, Shape(64, 64, 256), device='cpu', arch=ARCHS['sm_90'], repeats=1)\n"
-        "step = time_step_pass(Shape(64, 64, 256), ARCHS['sm_90'], 'fp16', device='cpu', repeats=1)\n"
-        "print(({(v.kernel, v.save_logits, v.subcenters): v.measured_ms for v in rows}, step))\n"
+        "step = min(time_step_pass(Shape(64, 64, 256, grad=g), ARCHS['sm_90'], 'fp16', device='cpu',\n"
+        "                          repeats=1) for g in ('fp32', 'bf16'))\n"
+        "print(({(v.kernel, v.save_logits, v.subcenters, v.grad): v.measured_ms for v in rows}, step))\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
@@ -242,7 +266,8 @@ def test_the_descriptions_launch_the_kernels_they_describe():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured, step = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
-    assert set(measured) == {(n, saved, k) for n in WORK for saved in (False, True) for k in (1, 2)}, measured
+    expected = {(n, saved, k, "fp32") for n in WORK for saved in (False, True) for k in (1, 2)}
+    assert set(measured) == expected | {("bwd", saved, 1, "bf16") for saved in (False, True)}, measured
     assert all(ms > 0 for ms in measured.values()) and step > 0, (measured, step)
 
 

@@ -41,9 +41,10 @@ def _setup():
 
     small = {"fwd": FWD_CONFIGS[-1], "bwd": BWD_CONFIGS[-1]}  # 64 x 64 tiles: the quickest to interpret
 
-    def fused(x, w, y, margin, s, t, gamma=0.0, dtype=torch.float32, **eng):
+    def fused(x, w, y, margin, s, t, gamma=0.0, dtype=torch.float32, grad_dtype=None, **eng):
         x = x.to(dtype).requires_grad_()
         w = w.to(dtype).requires_grad_()
+        w.grad_dtype = grad_dtype  # torch's: None keeps w's dtype
         engine = FusedEngine(**{"configs": small, "chunk": 64, **eng})
         rows, correct = head_rows(F.normalize(x.float(), dim=1), w, y, margin, 0, s, t, engine)
         loss = focal(rows, gamma).mean()
@@ -207,6 +208,26 @@ def case_pointer_tiles_as_on_an_a100() -> None:
         ref2, head = _subcenter_heads(2, "arcface", tma=False, save_logits=save, deterministic=True)
         want, got = head_two_steps(ref2, xs, ws, ys), head_two_steps(head, xs, ws, ys, torch.float32)
         assert max(rel_err(p, q) for g, e in zip(got, want) for p, q in zip(g, e)) < 1e-5, save
+
+
+def case_bf16_weight_gradient() -> None:
+    """weight.grad_dtype = bf16 (the trainer's head.grad_dtype): the backward writes dW in bf16 (both
+    modes, descriptor and pointer stores), each element float64's to within one bf16 step (2^-7
+    relative: the interpreter's fp32 -> bf16 conversion truncates, where a GPU rounds to nearest,
+    2^-8); loss and dX as with an fp32 dW."""
+    torch, build_margin, data, ref, fused, close = _setup()
+    x, w, y = data(37, 150, 72, seed=8)
+    margin = build_margin("arcface", 0.5)
+    e = ref(x, w, y, margin, 64.0, 1.1)
+    for save, tma in ((False, None), (True, None), (True, False)):
+        g = fused(x, w, y, margin, 64.0, 1.1, grad_dtype=torch.bfloat16, save_logits=save, tma=tma)
+        assert g[2].dtype == torch.bfloat16, g[2].dtype
+        close(g[0], e[0], 2e-5)
+        close(g[1], e[1], 2e-5)
+        err = (g[2].double() - e[2]).abs()
+        bound = 2.0**-7 * e[2].abs() + 2e-5 * e[2].abs().max()
+        assert (err <= bound).all(), (save, tma, (err - bound).max().item())
+        assert (g[2].double() != e[2].to(torch.float32).double()).any()  # it was rounded, not fp32
 
 
 def case_extremes_finite() -> None:
