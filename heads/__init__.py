@@ -41,14 +41,22 @@ any number of ranks; building a head draws nothing from torch's global generator
 Memory per class (C x D weight, fp32 master): the weight (4 D bytes), its gradient (4 D bytes: the
 buffer the engine writes becomes `weight.grad` without a copy when the optimizer zeroes with
 `set_to_none=True`, PyTorch's default; otherwise autograd adds it into the existing gradient), and
-the optimizer's state (SGD momentum: 4 D bytes). Working memory does not grow with C: chunked holds
-a few B x block fp32 temporaries, fused 12 x B bytes per program forward and a B x chunk block (2
-bytes each; K columns a class with sub-centers, the chunk 1/K as wide) plus a chunk of W in fp16
-backward (see heads/fused.py). The reference holds several B x C tensors.
+the optimizer's state (SGD momentum: 4 D bytes). `weight.grad` is in `heads.core.gradient_dtype`:
+torch's `weight.grad_dtype` where it is set on the leaf weight (torch >= 2.10), else the weight's
+dtype. `head.weight.grad_dtype = torch.bfloat16` (the trainer's `head.grad_dtype: bfloat16`; the
+default stays float32) makes the engines write dW in bf16, 2 D bytes a class, half the backward's
+largest write: each element is summed over the batch in fp32 and then rounded (2^-9 relative).
+`FusedHeadSGD` steps the fp32 weight and momentum with it; torch's AdamW fails on it, and autograd
+would add a second backward's gradient into it in bf16, so the trainer refuses both. Working memory
+does not grow with C: chunked holds a few B x block fp32 temporaries, fused 12 x B bytes per program
+forward and a B x chunk block (2 bytes each; K columns a class with sub-centers, the chunk 1/K as
+wide) plus a chunk of W in fp16 backward (see heads/fused.py). The reference holds several B x C
+tensors.
 
 Optimizer: `heads.head_sgd.FusedHeadSGD(params, head=head, **sgd_options)` is torch.optim.SGD whose
 step of `head.weight` on the fused engine is one Triton pass that also makes the next forward's
-16-bit copy of W (heads/fused_step.py); the trainer's "sgd" is it.
+16-bit copy of W (heads/fused_step.py; it reads an fp32 or bf16 gradient); elsewhere torch steps a
+bf16 gradient as an fp32 copy, so the momentum stays fp32. The trainer's "sgd" is it.
 
 The forward is kept out of `torch.compile` graphs (`torch.compiler.disable`): compile the backbone;
 the head runs eagerly, so its Python-int training step (`set_step`) never becomes a Dynamo guard

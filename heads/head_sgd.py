@@ -2,13 +2,17 @@
 pass (SGD with momentum, and the next forward's Wn and inverse norms) where that applies.
 
 Where it applies: the head's own weight, when the head runs the fused engine (so on CUDA, or under
-TRITON_INTERPRET=1), with an fp32 contiguous weight, gradient and momentum, float lr and weight
-decay, no `maximize` or `differentiable`. Everything else steps through torch.optim.SGD itself:
-the backbone's parameters, a head on the chunked engine, Partial FC's sampled rows (heads.sharded's
-`sampled_rows` steps a stand-in parameter in the weight's place); trainer/optim.py builds torch's
-AdamW for "adamw", and the normalize pass then stays. The trainer's order is unchanged: GradScaler
-unscales and skips a step with infinite gradients, and the clip by the global norm runs, before
-`step()`, which reads the gradient as they left it; the clip's multiply of the head's gradient may
+TRITON_INTERPRET=1), with an fp32 contiguous weight and momentum, an fp32 or bf16 contiguous
+gradient (bf16 where `weight.grad_dtype` asks for it: the trainer's head.grad_dtype), float lr and
+weight decay, no `maximize` or `differentiable`. Everything else steps through torch.optim.SGD
+itself: the backbone's parameters, a head on the chunked engine, Partial FC's sampled rows
+(heads.sharded's `sampled_rows` steps a stand-in parameter in the weight's place); trainer/optim.py
+builds torch's AdamW for "adamw", and the normalize pass then stays. The trainer's order is
+unchanged: GradScaler unscales and skips a step with infinite gradients, and the clip by the global
+norm runs, before `step()`, which reads the gradient as they left it. Where torch steps a parameter
+whose gradient has another dtype (a bf16 gradient of the fp32 head weight on the chunked engine), it
+steps a copy of the gradient in the parameter's dtype, so the momentum stays fp32 (torch's SGD would
+make it bf16), and puts the gradient back as it was. The clip's multiply of the head's gradient may
 be handed to the step (`defer_grad_scale`: the kernel multiplies as it reads, as the clip's own
 in-place multiply would round, and no pass over the C x D gradient is made for it). Triton is
 imported only when the fused step runs.
@@ -18,6 +22,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+# the gradients the fused step reads: fp32, or bf16 where the weight's grad_dtype asks for it
+_GRAD_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class FusedHeadSGD(torch.optim.SGD):
@@ -63,8 +70,10 @@ class FusedHeadSGD(torch.optim.SGD):
         if getattr(head, "sampled", None) is not None:  # Partial FC: sampled_rows steps a stand-in
             return None
         buf = self.state.get(p, {}).get("momentum_buffer")
-        tensors = (p, p.grad) if buf is None else (p, p.grad, buf)
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        kept = (p,) if buf is None else (p, buf)
+        if any(t.dtype != torch.float32 for t in kept) or p.grad.dtype not in _GRAD_DTYPES:
+            return None
+        if not all(t.is_contiguous() for t in (*kept, p.grad)):
             return None
         return head.engine("fused")
 
@@ -75,19 +84,28 @@ class FusedHeadSGD(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         fused = []  # (group, parameter, its gradient, engine)
+        widened = []  # (parameter, its gradient, its grad_dtype): torch steps a copy in p's dtype
         for group in self.param_groups:
             for p in group["params"]:
                 engine = self._fused_engine(group, p)
                 if engine is not None:
                     fused.append((group, p, p.grad, engine))
                     p.grad = None  # torch's step skips a parameter without a gradient
-                elif p in self._grad_scales:  # deferred, but the fused step no longer applies
+                    continue
+                if p.grad is not None and p.grad.dtype != p.dtype:
+                    widened.append((p, p.grad, p.grad_dtype))
+                    p.grad_dtype = None  # any dtype: torch refuses a gradient other than grad_dtype
+                    p.grad = p.grad.to(p.dtype)
+                if p in self._grad_scales:  # deferred, but the fused step no longer applies
                     p.grad.mul_(self._grad_scales.pop(p))
         try:
             super().step()
         finally:
             for _, p, grad, _ in fused:
                 p.grad = grad
+            for p, grad, dtype in widened:
+                p.grad = grad
+                p.grad_dtype = dtype
         for group, p, _, engine in fused:
             self._fused_step(group, p, engine)
         return loss

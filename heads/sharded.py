@@ -364,7 +364,8 @@ def sampled_rows(optimizer: torch.optim.Optimizer, weight: Tensor, index: Tensor
     group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
     pos = next(i for i, p in enumerate(group["params"]) if p is weight)
     sub = nn.Parameter(weight.detach()[index])
-    sub.grad = None if weight.grad is None else weight.grad[index]
+    # in the weight's dtype: a bf16 gradient (head.grad_dtype) would give torch's SGD a bf16 momentum
+    sub.grad = None if weight.grad is None else weight.grad[index].to(sub.dtype)
     full = optimizer.state.pop(weight, {})
     rows = _row_state(full, weight)
     optimizer.state[sub] = {k: (v[index] if k in rows else v) for k, v in full.items()}
@@ -504,15 +505,18 @@ def head_bytes(
     optimizer_slots: int = 1,
     sample_rate: float = 1.0,
     elem: int = 4,
+    grad_elem: int | None = None,
 ) -> dict[str, int]:
     """Bytes per rank of the head's weight, gradient and optimizer state (the largest rank's shard).
 
     optimizer_slots: row-shaped state tensors (SGD momentum 1, Adam 2). The gradient is dense in both
-    modes; with sampling, `sampled_copies` is the step's copy of the sampled rows, their gradient and
-    state (forward gather and `sampled_rows`)."""
+    modes, `grad_elem` bytes an element (None: `elem`; 2 with a bf16 `grad_dtype`); with sampling,
+    `sampled_copies` is the step's copy of the sampled rows, their gradient and state (forward
+    gather and `sampled_rows`, which widens the gradient's rows to the weight's dtype)."""
     rows = num_classes if parallel == "replicate" else class_range(num_classes, 0, world)[1]
     one = rows * embed_dim * elem
-    out = {"weight": one, "grad": one, "optimizer": optimizer_slots * one}
+    grad = rows * embed_dim * (elem if grad_elem is None else grad_elem)
+    out = {"weight": one, "grad": grad, "optimizer": optimizer_slots * one}
     if sample_rate < 1.0:
         out["sampled_copies"] = int(sample_rate * rows) * embed_dim * elem * (2 + optimizer_slots)
     out["total"] = sum(out.values())

@@ -169,9 +169,9 @@ def unusable_reason(ckpt: Mapping[str, Any]) -> str | None:
 
 
 ABSORBED = (
-    "optim.*, schedule.*, head.s/m/t/parallel/sample_rate (not the class count), the process count "
-    "with loader.batch_size x processes kept, loader.workers/backend/prefetch, optim.accumulate, "
-    "checkpoint.*, validation.*, logging.*"
+    "optim.*, schedule.*, head.s/m/t/parallel/sample_rate/grad_dtype (not the class count), the "
+    "process count with loader.batch_size x processes kept, loader.workers/backend/prefetch, "
+    "optim.accumulate, checkpoint.*, validation.*, logging.*"
 )
 
 

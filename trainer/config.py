@@ -185,6 +185,13 @@ class HeadConfig:
         "largest of its K; every impl, replicated or sharded (whole classes per rank)",
         range=POSITIVE,
     )
+    grad_dtype: Literal["float32", "bfloat16"] = setting(
+        "float32",
+        "the head weight's gradient (C x D): bfloat16 halves its memory and the backward's and "
+        "the step's traffic over it (summed over the batch in fp32, each element then rounded, "
+        "2^-9 relative); needs optim.name=sgd, optim.accumulate=1, torch >= 2.10 and, on several "
+        "processes, a sharded head",
+    )
     sphereface: SphereFaceConfig = section(SphereFaceConfig, "head.margin=sphereface: the annealing")
     combined: CombinedConfig = section(CombinedConfig, "head.margin=combined: cos(m1 theta + m2) - m3")
     adaface: AdaFaceConfig = section(AdaFaceConfig, "head.margin=adaface: the norm-adaptive margin")
@@ -587,6 +594,31 @@ def _check_head(head: HeadConfig, src: Sources) -> None:
             raise UserError(f"{src.where(key)}: '{key}' applies to head.margin={margin}, not {head.margin}")
 
 
+def _check_head_grad_dtype(cfg: TrainConfig, src: Sources) -> None:
+    """head.grad_dtype=bfloat16 where the gradient's consumers take a bf16 gradient of the fp32
+    weight: FusedHeadSGD reads it (torch's AdamW fails on it), and a backward writes it whole (a
+    second micro-batch's would be added in bf16)."""
+    if cfg.head.grad_dtype == "float32":
+        return
+    where = f"{src.where('head.grad_dtype')}: 'head.grad_dtype' {cfg.head.grad_dtype}"
+    if cfg.optim.name != "sgd":
+        raise UserError(
+            f"{where} needs optim.name=sgd (torch's {cfg.optim.name} cannot step an fp32 weight "
+            f"with a bf16 gradient), got optim.name={cfg.optim.name}"
+        )
+    if cfg.optim.accumulate > 1:
+        raise UserError(
+            f"{where} needs optim.accumulate=1 (autograd would sum the micro-batches' gradients "
+            f"in bf16), got optim.accumulate={cfg.optim.accumulate}"
+        )
+    import torch
+
+    if not hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype"):
+        raise UserError(
+            f"{where} needs torch >= 2.10 (a parameter's grad_dtype); this is torch {torch.__version__}"
+        )
+
+
 def _check_validation(val: ValidationConfig, src: Sources) -> None:
     for name, folder in val.sets.items():
         key = f"validation.sets.{name}"
@@ -646,6 +678,7 @@ def check(cfg: TrainConfig, src: Sources | str = "config") -> None:
             f"of {FUSED_DIM_MULTIPLE} (its kernels read 16-byte rows), got {cfg.model.embedding_size}; "
             "use head.impl=auto (chunked for this size)"
         )
+    _check_head_grad_dtype(cfg, src)
     _check_validation(cfg.validation, src)
     try:
         dataclasses.replace(cfg.data.augment).validate()  # its rules across keys; on a copy: it edits

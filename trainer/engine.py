@@ -228,6 +228,7 @@ def build_parts(cfg: TrainConfig, info: dist_util.DistInfo) -> RunParts:
     both = BackboneAndHead(backbone, head).to(info.device)
     if cfg.model.channels_last:
         both = both.to(memory_format=torch.channels_last)
+    head_parallel.keep_gradient_in(head, cfg.head.grad_dtype, parallel, info.world_size)
     optimizer = build_optimizer(backbone, head, cfg.optim)
     total = cfg.schedule.steps or max(1, math.ceil(cfg.schedule.epochs * steps_per_epoch))
     dtype = resolve_dtype(cfg.precision.dtype, info.device)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from common.cli import UserError
 from heads import MarginHead
+from heads.core import gradient_dtype
 from heads.sharded import (
     ShardedMarginHead,
     gather_class_state,
@@ -65,6 +66,21 @@ def build_head(
         raise UserError(f"head.parallel={parallel}: {err}") from None
 
 
+def keep_gradient_in(head: nn.Module, grad_dtype: str, parallel: str, world: int) -> None:
+    """head.grad_dtype: the dtype autograd keeps the head weight's gradient in (torch's `grad_dtype`
+    on the leaf parameter, a sharded head's own rows; the engines write dW in it, and FusedHeadSGD
+    steps the fp32 weight and momentum with it). A head replicated over several processes keeps
+    float32: DDP's all-reduce buckets hold the parameter's dtype and refuse another gradient's."""
+    if grad_dtype == "float32":
+        return
+    if parallel == "replicate" and world > 1:
+        raise UserError(
+            f"head.grad_dtype={grad_dtype} with head.parallel=replicate on {world} processes: DDP "
+            "all-reduces the head's gradient in the weight's float32; use head.parallel=shard (or auto)"
+        )
+    head.weight.grad_dtype = getattr(torch, grad_dtype)
+
+
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
@@ -97,12 +113,12 @@ def clip_grad_norm(
     C x D head gradient); a parameter whose multiply `optimizer.defer_grad_scale` takes (the fused
     head step: no pass over the gradient) is left to the step."""
     if not sharded:
-        total = torch.nn.utils.get_total_norm([p.grad for p in backbone + head if p.grad is not None])
+        total = grad_norm([p.grad for p in backbone + head if p.grad is not None])
     else:
         squares = []
         for params in (backbone, head):
             grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=head[0].device)
+            norm = grad_norm(grads) if grads else torch.zeros((), device=head[0].device)
             squares.append(norm.float() ** 2)
         sq_b, sq_h = squares
         if dist.is_initialized():
@@ -116,6 +132,20 @@ def clip_grad_norm(
         ]
         torch.nn.utils.clip_grads_with_norm_(rest, max_norm, total)
     return total
+
+
+def grad_norm(grads: list[Tensor]) -> Tensor:
+    """torch.nn.utils.get_total_norm of `grads`, but a 16-bit gradient's (head.grad_dtype=bfloat16)
+    summed and returned in fp32, without an fp32 copy of it: torch's would be a bf16 norm, three
+    significant digits. With fp32 gradients alone it is torch's, bit for bit."""
+    narrow = [g for g in grads if g.itemsize < 4]
+    if not narrow:
+        return torch.nn.utils.get_total_norm(grads)
+    wide = [g for g in grads if g.itemsize >= 4]
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in narrow]
+    if wide:
+        norms.append(torch.nn.utils.get_total_norm(wide))
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, head: nn.Module, step_fn) -> None:
@@ -188,7 +218,8 @@ def describe(
     group = optimizer.param_groups[0]
     slots = 2 if "betas" in group else (1 if group.get("momentum", 0.0) else 0)
     rate = getattr(head, "sample_rate", 1.0)
-    b = head_bytes(C, D, world, parallel, slots, rate, elem=head.weight.element_size())
+    elem, grad_elem = head.weight.element_size(), gradient_dtype(head.weight).itemsize
+    b = head_bytes(C, D, world, parallel, slots, rate, elem=elem, grad_elem=grad_elem)
     sent = step_traffic(C, D, batch_per_rank, world, parallel, backend or "nccl")
     extra = f", sampled copies {_size(b['sampled_copies'])}" if "sampled_copies" in b else ""
     how = "all-reduce of its gradient" if parallel == "replicate" else "embedding gather + dX reduce"

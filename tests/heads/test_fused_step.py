@@ -17,6 +17,7 @@ import torch
 
 from heads import MarginHead
 from heads.head_sgd import FusedHeadSGD
+from tests._heads_util import needs_grad_dtype
 from tests._interpreter import cases_in, run_cases
 from tests._interpreter import interpreter_results as run_in_interpreter
 
@@ -142,6 +143,44 @@ def case_scaler_skip_and_clipping_as_the_trainer_runs_them() -> None:
     assert scalers[0].get_scale() == scalers[1].get_scale() < 1024.0
 
 
+def case_fused_step_reads_a_bf16_gradient() -> None:
+    """head.grad_dtype=bfloat16: the backward writes a bf16 weight.grad and the fused step reads it
+    (the kernel widens each element as it reads), with the clip's deferred factor on one step: torch's
+    SGD over grad.float() (times the factor), the momentum fp32; the gradient left as it came."""
+    from heads.fused import _weight_key
+
+    for options in OPTIONS:
+        head = _fused_head(seed=7)
+        head.weight.grad_dtype = torch.bfloat16
+        mirror = head.weight.detach().clone().requires_grad_()
+        fused = FusedHeadSGD(head.parameters(), head=head, lr=0.3, **options)
+        plain = torch.optim.SGD([mirror], lr=0.3, **options)
+        for step in range(3):
+            head(torch.randn(16, 40), torch.randint(0, 70, (16,))).backward()
+            grad = head.weight.grad
+            assert grad.dtype == torch.bfloat16, grad.dtype
+            kept = grad.clone()
+            mirror.grad = grad.float()
+            if step == 1:
+                factor = torch.tensor(0.37)
+                assert fused.defer_grad_scale(head.weight, factor)
+                mirror.grad.mul_(factor)
+            fused.step()
+            plain.step()
+            assert head.weight.grad is grad and torch.equal(grad, kept), "the step changed the gradient"
+            what = f"{options} step {step}"
+            assert head.engine("fused")._wn[0] == _weight_key(head.weight, torch.float32), (
+                f"not fused, {what}"
+            )
+            fused.zero_grad()
+            plain.zero_grad()
+            _within_2_ulp(head.weight.detach(), mirror.detach(), f"W, {what}")
+            if options.get("momentum"):
+                got = fused.state[head.weight]["momentum_buffer"]
+                assert got.dtype == torch.float32, what
+                _within_2_ulp(got, plain.state[mirror]["momentum_buffer"], f"momentum, {what}")
+
+
 def case_fused_step_and_the_deferred_clip_make_no_host_sync() -> None:
     """The step's selection, its launch, the engine's handover and the deferred clip factor run
     under tests/heads/test_host_syncs.py's NoHostSync (no .item(), no truth value of a tensor)."""
@@ -162,7 +201,9 @@ def case_fused_step_and_the_deferred_clip_make_no_host_sync() -> None:
 CASES = cases_in(globals())
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=needs_grad_dtype) if "bf16" in c else c for c in CASES]
+)
 def test_fused_step_case(case: str, interpreter_results: dict[str, str]) -> None:
     assert case in interpreter_results, f"{case} did not run in the interpreter subprocess"
     assert interpreter_results[case] == "ok", interpreter_results[case]
@@ -200,6 +241,35 @@ def test_torch_steps_whatever_the_fused_step_does_not_apply_to() -> None:
     assert opt._fused_engine(opt.param_groups[0], fused_head.weight) is not None
     with pytest.raises(ValueError, match="fused=True"):
         FusedHeadSGD(head.parameters(), head=head, lr=0.1, fused=True)
+
+
+@needs_grad_dtype
+def test_torch_steps_a_bf16_gradient_as_the_weights_fp32() -> None:
+    """The chunked engine's head with a bf16 weight.grad (head.grad_dtype), through GradScaler's
+    unscale as the trainer runs it: torch's step over the gradient's fp32 values, bit for bit, with
+    an fp32 momentum (torch's SGD handed the bf16 gradient makes a bf16 one); the gradient and the
+    weight's grad_dtype are put back as they came."""
+    head = MarginHead(30, 8, "cosface", impl="chunked", seed=2)
+    head.weight.grad_dtype = torch.bfloat16
+    mirror = head.weight.detach().clone().requires_grad_()
+    ours = FusedHeadSGD(head.parameters(), head=head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ref = torch.optim.SGD([mirror], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    for _ in range(3):
+        scaler.scale(head(torch.randn(6, 8), torch.randint(0, 30, (6,)))).backward()
+        scaler.unscale_(ours)
+        grad = head.weight.grad
+        assert grad.dtype == torch.bfloat16, grad.dtype
+        mirror.grad = grad.float()
+        scaler.step(ours)
+        scaler.update()
+        ref.step()
+        assert head.weight.grad is grad and head.weight.grad_dtype == torch.bfloat16
+        ours.zero_grad()
+        ref.zero_grad()
+    assert torch.equal(head.weight.detach(), mirror.detach())
+    buf = ours.state[head.weight]["momentum_buffer"]
+    assert buf.dtype == torch.float32 and torch.equal(buf, ref.state[mirror]["momentum_buffer"])
 
 
 if __name__ == "__main__":

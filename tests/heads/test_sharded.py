@@ -25,6 +25,7 @@ from heads.sharded import (
     slice_class_state,
     step_traffic,
 )
+from tests._heads_util import needs_grad_dtype
 
 # run as a module from ROOT: as a script, tests/ would come first on the path and tests/heads/
 # would shadow the heads package
@@ -202,22 +203,29 @@ def test_sampled_step_leaves_unsampled_rows_and_their_state_untouched(opt_name: 
     assert set(opt.state) == {head.weight}
 
 
-def test_sampled_step_rows_follow_sgd() -> None:
-    """The sampled rows get exactly the dense SGD update of those rows."""
+@pytest.mark.parametrize(
+    "grad_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_grad_dtype)], ids=str
+)
+def test_sampled_step_rows_follow_sgd(grad_dtype: torch.dtype) -> None:
+    """The sampled rows get exactly the dense SGD update of those rows; a bf16 gradient
+    (head.grad_dtype) steps as its fp32 values, the momentum fp32."""
     torch.manual_seed(1)
     head = ShardedMarginHead(50, 4, sample_rate=0.2, impl="chunked")
+    if grad_dtype != torch.float32:
+        head.weight.grad_dtype = grad_dtype
     dense = torch.nn.Parameter(head.weight.detach().clone())
     opt = torch.optim.SGD([head.weight], lr=0.3, momentum=0.9, weight_decay=0.01)
     ref = torch.optim.SGD([dense], lr=0.3, momentum=0.9, weight_decay=0.01)
     head(torch.randn(6, 4), torch.randint(0, 50, (6,))).backward()
     idx = head.sampled
-    dense.grad = head.weight.grad.clone()
+    assert head.weight.grad.dtype == grad_dtype
+    dense.grad = head.weight.grad.to(torch.float32, copy=True)
     with sampled_rows(opt, head.weight, idx):
         opt.step()
     ref.step()
     assert torch.equal(head.weight[idx], dense[idx])
     mom, ref_mom = opt.state[head.weight]["momentum_buffer"], ref.state[dense]["momentum_buffer"]
-    assert torch.equal(mom[idx], ref_mom[idx])
+    assert mom.dtype == torch.float32 and torch.equal(mom[idx], ref_mom[idx])
 
 
 def test_class_state_slices_for_any_world_and_rejects_another_head() -> None:
@@ -256,6 +264,8 @@ def test_memory_and_traffic_figures() -> None:
     shard = head_bytes(2_000_000, 512, 8, "shard")
     assert rep["weight"] == 2_000_000 * 512 * 4 and shard["weight"] == 250_000 * 512 * 4
     assert rep["total"] == 3 * rep["weight"] and shard["total"] * 8 == rep["total"]
+    bf16_grad = head_bytes(2_000_000, 512, 8, "replicate", grad_elem=2)  # head.grad_dtype=bfloat16
+    assert bf16_grad["grad"] * 2 == rep["grad"] and bf16_grad["total"] == 2.5 * rep["weight"]
     assert step_traffic(2_000_000, 512, 128, 8, "replicate") == int(2 * 7 / 8 * 2_000_000 * 512 * 4)
     sh = step_traffic(2_000_000, 512, 128, 8, "shard")
     assert sh == step_traffic(10_000_000, 512, 128, 8, "shard"), "independent of C"

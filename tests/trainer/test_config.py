@@ -13,6 +13,7 @@ import yaml
 from common import settings
 from common.cli import UserError
 from common.settings import Range
+from tests._heads_util import needs_grad_dtype
 from tests._trainer_util import SHIPPED_CONFIGS
 from trainer.config import TrainConfig, from_dict, load_config, save_resolved, to_dict
 from trainer.main import main
@@ -55,6 +56,49 @@ def test_fused_head_needs_an_embedding_size_its_kernels_read() -> None:
     ):
         load_config(None, [*SYNTH, "head.impl=fused", "model.embedding_size=100"])
     assert load_config(None, [*SYNTH, "head.impl=auto", "model.embedding_size=100"]).head.impl == "auto"
+
+
+@needs_grad_dtype
+def test_head_grad_dtype_defaults_to_float32_and_takes_bfloat16_with_sgd() -> None:
+    assert load_config(None, SYNTH).head.grad_dtype == "float32"
+    assert load_config(None, [*SYNTH, "head.grad_dtype=bfloat16"]).head.grad_dtype == "bfloat16"
+    with pytest.raises(UserError, match="'head.grad_dtype' must be one of float32, bfloat16, got 'fp16'"):
+        load_config(None, [*SYNTH, "head.grad_dtype=fp16"])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (
+            "optim.name=adamw",
+            "'head.grad_dtype' bfloat16 needs optim.name=sgd (torch's adamw cannot step an fp32 "
+            "weight with a bf16 gradient), got optim.name=adamw",
+        ),
+        (
+            "optim.accumulate=2",
+            "'head.grad_dtype' bfloat16 needs optim.accumulate=1 (autograd would sum the "
+            "micro-batches' gradients in bf16), got optim.accumulate=2",
+        ),
+    ],
+)
+def test_head_grad_dtype_bfloat16_is_refused_where_its_gradient_cannot_go(override, fragment) -> None:
+    with pytest.raises(UserError) as err:
+        load_config(None, [*SYNTH, "head.grad_dtype=bfloat16", override])
+    assert str(err.value) == f"override 'head.grad_dtype=bfloat16': {fragment}"
+
+
+def test_head_grad_dtype_bfloat16_is_refused_by_a_torch_without_grad_dtype(monkeypatch) -> None:
+    import torch
+
+    # as torch < 2.10: a parameter without the grad_dtype attribute
+    monkeypatch.setattr(torch.nn, "Parameter", lambda data: data.numpy())
+    monkeypatch.setattr(torch, "__version__", "2.9.1")
+    with pytest.raises(UserError) as err:
+        load_config(None, [*SYNTH, "head.grad_dtype=bfloat16"])
+    assert str(err.value) == (
+        "override 'head.grad_dtype=bfloat16': 'head.grad_dtype' bfloat16 needs torch >= 2.10 "
+        "(a parameter's grad_dtype); this is torch 2.9.1"
+    )
 
 
 @pytest.mark.parametrize(

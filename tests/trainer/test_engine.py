@@ -13,6 +13,7 @@ from heads import MarginHead
 from heads.head_sgd import FusedHeadSGD
 from models.backbones import build_backbone
 from models.model_file import load_embedding_model
+from tests._heads_util import needs_grad_dtype
 from tests._trainer_faults import FaultHooks
 from tests._trainer_util import metrics, run_main, tiny_overrides
 from trainer.checkpoint import load_checkpoint
@@ -69,6 +70,39 @@ def test_tiny_backbone_overfits_a_few_identities(tmp_path):
     assert rows[-1]["batch_acc"] >= 0.95, rows[-1]
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     assert summary["step"] == 60
+
+
+@needs_grad_dtype
+def test_bf16_head_gradient_trains_like_fp32(tmp_path, monkeypatch):
+    """head.grad_dtype=bfloat16 (the chunked engine on the CPU: torch's step over an fp32 copy of the
+    gradient, the clip's norm in fp32): every step's head gradient is bf16, the loss falls as the
+    float32 run's does from the same start, and the checkpoint's momentum stays fp32."""
+    from trainer import head_parallel
+
+    seen = []
+    step = head_parallel.optimizer_step
+
+    def spy(optimizer, head, step_fn):
+        seen.append(head.weight.grad.dtype)
+        step(optimizer, head, step_fn)
+
+    monkeypatch.setattr(head_parallel, "optimizer_step", spy)
+    losses = {}
+    for grad_dtype in ("float32", "bfloat16"):
+        run = tmp_path / grad_dtype
+        extra = {"logging.every_steps": 10, "checkpoint.every_steps": 100, "schedule.warmup_steps": 5}
+        extra.update(
+            {"data.synthetic.noise": 0.3, "optim.clip_grad_norm": 5.0, "head.grad_dtype": grad_dtype}
+        )
+        train(load_config(None, tiny_overrides(run, steps=40, **extra)))
+        assert seen == [getattr(torch, grad_dtype)] * 40, grad_dtype
+        seen.clear()
+        losses[grad_dtype] = [r["loss"] for r in metrics(run)]
+        head = load_checkpoint(run / "checkpoints" / "last.pt")["head_state"]["rows"]
+        assert head["optim.momentum_buffer"].dtype == torch.float32
+    fp32, bf16 = losses["float32"], losses["bfloat16"]
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.1), (fp32, bf16)  # the first 10 steps' mean
+    assert fp32[-1] < 0.05 * fp32[0] and bf16[-1] < 0.05 * bf16[0], (fp32, bf16)
 
 
 def test_compiled_run_compiles_the_backbone_a_bounded_number_of_times(tmp_path):

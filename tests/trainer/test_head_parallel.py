@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.cli import UserError
 from heads.margin_head import init_centres
 from models.model_file import load_embedding_model
+from tests._heads_util import needs_grad_dtype
 from tests._trainer_util import ROOT, env, metrics, tiny_overrides
 from trainer.main import main as train_main
 
@@ -244,3 +246,63 @@ def test_clip_is_torchs_and_hands_the_head_factor_to_an_optimizer_that_takes_it(
         assert not opt.taken
     else:
         assert torch.equal(head[0].grad * opt.taken[head[0]], mirror[1].grad)
+
+
+@needs_grad_dtype
+def test_partial_fc_steps_a_bf16_head_gradient(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """head.grad_dtype=bfloat16 on a sharded head with Partial FC (one rank): the start-up line counts
+    a 2-byte gradient, the sampled centres step (their stand-in's gradient widened to fp32) and the
+    checkpoint's momentum is fp32."""
+    run = tmp_path / "run"
+    assert train_main(tiny_overrides(run, steps=1, **PARTIAL_FC, **{"head.grad_dtype": "bfloat16"})) == 0
+    assert "per rank weight 5.0 KiB, gradient 2.5 KiB, optimizer state 5.0 KiB" in capsys.readouterr().err
+    rows = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["head_state"]["rows"]
+    momentum = rows["optim.momentum_buffer"]
+    assert momentum.dtype == torch.float32 and int((momentum.abs().sum(1) > 0).sum()) == 20
+
+
+@needs_grad_dtype
+def test_bf16_head_gradient_is_set_on_the_heads_own_weight_and_refused_in_ddp() -> None:
+    """keep_gradient_in: the leaf weight's grad_dtype (a sharded head's own rows); float32 leaves the
+    weight as it is; a head replicated over several processes (in DDP, whose buckets hold the
+    weight's float32) is refused in one line."""
+    from heads import MarginHead
+    from heads.sharded import ShardedMarginHead
+    from trainer.head_parallel import keep_gradient_in
+
+    sharded = ShardedMarginHead(12, 8, impl="chunked")
+    keep_gradient_in(sharded, "bfloat16", "shard", 2)
+    assert sharded.weight.grad_dtype == torch.bfloat16
+    sharded(torch.randn(4, 8), torch.randint(0, 12, (4,))).backward()
+    assert sharded.weight.grad.dtype == torch.bfloat16
+    replicated = MarginHead(12, 8, impl="chunked")
+    keep_gradient_in(replicated, "float32", "replicate", 2)
+    keep_gradient_in(replicated, "bfloat16", "replicate", 1)  # one process: no DDP
+    assert replicated.weight.grad_dtype == torch.bfloat16
+    with pytest.raises(UserError, match=r"^head.grad_dtype=bfloat16 with head.parallel=replicate on 2 proc"):
+        keep_gradient_in(MarginHead(12, 8), "bfloat16", "replicate", 2)
+
+
+@needs_grad_dtype
+@pytest.mark.parametrize("sharded", [False, True])
+def test_clip_norm_of_a_bf16_head_gradient_is_its_fp32_norm(sharded: bool) -> None:
+    """torch's get_total_norm of a bf16 gradient is a bf16 number (3 significant digits); the clip's
+    norm of the head's bf16 gradient is the fp32 norm of the same values (to fp32 round-off of the
+    summation order), fp32, whole or sharded; the clip multiplies the bf16 gradient in place."""
+    from trainer.head_parallel import clip_grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    backbone = [torch.nn.Parameter(torch.randn(5, 3, generator=g))]
+    head = [torch.nn.Parameter(torch.randn(4000, 16, generator=g))]
+    head[0].grad_dtype = torch.bfloat16
+    backbone[0].grad = torch.randn(5, 3, generator=g)
+    head[0].grad = torch.randn(4000, 16, generator=g).to(torch.bfloat16)
+    values = [backbone[0].grad.clone(), head[0].grad.float()]
+    want = torch.nn.utils.get_total_norm(values)
+    got = clip_grad_norm(backbone, head, float("inf"), sharded=sharded)
+    assert got.dtype == torch.float32 and float(got) == pytest.approx(float(want), rel=1e-6)
+    clip_grad_norm(backbone, head, 1.0, sharded=sharded)
+    factor = 1.0 / (float(want) + 1e-6)
+    assert head[0].grad.dtype == torch.bfloat16
+    assert torch.allclose(head[0].grad.float(), values[1] * factor, rtol=2**-8, atol=0)
+    assert torch.allclose(backbone[0].grad, values[0] * factor, rtol=1e-6)
