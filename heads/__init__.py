@@ -45,7 +45,8 @@ the optimizer's state (SGD momentum: 4 D bytes). `weight.grad` is in `heads.core
 torch's `weight.grad_dtype` where it is set on the leaf weight (torch >= 2.10), else the weight's
 dtype. `head.weight.grad_dtype = torch.bfloat16` (the trainer's `head.grad_dtype: bfloat16`; the
 default stays float32) makes the engines write dW in bf16, 2 D bytes a class, half the backward's
-largest write: each element is summed over the batch in fp32 and then rounded (2^-9 relative).
+largest write: each element is summed over the batch in fp32, then rounded to nearest (2^-8
+relative at most).
 `FusedHeadSGD` steps the fp32 weight and momentum with it; torch's AdamW fails on it, and autograd
 would add a second backward's gradient into it in bf16, so the trainer refuses both. Working memory
 does not grow with C: chunked holds a few B x block fp32 temporaries, fused 12 x B bytes per program

@@ -98,7 +98,8 @@ def sgd_step_normalized(
 ) -> None:
     """One SGD step of `weight` in place (and of `momentum_buffer`, written whole when `first`) with
     the gradient times `grad_scale` (a 0-d fp32 tensor on the device; None: 1), handing the engine
-    the new weight's inverse norms and Wn. The three C x D tensors contiguous fp32."""
+    the new weight's inverse norms and Wn. The three C x D tensors contiguous, the weight and the
+    momentum fp32, the gradient fp32 or bf16 (weight.grad_dtype)."""
     C, D = weight.shape
     op = engine.operand_dtype(weight)
     wn = engine.spare_normalized(weight.shape, op, weight.device)

@@ -189,8 +189,8 @@ class HeadConfig:
         "float32",
         "the head weight's gradient (C x D): bfloat16 halves its memory and the backward's and "
         "the step's traffic over it (summed over the batch in fp32, each element then rounded, "
-        "2^-9 relative); needs optim.name=sgd, optim.accumulate=1, torch >= 2.10 and, on several "
-        "processes, a sharded head",
+        "2^-8 relative at most); needs optim.name=sgd, optim.accumulate=1, torch >= 2.10 and, on "
+        "several processes, a sharded head",
     )
     sphereface: SphereFaceConfig = section(SphereFaceConfig, "head.margin=sphereface: the annealing")
     combined: CombinedConfig = section(CombinedConfig, "head.margin=combined: cos(m1 theta + m2) - m3")
