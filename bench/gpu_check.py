@@ -1,7 +1,11 @@
 """One GPU check: the heads' GPU tests, the heads benchmark, the fused kernels compiled, inspected and
-timed against their model (python -m bench.kernels --time), 200 bf16 training steps of MobileFaceNet
-and IR-50 at batch 512, and the DALI loader when DALI is importable. Started by bench/gpu_check.sh
-(`python -m bench.gpu_check` from the repository root).
+timed against their model (python -m bench.kernels --time; then the first configs again with a bf16
+dW, figures suffixed _gbf16), 200 bf16 training steps of MobileFaceNet and IR-50 at batch 512, the
+DALI loader when DALI is importable, and last (the stages before it keep their priority for the
+deadline) the fused head alone at the largest C in its faster modes: --save-logits (head_saved_C*),
+then --save-logits --grad-dtype bf16 (head_saved_gbf16_C*), beside head_bench's fused row, which
+recomputes the cosines and writes an fp32 dW. Started by bench/gpu_check.sh (`python -m
+bench.gpu_check` from the repository root).
 
 Preflight: the packages every stage imports (torch, triton, pytest), then one tiny Triton kernel
 launched on the GPU (its first launch builds Triton's launcher with a C compiler and Python.h; a

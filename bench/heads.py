@@ -19,7 +19,8 @@ Options (every row records both): `--save-logits`, the fused head's MarginHead o
 (its forward keeps the B x C cosines, 2 bytes each, so the backward skips recomputing them; needs
 fused in --impls, the other rows record False); `--grad-dtype bf16`, torch's
 `head.weight.grad_dtype = torch.bfloat16` on every head made (each engine then writes dW in bf16,
-heads.core.gradient_dtype, and the step reads it; needs a torch whose Parameter has grad_dtype).
+heads.core.gradient_dtype; needs a torch whose Parameter has grad_dtype); the step reads it in
+FusedHeadSGD's Triton pass where that takes a bf16 gradient, else in torch's SGD.
 CPU: each (classes, margin, impl) in a fresh child process (its working memory is the peak resident
 set minus the resident set before the first step), wall-clock timing, no floor.
 Sub-centers: one more row, the head with `--subcenters K` rows a class (default 3; 1: none) at the
