@@ -1,7 +1,11 @@
 """One GPU check: the heads' GPU tests, the heads benchmark, the fused kernels compiled, inspected and
-timed against their model (python -m bench.kernels --time), 200 bf16 training steps of MobileFaceNet
-and IR-50 at batch 512, and the DALI loader when DALI is importable. Started by bench/gpu_check.sh
-(`python -m bench.gpu_check` from the repository root).
+timed against their model (python -m bench.kernels --time; then the first configs again with a bf16
+dW, figures suffixed _gbf16), 200 bf16 training steps of MobileFaceNet and IR-50 at batch 512, the
+DALI loader when DALI is importable, and last (the stages before it keep their priority for the
+deadline) the fused head alone at the largest C in its faster modes: --save-logits (head_saved_C*),
+then --save-logits --grad-dtype bf16 (head_saved_gbf16_C*), beside head_bench's fused row, which
+recomputes the cosines and writes an fp32 dW. Started by bench/gpu_check.sh (`python -m
+bench.gpu_check` from the repository root).
 
 Preflight: the packages every stage imports (torch, triton, pytest), then one tiny Triton kernel
 launched on the GPU (its first launch builds Triton's launcher with a C compiler and Python.h; a
@@ -75,9 +79,11 @@ class Sizes:
             "head_bench": 60,  # at the first (largest) size; 35 at each other
             "head_bench_more": 35,
             "kernels": 90,  # 16 variants: 2 kernels x 4 configs x 2 modes
+            "kernels_gbf16": 20,  # 4 variants: the first configs, dW in bf16
             "data": 90,
             "train": 70,
             "loader_dali": 40,
+            "head_mode": 25,  # each of HEAD_MODES: the fused head alone, one margin, at the first size
         }
     )
     backbones: dict[str, str] = field(
@@ -106,9 +112,11 @@ SMOKE = Sizes(
         "head_bench": 20,
         "head_bench_more": 20,
         "kernels": 30,
+        "kernels_gbf16": 15,
         "data": 30,
         "train": 40,
         "loader_dali": 20,
+        "head_mode": 15,
     },
 )
 
@@ -445,6 +453,34 @@ def stage_head_tests(check: Check) -> Stage:
 
 def stage_head_bench(check: Check, classes: int) -> Stage:
     sz = check.sizes
+    estimate = sz.estimates["head_bench" if classes == sz.head_classes[0] else "head_bench_more"]
+    return _run_head_bench(check, f"head_bench_C{classes}", classes, [], estimate)
+
+
+# The fused head's faster modes, beside head_bench's fused row (which recomputes the cosines in the
+# backward and writes an fp32 dW): save_logits, then save_logits with a bf16 dW (weight.grad_dtype).
+HEAD_MODES = {"saved": ["--save-logits"], "saved_gbf16": ["--save-logits", "--grad-dtype", "bf16"]}
+
+
+def stage_head_mode(check: Check, mode: str) -> Stage:
+    """python -m bench.heads for the fused head alone at the first (largest) C, first margin, in one of
+    HEAD_MODES. Without CUDA (a smoke run) there is no fused head: the saved modes' chunked stand-in
+    runs the mode's bf16 dW if any (the flags' path through the script), else the stage is skipped."""
+    classes = check.sizes.head_classes[0]
+    name, flags = f"head_{mode}_C{classes}", HEAD_MODES[mode]
+    if check.env["device"] != "cuda":
+        flags = [f for f in flags if f != "--save-logits"]
+        if not flags:
+            return Stage(name, False, 0.0, note="skipped: --save-logits needs the fused head (CUDA)")
+    impl = "fused" if check.env["device"] == "cuda" else "chunked"
+    extra = ["--impls", impl, "--margins", "arcface", "--subcenters", "1", *flags]
+    return _run_head_bench(check, name, classes, extra, check.sizes.estimates["head_mode"])
+
+
+def _run_head_bench(check: Check, name: str, classes: int, extra: list[str], estimate: float) -> Stage:
+    """One python -m bench.heads run at `classes` (the check's batch, dim and head_args, then `extra`)
+    as a stage: per margin and impl its fwd+bwd ms and multiple of the bf16 floor."""
+    sz = check.sizes
     cmd = [
         check.py,
         "-m",
@@ -460,13 +496,15 @@ def stage_head_bench(check: Check, classes: int) -> Stage:
         "--device",
         check.env["device"],
         *sz.head_args,
+        *extra,
     ]
-    estimate = sz.estimates["head_bench" if classes == sz.head_classes[0] else "head_bench_more"]
-    stage, out = check.run(f"head_bench_C{classes}", cmd, estimate, 300)
+    stage, out = check.run(name, cmd, estimate, 300)
     if not stage.ok:
         return stage
     r = last_json(out)
     figures: dict[str, Any] = {"classes": classes}
+    if r.get("save_logits") or r.get("grad_dtype", "fp32") != "fp32":
+        figures.update(save_logits=r["save_logits"], grad_dtype=r["grad_dtype"])
     for row in r["rows"]:
         key = f"{row['margin']}_{row['impl']}"
         figures[f"{key}_ms"] = row.get("total_ms", row.get("error"))
@@ -491,36 +529,56 @@ def stage_head_bench(check: Check, classes: int) -> Stage:
 def stage_kernels(check: Check) -> Stage:
     """python -m bench.kernels for this GPU's arch with --time: each kernel variant compiled ahead of
     time (registers, spills, MMA kinds) and launched at the headline shape, the model's predicted
-    time per step beside the measured one. Its kernels.md and kernels.json go into logs.tgz."""
+    time per step beside the measured one. Its kernels.md and kernels.json go into logs.tgz. Then a
+    cheaper second call, the first configs with a bf16 dW (--grad-dtype bf16), whose step figures
+    join the stage's with a _gbf16 suffix (its tables: kernels_gbf16.md/.json in logs.tgz)."""
     import torch
 
     gpu = check.env["device"] == "cuda"
     # fp16: the operands the fused head uses on CUDA by default; the smoke run (no GPU) compiles
     # the first configs for sm_90 without timing them
     arch = "sm_{}{}".format(*torch.cuda.get_device_capability()) if gpu else "sm_90"
-    what = ["--time"] if gpu else ["--configs", "first"]
-    folder = check.scratch / "kernels"  # the .ptx and .cubin files stay out of --out
-    stage, out = check.run(
-        "kernels",
-        [check.py, "-m", "bench.kernels", "--out", str(folder), "--arch", arch, "--dtypes", "fp16", *what],
-        check.sizes.estimates["kernels"],
-        300,
-    )
-    for name in ("kernels.md", "kernels.json"):
-        if (folder / name).exists():
-            shutil.copy(folder / name, check.logs / name)
+    timing = ["--time"] if gpu else []
+    every = [] if gpu else ["--configs", "first"]
+    stage, out = _run_kernels(check, "kernels", arch, [*timing, *every])
     if not stage.ok:
         return stage
-    r = last_json(out)
-    # one step summary per arch, dtype and mode (the backward recomputing the cosines, or saved ones)
-    stage.figures = {
-        f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}": s[k]
-        for s in r["steps"]
+    stage.figures = _kernel_step_figures(last_json(out)["steps"])
+    variants = json.loads((check.scratch / "kernels" / "kernels.json").read_text())["variants"]
+    stage.figures["variants"] = variants
+    grad, out = _run_kernels(
+        check, "kernels_gbf16", arch, [*timing, "--configs", "first", "--grad-dtype", "bf16"]
+    )
+    stage.seconds += grad.seconds
+    if grad.ok:
+        stage.figures.update(_kernel_step_figures(last_json(out)["steps"]))
+    else:  # a failure fails the stage; a skip (the --deadline) leaves the first call's figures standing
+        stage.ok, stage.note = grad.skipped, f"kernels_gbf16 {grad.note}"
+    return stage
+
+
+def _run_kernels(check: Check, name: str, arch: str, extra: list[str]) -> tuple[Stage, str]:
+    """python -m bench.kernels for `arch` and fp16 operands (the fused head's default on CUDA), then
+    `extra`; its kernels.md and kernels.json copied into the logs as <name>.md and <name>.json."""
+    folder = check.scratch / name  # the .ptx and .cubin files stay out of --out
+    cmd = [check.py, "-m", "bench.kernels", "--out", str(folder), "--arch", arch, "--dtypes", "fp16", *extra]
+    stage, out = check.run(name, cmd, check.sizes.estimates[name], 300)
+    for suffix in ("md", "json"):
+        if (folder / f"kernels.{suffix}").exists():
+            shutil.copy(folder / f"kernels.{suffix}", check.logs / f"{name}.{suffix}")
+    return stage, out
+
+
+def _kernel_step_figures(steps: list[dict]) -> dict[str, Any]:
+    """One step summary per arch, dtype and mode (the backward recomputing the cosines, or saved ones;
+    the dW dtype when not fp32, as _gbf16), its figures named after them."""
+    return {
+        f"{k}_{s['arch']}_{s['dtype']}{'_saved' if s.get('save_logits') else ''}"
+        f"{'_g' + s['grad'] if s.get('grad', 'fp32') != 'fp32' else ''}": s[k]
+        for s in steps
         for k in ("first_ms", "measured_first_ms", "floor_ms", "with_step_first_ms", "measured_step_pass_ms")
         if k in s
     }
-    stage.figures["variants"] = json.loads((folder / "kernels.json").read_text())["variants"]
-    return stage
 
 
 def stage_data(check: Check) -> tuple[Stage, Path]:
@@ -680,6 +738,8 @@ def run_stages(check: Check) -> None:
         check.add(stage_head_bench(check, classes))
     if data.ok:
         check.add(stage_loader(check, shards))
+    for mode in HEAD_MODES:  # last: the stages above keep their priority for the --deadline
+        check.add(stage_head_mode(check, mode))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ matrix-multiply floor measured in the same run.
 
     python -m bench.heads                                   # CUDA: B=512 D=512 C=8631,100000,1000000
     python -m bench.heads --device cpu --classes 50000      # CPU: chunked vs reference
+    python -m bench.heads --impls fused --classes 1000000 --save-logits --grad-dtype bf16
 
 CUDA: one process; each (classes, margin, impl) runs warm-up steps (compilation, autotuning), then
 `--repeats` steps timed by CUDA events: forward, backward and their sum, the median of each, and the
@@ -10,10 +11,16 @@ head's optimizer step as the trainer makes it (`step_ms`: the gradient norm its 
 then heads.head_sgd.FusedHeadSGD: with the fused engine one Triton pass that also makes the next
 forward's Wn, so the fused forward has no normalize pass; else torch's SGD). Peak =
 torch.cuda.max_memory_allocated during one step beyond what was allocated before it; working = peak
-minus dW and dX (the gradients any implementation returns). The floor: the three bf16 matrix products
-of a B x C x D head (X W^T forward, 2BCD flops; G W and G^T X backward, 4BCD), timed the same way at
-the same shapes, and the fp32 (no TF32) floor beside it; every implementation's time is given as a
-multiple of the bf16 floor.
+minus dW and dX (the gradients any implementation returns, at their element sizes). The floor: the
+three bf16 matrix products of a B x C x D head (X W^T forward, 2BCD flops; G W and G^T X backward,
+4BCD), timed the same way at the same shapes, and the fp32 (no TF32) floor beside it; every
+implementation's time is given as a multiple of the bf16 floor.
+Options (every row records both): `--save-logits`, the fused head's MarginHead option save_logits=True
+(its forward keeps the B x C cosines, 2 bytes each, so the backward skips recomputing them; needs
+fused in --impls, the other rows record False); `--grad-dtype bf16`, torch's
+`head.weight.grad_dtype = torch.bfloat16` on every head made (each engine then writes dW in bf16,
+heads.core.gradient_dtype; needs a torch whose Parameter has grad_dtype); the step reads it in
+FusedHeadSGD's Triton pass where that takes a bf16 gradient, else in torch's SGD.
 CPU: each (classes, margin, impl) in a fresh child process (its working memory is the peak resident
 set minus the resident set before the first step), wall-clock timing, no floor.
 Sub-centers: one more row, the head with `--subcenters K` rows a class (default 3; 1: none) at the
@@ -90,8 +97,13 @@ def _cuda_memory(head, x, y) -> dict:
     head(x, y).backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
-    grads = (head.weight.numel() + x.numel()) * 4
+    grads = _grad_bytes(head, x)
     return {"peak_mib": round(peak / 2**20, 1), "working_mib": round(max(0, peak - grads) / 2**20, 1)}
+
+
+def _grad_bytes(head, x) -> int:
+    """Bytes of dW and dX as the backward left them (dW in bf16 with --grad-dtype bf16)."""
+    return sum(t.grad.numel() * t.grad.element_size() for t in (head.weight, x))
 
 
 def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device: str, subcenters: int = 1):
@@ -109,17 +121,37 @@ def _make(args: argparse.Namespace, impl: str, classes: int, margin: str, device
         impl=impl,
         block=args.block,
         operands=args.operands,
+        save_logits=_saves_logits(args, impl),
         subcenters=subcenters,
     ).to(device)
+    if args.grad_dtype == "bf16":  # autograd keeps weight.grad in bf16; the engines write dW in it
+        head.weight.grad_dtype = torch.bfloat16
     x = torch.randn(args.batch, args.dim, device=device, requires_grad=True)
     y = torch.randint(0, classes, (args.batch,), device=device)
     return head, x, y
 
 
+def _saves_logits(args: argparse.Namespace, impl: str) -> bool:
+    """Whether this implementation's head keeps its cosines (--save-logits is the fused head's option)."""
+    return args.save_logits and impl == "fused"
+
+
+def _row_key(args: argparse.Namespace, impl: str, classes: int, margin: str, subcenters: int) -> dict:
+    """What a row ran: implementation, shape, margin and the two options."""
+    return {
+        "impl": impl,
+        "classes": classes,
+        "margin": margin,
+        "subcenters": subcenters,
+        "save_logits": _saves_logits(args, impl),
+        "grad_dtype": args.grad_dtype,
+    }
+
+
 def _cuda_row(args: argparse.Namespace, impl: str, classes: int, margin: str, subcenters: int = 1) -> dict:
     import torch
 
-    row = {"impl": impl, "classes": classes, "margin": margin, "subcenters": subcenters}
+    row = _row_key(args, impl, classes, margin, subcenters)
     try:
         head, x, y = _make(args, impl, classes, margin, "cuda", subcenters)
         row.update(_cuda_step_times(head, x, y, args.warmup, args.repeats))
@@ -201,12 +233,9 @@ def _cpu_child(args: argparse.Namespace) -> dict:
             bwd.append((t2 - t1) * 1e3)
     # glibc mmaps tensors this large and returns them on free, so RSS follows live tensor bytes
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    grads = (head.weight.numel() + x.numel()) * 4
+    grads = _grad_bytes(head, x)
     return {
-        "impl": args.impls[0],
-        "classes": args.classes[0],
-        "margin": args.margins[0],
-        "subcenters": args.subcenters,
+        **_row_key(args, args.impls[0], args.classes[0], args.margins[0], args.subcenters),
         "fwd_ms": _median_ms(fwd),
         "bwd_ms": _median_ms(bwd),
         "total_ms": _median_ms([a + b for a, b in zip(fwd, bwd)]),
@@ -231,9 +260,13 @@ def _cpu_row(args: argparse.Namespace, impl: str, classes: int, margin: str, sub
         margin,
         "--subcenters",
         str(subcenters),
+        "--grad-dtype",
+        args.grad_dtype,
     ]
     for key in ("batch", "dim", "t", "repeats", "warmup", "operands") + (("block",) if args.block else ()):
         cmd += [f"--{key}", str(getattr(args, key))]
+    if args.save_logits:
+        cmd.append("--save-logits")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -260,6 +293,8 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
         "dim": args.dim,
         "t": args.t,
         "operands": args.operands,
+        "save_logits": args.save_logits,
+        "grad_dtype": args.grad_dtype,
         "classes": top,
         "margin": args.margins[0],
         "baseline": "reference",
@@ -291,8 +326,9 @@ def _summary(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]
     return out
 
 
-def _print_table(rows: list[dict], floors: dict[int, dict]) -> None:
+def _print_table(args: argparse.Namespace, rows: list[dict], floors: dict[int, dict]) -> None:
     nan = float("nan")
+    print(f"dW in {args.grad_dtype}; fused save_logits {'on' if args.save_logits else 'off'}")
     print(
         f"{'impl':>9} {'C':>8} {'margin':>14} {'K':>2} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
         f"{'x bf16 floor':>12} {'step ms':>8} {'x with step':>11} {'peak MiB':>9} {'work MiB':>9}"
@@ -357,6 +393,17 @@ def _parser() -> argparse.ArgumentParser:
         default=3,
         help="K of the sub-center row (fused on CUDA, chunked on the CPU, largest C, first margin); 1: none",
     )
+    p.add_argument(
+        "--save-logits",
+        action="store_true",
+        help="fused: the forward keeps the B x C cosines and the backward skips recomputing them",
+    )
+    p.add_argument(
+        "--grad-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the head weight's gradient (torch's weight.grad_dtype), every implementation (default fp32)",
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -381,6 +428,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--margins: unknown margin {margin!r}")
     if args.device == "cpu" and "fused" in (args.impls or ()):
         raise UserError("--impls fused needs --device cuda (the interpreter is for tests, not timing)")
+    if args.save_logits and args.impls is not None and "fused" not in args.impls:
+        raise UserError("--save-logits is the fused head's option: --impls must include fused")
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -391,6 +440,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+    if args.grad_dtype == "bf16" and not hasattr(torch.nn.Parameter(torch.empty(0)), "grad_dtype"):
+        raise UserError(f"--grad-dtype bf16: torch {torch.__version__} has no Parameter.grad_dtype")
     gpu = args.device == "cuda"
     defaults = {
         "impls": list(IMPLS) if gpu else ["reference", "chunked"],
@@ -433,7 +484,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.subcenters > 1 and fast:  # the sub-center row, beside its K = 1 row
         rows.append(row(args, fast[-1], max(args.classes), args.margins[0], args.subcenters))
         _progress(rows[-1])
-    _print_table(rows, floors)
+    _print_table(args, rows, floors)
     print(json.dumps(_summary(args, rows, floors)))
     return 0
 

@@ -96,6 +96,18 @@ def test_smoke_runs_every_stage_and_writes_only_the_result_files(tmp_path):
     bench = stages["head_bench_C1000"]
     assert bench["arcface_chunked_ms"] > 0 and bench["arcface_reference_ms"] > 0
     assert {r["impl"] for r in bench["rows"]} == {"reference", "chunked"}
+    # the fused head's modes, last: save_logits needs CUDA (skipped here, saying so); the bf16 dW
+    # runs through the script in the chunked head's stand-in and is recorded in its row
+    assert stages["head_saved_C1000"]["note"] == "skipped: --save-logits needs the fused head (CUDA)"
+    grad = stages["head_saved_gbf16_C1000"]
+    assert grad["ok"] and grad["grad_dtype"] == "bf16" and grad["arcface_chunked_ms"] > 0
+    assert [(r["impl"], r["grad_dtype"], r["subcenters"]) for r in grad["rows"]] == [("chunked", "bf16", 1)]
+    assert [s["name"] for s in result["stages"]][-2:] == ["head_saved_C1000", "head_saved_gbf16_C1000"]
+    # the kernels stage's second call (first configs, bf16 dW): the model's step with the _gbf16 suffix
+    kernels = stages["kernels"]
+    assert kernels["ok"] and kernels["first_ms_sm_90_fp16_gbf16"] > 0
+    assert kernels["first_ms_sm_90_fp16_saved_gbf16"] > 0
+    assert kernels["floor_ms_sm_90_fp16_saved_gbf16"] == kernels["floor_ms_sm_90_fp16_saved"]  # same shape
     for name in ("train_mobilefacenet", "train_ir50"):
         assert stages[name]["steps"] == 4 and stages[name]["images_per_s"] > 0
         assert 0.0 <= stages[name]["data_wait"] <= 1.0
@@ -109,6 +121,7 @@ def test_smoke_runs_every_stage_and_writes_only_the_result_files(tmp_path):
     assert proc.stdout.rstrip().splitlines()[-2].startswith("| ")  # ends with the table (then a summary)
     with tarfile.open(out / "logs.tgz") as tar:
         assert "logs/train_ir50.log" in tar.getnames() and "logs/head_tests.stdout" in tar.getnames()
+        assert {"logs/kernels.json", "logs/kernels_gbf16.json"} <= set(tar.getnames())
     # the check's scratch folder (shards, runs) is removed (the stages' own temp files may remain)
     assert not list((tmp_path / "scratch").glob("gpu_check-*"))
 
