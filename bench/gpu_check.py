@@ -1,10 +1,11 @@
 """One GPU check: the heads' GPU tests, the heads benchmark, the fused kernels compiled, inspected and
 timed against their model (python -m bench.kernels --time; then the first configs again with a bf16
-dW, figures suffixed _gbf16), 200 bf16 training steps of MobileFaceNet and IR-50 at batch 512, the
-DALI loader when DALI is importable, and last (the stages before it keep their priority for the
-deadline) the fused head alone at the largest C in its faster modes: --save-logits (head_saved_C*),
-then --save-logits --grad-dtype bf16 (head_saved_gbf16_C*), beside head_bench's fused row, which
-recomputes the cosines and writes an fp32 dW. Started by bench/gpu_check.sh (`python -m
+dW, figures suffixed _gbf16), the fused head alone at the largest C in its faster modes:
+--save-logits (head_saved_C*), then --save-logits --grad-dtype bf16 (head_saved_gbf16_C*), beside
+head_bench's fused row, which recomputes the cosines and writes an fp32 dW; then 200 bf16 training
+steps of MobileFaceNet and IR-50 at batch 512, the heads at the smaller C, and the DALI loader when
+DALI is importable (the stages in this order: the earlier keep their priority for the deadline,
+the head's first). Started by bench/gpu_check.sh (`python -m
 bench.gpu_check` from the repository root).
 
 Preflight: the packages every stage imports (torch, triton, pytest), then one tiny Triton kernel
@@ -727,6 +728,8 @@ def run_stages(check: Check) -> None:
     check.add(stage_head_tests(check))
     check.add(stage_head_bench(check, sz.head_classes[0]))
     check.add(stage_kernels(check))
+    for mode in HEAD_MODES:  # the fused head's other modes at the headline size (issue 23's goals)
+        check.add(stage_head_mode(check, mode))
     data, shards = stage_data(check)
     check.add(data)
     for name, config in sz.backbones.items():
@@ -738,8 +741,6 @@ def run_stages(check: Check) -> None:
         check.add(stage_head_bench(check, classes))
     if data.ok:
         check.add(stage_loader(check, shards))
-    for mode in HEAD_MODES:  # last: the stages above keep their priority for the --deadline
-        check.add(stage_head_mode(check, mode))
 
 
 def main(argv: list[str] | None = None) -> int:

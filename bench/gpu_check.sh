@@ -3,9 +3,10 @@
 # python -m bench.heads at B=512 D=512 C in {1M, 100k, 8631} (reference / chunked / fused beside the
 # bf16 and fp32 matrix-product floors), python -m bench.kernels --time (each fused kernel compiled,
 # inspected and timed, the model's predicted time beside the measured one; then the first configs
-# with a bf16 dW), 200 bf16 training steps of MobileFaceNet and IR-50 at batch 512 on synthetic
-# shards built here (one epoch holds all 200 steps), bench/loader.py with DALI when DALI is
-# importable, and last the fused head alone at C=1M with --save-logits, then also --grad-dtype bf16.
+# with a bf16 dW), the fused head alone at C=1M with --save-logits, then also --grad-dtype bf16,
+# 200 bf16 training steps of MobileFaceNet and IR-50 at batch 512 on synthetic shards built here
+# (one epoch holds all 200 steps), and bench/loader.py with DALI when DALI is importable; a stage
+# that would not finish before the deadline is skipped, the later ones first.
 #
 #   bench/gpu_check.sh [--out runs/gpu_check] [--deadline 540] [--smoke]
 #
