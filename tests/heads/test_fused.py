@@ -214,7 +214,8 @@ def case_bf16_weight_gradient() -> None:
     """weight.grad_dtype = bf16 (the trainer's head.grad_dtype): the backward writes dW in bf16 (both
     modes, descriptor and pointer stores), each element float64's to within one bf16 step (2^-7
     relative: the interpreter's fp32 -> bf16 conversion truncates, where a GPU rounds to nearest,
-    2^-8); loss and dX as with an fp32 dW."""
+    2^-8); loss and dX as with an fp32 dW; with fp16 operands too, where the target rows' exact
+    terms are added into the bf16 dW after the kernel."""
     torch, build_margin, data, ref, fused, close = _setup()
     x, w, y = data(37, 150, 72, seed=8)
     margin = build_margin("arcface", 0.5)
@@ -228,6 +229,15 @@ def case_bf16_weight_gradient() -> None:
         bound = 2.0**-7 * e[2].abs() + 2e-5 * e[2].abs().max()
         assert (err <= bound).all(), (save, tma, (err - bound).max().item())
         assert (g[2].double() != e[2].to(torch.float32).double()).any()  # it was rounded, not fp32
+    # fp16 operands (the GPU's): the target rows' exact terms are added into the bf16 dW afterwards
+    # (heads.core.fix_target_terms); dW within the fp16-operand run's own error plus two bf16 steps
+    # (the kernel's rounding, and the target rows' after the terms are added)
+    g16 = fused(x, w, y, margin, 64.0, 1.1, operands="fp16")
+    b16 = fused(x, w, y, margin, 64.0, 1.1, operands="fp16", grad_dtype=torch.bfloat16)
+    assert b16[2].dtype == torch.bfloat16
+    err = (b16[2].double() - e[2]).abs()
+    bound = (g16[2].double() - e[2]).abs() + 2.0**-6 * e[2].abs() + 1e-6 * e[2].abs().max()
+    assert (err <= bound).all(), (err - bound).max().item()
 
 
 def case_extremes_finite() -> None:
