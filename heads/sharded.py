@@ -169,7 +169,8 @@ def select_rows(weight: Tensor, index: Tensor) -> Tensor:
     """weight[index], differentiable, with the weight's gradient built directly in
     `gradient_dtype(weight)`: with a bf16 grad_dtype no fp32 tensor of the weight's shape exists
     (torch's index backward fills an fp32 one, 2 GB at 1M x 512, that autograd then casts). Values
-    and, with an fp32 gradient, the gradient are bitwise torch's."""
+    and, with an fp32 gradient, the gradient are bitwise torch's. Repeated rows add up in the
+    gradient's dtype (Partial FC's draw has none: topk's distinct classes)."""
     return _SelectRows.apply(weight, index)
 
 
