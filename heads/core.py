@@ -66,7 +66,8 @@ def gradient_dtype(weight: Tensor) -> torch.dtype:
     """The dtype autograd keeps weight.grad in: torch's `grad_dtype` where it is set (a bf16 gradient of
     the fp32 head weight halves the backward's largest write, C x D; heads/head_sgd.py's step reads
     it), else weight's own. Engines write dW in it, so autograd takes their buffer without a cast. A
-    non-leaf (Partial FC's sampled rows) has none: its gradient flows on, cast where it lands."""
+    non-leaf (Partial FC's sampled rows) has none: its gradient flows on to heads.sharded.select_rows,
+    which builds the leaf's gradient in the leaf's gradient dtype."""
     return (weight.is_leaf and getattr(weight, "grad_dtype", None)) or weight.dtype
 
 

@@ -33,7 +33,9 @@ positive fits) -- a size fixed by shapes, so sampling needs no host sync (seeded
 step: deterministic). `sampled_rows` makes the optimizer step touch only those rows: their
 momentum / Adam moments are gathered, stepped and written back; the other rows' weights and state
 stay exactly as they were (a centre's momentum does not decay while it is not sampled, and weight
-decay skips it too: Partial FC's sparse update). Adam's scalar step count is shared by all rows.
+decay skips it too: Partial FC's sparse update). `select_rows` takes the drawn rows: its backward
+writes the weight's gradient in `gradient_dtype` (bf16 with a bf16 grad_dtype, no fp32 C x D).
+Adam's scalar step count is shared by all rows.
 
 Per-class state for checkpoints (`gather_class_state`, `slice_class_state`, `load_class_state`):
 the weight and every row-shaped optimizer state tensor as full C K-row tensors (K rows a class,
@@ -54,6 +56,7 @@ from heads.core import (
     Engine,
     backward_through_engine,
     engine_inv_norms,
+    gradient_dtype,
     subcenter_rows,
     target_cosines,
     target_terms,
@@ -68,6 +71,7 @@ __all__ = [
     "class_range",
     "sample_classes",
     "sampled_rows",
+    "select_rows",
     "gather_class_state",
     "slice_class_state",
     "load_class_state",
@@ -140,6 +144,34 @@ def gather_labels(labels: Tensor, group=None) -> Tensor:
     parts = [torch.empty_like(labels) for _ in range(_world(group))]
     dist.all_gather(parts, labels.contiguous(), group=group)
     return torch.cat(parts)
+
+
+class _SelectRows(torch.autograd.Function):
+    """weight[index] whose backward builds the weight's gradient in gradient_dtype(weight)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.grad_dtype = weight.shape, gradient_dtype(weight)
+        return weight[index]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        dw = g.new_zeros(ctx.shape, dtype=ctx.grad_dtype)
+        # torch's own index backward: duplicate rows add up in a fixed order (no atomics), and
+        # unsafe=True skips the range check, a host sync on CUDA (forward already checked it)
+        torch.ops.aten._index_put_impl_(dw, [index], g.to(ctx.grad_dtype), True, True)
+        return dw, None
+
+
+def select_rows(weight: Tensor, index: Tensor) -> Tensor:
+    """weight[index], differentiable, with the weight's gradient built directly in
+    `gradient_dtype(weight)`: with a bf16 grad_dtype no fp32 tensor of the weight's shape exists
+    (torch's index backward fills an fp32 one, 2 GB at 1M x 512, that autograd then casts). Values
+    and, with an fp32 gradient, the gradient are bitwise torch's. Repeated rows add up in the
+    gradient's dtype (Partial FC's draw has none: topk's distinct classes)."""
+    return _SelectRows.apply(weight, index)
 
 
 def _global_lse(lse_r: Tensor, tgt: Tensor, max_r: Tensor, group) -> tuple[Tensor, Tensor]:
@@ -277,7 +309,7 @@ class ShardedMarginHead(HeadBase):
             if self.sample_rate < 1.0:
                 drawn = sample_classes(local, self.num_local, self.sample_rate, self._generator(xn.device))
                 index = subcenter_rows(drawn, self.subcenters).flatten()  # their K rows each
-                weight = self.weight[index]
+                weight = select_rows(self.weight, index)
                 local = torch.searchsorted(drawn, local.clamp(0, self.num_local - 1))
             local = torch.where(owned, local, torch.full_like(local, -1))
             rows, correct = _ShardedFn.apply(

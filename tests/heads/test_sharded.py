@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import heads.sharded
 from heads.margin_head import init_centres
 from heads.sharded import (
     ShardedMarginHead,
@@ -22,6 +25,7 @@ from heads.sharded import (
     load_class_state,
     sample_classes,
     sampled_rows,
+    select_rows,
     slice_class_state,
     step_traffic,
 )
@@ -226,6 +230,99 @@ def test_sampled_step_rows_follow_sgd(grad_dtype: torch.dtype) -> None:
     assert torch.equal(head.weight[idx], dense[idx])
     mom, ref_mom = opt.state[head.weight]["momentum_buffer"], ref.state[dense]["momentum_buffer"]
     assert mom.dtype == torch.float32 and torch.equal(mom[idx], ref_mom[idx])
+
+
+def _plain_gather(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The sampled rows as Partial FC took them before select_rows: torch's index backward fills an
+    fp32 tensor of the weight's shape, cast to the gradient's dtype only as weight.grad."""
+    return weight[index]
+
+
+def _partial_fc_step(
+    gather, grad_dtype: torch.dtype = torch.float32, subcenters: int = 1
+) -> tuple[ShardedMarginHead, torch.Tensor, torch.Tensor]:
+    """(head, embeddings, loss) of one Partial FC forward taking its rows with `gather`: a fixed
+    head, batch and draw (300 classes, rate 0.1), so two calls differ only by the gather."""
+    head = ShardedMarginHead(300, 8, sample_rate=0.1, subcenters=subcenters, impl="chunked", block=32)
+    if grad_dtype != torch.float32:
+        head.weight.grad_dtype = grad_dtype
+    head.set_step(4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 8, generator=g).requires_grad_()
+    y = torch.randint(0, 300, (12,), generator=g)
+    y[1] = y[0]  # a class twice in the batch: its row's gradient sums two samples
+    saved, heads.sharded.select_rows = heads.sharded.select_rows, gather
+    try:
+        return head, x, head(x, y)
+    finally:
+        heads.sharded.select_rows = saved
+
+
+@pytest.mark.parametrize("subcenters", [1, 2])
+def test_select_rows_gradient_is_bitwise_the_plain_gather(subcenters: int) -> None:
+    """With the default fp32 gradient Partial FC's loss and gradients are bitwise what the plain
+    weight[index] gather gave; a repeated row adds up exactly as in torch's index backward."""
+    grads = []
+    for gather in (_plain_gather, select_rows):
+        head, x, loss = _partial_fc_step(gather, subcenters=subcenters)
+        loss.backward()
+        grads.append((loss.detach(), head.weight.grad, x.grad, head.sampled))
+    (loss0, dw0, dx0, rows0), (loss1, dw1, dx1, rows1) = grads
+    assert torch.equal(rows0, rows1) and len(rows1) == 30 * subcenters
+    assert dw1.dtype == torch.float32 and bool(dw1[rows1].ne(0).any(1).all()), "every sampled row moves"
+    assert torch.equal(loss0, loss1) and torch.equal(dw0, dw1) and torch.equal(dx0, dx1)
+    weight = torch.randn(20, 4, requires_grad=True)
+    index, g = torch.tensor([3, 7, 3, 19, 3, 0]), torch.randn(6, 4)
+    select_rows(weight, index).backward(g)
+    plain = weight.grad
+    weight.grad = None
+    weight[index].backward(g)
+    assert torch.equal(plain, weight.grad) and torch.equal(plain[3], g[0] + g[2] + g[4])
+
+
+@needs_grad_dtype
+def test_select_rows_bf16_gradient_is_the_fp32_one_rounded() -> None:
+    """head.grad_dtype bf16: weight.grad is bf16 and equals the fp32 gradient rounded to bf16 (each
+    sampled row's dW is one value, summed in fp32 by the engine, so one rounding: exactly equal)."""
+    head32, _, loss32 = _partial_fc_step(select_rows)
+    loss32.backward()
+    head16, _, loss16 = _partial_fc_step(select_rows, torch.bfloat16)
+    loss16.backward()
+    assert head16.weight.grad.dtype == torch.bfloat16
+    assert torch.equal(head16.weight.grad, head32.weight.grad.to(torch.bfloat16))
+
+
+class _OutputRecorder(TorchDispatchMode):
+    """Records the shape and dtype of every tensor each op returns (autograd's backward ops too:
+    dispatch modes, unlike torch function modes, see the ops autograd runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[tuple[tuple[int, ...], torch.dtype, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((tuple(t.shape), t.dtype, str(func)))
+        return out
+
+
+@needs_grad_dtype
+def test_bf16_partial_fc_backward_makes_no_fp32_tensor_of_the_weights_shape() -> None:
+    """The point of select_rows: with head.grad_dtype bf16 the backward creates no fp32 C x D tensor
+    (2 GB at 1M classes x 512); the plain gather creates one, so this check can fail."""
+
+    def fp32_full_size_ops(gather) -> list[str]:
+        head, _, loss = _partial_fc_step(gather, torch.bfloat16)
+        with _OutputRecorder() as recorder:
+            loss.backward()
+        assert head.weight.grad.dtype == torch.bfloat16
+        full = tuple(head.weight.shape)
+        return [op for shape, dtype, op in recorder.outputs if shape == full and dtype == torch.float32]
+
+    assert fp32_full_size_ops(_plain_gather), "the plain gather's index backward fills an fp32 C x D"
+    assert fp32_full_size_ops(select_rows) == []
 
 
 def test_class_state_slices_for_any_world_and_rejects_another_head() -> None:
