@@ -61,13 +61,13 @@ on sm_80, which has no TMA (`TMA`, constexpr). The backward's G stays a pointer 
 writes it in phase 1 and reads it in phase 2, an order a descriptor read would not keep.
 
 Configs: a few per kernel (below), pruned by the device's shared memory, autotuned on CUDA by Triton
-keyed on (B, D) and the tensors' dtypes. `deterministic=True` skips the tuner and uses each kernel's
-first config: bitwise the same result in every process on a given GPU model. The tuned default
-picks by timing, so two processes may pick different tiles and differ in the last bits (never more
-than the fp32 accumulation order). Memory beyond W, dW and Wn: forward 12 bytes x B x programs;
-backward G (B x chunk x K, 2 bytes: at most 256 MiB, 32 MiB with saved cosines), h and dX; with
-`save_logits` the B x C cosines (and with K > 1 their B x C argmax rows, 1 byte each).
-"""
+keyed on (B, D, K, the mode: SAVE / SAVED) and the tensors' dtypes (so a bf16 dW is tuned apart).
+`deterministic=True` skips the tuner and uses each kernel's first config: bitwise the same result in
+every process on a given GPU model. The tuned default picks by timing, so two processes may pick
+different tiles and differ in the last bits (never more than the fp32 accumulation order). Memory
+beyond W, dW and Wn: forward 12 bytes x B x programs; backward G (B x chunk x K, 2 bytes: at most 256
+MiB, 32 MiB with saved cosines), h and dX; with `save_logits` the B x C cosines (and with K > 1 their
+B x C argmax rows, 1 byte each)."""
 
 from __future__ import annotations
 
@@ -635,12 +635,14 @@ if triton is not None:
         wn = (w * r[:, None]).to(WN.dtype.element_ty)
         tl.store(WN + rows.to(tl.int64)[:, None] * stride_n + ds[None, :], wn, mask=m)
 
-    def _autotuned(kernel, configs: tuple[TileConfig, ...], kind: str):
+    def _autotuned(kernel, configs: tuple[TileConfig, ...], kind: str, mode: str):
+        # `mode` (SAVE, SAVED): writing or reading the saved cosines compiles other code with other
+        # bounds (the saved backward is memory-bound, the recomputing one L2-bound), tuned apart
         prune = {"early_config_prune": _pruner(kind, configs)}
-        return triton.autotune(_to_triton(configs), key=["B", "D", "K"], prune_configs_by=prune)(kernel)
+        return triton.autotune(_to_triton(configs), key=["B", "D", "K", mode], prune_configs_by=prune)(kernel)
 
-    _fwd_tuned = _autotuned(_fwd_kernel, FWD_CONFIGS, "fwd")
-    _bwd_tuned = _autotuned(_bwd_kernel, BWD_CONFIGS, "bwd")
+    _fwd_tuned = _autotuned(_fwd_kernel, FWD_CONFIGS, "fwd", "SAVE")
+    _bwd_tuned = _autotuned(_bwd_kernel, BWD_CONFIGS, "bwd", "SAVED")
 
 _OPK = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

@@ -133,6 +133,15 @@ def test_every_autotuned_kernel_in_heads_fused_has_a_description():
         assert configs and len({c.tag for c in configs}) == len(configs), fn.__name__
 
 
+def test_the_tuner_keys_each_mode_apart():
+    """A tuned config for the recomputing backward is not reused for the saved one (other code, other
+    bound), nor one for an fp32 dW for a bf16 dW (Triton adds the tensors' dtypes to the key)."""
+    import heads.fused as fused
+
+    assert fused._fwd_tuned.keys == ["B", "D", "K", "SAVE"]
+    assert fused._bwd_tuned.keys == ["B", "D", "K", "SAVED"]
+
+
 def test_sass_loops_and_epilogue_count():
     from bench.kernels import _loops, epilogue_count
 
