@@ -240,6 +240,16 @@ def case_bf16_weight_gradient() -> None:
     assert (err <= bound).all(), (err - bound).max().item()
 
 
+def case_bf16_gradient_then_the_fused_step() -> None:
+    """tests/heads/test_gpu.py's bf16-gradient check under the interpreter (its fp32 -> bf16
+    conversion truncates): the bf16 dW is the fp32 one converted, bit for bit outside the target rows,
+    and FusedHeadSGD's fused pass over it is torch's SGD over its fp32 value, in both modes."""
+    from tests.heads.test_gpu import bf16_gradient_check, truncate_to_bf16
+
+    for save in (False, True):
+        bf16_gradient_check("cpu", save, truncate_to_bf16, size=(40, 300, 64))
+
+
 def case_extremes_finite() -> None:
     torch, build_margin, data, ref, fused, close = _setup()
     _, w, _ = data(1, 24, 32)

@@ -1,7 +1,8 @@
 """The fused Triton head on a real CUDA device: every margin against a float64 reference with exact
 fp32 operands and with the default bf16 tensor-core operands, bf16/fp16 inputs, the chunked engine's
 cuBLAS bf16 path, determinism, the kernels' registers and spills, no B x C allocation at a million
-classes, and the fused SGD step (heads/fused_step.py) against torch.optim.SGD.
+classes, the fused SGD step (heads/fused_step.py) against torch.optim.SGD, and a bf16 weight gradient
+(weight.grad_dtype) through the backward and that step.
 
 Run by bench/gpu_check.sh; skipped on machines without CUDA (the CPU path of the same kernels is
 tested under TRITON_INTERPRET=1 in tests/heads/test_fused.py)."""
@@ -211,3 +212,66 @@ def test_fused_sgd_step_is_torch_sgd_and_makes_the_next_wn() -> None:
         assert (fresh._wn[2].float() - wn.float()).abs().max().item() <= 2.0**-10
         head(x.float().cuda(), y.cuda())
         assert engine._wn[2] is wn, "the forward remade Wn"
+
+
+def truncate_to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 toward zero, as Triton's interpreter converts (a GPU rounds to nearest)."""
+    return (t.contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def bf16_gradient_check(
+    device: str, save_logits: bool, to_bf16=lambda t: t.to(torch.bfloat16), size=(96, 2000, 128)
+) -> None:
+    """The body of test_bf16_weight_gradient_is_the_fp32_one_rounded, `to_bf16` the kernel's rounding
+    (tests/heads/test_fused.py runs it under the interpreter with `truncate_to_bf16`, smaller)."""
+    from heads.head_sgd import FusedHeadSGD
+
+    B, C, D = size
+    x, w, y = make_data(B, C, D, seed=7)
+    heads = {}
+    for grad in (torch.float32, torch.bfloat16):
+        head = MarginHead(C, D, "arcface", impl="fused", deterministic=True, save_logits=save_logits)
+        head = head.to(device)
+        with torch.no_grad():
+            head.weight.copy_(w.float())
+        head.weight.grad_dtype = grad
+        heads[grad] = head
+    xs, ys = x.float().to(device), y.to(device)
+    for head in heads.values():
+        head(xs, ys).backward()
+    g32, g16 = heads[torch.float32].weight.grad, heads[torch.bfloat16].weight.grad
+    assert g16.dtype == torch.bfloat16 and g32.dtype == torch.float32
+    # the same fp32 sums rounded once to nearest; the target rows' exact terms are added after the
+    # kernel's rounding, so they may be one bf16 step off
+    rows = torch.ones(C, dtype=torch.bool, device=device)
+    rows[ys] = False
+    assert torch.equal(g16[rows], to_bf16(g32[rows]))
+    step = (g32[~rows].abs().to(torch.bfloat16).float() * 2.0**-7).clamp_min(2.0**-133)
+    assert ((g16[~rows].float() - g32[~rows]).abs() <= step).all()
+    # FusedHeadSGD's fused pass over the bf16 gradient: torch's SGD over its fp32 value, fp32 momentum
+    head = heads[torch.bfloat16]
+    mirror = head.weight.detach().clone().requires_grad_()
+    fused = FusedHeadSGD([head.weight], head=head, lr=0.5, momentum=0.9, weight_decay=5e-4)
+    plain = torch.optim.SGD([mirror], lr=0.5, momentum=0.9, weight_decay=5e-4, foreach=True)
+    for i in range(3):
+        if i:
+            head(xs, ys).backward()
+        mirror.grad = head.weight.grad.float()
+        assert fused._fused_engine(fused.param_groups[0], head.weight) is not None  # the Triton pass
+        fused.step()
+        plain.step()
+        assert fused.state[head.weight]["momentum_buffer"].dtype == torch.float32
+        fused.zero_grad()
+        plain.zero_grad()
+        err = (head.weight.detach() - mirror.detach()).abs().max().item()
+        assert err <= 2 * 2.0**-24 * mirror.abs().max().item(), (i, err)
+
+
+@pytest.mark.parametrize("save_logits", [False, True])
+def test_bf16_weight_gradient_is_the_fp32_one_rounded(save_logits: bool) -> None:
+    """weight.grad_dtype = bf16 on this GPU: the backward's bf16 dW tiles (TMA stores on sm_90) are the
+    fp32 run's dW rounded to nearest, bit for bit outside the target rows; FusedHeadSGD's fused step
+    reads it as torch's SGD reads its fp32 value, momentum fp32."""
+    if not hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype"):
+        pytest.skip(f"torch {torch.__version__} has no Parameter.grad_dtype (added in 2.10)")
+    bf16_gradient_check("cuda", save_logits)
