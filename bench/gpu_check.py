@@ -5,8 +5,8 @@ dW, figures suffixed _gbf16), the fused head alone at the largest C in its faste
 head_bench's fused row, which recomputes the cosines and writes an fp32 dW; then 200 bf16 training
 steps of MobileFaceNet and IR-50 at batch 512, the heads at the smaller C, and the DALI loader when
 DALI is importable (the stages in this order: the earlier keep their priority for the deadline,
-the head's first). Started by bench/gpu_check.sh (`python -m
-bench.gpu_check` from the repository root).
+the head's first). Started by bench/gpu_check.sh (`python -m bench.gpu_check` from the repository
+root).
 
 Preflight: the packages every stage imports (torch, triton, pytest), then one tiny Triton kernel
 launched on the GPU (its first launch builds Triton's launcher with a C compiler and Python.h; a

@@ -440,7 +440,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
-    if args.grad_dtype == "bf16" and not hasattr(torch.nn.Parameter(torch.empty(0)), "grad_dtype"):
+    from heads.core import GRAD_DTYPE_SUPPORTED
+
+    if args.grad_dtype == "bf16" and not GRAD_DTYPE_SUPPORTED:
         raise UserError(f"--grad-dtype bf16: torch {torch.__version__} has no Parameter.grad_dtype")
     gpu = args.device == "cuda"
     defaults = {

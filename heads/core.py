@@ -62,6 +62,10 @@ OPERANDS = ("auto", "fp32", "bf16", "fp16")
 _NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# torch >= 2.10: a parameter may keep its gradient in another dtype (`grad_dtype`)
+GRAD_DTYPE_SUPPORTED = hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype")
+
+
 def gradient_dtype(weight: Tensor) -> torch.dtype:
     """The dtype autograd keeps weight.grad in: torch's `grad_dtype` where it is set (a bf16 gradient of
     the fp32 head weight halves the backward's largest write, C x D; heads/head_sgd.py's step reads

@@ -831,6 +831,10 @@ class FusedEngine:
             want = 2
         return max(1, min(want, triton.cdiv(C, min(c.bc for c in FWD_CONFIGS))))
 
+    def _uses_tma(self, device: torch.device) -> bool:
+        """Tensor descriptors or pointer tiles: the engine's `tma` where given, else the device's."""
+        return _tma(device) if self.tma is None else self.tma
+
     def _inputs(self, xn: Tensor, weight: Tensor, rw: Tensor):
         op = self.operand_dtype(xn)
         x = xn.to(op).contiguous()
@@ -852,6 +856,7 @@ class FusedEngine:
         self._check(xn)
         thr, t, hard = self._hard(thr, t)
         op, x, wn = self._inputs(xn, weight, rw)
+        tma = self._uses_tma(x.device)
         B, D = x.shape
         K = self.subcenters
         C = wn.shape[0] // K
@@ -891,7 +896,7 @@ class FusedEngine:
             K=K,
             OPK=_OPK[op],
             EVEN_D=D % _BD == 0,
-            TMA=_tma(x.device) if self.tma is None else self.tma,
+            TMA=tma,
         )
         if self.save_logits:
             self._saved = (self._saved_key(xn, weight, labels), cos, arg)
@@ -918,6 +923,7 @@ class FusedEngine:
         target_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         op, x, wn = self._inputs(xn, weight, rw)
+        tma = self._uses_tma(x.device)
         thr, t, hard = self._hard(thr, t)
         B, D = x.shape
         K = self.subcenters
@@ -978,7 +984,7 @@ class FusedEngine:
                 KP=triton.next_power_of_2(K),
                 OPK=_OPK[op],
                 EVEN_D=D % _BD == 0,
-                TMA=_tma(x.device) if self.tma is None else self.tma,
+                TMA=tma,
             )
             for k in range(K):  # cuBLAS: the sum over classes (sub-center k's rows: every K-th)
                 mm_f32(gbuf[:, k * ck : (k + 1) * ck], wn[c0 * K + k : (c0 + ck) * K : K], out=dx)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from heads.core import GRAD_DTYPE_SUPPORTED
+
 # Parameter.grad_dtype (torch >= 2.10): a bf16 gradient of the fp32 head weight (head.grad_dtype)
-HAS_GRAD_DTYPE = hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype")
 needs_grad_dtype = pytest.mark.skipif(
-    not HAS_GRAD_DTYPE,
+    not GRAD_DTYPE_SUPPORTED,
     reason=f"needs torch >= 2.10 (Parameter.grad_dtype); this is torch {torch.__version__}",
 )
 

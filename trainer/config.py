@@ -613,7 +613,9 @@ def _check_head_grad_dtype(cfg: TrainConfig, src: Sources) -> None:
         )
     import torch
 
-    if not hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype"):
+    from heads.core import GRAD_DTYPE_SUPPORTED
+
+    if not GRAD_DTYPE_SUPPORTED:
         raise UserError(
             f"{where} needs torch >= 2.10 (a parameter's grad_dtype); this is torch {torch.__version__}"
         )

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from heads import MarginHead
-from tests._heads_util import MARGINS, make_data
+from tests._heads_util import MARGINS, make_data, needs_grad_dtype
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
@@ -267,11 +267,10 @@ def bf16_gradient_check(
         assert err <= 2 * 2.0**-24 * mirror.abs().max().item(), (i, err)
 
 
+@needs_grad_dtype
 @pytest.mark.parametrize("save_logits", [False, True])
 def test_bf16_weight_gradient_is_the_fp32_one_rounded(save_logits: bool) -> None:
     """weight.grad_dtype = bf16 on this GPU: the backward's bf16 dW tiles (TMA stores on sm_90) are the
     fp32 run's dW rounded to nearest, bit for bit outside the target rows; FusedHeadSGD's fused step
     reads it as torch's SGD reads its fp32 value, momentum fp32."""
-    if not hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype"):
-        pytest.skip(f"torch {torch.__version__} has no Parameter.grad_dtype (added in 2.10)")
     bf16_gradient_check("cuda", save_logits)

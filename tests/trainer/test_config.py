@@ -90,8 +90,10 @@ def test_head_grad_dtype_bfloat16_is_refused_where_its_gradient_cannot_go(overri
 def test_head_grad_dtype_bfloat16_is_refused_by_a_torch_without_grad_dtype(monkeypatch) -> None:
     import torch
 
+    import heads.core
+
     # as torch < 2.10: a parameter without the grad_dtype attribute
-    monkeypatch.setattr(torch.nn, "Parameter", lambda data: data.numpy())
+    monkeypatch.setattr(heads.core, "GRAD_DTYPE_SUPPORTED", False)
     monkeypatch.setattr(torch, "__version__", "2.9.1")
     with pytest.raises(UserError) as err:
         load_config(None, [*SYNTH, "head.grad_dtype=bfloat16"])
